@@ -1,0 +1,450 @@
+"""The operator config (``homepage.toml``): schema, validation and the derived arrays.
+
+Every error names the key path (``constraints[1].min``), what is allowed and what was found, and all
+errors of a file are reported at once so an operator fixes them in one pass.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "EVENT_TYPES",
+    "CONSTRAINT_KINDS",
+    "EXPLORATION_ALGORITHMS",
+    "Category",
+    "Module",
+    "Constraint",
+    "Tilt",
+    "Exploration",
+    "Learning",
+    "HomepageConfig",
+    "ConfigError",
+    "FEEDBACK_TYPES",
+    "load_config",
+    "parse_config",
+    "parse_config_text",
+]
+
+#: Behaviours the engine learns from, in this order everywhere (``impression`` carries no units).
+EVENT_TYPES: tuple[str, ...] = ("play", "full_play", "favorite", "share", "skip")
+FEEDBACK_TYPES: tuple[str, ...] = ("impression", *EVENT_TYPES)
+CONSTRAINT_KINDS: tuple[str, ...] = ("category_share", "long_tail_share", "module_share")
+EXPLORATION_ALGORITHMS: tuple[str, ...] = ("epsilon", "squarecb", "bag", "cover")
+
+
+class ConfigError(ValueError):
+    """An invalid operator config. ``errors`` lists ``(key, message)`` pairs, one per problem."""
+
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        self.errors = errors
+        lines = [f"{key}: {msg}" for key, msg in errors]
+        super().__init__("invalid config:\n  " + "\n  ".join(lines))
+
+    @property
+    def key(self) -> str:
+        return self.errors[0][0] if self.errors else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Category:
+    name: str
+    value_per_engagement: float
+    #: a new category may get its own exploration share (see Exploration.new_category_share)
+    new: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Module:
+    id: str
+    category: str
+    title: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Constraint:
+    name: str
+    kind: str
+    min: float | None = None
+    max: float | None = None
+    category: str | None = None
+    module: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Tilt:
+    levels: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5)
+    head_share: float = 0.8
+
+
+@dataclass(frozen=True, slots=True)
+class Exploration:
+    budget: float = 0.05
+    max_value_loss: float | None = None
+    algorithm: str = "epsilon"
+    new_category_share: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Learning:
+    reward_window_s: float = 3600.0
+    default_reward: float = 0.0
+
+
+@dataclass(frozen=True)
+class HomepageConfig:
+    """A validated operator config. Build it with :func:`parse_config` or :func:`load_config`."""
+
+    slots: int
+    position_weights: tuple[float, ...]
+    items_per_module: int
+    categories: tuple[Category, ...]
+    modules: tuple[Module, ...]
+    events: Mapping[str, float]
+    tilt: Tilt
+    constraints: tuple[Constraint, ...]
+    exploration: Exploration
+    learning: Learning = Learning()
+    pool_size: int = 600
+    warnings: tuple[str, ...] = ()
+    source: str = field(default="", compare=False, repr=False)
+
+    # ---- derived views (cheap; used on the request path through cached arrays in the engine) ----
+    @property
+    def category_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.categories)
+
+    @property
+    def module_ids(self) -> tuple[str, ...]:
+        return tuple(m.id for m in self.modules)
+
+    @property
+    def constraint_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.constraints)
+
+    def category_index(self, name: str) -> int:
+        return self.category_names.index(name)
+
+    def category_values(self) -> np.ndarray:
+        """Shape (n_categories,). Money per engagement unit."""
+        return np.array([c.value_per_engagement for c in self.categories], dtype=np.float64)
+
+    def module_category(self) -> np.ndarray:
+        """Shape (n_modules,). Category index of each module."""
+        names = self.category_names
+        return np.array([names.index(m.category) for m in self.modules], dtype=np.int64)
+
+    def modules_of(self) -> list[list[int]]:
+        """Module indices per category, in config order (the r-th module of c shows block r)."""
+        out: list[list[int]] = [[] for _ in self.categories]
+        for j, c in enumerate(self.module_category()):
+            out[int(c)].append(j)
+        return out
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Shapes (K,), (K,): lower and upper bounds of each constraint (-inf/+inf where absent)."""
+        lo = np.array([-np.inf if c.min is None else c.min for c in self.constraints], dtype=np.float64)
+        hi = np.array([np.inf if c.max is None else c.max for c in self.constraints], dtype=np.float64)
+        return lo, hi
+
+    def event_weight_vector(self) -> np.ndarray:
+        """Shape (5,): engagement units of EVENT_TYPES."""
+        return np.array([self.events[e] for e in EVENT_TYPES], dtype=np.float64)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly view (what ``GET /config`` returns)."""
+        return {
+            "homepage": {
+                "slots": self.slots,
+                "position_weights": list(self.position_weights),
+                "items_per_module": self.items_per_module,
+                "pool_size": self.pool_size,
+            },
+            "categories": [
+                {"name": c.name, "value_per_engagement": c.value_per_engagement, "new": c.new}
+                for c in self.categories
+            ],
+            "modules": [{"id": m.id, "category": m.category, "title": m.title} for m in self.modules],
+            "events": dict(self.events),
+            "tilt": {"levels": list(self.tilt.levels), "head_share": self.tilt.head_share},
+            "constraints": [
+                {k: v for k, v in (("name", c.name), ("kind", c.kind), ("category", c.category),
+                                   ("module", c.module), ("min", c.min), ("max", c.max)) if v is not None}
+                for c in self.constraints
+            ],
+            "exploration": {
+                "budget": self.exploration.budget,
+                "max_value_loss": self.exploration.max_value_loss,
+                "algorithm": self.exploration.algorithm,
+                "new_category_share": self.exploration.new_category_share,
+            },
+            "learning": {
+                "reward_window_s": self.learning.reward_window_s,
+                "default_reward": self.learning.default_reward,
+            },
+        }
+
+
+# ------------------------------------------------------------------------------------------------
+class _Checker:
+    """Collects errors with their key paths; typed getters return a safe value after an error."""
+
+    def __init__(self) -> None:
+        self.errors: list[tuple[str, str]] = []
+        self.warnings: list[str] = []
+
+    def err(self, key: str, msg: str) -> None:
+        self.errors.append((key, msg))
+
+    def table(self, d: Mapping[str, Any], key: str, path: str, required: bool = True) -> Mapping[str, Any]:
+        if key not in d:
+            if required:
+                self.err(path, "is required (a TOML table); got nothing")
+            return {}
+        v = d[key]
+        if not isinstance(v, Mapping):
+            self.err(path, f"must be a TOML table; got {type(v).__name__} {v!r}")
+            return {}
+        return v
+
+    def array_of_tables(self, d: Mapping[str, Any], key: str, required: bool) -> list[Mapping[str, Any]]:
+        if key not in d:
+            if required:
+                self.err(key, f"is required: one [[{key}]] table or more; got none")
+            return []
+        v = d[key]
+        if not isinstance(v, list) or not all(isinstance(x, Mapping) for x in v):
+            self.err(key, f"must be an array of tables ([[{key}]]); got {v!r}")
+            return []
+        return v
+
+    def number(self, d: Mapping[str, Any], key: str, path: str, *, default: float | None = None,
+               low: float = -math.inf, high: float = math.inf, low_open: bool = False) -> float | None:
+        if key not in d:
+            if default is None:
+                self.err(path, "is required (a number); got nothing")
+            return default
+        v = d[key]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            self.err(path, f"must be a finite number; got {v!r}")
+            return default
+        ok = (v > low if low_open else v >= low) and v <= high
+        if not ok:
+            lb = "(" if low_open else "["
+            self.err(path, f"must be in {lb}{low:g}, {high:g}]; got {v!r}")
+            return default
+        return float(v)
+
+    def integer(self, d: Mapping[str, Any], key: str, path: str, *, default: int | None = None,
+                low: int = 1, high: int = 10**9) -> int | None:
+        if key not in d:
+            if default is None:
+                self.err(path, "is required (an integer); got nothing")
+            return default
+        v = d[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            self.err(path, f"must be an integer in [{low}, {high}]; got {v!r}")
+            return default
+        return int(v)
+
+    def string(self, d: Mapping[str, Any], key: str, path: str, *, default: str | None = None,
+               allowed: tuple[str, ...] | None = None) -> str | None:
+        if key not in d:
+            if default is None:
+                hint = f" (one of {', '.join(allowed)})" if allowed else ""
+                self.err(path, f"is required{hint}; got nothing")
+            return default
+        v = d[key]
+        if not isinstance(v, str) or not v.strip():
+            self.err(path, f"must be a non-empty string; got {v!r}")
+            return default
+        if allowed is not None and v not in allowed:
+            self.err(path, f"must be one of {', '.join(repr(a) for a in allowed)}; got {v!r}")
+            return default
+        return v
+
+    def unknown(self, d: Mapping[str, Any], allowed: set[str], path: str) -> None:
+        for k in d:
+            if k not in allowed:
+                where = f"{path}.{k}" if path else k
+                self.warnings.append(f"{where}: unknown key ignored (known: {', '.join(sorted(allowed))})")
+
+
+def load_config(path: str | Path) -> HomepageConfig:
+    """Read and validate a ``homepage.toml``.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    ConfigError
+        The TOML does not parse or does not validate; every problem is listed with its key.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {str(p)!r}")
+    return parse_config_text(p.read_text(encoding="utf-8"), source=str(p))
+
+
+def parse_config_text(text: str, source: str = "<string>") -> HomepageConfig:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([("<toml>", f"is not valid TOML ({e})")]) from None
+    return parse_config(raw, source=source)
+
+
+def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> HomepageConfig:
+    """Validate a parsed TOML document and build a :class:`HomepageConfig`."""
+    ck = _Checker()
+    ck.unknown(raw, {"homepage", "categories", "modules", "events", "tilt", "constraints",
+                     "exploration", "learning"}, "")
+
+    hp = ck.table(raw, "homepage", "homepage")
+    ck.unknown(hp, {"slots", "position_weights", "items_per_module", "pool_size"}, "homepage")
+    slots = ck.integer(hp, "slots", "homepage.slots", low=1, high=100) if hp else None
+    items_per_module = ck.integer(hp, "items_per_module", "homepage.items_per_module", low=1, high=1000) \
+        if hp else None
+    pool_size = ck.integer(hp, "pool_size", "homepage.pool_size", default=600, low=1, high=10**6) or 600
+    weights: tuple[float, ...] = ()
+    if hp:
+        pw = hp.get("position_weights")
+        if pw is None:
+            ck.err("homepage.position_weights", "is required (a list of positive numbers, one per slot); "
+                   "got nothing")
+        elif (not isinstance(pw, list) or not pw
+              or not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+                         and x > 0 for x in pw)):
+            ck.err("homepage.position_weights", f"must be a list of positive numbers; got {pw!r}")
+        elif slots is not None and len(pw) != slots:
+            ck.err("homepage.position_weights",
+                   f"must have one weight per slot ({slots}); got {len(pw)} weights")
+        else:
+            weights = tuple(float(x) for x in pw)
+
+    categories: list[Category] = []
+    for i, t in enumerate(ck.array_of_tables(raw, "categories", required=True)):
+        p = f"categories[{i}]"
+        ck.unknown(t, {"name", "value_per_engagement", "new", "title"}, p)
+        name = ck.string(t, "name", f"{p}.name")
+        val = ck.number(t, "value_per_engagement", f"{p}.value_per_engagement", low=0.0)
+        new = t.get("new", False)
+        if not isinstance(new, bool):
+            ck.err(f"{p}.new", f"must be true or false; got {new!r}")
+            new = False
+        if name is not None and name in [c.name for c in categories]:
+            ck.err(f"{p}.name", f"must be unique; {name!r} is already defined")
+        elif name is not None and val is not None:
+            categories.append(Category(name, val, new))
+    cat_names = tuple(c.name for c in categories)
+
+    modules: list[Module] = []
+    for i, t in enumerate(ck.array_of_tables(raw, "modules", required=True)):
+        p = f"modules[{i}]"
+        ck.unknown(t, {"id", "category", "title"}, p)
+        mid = ck.string(t, "id", f"{p}.id")
+        cat = ck.string(t, "category", f"{p}.category", allowed=cat_names if cat_names else None)
+        title = t.get("title", "")
+        if mid is not None and mid in [m.id for m in modules]:
+            ck.err(f"{p}.id", f"must be unique; {mid!r} is already defined")
+        elif mid is not None and cat is not None:
+            modules.append(Module(mid, cat, str(title)))
+    if slots is not None and modules and len(modules) < slots:
+        ck.err("modules", f"must define at least as many modules as slots ({slots}); got {len(modules)}")
+
+    ev = ck.table(raw, "events", "events")
+    ck.unknown(ev, set(EVENT_TYPES) | {"impression"}, "events")
+    events: dict[str, float] = {}
+    if ev:
+        for e in EVENT_TYPES:
+            w = ck.number(ev, e, f"events.{e}")
+            if w is not None:
+                events[e] = w
+        if "impression" in ev:
+            w = ck.number(ev, "impression", "events.impression")
+            if w is not None:
+                events["impression"] = w
+
+    tl = ck.table(raw, "tilt", "tilt", required=False)
+    ck.unknown(tl, {"levels", "head_share"}, "tilt")
+    levels: tuple[float, ...] = Tilt().levels
+    if "levels" in tl:
+        lv = tl["levels"]
+        if (not isinstance(lv, list) or not lv or len(lv) > 16
+                or not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+                           and x >= 0 for x in lv)):
+            ck.err("tilt.levels", f"must be a list of 1 to 16 numbers >= 0; got {lv!r}")
+        elif len(set(lv)) != len(lv):
+            ck.err("tilt.levels", f"must not repeat a level; got {lv!r}")
+        else:
+            levels = tuple(float(x) for x in lv)
+    head_share = ck.number(tl, "head_share", "tilt.head_share", default=0.8, low=0.0, high=1.0,
+                           low_open=True)
+    tilt = Tilt(levels, 0.8 if head_share is None else head_share)
+
+    module_ids = tuple(m.id for m in modules)
+    constraints: list[Constraint] = []
+    for i, t in enumerate(ck.array_of_tables(raw, "constraints", required=False)):
+        p = f"constraints[{i}]"
+        ck.unknown(t, {"name", "kind", "category", "module", "min", "max"}, p)
+        name = ck.string(t, "name", f"{p}.name")
+        kind = ck.string(t, "kind", f"{p}.kind", allowed=CONSTRAINT_KINDS)
+        lo = ck.number(t, "min", f"{p}.min", default=None, low=0.0, high=1.0) if "min" in t else None
+        hi = ck.number(t, "max", f"{p}.max", default=None, low=0.0, high=1.0) if "max" in t else None
+        if "min" not in t and "max" not in t:
+            ck.err(p, "needs `min`, `max` or both (shares in [0, 1]); got neither")
+        if lo is not None and hi is not None and lo > hi:
+            ck.err(f"{p}.max", f"must be >= min ({lo:g}); got {hi:g}")
+        cat = mod = None
+        if kind == "category_share":
+            cat = ck.string(t, "category", f"{p}.category", allowed=cat_names if cat_names else None)
+        elif kind == "module_share":
+            mod = ck.string(t, "module", f"{p}.module", allowed=module_ids if module_ids else None)
+        if name is not None and name in [c.name for c in constraints]:
+            ck.err(f"{p}.name", f"must be unique; {name!r} is already defined")
+        elif name is not None and kind is not None:
+            constraints.append(Constraint(name, kind, lo, hi, cat, mod))
+
+    ex = ck.table(raw, "exploration", "exploration", required=False)
+    ck.unknown(ex, {"budget", "max_value_loss", "algorithm", "new_category_share"}, "exploration")
+    budget = ck.number(ex, "budget", "exploration.budget", default=0.05, low=0.0, high=1.0)
+    mvl = (ck.number(ex, "max_value_loss", "exploration.max_value_loss", default=None, low=0.0, high=1.0)
+           if "max_value_loss" in ex else None)
+    algo = ck.string(ex, "algorithm", "exploration.algorithm", default="epsilon",
+                     allowed=EXPLORATION_ALGORITHMS)
+    ncs = ck.number(ex, "new_category_share", "exploration.new_category_share", default=0.0,
+                    low=0.0, high=1.0)
+    exploration = Exploration(0.05 if budget is None else budget, mvl, algo or "epsilon", ncs or 0.0)
+
+    le = ck.table(raw, "learning", "learning", required=False)
+    ck.unknown(le, {"reward_window_s", "default_reward"}, "learning")
+    rw = ck.number(le, "reward_window_s", "learning.reward_window_s", default=3600.0, low=0.0,
+                   low_open=True)
+    dr = ck.number(le, "default_reward", "learning.default_reward", default=0.0)
+    learning = Learning(3600.0 if rw is None else rw, 0.0 if dr is None else dr)
+
+    if ck.errors:
+        raise ConfigError(ck.errors)
+    assert slots is not None and items_per_module is not None
+    return HomepageConfig(
+        slots=slots,
+        position_weights=weights,
+        items_per_module=items_per_module,
+        categories=tuple(categories),
+        modules=tuple(modules),
+        events=dict(events),
+        tilt=tilt,
+        constraints=tuple(constraints),
+        exploration=exploration,
+        learning=learning,
+        pool_size=pool_size,
+        warnings=tuple(ck.warnings),
+        source=source,
+    )

@@ -1,0 +1,409 @@
+"""Layouts: long tail, tilted module contents, candidate layouts with value and exposure.
+
+The layout model (see ``docs/internals.md``): a layout puts one module in every slot and applies one
+tilt level ``beta`` to all of them. The r-th module of category c on the page (slots counted in
+order) shows ranks ``[r*K, (r+1)*K)`` of the category's items ordered by ``score + beta * tail``, so
+modules of one category never repeat an item. Everything is vectorised over users and tilt levels;
+the only Python loops run over slots and candidate variants (a handful each).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._config import HomepageConfig
+
+__all__ = [
+    "long_tail",
+    "LayoutSpace",
+    "BlockTable",
+    "Candidates",
+    "block_table",
+    "build_candidates",
+    "layout_items",
+]
+
+
+def long_tail(popularity: np.ndarray, item_category: np.ndarray, head_share: float
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Long-tail flag and tail score of every item, per category.
+
+    Within a category, items sorted by popularity (descending; ties by index) form the head until
+    their cumulative popularity reaches ``head_share`` of the category's total; the rest is long tail.
+    ``tail(i) = rank_i / (n_c - 1)`` grows from 0 (most popular) to 1 (least popular).
+
+    Parameters
+    ----------
+    popularity
+        Shape (n_items,), >= 0.
+    item_category
+        Shape (n_items,), int category index.
+    head_share
+        In (0, 1].
+
+    Returns
+    -------
+    is_tail : (n_items,) bool
+    tail : (n_items,) float64 in [0, 1]
+
+    Examples
+    --------
+    >>> is_tail, tail = long_tail(np.array([10., 5., 3., 1., 1.]), np.zeros(5, int), 0.8)
+    >>> is_tail.tolist(), tail.tolist()
+    ([False, False, True, True, True], [0.0, 0.25, 0.5, 0.75, 1.0])
+    """
+    pop = np.asarray(popularity, dtype=np.float64)
+    cat = np.asarray(item_category, dtype=np.int64)
+    if pop.ndim != 1 or cat.shape != pop.shape:
+        raise ValueError(f"popularity and item_category must be 1-d of one length; got shapes "
+                         f"{pop.shape} and {cat.shape}")
+    if not 0.0 < head_share <= 1.0:
+        raise ValueError(f"head_share must be in (0, 1]; got {head_share!r}")
+    if (pop < 0).any() or not np.isfinite(pop).all():
+        raise ValueError("popularity must be finite and >= 0")
+    n = pop.size
+    is_tail = np.zeros(n, dtype=bool)
+    tail = np.zeros(n, dtype=np.float64)
+    if n == 0:
+        return is_tail, tail
+    order = np.lexsort((np.arange(n), -pop, cat))  # by category, popularity desc, index
+    cat_sorted = cat[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(cat_sorted)) + 1]
+    group_len = np.diff(np.r_[starts, n])
+    group_of = np.repeat(np.arange(starts.size), group_len)
+    rank = np.arange(n) - starts[group_of]
+    pop_sorted = pop[order]
+    csum = np.cumsum(pop_sorted)
+    before = np.r_[0.0, csum][starts][group_of]  # cumulative sum before each group
+    total = np.add.reduceat(pop_sorted, starts)[group_of]
+    cum_prev = csum - pop_sorted - before  # popularity of strictly more popular items in the group
+    # the head keeps adding items while the share reached so far is below head_share
+    head = cum_prev < head_share * total - 1e-12 * np.maximum(total, 1.0)
+    head |= rank == 0
+    is_tail[order] = ~head
+    denom = np.maximum(group_len[group_of] - 1, 1)
+    tail[order] = rank / denom
+    return is_tail, tail
+
+
+@dataclass(frozen=True)
+class LayoutSpace:
+    """The config's layout geometry as arrays, computed once per config."""
+
+    position_weights: np.ndarray  # (S,)
+    items_per_module: int
+    category_value: np.ndarray  # (C,)
+    modules_of: tuple[tuple[int, ...], ...]  # per category, module indices in config order
+    module_category: np.ndarray  # (M,)
+    tilt_levels: np.ndarray  # (B,)
+    n_blocks: np.ndarray  # (C,) modules per category = blocks that can appear
+    # exposure rows: kind code 0 category_share / 1 long_tail / 2 module_share, and the target index
+    kind: np.ndarray  # (K,)
+    target: np.ndarray  # (K,)
+
+    @classmethod
+    def from_config(cls, cfg: HomepageConfig) -> LayoutSpace:
+        cats = cfg.category_names
+        mods = cfg.module_ids
+        kinds, targets = [], []
+        for c in cfg.constraints:
+            if c.kind == "category_share":
+                kinds.append(0)
+                targets.append(cats.index(c.category or ""))
+            elif c.kind == "long_tail_share":
+                kinds.append(1)
+                targets.append(0)
+            else:
+                kinds.append(2)
+                targets.append(mods.index(c.module or ""))
+        mo = cfg.modules_of()
+        return cls(
+            position_weights=np.asarray(cfg.position_weights, dtype=np.float64),
+            items_per_module=cfg.items_per_module,
+            category_value=cfg.category_values(),
+            modules_of=tuple(tuple(x) for x in mo),
+            module_category=cfg.module_category(),
+            tilt_levels=np.asarray(cfg.tilt.levels, dtype=np.float64),
+            n_blocks=np.array([len(x) for x in mo], dtype=np.int64),
+            kind=np.array(kinds, dtype=np.int64),
+            target=np.array(targets, dtype=np.int64),
+        )
+
+    @property
+    def n_slots(self) -> int:
+        return int(self.position_weights.size)
+
+    @property
+    def n_constraints(self) -> int:
+        return int(self.kind.size)
+
+
+@dataclass(frozen=True)
+class BlockTable:
+    """What each (tilt, category, block) would show, for a batch of users.
+
+    Attributes
+    ----------
+    mean_score : (U, B, C, R) mean untilted score of the block's items (nan when the block is empty)
+    n_tail : (U, B, C, R) number of long-tail items in the block
+    n_shown : (U, B, C, R) number of items in the block (<= K)
+    order : (U, B, P) pool positions sorted by (category, tilted score desc)
+    rank : (U, B, P) rank of each sorted position within its category
+    cat_sorted : (U, B, P) category of each sorted position
+    """
+
+    mean_score: np.ndarray
+    n_tail: np.ndarray
+    n_shown: np.ndarray
+    order: np.ndarray
+    rank: np.ndarray
+    cat_sorted: np.ndarray
+
+
+def block_table(space: LayoutSpace, scores: np.ndarray, pool_category: np.ndarray,
+                pool_is_tail: np.ndarray, pool_tail: np.ndarray) -> BlockTable:
+    """Block statistics for users' candidate pools at every tilt level.
+
+    Parameters
+    ----------
+    scores
+        Shape (U, P): expected engagement units of each pool item per examined impression.
+    pool_category, pool_is_tail, pool_tail
+        Shape (U, P) or (P,): category index, long-tail flag and tail score of each pool item.
+    """
+    scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    U, P = scores.shape
+    cat = np.broadcast_to(pool_category, (U, P)).astype(np.int64, copy=False)
+    is_tail = np.broadcast_to(pool_is_tail, (U, P))
+    tail = np.broadcast_to(pool_tail, (U, P))
+    levels = space.tilt_levels
+    B, C, K = levels.size, space.category_value.size, space.items_per_module
+    R = max(int(space.n_blocks.max(initial=1)), 1)
+    tilted = scores[:, None, :] + levels[None, :, None] * tail[:, None, :]  # (U,B,P)
+    # sort by category, then tilted score descending; stable keeps pool order for ties
+    key = cat[:, None, :] * 1e6 - np.clip(tilted, -1e5, 1e5)
+    order = np.argsort(key, axis=-1, kind="stable")  # (U,B,P)
+    cat_sorted = np.take_along_axis(np.broadcast_to(cat[:, None, :], (U, B, P)), order, axis=-1)
+    # rank within category = position - first position of the category in the sorted row
+    counts = np.zeros((U, C), dtype=np.int64)
+    np.add.at(counts, (np.repeat(np.arange(U), P), cat.ravel()), 1)
+    first = np.cumsum(counts, axis=1) - counts  # (U,C)
+    rank = np.arange(P)[None, None, :] - np.take_along_axis(first[:, None, :].repeat(B, 1), cat_sorted,
+                                                            axis=-1)
+    block = rank // K
+    keep = block < R
+    # flat index of (u, b, c, r)
+    ub = (np.arange(U)[:, None, None] * B + np.arange(B)[None, :, None])
+    flat = ((ub * C + cat_sorted) * R + np.minimum(block, R - 1))[keep]
+    sc_sorted = np.take_along_axis(np.broadcast_to(scores[:, None, :], (U, B, P)), order, axis=-1)
+    tl_sorted = np.take_along_axis(np.broadcast_to(is_tail[:, None, :], (U, B, P)), order, axis=-1)
+    size = U * B * C * R
+    n_shown = np.bincount(flat, minlength=size).reshape(U, B, C, R)
+    s_sum = np.bincount(flat, weights=sc_sorted[keep], minlength=size).reshape(U, B, C, R)
+    n_tail = np.bincount(flat, weights=tl_sorted[keep].astype(np.float64), minlength=size).reshape(U, B, C, R)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n_shown > 0, s_sum / np.maximum(n_shown, 1), np.nan)
+    return BlockTable(mean, n_tail, n_shown.astype(np.float64), order, rank, cat_sorted)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Candidate layouts for a batch of users.
+
+    Attributes
+    ----------
+    categories : (U, L, S) category index per slot
+    blocks : (U, L, S) block index per slot (r-th module of that category on the page)
+    modules : (U, L, S) module index per slot
+    tilt : (U, L) tilt level index
+    value : (U, L) expected value v(u,l) = sum_s w_s p(u,m_s;beta) value(c(m_s))
+    exposure : (U, L, K) exposure vector a(u,l) in the config's constraint order
+    mask : (U, L) True for real (non-duplicate, feasible) candidates
+    """
+
+    categories: np.ndarray
+    blocks: np.ndarray
+    modules: np.ndarray
+    tilt: np.ndarray
+    value: np.ndarray
+    exposure: np.ndarray
+    mask: np.ndarray
+
+    @property
+    def n_cand(self) -> int:
+        return int(self.value.shape[1])
+
+    def greedy(self, prices: np.ndarray | None = None) -> np.ndarray:
+        """Shape (U,): argmax over real candidates of v + a @ prices."""
+        score = self.scores(prices)
+        return np.argmax(score, axis=1)
+
+    def scores(self, prices: np.ndarray | None = None) -> np.ndarray:
+        """Shape (U, L): dual-adjusted score v + a @ prices, -inf on padding."""
+        s = self.value.copy()
+        if prices is not None and self.exposure.shape[-1]:
+            s += self.exposure @ np.asarray(prices, dtype=np.float64)
+        s[~self.mask] = -np.inf
+        return s
+
+
+def _exposure_terms(space: LayoutSpace, prices: np.ndarray, tbl: BlockTable):
+    """Per-slot price contributions for greedy filling: (S, C) slot-category and (U,B,C,R) tail terms."""
+    W = space.position_weights.sum()
+    n_items = space.n_slots * space.items_per_module
+    C = space.category_value.size
+    cat_price = np.zeros(C)
+    tail_price = 0.0
+    mod_price = np.zeros(space.module_category.size)
+    for k, (kind, tgt) in enumerate(zip(space.kind, space.target, strict=True)):
+        if kind == 0:
+            cat_price[tgt] += prices[k]
+        elif kind == 1:
+            tail_price += prices[k]
+        else:
+            mod_price[tgt] += prices[k]
+    return cat_price / W, tail_price / n_items, mod_price / W
+
+
+def build_candidates(space: LayoutSpace, tbl: BlockTable, prices: np.ndarray | None = None,
+                     lead_categories: np.ndarray | None = None, max_candidates: int = 32) -> Candidates:
+    """Candidate layouts for every user: greedy under prices, unpriced greedy, and one variant led by
+    each of the user's top categories, each at every tilt level; duplicates masked out.
+
+    Greedy filling walks the slots in order and gives each one the category whose next block adds the
+    most ``w_s * mean * value(c) + prices-weighted exposure``.
+
+    Parameters
+    ----------
+    lead_categories
+        Shape (U, N): each user's top-N categories (e.g. the rankers' category preferences); by
+        default the categories whose first block is worth the most.
+    """
+    U, B, C, R = tbl.mean_score.shape
+    S = space.n_slots
+    K = space.n_constraints
+    prices = np.zeros(K) if prices is None else np.asarray(prices, dtype=np.float64)
+    if prices.shape != (K,):
+        raise ValueError(f"prices must have shape ({K},) (one per constraint); got {prices.shape}")
+    w = space.position_weights
+    val = space.category_value
+    block_val = np.nan_to_num(tbl.mean_score, nan=-np.inf) * val[None, None, :, None]  # (U,B,C,R)
+    avail = (tbl.n_shown > 0) & (np.arange(R)[None, None, None, :] < space.n_blocks[None, None, :, None])
+    cat_p, tail_p, mod_p = _exposure_terms(space, prices, tbl)
+    # module index of (c, r) — a (C, R) table, -1 where the category has fewer modules
+    mod_of = np.full((C, R), -1, dtype=np.int64)
+    for c, mods in enumerate(space.modules_of):
+        mod_of[c, :len(mods)] = mods
+    mod_p_cr = np.where(mod_of >= 0, mod_p[np.maximum(mod_of, 0)], 0.0)  # (C,R)
+
+    if lead_categories is None:
+        first = np.where(avail[:, 0, :, 0], block_val[:, 0, :, 0], -np.inf)  # (U,C)
+        lead_categories = np.argsort(-first, axis=1, kind="stable")[:, : min(C, 4)]
+    lead = np.asarray(lead_categories, dtype=np.int64)
+    # variants: 0 = greedy under prices, 1 = unpriced greedy, 2.. = led by lead[:, j]
+    n_var = 2 + lead.shape[1]
+    V = n_var * B
+    price_on = np.array([1.0, 0.0] + [1.0] * lead.shape[1])
+    forced = np.concatenate([np.full((U, 2), -1), lead], axis=1)  # (U, n_var)
+
+    # state per (U, var, B)
+    used = np.zeros((U, n_var, B, C), dtype=np.int64)
+    cats = np.zeros((U, n_var, B, S), dtype=np.int64)
+    blks = np.zeros((U, n_var, B, S), dtype=np.int64)
+    value = np.zeros((U, n_var, B))
+    ok = np.ones((U, n_var, B), dtype=bool)
+    uu = np.arange(U)[:, None, None]
+    bb = np.arange(B)[None, None, :]
+    for s in range(S):
+        # next block of each category for each state: used[..., c]
+        r_next = used  # (U,var,B,C)
+        in_range = r_next < R
+        r_idx = np.minimum(r_next, R - 1)
+        bv = np.take_along_axis(block_val[:, None, :, :, :].repeat(n_var, 1), r_idx[..., None], axis=-1)[..., 0]
+        av = np.take_along_axis(avail[:, None, :, :, :].repeat(n_var, 1), r_idx[..., None], axis=-1)[..., 0]
+        av &= in_range
+        nt = np.take_along_axis(tbl.n_tail[:, None, :, :, :].repeat(n_var, 1), r_idx[..., None], axis=-1)[..., 0]
+        mp = mod_p_cr[np.arange(C)[None, None, None, :], r_idx]
+        gain_val = w[s] * bv
+        gain_price = w[s] * cat_p[None, None, None, :] + tail_p * nt + w[s] * mp
+        gain = gain_val + price_on[None, :, None, None] * gain_price
+        gain = np.where(av, gain, -np.inf)
+        pick = np.argmax(gain, axis=-1)  # (U,var,B)
+        if s == 0:
+            f = forced[:, :, None].repeat(B, 2)
+            pick = np.where(f >= 0, f, pick)
+        got_av = np.take_along_axis(av, pick[..., None], axis=-1)[..., 0]
+        ok &= got_av
+        value += np.where(got_av, np.take_along_axis(gain_val, pick[..., None], axis=-1)[..., 0], 0.0)
+        cats[..., s] = pick
+        blks[..., s] = np.take_along_axis(r_next, pick[..., None], axis=-1)[..., 0]
+        np.put_along_axis(used, pick[..., None], blks[..., s][..., None] + 1, axis=-1)
+    del uu, bb
+
+    cats = cats.reshape(U, V, S)
+    blks = blks.reshape(U, V, S)
+    value = value.reshape(U, V)
+    ok = ok.reshape(U, V)
+    tilt = np.broadcast_to(np.arange(B)[None, None, :], (U, n_var, B)).reshape(U, V)
+    mods = mod_of[cats, np.minimum(blks, R - 1)]
+    exposure = _exposure(space, tbl, cats, blks, mods, tilt)
+    mask = ok & _first_occurrence(cats, tilt)
+    if V > max_candidates:
+        # keep the best max_candidates real ones by priced score (greedy is always kept)
+        sc = value + (exposure @ prices if K else 0.0)
+        sc = np.where(mask, sc, -np.inf)
+        keep = np.argsort(-sc, axis=1, kind="stable")[:, :max_candidates]
+        keep.sort(axis=1)
+        take = lambda a: np.take_along_axis(a, keep.reshape(U, -1, *([1] * (a.ndim - 2))), axis=1)  # noqa: E731
+        cats, blks, mods, value, exposure, mask = (take(cats), take(blks), take(mods), take(value),
+                                                   take(exposure), take(mask))
+        tilt = take(tilt)
+    return Candidates(cats, blks, mods, np.ascontiguousarray(tilt), value, exposure, mask)
+
+
+def _first_occurrence(cats: np.ndarray, tilt: np.ndarray) -> np.ndarray:
+    """Shape (U, L): False for a candidate identical to an earlier one of the same user."""
+    U, L, S = cats.shape
+    key = np.concatenate([cats, tilt[..., None]], axis=-1)  # (U,L,S+1)
+    same = (key[:, :, None, :] == key[:, None, :, :]).all(-1)  # (U,L,L)
+    earlier = np.tril(np.ones((L, L), dtype=bool), k=-1)
+    return ~(same & earlier[None]).any(-1)
+
+
+def _exposure(space: LayoutSpace, tbl: BlockTable, cats: np.ndarray, blks: np.ndarray, mods: np.ndarray,
+              tilt: np.ndarray) -> np.ndarray:
+    """Shape (U, L, K): exposure of each candidate in constraint order."""
+    U, L, S = cats.shape
+    K = space.n_constraints
+    out = np.zeros((U, L, K))
+    if K == 0:
+        return out
+    wn = space.position_weights / space.position_weights.sum()
+    R = tbl.mean_score.shape[-1]
+    u = np.arange(U)[:, None, None]
+    b = tilt[:, :, None]
+    r = np.minimum(blks, R - 1)
+    n_tail = tbl.n_tail[u, b, cats, r].sum(-1)
+    n_shown = tbl.n_shown[u, b, cats, r].sum(-1)
+    for k in range(K):
+        kind, tgt = space.kind[k], space.target[k]
+        if kind == 0:
+            out[..., k] = ((cats == tgt) * wn).sum(-1)
+        elif kind == 1:
+            out[..., k] = n_tail / np.maximum(n_shown, 1)
+        else:
+            out[..., k] = ((mods == tgt) * wn).sum(-1)
+    return out
+
+
+def layout_items(space: LayoutSpace, tbl: BlockTable, user: int, categories: np.ndarray,
+                 blocks: np.ndarray, tilt: int) -> list[np.ndarray]:
+    """Pool positions shown in each slot of one layout (slot order), each of length <= K, best first."""
+    order = tbl.order[user, tilt]
+    rank = tbl.rank[user, tilt]
+    cat_sorted = tbl.cat_sorted[user, tilt]
+    K = space.items_per_module
+    return [order[(cat_sorted == c) & (rank >= r * K) & (rank < (r + 1) * K)]
+            for c, r in zip(categories.tolist(), blocks.tolist(), strict=True)]
