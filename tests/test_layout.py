@@ -1,0 +1,213 @@
+"""Layouts: long tail, block contents, candidate value/exposure, greedy vs brute force, tilt."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from allocator import LayoutSpace, block_table, build_candidates, layout_items, long_tail, parse_config_text
+
+from .test_config import EXAMPLE
+
+
+@pytest.fixture(params=[0, 1, 2, 3, 4])
+def seed(request):
+    return request.param
+
+
+def tiny_space(slots=3, K=2, levels=(0.0, 0.5), modules=(("a", 0), ("b", 0), ("c", 1), ("d", 1), ("e", 2)),
+               constraints=True) -> LayoutSpace:
+    cats = ["songs", "videos", "live"]
+    text = f"""
+[homepage]
+slots = {slots}
+position_weights = {[1.0 - 0.2 * i for i in range(slots)]}
+items_per_module = {K}
+""" + "".join(f'[[categories]]\nname = "{c}"\nvalue_per_engagement = {1.0 + 0.5 * i}\n' for i, c in enumerate(cats)) \
+        + "".join(f'[[modules]]\nid = "{m}"\ncategory = "{cats[c]}"\n' for m, c in modules) + """
+[events]
+play = 1.0
+full_play = 2.0
+favorite = 4.0
+share = 5.0
+skip = -0.5
+[tilt]
+levels = """ + str(list(levels)) + "\nhead_share = 0.8\n"
+    if constraints:
+        text += """
+[[constraints]]
+name = "live"
+kind = "category_share"
+category = "live"
+min = 0.2
+[[constraints]]
+name = "tail"
+kind = "long_tail_share"
+min = 0.3
+[[constraints]]
+name = "cap_a"
+kind = "module_share"
+module = "a"
+max = 0.5
+"""
+    return LayoutSpace.from_config(parse_config_text(text))
+
+
+def slow_long_tail(pop, cat, head_share):
+    is_tail = np.zeros(pop.size, bool)
+    tail = np.zeros(pop.size)
+    for c in np.unique(cat):
+        idx = [i for i in range(pop.size) if cat[i] == c]
+        idx.sort(key=lambda i: (-pop[i], i))
+        total, acc = sum(pop[i] for i in idx), 0.0
+        for r, i in enumerate(idx):
+            is_tail[i] = r > 0 and acc >= head_share * total - 1e-12 * max(total, 1.0)
+            acc += pop[i]
+            tail[i] = r / max(len(idx) - 1, 1)
+    return is_tail, tail
+
+
+def test_long_tail_matches_slow_reference(seed):
+    rng = np.random.default_rng(seed)
+    n = 200
+    pop = np.round(rng.pareto(1.1, n) * 10, 1)
+    cat = rng.integers(0, 4, n)
+    is_tail, tail = long_tail(pop, cat, 0.8)
+    ref_t, ref_s = slow_long_tail(pop, cat, 0.8)
+    np.testing.assert_array_equal(is_tail, ref_t)
+    np.testing.assert_allclose(tail, ref_s)
+    # the head takes at least 80 % of each category's popularity, and dropping its last item breaks that
+    for c in range(4):
+        m = cat == c
+        assert pop[m & ~is_tail].sum() >= 0.8 * pop[m].sum() - 1e-9
+
+
+def test_long_tail_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"head_share must be in \(0, 1\]; got 0"):
+        long_tail(np.ones(3), np.zeros(3, int), 0.0)
+    with pytest.raises(ValueError, match="popularity must be finite and >= 0"):
+        long_tail(np.array([1.0, -1.0]), np.zeros(2, int), 0.8)
+
+
+def random_pool(rng, P=14, C=3):
+    cat = np.repeat(np.arange(C), P // C + 1)[:P]
+    rng.shuffle(cat)
+    pop = rng.pareto(1.0, P) + 0.01
+    is_tail, tail = long_tail(pop, cat, 0.8)
+    return cat, is_tail, tail
+
+
+def slow_layout(space, scores, cat, is_tail, tail, cats, beta_idx):
+    """Items, value and exposure of one layout, by sorting in plain Python."""
+    K, beta = space.items_per_module, space.tilt_levels[beta_idx]
+    used = {}
+    items, value = [], 0.0
+    for s, c in enumerate(cats):
+        r = used.get(c, 0)
+        used[c] = r + 1
+        ranked = sorted([i for i in range(scores.size) if cat[i] == c], key=lambda i: (-(scores[i] + beta * tail[i]), i))
+        block = ranked[r * K:(r + 1) * K]
+        items.append(block)
+        if block:
+            value += space.position_weights[s] * np.mean(scores[block]) * space.category_value[c]
+    return items, value
+
+
+def test_candidates_value_exposure_and_items_match_slow_reference(seed):
+    rng = np.random.default_rng(seed)
+    space = tiny_space()
+    cat, is_tail, tail = random_pool(rng)
+    scores = rng.random((2, cat.size)) * 3
+    tbl = block_table(space, scores, cat, is_tail, tail)
+    prices = rng.normal(size=3)
+    cand = build_candidates(space, tbl, prices)
+    wn = space.position_weights / space.position_weights.sum()
+    for u in range(2):
+        for l in np.flatnonzero(cand.mask[u]):
+            cats = cand.categories[u, l]
+            items, value = slow_layout(space, scores[u], cat, is_tail, tail, cats.tolist(), cand.tilt[u, l])
+            assert cand.value[u, l] == pytest.approx(value)
+            got = layout_items(space, tbl, u, cats, cand.blocks[u, l], int(cand.tilt[u, l]))
+            assert [g.tolist() for g in got] == items
+            shown = np.concatenate(items).astype(int)
+            assert cand.exposure[u, l, 0] == pytest.approx(wn[cats == 2].sum())
+            assert cand.exposure[u, l, 1] == pytest.approx(is_tail[shown].mean())
+            mods = cand.modules[u, l]
+            assert cand.exposure[u, l, 2] == pytest.approx(wn[mods == 0].sum())
+            # module of the r-th occurrence of a category is that category's r-th module in config order
+            for s in range(space.n_slots):
+                assert mods[s] == space.modules_of[cats[s]][cand.blocks[u, l, s]]
+
+
+def all_layouts(space, n_items_per_cat):
+    C = space.category_value.size
+    K = space.items_per_module
+    for cats in itertools.product(range(C), repeat=space.n_slots):
+        counts = np.bincount(cats, minlength=C)
+        if (counts <= space.n_blocks).all() and (counts * K <= n_items_per_cat + K - 1).all():
+            yield list(cats)
+
+
+def test_unpriced_greedy_at_zero_tilt_is_the_brute_force_best(seed):
+    rng = np.random.default_rng(seed)
+    space = tiny_space(levels=(0.0,), constraints=False)
+    cat, is_tail, tail = random_pool(rng, P=15)
+    scores = rng.random((1, cat.size)) * 3
+    tbl = block_table(space, scores, cat, is_tail, tail)
+    cand = build_candidates(space, tbl)
+    n_per_cat = np.bincount(cat, minlength=3)
+    best = max(slow_layout(space, scores[0], cat, is_tail, tail, c, 0)[1] for c in all_layouts(space, n_per_cat))
+    assert cand.value[0, 1] == pytest.approx(best)  # variant 1 = unpriced greedy
+    assert cand.value[0][cand.mask[0]].max() == pytest.approx(best)
+
+
+def test_priced_greedy_moves_toward_the_priced_exposure(seed):
+    rng = np.random.default_rng(seed)
+    space = tiny_space()
+    cat, is_tail, tail = random_pool(rng)
+    scores = rng.random((1, cat.size))
+    tbl = block_table(space, scores, cat, is_tail, tail)
+    lo = build_candidates(space, tbl, np.zeros(3))
+    hi = build_candidates(space, tbl, np.array([100.0, 0.0, 0.0]))
+    assert hi.exposure[0, 0, 0] >= lo.exposure[0, 0, 0]
+    assert hi.exposure[0, 0, 0] == pytest.approx(hi.exposure[0][hi.mask[0], 0].max())
+
+
+def test_tilt_is_monotone_in_beta(seed):
+    """Raising beta never lowers a top block's long-tail count nor raises its untilted mean score."""
+    rng = np.random.default_rng(seed)
+    levels = tuple(float(x) for x in np.linspace(0, 2, 9))
+    space = tiny_space(K=3, levels=levels, constraints=False)
+    cat, is_tail, tail = random_pool(rng, P=30)
+    scores = rng.random((3, cat.size))
+    tbl = block_table(space, scores, cat, is_tail, tail)
+    n_tail0 = tbl.n_tail[:, :, :, 0]  # (U, B, C)
+    mean0 = tbl.mean_score[:, :, :, 0]
+    assert (np.diff(n_tail0, axis=1) >= 0).all()
+    assert (np.diff(mean0, axis=1) <= 1e-12).all()
+    assert n_tail0[:, -1].sum() > n_tail0[:, 0].sum()  # and it does move toward the tail
+
+
+def test_candidates_are_distinct_and_bounded():
+    rng = np.random.default_rng(0)
+    space = LayoutSpace.from_config(parse_config_text(EXAMPLE))
+    P = 400
+    cat = rng.integers(0, 4, P)
+    pop = rng.pareto(1.0, P)
+    is_tail, tail = long_tail(pop, cat, 0.8)
+    tbl = block_table(space, rng.random((5, P)), cat, is_tail, tail)
+    cand = build_candidates(space, tbl, np.array([0.3, 0.2]), max_candidates=32)
+    assert cand.n_cand <= 32
+    for u in range(5):
+        keys = {(tuple(c), t) for c, t, m in zip(cand.categories[u], cand.tilt[u], cand.mask[u], strict=True) if m}
+        assert len(keys) == cand.mask[u].sum() >= 8
+
+
+def test_prices_shape_is_checked():
+    space = tiny_space()
+    cat, is_tail, tail = random_pool(np.random.default_rng(0))
+    tbl = block_table(space, np.ones((1, cat.size)), cat, is_tail, tail)
+    with pytest.raises(ValueError, match=r"prices must have shape \(3,\)"):
+        build_candidates(space, tbl, np.zeros(2))
