@@ -53,23 +53,21 @@ class Catalog:
     def rows(self) -> list[dict[str, Any]]:
         """Rows for the ``items`` table."""
         return [
-            {"item_id": iid, "category": cat, "popularity": float(pop),
-             "features": dict(zip(self.feature_names, map(float, f), strict=True))}
+            {"item_id": iid, "category": cat, "popularity": float(pop), "features": [float(x) for x in f]}
             for iid, cat, pop, f in zip(self.item_ids.tolist(), self.category.tolist(),
                                         self.popularity.tolist(), self.features, strict=True)
         ]
 
     @classmethod
-    def from_rows(cls, rows: list[dict[str, Any]]) -> Catalog:
-        names: list[str] = sorted({k for r in rows for k in (r.get("features") or {})})
-        feats = np.array([[float((r.get("features") or {}).get(n, 0.0)) for n in names] for r in rows],
-                         dtype=np.float64).reshape(len(rows), len(names))
+    def from_arrays(cls, cols: dict[str, Any]) -> Catalog:
+        """From ``store.load_items`` (features are positional; names are not stored in the log)."""
+        feats = np.asarray(cols["features"], dtype=np.float64)
         return cls(
-            item_ids=np.array([r["item_id"] for r in rows], dtype=object),
-            category=np.array([r["category"] for r in rows], dtype=object),
-            popularity=np.array([float(r["popularity"]) for r in rows], dtype=np.float64),
+            item_ids=np.asarray(cols["item_ids"], dtype=object),
+            category=np.asarray(cols["category"], dtype=object),
+            popularity=np.asarray(cols["popularity"], dtype=np.float64),
             features=feats,
-            feature_names=tuple(names),
+            feature_names=tuple(f"f{k}" for k in range(feats.shape[1])),
         )
 
 

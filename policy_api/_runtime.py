@@ -66,10 +66,10 @@ def load_state(db: Any, config: HomepageConfig | None = None, config_version: in
             raise LookupError("no active config in the database; start with `homepage serve --config FILE`")
         config_version, body = active
         config = parse_config_text(body, source=f"configs.version={config_version}")
-    rows = store.load_items(db)
-    if not rows:
+    cols = store.load_items(db)
+    if len(cols["item_ids"]) == 0:
         raise LookupError("the catalog is empty; load one with `homepage catalog load items.csv`")
-    catalog = Catalog.from_rows(rows)
+    catalog = Catalog.from_arrays(cols)
     versions: dict[str, Any] = {"config": config_version, "plan": None, "ranker": None, "bandit": None}
     prices = np.zeros(len(config.constraints))
     plan = store.latest_plan(db)
@@ -82,31 +82,31 @@ def load_state(db: Any, config: HomepageConfig | None = None, config_version: in
     if ranker is not None:
         try:
             scorer = _load_ranker(ranker, catalog, config)
-            versions["ranker"] = ranker["version"]
+            versions["ranker"] = ranker[0]
         except Exception:  # a broken artifact must not stop serving: popularity scoring stays
-            log.exception("ranker version %s could not be loaded; serving popularity", ranker["version"])
+            log.exception("ranker version %s could not be loaded; serving popularity", ranker[0])
     bandit = None
     bm = store.latest_model(db, "bandit")
     if bm is not None:
         try:
             from bandits import VWLayoutBandit
 
-            bandit = VWLayoutBandit.load(bm["artifact"])
-            versions["bandit"] = bm["version"]
+            bandit = VWLayoutBandit.load(bm[2])
+            versions["bandit"] = bm[0]
         except Exception:
-            log.exception("bandit version %s could not be loaded; serving epsilon-greedy", bm["version"])
+            log.exception("bandit version %s could not be loaded; serving epsilon-greedy", bm[0])
     return build_state(config, catalog, scorer=scorer, prices=prices, bandit=bandit, versions=versions)
 
 
-def _load_ranker(model: dict[str, Any], catalog: Catalog, config: HomepageConfig) -> ScorerHandle:
+def _load_ranker(model: tuple[int, Any, bytes | None], catalog: Catalog, config: HomepageConfig) -> ScorerHandle:
     from rankers import load_scorer
 
-    scorer, meta = load_scorer(model["artifact"], event_weights=dict(config.events))
+    scorer, meta = load_scorer(model[2], event_weights=dict(config.events))
     item_ids = meta.get("item_ids") or []
     lookup = {iid: i for i, iid in enumerate(item_ids)}
     remap = np.array([lookup.get(i, -1) for i in catalog.item_ids.tolist()], dtype=np.int64)
     users = {uid: i for i, uid in enumerate(meta.get("user_ids") or [])}
-    return ScorerHandle(scorer, users, remap, name=f"ranker:{model['version']}")
+    return ScorerHandle(scorer, users, remap, name=f"ranker:{model[0]}")
 
 
 @dataclass
