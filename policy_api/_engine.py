@@ -280,14 +280,21 @@ class DecisionEngine:
             modules.append({"slot": s, "module_id": m.id, "category": m.category, "tilt": beta,
                             "items": [{"item_id": str(st.catalog.item_ids[i]), "long_tail": bool(st.is_tail[i])}
                                       for i in items.tolist()]})
-        mod_ids = cfg.module_ids
+        mod_ids, cat_names = cfg.module_ids, cfg.category_names
+        R = tbl.mean_score.shape[-1]
+        cc, bb, tt = cand.categories[0, real], np.minimum(cand.blocks[0, real], R - 1), cand.tilt[0, real]
+        eng = np.nan_to_num(tbl.mean_score[0, tt[:, None], cc, bb])  # (n_real, S) slot engagement
+        tail_share = tbl.n_tail[0, tt[:, None], cc, bb].sum(1) / np.maximum(tbl.n_shown[0, tt[:, None], cc, bb].sum(1), 1)
         candidates = [
             {"modules": [mod_ids[j] for j in cand.modules[0, i].tolist()],
+             "categories": [cat_names[c] for c in cc[k].tolist()],
              "tilt": float(st.space.tilt_levels[cand.tilt[0, i]]),
              "value": float(cand.value[0, i]),
              "exposure": cand.exposure[0, i].tolist(),
-             "score": float(p)}
-            for i, p in zip(real.tolist(), priced.tolist(), strict=True)
+             "score": float(priced[k]),
+             "engagement": eng[k].tolist(),
+             "tail": float(tail_share[k])}
+            for k, i in enumerate(real.tolist())
         ]
         ctx = dict(context)
         ctx.update({"known_user": u >= 0, "shared": shared.tolist(), "greedy": greedy})

@@ -18,49 +18,15 @@ __all__ = ["main"]
 Handler = Callable[[argparse.Namespace], int]
 
 
-class CliError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
-
-
-def _config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="PATH",
-                   help="operator config (default: $HOMEPAGE_CONFIG, else ./homepage.toml)")
-
-
-def _db_url() -> str:
-    from ._runtime import DEFAULT_DATABASE_URL
-
-    return os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
-
-
-def _load_cfg(args: argparse.Namespace):
-    from allocator import ConfigError, load_config
-
-    from ._runtime import resolve_config_path
-
-    path = resolve_config_path(getattr(args, "config", None))
-    try:
-        return path, load_config(path)
-    except FileNotFoundError as e:
-        raise CliError(f"{e}; pass --config PATH or set HOMEPAGE_CONFIG") from None
-    except ConfigError as e:
-        raise CliError(str(e)) from None
-
-
-def _engine():
-    from ._db import make_engine, upgrade
-
-    url = _db_url()
-    upgrade(url)
-    return make_engine(url)
+from ._cli_common import CliError, config_arg, db_engine, db_url, load_cfg, redact
 
 
 # ---- commands ------------------------------------------------------------------------------------
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from ._db import upgrade
 
-    upgrade(_db_url())
-    print(f"database at {_redact(_db_url())} is at the newest revision")
+    upgrade(db_url())
+    print(f"database at {redact(db_url())} is at the newest revision")
     return 0
 
 
@@ -68,12 +34,12 @@ def cmd_catalog_load(args: argparse.Namespace) -> int:
     from . import _store as store
     from ._catalog import CatalogError, read_catalog_csv
 
-    _, cfg = _load_cfg(args)
+    _, cfg = load_cfg(args)
     try:
         cat = read_catalog_csv(args.file, cfg.category_names)
     except CatalogError as e:
         raise CliError(str(e)) from None
-    db = _engine()
+    db = db_engine()
     store.upsert_items(db, cat.rows())
     counts = {c: int((cat.category == c).sum()) for c in cfg.category_names}
     print(f"loaded {cat.n_items} items ({', '.join(f'{k} {v}' for k, v in counts.items())}); "
@@ -85,8 +51,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ._runtime import ensure_config
     from ._serve import run_gunicorn
 
-    path, _cfg = _load_cfg(args)  # refuses to start on an invalid config
-    db = _engine()
+    path, _cfg = load_cfg(args)  # refuses to start on an invalid config
+    db = db_engine()
     version, _ = ensure_config(db, path)
     print(f"config {path} active as version {version}; serving on http://{args.host}:{args.port} "
           f"with {args.workers} workers", flush=True)
@@ -102,14 +68,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = run_demo(s)
     print(f"report: {s.out_dir / 'report' / 'index.html'}")
     return 0 if summary.get("ok", True) else 1
-
-
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':')[0]}:***@{host}" if ":" in creds else url
-    return url
 
 
 # ---- parser --------------------------------------------------------------------------------------
@@ -128,11 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     cats = cat.add_subparsers(dest="catalog_command", metavar="SUBCOMMAND", required=True)
     ld = cats.add_parser("load", help="load items.csv (item_id,category,popularity[,numeric features...])")
     ld.add_argument("file", metavar="FILE")
-    _config_arg(ld)
+    config_arg(ld)
     ld.set_defaults(func=cmd_catalog_load)
 
     sv = sub.add_parser("serve", help="serve the policy API with gunicorn (migrates the database first)")
-    _config_arg(sv)
+    config_arg(sv)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--workers", type=int, default=2)
