@@ -18,6 +18,7 @@ from ._config import (
     parse_config,
     parse_config_text,
 )
+from ._dual import plan_dual
 from ._layout import (
     BlockTable,
     Candidates,
@@ -27,6 +28,8 @@ from ._layout import (
     layout_items,
     long_tail,
 )
+from ._pacing import DualPacer, PacerConfig
+from ._plan import InfeasibilityDiagnosis, InfeasiblePlan, Plan, Relaxation, choose, choose_batch, plan_lp
 
 __all__ = [
     "CONSTRAINT_KINDS",
@@ -36,6 +39,16 @@ __all__ = [
     "BlockTable",
     "Candidates",
     "Category",
+    "DualPacer",
+    "InfeasibilityDiagnosis",
+    "InfeasiblePlan",
+    "PacerConfig",
+    "Plan",
+    "Relaxation",
+    "choose",
+    "choose_batch",
+    "plan_dual",
+    "plan_lp",
     "ConfigError",
     "Constraint",
     "Exploration",

@@ -181,7 +181,16 @@ def block_table(space: LayoutSpace, scores: np.ndarray, pool_category: np.ndarra
     levels = space.tilt_levels
     B, C, K = levels.size, space.category_value.size, space.items_per_module
     R = max(int(space.n_blocks.max(initial=1)), 1)
-    tilted = scores[:, None, :] + levels[None, :, None] * tail[:, None, :]  # (U,B,P)
+    # the tilt is scale-free: beta * tail is in units of the user's score spread within the category,
+    # so one set of levels works for any scorer (popularity ranks, calibrated rankers, ...)
+    rows = np.repeat(np.arange(U), P)
+    hi = np.full((U, C), -np.inf)
+    lo = np.full((U, C), np.inf)
+    np.maximum.at(hi, (rows, cat.ravel()), scores.ravel())
+    np.minimum.at(lo, (rows, cat.ravel()), scores.ravel())
+    spread = np.where(np.isfinite(hi), hi - lo, 0.0)
+    bonus = tail * np.take_along_axis(spread, cat, axis=1)  # (U,P)
+    tilted = scores[:, None, :] + levels[None, :, None] * bonus[:, None, :]  # (U,B,P)
     # sort by category, then tilted score descending; stable keeps pool order for ties
     key = cat[:, None, :] * 1e6 - np.clip(tilted, -1e5, 1e5)
     order = np.argsort(key, axis=-1, kind="stable")  # (U,B,P)

@@ -10,7 +10,13 @@ __all__ = ["between_phases", "JOBS"]
 
 #: (name, job) pairs run in order between phases; each job returns a dict for the report and may
 #: return "wait_versions" naming the versions the server must load before traffic resumes.
-JOBS: list[tuple[str, Callable[[str, dict[str, Any]], dict[str, Any]]]] = []
+def _plan(phase: str, ctx: dict[str, Any]) -> dict[str, Any]:
+    from ._jobs_plan import plan_job
+
+    return plan_job(phase, ctx)
+
+
+JOBS: list[tuple[str, Callable[[str, dict[str, Any]], dict[str, Any]]]] = [("plan", _plan)]
 
 
 def between_phases(phase: str, ctx: dict[str, Any]) -> None:

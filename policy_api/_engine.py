@@ -62,6 +62,12 @@ class ScorerHandle:
             item_idx = self.item_remap[item_idx]
         return np.asarray(self.scorer.score(user_idx, item_idx), dtype=np.float64)
 
+    def score_pairs(self, user_idx: np.ndarray, item_idx: np.ndarray) -> np.ndarray:
+        """Units for (user, item) pairs, shapes (n,) -> (n,), batched (planning, replay)."""
+        if self.item_remap is not None:
+            item_idx = self.item_remap[item_idx]
+        return np.asarray(self.scorer.score_pairs(user_idx, item_idx), dtype=np.float64)
+
     def category_preferences(self, user_idx: int) -> np.ndarray | None:
         f = getattr(self.scorer, "category_preferences", None)
         return None if f is None else np.asarray(f(user_idx), dtype=np.float64)

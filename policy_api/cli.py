@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("file", metavar="FILE")
     config_arg(ld)
     ld.set_defaults(func=cmd_catalog_load)
+    from . import _jobs_plan
+
+    _jobs_plan.add_catalog_commands(cats)
 
     sv = sub.add_parser("serve", help="serve the policy API with gunicorn (migrates the database first)")
     config_arg(sv)
@@ -107,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", default="homepage-data", help="data folder (database, report)")
     dm.set_defaults(func=cmd_demo)
 
+    _jobs_plan.add_commands(sub)
     return p
 
 

@@ -107,7 +107,9 @@ def slow_layout(space, scores, cat, is_tail, tail, cats, beta_idx):
     for s, c in enumerate(cats):
         r = used.get(c, 0)
         used[c] = r + 1
-        ranked = sorted([i for i in range(scores.size) if cat[i] == c], key=lambda i: (-(scores[i] + beta * tail[i]), i))
+        in_c = [i for i in range(scores.size) if cat[i] == c]
+        spread = max(scores[in_c]) - min(scores[in_c])
+        ranked = sorted(in_c, key=lambda i: (-(scores[i] + beta * tail[i] * spread), i))
         block = ranked[r * K:(r + 1) * K]
         items.append(block)
         if block:
