@@ -32,7 +32,10 @@ def long_tail(popularity: np.ndarray, item_category: np.ndarray, head_share: flo
 
     Within a category, items sorted by popularity (descending; ties by index) form the head until
     their cumulative popularity reaches ``head_share`` of the category's total; the rest is long tail.
-    ``tail(i) = rank_i / (n_c - 1)`` grows from 0 (most popular) to 1 (least popular).
+    The tail score is 0 in the head and, in the tail, ``0.5 + 0.5 * j / (n_tail - 1)`` for the j-th
+    tail item (j = 0 the most popular of the tail): it grows as popularity falls, and its step at the
+    head's edge is what lets a tilt lift long-tail items even when the scorer's own order follows
+    popularity (a tilt linear in rank would only rescale such an order, never change it).
 
     Parameters
     ----------
@@ -52,7 +55,7 @@ def long_tail(popularity: np.ndarray, item_category: np.ndarray, head_share: flo
     --------
     >>> is_tail, tail = long_tail(np.array([10., 5., 3., 1., 1.]), np.zeros(5, int), 0.8)
     >>> is_tail.tolist(), tail.tolist()
-    ([False, False, True, True, True], [0.0, 0.25, 0.5, 0.75, 1.0])
+    ([False, False, False, True, True], [0.0, 0.0, 0.0, 0.5, 1.0])
     """
     pop = np.asarray(popularity, dtype=np.float64)
     cat = np.asarray(item_category, dtype=np.int64)
@@ -83,8 +86,10 @@ def long_tail(popularity: np.ndarray, item_category: np.ndarray, head_share: flo
     head = cum_prev < head_share * total - 1e-12 * np.maximum(total, 1.0)
     head |= rank == 0
     is_tail[order] = ~head
-    denom = np.maximum(group_len[group_of] - 1, 1)
-    tail[order] = rank / denom
+    n_head = np.bincount(group_of, weights=head.astype(np.float64), minlength=starts.size)[group_of]
+    n_tail = group_len[group_of] - n_head
+    j = rank - n_head  # position within the tail
+    tail[order] = np.where(head, 0.0, 0.5 + 0.5 * j / np.maximum(n_tail - 1, 1))
     return is_tail, tail
 
 

@@ -38,6 +38,7 @@ class DemoSettings:
     concurrency: int = 8
     phases: tuple[str, ...] = ("explore", "serve")
     progress: bool | None = None  # None: a bar when stderr is a terminal
+    pacing: bool = True  # online pacing during the phases after the first
 
     def __post_init__(self) -> None:
         for name in ("n_users", "n_items", "requests", "workers", "concurrency"):
@@ -277,7 +278,15 @@ def run_demo(s: DemoSettings, between: Callable[[str, dict[str, Any]], None] | N
         for k, name in enumerate(s.phases):
             if k > 0:
                 (between or between_phases)(name, ctx)
-            phases.append(run_phase(server, w, name, s.requests, rng, s.concurrency, progress))
+            if k > 0 and cfg.constraints and s.pacing:
+                from ._demo_jobs import Pacing
+
+                with Pacing(ctx) as pacing:
+                    phases.append(run_phase(server, w, name, s.requests, rng, s.concurrency, progress))
+                jobs.append({"job": "pacing", "during_phase": name, "title": "Online pacing",
+                             "history": pacing.history})
+            else:
+                phases.append(run_phase(server, w, name, s.requests, rng, s.concurrency, progress))
     finally:
         server.stop()
     uniform = uniform_reward(w, cfg, phases[-1].user, np.random.default_rng(s.seed + 1))

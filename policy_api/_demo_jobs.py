@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["between_phases", "JOBS"]
+__all__ = ["between_phases", "JOBS", "Pacing"]
 
 #: (name, job) pairs run in order between phases; each job returns a dict for the report and may
 #: return "wait_versions" naming the versions the server must load before traffic resumes.
@@ -29,3 +29,36 @@ def between_phases(phase: str, ctx: dict[str, Any]) -> None:
         ctx["jobs"].append(out)
     if want:
         ctx["server"].wait_versions(want)
+
+
+class Pacing:
+    """Online pacing while a phase runs: every ``every_s`` seconds, realised exposure over the last
+    ``window_s`` moves the prices (a new plan version the workers swap to). Keeps the trajectory."""
+
+    def __init__(self, ctx: dict[str, Any], every_s: float = 2.0, window_s: float = 4.0, step: float = 2.0) -> None:
+        import threading
+
+        self.ctx, self.every_s, self.window_s, self.step = ctx, every_s, window_s, step
+        self.history: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-pacing", daemon=True)
+
+    def __enter__(self) -> Pacing:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        import time
+
+        from ._jobs_plan import pace_once
+
+        t0 = time.time()
+        while not self._stop.wait(self.every_s):
+            out = pace_once(self.ctx["db"], window_s=self.window_s, step_size=self.step, min_decisions=30)
+            if out is not None:
+                out["t"] = time.time() - t0
+                self.history.append(out)

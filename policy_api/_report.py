@@ -169,6 +169,32 @@ def write_demo_report(out: Path, cfg: Any, world: Any, phases: list[Any], unifor
     fig.savefig(out / "latency.png", dpi=110)
     plt.close(fig)
 
+    for j in jobs:
+        if j.get("job") == "pacing" and j.get("history"):
+            h = j["history"]
+            names = list(h[0]["prices"])
+            t = [x["t"] for x in h]
+            fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+            for n_ in names:
+                axes[0].plot(t, [x["prices"][n_] for x in h], marker=".", label=n_)
+                axes[1].plot(t, [x["realised"][n_] for x in h], marker=".", label=f"{n_} realised")
+            for c in cfg.constraints:
+                for bound in (c.min, c.max):
+                    if bound is not None:
+                        axes[1].axhline(bound, ls="--", lw=1, color="k")
+                        axes[1].text(t[0], bound, f" {c.name} target", va="bottom", fontsize=8)
+            axes[0].set_title("prices moved by pacing")
+            axes[1].set_title("realised share in each pacing window vs target")
+            for ax in axes:
+                ax.set_xlabel("seconds into the phase")
+                ax.legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(out / "pacing.png", dpi=110)
+            plt.close(fig)
+            j["figures"] = ["pacing.png"]
+            final = h[-1]
+            j["table_html"] = table_html([{"constraint": n_, "final price": final["prices"][n_],
+                                           "realised (last window)": final["realised"][n_]} for n_ in names])
     extra_sections = []
     for j in jobs:
         for fig_name in j.get("figures", []):
