@@ -39,6 +39,7 @@ class DemoSettings:
     phases: tuple[str, ...] = ("explore", "serve")
     progress: bool | None = None  # None: a bar when stderr is a terminal
     pacing: bool = True  # online pacing during the phases after the first
+    replay: bool = True  # replay the final phase's log and compare with the simulator's truth
 
     def __post_init__(self) -> None:
         for name in ("n_users", "n_items", "requests", "workers", "concurrency"):
@@ -289,6 +290,10 @@ def run_demo(s: DemoSettings, between: Callable[[str, dict[str, Any]], None] | N
                 phases.append(run_phase(server, w, name, s.requests, rng, s.concurrency, progress))
     finally:
         server.stop()
+    if s.replay:
+        from ._demo_replay import validate_replay
+
+        jobs.append(validate_replay(db, w.world))
     uniform = uniform_reward(w, cfg, phases[-1].user, np.random.default_rng(s.seed + 1))
     oracle = w.world.oracle_batch(phases[-1].user, w.world.default_modules_per_category)[1]
     summary = write_demo_report(s.out_dir / "report", cfg, w.world, phases, uniform, oracle, jobs, ctx,

@@ -16,7 +16,20 @@ def _plan(phase: str, ctx: dict[str, Any]) -> dict[str, Any]:
     return plan_job(phase, ctx)
 
 
-JOBS: list[tuple[str, Callable[[str, dict[str, Any]], dict[str, Any]]]] = [("plan", _plan)]
+def _learn(phase: str, ctx: dict[str, Any]) -> dict[str, Any]:
+    from datetime import UTC, datetime, timedelta
+
+    from ._jobs_bandit import learn_once
+
+    # the demo's feedback arrives within the second: close every window now rather than waiting an hour
+    out = learn_once(ctx["db"], until=datetime.now(tz=UTC) + timedelta(seconds=ctx["config"].learning.reward_window_s))
+    if out is None:
+        return {"title": "Bandit learner", "skipped": "not enough decisions"}
+    return {"title": "Bandit learner (VW cb_explore_adf on the Lagrangian reward)", **out,
+            "wait_versions": {"bandit": out["bandit_version"]}}
+
+
+JOBS: list[tuple[str, Callable[[str, dict[str, Any]], dict[str, Any]]]] = [("plan", _plan), ("learn", _learn)]
 
 
 def between_phases(phase: str, ctx: dict[str, Any]) -> None:

@@ -30,9 +30,10 @@ from allocator import (
 from bandits import budget_pmf, sample
 
 from ._catalog import Catalog
+from ._features import layout_features, shared_features
 from ._ids import seed_of
 
-__all__ = ["Scorer", "EngineState", "Decision", "DecisionEngine", "build_state", "action_features"]
+__all__ = ["Scorer", "EngineState", "Decision", "DecisionEngine", "build_state"]
 
 log = logging.getLogger("homepage.engine")
 
@@ -190,21 +191,6 @@ def build_state(config: HomepageConfig, catalog: Catalog, *, scorer: ScorerHandl
     )
 
 
-def action_features(space: LayoutSpace, cand: Candidates, u: int, prices: np.ndarray) -> np.ndarray:
-    """Shape (n_cand, S*C + 3): the bandit's per-layout features — category one-hot by slot, tilt
-    level, expected value and price-adjusted score (the latter two scaled by the user's best)."""
-    cats = cand.categories[u]
-    L, S = cats.shape
-    C = space.category_value.size
-    onehot = np.zeros((L, S, C))
-    np.put_along_axis(onehot, cats[..., None], 1.0, axis=-1)
-    value = cand.value[u]
-    score = value + (cand.exposure[u] @ prices if prices.size else 0.0)
-    top = max(float(np.max(np.abs(value))), 1e-9)
-    return np.concatenate([onehot.reshape(L, S * C), space.tilt_levels[cand.tilt[u]][:, None],
-                           (value / top)[:, None], (score / top)[:, None]], axis=1)
-
-
 class DecisionEngine:
     """Decides layouts. Thread-safe: the state is read once per request and replaced atomically."""
 
@@ -264,10 +250,13 @@ class DecisionEngine:
         greedy = int(np.argmax(priced))
         value = cand.value[0, real]
         ex = st.config.exploration
-        shared = np.concatenate([[1.0 if u >= 0 else 0.0],
-                                 prefs if prefs is not None else np.zeros(st.space.category_value.size)])
+        C = st.space.category_value.size
+        shared = shared_features(np.array(u >= 0), prefs if prefs is not None else np.zeros(C))
         if st.bandit is not None:
-            actions = action_features(st.space, cand, 0, st.prices)[real]
+            actions = layout_features(cand.categories[0, real], st.space.tilt_levels[cand.tilt[0, real]], value,
+                                      priced, C)
+            # the bandit spends the exploration budget (which layouts to try, how often); the layout
+            # exploited is the allocator's priced argmax, so the exposure constraints keep holding
             base = np.asarray(st.bandit.predict(shared, actions), dtype=np.float64)
             policy = "bandit"
         else:

@@ -49,6 +49,7 @@ class DecisionLog:
     shared : (n, d) shared (user context) features the bandit saw
     versions : list of dicts
     layout : list (per decision) of the served modules
+    modules : list (per decision) of lists (per candidate) of module ids by slot
     """
 
     request_id: np.ndarray
@@ -70,6 +71,7 @@ class DecisionLog:
     shared: np.ndarray
     versions: list[dict[str, Any]]
     layout: list[Any]
+    modules: list[Any]
 
     def __len__(self) -> int:
         return int(self.action.size)
@@ -170,6 +172,7 @@ def decision_log(cols: dict[str, Any], config: HomepageConfig, *, serving_only: 
         shared=shared,
         versions=[(cols["versions"][i] or {}) for i in idx.tolist()] if "versions" in cols else [{}] * n,
         layout=[cols["layout"][i] for i in idx.tolist()] if "layout" in cols else [None] * n,
+        modules=[[c.get("modules", []) for c in row] for row in cands],
     )
 
 

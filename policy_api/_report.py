@@ -111,6 +111,9 @@ def write_demo_report(out: Path, cfg: Any, world: Any, phases: list[Any], unifor
         "elapsed_s": elapsed_s,
     }
     summary["ok"] = bool(summary["engine_beats_uniform"])
+    for j in jobs:
+        if j.get("job") == "replay":
+            summary["replay"] = {"rows": j["rows"], "dr_snips_within_5pct": j["dr_snips_within_5pct"]}
 
     # -- plots --------------------------------------------------------------------------------------
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.set_defaults(func=cmd_demo)
 
     _jobs_plan.add_commands(sub)
+    from . import _jobs_bandit
+
+    _jobs_bandit.add_commands(sub)
     return p
 
 

@@ -65,7 +65,9 @@ def slow_long_tail(pop, cat, head_share):
         for r, i in enumerate(idx):
             is_tail[i] = r > 0 and acc >= head_share * total - 1e-12 * max(total, 1.0)
             acc += pop[i]
-            tail[i] = r / max(len(idx) - 1, 1)
+        tails = [i for i in idx if is_tail[i]]
+        for j, i in enumerate(tails):
+            tail[i] = 0.5 + 0.5 * j / max(len(tails) - 1, 1)
     return is_tail, tail
 
 
