@@ -63,6 +63,7 @@ class PhaseLog:
     fallback: np.ndarray  # (n,) bool
     propensity: np.ndarray  # (n,)
     t_end: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    request_id: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
 
 
 def _free_port() -> int:
@@ -157,6 +158,7 @@ def run_phase(server: Server, w: World, name: str, n: int, rng: np.random.Genera
     fallback = np.zeros(n, dtype=bool)
     prop = np.zeros(n)
     t_end = np.zeros(n)
+    rids = np.empty(n, dtype=object)
     local = threading.local()
     weights = world.event_weights
     bar = tqdm(total=n, desc=f"demo {name}", unit="req", disable=not progress, mininterval=0.5)
@@ -176,6 +178,7 @@ def run_phase(server: Server, w: World, name: str, n: int, rng: np.random.Genera
                 errors.append(f"GET /layout {r.status_code}: {r.text[:200]}")
             return
         body = r.json()
+        rids[i] = body["request_id"]
         fallback[i] = body["fallback"]
         prop[i] = body["propensity"]
         n_tail = n_items = 0
@@ -207,7 +210,7 @@ def run_phase(server: Server, w: World, name: str, n: int, rng: np.random.Genera
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed in phase {name}; first: {errors[0]}")
     expected = world.expected_reward_batch(users, slot_items)
-    return PhaseLog(name, users, slot_items, slot_cat, tail, realised, expected, latency, fallback, prop, t_end)
+    return PhaseLog(name, users, slot_items, slot_cat, tail, realised, expected, latency, fallback, prop, t_end, rids)
 
 
 def uniform_reward(w: World, cfg: Any, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -293,7 +296,8 @@ def run_demo(s: DemoSettings, between: Callable[[str, dict[str, Any]], None] | N
     if s.replay:
         from ._demo_replay import validate_replay
 
-        jobs.append(validate_replay(db, w.world))
+        served = {str(r): float(v) for p in phases for r, v in zip(p.request_id, p.expected_reward, strict=True)}
+        jobs.append(validate_replay(db, w.world, served=served))
     uniform = uniform_reward(w, cfg, phases[-1].user, np.random.default_rng(s.seed + 1))
     oracle = w.world.oracle_batch(phases[-1].user, w.world.default_modules_per_category)[1]
     summary = write_demo_report(s.out_dir / "report", cfg, w.world, phases, uniform, oracle, jobs, ctx,

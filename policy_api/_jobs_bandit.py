@@ -57,10 +57,13 @@ def _catalog_categories(db: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(items["item_ids"], dtype=str), np.asarray(items["category"], dtype=str)
 
 
+_LEARN_COLS = ["request_id", "ts", "context", "versions", "candidates", "pmf", "chosen", "propensity"]
+
+
 def load_log(db: Any, cfg: HomepageConfig, since: datetime | None, until: datetime | None,
-             config_version: int | None = None) -> tuple[DecisionLog, Rewards]:
+             config_version: int | None = None, columns: list[str] | None = None) -> tuple[DecisionLog, Rewards]:
     """Decisions in [since, until) made under ``config_version`` (all if None) and their rewards."""
-    cols = store.read_decisions(db, since=since, until=until, columns=_DECISION_COLS)
+    cols = store.read_decisions(db, since=since, until=until, columns=columns or _DECISION_COLS)
     if config_version is not None and len(cols["request_id"]):
         keep = np.array([(v or {}).get("config") == config_version for v in cols["versions"]], dtype=bool)
         cols = {k: (np.asarray(v)[keep] if isinstance(v, np.ndarray) else [x for x, m in zip(v, keep, strict=True) if m])
@@ -102,7 +105,7 @@ def learn_once(db: Any, *, until: datetime | None = None, min_decisions: int = 1
             bandit = VWLayoutBandit.load(latest[2])
             since = _parse_ts(metrics.get("learned_until"))
     t0 = time.perf_counter()
-    dlog, rw = load_log(db, cfg, since, closed, config_version=version)
+    dlog, rw = load_log(db, cfg, since, closed, config_version=version, columns=_LEARN_COLS)
     if len(dlog) < min_decisions:
         return None
     bandit = bandit or new_bandit(cfg)
@@ -204,8 +207,8 @@ def target_distribution(target: str, dlog: DecisionLog, cfg: HomepageConfig, db:
     bandit = VWLayoutBandit.load(bytes(row[1]))
     shared, actions = log_features(dlog, cfg)
     pmf = bandit.predict_batch(shared, actions, dlog.n_cand)
-    greedy = np.argmax(pmf + 1e-12 * (dlog.score == np.max(np.where(dlog.mask, dlog.score, -np.inf), 1, keepdims=True)),
-                       axis=1)
+    # as serving does: the bandit spends the budget around the priced argmax
+    greedy = np.argmax(np.where(dlog.mask, dlog.score, -np.inf), axis=1)
     info["bandit_version"] = int(row[0])
     return _budgeted(pmf, greedy, dlog.value, dlog.mask, cfg), f"bandit v{row[0]} (within the budget)", info
 

@@ -137,14 +137,17 @@ def decision_log(cols: dict[str, Any], config: HomepageConfig, *, serving_only: 
     cats = np.full((n, L, S), -1, dtype=np.int64)
     ex = np.zeros((n, L, K))
     if flat:
-        eng[mask] = np.array([slots_of(c, "engagement", 0.0) for c in flat])
-        cats[mask] = np.array([cats_of(c) for c in flat], dtype=np.int64)
+        eng[mask] = _rect([c.get("engagement") for c in flat], S, 0.0, lambda c: slots_of(c, "engagement", 0.0), flat)
+        cats[mask] = _category_index([c.get("categories") for c in flat], S, cat_lookup, lambda c: cats_of(c), flat)
         if K:
-            ex_rows = [list(c.get("exposure", []))[:K] for c in flat]
-            if any(len(r) != K for r in ex_rows):
+            try:
+                ex_arr = np.array([c["exposure"] for c in flat], dtype=np.float64)
+            except (KeyError, ValueError):
+                ex_arr = np.zeros((0,))
+            if ex_arr.shape != (len(flat), K):
                 raise ValueError(f"candidate exposure vectors must have {K} entries (one per constraint of "
                                  "the config); the log was written under a different constraint set — pass that config")
-            ex[mask] = np.array(ex_rows)
+            ex[mask] = ex_arr
     ctx = cols.get("context")
     shared_rows = [((ctx[i] or {}).get("shared") or []) if ctx is not None else [] for i in idx.tolist()]
     d = max((len(r) for r in shared_rows), default=0)
@@ -174,6 +177,31 @@ def decision_log(cols: dict[str, Any], config: HomepageConfig, *, serving_only: 
         layout=[cols["layout"][i] for i in idx.tolist()] if "layout" in cols else [None] * n,
         modules=[[c.get("modules", []) for c in row] for row in cands],
     )
+
+
+def _rect(rows: list[Any], S: int, fill: float, slow: Any, flat: list[dict[str, Any]]) -> np.ndarray:
+    """(m, S) float array from per-candidate lists; one numpy call when every row has S entries."""
+    try:
+        a = np.array(rows, dtype=np.float64)
+        if a.shape == (len(rows), S):
+            return a
+    except (TypeError, ValueError):
+        pass
+    return np.array([slow(c) for c in flat], dtype=np.float64).reshape(len(flat), S)
+
+
+def _category_index(rows: list[Any], S: int, lookup: dict[str, int], slow: Any, flat: list[dict[str, Any]]
+                    ) -> np.ndarray:
+    """(m, S) category indices from per-candidate name lists, mapped once per distinct name."""
+    try:
+        names = np.array(rows, dtype=str)
+        if names.shape == (len(rows), S):
+            uniq, inv = np.unique(names, return_inverse=True)
+            codes = np.array([lookup.get(u, -1) for u in uniq.tolist()], dtype=np.int64)
+            return codes[inv].reshape(len(rows), S)
+    except (TypeError, ValueError):
+        pass
+    return np.array([slow(c) for c in flat], dtype=np.int64).reshape(len(flat), S)
 
 
 @dataclass(frozen=True)

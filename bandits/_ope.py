@@ -1,0 +1,664 @@
+"""Off-policy estimators over logged candidates: DM, IPS, SNIPS, DR, SNDR and Switch-DR, with
+normal-approximation and bootstrap confidence intervals and overlap diagnostics.
+
+Inputs, for ``n_rounds`` logged decisions over at most ``n_cand`` candidates each:
+
+- ``reward (n_rounds,)``: observed reward of the served candidate;
+- ``action (n_rounds,)``: index of the served candidate among the logged ones;
+- ``pscore (n_rounds,)``: its logged propensity ``pi_b(a_i | x_i)``, in (0, 1];
+- ``action_dist (n_rounds, n_cand)``: the target policy ``pi_e(. | x_i)`` over the logged candidates,
+  rows summing to 1 (padded with 0 where a round had fewer candidates);
+- ``estimated_rewards (n_rounds, n_cand)``: a reward model ``q(x_i, a)`` (DM, DR, SNDR, Switch-DR).
+
+With importance weights ``w_i = pi_e(a_i | x_i) / pscore_i`` and ``q_i(pi) = sum_a pi_e(a | x_i) q(x_i, a)``,
+every estimator here is a sum of ratios ``sum_i num_i / sum_i den_i`` (``den = 1`` for the unbiased
+ones). That one form gives the point estimate, the influence terms behind the normal CI (delta method)
+and a bootstrap that is a matrix product of resampling counts with a few columns.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Any, ClassVar
+
+import numpy as np
+
+__all__ = [
+    "DM",
+    "DR",
+    "IPS",
+    "SNDR",
+    "SNIPS",
+    "BootstrapCI",
+    "Estimate",
+    "OverlapDiagnostics",
+    "RidgeRewardModel",
+    "SwitchDR",
+    "bootstrap_ci",
+    "cross_fit_rewards",
+    "estimate_all",
+    "overlap_diagnostics",
+]
+
+#: Rows of ``action_dist`` must sum to 1 within this.
+ROW_SUM_ATOL = 1e-5
+
+
+def _r(x: object) -> str:
+    """repr of a user value, numpy scalars shown as plain numbers."""
+    return repr(x.item() if isinstance(x, np.generic) else x)
+
+
+# -- validated log ------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Log:
+    reward: np.ndarray  # (n,)
+    w: np.ndarray  # (n,) importance weights pi_e(a_i|x_i) / pscore_i
+    q_pi: np.ndarray | None  # (n,) sum_a pi_e(a|x_i) q(x_i, a)
+    q_a: np.ndarray | None  # (n,) q(x_i, a_i)
+
+    @property
+    def n(self) -> int:
+        return int(self.reward.shape[0])
+
+
+def _as_1d(name: str, x: object, n: int | None) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 1 or (n is not None and a.shape[0] != n):
+        want = "(n_rounds,)" if n is None else f"({n},)"
+        raise ValueError(f"{name} must have shape {want}; got {a.shape}")
+    return a
+
+
+#: Rows of action_dist / estimated_rewards are scanned in blocks of about this many entries, so the
+#: validation, the gathers and q(pi) read each block once while it is in cache (and never call
+#: multi-threaded BLAS, which thrashes on shared cores).
+_BLOCK_ENTRIES = 1 << 17
+
+
+def _check_log(action: object, pscore: object, action_dist: object,
+               n: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    p = _as_1d("pscore", pscore, n).astype(np.float64, copy=False)
+    n = p.shape[0]
+    if n < 2:
+        raise ValueError(f"pscore must have at least 2 rounds (for a standard error); got {n}")
+    if not ((p > 0) & (p <= 1)).all():  # NaN fails both
+        bad = int(np.flatnonzero(~((p > 0) & (p <= 1)))[0])
+        raise ValueError(f"pscore must be in (0, 1]; got {float(p[bad])!r} at round {bad}")
+    a = _as_1d("action", action, n)
+    if a.dtype.kind not in "iu":
+        raise ValueError(f"action must be integer indices into the logged candidates; got dtype {a.dtype}")
+    pi = np.asarray(action_dist)
+    if pi.ndim != 2 or pi.shape[0] != n or pi.shape[1] == 0:
+        raise ValueError(f"action_dist must have shape ({n}, n_cand); got {pi.shape}")
+    if pi.dtype.kind != "f":
+        pi = pi.astype(np.float64)
+    if a.min() < 0 or a.max() >= pi.shape[1]:
+        raise ValueError(f"action must be in [0, {pi.shape[1]}); got values in [{int(a.min())}, {int(a.max())}]")
+    return a.astype(np.intp, copy=False), p, pi
+
+
+def _scan(a: np.ndarray, pi: np.ndarray, q: np.ndarray | None
+          ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Blockwise: check action_dist (and q), gather pi(a_i | x_i) and q(x_i, a_i), and q_i(pi)."""
+    n, k = pi.shape
+    step = max(1, _BLOCK_ENTRIES // k)
+    pi_a = np.empty(n)
+    q_pi = np.empty(n) if q is not None else None
+    q_a = np.empty(n) if q is not None else None
+    rows = np.arange(min(step, n))
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        blk, ab, r = pi[s:e], a[s:e], rows[: e - s]
+        sums = np.einsum("ij->i", blk)  # a NaN or inf makes its row sum miss 1
+        off = ~(np.abs(sums - 1.0) <= ROW_SUM_ATOL)
+        if off.any():
+            bad = int(np.flatnonzero(off)[0])
+            raise ValueError(f"action_dist rows must sum to 1 (within {ROW_SUM_ATOL}); row {s + bad} sums to "
+                             f"{float(sums[bad])!r}")
+        if blk.min() < 0:
+            raise ValueError(f"action_dist must be >= 0; got min {float(blk.min())!r}")
+        pi_a[s:e] = blk[r, ab]
+        if q is not None and q_pi is not None and q_a is not None:
+            qb = q[s:e]
+            q_pi[s:e] = np.einsum("ij,ij->i", blk, qb)
+            # pi is finite and >= 0 here, so a NaN or inf anywhere in q (even where pi is 0: 0 * inf
+            # is NaN) makes q_pi non-finite
+            if not np.isfinite(q_pi[s:e]).all():
+                raise ValueError("estimated_rewards must be finite; got non-finite entries")
+            q_a[s:e] = qb[r, ab]
+    return pi_a, q_pi, q_a
+
+
+def _weights(action: object, pscore: object, action_dist: object, n: int | None) -> np.ndarray:
+    """Checked importance weights ``w_i = action_dist[i, action_i] / pscore_i``."""
+    a, p, pi = _check_log(action, pscore, action_dist, n)
+    return _scan(a, pi, None)[0] / p
+
+
+def _prepare(reward: object, action: object, pscore: object, action_dist: object,
+             estimated_rewards: object = None, *, need_model: bool = False) -> _Log:
+    r = _as_1d("reward", reward, None).astype(np.float64, copy=False)
+    if not np.isfinite(r).all():
+        raise ValueError("reward must be finite; got non-finite entries")
+    a, p, pi = _check_log(action, pscore, action_dist, r.shape[0])
+    q = None
+    if estimated_rewards is not None:
+        q = np.asarray(estimated_rewards)
+        if q.shape != pi.shape:
+            raise ValueError(f"estimated_rewards must have the shape of action_dist {pi.shape}; got {q.shape}")
+        if q.dtype.kind != "f":
+            q = q.astype(np.float64)
+    elif need_model:
+        raise ValueError("estimated_rewards is required by this estimator (DM/DR/SNDR/Switch-DR); got None")
+    pi_a, q_pi, q_a = _scan(a, pi, q)
+    return _Log(reward=r, w=pi_a / p, q_pi=q_pi, q_a=q_a)
+
+
+# -- results ------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class OverlapDiagnostics:
+    """How well the logging policy covers the target policy, from the importance weights ``w``.
+
+    ``ess = (sum w)^2 / sum w^2`` (Kish's effective sample size), ``ess_ratio = ess / n_rounds``;
+    ``mean_weight`` should be near 1 (it estimates the target's mass on the logging policy's support);
+    quantiles and the max show how heavy the weights' tail is.
+    """
+
+    n_rounds: int
+    ess: float
+    ess_ratio: float
+    mean_weight: float
+    max_weight: float
+    weight_q50: float
+    weight_q90: float
+    weight_q99: float
+    weight_q999: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {f: float(getattr(self, f)) for f in self.__dataclass_fields__ if f != "n_rounds"}
+
+
+def _overlap(w: np.ndarray) -> OverlapDiagnostics:
+    n = w.shape[0]
+    s1, s2 = float(w.sum()), float(w @ w)
+    ess = s1 * s1 / s2 if s2 > 0 else 0.0
+    q = np.quantile(w, [0.5, 0.9, 0.99, 0.999])
+    return OverlapDiagnostics(n_rounds=n, ess=ess, ess_ratio=ess / n, mean_weight=s1 / n,
+                              max_weight=float(w.max()), weight_q50=float(q[0]), weight_q90=float(q[1]),
+                              weight_q99=float(q[2]), weight_q999=float(q[3]))
+
+
+def overlap_diagnostics(action: np.ndarray, pscore: np.ndarray, action_dist: np.ndarray) -> OverlapDiagnostics:
+    """Overlap diagnostics of a target policy on a log (see :class:`OverlapDiagnostics`)."""
+    return _overlap(_weights(action, pscore, action_dist, None))
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """A policy value estimate with its normal-approximation CI and the log's overlap diagnostics.
+
+    ``se = std(psi) / sqrt(n_rounds)`` from the per-round influence terms ``psi``;
+    ``[ci_low, ci_high] = value -/+ z_{1 - alpha/2} se``.
+    """
+
+    estimator: str
+    value: float
+    se: float
+    ci_low: float
+    ci_high: float
+    alpha: float
+    n_rounds: int
+    overlap: OverlapDiagnostics
+
+    def as_row(self) -> dict[str, Any]:
+        return {"estimator": self.estimator, "value": self.value, "se": self.se, "ci_low": self.ci_low,
+                "ci_high": self.ci_high, "alpha": self.alpha, "n_rounds": self.n_rounds,
+                **self.overlap.as_dict()}
+
+
+@dataclass(frozen=True, slots=True)
+class BootstrapCI:
+    """Percentile bootstrap interval ``[q_{alpha/2}, q_{1-alpha/2}]`` of ``n_boot`` resampled estimates."""
+
+    estimator: str
+    low: float
+    high: float
+    se: float
+    n_boot: int
+    alpha: float
+
+
+def _check_alpha(alpha: object) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < float(alpha) < 1.0:
+        raise ValueError(f"alpha must be a number in (0, 1); got {_r(alpha)}")
+    return float(alpha)
+
+
+# -- estimators ---------------------------------------------------------------------------------
+_Terms = list[tuple[np.ndarray, np.ndarray | None]]  # (num, den); den None means den_i = 1
+
+
+def _value_and_influence(terms: _Terms, n: int) -> tuple[float, np.ndarray]:
+    """V = sum_k sum(num_k) / sum(den_k); psi_i = sum_k R_k + (num_ki - R_k den_ki) / mean(den_k)."""
+    value = 0.0
+    psi: np.ndarray | None = None
+    for num, den in terms:
+        if den is None:
+            r_k = float(num.mean())
+            part = num
+        else:
+            d_sum = float(den.sum())
+            if not d_sum > 0:
+                raise ValueError("the importance weights sum to 0: the target policy puts no mass on any "
+                                 "logged action, so a self-normalised estimate is undefined")
+            r_k = float(num.sum()) / d_sum
+            part = (num - r_k * den) * (n / d_sum) + r_k
+        psi = part if psi is None else psi + part
+        value += r_k
+    assert psi is not None
+    return value, psi
+
+
+class _Estimator:
+    """Base: subclasses define ``name``, ``needs_model`` and ``_terms``."""
+
+    name: ClassVar[str]
+    needs_model: ClassVar[bool] = False
+
+    def _terms(self, log: _Log) -> _Terms:
+        raise NotImplementedError
+
+    def estimate(self, reward: np.ndarray, action: np.ndarray, pscore: np.ndarray, action_dist: np.ndarray,
+                 estimated_rewards: np.ndarray | None = None, *, alpha: float = 0.05) -> Estimate:
+        """Estimate the target policy's value; see the class docstring for the formula.
+
+        Parameters
+        ----------
+        reward, action, pscore
+            Shape (n_rounds,): the log (see the module docstring).
+        action_dist
+            Shape (n_rounds, n_cand): the target policy over the logged candidates.
+        estimated_rewards
+            Shape (n_rounds, n_cand): the reward model (required by DM, DR, SNDR, Switch-DR).
+        alpha
+            Miscoverage of the normal CI, in (0, 1).
+        """
+        alpha = _check_alpha(alpha)
+        log = _prepare(reward, action, pscore, action_dist, estimated_rewards, need_model=self.needs_model)
+        return self._estimate(log, alpha)
+
+    def _estimate(self, log: _Log, alpha: float, overlap: OverlapDiagnostics | None = None) -> Estimate:
+        value, psi = _value_and_influence(self._terms(log), log.n)
+        se = float(psi.std(ddof=1)) / math.sqrt(log.n)
+        z = NormalDist().inv_cdf(1.0 - alpha / 2.0)
+        return Estimate(estimator=self.name, value=value, se=se, ci_low=value - z * se, ci_high=value + z * se,
+                        alpha=alpha, n_rounds=log.n, overlap=overlap if overlap is not None else _overlap(log.w))
+
+    def _model(self, log: _Log) -> tuple[np.ndarray, np.ndarray]:
+        assert log.q_pi is not None and log.q_a is not None  # _prepare enforced need_model
+        return log.q_pi, log.q_a
+
+
+@dataclass(frozen=True, slots=True)
+class DM(_Estimator):
+    """Direct method: ``V = mean_i sum_a pi_e(a | x_i) q(x_i, a)``.
+
+    Uses only the reward model; unbiased only if the model is. The CI ignores the model's own error.
+
+    References
+    ----------
+    A. Beygelzimer, J. Langford. "The offset tree for learning with partial labels." KDD 2009.
+    M. Dudík, J. Langford, L. Li. "Doubly robust policy evaluation and learning." ICML 2011.
+    """
+
+    name: ClassVar[str] = "DM"
+    needs_model: ClassVar[bool] = True
+
+    def _terms(self, log: _Log) -> _Terms:
+        q_pi, _ = self._model(log)
+        return [(q_pi, None)]
+
+
+@dataclass(frozen=True, slots=True)
+class IPS(_Estimator):
+    """Inverse propensity scoring: ``V = mean_i w_i r_i``, ``w_i = pi_e(a_i | x_i) / pscore_i``.
+
+    Unbiased when the logging policy covers the target's support; variance grows with the weights.
+
+    References
+    ----------
+    D. G. Horvitz, D. J. Thompson. "A generalization of sampling without replacement from a finite
+    universe." JASA 1952. D. Precup, R. Sutton, S. Singh. "Eligibility traces for off-policy policy
+    evaluation." ICML 2000.
+    """
+
+    name: ClassVar[str] = "IPS"
+
+    def _terms(self, log: _Log) -> _Terms:
+        return [(log.w * log.reward, None)]
+
+
+@dataclass(frozen=True, slots=True)
+class SNIPS(_Estimator):
+    """Self-normalised IPS: ``V = sum_i w_i r_i / sum_i w_i``.
+
+    Slightly biased, much lower variance than IPS, and always within ``[min r, max r]``.
+
+    References
+    ----------
+    A. Swaminathan, T. Joachims. "The self-normalized estimator for counterfactual learning."
+    NeurIPS 2015.
+    """
+
+    name: ClassVar[str] = "SNIPS"
+
+    def _terms(self, log: _Log) -> _Terms:
+        return [(log.w * log.reward, log.w)]
+
+
+@dataclass(frozen=True, slots=True)
+class DR(_Estimator):
+    """Doubly robust: ``V = mean_i [ q_i(pi_e) + w_i (r_i - q(x_i, a_i)) ]``.
+
+    Unbiased if either the propensities or the reward model are correct; equals DM when the model
+    fits every logged reward and IPS when the model is 0.
+
+    References
+    ----------
+    M. Dudík, J. Langford, L. Li. "Doubly robust policy evaluation and learning." ICML 2011.
+    """
+
+    name: ClassVar[str] = "DR"
+    needs_model: ClassVar[bool] = True
+
+    def _terms(self, log: _Log) -> _Terms:
+        q_pi, q_a = self._model(log)
+        return [(q_pi + log.w * (log.reward - q_a), None)]
+
+
+@dataclass(frozen=True, slots=True)
+class SNDR(_Estimator):
+    """Self-normalised doubly robust: ``V = mean_i q_i(pi_e) + sum_i w_i (r_i - q(x_i, a_i)) / sum_i w_i``.
+
+    References
+    ----------
+    N. Kallus, M. Uehara. "Intrinsically efficient, stable, and bounded off-policy evaluation for
+    reinforcement learning." NeurIPS 2019. Y. Saito et al. "Open Bandit Dataset and Pipeline." NeurIPS
+    2021 Datasets and Benchmarks (``SelfNormalizedDoublyRobust``).
+    """
+
+    name: ClassVar[str] = "SNDR"
+    needs_model: ClassVar[bool] = True
+
+    def _terms(self, log: _Log) -> _Terms:
+        q_pi, q_a = self._model(log)
+        return [(q_pi, None), (log.w * (log.reward - q_a), log.w)]
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchDR(_Estimator):
+    """Switch doubly robust: ``V = mean_i [ q_i(pi_e) + 1[w_i <= tau] w_i (r_i - q(x_i, a_i)) ]``.
+
+    DR on rounds whose weight is at most ``tau``, DM alone beyond it: ``tau = inf`` is DR, ``tau = 0``
+    is DM.
+
+    Parameters
+    ----------
+    tau
+        Weight threshold, >= 0.
+
+    References
+    ----------
+    Y.-X. Wang, A. Agarwal, M. Dudík. "Optimal and adaptive off-policy evaluation in contextual
+    bandits." ICML 2017.
+    """
+
+    name: ClassVar[str] = "Switch-DR"
+    needs_model: ClassVar[bool] = True
+    tau: float = math.inf
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tau, bool) or not isinstance(self.tau, numbers.Real) or not float(self.tau) >= 0:
+            raise ValueError(f"tau must be a number >= 0 (inf allowed); got {_r(self.tau)}")
+
+    def _terms(self, log: _Log) -> _Terms:
+        q_pi, q_a = self._model(log)
+        return [(q_pi + np.where(log.w <= self.tau, log.w * (log.reward - q_a), 0.0), None)]
+
+
+# -- bootstrap ----------------------------------------------------------------------------------
+def _bootstrap(term_sets: list[_Terms], n: int, n_boot: int, rng: np.random.Generator,
+               max_chunk_bytes: int = 1 << 26) -> np.ndarray:
+    """Bootstrap values, shape (n_boot, n_estimators): one multinomial resample shared by all.
+
+    Each resample's counts ``c`` (``bincount`` of ``n`` uniform row draws) turn every sum into a dot
+    product: ``V_b = sum_k (c @ num_k) / (c @ den_k)``. The distinct columns are stacked into one
+    (n, m) matrix, so a chunk of resamples is one matrix product.
+    """
+    cols: list[np.ndarray] = []
+    ids: dict[int, int] = {}
+
+    def col(x: np.ndarray | None) -> int:
+        if x is None:
+            return -1
+        if id(x) not in ids:
+            ids[id(x)] = len(cols)
+            cols.append(x)
+        return ids[id(x)]
+
+    plan = [[(col(num), col(den)) for num, den in terms] for terms in term_sets]
+    t = np.column_stack(cols)
+    chunk = int(max(1, min(n_boot, max_chunk_bytes // (8 * n))))
+    counts = np.empty((chunk, n))
+    out = np.empty((n_boot, len(term_sets)))
+    done = 0
+    while done < n_boot:
+        b = min(chunk, n_boot - done)
+        for j in range(b):  # one resample at a time: the bincount stays in cache
+            counts[j] = np.bincount(rng.integers(0, n, size=n), minlength=n)
+        sums = counts[:b] @ t  # (b, m)
+        for e, pairs in enumerate(plan):
+            v = np.zeros(b)
+            for num_c, den_c in pairs:
+                den = sums[:, den_c] if den_c >= 0 else float(n)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    v += sums[:, num_c] / den
+            out[done:done + b, e] = v
+        done += b
+    return out
+
+
+def _check_boot(n_boot: object, rng: object) -> tuple[int, np.random.Generator]:
+    if isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 2:
+        raise ValueError(f"n_boot must be an integer >= 2; got {_r(n_boot)}")
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f"rng must be a numpy.random.Generator; got {type(rng).__name__}")
+    return int(n_boot), rng
+
+
+def _percentile_ci(name: str, values: np.ndarray, n_boot: int, alpha: float) -> BootstrapCI:
+    lo, hi = np.nanquantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return BootstrapCI(estimator=name, low=float(lo), high=float(hi), se=float(np.nanstd(values, ddof=1)),
+                       n_boot=n_boot, alpha=alpha)
+
+
+def bootstrap_ci(estimator: _Estimator, reward: np.ndarray, action: np.ndarray, pscore: np.ndarray,
+                 action_dist: np.ndarray, estimated_rewards: np.ndarray | None = None, *,
+                 n_boot: int = 200, alpha: float = 0.05,
+                 rng: np.random.Generator | None = None) -> BootstrapCI:
+    """Percentile bootstrap CI of an estimator (rounds resampled with replacement).
+
+    Vectorised: each resample is a vector of multinomial counts, and every estimator here is a sum of
+    ratios of sums, so the resampled values are one matrix product per chunk of resamples (about
+    10 ms per resample per 10^6 rounds). A self-normalised resample whose weights sum to 0 gives NaN
+    and is left out of the quantiles.
+
+    Parameters
+    ----------
+    estimator
+        An estimator object (``IPS()``, ``SwitchDR(tau=5)``, ...).
+    reward, action, pscore, action_dist, estimated_rewards
+        As in ``estimator.estimate``.
+    n_boot
+        Number of resamples, >= 2.
+    alpha
+        Miscoverage, in (0, 1).
+    rng
+        The random generator (required).
+
+    References
+    ----------
+    B. Efron, R. Tibshirani. "An Introduction to the Bootstrap." Chapman & Hall, 1993.
+    """
+    if not isinstance(estimator, _Estimator):
+        raise ValueError(f"estimator must be one of DM, IPS, SNIPS, DR, SNDR, SwitchDR; got {estimator!r}")
+    alpha = _check_alpha(alpha)
+    n_boot, gen = _check_boot(n_boot, rng)
+    log = _prepare(reward, action, pscore, action_dist, estimated_rewards, need_model=estimator.needs_model)
+    values = _bootstrap([estimator._terms(log)], log.n, n_boot, gen)[:, 0]
+    return _percentile_ci(estimator.name, values, n_boot, alpha)
+
+
+def estimate_all(reward: np.ndarray, action: np.ndarray, pscore: np.ndarray, action_dist: np.ndarray,
+                 estimated_rewards: np.ndarray | None = None, *, switch_tau: float = 10.0,
+                 alpha: float = 0.05, n_boot: int = 0,
+                 rng: np.random.Generator | None = None) -> list[dict[str, Any]]:
+    """Every estimator on one log, as table rows, with overlap diagnostics on each row.
+
+    IPS and SNIPS always; DM, DR, SNDR and Switch-DR (``tau = switch_tau``) when
+    ``estimated_rewards`` is given. The inputs are validated and the weights computed once. With
+    ``n_boot > 0`` each row also gets ``boot_low``, ``boot_high``, ``boot_se`` from one shared set of
+    resamples (so differences between estimators are paired).
+
+    Returns
+    -------
+    list[dict]
+        One row per estimator: ``estimator, value, se, ci_low, ci_high, alpha, n_rounds, ess,
+        ess_ratio, mean_weight, max_weight, weight_q50, weight_q90, weight_q99, weight_q999``
+        (+ ``boot_*``).
+    """
+    alpha = _check_alpha(alpha)
+    ests: list[_Estimator] = [IPS(), SNIPS()]
+    if estimated_rewards is not None:
+        ests = [DM(), IPS(), SNIPS(), DR(), SNDR(), SwitchDR(tau=switch_tau)]
+    log = _prepare(reward, action, pscore, action_dist, estimated_rewards)
+    ov = _overlap(log.w)
+    rows = [e._estimate(log, alpha, ov).as_row() for e in ests]
+    if n_boot:
+        n_boot, gen = _check_boot(n_boot, rng)
+        values = _bootstrap([e._terms(log) for e in ests], log.n, n_boot, gen)
+        for j, row in enumerate(rows):
+            ci = _percentile_ci(row["estimator"], values[:, j], n_boot, alpha)
+            row.update({"boot_low": ci.low, "boot_high": ci.high, "boot_se": ci.se})
+    return rows
+
+
+# -- reward model -------------------------------------------------------------------------------
+class RidgeRewardModel:
+    """Ridge regression of the reward on the served candidate's features, for DM and DR.
+
+    Fits ``r_i ~ b + x_{i, a_i} . beta`` minimising ``sum_i (r_i - b - x_{i,a_i} . beta)^2 + alpha |beta|^2``
+    (intercept unpenalised) in closed form, then predicts ``q(x_i, a) = b + x_{i,a} . beta`` for every
+    logged candidate.
+
+    Parameters
+    ----------
+    alpha
+        Ridge penalty, >= 0.
+
+    Attributes
+    ----------
+    coef_ : np.ndarray
+        Shape (d,).
+    intercept_ : float
+
+    Examples
+    --------
+    >>> x = np.array([[[0.0], [1.0]], [[1.0], [2.0]], [[2.0], [0.0]]])
+    >>> m = RidgeRewardModel(alpha=0.0).fit(x, np.array([1, 1, 1]), np.array([3.0, 5.0, 1.0]))
+    >>> m.predict(x).round(6).tolist()  # r = 1 + 2 x
+    [[1.0, 3.0], [3.0, 5.0], [5.0, 1.0]]
+    """
+
+    def __init__(self, alpha: float = 1.0) -> None:
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= float(alpha) < math.inf:
+            raise ValueError(f"alpha must be a finite number >= 0; got {_r(alpha)}")
+        self.alpha = float(alpha)
+
+    @staticmethod
+    def _check_x(x: object) -> np.ndarray:
+        a = np.asarray(x, dtype=np.float64)
+        if a.ndim != 3 or a.shape[1] == 0:
+            raise ValueError(f"action_features must have shape (n_rounds, n_cand, d); got {a.shape}")
+        if not np.isfinite(a).all():
+            raise ValueError("action_features must be finite; got non-finite entries")
+        return a
+
+    def fit(self, action_features: np.ndarray, action: np.ndarray, reward: np.ndarray) -> RidgeRewardModel:
+        """Fit on the served candidates.
+
+        Parameters
+        ----------
+        action_features
+            Shape (n_rounds, n_cand, d): features of every logged candidate (padding rows arbitrary).
+        action
+            Shape (n_rounds,): the served candidate.
+        reward
+            Shape (n_rounds,).
+        """
+        x = self._check_x(action_features)
+        n = x.shape[0]
+        a = _as_1d("action", action, n)
+        if a.dtype.kind not in "iu" or a.min(initial=0) < 0 or a.max(initial=0) >= x.shape[1]:
+            raise ValueError(f"action must be integers in [0, {x.shape[1]}); got {action!r}"[:200])
+        r = _as_1d("reward", reward, n).astype(np.float64)
+        if n < 1 or not np.isfinite(r).all():
+            raise ValueError("reward must be finite with at least one round")
+        xa = x[np.arange(n), a]
+        mx, mr = xa.mean(axis=0), r.mean()
+        xc = xa - mx
+        gram = xc.T @ xc + self.alpha * np.eye(xa.shape[1])
+        self.coef_ = np.linalg.lstsq(gram, xc.T @ (r - mr), rcond=None)[0]
+        self.intercept_ = float(mr - mx @ self.coef_)
+        return self
+
+    def predict(self, action_features: np.ndarray) -> np.ndarray:
+        """Shape (n_rounds, n_cand): ``q(x_i, a)`` for every candidate."""
+        if not hasattr(self, "coef_"):
+            raise ValueError("RidgeRewardModel is not fitted; call fit() first")
+        x = self._check_x(action_features)
+        if x.shape[2] != self.coef_.shape[0]:
+            raise ValueError(f"action_features must have {self.coef_.shape[0]} features; got {x.shape[2]}")
+        return x @ self.coef_ + self.intercept_
+
+
+def cross_fit_rewards(action_features: np.ndarray, action: np.ndarray, reward: np.ndarray, *,
+                      n_folds: int = 2, alpha: float = 1.0, rng: np.random.Generator) -> np.ndarray:
+    """Out-of-fold ``estimated_rewards`` (n_rounds, n_cand): each round scored by a
+    :class:`RidgeRewardModel` fit on the other folds, so DR's correction term is not biased by the
+    model having seen the same rewards.
+
+    References
+    ----------
+    V. Chernozhukov et al. "Double/debiased machine learning for treatment and structural parameters."
+    The Econometrics Journal 2018.
+    """
+    x = RidgeRewardModel._check_x(action_features)
+    n = x.shape[0]
+    if isinstance(n_folds, bool) or not isinstance(n_folds, numbers.Integral) or not 2 <= n_folds <= n:
+        raise ValueError(f"n_folds must be an integer in [2, n_rounds={n}]; got {_r(n_folds)}")
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f"rng must be a numpy.random.Generator; got {type(rng).__name__}")
+    a = _as_1d("action", action, n)
+    r = _as_1d("reward", reward, n)
+    fold = rng.permutation(n) % int(n_folds)
+    out = np.empty(x.shape[:2])
+    for k in range(int(n_folds)):
+        test = fold == k
+        model = RidgeRewardModel(alpha).fit(x[~test], a[~test], r[~test])
+        out[test] = model.predict(x[test])
+    return out
