@@ -280,15 +280,15 @@ class DecisionEngine:
         cc, bb, tt = cand.categories[0, real], np.minimum(cand.blocks[0, real], R - 1), cand.tilt[0, real]
         eng = np.nan_to_num(tbl.mean_score[0, tt[:, None], cc, bb])  # (n_real, S) slot engagement
         tail_share = tbl.n_tail[0, tt[:, None], cc, bb].sum(1) / np.maximum(tbl.n_shown[0, tt[:, None], cc, bb].sum(1), 1)
+        # logged numbers are rounded to 1e-6 (half the log's bytes); the pmf keeps full precision
+        r6 = lambda a: np.round(a, 6).tolist()  # noqa: E731
+        values, scores_, exps, engs, tails = (r6(cand.value[0, real]), r6(priced), r6(cand.exposure[0, real]),
+                                              r6(eng), r6(tail_share))
         candidates = [
             {"modules": [mod_ids[j] for j in cand.modules[0, i].tolist()],
              "categories": [cat_names[c] for c in cc[k].tolist()],
              "tilt": float(st.space.tilt_levels[cand.tilt[0, i]]),
-             "value": float(cand.value[0, i]),
-             "exposure": cand.exposure[0, i].tolist(),
-             "score": float(priced[k]),
-             "engagement": eng[k].tolist(),
-             "tail": float(tail_share[k])}
+             "value": values[k], "exposure": exps[k], "score": scores_[k], "engagement": engs[k], "tail": tails[k]}
             for k, i in enumerate(real.tolist())
         ]
         ctx = dict(context)

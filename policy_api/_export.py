@@ -18,6 +18,9 @@ cand_tilt          list<double>                                 (n_cand,) tilt l
 cand_value         list<double>                                 (n_cand,) expected value v(u, l)
 cand_score         list<double>                                 (n_cand,) dual-adjusted score
 cand_exposure      list<list<double>>                           (n_cand, K) exposure vectors a(u, l)
+cand_categories    list<list<string>>                           (n_cand, n_slots) category per slot [#]_
+cand_engagement    list<list<double>>                           (n_cand, n_slots) slot engagement [#]_
+cand_tail          list<double>                                 (n_cand,) long-tail share [#]_
 fallback_reason    string (null = none)
 context            string                                       JSON text of ``decisions.context``
 versions           string                                       JSON text of ``decisions.versions``
@@ -30,12 +33,19 @@ feedback           list<struct<event_id: string, slot: int32,   every feedback e
 
 .. [#] int64 when the logged module ids are integers, string when they are names; fixed for a file
    by its first decision with candidates.
+.. [#] Optional candidate fields (the engine logs them): null for a decision none of whose
+   candidates carries the field.
+
+``context``, ``versions`` and ``layout`` hold the stored JSON text as is (compact on SQLite,
+``jsonb``'s text form on PostgreSQL); :func:`read_parquet` parses them. Other candidate fields stay
+in the database only.
 
 The file's schema metadata records ``homepage.since`` / ``homepage.until`` (ISO, or empty).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from contextlib import AbstractContextManager, nullcontext
@@ -46,10 +56,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 from sqlalchemy.engine import Connection, Engine
 
-from ._db import json_dumps
 from ._store import iter_decisions, read_feedback
 
 __all__ = ["EXPORT_COLUMNS", "export_parquet", "read_parquet"]
@@ -67,6 +77,7 @@ _FEEDBACK_TYPE = pa.struct(
     ]
 )
 _JSON_COLUMNS = ("context", "versions", "layout")
+_OPTIONAL_FIELDS = {"categories": pa.list_(pa.string()), "engagement": pa.list_(_F64), "tail": _F64}
 
 
 def _schema(module_type: pa.DataType) -> pa.Schema:
@@ -85,6 +96,9 @@ def _schema(module_type: pa.DataType) -> pa.Schema:
             ("cand_value", pa.list_(_F64)),
             ("cand_score", pa.list_(_F64)),
             ("cand_exposure", pa.list_(pa.list_(_F64))),
+            ("cand_categories", pa.list_(pa.list_(pa.string()))),
+            ("cand_engagement", pa.list_(pa.list_(_F64))),
+            ("cand_tail", pa.list_(_F64)),
             ("fallback_reason", pa.string()),
             ("context", pa.string()),
             ("versions", pa.string()),
@@ -97,20 +111,40 @@ def _schema(module_type: pa.DataType) -> pa.Schema:
 EXPORT_COLUMNS: tuple[str, ...] = tuple(_schema(pa.int64()).names)
 
 
-def _module_type(candidates: pa.ListArray) -> pa.DataType | None:
-    flat = candidates.flatten()
-    if not pa.types.is_struct(flat.type) or flat.type.get_field_index("modules") < 0:
-        return None
-    inner = flat.type.field("modules").type
-    if not pa.types.is_list(inner) or pa.types.is_null(inner.value_type):
-        return None
-    return pa.int64() if pa.types.is_integer(inner.value_type) else pa.string()
+def _module_type(candidates_text: list[str]) -> pa.DataType | None:
+    """int64 or string, from the first logged module id; None when no candidate has modules."""
+    for text in candidates_text:
+        for cand in json.loads(text):
+            modules = cand.get("modules") if isinstance(cand, dict) else None
+            if modules:
+                return pa.int64() if isinstance(modules[0], int) else pa.string()
+    return None
 
 
-def _field(flat: pa.StructArray, name: str, typ: pa.DataType) -> pa.Array:
-    if pa.types.is_struct(flat.type) and flat.type.get_field_index(name) >= 0:
-        return flat.field(name).cast(typ)
-    return pa.nulls(len(flat), typ)
+def _parse_candidates(cand_text: list[str], pmf_text: list[str], module_type: pa.DataType) -> pa.Table:
+    """Parse candidates and pmf JSON text in Arrow's C++ JSON reader (no Python object per value).
+
+    Candidate fields other than those exported are ignored.
+    """
+    cand = pa.struct(
+        [
+            ("modules", pa.list_(module_type)),
+            ("tilt", _F64),
+            ("value", _F64),
+            ("exposure", pa.list_(_F64)),
+            ("score", _F64),
+            *_OPTIONAL_FIELDS.items(),
+        ]
+    )
+    schema = pa.schema([("c", pa.list_(cand)), ("p", pa.list_(_F64))])
+    lines = [f'{{"c":{c},"p":{p}}}' for c, p in zip(cand_text, pmf_text, strict=True)]
+    data = "\n".join(lines).encode("utf-8")
+    longest = max((len(x) for x in lines), default=0)
+    return pajson.read_json(
+        io.BytesIO(data),
+        read_options=pajson.ReadOptions(block_size=max(1 << 22, 4 * longest)),
+        parse_options=pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
+    )
 
 
 def _ts(values: np.ndarray) -> pa.Array:
@@ -144,15 +178,20 @@ def _feedback_lists(request_ids: np.ndarray, fb: dict[str, Any]) -> pa.ListArray
 
 
 def _batch(conn: Connection, cols: dict[str, Any], schema: pa.Schema) -> pa.RecordBatch:
-    candidates = pa.array(cols["candidates"])
-    offsets = candidates.offsets
-    flat = candidates.flatten()
     module_type = schema.field("cand_modules").type.value_type.value_type
-    modules = _field(flat, "modules", pa.list_(module_type))
-    exposure = _field(flat, "exposure", pa.list_(_F64))
+    parsed = _parse_candidates(cols["candidates"], cols["pmf"], module_type)
+    candidates = parsed.column("c").combine_chunks()
+    offsets, flat = candidates.offsets, candidates.flatten()
 
-    def per_candidate(arr: pa.Array) -> pa.ListArray:
-        return pa.ListArray.from_arrays(offsets, arr)
+    def per_candidate(name: str) -> pa.ListArray:
+        values = flat.field(name)
+        if name not in _OPTIONAL_FIELDS:
+            return pa.ListArray.from_arrays(offsets, values)
+        # null for a decision none of whose candidates logged the field
+        seen = np.concatenate([[0], np.cumsum(values.is_valid().to_numpy(zero_copy_only=False))])
+        bounds = np.asarray(offsets)
+        missing = seen[bounds[1:]] == seen[bounds[:-1]]
+        return pa.ListArray.from_arrays(offsets, values, mask=pa.array(missing, type=pa.bool_()))
 
     fb = read_feedback(
         conn,
@@ -167,17 +206,17 @@ def _batch(conn: Connection, cols: dict[str, Any], schema: pa.Schema) -> pa.Reco
         "chosen": pa.array(cols["chosen"], type=pa.int64()),
         "propensity": pa.array(cols["propensity"], type=_F64),
         "n_candidates": pc.list_value_length(candidates).cast(pa.int32()),
-        "pmf": pa.array(cols["pmf"], type=pa.list_(_F64)),
-        "cand_modules": per_candidate(modules),
-        "cand_tilt": per_candidate(_field(flat, "tilt", _F64)),
-        "cand_value": per_candidate(_field(flat, "value", _F64)),
-        "cand_score": per_candidate(_field(flat, "score", _F64)),
-        "cand_exposure": per_candidate(exposure),
+        "pmf": parsed.column("p").combine_chunks(),
+        "cand_modules": per_candidate("modules"),
+        "cand_tilt": per_candidate("tilt"),
+        "cand_value": per_candidate("value"),
+        "cand_score": per_candidate("score"),
+        "cand_exposure": per_candidate("exposure"),
+        "cand_categories": per_candidate("categories"),
+        "cand_engagement": per_candidate("engagement"),
+        "cand_tail": per_candidate("tail"),
         "fallback_reason": pa.array(cols["fallback_reason"], type=pa.string()),
-        **{
-            c: pa.array([None if v is None else json_dumps(v) for v in cols[c]], type=pa.string())
-            for c in _JSON_COLUMNS
-        },
+        **{c: pa.array(cols[c], type=pa.string()) for c in _JSON_COLUMNS},  # stored JSON text as is
         "feedback": _feedback_lists(cols["request_id"], fb),
     }
     return pa.RecordBatch.from_arrays([arrays[name] for name in schema.names], schema=schema)
@@ -215,9 +254,9 @@ def export_parquet(
     conn_cm: AbstractContextManager[Connection] = bind.connect() if isinstance(bind, Engine) else nullcontext(bind)
     try:
         with conn_cm as conn:
-            for cols in iter_decisions(conn, since, until, columns, chunk_size=chunk_size):
+            for cols in iter_decisions(conn, since, until, columns, chunk_size=chunk_size, raw_json=True):
                 if schema is None:
-                    module_type = _module_type(pa.array(cols["candidates"]))
+                    module_type = _module_type(cols["candidates"])
                     if module_type is None:  # no candidate modules seen yet: decide later
                         pending.append(cols)
                         continue

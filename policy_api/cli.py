@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import _jobs_bandit
 
     _jobs_bandit.add_commands(sub)
+    from . import _jobs_train
+
+    _jobs_train.add_commands(sub)
     return p
 
 

@@ -1,0 +1,208 @@
+"""Decision-log write throughput: rows/s into SQLite and PostgreSQL (target >= 20,000 rows/s).
+
+Rows are realistic decisions: 16 candidates (5 modules, tilt, value, 6 exposure entries, score), a
+numpy pmf, a 5-module served layout with 8 items each, context and versions. Measured per backend:
+
+* ``insert_batches``: ``_store.insert_decisions`` in batches of 1000 (one executemany + commit each);
+* ``logwriter``: ``LogWriter.submit_decision`` for every row, then ``flush()``; end-to-end rows/s
+  and the caller's submit latency (p50 / p99 / max, microseconds).
+
+PostgreSQL URL: env ``HOMEPAGE_BENCH_POSTGRES_URL``, else ``HOMEPAGE_TEST_POSTGRES_URL``; the bench
+works in a scratch schema it drops afterwards. Prints one JSON line per measurement.
+
+    .venv/bin/python bench/log_write.py [--rows 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+
+from policy_api._db import json_dumps, make_engine, upgrade
+from policy_api._logwriter import LogWriter
+from policy_api._store import insert_decisions
+
+
+def make_rows(n: int, seed: int, prefix: str, shape: str = "engine") -> list[dict]:
+    """Decision rows shaped like the engine's (policy_api/_engine.py): string module ids, candidate
+    floats rounded to 1e-6 as the engine logs them (the pmf at full precision), per-slot engagement, a served layout of 5 modules x 8 items. ``shape="brief"`` keeps only
+    the five documented candidate fields (modules, tilt, value, exposure, score)."""
+    rng = np.random.default_rng(seed)
+    t0 = datetime(2024, 5, 1, tzinfo=UTC)
+    n_cand, n_slots, n_items = 16, 5, 8
+    cats = ["songs", "videos", "audio", "live"]
+    mod = rng.integers(0, 24, size=(n, n_cand, n_slots))
+    tilt = rng.choice([0.0, 0.5, 1.0], size=(n, n_cand))
+    value = rng.gamma(2.0, size=(n, n_cand)).round(6)
+    exposure = rng.random((n, n_cand, 6)).round(6)
+    score = rng.normal(size=(n, n_cand)).round(6)
+    engagement = rng.random((n, n_cand, n_slots)).round(6)
+    tail = rng.random((n, n_cand)).round(6)
+    pmf = rng.dirichlet(np.ones(n_cand), size=n)
+    chosen = rng.integers(0, n_cand, size=n)
+    rows = []
+    for i in range(n):  # building the fixture rows is not timed
+        cands = [
+            {"modules": [f"{cats[m % 4]}_{m}" for m in mod[i, c].tolist()],
+             "categories": [cats[m % 4] for m in mod[i, c].tolist()],
+             "tilt": float(tilt[i, c]), "value": float(value[i, c]), "exposure": exposure[i, c].tolist(),
+             "score": float(score[i, c]), "engagement": engagement[i, c].tolist(), "tail": float(tail[i, c])}
+            for c in range(n_cand)
+        ]  # fmt: skip
+        if shape == "brief":
+            cands = [{f: c[f] for f in ("modules", "tilt", "value", "exposure", "score")} for c in cands]
+        k = int(chosen[i])
+        layout = [
+            {"slot": s, "module_id": f"{cats[m % 4]}_{m}", "category": cats[m % 4], "tilt": float(tilt[i, k]),
+             "items": [{"item_id": f"i{(i * 7 + m * 13 + j) % 3000:05d}", "long_tail": bool((i + j) % 3 == 0)}
+                       for j in range(n_items)]}
+            for s, m in enumerate(mod[i, k].tolist())
+        ]  # fmt: skip
+        rows.append({
+            "request_id": f"{prefix}-{i:08d}",
+            "ts": t0 + timedelta(milliseconds=i),
+            "user_id": f"u{i % 5000:05d}",
+            "context": {"country": "SE", "platform": "ios", "known_user": True,
+                        "shared": rng.random(5).tolist(), "greedy": 3},
+            "versions": {"config": 3, "plan": 7, "ranker": 2, "bandit": 5},
+            "policy": "bandit",
+            "candidates": cands,
+            "pmf": pmf[i].tolist(),
+            "chosen": k,
+            "propensity": float(pmf[i, k]),
+            "layout": layout,
+            "fallback_reason": None,
+        })  # fmt: skip
+    return rows
+
+
+def count(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text("SELECT COUNT(*) FROM decisions")).scalar_one())
+
+
+def _json_us_per_row(rows: list[dict]) -> float:
+    start = time.process_time()
+    for r in rows:
+        for c in ("context", "versions", "candidates", "pmf", "layout"):
+            json_dumps(r[c])
+    return (time.process_time() - start) / len(rows) * 1e6
+
+
+def _worker(url: str, spill: str, n: int, seed: int, shape: str, barrier, out) -> None:  # spawned process
+    rows = make_rows(n, seed, f"p{seed}", shape)
+    engine = make_engine(url)
+    writer = LogWriter(engine, spill, max_queue=n + 1)
+    barrier.wait()
+    start = time.time()
+    for row in rows:
+        writer.submit_decision(row)
+    ok = writer.flush(timeout=300)
+    out.put((start, time.time(), ok, writer.stats()["written"]))
+    writer.close()
+    engine.dispose()
+
+
+def bench_backend(backend: str, url: str, rows_a: list[dict], rows_b: list[dict], tmp: Path, procs: int,
+                  shape: str) -> None:
+    engine = make_engine(url)
+    upgrade(engine)
+    sample = rows_a[:500]
+    bytes_per_row = float(np.mean([sum(len(json_dumps(r[c])) for c in ("context", "versions", "candidates", "pmf", "layout")) for r in sample]))
+    base = {"bench": "log_write", "backend": backend, "shape": shape, "n_candidates": 16, "json_bytes_per_row": round(bytes_per_row),
+            "json_encode_cpu_us_per_row": round(_json_us_per_row(sample), 1)}  # fmt: skip
+
+    batch = 1000
+    start, cpu = time.perf_counter(), time.process_time()
+    for i in range(0, len(rows_a), batch):
+        insert_decisions(engine, rows_a[i : i + batch])
+    secs, cpu = time.perf_counter() - start, time.process_time() - cpu
+    assert count(engine) == len(rows_a)
+    print(json.dumps({**base, "mode": "insert_batches", "procs": 1, "batch_size": batch, "rows": len(rows_a),
+                      "seconds": round(secs, 3), "rows_per_s": round(len(rows_a) / secs),
+                      "client_cpu_us_per_row": round(cpu / len(rows_a) * 1e6, 1)}), flush=True)  # fmt: skip
+
+    lat = np.empty(len(rows_b))
+    writer = LogWriter(engine, tmp / f"spill-{backend}", max_queue=len(rows_b) + 1, batch_size=batch)
+    start, cpu = time.perf_counter(), time.process_time()
+    for i, row in enumerate(rows_b):
+        t = time.perf_counter_ns()
+        writer.submit_decision(row)
+        lat[i] = time.perf_counter_ns() - t
+    submitted = time.perf_counter() - start
+    ok = writer.flush(timeout=300)
+    secs, cpu = time.perf_counter() - start, time.process_time() - cpu
+    stats = writer.stats()
+    writer.close()
+    assert ok and count(engine) == len(rows_a) + len(rows_b) and stats["spilled"] == 0
+    print(json.dumps({**base, "mode": "logwriter", "procs": 1, "batch_size": batch, "rows": len(rows_b),
+                      "seconds": round(secs, 3), "rows_per_s": round(len(rows_b) / secs),
+                      "client_cpu_us_per_row": round(cpu / len(rows_b) * 1e6, 1),
+                      "submit_seconds": round(submitted, 3),
+                      "submit_us_p50": round(float(np.percentile(lat, 50)) / 1e3, 2),
+                      "submit_us_p99": round(float(np.percentile(lat, 99)) / 1e3, 2),
+                      "submit_us_max": round(float(lat.max()) / 1e3, 1)}), flush=True)  # fmt: skip
+
+    if procs > 1:
+        ctx = mp.get_context("spawn")
+        barrier, out = ctx.Barrier(procs), ctx.Queue()
+        n = len(rows_b)
+        ps = [ctx.Process(target=_worker, args=(url, str(tmp / f"spill-{backend}-mp"), n, 100 + k, shape, barrier, out))
+              for k in range(procs)]  # fmt: skip
+        for p in ps:
+            p.start()
+        res = [out.get(timeout=600) for _ in ps]
+        for p in ps:
+            p.join()
+        secs = max(r[1] for r in res) - min(r[0] for r in res)
+        assert all(r[2] for r in res) and count(engine) == len(rows_a) + len(rows_b) + procs * n
+        print(json.dumps({**base, "mode": "logwriter", "procs": procs, "batch_size": batch, "rows": procs * n,
+                          "seconds": round(secs, 3), "rows_per_s": round(procs * n / secs)}), flush=True)  # fmt: skip
+    engine.dispose()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=20_000, help="rows per measurement (and per process)")
+    ap.add_argument("--procs", type=int, default=2, help="writer processes in the scale-out measurement")
+    ap.add_argument("--shape", choices=["engine", "brief"], default="engine", help="candidate fields logged")
+    args = ap.parse_args()
+    rows_a = make_rows(args.rows, 0, "a", args.shape)
+    rows_b = make_rows(args.rows, 1, "b", args.shape)
+    print(json.dumps({"bench": "log_write", "load_avg_1m": round(os.getloadavg()[0], 2),
+                      "cpus": os.cpu_count(), "python": sys.version.split()[0], "sqlalchemy": sa.__version__}))  # fmt: skip
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        bench_backend("sqlite", f"sqlite:///{tmp / 'log.sqlite'}", rows_a, rows_b, tmp, args.procs, args.shape)
+        pg = os.environ.get("HOMEPAGE_BENCH_POSTGRES_URL") or os.environ.get("HOMEPAGE_TEST_POSTGRES_URL")
+        if not pg:
+            print(json.dumps({"bench": "log_write", "backend": "postgresql", "skipped": "no postgres url in env"}))
+            return 0
+        admin = make_engine(pg)
+        schema = f"bench_{uuid.uuid4().hex[:10]}"
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+        try:
+            url = admin.url.update_query_dict({"options": f"-csearch_path={schema}"})
+            bench_backend("postgresql", url.render_as_string(hide_password=False), rows_a, rows_b, tmp, args.procs, args.shape)
+        finally:
+            with admin.begin() as conn:
+                conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+            admin.dispose()
+    print(json.dumps({"bench": "log_write", "load_avg_1m_end": round(os.getloadavg()[0], 2)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
