@@ -32,12 +32,12 @@ def candidate_pages(state: EngineState, dlog: DecisionLog, i: int) -> np.ndarray
     n = int(dlog.n_cand[i])
     out = np.full((n, S, K), -1, dtype=np.int64)
     levels = st.space.tilt_levels
-    for l in range(n):
-        cats = dlog.categories[i, l]
+    for j in range(n):
+        cats = dlog.categories[i, j]
         blocks = np.array([(cats[:s] == cats[s]).sum() for s in range(S)])
-        b = int(np.argmin(np.abs(levels - dlog.tilt[i, l])))
+        b = int(np.argmin(np.abs(levels - dlog.tilt[i, j])))
         for s, pos in enumerate(layout_items(st.space, tbl, 0, cats, blocks, b)):
-            out[l, s, :pos.size] = pool[pos]
+            out[j, s, :pos.size] = pool[pos]
     return out
 
 

@@ -19,7 +19,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from allocator import (
-    Candidates,
     HomepageConfig,
     LayoutSpace,
     block_table,
@@ -264,13 +263,13 @@ class DecisionEngine:
             policy = "epsilon_greedy"
         pmf = budget_pmf(base, greedy, ex.budget, value=value, max_value_loss=ex.max_value_loss)
         chosen = int(sample(pmf, seed_of(request_id + "/draw")))
-        l = int(real[chosen])
-        shown = layout_items(st.space, tbl, 0, cand.categories[0, l], cand.blocks[0, l], int(cand.tilt[0, l]))
+        lc = int(real[chosen])
+        shown = layout_items(st.space, tbl, 0, cand.categories[0, lc], cand.blocks[0, lc], int(cand.tilt[0, lc]))
         cfg = st.config
-        beta = float(st.space.tilt_levels[cand.tilt[0, l]])
+        beta = float(st.space.tilt_levels[cand.tilt[0, lc]])
         modules = []
         for s in range(st.space.n_slots):
-            m = cfg.modules[int(cand.modules[0, l, s])]
+            m = cfg.modules[int(cand.modules[0, lc, s])]
             items = pool[shown[s]]
             modules.append({"slot": s, "module_id": m.id, "category": m.category, "tilt": beta,
                             "items": [{"item_id": str(st.catalog.item_ids[i]), "long_tail": bool(st.is_tail[i])}

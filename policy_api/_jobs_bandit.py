@@ -28,13 +28,13 @@ _DECISION_COLS = ["request_id", "ts", "user_id", "policy", "context", "versions"
                   "propensity", "layout"]
 
 
-def _parse_ts(s: str | None) -> datetime | None:
+def _parse_ts(s: str | None, name: str = "time") -> datetime | None:
     if s is None:
         return None
     try:
         t = datetime.fromisoformat(s)
     except ValueError:
-        raise CliError(f"time must be ISO 8601 (e.g. 2026-11-22T08:00:00+00:00); got {s!r}") from None
+        raise CliError(f"{name} must be an ISO 8601 time (e.g. 2026-11-22T08:00:00+00:00); got {s!r}") from None
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
@@ -138,19 +138,31 @@ def _budgeted(pmf: np.ndarray, greedy: np.ndarray, value: np.ndarray, mask: np.n
                       max_value_loss=ex.max_value_loss)
 
 
-def config_candidates(dlog: DecisionLog, new: HomepageConfig, module_ids: list[list[list[str]]] | None = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def config_candidates(dlog: DecisionLog, new: HomepageConfig, module_ids: list[list[list[str]]] | None = None,
+                      logged_categories: tuple[str, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Value and exposure of the logged candidates under another config (its position weights,
-    category values and constraints), from each candidate's logged per-slot engagement."""
+    category values and constraints), from each candidate's logged per-slot engagement.
+
+    ``dlog.categories`` index the logged config's categories; pass ``logged_categories`` (the logged
+    config's ``category_names``) so a config that orders, adds or drops categories is matched by name.
+    Without it the two configs must list the same categories in the same order.
+
+    Returns ``value (n, L)`` (0 on padding) and ``exposure (n, L, K_new)`` in ``new``'s constraint order.
+    """
     w = np.asarray(new.position_weights)
     S = min(w.size, dlog.categories.shape[-1])
     cats = dlog.categories[..., :S]
+    if logged_categories is not None:
+        remap = np.array([new.category_names.index(c) if c in new.category_names else -1
+                          for c in logged_categories] + [-1], dtype=np.int64)
+        cats = remap[np.where(cats >= 0, cats, -1)]
     vals = np.append(new.category_values(), 0.0)[np.where(cats >= 0, cats, -1)]
     value = (w[:S] * dlog.engagement[..., :S] * vals).sum(-1)
     wn = w[:S] / w[:S].sum()
     K = len(new.constraints)
     ex = np.zeros((*value.shape, K))
     names = new.category_names
+    module_of: np.ndarray | None = None
     for k, c in enumerate(new.constraints):
         if c.kind == "category_share":
             ex[..., k] = ((cats == names.index(c.category or "")) * wn).sum(-1)
@@ -159,9 +171,31 @@ def config_candidates(dlog: DecisionLog, new: HomepageConfig, module_ids: list[l
         else:
             if module_ids is None:
                 raise ValueError(f"constraint {c.name!r} (module_share) needs the logged module ids")
-            ex[..., k] = np.array([[[m == c.module for m in cand[:S]] + [False] * (S - len(cand[:S]))
-                                    for cand in row] for row in module_ids]) @ wn
+            if module_of is None:  # (n, L, S) module ids, "" on padding (rows have different counts)
+                module_of = np.full(value.shape + (S,), "", dtype=object)
+                for i, row in enumerate(module_ids):
+                    for j, cand in enumerate(row):
+                        mods = list(cand)[:S]
+                        module_of[i, j, :len(mods)] = mods
+            ex[..., k] = (module_of == c.module) @ wn
     return np.where(dlog.mask, value, 0.0), ex
+
+
+_TARGETS = "logged, greedy, uniform, bandit[:VERSION], a bandit version number or a config file"
+
+
+def _parse_target(target: str) -> tuple[str, int | None]:
+    """``(kind, bandit version)`` of a ``--policy`` value; CliError naming the allowed values."""
+    if target in ("logged", "greedy", "uniform"):
+        return target, None
+    if target.endswith(".toml") or Path(target).is_file():
+        return "config", None
+    if target == "bandit" or target.startswith("bandit:") or target.isdigit():
+        tail = target.split(":", 1)[1] if ":" in target else (target if target.isdigit() else "")
+        if tail and not tail.isdigit():
+            raise CliError(f"--policy must be {_TARGETS}; got {target!r} (the bandit version must be an integer)")
+        return "bandit", int(tail) if tail else None
+    raise CliError(f"--policy must be {_TARGETS}; got {target!r}")
 
 
 def target_distribution(target: str, dlog: DecisionLog, cfg: HomepageConfig, db: Any | None = None,
@@ -179,23 +213,16 @@ def target_distribution(target: str, dlog: DecisionLog, cfg: HomepageConfig, db:
         return _one_hot(np.argmax(np.where(dlog.mask, dlog.score, -np.inf), axis=1), L), "greedy (logged prices)", info
     if target == "uniform":
         return dlog.mask / dlog.mask.sum(1, keepdims=True), "uniform over candidates", info
-    path = Path(target)
-    if target.endswith(".toml") or path.is_file():
-        return _config_target(path, dlog, cfg, db, info)
-    version: int | None = None
-    if target == "bandit" or target.startswith("bandit:") or target.isdigit():
-        tail = target.split(":", 1)[1] if ":" in target else (target if target.isdigit() else "")
-        version = int(tail) if tail else None
-    else:
-        raise CliError(f"--policy must be logged, greedy, uniform, bandit[:VERSION], a bandit version number or a "
-                       f"config file; got {target!r}")
+    kind, version = _parse_target(target)
+    if kind == "config":
+        return _config_target(Path(target), dlog, cfg, db, info)
     if db is None:
         raise CliError("a bandit policy needs the database (its model registry)")
+    import sqlalchemy as sa
+
     from bandits import VWLayoutBandit
 
     from ._db import models
-
-    import sqlalchemy as sa
 
     with db.connect() as conn:
         q = sa.select(models.c.version, models.c.artifact).where(models.c.name == "bandit",
@@ -215,13 +242,13 @@ def target_distribution(target: str, dlog: DecisionLog, cfg: HomepageConfig, db:
 
 def _config_target(path: Path, dlog: DecisionLog, cfg: HomepageConfig, db: Any | None, info: dict[str, Any]
                    ) -> tuple[np.ndarray, str, dict[str, Any]]:
-    from allocator import ConfigError, InfeasiblePlan, load_config, plan_lp, plan_dual
+    from allocator import ConfigError, InfeasiblePlan, load_config, plan_dual, plan_lp
 
     try:
         new = load_config(path)
     except (FileNotFoundError, ConfigError) as e:
         raise CliError(str(e)) from None
-    value, ex = config_candidates(dlog, new, dlog.modules)
+    value, ex = config_candidates(dlog, new, dlog.modules, logged_categories=cfg.category_names)
     lo, hi = new.bounds()
     n = len(dlog)
     weight = np.full(n, 1.0 / n)
@@ -263,8 +290,8 @@ def replay(dlog: DecisionLog, reward: np.ndarray, target: str, cfg: HomepageConf
     est_r = cross_fit_rewards(actions, dlog.action, reward, n_folds=2, rng=rng)
     rows = estimate_all(reward, dlog.action, dlog.pscore, dist, est_r, n_boot=n_boot, rng=rng)
     logged = float(reward.mean())
-    for r in rows:
-        r["relative_to_logged"] = r["value"] / logged - 1 if logged else None
+    for r in rows:  # relative change, signed as the value's change even when rewards are negative
+        r["relative_to_logged"] = (r["value"] - logged) / abs(logged) if logged else None
     w = dist[np.arange(len(dlog)), dlog.action] / dlog.pscore
     shares = []
     proj = np.einsum("nl,nlk->k", dist, dlog.exposure) / len(dlog)
@@ -368,11 +395,18 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    # argument errors before reading a possibly large log
+    _parse_target(args.policy)
+    since, until = _parse_ts(args.since, "--since"), _parse_ts(args.until, "--until")
     if args.from_parquet:
         from ._cli_common import load_cfg
 
         _, cfg = load_cfg(args)
-        dlog, fb = _log_from_parquet(Path(args.from_parquet), cfg)
+        try:
+            dlog, fb = _log_from_parquet(Path(args.from_parquet), cfg)
+        except (OSError, ValueError, KeyError) as e:  # missing file, not Parquet, not a log export
+            raise CliError(f"--from-parquet {args.from_parquet!r}: cannot read a `homepage log export` file "
+                           f"({type(e).__name__}: {e})") from None
         if args.catalog:
             from ._catalog import CatalogError, read_catalog_csv
 
@@ -389,13 +423,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
     else:
         db = db_engine()
         version, cfg = _active_config(db)
-        dlog, rw = load_log(db, cfg, _parse_ts(args.since), _parse_ts(args.until), config_version=version)
+        dlog, rw = load_log(db, cfg, since, until, config_version=version)
     res = replay(dlog, rw.reward, args.policy, cfg, db, n_boot=args.n_boot, seed=args.seed)
     print(f"replay of {res.label} on {res.n} logged decisions (logged mean reward {res.logged_mean:.4f})")
     print(f"{'estimator':<10} {'estimate':>10} {'95% CI':>23} {'bootstrap CI':>23} {'vs logged':>10} {'ESS':>8}")
     for r in res.rows:
         rel = r["relative_to_logged"]
-        print(f"{r['estimator']:<10} {r['estimate']:>10.4f} [{r['ci_low']:>9.4f}, {r['ci_high']:>9.4f}] "
+        print(f"{r['estimator']:<10} {r['value']:>10.4f} [{r['ci_low']:>9.4f}, {r['ci_high']:>9.4f}] "
               f"[{r.get('boot_low', float('nan')):>9.4f}, {r.get('boot_high', float('nan')):>9.4f}] "
               f"{'' if rel is None else f'{rel:+.1%}':>10} {r['ess']:>8.0f}")
     for s in res.shares:
@@ -409,7 +443,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     db = db_engine()
-    since, until = _parse_ts(args.since), _parse_ts(args.until)
+    since, until = _parse_ts(args.since, "--since"), _parse_ts(args.until, "--until")
     out = Path(args.out)
     if args.format == "parquet":
         from ._export import export_parquet
@@ -422,13 +456,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     version, cfg = _active_config(db)
     dlog, rw = load_log(db, cfg, since, until, config_version=None)
     shared, actions = log_features(dlog, cfg)
+    # the cost `homepage learn` minimises (the Lagrangian reward, negated); the raw reward is the outcome
+    cost = -(rw.reward + dlog.chosen_exposure @ _prices(db, cfg, version))
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as fh:
         for i in range(len(dlog)):  # one JSON line per decision: this is the format's unit
             k = int(dlog.n_cand[i])
             fh.write(to_dsjson_line(event_id=str(dlog.request_id[i]), timestamp=float(dlog.ts[i]), shared=shared[i],
                                     actions=actions[i, :k], pmf=dlog.pmf[i, :k], chosen=int(dlog.action[i]),
-                                    cost=float(-rw.reward[i]),
+                                    cost=float(cost[i]), outcomes=(float(rw.reward[i]),),
                                     model_version=str((dlog.versions[i] or {}).get("bandit") or "N/A")) + "\n")
     print(f"wrote {len(dlog)} DSJSON decisions to {out}")
     return 0

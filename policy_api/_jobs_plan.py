@@ -29,7 +29,7 @@ from allocator import (
 
 from . import _store as store
 from ._cli_common import CliError, config_arg, db_engine, load_cfg
-from ._engine import DecisionEngine, EngineState, build_state
+from ._engine import DecisionEngine, EngineState
 from ._logdata import decision_log
 
 __all__ = ["add_commands", "sample_users", "user_candidates", "solve_plan", "publish_plan", "plan_job",
@@ -365,9 +365,9 @@ def cmd_valuation_refit(args: argparse.Namespace) -> int:
         print(f"{r.category:<12} {r.configured:>10.4f} {r.units:>10.1f} {r.revenue:>10.2f} {raw:>8} "
               f"{r.shrunk:>8.4f} {r.weight:>7.3f}")
     if args.write:
-        from ._configio import config_to_toml
-
         from dataclasses import replace
+
+        from ._configio import config_to_toml
 
         cats = tuple(replace(c, value_per_engagement=round(r.shrunk, 6))
                      for c, r in zip(cfg.categories, rows, strict=True))

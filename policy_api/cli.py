@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ._cli_common import CliError, config_arg, db_engine, db_url, load_cfg, redact
+
 __all__ = ["main"]
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-from ._cli_common import CliError, config_arg, db_engine, db_url, load_cfg, redact
 
 
 # ---- commands ------------------------------------------------------------------------------------

@@ -129,20 +129,20 @@ def test_candidates_value_exposure_and_items_match_slow_reference(seed):
     cand = build_candidates(space, tbl, prices)
     wn = space.position_weights / space.position_weights.sum()
     for u in range(2):
-        for l in np.flatnonzero(cand.mask[u]):
-            cats = cand.categories[u, l]
-            items, value = slow_layout(space, scores[u], cat, is_tail, tail, cats.tolist(), cand.tilt[u, l])
-            assert cand.value[u, l] == pytest.approx(value)
-            got = layout_items(space, tbl, u, cats, cand.blocks[u, l], int(cand.tilt[u, l]))
+        for c in np.flatnonzero(cand.mask[u]):
+            cats = cand.categories[u, c]
+            items, value = slow_layout(space, scores[u], cat, is_tail, tail, cats.tolist(), cand.tilt[u, c])
+            assert cand.value[u, c] == pytest.approx(value)
+            got = layout_items(space, tbl, u, cats, cand.blocks[u, c], int(cand.tilt[u, c]))
             assert [g.tolist() for g in got] == items
             shown = np.concatenate(items).astype(int)
-            assert cand.exposure[u, l, 0] == pytest.approx(wn[cats == 2].sum())
-            assert cand.exposure[u, l, 1] == pytest.approx(is_tail[shown].mean())
-            mods = cand.modules[u, l]
-            assert cand.exposure[u, l, 2] == pytest.approx(wn[mods == 0].sum())
+            assert cand.exposure[u, c, 0] == pytest.approx(wn[cats == 2].sum())
+            assert cand.exposure[u, c, 1] == pytest.approx(is_tail[shown].mean())
+            mods = cand.modules[u, c]
+            assert cand.exposure[u, c, 2] == pytest.approx(wn[mods == 0].sum())
             # module of the r-th occurrence of a category is that category's r-th module in config order
             for s in range(space.n_slots):
-                assert mods[s] == space.modules_of[cats[s]][cand.blocks[u, l, s]]
+                assert mods[s] == space.modules_of[cats[s]][cand.blocks[u, c, s]]
 
 
 def all_layouts(space, n_items_per_cat):
