@@ -70,7 +70,8 @@ class ScorerHandle:
 
     def category_preferences(self, user_idx: int) -> np.ndarray | None:
         f = getattr(self.scorer, "category_preferences", None)
-        return None if f is None else np.asarray(f(user_idx), dtype=np.float64)
+        prefs = None if f is None else f(user_idx)
+        return None if prefs is None else np.asarray(prefs, dtype=np.float64)
 
 
 @dataclass(frozen=True)

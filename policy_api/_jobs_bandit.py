@@ -189,6 +189,8 @@ def _parse_target(target: str) -> tuple[str, int | None]:
     if target in ("logged", "greedy", "uniform"):
         return target, None
     if target.endswith(".toml") or Path(target).is_file():
+        if not Path(target).is_file():
+            raise CliError(f"--policy {target!r}: config file not found")
         return "config", None
     if target == "bandit" or target.startswith("bandit:") or target.isdigit():
         tail = target.split(":", 1)[1] if ":" in target else (target if target.isdigit() else "")
