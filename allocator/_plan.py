@@ -538,6 +538,27 @@ def _highs_info(prob: pulp.LpProblem) -> tuple[str, int]:
     return h.modelStatusToString(h.getModelStatus()), iters
 
 
+_SETTLED = ("Optimal", "Infeasible", "Time limit reached")
+
+
+def _solve(prob: pulp.LpProblem, method: str, time_limit: float | None) -> tuple[str, int, str, float]:
+    """Solve; returns (HiGHS model status, iterations, method used, HiGHS run seconds).
+
+    HiGHS's interior point can end in "Solve error" on an infeasible LP instead of proving it;
+    the dual simplex then settles the question.
+    """
+    prob.solve(_highs(method, time_limit))
+    status, iters = _highs_info(prob)
+    run_s = float(prob.solverModel.getRunTime())
+    if status not in _SETTLED and method == "ipm":
+        prob.solve(_highs("simplex", time_limit))
+        status, more = _highs_info(prob)
+        iters += more
+        run_s += float(prob.solverModel.getRunTime())
+        method = "ipm->simplex"
+    return status, iters, method, run_s
+
+
 def plan_lp(
     value: np.ndarray,
     exposure: np.ndarray,
@@ -611,12 +632,10 @@ def plan_lp(
     model = _build_lp(p, elastic=False)
     model_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model.prob.solve(_highs(method, time_limit))
+    hstatus, iters, used, solve_s = _solve(model.prob, method, time_limit)
     call_s = time.perf_counter() - t0
-    # HiGHS's own clock; the rest of the call is PuLP handing the model over, column by column
-    solve_s = float(model.prob.solverModel.getRunTime())
+    # solve_s is HiGHS's own clock; the rest of the call is PuLP handing the model over
     build_s = model_s + max(0.0, call_s - solve_s)
-    hstatus, iters = _highs_info(model.prob)
     if hstatus in ("Infeasible", "Primal infeasible or unbounded"):
         raise InfeasiblePlan(_diagnose_elastic_lp(p, method, time_limit))
     if hstatus == "Time limit reached":
@@ -653,7 +672,7 @@ def plan_lp(
         build_s=build_s,
         solve_s=solve_s,
         iterations=iters,
-        method=f"pulp-highs-{method}",
+        method=f"pulp-highs-{used}",
         names=p.names,
     )
 
@@ -670,8 +689,7 @@ def _diagnose_elastic_lp(p: _Problem, method: str, time_limit: float | None) -> 
     """Elastic LP: one slack per bound, ``min sum slack``; then each conflicting bound alone."""
     model = _build_lp(p, elastic=True)
     prob = model.prob
-    prob.solve(_highs(method, time_limit))
-    hstatus, _ = _highs_info(prob)
+    hstatus, _, _, _ = _solve(prob, method, time_limit)
     if hstatus != "Optimal":
         raise RuntimeError(f"elastic LP for the infeasibility diagnosis did not solve: {hstatus!r}")
     slack = {key: max(0.0, float(s.varValue or 0.0)) for key, s in model.slacks.items()}
@@ -701,8 +719,7 @@ def _diagnose_elastic_lp(p: _Problem, method: str, time_limit: float | None) -> 
         for other, s_var in model.slacks.items():
             s_var.upBound = None if other == key else 0.0
         prob.setObjective(pulp.LpAffineExpression([(model.slacks[key], model.scale)]))
-        prob.solve(_highs(method, time_limit))
-        st, _ = _highs_info(prob)
+        st, _, _, _ = _solve(prob, method, time_limit)
         if st != "Optimal":
             continue
         k, side = key

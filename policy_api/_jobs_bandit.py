@@ -456,7 +456,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from bandits import to_dsjson_line
 
     version, cfg = _active_config(db)
-    dlog, rw = load_log(db, cfg, since, until, config_version=None)
+    dlog, rw = load_log(db, cfg, since, until, config_version=version)  # features mean one config
     shared, actions = log_features(dlog, cfg)
     # the cost `homepage learn` minimises (the Lagrangian reward, negated); the raw reward is the outcome
     cost = -(rw.reward + dlog.chosen_exposure @ _prices(db, cfg, version))

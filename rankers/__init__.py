@@ -1,6 +1,16 @@
 """Rankers: per-category multi-task rankers on a shared cross-domain user tower, with popularity
 debiasing and a category-preference head; the data builder, trainer, metrics, baselines and the
-serving scorers. numpy + torch; arrays and dataclasses in and out."""
+serving scorers. numpy + torch; arrays and dataclasses in and out.
+
+The data builder, metrics and :class:`PopularityScorer` need numpy only: torch is imported on first
+use of a torch-backed name (model blocks, ``fit``, ``RankerScorer``, ``evaluate``), so serving the
+popularity baseline never loads torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from ._baselines import ItemPriorBaseline, LogisticBaseline, PopularityScorer, popularity_rank
 from ._data import (
@@ -14,35 +24,53 @@ from ._data import (
     item_priors,
     split_by_time,
 )
-from ._evaluate import RankerMetrics, evaluate, ground_truth_ndcg, report_table
 from ._metrics import auc, category_hit_rate, ece, gauc, logloss, ndcg_at_k
-from ._model import (
-    CGC,
-    CIN,
-    INTERACTIONS,
-    CategoryHead,
-    CategoryRanker,
-    CrossNet,
-    ItemOnlyBranch,
-    ItemTower,
-    Ranker,
-    RankerOutput,
-    TargetAttention,
-    UserOnlyBranch,
-    UserTower,
-    torch_threads,
-)
-from ._scorer import RankerScorer
-from ._train import (
-    DEFAULT_EVENT_WEIGHTS,
-    TrainConfig,
-    TrainHistory,
-    build_model,
-    fit,
-    predict,
-    predict_categories,
-    task_weights_from_events,
-)
+
+_LAZY = {
+    "._model": (
+        "CGC",
+        "CIN",
+        "INTERACTIONS",
+        "CategoryHead",
+        "CategoryRanker",
+        "CrossNet",
+        "ItemOnlyBranch",
+        "ItemTower",
+        "Ranker",
+        "RankerOutput",
+        "TargetAttention",
+        "UserOnlyBranch",
+        "UserTower",
+        "torch_threads",
+    ),
+    "._train": (
+        "DEFAULT_EVENT_WEIGHTS",
+        "TrainConfig",
+        "TrainHistory",
+        "build_model",
+        "fit",
+        "predict",
+        "predict_categories",
+        "task_weights_from_events",
+    ),
+    "._scorer": ("RankerScorer",),
+    "._evaluate": ("RankerMetrics", "evaluate", "ground_truth_ndcg", "report_table"),
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rankers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "CGC",

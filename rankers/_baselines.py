@@ -21,7 +21,12 @@ def _task_weights(event_weights: Mapping[str, float]) -> np.ndarray:
     if collect is None:
         collect = (float(event_weights["favorite"]) + float(event_weights["share"])) / 2.0
     return np.array(
-        [float(event_weights["play"]), float(event_weights["full_play"]), float(collect), float(event_weights["skip"])]
+        [
+            float(event_weights["play"]),
+            float(event_weights["full_play"]),
+            float(collect),
+            float(event_weights["skip"]),
+        ]
     )
 
 
@@ -85,7 +90,9 @@ class PopularityScorer:
             raise ValueError(f"mean_units must be > 0; got {mean_units!r}")
         n_categories = int(item_category.max()) + 1 if n_categories is None else int(n_categories)
         if item_category.min() < 0 or item_category.max() >= n_categories:
-            raise ValueError(f"item_category must be in [0, {n_categories}); got {item_category.min()}..{item_category.max()}")
+            raise ValueError(
+                f"item_category must be in [0, {n_categories}); got {item_category.min()}..{item_category.max()}"
+            )
         self.popularity = popularity
         self.item_category = item_category.astype(np.int64)
         self.mean_units = float(mean_units)
@@ -111,13 +118,18 @@ class PopularityScorer:
             popularity = np.bincount(examples.item, minlength=examples.n_items).astype(np.float64)
         mean_units = float((examples.labels @ w).mean()) if len(examples) else 0.5
         return cls(
-            popularity, examples.item_category, mean_units=max(mean_units, 1e-6), n_categories=examples.n_categories
+            popularity,
+            examples.item_category,
+            mean_units=max(mean_units, 1e-6),
+            n_categories=examples.n_categories,
         )
 
     def _items(self, item_idx: np.ndarray) -> np.ndarray:
         item_idx = np.asarray(item_idx)
         if item_idx.size and (item_idx.min() < 0 or item_idx.max() >= self.units_.shape[0]):
-            raise ValueError(f"item_idx must be in [0, {self.units_.shape[0]}); got {item_idx.min()}..{item_idx.max()}")
+            raise ValueError(
+                f"item_idx must be in [0, {self.units_.shape[0]}); got {item_idx.min()}..{item_idx.max()}"
+            )
         return item_idx.astype(np.int64, copy=False)
 
     def score(self, user_idx: int, item_idx: np.ndarray) -> np.ndarray:

@@ -19,7 +19,6 @@ __all__ = [
     "build_examples",
     "split_by_time",
     "item_priors",
-    "user_histories",
     "behaviour_grade",
 ]
 
@@ -200,41 +199,42 @@ def _check_range(name: str, arr: np.ndarray, low: int, high: int) -> None:
         raise ValueError(f"{name} must be in [{low}, {high}); got {bad!r}")
 
 
-def _sequences(
-    ev_user: np.ndarray,
-    ev_rank: np.ndarray,
-    ev_item: np.ndarray,
-    ev_type: np.ndarray,
-    q_user: np.ndarray,
-    q_rank: np.ndarray,
-    n_ranks: int,
-    seq_len: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Last ``seq_len`` events of ``q_user`` with time rank < ``q_rank``, most recent first.
+class _SortedEvents:
+    """Events of one kind ordered by (user, time rank, log order), for window queries.
 
-    Events are ordered by (user, time rank, log order); a query finds its window with two
-    ``searchsorted`` calls on the combined integer key ``user * n_ranks + rank``.
+    A query (user, rank) finds the user's events with time rank < rank by two ``searchsorted`` calls
+    on the combined integer key ``user * n_ranks + rank``.
     """
-    key = ev_user * n_ranks + ev_rank
-    order = np.argsort(key, kind="stable")
-    key = key[order]
-    items, types = ev_item[order], ev_type[order]
-    known = q_user >= 0
-    qu = np.where(known, q_user, 0)
-    start = np.searchsorted(key, qu * n_ranks, side="left")
-    end = np.searchsorted(key, qu * n_ranks + q_rank, side="left")
-    end = np.where(known, end, start)
-    count = end - start
-    pos = end[:, None] - 1 - np.arange(seq_len)[None, :]
-    valid = pos >= start[:, None]
-    pos = np.where(valid, pos, 0)
-    if key.size == 0:
-        out_items = np.full(pos.shape, -1, dtype=np.int32)
-        out_types = np.full(pos.shape, -1, dtype=np.int8)
-    else:
-        out_items = np.where(valid, items[pos], -1).astype(np.int32)
-        out_types = np.where(valid, types[pos], -1).astype(np.int8)
-    return out_items, out_types, count.astype(np.int64)
+
+    def __init__(
+        self, user: np.ndarray, rank: np.ndarray, item: np.ndarray, typ: np.ndarray, n_ranks: int
+    ) -> None:
+        key = user * n_ranks + rank
+        order = np.argsort(key, kind="stable")
+        self.key, self.item, self.type, self.n_ranks = key[order], item[order], typ[order], n_ranks
+
+    def last(
+        self, q_user: np.ndarray, q_rank: np.ndarray, seq_len: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Items (n, seq_len), types (n, seq_len) of the last events before each query, most recent
+        first, -1 padded; and the number of such events (n,)."""
+        known = q_user >= 0
+        qu = np.where(known, q_user, 0)
+        start = np.searchsorted(self.key, qu * self.n_ranks, side="left")
+        end = np.searchsorted(self.key, qu * self.n_ranks + q_rank, side="left")
+        end = np.where(known, end, start)
+        pos = end[:, None] - 1 - np.arange(seq_len)[None, :]
+        valid = pos >= start[:, None]
+        if self.key.size == 0:
+            return (
+                np.full(pos.shape, -1, dtype=np.int32),
+                np.full(pos.shape, -1, dtype=np.int8),
+                np.zeros(pos.shape[0], dtype=np.int64),
+            )
+        pos = np.where(valid, pos, 0)
+        items = np.where(valid, self.item[pos], -1).astype(np.int32)
+        types = np.where(valid, self.type[pos], -1).astype(np.int8)
+        return items, types, (end - start).astype(np.int64)
 
 
 def build_examples(
@@ -318,7 +318,10 @@ def build_examples(
     e_item = _column(events, "events", "item", np.int64)
     e_ts = _column(events, "events", "ts", np.float64)
     e_type = _column(events, "events", "type", np.int64)
-    for name, cols in (("impressions", (i_dec, i_user, i_item, i_ts)), ("events", (e_dec, e_user, e_item, e_ts, e_type))):
+    for name, cols in (
+        ("impressions", (i_dec, i_user, i_item, i_ts)),
+        ("events", (e_dec, e_user, e_item, e_ts, e_type)),
+    ):
         if len({c.shape[0] for c in cols}) != 1:
             raise ValueError(f"{name} arrays must have equal lengths; got {[c.shape[0] for c in cols]}")
     _check_range("impressions['user']", i_user, -1, n_users)
@@ -351,19 +354,17 @@ def build_examples(
     i_rank, e_rank = ts_rank[:n], ts_rank[n:]
     pos_ev = (e_user >= 0) & (e_type != _SKIP)
     neg_ev = (e_user >= 0) & (e_type == _SKIP)
+    pos = _SortedEvents(e_user[pos_ev], e_rank[pos_ev], e_item[pos_ev], e_type[pos_ev], n_ranks)
+    neg = _SortedEvents(e_user[neg_ev], e_rank[neg_ev], e_item[neg_ev], e_type[neg_ev], n_ranks)
 
     def hist(q_user: np.ndarray, q_rank: np.ndarray) -> UserHistory:
-        pi, pt, pc = _sequences(
-            e_user[pos_ev], e_rank[pos_ev], e_item[pos_ev], e_type[pos_ev], q_user, q_rank, n_ranks, seq_len
-        )
-        ni, _, nc = _sequences(
-            e_user[neg_ev], e_rank[neg_ev], e_item[neg_ev], e_type[neg_ev], q_user, q_rank, n_ranks, seq_len
-        )
+        pi, pt, pc = pos.last(q_user, q_rank, seq_len)
+        ni, _, nc = neg.last(q_user, q_rank, seq_len)
         return UserHistory(pos_items=pi, pos_types=pt, neg_items=ni, pos_count=pc, neg_count=nc)
 
     seq = hist(i_user, i_rank)
-    users = np.arange(n_users, dtype=np.int64)
-    history = hist(users, np.full(n_users, n_ranks - 1, dtype=np.int64))
+    # the serving snapshot: every event of the log (rank n_ranks - 1 is past the last timestamp)
+    history = hist(np.arange(n_users, dtype=np.int64), np.full(n_users, n_ranks - 1, dtype=np.int64))
     return Examples(
         decision=i_dec,
         user=i_user,
@@ -381,11 +382,6 @@ def build_examples(
         n_items=int(n_items),
         n_categories=int(n_categories),
     )
-
-
-def user_histories(examples: Examples, users: np.ndarray) -> UserHistory:
-    """The serving snapshot rows of ``users`` (shape (n,), -1 = unknown: empty history)."""
-    return examples.history.take(users)
 
 
 def item_priors(examples: Examples, prior_strength: float = 20.0) -> np.ndarray:
@@ -411,7 +407,10 @@ def item_priors(examples: Examples, prior_strength: float = 20.0) -> np.ndarray:
         raise ValueError(f"prior_strength must be > 0; got {prior_strength!r}")
     n_i = np.bincount(examples.item, minlength=examples.n_items).astype(np.float64)
     k = np.stack(
-        [np.bincount(examples.item, weights=examples.labels[:, t], minlength=examples.n_items) for t in range(4)],
+        [
+            np.bincount(examples.item, weights=examples.labels[:, t], minlength=examples.n_items)
+            for t in range(4)
+        ],
         axis=1,
     )
     total = max(len(examples), 1)

@@ -31,9 +31,12 @@ class RankerMetrics:
     users x per-category candidate lists, against the true preference order), ``category_hit@N``
     (task ``-``). ``category`` is a category name or ``all``.
 
-    ``model`` is the scorer the verdict is about (the served variant); ``beats_baselines`` is True
-    when it beats every baseline on held-out play GAUC and (when ground truth was given)
-    ground-truth NDCG@k; ``verdict`` says so in words.
+    ``beats_baselines`` is True when the ranker beats every baseline on held-out play GAUC and (when
+    ground truth was given) on ground-truth NDCG@k; ``verdict`` says so, or says which baseline won,
+    in words. GAUC on logged clicks judges the click model, i.e. the factual prediction
+    (``ranker_factual`` when debiasing; the counterfactual score deliberately departs from logged
+    clicks); ground-truth NDCG judges the score as served (``ranker``). ``model`` names the scorer
+    the GAUC verdict used.
     """
 
     values: Mapping[tuple[str, str, str, str], float]
@@ -174,7 +177,11 @@ def evaluate(
         raise ValueError("train.item_priors must be set (use split_by_time); got None")
     weights = dict(event_weights or DEFAULT_EVENT_WEIGHTS)
     w = task_weights_from_events(weights)
-    names = tuple(category_names) if category_names is not None else tuple(f"c{c}" for c in range(test.n_categories))
+    names = (
+        tuple(category_names)
+        if category_names is not None
+        else tuple(f"c{c}" for c in range(test.n_categories))
+    )
     if len(names) != test.n_categories:
         raise ValueError(f"category_names must have {test.n_categories} names; got {len(names)}")
     if is_tail is not None:
@@ -201,7 +208,9 @@ def evaluate(
     scorers = tuple(probs)
     values: dict[tuple[str, str, str, str], float] = {}
 
-    cat_masks = [("all", np.ones(len(test), dtype=bool))] + [(names[c], test.category == c) for c in range(test.n_categories)]
+    cat_masks = [("all", np.ones(len(test), dtype=bool))] + [
+        (names[c], test.category == c) for c in range(test.n_categories)
+    ]
     known = test.user >= 0
     grade = np.maximum(behaviour_grade(test.labels) - 1, 0).astype(np.float64)  # none/skip 0 .. collect 3
     group = test.decision * test.n_categories + test.category
@@ -211,7 +220,9 @@ def evaluate(
             for t, task in enumerate(TASKS):
                 y = test.labels[m, t]
                 values[(name, "auc", task, cname)] = auc(y, p[m, t])
-                values[(name, "gauc", task, cname)] = gauc(y[known[m]], p[m, t][known[m]], test.user[m][known[m]])
+                values[(name, "gauc", task, cname)] = gauc(
+                    y[known[m]], p[m, t][known[m]], test.user[m][known[m]]
+                )
                 values[(name, "logloss", task, cname)] = logloss(y, p[m, t])
                 values[(name, "ece", task, cname)] = ece(y, p[m, t])
             values[(name, f"ndcg@{k}", "units", cname)] = ndcg_at_k(grade[m], units[m], group[m], k)
@@ -232,7 +243,9 @@ def evaluate(
         counts = np.zeros((seq.shape[0], train.n_categories))
         np.add.at(counts, (np.repeat(np.arange(seq.shape[0]), seq.shape[1]), cats.ravel()), valid.ravel())
         hist_pref = counts + 1e-6 * share / max(share.sum(), 1.0)  # ties broken by global share
-        values[("history_freq", f"category_hit@{top_n}", "-", "all")] = category_hit_rate(hist_pref, target, top_n)
+        values[("history_freq", f"category_hit@{top_n}", "-", "all")] = category_hit_rate(
+            hist_pref, target, top_n
+        )
         scorers = (*scorers, "history_freq")
 
     # ---- ground truth lists (sampled users x per-category candidates)
@@ -260,47 +273,57 @@ def evaluate(
                         (names[c], lc == c) for c in range(test.n_categories)
                     ]:
                         if sel.any():
-                            values[(name, f"truth_ndcg@{k}", "units", cname)] = _truth_ndcg(s2[sel], truth2[sel], k)
+                            values[(name, f"truth_ndcg@{k}", "units", cname)] = _truth_ndcg(
+                                s2[sel], truth2[sel], k
+                            )
                 if is_tail is not None:
                     top = np.argsort(-s2, axis=1, kind="stable")[:, : min(k, n_cand)]
                     tail_top = is_tail[np.take_along_axis(lists, top, axis=1)]
                     values[(name, f"tail_share@{k}", "units", "all")] = float(tail_top.mean())
                     for c in range(test.n_categories):
                         if (lc == c).any():
-                            values[(name, f"tail_share@{k}", "units", names[c])] = float(tail_top[lc == c].mean())
+                            values[(name, f"tail_share@{k}", "units", names[c])] = float(
+                                tail_top[lc == c].mean()
+                            )
             if "truth" in pair_units:
                 scorers = (*scorers, "truth")
 
-    # ---- verdict
-    model_name = "ranker"
-    g = {s: values.get((s, "gauc", "play", "all"), math.nan) for s in (model_name, *BASELINES)}
-    lost = [b for b in BASELINES if not g[model_name] > g[b]]
-    parts = [f"held-out play GAUC {g[model_name]:.4f}"]
+    # ---- verdict: logged clicks judge the click model (the factual prediction; the counterfactual one
+    # deliberately departs from them), the ground truth judges the served ranking
+    gauc_name = "ranker_factual" if debias else "ranker"
+    served = "debiased" if debias else "factual"
+    g = {s: values.get((s, "gauc", "play", "all"), math.nan) for s in (gauc_name, *BASELINES)}
+    lost = [b for b in BASELINES if not g[gauc_name] > g[b]]
+    parts = [f"held-out play GAUC {g[gauc_name]:.4f} ({gauc_name})"]
+    lost_t: list[str] = []
+    t: dict[str, float] = {}
     if true_relevance is not None:
-        t = {s: values.get((s, f"truth_ndcg@{k}", "units", "all"), math.nan) for s in (model_name, *BASELINES)}
-        lost_t = [b for b in BASELINES if not t[model_name] > t[b]]
-        parts.append(f"ground-truth NDCG@{k} {t[model_name]:.4f}")
-    else:
-        lost_t = []
+        t = {s: values.get((s, f"truth_ndcg@{k}", "units", "all"), math.nan) for s in ("ranker", *BASELINES)}
+        lost_t = [b for b in BASELINES if not t["ranker"] > t[b]]
+        parts.append(f"ground-truth NDCG@{k} {t['ranker']:.4f} (ranker, {served} score as served)")
     beats = not lost and not lost_t
     if beats:
-        verdict = f"ranker ({'debiased' if debias else 'factual'}) beats every baseline: " + ", ".join(parts)
+        verdict = "ranker beats every baseline: " + ", ".join(parts)
         if true_relevance is None:
             verdict += " (no ground truth given: GAUC only)"
     else:
         msgs = []
         if lost:
-            msgs.append("play GAUC: " + ", ".join(f"{b} {g[b]:.4f} >= ranker {g[model_name]:.4f}" for b in lost))
+            msgs.append(
+                f"play GAUC ({gauc_name}): "
+                + ", ".join(f"{b} {g[b]:.4f} >= {g[gauc_name]:.4f}" for b in lost)
+            )
         if lost_t:
             msgs.append(
-                f"truth NDCG@{k}: " + ", ".join(f"{b} {t[b]:.4f} >= ranker {t[model_name]:.4f}" for b in lost_t)
+                f"ground-truth NDCG@{k} (ranker, {served}): "
+                + ", ".join(f"{b} {t[b]:.4f} >= {t['ranker']:.4f}" for b in lost_t)
             )
-        verdict = "ranker does NOT beat every baseline. " + "; ".join(msgs)
+        verdict = "ranker does NOT beat every baseline: " + "; ".join(msgs)
     return RankerMetrics(
         values=values,
         scorers=scorers,
         categories=names,
-        model=model_name,
+        model=gauc_name,
         k=k,
         top_n=top_n,
         beats_baselines=beats,

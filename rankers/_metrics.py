@@ -11,11 +11,15 @@ def _check_pair(name: str, y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np
     y = np.asarray(y, dtype=np.float64).ravel()
     s = np.asarray(s, dtype=np.float64).ravel()
     if y.shape != s.shape:
-        raise ValueError(f"{name}: labels and scores must have the same length; got {y.shape[0]} and {s.shape[0]}")
+        raise ValueError(
+            f"{name}: labels and scores must have the same length; got {y.shape[0]} and {s.shape[0]}"
+        )
     return y, s
 
 
-def group_auc(y: np.ndarray, score: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def group_auc(
+    y: np.ndarray, score: np.ndarray, group: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """AUC within each group by the rank-sum (Mann-Whitney) formula, ties counted 1/2.
 
     ``AUC_g = (R_g - P_g (P_g + 1) / 2) / (P_g N_g)`` with R_g the sum of the positives' average ranks
@@ -99,7 +103,6 @@ def ece(y: np.ndarray, p: np.ndarray, n_bins: int = 15) -> float:
     if y.size == 0:
         return float("nan")
     b = np.minimum((np.clip(p, 0, 1) * n_bins).astype(np.int64), n_bins - 1)
-    cnt = np.bincount(b, minlength=n_bins)
     sy = np.bincount(b, weights=y, minlength=n_bins)
     sp = np.bincount(b, weights=p, minlength=n_bins)
     return float(np.abs(sy - sp).sum() / y.shape[0])
@@ -125,7 +128,9 @@ def ndcg_at_k(
     rel, score = _check_pair("ndcg_at_k", relevance, score)
     group = np.asarray(group).ravel()
     if group.shape != rel.shape:
-        raise ValueError(f"ndcg_at_k: group must have the relevance's length {rel.shape[0]}; got {group.shape[0]}")
+        raise ValueError(
+            f"ndcg_at_k: group must have the relevance's length {rel.shape[0]}; got {group.shape[0]}"
+        )
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1; got {k!r}")
     if (rel < 0).any():

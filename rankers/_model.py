@@ -80,11 +80,17 @@ class TargetAttention(nn.Module):
         self.scale = 1.0 / math.sqrt(d)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        q = self.q(query).unsqueeze(1)  # (B, 1, d)
-        s = torch.matmul(q, self.k(keys).transpose(1, 2)).squeeze(1) * self.scale  # (B, L)
+        q = self.q(query)  # (B, d)
+        k, v = self.k(keys), self.v(keys)  # (Bk, L, d)
+        if keys.shape[0] == 1:  # one sequence for all candidates: plain matmuls, no broadcast copies
+            s = (q @ k[0].T) * self.scale  # (B, L)
+        else:
+            s = torch.bmm(k, q.unsqueeze(2)).squeeze(2) * self.scale
         s = s.masked_fill(~mask, -1e9)
         w = torch.softmax(s, dim=-1) * mask  # all-masked rows: weights 0
-        return torch.matmul(w.unsqueeze(1), self.v(keys)).squeeze(1)  # (B, d)
+        if keys.shape[0] == 1:
+            return w @ v[0]
+        return torch.bmm(w.unsqueeze(1), v).squeeze(1)  # (B, d)
 
 
 class ItemTower(nn.Module):
@@ -99,7 +105,9 @@ class ItemTower(nn.Module):
         self.embedding = nn.Embedding(n_items, d)
         nn.init.normal_(self.embedding.weight, std=0.05)
         mean = dense.mean(dim=0)
-        std = dense.std(dim=0, unbiased=False).clamp_min(1e-6) if dense.shape[0] > 1 else torch.ones_like(mean)
+        std = (
+            dense.std(dim=0, unbiased=False).clamp_min(1e-6) if dense.shape[0] > 1 else torch.ones_like(mean)
+        )
         self.register_buffer("dense", ((dense - mean) / std).float())
         self.n_dense = int(dense.shape[1])
         self.proj = nn.Linear(self.n_dense, d)
@@ -196,12 +204,14 @@ class CIN(nn.Module):
 
     def forward(self, x0: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         b, m, d = x0.shape
-        xk = x0
+        # (B, d, fields) layout: each layer is one (B d, H m) @ (H m, H') matmul, with no copies
+        x0t = x0.transpose(1, 2)
+        xk = x0t
         pooled = []
         for w in self.weights:
-            z = (xk.unsqueeze(2) * x0.unsqueeze(1)).reshape(b, -1, d)  # (B, H*m, d)
-            xk = torch.matmul(w, z)  # (B, H', d)
-            pooled.append(xk.sum(dim=2))
+            z = (xk.unsqueeze(3) * x0t.unsqueeze(2)).reshape(b * d, -1)  # column i*m + j
+            xk = (z @ w.T).view(b, d, -1)  # (B, d, H')
+            pooled.append(xk.sum(dim=1))
         return torch.cat(pooled, dim=1)
 
 
@@ -257,7 +267,12 @@ class CGC(nn.Module):
         super().__init__()
         if n_shared + n_specific < 1:
             raise ValueError(f"n_shared + n_specific must be >= 1; got {n_shared + n_specific}")
-        self.n_tasks, self.n_shared, self.n_specific, self.expert_dim = n_tasks, n_shared, n_specific, expert_dim
+        self.n_tasks, self.n_shared, self.n_specific, self.expert_dim = (
+            n_tasks,
+            n_shared,
+            n_specific,
+            expert_dim,
+        )
         n_experts = n_shared + n_tasks * n_specific
         self.experts = nn.Linear(in_dim, n_experts * expert_dim)  # all experts as one matmul
         self.gates = nn.Linear(in_dim, n_tasks * (n_shared + n_specific))
@@ -269,7 +284,8 @@ class CGC(nn.Module):
         nn.init.normal_(self.tower_out, std=1.0 / math.sqrt(tower_dim))
         # expert index table: for task t, its own experts then the shared ones
         idx = [
-            [n_shared + t * n_specific + j for j in range(n_specific)] + list(range(n_shared)) for t in range(n_tasks)
+            [n_shared + t * n_specific + j for j in range(n_specific)] + list(range(n_shared))
+            for t in range(n_tasks)
         ]
         self.register_buffer("expert_index", torch.tensor(idx, dtype=torch.long), persistent=False)
 
@@ -277,7 +293,9 @@ class CGC(nn.Module):
         b = x.shape[0]
         e = torch.relu(self.experts(x)).view(b, -1, self.expert_dim)  # (B, E, h)
         g = torch.softmax(self.gates(x).view(b, self.n_tasks, -1), dim=-1)  # (B, T, k)
-        mixed = torch.matmul(g.unsqueeze(2), e[:, self.expert_index]).squeeze(2)  # (B, T, h)
+        # scatter each task's gate onto its experts: (B, T, E), zero elsewhere; one bmm mixes
+        full = g.new_zeros(b, self.n_tasks, e.shape[1]).scatter(2, self.expert_index.expand(b, -1, -1), g)
+        mixed = torch.bmm(full, e)  # (B, T, h)
         hidden = torch.relu(torch.einsum("bth,thk->btk", mixed, self.tower_hidden) + self.tower_bias)
         return (hidden * self.tower_out).sum(-1) + self.out_bias  # (B, T)
 
@@ -314,7 +332,9 @@ class CategoryRanker(nn.Module):
             self.interaction = _NoInteraction()
         else:
             raise ValueError(f"interaction must be one of {INTERACTIONS}; got {interaction!r}")
-        self.cgc = CGC(flat_dim + int(self.interaction.out_dim), n_tasks, n_shared, n_specific, expert_dim, tower_dim)
+        self.cgc = CGC(
+            flat_dim + int(self.interaction.out_dim), n_tasks, n_shared, n_specific, expert_dim, tower_dim
+        )
 
     def forward(self, fields: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         flat = torch.cat([fields.flatten(1), dense], dim=1)
@@ -485,7 +505,11 @@ class Ranker(nn.Module):
         model.eval()
         return model
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> RankerOutput:
+    def forward(
+        self, batch: Mapping[str, torch.Tensor], *, branches: bool = True, category: bool = True
+    ) -> RankerOutput:
+        """``branches=False`` / ``category=False`` skip the debias branches / the category head (their
+        outputs are then zeros), e.g. for the counterfactual score at serving."""
         item = batch["item"]
         b = item.shape[0]
         seq = self.user_tower.sequences(
@@ -494,18 +518,23 @@ class Ranker(nn.Module):
         item_fields, dense = self.item_tower(item)
         user_fields = self.user_tower(batch["user"], seq, item_fields[:, 0])
         fields = torch.cat([item_fields, user_fields], dim=1)  # (B, 5, d)
-        category = self.item_category[item]
-        main = self._per_category(category, fields, dense)
-        uidx = self.user_tower.user_index(batch["user"])
-        if self.item_branch is not None and self.user_branch is not None:
-            item_logit = self.item_branch(self.pop[item], category)
+        cat = self.item_category[item]
+        main = self._per_category(cat, fields, dense)
+        if branches and self.item_branch is not None and self.user_branch is not None:
+            uidx = self.user_tower.user_index(batch["user"])
+            item_logit = self.item_branch(self.pop[item], cat)
             user_logit = self.user_branch(uidx, batch["activity"]).expand(b, -1)
         else:
             item_logit = user_logit = main.new_zeros(b, self.n_tasks)
-        cat_logits = self.category_head(self.user_tower.profile(batch["user"], seq))
+        if category:
+            cat_logits = self.category_head(self.user_tower.profile(batch["user"], seq))
+        else:
+            cat_logits = main.new_zeros(batch["user"].shape[0], self.n_categories)
         return RankerOutput(main, item_logit, user_logit, cat_logits)
 
-    def _per_category(self, category: torch.Tensor, fields: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    def _per_category(
+        self, category: torch.Tensor, fields: torch.Tensor, dense: torch.Tensor
+    ) -> torch.Tensor:
         # one sort, one sub-batch per category, one inverse gather: no per-row work in Python
         order = torch.argsort(category, stable=True)
         counts = torch.bincount(category, minlength=self.n_categories).tolist()

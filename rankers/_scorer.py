@@ -113,7 +113,7 @@ class RankerScorer:
         if items.shape[0] == 0:
             return np.zeros((0, 4))
         with torch_threads(self.threads), torch.inference_mode():
-            out = self.model(self._batch(rows, items))
+            out = self.model(self._batch(rows, items), branches=not self.debias, category=False)
             return torch.sigmoid(self.model.logits(out, self.debias)).double().numpy()
 
     def score(self, user_idx: int, item_idx: np.ndarray) -> np.ndarray:
@@ -124,7 +124,7 @@ class RankerScorer:
         if items.shape[0] == 0:
             return np.zeros(0)
         with torch_threads(self.threads), torch.inference_mode():
-            out = self.model(self._batch(rows, items))
+            out = self.model(self._batch(rows, items), branches=not self.debias, category=False)
             return (torch.sigmoid(self.model.logits(out, self.debias)) @ self._w).double().numpy()
 
     def score_pairs(self, user_idx: np.ndarray, item_idx: np.ndarray, batch_size: int = 8192) -> np.ndarray:
@@ -132,12 +132,15 @@ class RankerScorer:
         users = np.asarray(user_idx, dtype=np.int64)
         items = self._items(item_idx)
         if users.shape != tuple(items.shape):
-            raise ValueError(f"user_idx and item_idx must have the same shape; got {users.shape} and {tuple(items.shape)}")
+            raise ValueError(
+                f"user_idx and item_idx must have the same shape; got {users.shape} and {tuple(items.shape)}"
+            )
         rows = self._rows(users)
         out_units = np.empty(users.shape[0])
         with torch_threads(self.threads), torch.inference_mode():
             for s in range(0, users.shape[0], batch_size):
-                out = self.model(self._batch(rows[s : s + batch_size], items[s : s + batch_size]))
+                batch = self._batch(rows[s : s + batch_size], items[s : s + batch_size])
+                out = self.model(batch, branches=not self.debias, category=False)
                 p = torch.sigmoid(self.model.logits(out, self.debias))
                 out_units[s : s + batch_size] = (p @ self._w).double().numpy()
         return out_units

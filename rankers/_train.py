@@ -57,7 +57,12 @@ def task_weights_from_events(event_weights: Mapping[str, float]) -> np.ndarray:
             f"event_weights must have 'collect' or both 'favorite' and 'share'; got keys {sorted(event_weights)!r}"
         )
     w = np.array(
-        [float(event_weights["play"]), float(event_weights["full_play"]), collect, float(event_weights["skip"])]
+        [
+            float(event_weights["play"]),
+            float(event_weights["full_play"]),
+            collect,
+            float(event_weights["skip"]),
+        ]
     )
     if not np.isfinite(w).all():
         raise ValueError(f"event_weights must be finite; got {dict(event_weights)!r}")
@@ -77,6 +82,10 @@ class TrainConfig:
         no event > skip) between items of the same decision.
     branch_weight
         Weight of the item-only and user-only branches' own BCE losses (MACR's auxiliary losses).
+    decorrelation_weight
+        Weight of the squared in-batch correlation between the main logits and the popularity
+        features. Without it the main branch learns much of the popularity effect through item ids
+        and priors, and removing the item-only branch at inference removes only part of it.
     category_weight
         Weight of the category-preference cross-entropy (rows with a play).
     user_dropout
@@ -184,7 +193,9 @@ def _dense(ex: Examples) -> np.ndarray:
 def build_model(examples: Examples, config: TrainConfig) -> Ranker:
     """An untrained :class:`Ranker` sized for ``examples`` (which must carry item priors)."""
     if examples.item_priors is None:
-        raise ValueError("examples.item_priors must be set (use split_by_time or Examples.with_priors); got None")
+        raise ValueError(
+            "examples.item_priors must be set (use split_by_time or Examples.with_priors); got None"
+        )
     torch.manual_seed(config.seed)
     return Ranker(
         n_users=examples.n_users,
@@ -277,7 +288,9 @@ def _decorrelation(main: torch.Tensor, pop: torch.Tensor) -> torch.Tensor:
     a = main - main.mean(0)
     b = pop - pop.mean(0)
     cov = a.T @ b / main.shape[0]  # (T, K)
-    denom = a.pow(2).mean(0).clamp_min(1e-8).sqrt()[:, None] * b.pow(2).mean(0).clamp_min(1e-8).sqrt()[None, :]
+    denom = (
+        a.pow(2).mean(0).clamp_min(1e-8).sqrt()[:, None] * b.pow(2).mean(0).clamp_min(1e-8).sqrt()[None, :]
+    )
     return (cov / denom).pow(2).sum()
 
 
@@ -311,8 +324,10 @@ def fit(
 
     Loss per batch (means over rows):
     ``sum_t BCE(y_t, main_t + item_t + user_t)``
-    ``+ branch_weight * sum_t [BCE(y_t, item_t + b_t) + BCE(y_t, user_t + b_t)]`` (MACR's branch losses,
-    b_t a learned offset folded into the branch),
+    ``+ branch_weight * sum_t [BCE(y_t, item_t) + BCE(y_t, user_t)]`` (MACR's branch losses: each branch
+    alone must explain what it can),
+    ``+ decorrelation_weight * sum_{t,k} corr_batch(main_t, pop_k)^2`` (the main score carries no linear
+    popularity signal, so the popularity effect has to go through the item-only branch),
     ``+ pairwise_weight * pairwise(units)`` with ``units = sum_t w_t sigmoid(logit_t)`` (event weights),
     ``+ category_weight * CE(category of played item | user profile)``.
     The validation logloss is the mean BCE of the factual prediction over rows and tasks; the best
@@ -339,8 +354,12 @@ def fit(
         raise ValueError("examples_valid must have at least one row; got 0")
     if examples_train.item_priors is None:
         raise ValueError("examples_train.item_priors must be set (use split_by_time); got None")
-    if examples_valid.item_priors is None or not np.array_equal(examples_valid.item_priors, examples_train.item_priors):
-        raise ValueError("examples_valid.item_priors must equal examples_train.item_priors (from split_by_time)")
+    if examples_valid.item_priors is None or not np.array_equal(
+        examples_valid.item_priors, examples_train.item_priors
+    ):
+        raise ValueError(
+            "examples_valid.item_priors must equal examples_train.item_priors (from split_by_time)"
+        )
     with torch_threads(config.threads):
         return _fit(examples_train, examples_valid, config, progress)
 
@@ -384,13 +403,17 @@ def _fit(
             z = out.main + out.item + out.user
             loss = F.binary_cross_entropy_with_logits(z, y) * len(TASKS)
             if model.debias_branches and config.branch_weight > 0:
-                aux = F.binary_cross_entropy_with_logits(out.item, y) + F.binary_cross_entropy_with_logits(out.user, y)
+                aux = F.binary_cross_entropy_with_logits(out.item, y) + F.binary_cross_entropy_with_logits(
+                    out.user, y
+                )
                 loss = loss + config.branch_weight * aux * len(TASKS)
             if model.debias_branches and config.decorrelation_weight > 0:
                 loss = loss + config.decorrelation_weight * _decorrelation(out.main, model.pop[batch["item"]])
             if config.pairwise_weight > 0:
                 units = torch.sigmoid(z) @ unit_w
-                loss = loss + config.pairwise_weight * _pairwise_loss(units, train.grade[idx], train.decision[idx])
+                loss = loss + config.pairwise_weight * _pairwise_loss(
+                    units, train.grade[idx], train.decision[idx]
+                )
             if config.category_weight > 0:
                 played = y[:, 0] > 0.5
                 if bool(played.any()):
@@ -459,7 +482,9 @@ def predict(
     return _predict(model, examples, debias=debias, batch_size=batch_size, threads=threads)[0]
 
 
-def predict_categories(model: Ranker, examples: Examples, *, batch_size: int = 8192, threads: int = 1) -> np.ndarray:
+def predict_categories(
+    model: Ranker, examples: Examples, *, batch_size: int = 8192, threads: int = 1
+) -> np.ndarray:
     """P(category | user's behaviour at decision time), shape (n, n_categories)."""
     return _predict(model, examples, debias=True, batch_size=batch_size, threads=threads)[1]
 
