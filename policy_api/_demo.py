@@ -276,13 +276,16 @@ def run_demo(s: DemoSettings, between: Callable[[str, dict[str, Any]], None] | N
     phases: list[PhaseLog] = []
     jobs: list[dict[str, Any]] = []
     ctx: dict[str, Any] = {"db": db, "url": url, "config": cfg, "config_path": cfg_path, "data_dir": data,
-                           "world": w.world, "server": server, "jobs": jobs, "progress": progress, "phases": phases}
+                           "world": w.world, "server": server, "jobs": jobs, "progress": progress, "phases": phases,
+                           "report_dir": s.out_dir / "report"}
     try:
         server.wait_ready()
         for k, name in enumerate(s.phases):
-            if k > 0:
-                (between or between_phases)(name, ctx)
-            if k > 0 and cfg.constraints and s.pacing:
+            if between is not None:
+                between(name, ctx) if k > 0 else None
+            else:
+                between_phases(name, ctx, first=k == 0)
+            if cfg.constraints and s.pacing:
                 from ._demo_jobs import Pacing
 
                 with Pacing(ctx) as pacing:

@@ -29,12 +29,50 @@ def _learn(phase: str, ctx: dict[str, Any]) -> dict[str, Any]:
             "wait_versions": {"bandit": out["bandit_version"]}}
 
 
-JOBS: list[tuple[str, Callable[[str, dict[str, Any]], dict[str, Any]]]] = [("plan", _plan), ("learn", _learn)]
+def _train(phase: str, ctx: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
+    from . import _store as store
+    from ._jobs_train import train_ranker, write_train_report
+
+    db, world, cfg = ctx["db"], ctx["world"], ctx["config"]
+    items = np.asarray(store.load_items(db)["item_ids"], dtype=str)
+    w_item = {iid: i for i, iid in enumerate(world.item_ids.tolist())}
+    w_user = {uid: i for i, uid in enumerate(world.user_ids.tolist())}
+    cat_to_world = np.array([w_item[i] for i in items.tolist()])
+    user_ids: list[str] = []
+
+    def truth(user_idx: np.ndarray, item_idx: np.ndarray) -> np.ndarray:
+        u = np.array([w_user.get(user_ids[k], 0) for k in np.asarray(user_idx).tolist()])
+        return world.true_preference(u, cat_to_world[np.asarray(item_idx)])
+
+    from ._jobs_train import log_training_arrays  # the user index space the ranker is trained in
+    from ._catalog import Catalog
+
+    user_ids.extend(log_training_arrays(db, cfg, Catalog.from_arrays(store.load_items(db)))["user_ids"])
+    res = train_ranker(db, cfg, true_relevance=truth, progress=ctx["progress"])
+    write_train_report(ctx["report_dir"], res)
+    out = {"title": "Rankers (trained on the exploration phase's log)", **res["metrics"],
+           "published": res["published"], "figures": ["train.png"],
+           "table_html": "<pre>" + res["text"].replace("&", "&amp;").replace("<", "&lt;") + "</pre>"}
+    if res["published"] is not None:
+        out["wait_versions"] = {"ranker": res["published"]}
+    return out
 
 
-def between_phases(phase: str, ctx: dict[str, Any]) -> None:
+JOBS: list[tuple[str, Callable[[str, dict[str, Any]], dict[str, Any]]]] = [
+    ("train", _train), ("plan", _plan), ("learn", _learn)]
+
+
+#: before the first phase only the plan runs: the engine serves its exposure goals from the start
+FIRST_JOBS = ("plan",)
+
+
+def between_phases(phase: str, ctx: dict[str, Any], first: bool = False) -> None:
     want: dict[str, Any] = {}
     for name, job in JOBS:
+        if first and name not in FIRST_JOBS:
+            continue
         out = job(phase, ctx)
         out.setdefault("job", name)
         out.setdefault("before_phase", phase)

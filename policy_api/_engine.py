@@ -58,15 +58,27 @@ class ScorerHandle:
         return self.user_index.get(user_id, -1)
 
     def score(self, user_idx: int, item_idx: np.ndarray) -> np.ndarray:
-        if self.item_remap is not None:
-            item_idx = self.item_remap[item_idx]
-        return np.asarray(self.scorer.score(user_idx, item_idx), dtype=np.float64)
+        if self.item_remap is None:
+            return np.asarray(self.scorer.score(user_idx, item_idx), dtype=np.float64)
+        mapped = self.item_remap[item_idx]
+        known = mapped >= 0
+        out = np.zeros(mapped.size)
+        out[known] = self.scorer.score(user_idx, mapped[known])
+        if not known.all():  # items newer than the model: the median of the user's known scores
+            out[~known] = np.median(out[known]) if known.any() else 0.0
+        return out
 
     def score_pairs(self, user_idx: np.ndarray, item_idx: np.ndarray) -> np.ndarray:
         """Units for (user, item) pairs, shapes (n,) -> (n,), batched (planning, replay)."""
-        if self.item_remap is not None:
-            item_idx = self.item_remap[item_idx]
-        return np.asarray(self.scorer.score_pairs(user_idx, item_idx), dtype=np.float64)
+        if self.item_remap is None:
+            return np.asarray(self.scorer.score_pairs(user_idx, item_idx), dtype=np.float64)
+        mapped = self.item_remap[item_idx]
+        known = mapped >= 0
+        out = np.zeros(mapped.size)
+        out[known] = self.scorer.score_pairs(np.asarray(user_idx)[known], mapped[known])
+        if not known.all():
+            out[~known] = np.median(out[known]) if known.any() else 0.0
+        return out
 
     def category_preferences(self, user_idx: int) -> np.ndarray | None:
         f = getattr(self.scorer, "category_preferences", None)

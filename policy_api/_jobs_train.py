@@ -150,6 +150,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
+    add_train_command(sub)
     p = sub.add_parser("import", help="warm-start from history: interactions.csv (user_id,item_id,event,timestamp[,value])")
     p.add_argument("file", metavar="FILE")
     p.set_defaults(func=cmd_import)
@@ -197,3 +198,157 @@ def log_training_arrays(db: Any, config: Any, catalog: Any) -> dict[str, Any]:
     events = {"decision": d_idx[beh], "user": user_idx[d_idx[beh]], "item": item[beh], "ts": ts[beh],
               "type": np.array([_EVENT_CODE[t] for t in types[beh].tolist()], dtype=np.int64)}
     return {"impressions": impressions, "events": events, "user_ids": users.tolist(), "n_users": int(users.size)}
+
+
+# ---- train -------------------------------------------------------------------------------------
+_ARTIFACT_MAGIC = b"HPRANKER1\n"
+
+
+def pack_ranker(scorer_bytes: bytes, meta: dict[str, Any]) -> bytes:
+    """The registry artifact: a magic line, the JSON metadata (id mappings), the scorer's own bytes."""
+    import json
+
+    m = json.dumps(meta).encode()
+    return _ARTIFACT_MAGIC + len(m).to_bytes(8, "little") + m + scorer_bytes
+
+
+def unpack_ranker(data: bytes) -> tuple[bytes, dict[str, Any]]:
+    import json
+
+    if not data.startswith(_ARTIFACT_MAGIC):
+        raise ValueError("ranker artifact must start with the HPRANKER1 header; got something else")
+    k = len(_ARTIFACT_MAGIC)
+    n = int.from_bytes(data[k:k + 8], "little")
+    return data[k + 8 + n:], json.loads(data[k + 8:k + 8 + n])
+
+
+def train_ranker(db: Any, config: Any, *, interaction: str = "cin", max_epochs: int = 20, threads: int = 1,
+                 force: bool = False, true_relevance: Any = None, progress: bool = False,
+                 seed: int = 0) -> dict[str, Any]:
+    """Build the data from the log, train, evaluate against baselines, publish if better than
+    popularity on validation (or forced). Returns the report as a dict (``text`` is the table)."""
+    import time
+
+    from rankers import RankerScorer, TrainConfig, build_examples, evaluate, fit, report_table, split_by_time
+
+    from ._catalog import Catalog
+
+    catalog = Catalog.from_arrays(store.load_items(db))
+    cats = catalog.category_index(config.category_names)
+    if (cats < 0).any():
+        bad = sorted(set(catalog.category[cats < 0].tolist()))
+        raise CliError(f"catalog categories {bad} are not in the config; every item's category must be configured")
+    data = log_training_arrays(db, config, catalog)
+    if data["impressions"]["item"].size < 200:
+        raise CliError(f"only {data['impressions']['item'].size} impressions with feedback in the log; need at "
+                       "least 200 to train (serve traffic or `homepage import` history first)")
+    t0 = time.perf_counter()
+    ex = build_examples(data["impressions"], data["events"], n_users=data["n_users"], n_items=catalog.n_items,
+                        item_category=cats, item_features=catalog.features, popularity=catalog.popularity,
+                        n_categories=len(config.category_names))
+    train, valid, test = split_by_time(ex, valid=0.1, test=0.1)
+    cfg = TrainConfig(interaction=interaction, max_epochs=max_epochs, threads=threads, seed=seed,
+                      event_weights=dict(config.events))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=max_epochs, desc="train rankers", unit="epoch")
+
+    def on_epoch(epoch: int, total: int, m: Any) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(valid_logloss=f"{m['valid_logloss']:.4f}")
+
+    model, history = fit(train, valid, cfg, progress=on_epoch)
+    if bar is not None:
+        bar.close()
+    train_s = time.perf_counter() - t0
+    is_tail = None
+    from allocator import long_tail
+
+    is_tail, _ = long_tail(catalog.popularity, cats, config.tilt.head_share)
+    gate = evaluate(model, valid, train=train, event_weights=dict(config.events), is_tail=is_tail,
+                    category_names=config.category_names, threads=threads, seed=seed)
+    model_gauc = gate.value(gate.model, "gauc", "play")
+    pop_gauc = gate.value("popularity", "gauc", "play")
+    better = bool(model_gauc > pop_gauc)
+    report = evaluate(model, test, train=train, event_weights=dict(config.events), is_tail=is_tail,
+                      true_relevance=true_relevance, category_names=config.category_names, threads=threads,
+                      seed=seed)
+    text = report_table(report)
+    metrics = {"examples": {"train": len(train), "valid": len(valid), "test": len(test)},
+               "train_s": train_s, "examples_per_s": len(train) * len(history.train_loss) / max(train_s, 1e-9),
+               "best_epoch": history.best_epoch, "valid_logloss": list(history.valid_logloss),
+               "valid_play_gauc": model_gauc, "valid_play_gauc_popularity": pop_gauc,
+               "test_beats_baselines": report.beats_baselines, "verdict": report.verdict,
+               "interaction": interaction}
+    out: dict[str, Any] = {"text": text, "metrics": metrics, "published": None, "history": history,
+                           "report": report}
+    if better or force:
+        scorer = RankerScorer(model, dict(config.events), ex.history)
+        artifact = pack_ranker(scorer.save(), {"user_ids": data["user_ids"],
+                                               "item_ids": [str(i) for i in catalog.item_ids.tolist()],
+                                               "categories": list(config.category_names)})
+        out["published"] = store.publish_model(db, "ranker", metrics, artifact)
+    else:
+        store.publish_model(db, "ranker", metrics, None, status="rejected")
+    return out
+
+
+def write_train_report(out_dir: Path, result: dict[str, Any]) -> Path:
+    """``train.txt`` (the table) and ``train.png`` (learning curves) in the report folder."""
+    from ._report import _plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train.txt").write_text(result["text"] + "\n")
+    plt = _plt()
+    h = result["history"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(h.train_loss) + 1), h.train_loss, marker="o", label="train loss")
+    ax2 = ax.twinx()
+    ax2.plot(range(1, len(h.valid_logloss) + 1), h.valid_logloss, marker="s", color="#c50", label="valid logloss")
+    ax.axvline(h.best_epoch + 1 if h.best_epoch < len(h.train_loss) else h.best_epoch, color="#999", ls="--")
+    ax.set_xlabel("epoch")
+    ax.set_title("ranker training (dashed: kept epoch)")
+    fig.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out_dir / "train.png", dpi=110)
+    plt.close(fig)
+    return out_dir / "train.txt"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import sys
+
+    from ._jobs_plan import _active
+
+    db = db_engine()
+    version, cfg = _active(db, args)
+    res = train_ranker(db, cfg, interaction=args.interaction, max_epochs=args.max_epochs, threads=args.threads,
+                       force=args.force, progress=sys.stderr.isatty(), seed=args.seed)
+    print(res["text"])
+    page = write_train_report(Path(args.report_dir), res)
+    m = res["metrics"]
+    if res["published"] is not None:
+        print(f"published ranker version {res['published']} (validation play GAUC {m['valid_play_gauc']:.4f} vs "
+              f"popularity {m['valid_play_gauc_popularity']:.4f}); report: {page}")
+        return 0
+    print(f"NOT published: validation play GAUC {m['valid_play_gauc']:.4f} does not beat popularity's "
+          f"{m['valid_play_gauc_popularity']:.4f} (use --force to publish anyway); report: {page}")
+    return 1
+
+
+def add_train_command(sub: Any) -> None:
+    from ._cli_common import config_arg
+
+    p = sub.add_parser("train", help="train the per-category rankers from the log, evaluate, publish a version")
+    config_arg(p)
+    p.add_argument("--interaction", choices=("cin", "cross"), default="cin",
+                   help="feature-interaction block: CIN (xDeepFM) or the cheaper DCN-v2 cross layer")
+    p.add_argument("--max-epochs", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on 2 shared cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="publish even if it does not beat popularity")
+    p.add_argument("--report-dir", default="homepage-data/report", help="where train.txt and train.png go")
+    p.set_defaults(func=cmd_train)

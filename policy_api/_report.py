@@ -186,15 +186,16 @@ def write_demo_report(out: Path, cfg: Any, world: Any, phases: list[Any], unifor
                     if bound is not None:
                         axes[1].axhline(bound, ls="--", lw=1, color="k")
                         axes[1].text(t[0], bound, f" {c.name} target", va="bottom", fontsize=8)
-            axes[0].set_title("prices moved by pacing")
+            axes[0].set_title(f"prices moved by pacing ({j.get('during_phase', '')} phase)")
             axes[1].set_title("realised share in each pacing window vs target")
             for ax in axes:
                 ax.set_xlabel("seconds into the phase")
                 ax.legend(fontsize=8)
             fig.tight_layout()
-            fig.savefig(out / "pacing.png", dpi=110)
+            fname = f"pacing-{j.get('during_phase', 'phase')}.png"
+            fig.savefig(out / fname, dpi=110)
             plt.close(fig)
-            j["figures"] = ["pacing.png"]
+            j["figures"] = [fname]
             final = h[-1]
             j["table_html"] = table_html([{"constraint": n_, "final price": final["prices"][n_],
                                            "realised (last window)": final["realised"][n_]} for n_ in names])

@@ -99,11 +99,15 @@ def load_state(db: Any, config: HomepageConfig | None = None, config_version: in
 
 
 def _load_ranker(model: tuple[int, Any, bytes | None], catalog: Catalog, config: HomepageConfig) -> ScorerHandle:
-    from rankers import load_scorer
+    from rankers import RankerScorer
 
-    scorer, meta = load_scorer(model[2], event_weights=dict(config.events))
-    item_ids = meta.get("item_ids") or []
-    lookup = {iid: i for i, iid in enumerate(item_ids)}
+    from ._jobs_train import unpack_ranker
+
+    if model[2] is None:
+        raise ValueError(f"ranker version {model[0]} has no artifact")
+    scorer_bytes, meta = unpack_ranker(model[2])
+    scorer = RankerScorer.load(scorer_bytes)
+    lookup = {iid: i for i, iid in enumerate(meta.get("item_ids") or [])}
     remap = np.array([lookup.get(i, -1) for i in catalog.item_ids.tolist()], dtype=np.int64)
     users = {uid: i for i, uid in enumerate(meta.get("user_ids") or [])}
     return ScorerHandle(scorer, users, remap, name=f"ranker:{model[0]}")

@@ -1,0 +1,188 @@
+"""Benchmark the planning solvers: PuLP+HiGHS LP vs the smoothed-dual method, and serving.
+
+Prints one JSON line per measurement. Not a test: figures only.
+
+    .venv/bin/python bench/plan.py                 # the full run (~2 minutes on 2 cores)
+    .venv/bin/python bench/plan.py --quick         # 1e4 and 1e5 only
+
+Instances: ``n_cand = 16`` candidates per user, K = 8 constraints (4 category shares, a long-tail
+share, a new-category share, two module shares), of which 5 bind; traffic weights are lognormal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from allocator._dual import plan_dual  # noqa: E402
+from allocator._plan import choose, choose_batch, plan_lp  # noqa: E402
+
+NAMES = ("songs", "videos", "audio", "live", "long_tail", "new_category", "module_a", "module_b")
+
+
+def make_instance(
+    n_users: int, n_cand: int = 16, seed: int = 0, dtype: type = np.float64
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A homepage-like planning instance with 8 constraints, 5 of them binding."""
+    rng = np.random.default_rng(seed)
+    k = 8
+    exposure = np.empty((n_users, n_cand, k), dtype=dtype)
+    exposure[:, :, :4] = rng.dirichlet(np.full(4, 0.5), size=(n_users, n_cand))
+    exposure[:, :, 4] = rng.uniform(0.0, 0.6, size=(n_users, n_cand))
+    exposure[:, :, 5] = rng.beta(0.5, 5.0, size=(n_users, n_cand))
+    exposure[:, :, 6] = rng.integers(0, 3, size=(n_users, n_cand)) * 0.25
+    exposure[:, :, 7] = rng.integers(0, 3, size=(n_users, n_cand)) * 0.25
+    affinity = rng.lognormal(0.0, 0.5, size=(n_users, 4))
+    value = np.einsum("ulc,uc->ul", exposure[:, :, :4], affinity, dtype=np.float64)
+    value *= 1.0 - 0.5 * exposure[:, :, 4]
+    value += 0.1 * rng.standard_normal((n_users, n_cand))
+    value = value.astype(dtype)
+    weight = rng.lognormal(0.0, 1.0, size=n_users)
+    weight /= weight.sum()
+    best = np.argmax(value, axis=1)
+    s0 = weight @ exposure[np.arange(n_users), best].astype(np.float64)
+    lower = np.full(k, -np.inf)
+    upper = np.full(k, np.inf)
+    upper[0] = s0[0] - 0.05  # songs cap (binds)
+    lower[1] = s0[1] + 0.04  # videos floor (binds)
+    lower[2], upper[2] = s0[2] - 0.2, s0[2] + 0.2  # audio range (slack)
+    upper[3] = s0[3] + 0.1  # live cap (slack)
+    lower[4] = s0[4] + 0.05  # long-tail floor (binds)
+    lower[5] = s0[5] + 0.02  # new-category floor (binds)
+    upper[6] = s0[6] - 0.01  # module_a cap (binds)
+    lower[7] = 0.0  # module_b floor (slack)
+    return value, exposure, weight, lower, upper
+
+
+def emit(**kw: object) -> None:
+    print(json.dumps(kw), flush=True)
+
+
+def bench_size(n_vars: int, *, lp: bool) -> None:
+    n_cand = 16
+    n_users = n_vars // n_cand
+    v, a, w, lo, hi = make_instance(n_users, n_cand, seed=1)
+    lp_plan = None
+    if lp:
+        for method in ("simplex", "ipm"):
+            t0 = time.perf_counter()
+            plan = plan_lp(v, a, w, lo, hi, names=NAMES, method=method)
+            emit(
+                what="plan_lp",
+                n_vars=n_vars,
+                method=plan.method,
+                pulp_build_s=round(plan.build_s, 3),
+                highs_solve_s=round(plan.solve_s, 3),
+                total_s=round(time.perf_counter() - t0, 3),
+                iterations=plan.iterations,
+                status=plan.status,
+                objective=plan.objective,
+                gap=plan.gap,
+                violation=plan.violation,
+            )
+            lp_plan = plan
+    else:
+        emit(
+            what="plan_lp",
+            n_vars=n_vars,
+            skipped="over the ~2 min budget: measured once on this machine (load ~7) at 67 s PuLP build "
+            "+ 389 s HiGHS IPM = 460 s, 2.3 GB RSS; run with --lp-1e6 to measure again",
+        )
+    t0 = time.perf_counter()
+    dplan = plan_dual(v, a, w, lo, hi, names=NAMES)
+    total = time.perf_counter() - t0
+    row: dict[str, object] = dict(
+        what="plan_dual",
+        n_vars=n_vars,
+        dtype="float64",
+        total_s=round(total, 3),
+        solve_s=round(dplan.solve_s, 3),
+        iterations=dplan.iterations,
+        method=dplan.method,
+        status=dplan.status,
+        objective=dplan.objective,
+        gap=dplan.gap,
+        violation=dplan.violation,
+    )
+    if lp_plan is not None:
+        row["objective_rel_diff_vs_lp"] = abs(dplan.objective - lp_plan.objective) / abs(lp_plan.objective)
+        row["shares_max_abs_diff_vs_lp"] = float(np.max(np.abs(dplan.shares - lp_plan.shares)))
+        row["prices_max_abs_diff_vs_lp"] = float(np.max(np.abs(dplan.prices - lp_plan.prices)))
+    emit(**row)
+
+
+def bench_dual_large(n_vars: int) -> None:
+    n_cand = 16
+    v, a, w, lo, hi = make_instance(n_vars // n_cand, n_cand, seed=2, dtype=np.float32)
+    t0 = time.perf_counter()
+    dplan = plan_dual(v, a, w, lo, hi, names=NAMES)
+    total = time.perf_counter() - t0
+    emit(
+        what="plan_dual",
+        n_vars=n_vars,
+        dtype="float32",
+        exposure_mb=round(a.nbytes / 2**20),
+        total_s=round(total, 3),
+        solve_s=round(dplan.solve_s, 3),
+        iterations=dplan.iterations,
+        method=dplan.method,
+        status=dplan.status,
+        objective=dplan.objective,
+        gap=dplan.gap,
+        violation=dplan.violation,
+    )
+
+
+def bench_choose(n_cand: int = 32, k: int = 8, n_calls: int = 20000) -> None:
+    rng = np.random.default_rng(3)
+    values = rng.standard_normal((n_calls, n_cand))
+    exposures = rng.random((n_calls, n_cand, k))
+    prices = rng.standard_normal(k)
+    times = np.empty(n_calls)
+    for i in range(n_calls):
+        t0 = time.perf_counter()
+        choose(values[i], exposures[i], prices)
+        times[i] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    choose_batch(values, exposures, prices)
+    batch = time.perf_counter() - t0
+    emit(
+        what="choose",
+        n_cand=n_cand,
+        K=k,
+        p50_us=round(float(np.percentile(times, 50)) * 1e6, 2),
+        p99_us=round(float(np.percentile(times, 99)) * 1e6, 2),
+        batch_us_per_request=round(batch / n_calls * 1e6, 3),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="1e4 and 1e5 only")
+    ap.add_argument("--lp-1e6", action="store_true", help="also run PuLP+HiGHS at 1e6 (~8 min here)")
+    args = ap.parse_args()
+    emit(what="machine", uptime=os.popen("uptime").read().strip(), cpus=os.cpu_count())
+    bench_choose()
+    bench_size(10**4, lp=True)
+    bench_size(10**5, lp=True)
+    if args.quick:
+        return
+    bench_size(10**6, lp=args.lp_1e6)
+    bench_dual_large(10**7)
+    emit(
+        what="machine",
+        uptime=os.popen("uptime").read().strip(),
+        maxrss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    )
+
+
+if __name__ == "__main__":
+    main()
