@@ -62,16 +62,20 @@ _LEARN_COLS = ["request_id", "ts", "context", "versions", "candidates", "pmf", "
 
 def load_log(db: Any, cfg: HomepageConfig, since: datetime | None, until: datetime | None,
              config_version: int | None = None, columns: list[str] | None = None) -> tuple[DecisionLog, Rewards]:
-    """Decisions in [since, until) made under ``config_version`` (all if None) and their rewards."""
-    cols = store.read_decisions(db, since=since, until=until, columns=columns or _DECISION_COLS)
-    if config_version is not None and len(cols["request_id"]):
-        keep = np.array([(v or {}).get("config") == config_version for v in cols["versions"]], dtype=bool)
-        cols = {k: (np.asarray(v)[keep] if isinstance(v, np.ndarray) else [x for x, m in zip(v, keep, strict=True) if m])
-                for k, v in cols.items()}
-    dlog = decision_log(cols, cfg)
-    fb = store.read_feedback(db, since=since, columns=["request_id", "item_id", "type", "ts"])
+    """Decisions in [since, until) made under ``config_version`` (all if None) and their rewards.
+
+    ``columns`` (kept for callers) only matters for what the reference reader would fetch; the log is
+    read through :func:`read_decision_log` (bulk JSON parsing in Arrow). Module ids per candidate come
+    along unless only the learner's columns are asked for."""
+    from ._logread import read_decision_log
+
+    dlog = read_decision_log(db, cfg, since, until, config_version, with_modules=columns != _LEARN_COLS)
+    # impressions carry no units: fetch behaviour events only, and which decisions saw any event
+    fb = store.read_feedback(db, since=since, columns=["request_id", "item_id", "type", "ts"],
+                             exclude_types=("impression",))
+    seen = store.feedback_first_seen(db, since=since)
     ids, cats = _catalog_categories(db)
-    return dlog, join_rewards(dlog, fb, cfg, ids, cats)
+    return dlog, join_rewards(dlog, fb, cfg, ids, cats, first_seen=seen)
 
 
 def log_features(dlog: DecisionLog, cfg: HomepageConfig) -> tuple[np.ndarray, np.ndarray]:

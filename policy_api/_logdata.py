@@ -89,10 +89,11 @@ class DecisionLog:
         return self.exposure[np.arange(len(self)), self.action]
 
 
-def _pad(values: list[float], counts: np.ndarray, L: int, fill: float = 0.0) -> np.ndarray:
+def _pad(values: Any, counts: np.ndarray, L: int, fill: float = 0.0) -> np.ndarray:
+    """(n, L) from a flat sequence holding counts[i] values for row i, padded with ``fill``."""
     n = counts.size
     out = np.full((n, L), fill, dtype=np.float64)
-    if values:
+    if len(values):
         rows = np.repeat(np.arange(n), counts)
         cols = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
         out[rows, cols] = values
@@ -212,7 +213,8 @@ class Rewards:
         ``default_reward`` where a decision got no feedback at all
     has_feedback : (n,) bool
     n_events, n_late, n_orphan : events joined, events after the window (kept, not learned from),
-        events whose request id is not among these decisions
+        events whose request id is not among these decisions — counted over the events passed in
+        (the learner passes behaviour events only; impressions carry no units)
     """
 
     reward: np.ndarray
@@ -224,13 +226,17 @@ class Rewards:
 
 def join_rewards(dlog: DecisionLog, fb: dict[str, Any], config: HomepageConfig, item_ids: np.ndarray,
                  item_category: np.ndarray, *, window_s: float | None = None,
-                 default_reward: float | None = None) -> Rewards:
+                 default_reward: float | None = None, first_seen: dict[str, Any] | None = None) -> Rewards:
     """Join feedback to decisions inside the reward window and compute each decision's reward.
 
     Parameters
     ----------
     fb
         ``store.read_feedback`` columns: ``request_id``, ``item_id``, ``type``, ``ts``.
+    first_seen
+        Optional ``store.feedback_first_seen`` (request id, first event time): then ``fb`` may leave
+        out the unit-less impression events, and a decision counts as having feedback when its first
+        event of any type falls inside the window.
     item_ids, item_category
         The catalog: item ids and each item's category name.
     """
@@ -265,5 +271,12 @@ def join_rewards(dlog: DecisionLog, fb: dict[str, Any], config: HomepageConfig, 
         val = np.zeros(m)
     reward = np.bincount(d_idx[in_window], weights=(units * val)[in_window], minlength=n) if n else np.zeros(0)
     has = np.bincount(d_idx[in_window], minlength=n) > 0 if n else np.zeros(0, dtype=bool)
+    if first_seen is not None and n and len(first_seen["request_id"]):
+        sid = np.asarray(first_seen["request_id"], dtype=str)
+        spos = np.minimum(np.searchsorted(sorted_ids, sid), n - 1)
+        smatch = sorted_ids[spos] == sid
+        sidx = order[spos]
+        s_in = smatch & (to_epoch(first_seen["ts"]) - dlog.ts[sidx] <= window)
+        has[sidx[s_in]] = True
     reward = np.where(has, reward, default)
     return Rewards(reward, has, int(in_window.sum()), int((matched & ~in_window).sum()), int((~matched).sum()))

@@ -319,10 +319,11 @@ def read_feedback(
     columns: Sequence[str] | None = None,
     *,
     request_ids: Iterable[str] | None = None,
+    exclude_types: Sequence[str] = (),
     chunk_size: int = 10_000,
 ) -> dict[str, Any]:
     """Feedback with event time ``since <= ts < until`` (and ``request_id`` in ``request_ids`` when
-    given), ordered by ``id`` (arrival order), as columns.
+    given; ``type`` not in ``exclude_types``), ordered by ``id`` (arrival order), as columns.
 
     ``slot`` is int64 with -1 where NULL; ``value`` float64 with NaN where NULL; ``ts`` and
     ``received_at`` are ``datetime64[us]`` (UTC); strings are object arrays.
@@ -334,6 +335,8 @@ def read_feedback(
         where.append(feedback.c.ts >= since)
     if until is not None:
         where.append(feedback.c.ts < until)
+    if exclude_types:
+        where.append(feedback.c.type.not_in(list(exclude_types)))
     with _reading(bind) as conn:
         if request_ids is None:
             return _read_columns(conn, feedback, cols, where, [feedback.c.id], chunk_size)
@@ -353,6 +356,26 @@ def read_feedback(
     merged = _concat(parts, feedback, order)
     by_id = np.argsort(merged["id"], kind="stable")
     return {c: merged[c][by_id] for c in cols}
+
+
+def feedback_first_seen(bind: Bind, since: datetime | None = None, until: datetime | None = None) -> dict[str, Any]:
+    """Per request id with feedback in ``since <= ts < until``: the time of its first event.
+
+    One aggregate query, so a reward join need not fetch every impression event to know which
+    decisions got any feedback. ``ts`` is ``datetime64[us]`` (UTC).
+    """
+    where: list[sa.ColumnElement[bool]] = []
+    if since is not None:
+        where.append(feedback.c.ts >= since)
+    if until is not None:
+        where.append(feedback.c.ts < until)
+    first = sa.func.min(feedback.c.ts)
+    with _reading(bind) as conn:
+        ts_col = sa.func.timezone("UTC", first) if conn.dialect.name == "postgresql" else sa.type_coerce(first, sa.String())
+        rows = conn.execute(sa.select(feedback.c.request_id, ts_col).where(*where).group_by(feedback.c.request_id)).all()
+    ids = np.empty(len(rows), dtype=object)
+    ids[:] = [r[0] for r in rows]
+    return {"request_id": ids, "ts": np.array([r[1] for r in rows], dtype="datetime64[us]")}
 
 
 # ------------------------------------------------------------------------------------------- catalog

@@ -199,7 +199,7 @@ def slow_rewards(lg: Log, rows: list[dict[str, Any]]) -> tuple[np.ndarray, int]:
         total, seen = 0.0, False
         for e in lg.events.get(r["request_id"], []):
             if (e["ts"] - r["ts"]).total_seconds() > WINDOW_S:
-                late += 1
+                late += e["type"] != "impression"  # the join counts behaviour events (impressions carry no units)
                 continue
             seen = True
             if e["type"] != "impression":

@@ -1,0 +1,105 @@
+"""The learner end to end: read the decision log from SQL, parse it, join rewards in the window, build
+features and learn the VW bandit. Prints JSON lines (decisions/s per stage and in total).
+
+Target (issue: bandit): learner >= 10,000 decisions/s including parsing.
+Usage: python bench/learn.py [--decisions N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def build_log(url: str, n: int) -> None:
+    """A real log: engine decisions (16+ candidates each) and simulator feedback, written through the store."""
+    from allocator import parse_config_text
+    from policy_api import _store as store
+    from policy_api._catalog import Catalog
+    from policy_api._db import make_engine, upgrade
+    from policy_api._engine import DecisionEngine, build_state
+    from policy_api._ids import RequestIds
+    from simulator import make_world
+
+    world = make_world(n_users=2000, n_items=3000, seed=0)
+    text = world.default_config_toml()
+    cfg = parse_config_text(text)
+    cat = Catalog(np.asarray(world.item_ids, dtype=object),
+                  np.array([world.categories[c] for c in world.item_category], dtype=object),
+                  np.asarray(world.popularity, float), np.asarray(world.item_features, float),
+                  tuple(world.item_feature_names))
+    upgrade(url)
+    db = make_engine(url)
+    store.upsert_items(db, cat.rows())
+    version = store.insert_config(db, body=text, author="bench", status="active")
+    eng = DecisionEngine(build_state(cfg, cat, prices=np.array([0.3, 0.5]), versions={"config": version}))
+    ids = RequestIds(b"bench")
+    rng = np.random.default_rng(0)
+    users = world.sample_users(n, rng)
+    index = {iid: i for i, iid in enumerate(world.item_ids.tolist())}
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    decisions, feedback = [], []
+    for k in range(n):  # building the fixture log is not timed
+        d = eng.decide(str(world.user_ids[users[k]]), ids.issue())
+        row = d.row()
+        row["ts"] = t0 + timedelta(milliseconds=10 * k)
+        decisions.append(row)
+        page = np.full((world.n_slots, world.items_per_module), -1)
+        for m in d.modules:
+            its = [index[i["item_id"]] for i in m["items"]]
+            page[m["slot"], :len(its)] = its
+        for j, (s, it, e) in enumerate(world.sample_feedback(int(users[k]), page, rng)):
+            feedback.append({"event_id": f"{d.request_id}:{j}", "request_id": d.request_id, "slot": s,
+                             "item_id": str(world.item_ids[it]), "type": e, "value": None,
+                             "ts": row["ts"] + timedelta(seconds=1), "received_at": row["ts"]})
+        if len(decisions) >= 2000:
+            store.insert_decisions(db, decisions)
+            store.insert_feedback(db, feedback)
+            decisions, feedback = [], []
+    store.insert_decisions(db, decisions)
+    store.insert_feedback(db, feedback)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--decisions", type=int, default=20000)
+    a = ap.parse_args()
+    from policy_api import _jobs_bandit as jb
+    from policy_api._db import make_engine
+
+    with tempfile.TemporaryDirectory() as d:
+        url = f"sqlite:///{Path(d) / 'log.db'}"
+        t = time.perf_counter()
+        build_log(url, a.decisions)
+        build_s = time.perf_counter() - t
+        db = make_engine(url)
+        version, cfg = jb._active_config(db)
+        jb.load_log(db, cfg, None, None, version, columns=jb._LEARN_COLS)  # warm imports and caches
+        t0 = time.perf_counter()
+        dlog, rw = jb.load_log(db, cfg, None, None, version, columns=jb._LEARN_COLS)
+        t1 = time.perf_counter()
+        shared, actions = jb.log_features(dlog, cfg)
+        t2 = time.perf_counter()
+        bandit = jb.new_bandit(cfg)
+        bandit.learn_batch(shared, actions, dlog.action, -rw.reward, dlog.pscore, dlog.n_cand)
+        t3 = time.perf_counter()
+        n = len(dlog)
+        print(json.dumps({"bench": "learn_end_to_end", "decisions": n, "events": rw.n_events,
+                          "candidates_mean": float(dlog.n_cand.mean()), "fixture_build_s": round(build_s, 1),
+                          "read_parse_join_s": round(t1 - t0, 3), "features_s": round(t2 - t1, 3),
+                          "vw_learn_s": round(t3 - t2, 3), "decisions_per_s": round(n / (t3 - t0)),
+                          "target_decisions_per_s": 10000, "load_avg_1m": os.getloadavg()[0]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
