@@ -41,6 +41,8 @@ _LAZY = {
         "TargetAttention",
         "UserOnlyBranch",
         "UserTower",
+        "task_bce",
+        "task_log_probs",
         "torch_threads",
     ),
     "._train": (
@@ -117,6 +119,8 @@ __all__ = [
     "predict_categories",
     "report_table",
     "split_by_time",
+    "task_bce",
+    "task_log_probs",
     "task_weights_from_events",
     "torch_threads",
 ]

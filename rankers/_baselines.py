@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._data import TASKS, Examples, UserHistory
+from ._data import TASKS, Examples, UserHistory, dense_item_features
 
 __all__ = ["PopularityScorer", "ItemPriorBaseline", "LogisticBaseline", "popularity_rank"]
 
@@ -217,10 +217,7 @@ class LogisticBaseline:
 
     def fit(self, train: Examples) -> LogisticBaseline:
         assert train.item_priors is not None
-        dense = np.concatenate([train.item_features, train.item_priors], axis=1)
-        self.mean_ = dense.mean(0)
-        self.std_ = np.maximum(dense.std(0), 1e-9)
-        self.dense_ = (dense - self.mean_) / self.std_
+        self.dense_ = dense_item_features(train)
         self.item_category_ = train.item_category
         self.n_categories_ = train.n_categories
         x = _lr_features(train.item, train.seq, self.dense_, self.item_category_, self.n_categories_)

@@ -20,6 +20,8 @@ __all__ = [
     "split_by_time",
     "item_priors",
     "behaviour_grade",
+    "dense_item_features",
+    "standardize",
 ]
 
 #: Event codes of the ``events["type"]`` array, in this order everywhere.
@@ -180,6 +182,28 @@ def behaviour_grade(labels: np.ndarray) -> np.ndarray:
     grade[labels[:, 1]] = 3
     grade[labels[:, 2]] = 4
     return grade
+
+
+def standardize(x: np.ndarray, clip: float = 5.0) -> np.ndarray:
+    """Columns of ``x`` (n, k) to zero mean and unit variance over rows, clipped to [-clip, clip]
+    (a constant column becomes 0)."""
+    x = np.asarray(x, dtype=np.float64)
+    sd = x.std(axis=0)
+    z = (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    return np.clip(z, -clip, clip)
+
+
+def dense_item_features(examples: Examples) -> np.ndarray:
+    """The dense item inputs of the ranker and the logistic baseline, shape (n_items, n_features + 5):
+    catalog features through a signed log ``sign(x) log1p(|x|)`` (durations, ages and counts are heavy
+    tailed; a raw outlier, squared by the interaction layers, gives absurd logits), then the item
+    priors; every column standardised over items and clipped to [-5, 5]."""
+    if examples.item_priors is None:
+        raise ValueError(
+            "examples.item_priors must be set (use split_by_time or Examples.with_priors); got None"
+        )
+    f = examples.item_features
+    return standardize(np.concatenate([np.sign(f) * np.log1p(np.abs(f)), examples.item_priors], axis=1))
 
 
 def _column(table: Mapping[str, np.ndarray], name: str, key: str, dtype: type) -> np.ndarray:

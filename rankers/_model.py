@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._data import TASKS
@@ -33,6 +34,8 @@ __all__ = [
     "Ranker",
     "RankerOutput",
     "torch_threads",
+    "task_log_probs",
+    "task_bce",
 ]
 
 INTERACTIONS: tuple[str, ...] = ("cin", "cross", "none")
@@ -96,19 +99,15 @@ class TargetAttention(nn.Module):
 class ItemTower(nn.Module):
     """Item side: id embedding + a projection of the dense catalog features and priors.
 
-    ``item`` (B,) -> fields (B, 2, d) and the standardised dense vector (B, n_dense).
-    The dense table (n_items, n_dense) is a buffer, standardised with ``dense_mean``/``dense_std``.
+    ``item`` (B,) -> fields (B, 2, d) and the dense vector (B, n_dense). The dense table
+    (n_items, n_dense) is a buffer, already standardised (:func:`dense_item_features`).
     """
 
     def __init__(self, n_items: int, d: int, dense: torch.Tensor) -> None:
         super().__init__()
         self.embedding = nn.Embedding(n_items, d)
         nn.init.normal_(self.embedding.weight, std=0.05)
-        mean = dense.mean(dim=0)
-        std = (
-            dense.std(dim=0, unbiased=False).clamp_min(1e-6) if dense.shape[0] > 1 else torch.ones_like(mean)
-        )
-        self.register_buffer("dense", ((dense - mean) / std).float())
+        self.register_buffer("dense", dense.float())
         self.n_dense = int(dense.shape[1])
         self.proj = nn.Linear(self.n_dense, d)
 
@@ -384,10 +383,11 @@ class CategoryHead(nn.Module):
 
 
 class RankerOutput(NamedTuple):
-    """Task logits of each branch (B, T) and category-preference logits (Bk, C).
+    """Head logits of each branch (B, T) and category-preference logits (Bk, C).
 
-    The factual logit is ``main + item + user``; the debiased (counterfactual) logit replaces the
-    item-only and user-only terms by their reference values ``item_ref``/``user_ref``.
+    The factual head is ``main + item + user``; the debiased (counterfactual) head replaces the
+    item-only and user-only terms by their reference values ``item_ref``/``user_ref``. Heads become
+    task probabilities through :func:`task_log_probs`.
     """
 
     main: torch.Tensor
@@ -477,9 +477,7 @@ class Ranker(nn.Module):
             for _ in range(n_categories)
         )
         self.category_head = CategoryHead(embed_dim, n_categories)
-        pm = pop.mean(dim=0)
-        ps = pop.std(dim=0, unbiased=False).clamp_min(1e-6) if pop.shape[0] > 1 else torch.ones_like(pm)
-        self.register_buffer("pop", ((pop - pm) / ps).float())
+        self.register_buffer("pop", pop.float())  # standardised popularity features (n_items, n_pop)
         self.register_buffer("item_ref", torch.zeros(self.n_tasks))
         self.register_buffer("user_ref", torch.zeros(self.n_tasks))
         self.item_branch: ItemOnlyBranch | None = None
@@ -550,12 +548,51 @@ class Ranker(nn.Module):
         inverse[order] = torch.arange(order.shape[0], device=order.device)
         return out[inverse]
 
-    def logits(self, out: RankerOutput, debias: bool) -> torch.Tensor:
-        """Task logits (B, T): factual ``main + item + user``, or with ``debias`` the counterfactual
+    def heads(self, out: RankerOutput, debias: bool) -> torch.Tensor:
+        """Head logits (B, T): factual ``main + item + user``, or with ``debias`` the counterfactual
         ``main + item_ref + user_ref`` (popularity and activity effects held at their reference)."""
         if debias:
             return out.main + self.item_ref + self.user_ref
         return out.main + out.item + out.user
+
+    def probabilities(self, out: RankerOutput, debias: bool) -> torch.Tensor:
+        """Task probabilities (B, T) in ``TASKS`` order (see :func:`task_log_probs`)."""
+        return torch.exp(task_log_probs(self.heads(out, debias))[0])
+
+
+def task_log_probs(heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compose the four head logits (B, 4) into ``log P(task)`` and ``log(1 - P(task))``, both (B, 4).
+
+    Entire-space composition (ESMM): ``play = s(h0)``, ``full_play = s(h0) s(h1)``,
+    ``collect = s(h0) s(h2)`` (both imply a play, so their heads are conditional on it and the sparse
+    tasks borrow the play signal), ``skip = (1 - s(h0)) s(h3)`` (a skip is an examined item that was
+    not played); ``s`` is the sigmoid.
+
+    References
+    ----------
+    Ma et al., "Entire Space Multi-Task Model: An Effective Approach for Estimating Post-Click
+    Conversion Rate", SIGIR 2018.
+    """
+    lp0 = F.logsigmoid(heads[:, 0])
+    lq0 = F.logsigmoid(-heads[:, 0])
+    logp = torch.stack(
+        [
+            lp0,
+            lp0 + F.logsigmoid(heads[:, 1]),
+            lp0 + F.logsigmoid(heads[:, 2]),
+            lq0 + F.logsigmoid(heads[:, 3]),
+        ],
+        dim=1,
+    )
+    log1mp = torch.log(-torch.expm1(logp[:, 1:].clamp_max(-1e-7)))
+    return logp, torch.cat([lq0.unsqueeze(1), log1mp], dim=1)
+
+
+def task_bce(heads: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Binary cross-entropy of the composed task probabilities against ``labels`` (B, 4)."""
+    logp, log1mp = task_log_probs(heads)
+    loss = -(labels * logp + (1.0 - labels) * log1mp)
+    return loss.sum() if reduction == "sum" else loss.mean()
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

@@ -114,7 +114,7 @@ class RankerScorer:
             return np.zeros((0, 4))
         with torch_threads(self.threads), torch.inference_mode():
             out = self.model(self._batch(rows, items), branches=not self.debias, category=False)
-            return torch.sigmoid(self.model.logits(out, self.debias)).double().numpy()
+            return self.model.probabilities(out, self.debias).double().numpy()
 
     def score(self, user_idx: int, item_idx: np.ndarray) -> np.ndarray:
         """Expected engagement units per examined impression, shape (n,), for one user's candidates
@@ -125,7 +125,7 @@ class RankerScorer:
             return np.zeros(0)
         with torch_threads(self.threads), torch.inference_mode():
             out = self.model(self._batch(rows, items), branches=not self.debias, category=False)
-            return (torch.sigmoid(self.model.logits(out, self.debias)) @ self._w).double().numpy()
+            return (self.model.probabilities(out, self.debias) @ self._w).double().numpy()
 
     def score_pairs(self, user_idx: np.ndarray, item_idx: np.ndarray, batch_size: int = 8192) -> np.ndarray:
         """Units for (user, item) pairs, shapes (n,) -> (n,): batched evaluation over many users."""
@@ -141,7 +141,7 @@ class RankerScorer:
             for s in range(0, users.shape[0], batch_size):
                 batch = self._batch(rows[s : s + batch_size], items[s : s + batch_size])
                 out = self.model(batch, branches=not self.debias, category=False)
-                p = torch.sigmoid(self.model.logits(out, self.debias))
+                p = self.model.probabilities(out, self.debias)
                 out_units[s : s + batch_size] = (p @ self._w).double().numpy()
         return out_units
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._data import TASKS, Examples, UserHistory, behaviour_grade
-from ._model import INTERACTIONS, Ranker, RankerOutput, to_numpy, torch_threads
+from ._data import TASKS, Examples, behaviour_grade, dense_item_features, standardize
+from ._model import INTERACTIONS, Ranker, RankerOutput, task_bce, task_log_probs, to_numpy, torch_threads
 
 __all__ = [
     "TrainConfig",
@@ -83,7 +83,7 @@ class TrainConfig:
     branch_weight
         Weight of the item-only and user-only branches' own BCE losses (MACR's auxiliary losses).
     decorrelation_weight
-        Weight of the squared in-batch correlation between the main logits and the popularity
+        Weight of the squared in-batch regression slope of the main logits on the popularity
         features. Without it the main branch learns much of the popularity effect through item ids
         and priors, and removing the item-only branch at inference removes only part of it.
     category_weight
@@ -176,18 +176,13 @@ class TrainHistory:
 
 
 def _pop_features(ex: Examples) -> np.ndarray:
-    """Popularity inputs of the item-only branch: log1p(train impressions) and, when the catalog has
-    it, log(1 + popularity / mean popularity). Shape (n_items, 1 or 2)."""
+    """Popularity inputs of the item-only branch, standardised: log1p(train impressions) and, when the
+    catalog has it, log(1 + popularity / mean popularity). Shape (n_items, 1 or 2)."""
     assert ex.item_priors is not None
     cols = [ex.item_priors[:, -1]]
     if ex.popularity is not None:
         cols.append(np.log1p(ex.popularity / max(float(ex.popularity.mean()), 1e-12)))
-    return np.stack(cols, axis=1)
-
-
-def _dense(ex: Examples) -> np.ndarray:
-    assert ex.item_priors is not None
-    return np.concatenate([ex.item_features, ex.item_priors], axis=1)
+    return standardize(np.stack(cols, axis=1))
 
 
 def build_model(examples: Examples, config: TrainConfig) -> Ranker:
@@ -202,7 +197,7 @@ def build_model(examples: Examples, config: TrainConfig) -> Ranker:
         n_items=examples.n_items,
         n_categories=examples.n_categories,
         item_category=torch.from_numpy(examples.item_category),
-        dense=torch.from_numpy(_dense(examples)),
+        dense=torch.from_numpy(dense_item_features(examples)),
         pop=torch.from_numpy(_pop_features(examples)),
         embed_dim=config.embed_dim,
         interaction=config.interaction,
@@ -244,20 +239,6 @@ class _Tensors:
         }
 
 
-def history_batch(history: UserHistory, user: np.ndarray | int) -> dict[str, torch.Tensor]:
-    """User-side batch entries for rows of a :class:`UserHistory` already taken for ``user``."""
-    u = np.atleast_1d(np.asarray(user, dtype=np.int64))
-    return {
-        "user": torch.from_numpy(u),
-        "pos_items": torch.from_numpy(np.ascontiguousarray(history.pos_items)),
-        "pos_types": torch.from_numpy(np.ascontiguousarray(history.pos_types)),
-        "neg_items": torch.from_numpy(np.ascontiguousarray(history.neg_items)),
-        "activity": torch.from_numpy(
-            np.log1p(np.stack([history.pos_count, history.neg_count], axis=1)).astype(np.float32)
-        ),
-    }
-
-
 def _pairwise_loss(units: torch.Tensor, grade: torch.Tensor, decision: torch.Tensor) -> torch.Tensor:
     """Mean ``log(1 + exp(-(s_i - s_j)))`` over pairs of the same decision with grade_i > grade_j.
 
@@ -284,14 +265,16 @@ def _pairwise_loss(units: torch.Tensor, grade: torch.Tensor, decision: torch.Ten
 
 
 def _decorrelation(main: torch.Tensor, pop: torch.Tensor) -> torch.Tensor:
-    """Sum over tasks t and popularity features k of corr_batch(main_t, pop_k)^2."""
+    """Sum over tasks t and popularity features k of the squared in-batch regression slope of
+    ``main_t`` on ``pop_k``: ``(cov(main_t, pop_k) / var(pop_k))^2``.
+
+    A slope, not a correlation: a correlation penalty is beaten by inflating the variance of the main
+    logits (a few absurd logits make every correlation small), a slope is not.
+    """
     a = main - main.mean(0)
     b = pop - pop.mean(0)
     cov = a.T @ b / main.shape[0]  # (T, K)
-    denom = (
-        a.pow(2).mean(0).clamp_min(1e-8).sqrt()[:, None] * b.pow(2).mean(0).clamp_min(1e-8).sqrt()[None, :]
-    )
-    return (cov / denom).pow(2).sum()
+    return (cov / b.pow(2).mean(0).clamp_min(1e-6)).pow(2).sum()
 
 
 def _decision_order(decision: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -308,8 +291,7 @@ def _valid_logloss(model: Ranker, data: _Tensors, batch_size: int) -> float:
         for s in range(0, n, batch_size):
             idx = torch.arange(s, min(s + batch_size, n))
             out = model(data.batch(idx))
-            z = model.logits(out, debias=False)
-            total += float(F.binary_cross_entropy_with_logits(z, data.labels[idx], reduction="sum"))
+            total += float(task_bce(model.heads(out, debias=False), data.labels[idx], reduction="sum"))
     return total / max(n * len(TASKS), 1)
 
 
@@ -322,13 +304,14 @@ def fit(
 ) -> tuple[Ranker, TrainHistory]:
     """Train a :class:`Ranker` with Adam; early stopping on validation logloss.
 
-    Loss per batch (means over rows):
-    ``sum_t BCE(y_t, main_t + item_t + user_t)``
-    ``+ branch_weight * sum_t [BCE(y_t, item_t) + BCE(y_t, user_t)]`` (MACR's branch losses: each branch
+    Loss per batch (means over rows; ``BCE(y, h)`` is the cross-entropy of the task probabilities
+    composed from head logits h by :func:`task_log_probs`):
+    ``sum_t BCE(y_t, main + item + user)``
+    ``+ branch_weight * sum_t [BCE(y_t, item) + BCE(y_t, user)]`` (MACR's branch losses: each branch
     alone must explain what it can),
-    ``+ decorrelation_weight * sum_{t,k} corr_batch(main_t, pop_k)^2`` (the main score carries no linear
-    popularity signal, so the popularity effect has to go through the item-only branch),
-    ``+ pairwise_weight * pairwise(units)`` with ``units = sum_t w_t sigmoid(logit_t)`` (event weights),
+    ``+ decorrelation_weight * sum_{t,k} slope_batch(main_t ~ pop_k)^2`` (the main score carries no
+    linear popularity signal, so the popularity effect has to go through the item-only branch),
+    ``+ pairwise_weight * pairwise(units)`` with ``units = sum_t w_t P_t`` (event weights),
     ``+ category_weight * CE(category of played item | user profile)``.
     The validation logloss is the mean BCE of the factual prediction over rows and tasks; the best
     epoch's weights are restored. Then the reference logits ``item_ref``/``user_ref`` (means of the
@@ -401,16 +384,14 @@ def _fit(
             y = train.labels[idx]
             out: RankerOutput = model(batch)
             z = out.main + out.item + out.user
-            loss = F.binary_cross_entropy_with_logits(z, y) * len(TASKS)
+            loss = task_bce(z, y) * len(TASKS)
             if model.debias_branches and config.branch_weight > 0:
-                aux = F.binary_cross_entropy_with_logits(out.item, y) + F.binary_cross_entropy_with_logits(
-                    out.user, y
-                )
+                aux = task_bce(out.item, y) + task_bce(out.user, y)
                 loss = loss + config.branch_weight * aux * len(TASKS)
             if model.debias_branches and config.decorrelation_weight > 0:
                 loss = loss + config.decorrelation_weight * _decorrelation(out.main, model.pop[batch["item"]])
             if config.pairwise_weight > 0:
-                units = torch.sigmoid(z) @ unit_w
+                units = torch.exp(task_log_probs(z)[0]) @ unit_w
                 loss = loss + config.pairwise_weight * _pairwise_loss(
                     units, train.grade[idx], train.decision[idx]
                 )
@@ -502,7 +483,7 @@ def _predict(
         for s in range(0, n, batch_size):
             idx = torch.arange(s, min(s + batch_size, n))
             out = model(data.batch(idx))
-            probs[s : s + idx.shape[0]] = to_numpy(torch.sigmoid(model.logits(out, debias)))
+            probs[s : s + idx.shape[0]] = to_numpy(model.probabilities(out, debias))
             cats[s : s + idx.shape[0]] = to_numpy(torch.softmax(out.category, dim=1))
     model.train(was_training)
     return probs, cats
