@@ -263,7 +263,8 @@ class Candidates:
         return s
 
 
-def _exposure_terms(space: LayoutSpace, prices: np.ndarray, tbl: BlockTable):
+def _exposure_terms(space: LayoutSpace, prices: np.ndarray,
+                    tbl: BlockTable) -> tuple[np.ndarray, float, np.ndarray]:
     """Per-slot price contributions for greedy filling: (S, C) slot-category and (U,B,C,R) tail terms."""
     W = space.position_weights.sum()
     n_items = space.n_slots * space.items_per_module
@@ -308,8 +309,8 @@ def build_candidates(space: LayoutSpace, tbl: BlockTable, prices: np.ndarray | N
     cat_p, tail_p, mod_p = _exposure_terms(space, prices, tbl)
     # module index of (c, r) — a (C, R) table, -1 where the category has fewer modules
     mod_of = np.full((C, R), -1, dtype=np.int64)
-    for c, mods in enumerate(space.modules_of):
-        mod_of[c, :len(mods)] = mods
+    for c, mods_c in enumerate(space.modules_of):
+        mod_of[c, :len(mods_c)] = mods_c
     mod_p_cr = np.where(mod_of >= 0, mod_p[np.maximum(mod_of, 0)], 0.0)  # (C,R)
 
     if lead_categories is None:
@@ -370,7 +371,10 @@ def build_candidates(space: LayoutSpace, tbl: BlockTable, prices: np.ndarray | N
         sc = np.where(mask, sc, -np.inf)
         keep = np.argsort(-sc, axis=1, kind="stable")[:, :max_candidates]
         keep.sort(axis=1)
-        take = lambda a: np.take_along_axis(a, keep.reshape(U, -1, *([1] * (a.ndim - 2))), axis=1)  # noqa: E731
+
+        def take(a: np.ndarray) -> np.ndarray:
+            return np.take_along_axis(a, keep.reshape(U, -1, *([1] * (a.ndim - 2))), axis=1)
+
         cats, blks, mods, value, exposure, mask = (take(cats), take(blks), take(mods), take(value),
                                                    take(exposure), take(mask))
         tilt = take(tilt)

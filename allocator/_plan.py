@@ -290,9 +290,9 @@ def _validate(
         nm_t = tuple(str(s) for s in names)
         if len(nm_t) != n_constraints or len(set(nm_t)) != n_constraints:
             raise ValueError(f"names must hold K = {n_constraints} unique strings; got {list(nm_t)!r}")
-    bad = np.flatnonzero(lo > hi)
-    if bad.size:
-        k = int(bad[0])
+    inverted = np.flatnonzero(lo > hi)
+    if inverted.size:
+        k = int(inverted[0])
         raise ValueError(
             f"lower must be <= upper for every constraint; got lower[{k}] = {float(lo[k])!r} > "
             f"upper[{k}] = {float(hi[k])!r} ({nm_t[k]})"

@@ -35,12 +35,13 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from ._num import is_integral, is_real
 
 __all__ = ["ACTION_NAMESPACE", "SHARED_NAMESPACE", "DSJsonDecision", "parse_dsjson_line", "to_dsjson_line"]
 
@@ -75,7 +76,7 @@ def _timestamp(ts: float | _dt.datetime | str) -> str:
         return ts
     if isinstance(ts, _dt.datetime):
         d = ts if ts.tzinfo is not None else ts.replace(tzinfo=_dt.UTC)
-    elif isinstance(ts, numbers.Real) and not isinstance(ts, bool) and math.isfinite(float(ts)):
+    elif is_real(ts) and math.isfinite(float(ts)):
         d = _dt.datetime.fromtimestamp(float(ts), tz=_dt.UTC)
     else:
         raise ValueError(f"timestamp must be unix seconds, a datetime or an ISO string; got {_r(ts)}")
@@ -133,7 +134,7 @@ def to_dsjson_line(*, event_id: str, timestamp: float | _dt.datetime | str, shar
     n_cand = a.shape[0]
     if p.shape != (n_cand,) or not np.isfinite(p).all() or (p < 0).any() or abs(p.sum() - 1.0) > 1e-5:
         raise ValueError(f"pmf must be a distribution of shape ({n_cand},); got {pmf!r}")
-    if isinstance(chosen, bool) or not isinstance(chosen, numbers.Integral) or not 0 <= chosen < n_cand:
+    if not is_integral(chosen) or not 0 <= chosen < n_cand:
         raise ValueError(f"chosen must be an integer in [0, {n_cand}); got {_r(chosen)}")
     chosen = int(chosen)
     if p[chosen] <= 0:
@@ -148,7 +149,7 @@ def to_dsjson_line(*, event_id: str, timestamp: float | _dt.datetime | str, shar
         multi.append(ex)
     line: dict[str, Any] = {}
     if cost is not None:
-        if not (isinstance(cost, numbers.Real) and math.isfinite(float(cost))):
+        if not (is_real(cost, allow_bool=True) and math.isfinite(float(cost))):
             raise ValueError(f"cost must be a finite number or None; got {_r(cost)}")
         line.update({"_label_cost": float(cost), "_label_probability": float(p[chosen]),
                      "_label_Action": chosen + 1, "_labelIndex": chosen})

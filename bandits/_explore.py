@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._num import is_integral, is_real
+
 __all__ = [
     "EpsilonGreedy",
     "budget_pmf",
@@ -207,7 +209,7 @@ class EpsilonGreedy:
 
     def pmf(self, greedy: int, n_cand: int) -> np.ndarray:
         """Shape (n_cand,): the epsilon-greedy pmf for one request."""
-        if isinstance(n_cand, bool) or not isinstance(n_cand, numbers.Integral) or n_cand < 1:
+        if not is_integral(n_cand) or n_cand < 1:
             raise ValueError(f"n_cand must be an integer >= 1; got {_r(n_cand)}")
         return self.pmf_batch(np.array([greedy]), np.ones((1, int(n_cand)), dtype=bool))[0]
 
@@ -253,8 +255,7 @@ def softmax_pmf(scores: np.ndarray, temperature: float, mask: np.ndarray | None 
     >>> softmax_pmf(np.array([0.0, np.log(3.0)]), 1.0).round(6).tolist()
     [0.25, 0.75]
     """
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
-            or not (0.0 < float(temperature) < math.inf):
+    if not is_real(temperature) or not (0.0 < float(temperature) < math.inf):
         raise ValueError(f"temperature must be a finite number > 0; got {_r(temperature)}")
     s = np.array(scores, dtype=np.float64)
     if s.ndim not in (1, 2) or s.shape[-1] == 0:
@@ -284,7 +285,7 @@ def uniform_from_seed(seed: int) -> float:
     ----------
     G. L. Steele, D. Lea, C. H. Flood. "Fast splittable pseudorandom number generators." OOPSLA 2014.
     """
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= _MASK64:
+    if not is_integral(seed) or not 0 <= seed <= _MASK64:
         raise ValueError(f"seed must be an integer in [0, 2**64); got {_r(seed)}")
     z = (int(seed) + 0x9E3779B97F4A7C15) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64

@@ -26,6 +26,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ._num import is_integral, is_real
+
 __all__ = [
     "DM",
     "DR",
@@ -422,7 +424,7 @@ class SwitchDR(_Estimator):
     tau: float = math.inf
 
     def __post_init__(self) -> None:
-        if isinstance(self.tau, bool) or not isinstance(self.tau, numbers.Real) or not float(self.tau) >= 0:
+        if not is_real(self.tau) or not float(self.tau) >= 0:
             raise ValueError(f"tau must be a number >= 0 (inf allowed); got {_r(self.tau)}")
 
     def _terms(self, log: _Log) -> _Terms:
@@ -585,7 +587,7 @@ class RidgeRewardModel:
     """
 
     def __init__(self, alpha: float = 1.0) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= float(alpha) < math.inf:
+        if not is_real(alpha) or not 0 <= float(alpha) < math.inf:
             raise ValueError(f"alpha must be a finite number >= 0; got {_r(alpha)}")
         self.alpha = float(alpha)
 
@@ -649,7 +651,7 @@ def cross_fit_rewards(action_features: np.ndarray, action: np.ndarray, reward: n
     """
     x = RidgeRewardModel._check_x(action_features)
     n = x.shape[0]
-    if isinstance(n_folds, bool) or not isinstance(n_folds, numbers.Integral) or not 2 <= n_folds <= n:
+    if not is_integral(n_folds) or not 2 <= n_folds <= n:
         raise ValueError(f"n_folds must be an integer in [2, n_rounds={n}]; got {_r(n_folds)}")
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"rng must be a numpy.random.Generator; got {type(rng).__name__}")

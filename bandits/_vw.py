@@ -38,7 +38,7 @@ def _r(x: object) -> str:
 
 
 def _check_real(name: str, x: object, low: float, high: float, *, low_open: bool = False) -> float:
-    v = float(x) if isinstance(x, numbers.Real) and not isinstance(x, bool) else float("nan")
+    v = float(x) if not isinstance(x, bool) and isinstance(x, numbers.Real) else float("nan")
     if not (np.isfinite(v) and (low < v if low_open else low <= v) and v <= high):
         bracket = "(" if low_open else "["
         raise ValueError(f"{name} must be a number in {bracket}{low}, {high}]; got {_r(x)}")
@@ -417,7 +417,9 @@ class VWLayoutBandit:
                     exs = parser.parse_json(line)
                 except RuntimeError as e:
                     raise ValueError(f"VW could not parse DSJSON line {count + 1}: {e}") from e
-                if not any(e.get_label().label is not None for e in exs[1:]):
+                # the workspace is always cb_explore_adf, so every label is a CBLabel
+                if not any(isinstance(lbl := e.get_label(), vw.CBLabel) and lbl.label is not None
+                           for e in exs[1:]):
                     continue
                 self._core.learn_multi_ex_one([e._example for e in exs])
                 count += 1

@@ -90,10 +90,10 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
             raise TypeError(f"timestamp must be a datetime; got {type(value).__name__} {value!r}")
         if value.tzinfo is None or value.utcoffset() is None:
             raise ValueError(f"timestamp must be timezone-aware (UTC); got naive {value!r}")
-        value = value.astimezone(UTC)
+        as_utc = value.astimezone(UTC)
         if dialect.name == "sqlite":
-            return value.replace(tzinfo=None)
-        return value
+            return as_utc.replace(tzinfo=None)
+        return as_utc
 
     def process_result_value(self, value: Any, dialect: sa.Dialect) -> datetime | None:
         if value is None:

@@ -46,8 +46,8 @@ def _train(phase: str, ctx: dict[str, Any]) -> dict[str, Any]:
         u = np.array([w_user.get(user_ids[k], 0) for k in np.asarray(user_idx).tolist()])
         return world.true_preference(u, cat_to_world[np.asarray(item_idx)])
 
-    from ._jobs_train import log_training_arrays  # the user index space the ranker is trained in
     from ._catalog import Catalog
+    from ._jobs_train import log_training_arrays  # the user index space the ranker is trained in
 
     user_ids.extend(log_training_arrays(db, cfg, Catalog.from_arrays(store.load_items(db)))["user_ids"])
     res = train_ranker(db, cfg, true_relevance=truth, progress=ctx["progress"])

@@ -103,7 +103,7 @@ def validate_replay(db: Any, world: Any, targets: tuple[str, ...] = ("logged", "
         check = {"decisions_checked": int(ok_rows.sum()),
                  "max_abs_diff": float(np.max(np.abs(got[ok_rows] - want[ok_rows]), initial=0.0))}
     # the log's own check: the served candidate's true value, averaged, is what the logged policy earned
-    rows = []
+    rows: list[dict[str, Any]] = []
     for t in targets:
         try:
             res = replay(dlog, reward, t, cfg, db, n_boot=n_boot)

@@ -293,7 +293,10 @@ class DecisionEngine:
         eng = np.nan_to_num(tbl.mean_score[0, tt[:, None], cc, bb])  # (n_real, S) slot engagement
         tail_share = tbl.n_tail[0, tt[:, None], cc, bb].sum(1) / np.maximum(tbl.n_shown[0, tt[:, None], cc, bb].sum(1), 1)
         # logged numbers are rounded to 1e-6 (half the log's bytes); the pmf keeps full precision
-        r6 = lambda a: np.round(a, 6).tolist()  # noqa: E731
+
+        def r6(a: np.ndarray) -> list[Any]:
+            return np.round(a, 6).tolist()
+
         values, scores_, exps, engs, tails = (r6(cand.value[0, real]), r6(priced), r6(cand.exposure[0, real]),
                                               r6(eng), r6(tail_share))
         candidates = [

@@ -68,7 +68,8 @@ def user_candidates(state: EngineState, user_ids: np.ndarray, seed: int = 0) -> 
     prefs = [sc.category_preferences(int(u)) for u in u_idx.tolist()]
     lead = None
     if prefs and prefs[0] is not None:
-        lead = np.argsort(-np.stack(prefs), axis=1, kind="stable")[:, : min(len(prefs[0]), 4)]
+        pref_rows = [p for p in prefs if p is not None]  # a scorer gives them for every user or for none
+        lead = np.argsort(-np.stack(pref_rows), axis=1, kind="stable")[:, : min(len(prefs[0]), 4)]
     tbl = block_table(state.space, scores, state.item_category[pool], state.is_tail[pool], state.tail[pool])
     return build_candidates(state.space, tbl, state.prices, lead_categories=lead)
 
@@ -179,7 +180,7 @@ def pace_once(db: Any, *, window_s: float = 300.0, step_size: float = 2.0, min_d
                                       max_price=50.0, names=cfg.constraint_names),
                           prices=np.where(np.isfinite(lo), np.maximum(start, 0), 0) - np.where(np.isfinite(hi), np.maximum(-start, 0), 0))
     new = pacer.update(realised)
-    summary = {
+    summary: dict[str, Any] = {
         "prices": dict(zip(cfg.constraint_names, map(float, new), strict=True)),
         "projected": (plan or {}).get("projected"),
         "solver": {"method": "pacer", "window_s": window_s, "n_decisions": int(same.sum()),
@@ -346,7 +347,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         cur = parse_config_text(active[1])
         cur_res = dry_run(db, cur, active[0], users, weight)
     print(f"dry run over {users.size} recent users")
-    if cur_res is not None and cur_res["ok"]:
+    if active is not None and cur_res is not None and cur_res["ok"]:  # cur_res is set only with active
         print_plan(cur_res["summary"], cur, f"current config (version {active[0]})")
     if not new_res["ok"]:
         print(f"{args.file}: INFEASIBLE — it would not be applied\n{new_res['diagnosis']}")

@@ -77,7 +77,7 @@ class DecisionLog:
         return int(self.action.size)
 
     def take(self, idx: np.ndarray) -> DecisionLog:
-        kw = {}
+        kw: dict[str, Any] = {}
         for f in self.__dataclass_fields__:
             v = getattr(self, f)
             kw[f] = [v[i] for i in np.asarray(idx).tolist()] if isinstance(v, list) else v[idx]
@@ -155,7 +155,10 @@ def decision_log(cols: dict[str, Any], config: HomepageConfig, *, serving_only: 
     shared = np.zeros((n, d))
     for r, row in enumerate(shared_rows):  # rows are short lists; numpy cannot ragged-stack
         shared[r, :len(row)] = row
-    take = lambda key: np.asarray(cols[key])[idx] if key in cols else np.full(n, None, dtype=object)  # noqa: E731
+
+    def take(key: str) -> np.ndarray:
+        return np.asarray(cols[key])[idx] if key in cols else np.full(n, None, dtype=object)
+
     return DecisionLog(
         request_id=np.asarray(take("request_id"), dtype=str),
         user_id=np.asarray(take("user_id"), dtype=object),

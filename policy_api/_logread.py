@@ -84,7 +84,10 @@ def read_decision_log(db: Any, config: HomepageConfig, since: datetime | None = 
     flat = cand.flatten()
     m = int(counts.sum())
     mask = _pad(np.ones(m), counts, L) > 0
-    f = lambda name: flat.field(name).to_numpy(zero_copy_only=False).astype(np.float64)  # noqa: E731
+
+    def f(name: str) -> np.ndarray:
+        return flat.field(name).to_numpy(zero_copy_only=False).astype(np.float64)
+
     exposure = np.zeros((n, L, K))
     engagement = np.zeros((n, L, S))
     categories = np.full((n, L, S), -1, dtype=np.int64)

@@ -725,8 +725,8 @@ class LogWriter:
                     if len(pending[table]) >= self._batch_size:
                         self._count("replayed", self._insert_isolating(engine, table, pending[table]))
                         pending[table] = []
-            for table, rows in pending.items():
-                self._count("replayed", self._insert_isolating(engine, table, rows))
+            for table, left in pending.items():
+                self._count("replayed", self._insert_isolating(engine, table, left))
         except _Trouble as trouble:
             self._on_trouble(trouble.cause)
             return False

@@ -43,7 +43,7 @@ class Settings:
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
         env = os.environ
-        base = {
+        base: dict[str, Any] = {
             "database_url": env.get("DATABASE_URL", DEFAULT_DATABASE_URL),
             "data_dir": Path(env.get("HOMEPAGE_DATA_DIR", "homepage-data")),
             "reload_s": float(env.get("HOMEPAGE_RELOAD_S", "5")),
@@ -91,6 +91,8 @@ def load_state(db: Any, config: HomepageConfig | None = None, config_version: in
         try:
             from bandits import VWLayoutBandit
 
+            if bm[2] is None:
+                raise ValueError(f"bandit version {bm[0]} has no artifact")
             bandit = VWLayoutBandit.load(bm[2])
             versions["bandit"] = bm[0]
         except Exception:

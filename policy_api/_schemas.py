@@ -76,7 +76,7 @@ def _json(model: type[BaseModel]) -> dict[str, Any]:
 
 def openapi_spec(extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
     """OpenAPI 3.1 document of the API."""
-    models = [LayoutItem, LayoutModule, LayoutResponse, FeedbackEvent, FeedbackRequest, FeedbackResponse,
+    models: list[type[BaseModel]] = [LayoutItem, LayoutModule, LayoutResponse, FeedbackEvent, FeedbackRequest, FeedbackResponse,
               ErrorBody, ErrorResponse]
     schemas: dict[str, Any] = {}
     for m in models:

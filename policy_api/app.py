@@ -123,11 +123,11 @@ def feedback() -> tuple[Response, int]:
     for eid, i in first.items():
         if eid in dup:
             continue
-        e = fb.events[i]
+        ev = fb.events[i]
         rows.append({
-            "event_id": eid, "request_id": fb.request_id, "slot": e.slot, "item_id": e.item_id,
-            "type": e.type, "value": e.value,
-            "ts": datetime.fromtimestamp(e.ts, tz=UTC) if e.ts is not None else now, "received_at": now,
+            "event_id": eid, "request_id": fb.request_id, "slot": ev.slot, "item_id": ev.item_id,
+            "type": ev.type, "value": ev.value,
+            "ts": datetime.fromtimestamp(ev.ts, tz=UTC) if ev.ts is not None else now, "received_at": now,
         })
     if rows:
         rt.writer.submit_feedback(rows)
