@@ -265,7 +265,9 @@ class Candidates:
 
 def _exposure_terms(space: LayoutSpace, prices: np.ndarray,
                     tbl: BlockTable) -> tuple[np.ndarray, float, np.ndarray]:
-    """Per-slot price contributions for greedy filling: (S, C) slot-category and (U,B,C,R) tail terms."""
+    """Prices turned into per-unit gains for greedy filling: per category (C,) and per module (M,)
+    price per unit of slot weight (divided by the total weight), and the long-tail price per shown
+    item (divided by S*K)."""
     W = space.position_weights.sum()
     n_items = space.n_slots * space.items_per_module
     C = space.category_value.size
@@ -329,8 +331,6 @@ def build_candidates(space: LayoutSpace, tbl: BlockTable, prices: np.ndarray | N
     blks = np.zeros((U, n_var, B, S), dtype=np.int64)
     value = np.zeros((U, n_var, B))
     ok = np.ones((U, n_var, B), dtype=bool)
-    uu = np.arange(U)[:, None, None]
-    bb = np.arange(B)[None, None, :]
     for s in range(S):
         # next block of each category for each state: used[..., c]
         r_next = used  # (U,var,B,C)
@@ -355,7 +355,6 @@ def build_candidates(space: LayoutSpace, tbl: BlockTable, prices: np.ndarray | N
         cats[..., s] = pick
         blks[..., s] = np.take_along_axis(r_next, pick[..., None], axis=-1)[..., 0]
         np.put_along_axis(used, pick[..., None], blks[..., s][..., None] + 1, axis=-1)
-    del uu, bb
 
     cats = cats.reshape(U, V, S)
     blks = blks.reshape(U, V, S)

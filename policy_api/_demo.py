@@ -31,7 +31,7 @@ __all__ = ["DemoSettings", "run_demo", "PhaseLog"]
 class DemoSettings:
     n_users: int = 2000
     n_items: int = 3000
-    requests: int = 6000  # per phase
+    requests: int = 4000  # per phase
     out_dir: Path = Path("homepage-data")
     seed: int = 0
     workers: int = 2

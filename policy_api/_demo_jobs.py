@@ -86,7 +86,7 @@ class Pacing:
     """Online pacing while a phase runs: every ``every_s`` seconds, realised exposure over the last
     ``window_s`` moves the prices (a new plan version the workers swap to). Keeps the trajectory."""
 
-    def __init__(self, ctx: dict[str, Any], every_s: float = 2.0, window_s: float = 4.0, step: float = 2.0) -> None:
+    def __init__(self, ctx: dict[str, Any], every_s: float = 2.0, window_s: float = 6.0, step: float = 0.5) -> None:
         import threading
 
         self.ctx, self.every_s, self.window_s, self.step = ctx, every_s, window_s, step

@@ -114,10 +114,13 @@ def feedback() -> tuple[Response, int]:
         first.setdefault(eid, i)
     in_request_dups = len(ids) - len(first)
     dup |= rt.remember_events(list(first))
-    try:
-        dup |= store.existing_event_ids(rt.db, [e for e in first if e not in dup])
-    except Exception:  # database down: the worker's memory and ON CONFLICT keep it idempotent
-        log.warning("could not check event ids against the log; relying on ON CONFLICT")
+    # while the log writer sees the database down, don't wait on it here: the worker's memory and
+    # ON CONFLICT keep feedback idempotent
+    if rt.writer.stats().get("healthy", True):
+        try:
+            dup |= store.existing_event_ids(rt.db, [e for e in first if e not in dup])
+        except Exception:
+            log.warning("could not check event ids against the log; relying on ON CONFLICT")
     now = datetime.now(tz=UTC)
     rows: list[dict[str, Any]] = []
     for eid, i in first.items():

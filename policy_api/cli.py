@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="closed loop over real HTTP on a simulated world; writes a report")
     dm.add_argument("--users", type=int, default=2000)
     dm.add_argument("--items", type=int, default=3000)
-    dm.add_argument("--requests", type=int, default=6000, help="layout requests per phase")
+    dm.add_argument("--requests", type=int, default=4000, help="layout requests per phase")
     dm.add_argument("--workers", type=int, default=2)
     dm.add_argument("--concurrency", type=int, default=8)
     dm.add_argument("--seed", type=int, default=0)

@@ -135,6 +135,11 @@ def test_feedback_is_idempotent_and_unknown_ids_are_404(server):
               for k, t in enumerate(["impression", "play", "full_play"])]
     first = requests.post(server.url + "/feedback", json={"request_id": r["request_id"], "events": events}, timeout=5)
     assert first.status_code == 202 and first.json() == {"accepted": 3, "duplicates": 0}
+    # a retry can reach the other worker; once the first events are flushed (~50 ms) every worker
+    # recognises them through the log (storage is idempotent either way: ON CONFLICT DO NOTHING)
+    t0 = time.time()
+    while server.count("feedback") < 3 and time.time() - t0 < 10:
+        time.sleep(0.05)
     again = requests.post(server.url + "/feedback", json={"request_id": r["request_id"], "events": events + events[:1]},
                           timeout=5)
     assert again.status_code == 202 and again.json() == {"accepted": 0, "duplicates": 4}
