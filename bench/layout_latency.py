@@ -56,7 +56,7 @@ def in_process(n: int) -> None:
          mean_ms=float(t.mean() * 1e3), target_p99_ms=2.0)
 
 
-def http(rate: float, duration: float) -> None:
+def http(rate: float, duration: float, threads: int = 4) -> None:
     import requests
 
     from simulator import make_world
@@ -76,7 +76,7 @@ def http(rate: float, duration: float) -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         proc = subprocess.Popen([sys.executable, "-m", "policy_api.cli", "serve", "--config", str(d / "homepage.toml"),
-                                 "--port", str(port), "--workers", "2"], env=env, stdout=subprocess.DEVNULL,
+                                 "--port", str(port), "--workers", "2", "--threads", str(threads)], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -112,7 +112,7 @@ def http(rate: float, duration: float) -> None:
             for th in ths:
                 th.join()
             wall = time.perf_counter() - t0
-            emit(bench="layout_http", workers=2, offered_rate=rate, achieved_rate=n / (wall - 0.5), n=n,
+            emit(bench="layout_http", workers=2, threads_per_worker=threads, offered_rate=rate, achieved_rate=n / (wall - 0.5), n=n,
                  p50_ms=float(np.nanpercentile(lat, 50) * 1e3), p99_ms=float(np.nanpercentile(lat, 99) * 1e3),
                  target_p99_ms=20.0, note="client and server share the machine's 2 cores")
         finally:
@@ -125,6 +125,8 @@ if __name__ == "__main__":
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--rate", type=float, default=200.0)
     ap.add_argument("--duration", type=float, default=15.0)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 4], help="gthread threads per worker to compare")
     a = ap.parse_args()
     in_process(a.requests)
-    http(a.rate, a.duration)
+    for th in a.threads:
+        http(a.rate, a.duration, th)

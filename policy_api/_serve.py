@@ -42,7 +42,7 @@ class _App(BaseApplication):  # type: ignore[misc]
         return create_app()
 
 
-def run_gunicorn(host: str, port: int, workers: int, threads: int = 4) -> int:
+def run_gunicorn(host: str, port: int, workers: int, threads: int = 1) -> int:
     data_dir = Path(os.environ.get("HOMEPAGE_DATA_DIR", "homepage-data"))
     prom = data_dir / "prometheus"
     shutil.rmtree(prom, ignore_errors=True)

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--workers", type=int, default=2)
-    sv.add_argument("--threads", type=int, default=4, help="threads per worker (gthread)")
+    sv.add_argument("--threads", type=int, default=1,
+                    help="request threads per worker (gthread); 1 is fastest for this CPU-bound work: scale with --workers")
     sv.set_defaults(func=cmd_serve)
 
     dm = sub.add_parser("demo", help="closed loop over real HTTP on a simulated world; writes a report")
