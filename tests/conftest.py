@@ -20,6 +20,15 @@ import sqlalchemy as sa
 
 POSTGRES_ENV = "HOMEPAGE_TEST_POSTGRES_URL"
 
+#: the seeds of seeded tests: 42 by default; ``SEEDS=all pytest -k name`` runs 0..99
+SEEDS = range(100) if os.environ.get("SEEDS") == "all" else [42]
+
+
+@pytest.fixture(params=SEEDS)
+def seed(request: pytest.FixtureRequest) -> int:
+    """The one seed fixture every seeded test uses (house style: each test passes for seeds 0..99)."""
+    return int(request.param)
+
 
 def _postgres_admin_url() -> sa.URL | None:
     raw = os.environ.get(POSTGRES_ENV)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import pickle
 
 import numpy as np
@@ -25,13 +24,6 @@ from bandits import (
     to_dsjson_line,
     uniform_from_seed,
 )
-
-SEEDS = range(100) if os.environ.get("SEEDS") == "all" else [42]
-
-
-@pytest.fixture(params=SEEDS)
-def seed(request: pytest.FixtureRequest) -> int:
-    return int(request.param)
 
 
 def random_pmf(rng: np.random.Generator, n: int, zeros: int = 0) -> np.ndarray:

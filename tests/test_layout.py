@@ -12,11 +12,6 @@ from allocator import LayoutSpace, block_table, build_candidates, layout_items, 
 from .test_config import EXAMPLE
 
 
-@pytest.fixture(params=[0, 1, 2, 3, 4])
-def seed(request):
-    return request.param
-
-
 def tiny_space(slots=3, K=2, levels=(0.0, 0.5), modules=(("a", 0), ("b", 0), ("c", 1), ("d", 1), ("e", 2)),
                constraints=True) -> LayoutSpace:
     cats = ["songs", "videos", "live"]

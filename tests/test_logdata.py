@@ -5,16 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import numpy as np
-import pytest
 
 from allocator import parse_config_text
 from policy_api._logdata import decision_log, join_rewards
 from simulator import make_world
-
-
-@pytest.fixture(params=range(3))
-def seed(request):
-    return request.param
 
 
 def test_join_rewards_matches_slow_loop(seed):

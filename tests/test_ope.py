@@ -6,7 +6,6 @@ Run every seeded test for seeds 0..99 with ``SEEDS=all pytest tests/test_ope.py`
 from __future__ import annotations
 
 import math
-import os
 import pickle
 
 import numpy as np
@@ -25,14 +24,6 @@ from bandits import (
     estimate_all,
     overlap_diagnostics,
 )
-
-SEEDS = range(100) if os.environ.get("SEEDS") == "all" else [42]
-
-
-@pytest.fixture(params=SEEDS)
-def seed(request: pytest.FixtureRequest) -> int:
-    return int(request.param)
-
 
 # A 4-round log over at most 3 candidates (round 3 had only 2: padded with 0), worked by hand:
 #   w = pi_e(a|x) / pscore = [1/.5, .5/.25, .5/.5, .5/.5] = [2, 2, 1, 1]

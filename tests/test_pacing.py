@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -12,13 +11,7 @@ import pytest
 from allocator._pacing import DualPacer, PacerConfig
 from allocator._plan import choose_batch, plan_lp
 
-SEEDS = range(100) if os.environ.get("SEEDS") == "all" else [42]
 INF = math.inf
-
-
-@pytest.fixture(params=SEEDS)
-def seed(request: pytest.FixtureRequest) -> int:
-    return int(request.param)
 
 
 def test_one_step_is_projected_dual_descent():

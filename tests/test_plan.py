@@ -8,7 +8,6 @@ solvers against each other.
 from __future__ import annotations
 
 import itertools
-import os
 import pickle
 import time
 
@@ -21,13 +20,7 @@ import allocator._dual as dual_module
 from allocator._dual import _diagnose_dual, plan_dual
 from allocator._plan import InfeasiblePlan, Plan, _validate, choose, choose_batch, plan_lp
 
-SEEDS = range(100) if os.environ.get("SEEDS") == "all" else [42]
 SOLVERS = {"lp": plan_lp, "dual": plan_dual}
-
-
-@pytest.fixture(params=SEEDS)
-def seed(request: pytest.FixtureRequest) -> int:
-    return int(request.param)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -47,14 +46,8 @@ from rankers import (
 )
 from rankers._train import _pairwise_loss, _Tensors
 
-SEEDS = range(100) if os.environ.get("SEEDS") == "all" else [42]
 WEIGHTS = {"play": 1.0, "full_play": 2.0, "favorite": 4.0, "share": 5.0, "skip": -0.5}
 TINY = dict(embed_dim=8, cin_layers=(4, 4), expert_dim=8, tower_dim=4, batch_size=256)
-
-
-@pytest.fixture(params=SEEDS)
-def seed(request: pytest.FixtureRequest) -> int:
-    return int(request.param)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import csv
 import dataclasses
 import itertools
 import math
-import os
 import pickle
 import tomllib
 
@@ -22,13 +21,6 @@ from simulator import (
     World,
     make_world,
 )
-
-SEEDS = range(100) if os.environ.get("SEEDS") == "all" else [42]
-
-
-@pytest.fixture(params=SEEDS)
-def seed(request: pytest.FixtureRequest) -> int:
-    return int(request.param)
 
 
 @pytest.fixture(scope="module")
