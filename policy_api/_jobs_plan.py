@@ -243,9 +243,10 @@ def refit_valuation(db: Any, config: HomepageConfig, prior_units: float = 500.0,
     known = ids[io][pos] == f_items if ids.size else np.zeros(f_items.size, bool)
     f_cat = np.where(known, cats[io][pos], "")
     types = np.asarray(fb["type"], dtype=str)
-    units = np.array([float(config.events.get(t, 0.0)) if t != "impression" else 0.0 for t in types.tolist()]) \
-        if types.size else np.zeros(0)
-    rev = np.array([0.0 if v is None else float(v) for v in list(fb["value"])])
+    uniq, inv = np.unique(types, return_inverse=True)
+    unit_of = np.array([float(config.events.get(t, 0.0)) if t != "impression" else 0.0 for t in uniq.tolist()])
+    units = unit_of[inv] if types.size else np.zeros(0)
+    rev = np.nan_to_num(np.asarray(fb["value"], dtype=np.float64), nan=0.0)  # NULL value = no revenue
     out = []
     for c in config.categories:
         m = f_cat == c.name
