@@ -102,6 +102,7 @@ class EngineState:
     bandit: Any  # bandits.VWLayoutBandit or None (epsilon-greedy within the budget)
     versions: dict[str, Any]
     fallback_modules: list[dict[str, Any]]
+    new_categories: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # config indices
 
 
 @dataclass
@@ -200,6 +201,7 @@ def build_state(config: HomepageConfig, catalog: Catalog, *, scorer: ScorerHandl
         config=config, catalog=catalog, space=space, item_category=item_cat, is_tail=is_tail, tail=tail,
         by_category=tuple(by_cat), head_quota=head, rest_quota=rest, scorer=scorer, prices=pr,
         bandit=bandit, versions=dict(versions or {}), fallback_modules=fb,
+        new_categories=np.array([k for k, c in enumerate(config.categories) if c.new], dtype=np.int64),
     )
 
 
@@ -275,6 +277,13 @@ class DecisionEngine:
             base = np.full(real.size, 1.0 / real.size)
             policy = "epsilon_greedy"
         pmf = budget_pmf(base, greedy, ex.budget, value=value, max_value_loss=ex.max_value_loss)
+        if ex.new_category_share > 0 and st.new_categories.size:
+            # new categories get their own exploration share, on top of the budget: that much traffic
+            # goes uniformly to the candidates showing a new category (the logged pmf includes it)
+            shows_new = np.isin(cand.categories[0, real], st.new_categories).any(axis=1)
+            if shows_new.any():
+                eta = ex.new_category_share
+                pmf = (1.0 - eta) * pmf + eta * shows_new / shows_new.sum()
         chosen = int(sample(pmf, seed_of(request_id + "/draw")))
         lc = int(real[chosen])
         shown = layout_items(st.space, tbl, 0, cand.categories[0, lc], cand.blocks[0, lc], int(cand.tilt[0, lc]))

@@ -93,3 +93,30 @@ def test_request_ids_are_signed():
     assert a.issued(rid) and not b.issued(rid)
     assert not a.issued(rid[:-1] + ("0" if rid[-1] != "0" else "1"))
     assert not a.issued("garbage") and not a.issued("")
+
+
+def test_new_categories_get_their_own_exploration_share(world):
+    """With `new = true` on a category and `new_category_share = eta`, at least eta of traffic goes to
+    layouts showing it, on top of the budget; the logged propensity stays pmf[chosen]."""
+    text = world.default_config_toml().replace('name = "audio"\n', 'name = "audio"\nnew = true\n')
+    text = text.replace("budget = 0.05", "budget = 0.05\nnew_category_share = 0.2")
+    cfg = parse_config_text(text)
+    assert cfg.categories[2].new and cfg.exploration.new_category_share == 0.2
+    cat = Catalog(item_ids=np.asarray(world.item_ids, dtype=object),
+                  category=np.array([world.categories[c] for c in world.item_category], dtype=object),
+                  popularity=np.asarray(world.popularity, dtype=float),
+                  features=np.asarray(world.item_features, dtype=float), feature_names=tuple(world.item_feature_names))
+    # a price that pushes the greedy layout away from audio, so the share must come from exploration
+    eng = DecisionEngine(build_state(cfg, cat, prices=np.array([0.5, 0.3])))
+    ids = RequestIds(b"k")
+    n, shown, expected = 1500, 0, 0.0
+    for k in range(n):
+        d = eng.decide(f"u{k % 50:05d}", ids.issue())
+        with_audio = np.array(["audio" in c["categories"] for c in d.candidates])
+        assert d.propensity == pytest.approx(d.pmf[d.chosen]) and sum(d.pmf) == pytest.approx(1.0)
+        if with_audio.any():
+            assert float(np.dot(d.pmf, with_audio)) >= 0.2 - 1e-12
+        expected += float(np.dot(d.pmf, with_audio))
+        shown += any(m["category"] == "audio" for m in d.modules)
+    se = np.sqrt(max(expected / n * (1 - expected / n), 1e-9) / n)
+    assert abs(shown / n - expected / n) <= 4 * se  # the draws follow the logged pmf
