@@ -1,0 +1,1 @@
+"""Alembic revisions of the SQL log (see env.py); `homepage db upgrade` applies them."""

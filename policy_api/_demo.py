@@ -281,10 +281,10 @@ def run_demo(s: DemoSettings, between: Callable[[str, dict[str, Any]], None] | N
     try:
         server.wait_ready()
         for k, name in enumerate(s.phases):
-            if between is not None:
-                between(name, ctx) if k > 0 else None
-            else:
+            if between is None:
                 between_phases(name, ctx, first=k == 0)
+            elif k > 0:
+                between(name, ctx)
             if cfg.constraints and s.pacing:
                 from ._demo_jobs import Pacing
 
