@@ -270,9 +270,15 @@ def train_ranker(db: Any, config: Any, *, interaction: str = "cin", max_epochs: 
     is_tail, _ = long_tail(catalog.popularity, cats, config.tilt.head_share)
     gate = evaluate(model, valid, train=train, event_weights=dict(config.events), is_tail=is_tail,
                     category_names=config.category_names, threads=threads, seed=seed)
+    # publish only what beats the popularity scorer served today, on validation: the click model
+    # (play GAUC of the factual prediction) and the score as served (NDCG@10 of logged lists by
+    # behaviour grade) — a small log can give a click model that wins yet serves worse
     model_gauc = gate.value(gate.model, "gauc", "play")
     pop_gauc = gate.value("popularity", "gauc", "play")
-    better = bool(model_gauc > pop_gauc)
+    ndcg = f"ndcg@{gate.k}"
+    model_ndcg = gate.value("ranker", ndcg, "units")
+    pop_ndcg = gate.value("popularity", ndcg, "units")
+    better = bool(model_gauc > pop_gauc and model_ndcg > pop_ndcg)
     report = evaluate(model, test, train=train, event_weights=dict(config.events), is_tail=is_tail,
                       true_relevance=true_relevance, category_names=config.category_names, threads=threads,
                       seed=seed)
@@ -281,6 +287,7 @@ def train_ranker(db: Any, config: Any, *, interaction: str = "cin", max_epochs: 
                "train_s": train_s, "examples_per_s": len(train) * len(history.train_loss) / max(train_s, 1e-9),
                "best_epoch": history.best_epoch, "valid_logloss": list(history.valid_logloss),
                "valid_play_gauc": model_gauc, "valid_play_gauc_popularity": pop_gauc,
+               "valid_ndcg": model_ndcg, "valid_ndcg_popularity": pop_ndcg,
                "test_beats_baselines": report.beats_baselines, "verdict": report.verdict,
                "interaction": interaction}
     out: dict[str, Any] = {"text": text, "metrics": metrics, "published": None, "history": history,
@@ -334,8 +341,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"published ranker version {res['published']} (validation play GAUC {m['valid_play_gauc']:.4f} vs "
               f"popularity {m['valid_play_gauc_popularity']:.4f}); report: {page}")
         return 0
-    print(f"NOT published: validation play GAUC {m['valid_play_gauc']:.4f} does not beat popularity's "
-          f"{m['valid_play_gauc_popularity']:.4f} (use --force to publish anyway); report: {page}")
+    print(f"NOT published: on validation the ranker must beat popularity on play GAUC "
+          f"({m['valid_play_gauc']:.4f} vs {m['valid_play_gauc_popularity']:.4f}) and on NDCG@10 of the served "
+          f"score ({m['valid_ndcg']:.4f} vs {m['valid_ndcg_popularity']:.4f}); use --force to publish anyway. "
+          f"Report: {page}")
     return 1
 
 
