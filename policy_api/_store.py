@@ -599,10 +599,13 @@ def publish_model(
         .returning(models.c.version)
     )
     if isinstance(bind, Connection):
+        _lock_registry(bind, 0x6D646C)
         return int(bind.execute(stmt).scalar_one())
     for attempt in range(_RETRIES):
         try:
             with bind.begin() as conn:
+                # one publisher at a time on PostgreSQL, so max(version) + 1 never collides under load
+                _lock_registry(conn, 0x6D646C)
                 return int(conn.execute(stmt).scalar_one())
         except sa.exc.IntegrityError:
             if attempt == _RETRIES - 1:
