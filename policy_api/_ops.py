@@ -20,8 +20,9 @@ OPS_PATHS: dict[str, Any] = {
                 "responses": {"200": {"description": "config"}}},
         "put": {"summary": "Validate, dry-run and apply a new config (bearer token)",
                 "security": [{"operatorToken": []}],
-                "requestBody": {"required": True, "content": {"application/toml": {"schema": {"type": "string"}},
-                                                              "text/plain": {"schema": {"type": "string"}}}},
+                "requestBody": {"required": True, "content": {
+                    "application/toml": {"schema": {"type": "string", "minLength": 1, "pattern": "\\S"}},
+                    "text/plain": {"schema": {"type": "string", "minLength": 1, "pattern": "\\S"}}}},
                 "responses": {"200": {"description": "applied: new config and plan versions"},
                               "400": {"description": "invalid config", "content": _err},
                               "401": {"description": "missing or wrong token", "content": _err},
@@ -29,7 +30,8 @@ OPS_PATHS: dict[str, Any] = {
     },
     "/exposure": {"get": {
         "summary": "Realised exposure shares against the targets over a window",
-        "parameters": [{"name": "window_s", "in": "query", "schema": {"type": "number", "default": 3600}}],
+        "parameters": [{"name": "window_s", "in": "query",
+                        "schema": {"type": "number", "default": 3600, "exclusiveMinimum": 0, "maximum": 7776000}}],
         "responses": {"200": {"description": "shares"}, "400": {"description": "bad window", "content": _err}}}},
     "/ops": {"get": {"summary": "Operator page (HTML)", "responses": {"200": {"description": "page"}}}},
 }

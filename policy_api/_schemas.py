@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 __all__ = ["LayoutItem", "LayoutModule", "LayoutResponse", "FeedbackEvent", "FeedbackRequest",
            "FeedbackResponse", "ErrorBody", "ErrorResponse", "openapi_spec"]
+
+def _integral(v: Any) -> Any:
+    if isinstance(v, bool | str):
+        raise ValueError(f"must be an integer; got a {type(v).__name__}")
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
 
 EventType = Literal["impression", "play", "full_play", "favorite", "share", "skip"]
 
@@ -35,18 +43,20 @@ class LayoutResponse(BaseModel):
 
 
 class FeedbackEvent(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a boolean is not a number and 1.5 is not a slot (ints are still fine where a float is asked)
+    model_config = ConfigDict(extra="forbid", strict=True)
     event_id: str = Field(min_length=1, max_length=200, description="client id; feedback is idempotent by it")
-    slot: int = Field(ge=0, le=1000)
+    # JSON Schema's integer admits 3.0; a boolean or 3.5 is still refused
+    slot: Annotated[int, BeforeValidator(_integral)] = Field(ge=0, le=1000, strict=False)
     item_id: str = Field(min_length=1, max_length=200)
     type: EventType
     value: float | None = Field(default=None, allow_inf_nan=False, description="revenue, if any")
-    ts: float | None = Field(default=None, ge=0, allow_inf_nan=False,
+    ts: float | None = Field(default=None, ge=0, le=1e11, allow_inf_nan=False,
                              description="event time, epoch seconds (default: arrival)")
 
 
 class FeedbackRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     request_id: str = Field(min_length=1, max_length=100)
     events: list[FeedbackEvent] = Field(min_length=1, max_length=1000)
 
@@ -88,9 +98,10 @@ def openapi_spec(extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
         "/layout": {"get": {
             "summary": "Decide the homepage layout for a user",
             "parameters": [{"name": "user_id", "in": "query", "required": True,
-                            "schema": {"type": "string", "minLength": 1, "maxLength": 200}}],
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "\\S"}}],
             "responses": {"200": {"description": "the layout", "content": _json(LayoutResponse)},
-                          "400": err, "503": {"description": "no catalog loaded", "content": _json(ErrorResponse)}},
+                          "400": err, "414": {"description": "request line longer than the server accepts"},
+                          "503": {"description": "no catalog loaded", "content": _json(ErrorResponse)}},
         }},
         "/feedback": {"post": {
             "summary": "Report what the user did with a layout",

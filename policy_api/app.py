@@ -52,7 +52,11 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException) -> tuple[Response, int]:
         code = (e.name or "error").lower().replace(" ", "_")
-        return jsonify({"error": {"code": code, "message": e.description or e.name, "field": None}}), e.code or 500
+        resp = jsonify({"error": {"code": code, "message": e.description or e.name, "field": None}})
+        for name, value in e.get_headers():  # e.g. Allow on 405, as RFC 9110 asks
+            if name.lower() != "content-type":
+                resp.headers[name] = value
+        return resp, e.code or 500
 
     @app.errorhandler(Exception)
     def _unexpected(e: Exception) -> tuple[Response, int]:

@@ -164,6 +164,13 @@ def test_feedback_is_idempotent_and_unknown_ids_are_404(server):
         ({"request_id": "x", "events": [{"event_id": "e", "slot": 0, "item_id": "i", "type": "play", "colour": 1}]},
          "events.0.colour"),
         ({"request_id": "x", "events": "play"}, "events"),
+        # found by schemathesis against /openapi.json: an overflowing time was a 500, a boolean a number
+        ({"request_id": "x", "events": [{"event_id": "e", "slot": 0, "item_id": "i", "type": "play", "ts": 1.6e92}]},
+         "events.0.ts"),
+        ({"request_id": "x", "events": [{"event_id": "e", "slot": 0, "item_id": "i", "type": "play", "value": False}]},
+         "events.0.value"),
+        ({"request_id": "x", "events": [{"event_id": "e", "slot": True, "item_id": "i", "type": "play"}]}, "events.0.slot"),
+        ({"request_id": "x", "events": [{"event_id": "e", "slot": 1.5, "item_id": "i", "type": "play"}]}, "events.0.slot"),
     ],
 )
 def test_feedback_bad_input_is_a_400_naming_the_field(server, payload, field):
@@ -180,7 +187,17 @@ def test_feedback_garbage_is_never_a_500(server, data):
 
 def test_unknown_route_and_method_are_json_4xx(server):
     error_of(requests.get(server.url + "/nope", timeout=5), 404)
-    error_of(requests.delete(server.url + "/layout", timeout=5), 405)
+    r = requests.delete(server.url + "/layout", timeout=5)
+    error_of(r, 405)
+    assert "GET" in r.headers["Allow"]  # RFC 9110: a 405 lists what is allowed
+
+
+def test_integral_slot_numbers_are_accepted(server):
+    r = requests.get(server.url + "/layout", params={"user_id": "s"}, timeout=5).json()
+    ev = [{"event_id": r["request_id"] + "-s", "slot": 2.0, "item_id": r["modules"][2]["items"][0]["item_id"],
+           "type": "impression"}]
+    got = requests.post(server.url + "/feedback", json={"request_id": r["request_id"], "events": ev}, timeout=5)
+    assert got.status_code == 202 and got.json()["accepted"] == 1
 
 
 def test_health_ready_metrics_openapi(server):
