@@ -118,7 +118,7 @@ def write_demo_report(out: Path, cfg: Any, world: Any, phases: list[Any], unifor
 
     # -- plots --------------------------------------------------------------------------------------
     fig, ax = plt.subplots(figsize=(7, 4))
-    labels = ["uniform"] + [f"engine: {r['phase']}" for r in phase_rows] + ["oracle"]
+    labels = ["uniform"] + [f"engine: {r['phase']}" for r in phase_rows] + ["oracle\n(unconstrained)"]
     means = [um] + [r["mean_reward"] for r in phase_rows] + [om]
     ses = [use] + [r["mean_reward_se"] for r in phase_rows] + [ose]
     ax.bar(labels, means, yerr=[1.96 * s for s in ses], color=["#999"] + ["#3a7"] * len(phase_rows) + ["#36c"],
