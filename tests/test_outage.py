@@ -47,6 +47,10 @@ class Relay:
     def down(self) -> None:
         with self._lock:
             if self._listener is not None:
+                try:  # wakes the accept() blocked in the other thread; close() alone does not on Linux
+                    self._listener.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
                 self._listener.close()
                 self._listener = None
             for s in self._socks:
