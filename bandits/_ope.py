@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any, ClassVar
@@ -265,14 +266,15 @@ def _value_and_influence(terms: _Terms, n: int) -> tuple[float, np.ndarray]:
     return value, psi
 
 
-class _Estimator:
+class _Estimator(ABC):
     """Base: subclasses define ``name``, ``needs_model`` and ``_terms``."""
 
     name: ClassVar[str]
     needs_model: ClassVar[bool] = False
 
+    @abstractmethod
     def _terms(self, log: _Log) -> _Terms:
-        raise NotImplementedError
+        """The estimator's per-round terms (numerator, and denominator when self-normalised)."""
 
     def estimate(self, reward: np.ndarray, action: np.ndarray, pscore: np.ndarray, action_dist: np.ndarray,
                  estimated_rewards: np.ndarray | None = None, *, alpha: float = 0.05) -> Estimate:
