@@ -21,35 +21,18 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rankers import (  # noqa: E402
-    EVENT_TYPES,
     RankerScorer,
     TrainConfig,
     build_examples,
     fit,
     split_by_time,
 )
-from simulator import make_world  # noqa: E402
+from simulator import exposure_log, make_world  # noqa: E402
 
 
 def world_log(world, n_requests: int, rng: np.random.Generator, popularity_bias: float = 0.5):
-    """Impressions (examined items) and events from a World: each position of each slot shows an
-    item drawn with probability proportional to popularity**popularity_bias."""
-    users = world.sample_users(n_requests, rng)
-    p = world.popularity**popularity_bias
-    items = rng.choice(world.n_items, size=(n_requests, world.n_slots, world.items_per_module), p=p / p.sum())
-    fb = world.sample_feedback_batch(users, items, rng)
-    ts = 1.7e9 + 60.0 * np.arange(n_requests)
-    imp = fb.event == "impression"
-    _, first = np.unique(fb.row[imp] * world.n_items + fb.item_idx[imp], return_index=True)
-    rows, shown = fb.row[imp][first], fb.item_idx[imp][first]
-    ev = ~imp
-    code = {e: k for k, e in enumerate(EVENT_TYPES)}
-    typ = np.array([code[str(e)] for e in fb.event[ev]], dtype=np.int64)
-    r = fb.row[ev]
-    return (
-        {"decision": rows, "user": users[rows], "item": shown, "ts": ts[rows]},
-        {"decision": r, "user": users[r], "item": fb.item_idx[ev], "ts": ts[r] + 5.0, "type": typ},
-    )
+    """Impressions and events from the simulator under a popularity-biased exposure policy."""
+    return exposure_log(world, n_requests, rng, popularity_bias)
 
 
 def emit(**fields: object) -> None:

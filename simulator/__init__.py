@@ -6,6 +6,7 @@ engagement events with known expected units; an exact oracle layout per user.
 """
 
 from ._config import DEFAULT_MODULES
+from ._log import exposure_log
 from ._world import (
     CATEGORIES,
     DEFAULT_EVENT_WEIGHTS,
@@ -28,5 +29,6 @@ __all__ = [
     "ITEM_FEATURE_NAMES",
     "Feedback",
     "World",
+    "exposure_log",
     "make_world",
 ]

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from rankers import (
     CGC,
     CIN,
-    EVENT_TYPES,
     TASKS,
     CrossNet,
     ItemOnlyBranch,
@@ -109,24 +108,10 @@ def group_log(
 
 
 def world_log(world, n_requests: int, rng: np.random.Generator, popularity_bias: float = 1.0):
-    """Impressions (examined items) and events drawn from a simulator World under a popularity-biased
-    exposure policy: each slot position shows an item with probability proportional to popularity**bias."""
-    users = world.sample_users(n_requests, rng)
-    p = world.popularity**popularity_bias
-    items = rng.choice(world.n_items, size=(n_requests, world.n_slots, world.items_per_module), p=p / p.sum())
-    fb = world.sample_feedback_batch(users, items, rng)
-    ts = 1.7e9 + 60.0 * np.arange(n_requests)
-    imp = fb.event == "impression"
-    _, first = np.unique(fb.row[imp] * world.n_items + fb.item_idx[imp], return_index=True)
-    rows, shown = fb.row[imp][first], fb.item_idx[imp][first]
-    ev = ~imp
-    code = {e: k for k, e in enumerate(EVENT_TYPES)}
-    typ = np.array([code[str(e)] for e in fb.event[ev]], dtype=np.int64)
-    r = fb.row[ev]
-    return (
-        {"decision": rows, "user": users[rows], "item": shown, "ts": ts[rows]},
-        {"decision": r, "user": users[r], "item": fb.item_idx[ev], "ts": ts[r] + 5.0, "type": typ},
-    )
+    """Impressions and events from the simulator under a popularity-biased exposure policy."""
+    from simulator import exposure_log
+
+    return exposure_log(world, n_requests, rng, popularity_bias)
 
 
 # ---------------------------------------------------------------------------------------------------

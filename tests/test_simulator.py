@@ -535,3 +535,15 @@ def test_methods_reject_invalid_arguments() -> None:
         w.oracle(0, np.array([1, 1]))
     with pytest.raises(ValueError, match=r"modules_per_category must be >= 0"):
         w.oracle(0, np.array([1, -1, 1, 1]))
+
+
+def test_exposure_log_pairs_every_event_with_an_impression(seed):
+    from simulator import exposure_log
+
+    world = make_world(n_users=30, n_items=200, seed=seed)
+    imp, ev = exposure_log(world, 150, np.random.default_rng(seed))
+    seen = set(zip(imp["decision"].tolist(), imp["item"].tolist(), strict=True))
+    assert len(seen) == imp["item"].size  # one impression per examined (request, item)
+    assert all((d, i) in seen for d, i in zip(ev["decision"].tolist(), ev["item"].tolist(), strict=True))
+    assert ev["type"].min() >= 0 and ev["type"].max() < len(EVENT_TYPES)
+    assert (ev["ts"] > imp["ts"].min()).all() and np.array_equal(imp["user"], imp["user"].astype(int))
