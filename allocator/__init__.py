@@ -18,6 +18,7 @@ from ._config import (
     parse_config,
     parse_config_text,
 )
+from ._controller import PIPacer, PIPacerConfig
 from ._dual import plan_dual
 from ._layout import (
     BlockTable,
@@ -30,8 +31,15 @@ from ._layout import (
 )
 from ._pacing import DualPacer, PacerConfig
 from ._plan import InfeasibilityDiagnosis, InfeasiblePlan, Plan, Relaxation, choose, choose_batch, plan_lp
+from ._solve import LP_MAX_VARS, PLAN_METHODS, solve_plan
+from ._valuation import ValueRefit, refit_values
 
 __all__ = [
+    "LP_MAX_VARS",
+    "PLAN_METHODS",
+    "ValueRefit",
+    "refit_values",
+    "solve_plan",
     "CONSTRAINT_KINDS",
     "EVENT_TYPES",
     "EXPLORATION_ALGORITHMS",
@@ -43,6 +51,8 @@ __all__ = [
     "InfeasibilityDiagnosis",
     "InfeasiblePlan",
     "PacerConfig",
+    "PIPacer",
+    "PIPacerConfig",
     "Plan",
     "Relaxation",
     "choose",

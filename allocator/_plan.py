@@ -1,6 +1,6 @@
 """Planning LP: traffic-weighted layout choice under exposure floors and caps.
 
-The problem (DESIGN.md, "The decision math")::
+The problem (docs/architecture.md, "The decision math")::
 
     maximise    sum_u weight_u sum_l x[u, l] value[u, l]
     subject to  sum_l x[u, l] = 1,  x >= 0                       (one layout per user)

@@ -84,7 +84,8 @@ def _at(x: np.ndarray, g: np.ndarray) -> np.ndarray:
 
 # -- the budget ---------------------------------------------------------------------------------
 def budget_pmf(pmf: np.ndarray, greedy: int | np.ndarray, budget: float,
-               value: np.ndarray | None = None, max_value_loss: float | None = None) -> np.ndarray:
+               value: np.ndarray | None = None, max_value_loss: float | None = None, *,
+               mask: np.ndarray | None = None) -> np.ndarray:
     """Mix an exploration pmf toward the greedy candidate until it fits the exploration budget.
 
     The result is ``q = s * pmf + (1 - s) * e_greedy`` with the largest ``s`` in [0, 1] such that
@@ -114,6 +115,10 @@ def budget_pmf(pmf: np.ndarray, greedy: int | np.ndarray, budget: float,
     max_value_loss
         In [0, 1], or None: the most expected value that may be given up, as a share of
         ``|value[greedy]|``.
+    mask
+        Same shape as ``pmf``, bool, or None: the real candidates of padded rows (a batch of logged
+        decisions with different candidate counts). ``pmf`` and ``value`` are read as 0 outside it,
+        so a target policy's pmf over padded logged candidates is budgeted as serving budgets it.
 
     Returns
     -------
@@ -124,7 +129,16 @@ def budget_pmf(pmf: np.ndarray, greedy: int | np.ndarray, budget: float,
     --------
     >>> budget_pmf(np.array([0.25, 0.25, 0.5]), 2, 0.1).round(3).tolist()
     [0.05, 0.05, 0.9]
+    >>> budget_pmf(np.array([[0.5, 0.5, 0.0]]), np.array([0]), 0.2, mask=np.array([[True, True, False]])).tolist()
+    [[0.8, 0.2, 0.0]]
     """
+    if mask is not None:
+        m = np.asarray(mask, dtype=bool)
+        if m.shape != np.shape(pmf):
+            raise ValueError(f"mask must have the shape of pmf {np.shape(pmf)}; got {m.shape}")
+        pmf = np.where(m, pmf, 0.0)
+        if value is not None:
+            value = np.where(m, value, 0.0)
     p = _check_pmf(pmf)
     g = _check_greedy(greedy, p)
     budget = _check_unit("budget", budget)

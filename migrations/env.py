@@ -2,7 +2,7 @@
 
 Works three ways:
 
-* programmatically, from :func:`policy_api._db.upgrade` / ``downgrade``: the caller puts an open
+* programmatically, from :func:`policy_api.log.upgrade` / ``downgrade``: the caller puts an open
   ``Connection`` (and the target ``MetaData``) in ``config.attributes``;
 * from the ``alembic`` CLI with an ini file whose ``script_location`` is this folder; the URL comes
   from ``-x url=...``, else env ``DATABASE_URL``, else ``sqlalchemy.url`` in the ini;
@@ -24,7 +24,7 @@ def _target_metadata() -> Any:
     metadata = context.config.attributes.get("target_metadata")
     if metadata is None:
         # imported lazily: the CLI only needs it for autogenerate / `alembic check`
-        from policy_api._db import metadata
+        from policy_api.log import metadata
     return metadata
 
 
@@ -50,7 +50,7 @@ def _configure(connection: Connection) -> None:
 
 
 def run_migrations_offline() -> None:
-    from policy_api._db import normalize_url
+    from policy_api.log import normalize_url
 
     url = normalize_url(_url())
     context.configure(
@@ -69,7 +69,7 @@ def run_migrations_online() -> None:
     if connection is not None:
         _configure(connection)
         return
-    from policy_api._db import make_engine
+    from policy_api.log import make_engine
 
     engine = make_engine(_url())
     try:

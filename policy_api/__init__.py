@@ -1,36 +1,21 @@
-"""The composition root: the decision engine wiring rankers, allocator and bandits; the Flask app;
-the SQL log; the model/plan registry; the ``homepage`` CLI. The only package that does I/O.
+"""The composition root: wires the numeric packages (rankers, allocator, bandits) into a product.
 
-``create_app``, ``ApiError`` and ``main`` are imported on first use: the app module creates the
-Prometheus metrics, and ``homepage serve`` must set up multiprocess metrics before that happens.
+Rooms, by role (arrows point one way: cli/demo -> serving -> jobs -> engine -> registry -> log -> core):
+
+- :mod:`policy_api.log` — the SQL schema and engine factory, row reads/writes, the batched writer and
+  its spill, the log as arrays, Parquet export, catalog files;
+- :mod:`policy_api.registry` — configs, plans and models: typed records, one publish rule;
+- :mod:`policy_api.engine` — one decision (rankers -> candidates -> prices -> bandit -> draw) and the
+  engine state built from what is published;
+- :mod:`policy_api.jobs` — plan, pace, learn, train, replay, import, valuation: plain functions;
+- :mod:`policy_api.reports` — HTML/PNG reports;
+- :mod:`policy_api.serving` — the Flask app, routes, schemas, metrics, runtime, gunicorn;
+- :mod:`policy_api.cli` and :mod:`policy_api.demo` — the ``homepage`` command and the closed-loop demo;
+- :mod:`policy_api.errors` and :mod:`policy_api.settings` — shared by every room.
+
+``docs/architecture.md`` has the data flow of a request and of each job.
 """
 
-from typing import Any
+from .errors import HomepageError
 
-from ._engine import Decision, DecisionEngine, EngineState, build_state
-from ._runtime import Runtime, Settings, load_state
-
-__all__ = [
-    "ApiError",
-    "Decision",
-    "DecisionEngine",
-    "EngineState",
-    "Runtime",
-    "Settings",
-    "build_state",
-    "create_app",
-    "load_state",
-    "main",
-]
-
-
-def __getattr__(name: str) -> Any:
-    if name in ("create_app", "ApiError"):
-        from . import app
-
-        return getattr(app, name)
-    if name == "main":
-        from .cli import main
-
-        return main
-    raise AttributeError(f"module 'policy_api' has no attribute {name!r}")
+__all__ = ["HomepageError"]

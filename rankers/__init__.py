@@ -5,6 +5,11 @@ serving scorers. numpy + torch; arrays and dataclasses in and out.
 The data builder, metrics and :class:`PopularityScorer` need numpy only: torch is imported on first
 use of a torch-backed name (model blocks, ``fit``, ``RankerScorer``, ``evaluate``), so serving the
 popularity baseline never loads torch.
+
+The served-page evaluation core is numpy + scipy.sparse as well: :func:`top_k_pages`,
+:func:`page_metrics`, :func:`coverage` and :func:`paired_bootstrap`, and the simple scorers
+:class:`RecentPopularity`, :class:`CategoryPopularity` and :class:`ItemKNN` (``fit`` on interaction
+arrays, ``score_all(user_idx) -> (n, n_items)``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from ._data import (
     split_by_time,
 )
 from ._metrics import auc, category_hit_rate, ece, gauc, logloss, ndcg_at_k
+from ._served import coverage, page_metrics, paired_bootstrap, top_k_pages
+from ._simple import CategoryPopularity, ItemKNN, RecentPopularity
 
 _LAZY = {
     "._model": (
@@ -83,9 +90,11 @@ __all__ = [
     "PRIOR_COLUMNS",
     "TASKS",
     "CategoryHead",
+    "CategoryPopularity",
     "CategoryRanker",
     "CrossNet",
     "Examples",
+    "ItemKNN",
     "ItemOnlyBranch",
     "ItemPriorBaseline",
     "ItemTower",
@@ -95,6 +104,7 @@ __all__ = [
     "RankerMetrics",
     "RankerOutput",
     "RankerScorer",
+    "RecentPopularity",
     "TargetAttention",
     "TrainConfig",
     "TrainHistory",
@@ -106,6 +116,7 @@ __all__ = [
     "build_examples",
     "build_model",
     "category_hit_rate",
+    "coverage",
     "ece",
     "evaluate",
     "fit",
@@ -114,6 +125,8 @@ __all__ = [
     "item_priors",
     "logloss",
     "ndcg_at_k",
+    "page_metrics",
+    "paired_bootstrap",
     "popularity_rank",
     "predict",
     "predict_categories",
@@ -122,5 +135,6 @@ __all__ = [
     "task_bce",
     "task_log_probs",
     "task_weights_from_events",
+    "top_k_pages",
     "torch_threads",
 ]

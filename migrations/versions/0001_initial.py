@@ -4,7 +4,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2025-01-01
 
-Hand-written and reviewed against ``policy_api._db.metadata``: every constraint and index carries the
+Hand-written and reviewed against ``policy_api.log.metadata``: every constraint and index carries the
 name the metadata's naming convention gives it, so ``alembic check`` finds no difference.
 ``feedback.request_id`` deliberately has no foreign key: feedback may be flushed before its decision.
 """

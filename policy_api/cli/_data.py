@@ -1,0 +1,92 @@
+"""``homepage db``, ``catalog``, ``import`` and ``log export``: getting data in and out."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .. import jobs
+from ..log import export_parquet, read_catalog_csv, upgrade, upsert_items
+from ..settings import database_url
+from ._common import config_arg, db_engine, load_cfg, parse_time, redact
+
+__all__ = ["add_commands"]
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    upgrade(database_url())
+    print(f"database at {redact(database_url())} is at the newest revision")
+    return 0
+
+
+def cmd_catalog_load(args: argparse.Namespace) -> int:
+    _, cfg = load_cfg(args)
+    cat = read_catalog_csv(args.file, cfg.category_names)
+    upsert_items(db_engine(), cat.rows())
+    counts = {c: int((cat.category == c).sum()) for c in cfg.category_names}
+    print(f"loaded {cat.n_items} items ({', '.join(f'{k} {v}' for k, v in counts.items())}); "
+          f"features: {', '.join(cat.feature_names) or 'none'}")
+    return 0
+
+
+def cmd_refresh_head(args: argparse.Namespace) -> int:
+    res = jobs.refresh_head(db_engine(), days=args.days, blend=args.blend, min_impressions=args.min_impressions)
+    print(f"popularity of {res.items} items recomputed from {res.impressions} impressions since "
+          f"{res.since:%Y-%m-%d} (blend with catalog popularity {res.blend})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    res = jobs.import_file(db_engine(), args.file)
+    print(f"imported {res.events} interactions of {res.users} users as {res.decisions} log entries "
+          f"({', '.join(f'{k} {v}' for k, v in res.by_event.items())})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    db = db_engine()
+    since, until = parse_time(args.since, "--since"), parse_time(args.until, "--until")
+    out = Path(args.out)
+    if args.format == "parquet":
+        n = export_parquet(db, out, since, until)
+        print(f"wrote {n} decisions to {out}")
+    else:
+        n = jobs.export_dsjson(db, out, since, until)
+        print(f"wrote {n} DSJSON decisions to {out}")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    db = sub.add_parser("db", help="database schema")
+    dbs = db.add_subparsers(dest="db_command", metavar="SUBCOMMAND", required=True)
+    up = dbs.add_parser("upgrade", help="apply the Alembic migrations to DATABASE_URL")
+    up.set_defaults(func=cmd_db_upgrade)
+
+    cat = sub.add_parser("catalog", help="the item catalog")
+    cats = cat.add_subparsers(dest="catalog_command", metavar="SUBCOMMAND", required=True)
+    ld = cats.add_parser("load", help="load items.csv (item_id,category,popularity[,numeric features...]); "
+                                      "categories are checked against --config")
+    ld.add_argument("file", metavar="FILE")
+    config_arg(ld)
+    ld.set_defaults(func=cmd_catalog_load)
+    p = cats.add_parser("refresh-head", help="recompute item popularity (and so the long-tail head) from "
+                                             "logged impressions")
+    p.add_argument("--days", type=float, default=7.0, help="impressions over this many days")
+    p.add_argument("--blend", type=float, default=0.0, help="weight kept on the catalog's popularity, in [0, 1]")
+    p.add_argument("--min-impressions", type=int, default=1000, help="refuse with fewer impressions")
+    p.set_defaults(func=cmd_refresh_head)
+
+    p = sub.add_parser("import", help="warm-start from history: interactions.csv "
+                                      "(user_id,item_id,event,timestamp[,value])")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(func=cmd_import)
+
+    lg = sub.add_parser("log", help="the decision log")
+    ls = lg.add_subparsers(dest="log_command", metavar="SUBCOMMAND", required=True)
+    p = ls.add_parser("export", help="export decisions (and their feedback) to Parquet or Vowpal Wabbit DSJSON")
+    p.add_argument("--format", choices=("parquet", "dsjson"), default="parquet")
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("--since", help="ISO time (inclusive)")
+    p.add_argument("--until", help="ISO time (exclusive)")
+    p.set_defaults(func=cmd_export)

@@ -1,0 +1,28 @@
+"""The decision engine: for one request, rankers -> candidate pool -> candidate layouts -> priced
+scores -> budgeted pmf -> seeded draw -> the served layout and its log row.
+
+Serving calls it per request; jobs call it to build candidates exactly as serving does (planning,
+dry runs, replay checks). :func:`load_state` builds the immutable state from what is published.
+"""
+
+from ._engine import Decision, DecisionEngine, EngineState, Scorer, ScorerHandle, build_state
+from ._features import layout_features, shared_features
+from ._ids import RequestIds, load_secret, seed_of
+from ._state import load_catalog, load_state, ranker_scorer
+
+__all__ = [
+    "Decision",
+    "DecisionEngine",
+    "EngineState",
+    "RequestIds",
+    "Scorer",
+    "ScorerHandle",
+    "build_state",
+    "layout_features",
+    "load_catalog",
+    "load_secret",
+    "load_state",
+    "ranker_scorer",
+    "seed_of",
+    "shared_features",
+]

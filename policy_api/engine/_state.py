@@ -1,0 +1,74 @@
+"""The engine state from what is published: the active (or a given) config, the catalog, the plan's
+prices for that config and the newest ranker and bandit.
+
+A model that cannot be loaded never stops serving: the state falls back to the popularity scorer or
+to epsilon-greedy exploration and logs why.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from sqlalchemy.engine import Engine
+
+from bandits import VWLayoutBandit
+from rankers import RankerScorer
+
+from .. import registry
+from ..errors import InvalidInput, NotReady
+from ..log import Catalog, load_items
+from ..registry import ConfigRecord, ModelRecord
+from ._engine import EngineState, ScorerHandle, build_state
+
+__all__ = ["load_catalog", "load_state", "ranker_scorer"]
+
+log = logging.getLogger("homepage.engine")
+
+
+def load_catalog(db: Engine) -> Catalog:
+    """The catalog in the database; :class:`NotReady` when none was loaded."""
+    catalog = Catalog.from_arrays(load_items(db))
+    if catalog.n_items == 0:
+        raise NotReady("the catalog is empty; load one with `homepage catalog load items.csv`", field="catalog")
+    return catalog
+
+
+def ranker_scorer(model: ModelRecord, catalog: Catalog) -> ScorerHandle:
+    """A published ranker as the engine's scorer, its item rows mapped onto ``catalog``'s."""
+    if model.artifact is None:
+        raise InvalidInput(f"ranker version {model.version} has no artifact", field="artifact")
+    art = registry.unpack_ranker(model.artifact)
+    scorer = RankerScorer.load(art.scorer)
+    lookup = {iid: i for i, iid in enumerate(art.item_ids)}
+    remap = np.array([lookup.get(i, -1) for i in catalog.item_ids.tolist()], dtype=np.int64)
+    users = {uid: i for i, uid in enumerate(art.user_ids)}
+    return ScorerHandle(scorer, users, remap, name=f"ranker:{model.version}")
+
+
+def load_state(db: Engine, config: ConfigRecord | None = None, *, catalog: Catalog | None = None) -> EngineState:
+    """The engine state for ``config`` (default: the active config) from the registry and the catalog."""
+    cfg = config or registry.require_active_config(db)
+    catalog = catalog if catalog is not None else load_catalog(db)
+    prices, plan = registry.prices(db, cfg)
+    versions: dict[str, int | None] = {"config": cfg.version, "plan": None if plan is None else plan.version,
+                                       "ranker": None, "bandit": None}
+    scorer = None
+    ranker = registry.model(db, "ranker")
+    if ranker is not None:
+        try:
+            scorer = ranker_scorer(ranker, catalog)
+            versions["ranker"] = ranker.version
+        except Exception:  # a broken artifact must not stop serving: popularity scoring stays
+            log.exception("ranker version %s could not be loaded; serving popularity", ranker.version)
+    bandit = None
+    bm = registry.model(db, "bandit")
+    if bm is not None:
+        try:
+            if bm.artifact is None:
+                raise InvalidInput(f"bandit version {bm.version} has no artifact", field="artifact")
+            bandit = VWLayoutBandit.load(bm.artifact)
+            versions["bandit"] = bm.version
+        except Exception:
+            log.exception("bandit version %s could not be loaded; serving epsilon-greedy", bm.version)
+    return build_state(cfg.config, catalog, scorer=scorer, prices=prices, bandit=bandit, versions=versions)

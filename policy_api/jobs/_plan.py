@@ -1,0 +1,302 @@
+"""Allocation jobs: plan (LP / dual), dry-run and apply a config, pace (online dual descent),
+realised exposure, and refreshing the long-tail head from logged impressions.
+
+Each job reads one snapshot (the registry's active config and prices, the catalog, the log), computes
+with :mod:`allocator` and returns a frozen result; publishing is the last step and the only write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+from sqlalchemy.engine import Engine
+
+from allocator import (
+    Candidates,
+    DualPacer,
+    HomepageConfig,
+    InfeasiblePlan,
+    PacerConfig,
+    Plan,
+    block_table,
+    build_candidates,
+    solve_plan,
+)
+
+from .. import registry
+from ..engine import DecisionEngine, EngineState, load_state
+from ..errors import InvalidInput, from_infeasible
+from ..log import decision_log, load_items, read_decisions, read_feedback, upsert_items
+from ..registry import ConfigRecord
+
+__all__ = [
+    "ApplyResult",
+    "ConfigCheck",
+    "HeadRefresh",
+    "PaceResult",
+    "PlanResult",
+    "apply_config",
+    "check_config",
+    "dry_run",
+    "exposure_report",
+    "pace",
+    "plan",
+    "refresh_head",
+    "sample_users",
+    "user_candidates",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class PlanResult:
+    """A solved plan for one config: prices and projections by constraint name, solver figures.
+
+    ``value`` is the projected expected value per request, in the config's money units (category
+    value per engagement unit x engagement x slot weight, summed over slots).
+    """
+
+    config_version: int | None
+    prices: dict[str, float]
+    value: float
+    shares: dict[str, float]
+    solver: dict[str, Any]
+    users: int
+    candidates: int
+    plan_version: int | None = None
+
+    @property
+    def projected(self) -> dict[str, Any]:
+        return {"value": self.value, "shares": dict(self.shares)}
+
+
+# ---- building the planning problem -------------------------------------------------------------
+def sample_users(db: Engine, *, since: datetime | None = None, n: int = 2000, seed: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Users of recent traffic and their traffic weights.
+
+    Draws ``n`` logged decisions uniformly (so users come in proportion to their traffic) and weighs
+    each drawn decision 1/n; repeated users merge. With no traffic yet: one cold-start user.
+    """
+    cols = read_decisions(db, since=since, columns=["user_id"])
+    users = np.asarray(cols["user_id"], dtype=object)
+    if users.size == 0:
+        return np.array(["<cold-start>"], dtype=object), np.ones(1)
+    rng = np.random.default_rng(seed)
+    drawn = users[rng.integers(0, users.size, size=min(n, users.size))]
+    uniq, counts = np.unique(drawn.astype(str), return_counts=True)
+    return uniq.astype(object), counts / counts.sum()
+
+
+def user_candidates(state: EngineState, user_ids: np.ndarray, seed: int = 0) -> Candidates:
+    """Candidate layouts of many users, as serving builds them (one shared candidate pool)."""
+    pool = DecisionEngine(state).pool(state, np.random.default_rng(seed))
+    sc = state.scorer
+    u_idx = np.array([sc.user_idx(str(u)) for u in user_ids.tolist()], dtype=np.int64)
+    U, P = u_idx.size, pool.size
+    scores = sc.score_pairs(np.repeat(u_idx, P), np.tile(pool, U)).reshape(U, P)
+    prefs = [sc.category_preferences(int(u)) for u in u_idx.tolist()]
+    lead = None
+    rows = [p for p in prefs if p is not None]  # a scorer gives them for every user or for none
+    if rows:
+        lead = np.argsort(-np.stack(rows), axis=1, kind="stable")[:, : min(rows[0].size, 4)]
+    tbl = block_table(state.space, scores, state.item_category[pool], state.is_tail[pool], state.tail[pool])
+    return build_candidates(state.space, tbl, state.prices, lead_categories=lead)
+
+
+def _result(config: HomepageConfig, version: int | None, p: Plan, users: int, candidates: int,
+            extra: dict[str, Any] | None = None) -> PlanResult:
+    names = config.constraint_names
+    solver = {"method": p.method, "status": p.status, "gap": float(p.gap), "violation": float(p.violation),
+              "n_vars": int(p.n_vars), "build_s": float(p.build_s), "solve_s": float(p.solve_s),
+              "iterations": int(p.iterations), "users": users, **(extra or {})}
+    return PlanResult(config_version=version, prices=dict(zip(names, map(float, p.prices), strict=True)),
+                      value=float(p.objective), shares=dict(zip(names, map(float, p.shares), strict=True)),
+                      solver=solver, users=users, candidates=candidates)
+
+
+def _solve(state: EngineState, config: HomepageConfig, version: int | None, users: np.ndarray,
+           weight: np.ndarray, *, method: str = "auto", seed: int = 0, what: str = "the config") -> PlanResult:
+    cand = user_candidates(state, users, seed=seed)
+    lo, hi = config.bounds()
+    try:
+        p = solve_plan(cand.value, cand.exposure, weight, lo, hi, cand.mask, names=config.constraint_names,
+                       method=method)
+    except InfeasiblePlan as e:
+        raise from_infeasible(e, what) from None
+    return _result(config, version, p, int(users.size), int(cand.mask.sum()))
+
+
+# ---- plan ----------------------------------------------------------------------------------------
+def plan(db: Engine, *, users: int = 2000, since: datetime | None = None, method: str = "auto", seed: int = 0,
+         publish: bool = True) -> PlanResult:
+    """Plan the active config on ``users`` users sampled from traffic since ``since``; publish its prices.
+
+    Raises :class:`~policy_api.errors.Infeasible` (nothing published) when the constraints cannot hold.
+    """
+    cfg = registry.require_active_config(db)
+    sampled, weight = sample_users(db, since=since, n=users, seed=seed)
+    res = _solve(load_state(db, cfg), cfg.config, cfg.version, sampled, weight, method=method, seed=seed,
+                 what=f"config version {cfg.version}")
+    if not publish:
+        return res
+    v = registry.publish_plan(db, cfg.version, res.prices, projected=res.projected, solver=res.solver)
+    return replace(res, plan_version=v)
+
+
+def dry_run(db: Engine, config: HomepageConfig, users: np.ndarray, weight: np.ndarray,
+            *, what: str = "the config") -> PlanResult:
+    """Plan ``config`` on ``users`` from zero prices without publishing anything."""
+    cfg = ConfigRecord(version=-1, body="", config=config, status="dry-run")
+    state = replace(load_state(db, cfg), prices=np.zeros(len(config.constraints)))
+    return _solve(state, config, None, users, weight, what=what)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigCheck:
+    """A proposed config's dry run next to the active one's (None when there is no active config)."""
+
+    proposed: PlanResult
+    current: PlanResult | None
+    current_version: int | None
+    users: int
+
+
+def check_config(db: Engine, config: HomepageConfig, *, users: int = 1000, seed: int = 0) -> ConfigCheck:
+    """Dry-run ``config`` and the active config on the same recent users (raises Infeasible for ``config``)."""
+    sampled, weight = sample_users(db, n=users, seed=seed)
+    active = registry.active_config(db)
+    current = None if active is None else dry_run(db, active.config, sampled, weight,
+                                                   what=f"config version {active.version}")
+    proposed = dry_run(db, config, sampled, weight)
+    return ConfigCheck(proposed, current, None if active is None else active.version, int(sampled.size))
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    version: int
+    plan_version: int
+    previous_version: int | None
+    plan: PlanResult
+    warnings: tuple[str, ...]
+
+
+def apply_config(db: Engine, body: str, *, author: str, note: str, users: int = 500) -> ApplyResult:
+    """Validate ``body``, dry-run it (an infeasible config is never applied) and make it active,
+    together with its plan, in one transaction."""
+    config = registry.parse_body(body)
+    sampled, weight = sample_users(db, n=users, seed=0)
+    res = dry_run(db, config, sampled, weight)
+    previous = registry.active_config(db)
+    with db.begin() as conn:  # config and its plan land together, or not at all
+        version = registry.activate_config(conn, body, author=author, note=note, projection=res.projected)
+        plan_version = registry.publish_plan(conn, version, res.prices, projected=res.projected,
+                                             solver={**res.solver, "source": f"dry run at apply ({author})"})
+    return ApplyResult(version, plan_version, None if previous is None else previous.version,
+                       replace(res, config_version=version, plan_version=plan_version), tuple(config.warnings))
+
+
+# ---- pacing ------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class PaceResult:
+    plan_version: int
+    prices: dict[str, float]
+    realised: dict[str, float]
+    n_decisions: int
+
+
+def pace(db: Engine, *, window_s: float = 300.0, step_size: float = 2.0, min_decisions: int = 50,
+         now: datetime | None = None) -> PaceResult | None:
+    """One pacing step: realised exposure of recent served decisions moves the active plan's prices
+    (dual descent); publishes a new plan version for the same config. None when there is not enough
+    traffic under the active config in the window."""
+    cfg = registry.require_active_config(db)
+    config = cfg.config
+    now = now or datetime.now(tz=UTC)
+    cols = read_decisions(db, since=now - timedelta(seconds=window_s),
+                          columns=["request_id", "ts", "candidates", "pmf", "chosen", "propensity", "versions"])
+    if len(cols["chosen"]) < min_decisions or not config.constraints:
+        return None
+    dlog = decision_log(cols, config)
+    # only decisions made under this config: older ones carry other constraint sets
+    same = np.array([v.get("config") == cfg.version for v in dlog.versions], dtype=bool)
+    if same.sum() < min_decisions:
+        return None
+    start, base = registry.prices(db, cfg)
+    lo, hi = config.bounds()
+    saved = None if base is None else (base.solver or {}).get("pacer")
+    if saved is not None and saved.get("config", {}).get("names") == list(config.constraint_names):
+        pacer = DualPacer.from_dict(saved)
+        pacer.floor_multipliers_ = np.maximum(start, 0.0)
+        pacer.cap_multipliers_ = np.maximum(-start, 0.0)
+        pacer.prices_ = start.copy()
+    else:
+        init = np.where(np.isfinite(lo), np.maximum(start, 0), 0) - np.where(np.isfinite(hi), np.maximum(-start, 0), 0)
+        pacer = DualPacer(PacerConfig(lower=tuple(lo), upper=tuple(hi), step_size=step_size, max_price=50.0,
+                                      names=config.constraint_names), prices=init)
+    new = pacer.update(dlog.chosen_exposure[same])
+    names = config.constraint_names
+    realised = dict(zip(names, map(float, pacer.shares_), strict=True))
+    prices = dict(zip(names, map(float, new), strict=True))
+    solver = {"method": "pacer", "window_s": window_s, "n_decisions": int(same.sum()), "realised": realised,
+              "pacer": pacer.to_dict(), "base_plan": None if base is None else base.version}
+    v = registry.publish_plan(db, cfg.version, prices, projected=None if base is None else base.projected,
+                              solver=solver)
+    return PaceResult(v, prices, realised, int(same.sum()))
+
+
+# ---- exposure (GET /exposure, the ops page, reports) --------------------------------------------
+def exposure_report(db: Engine, config: HomepageConfig, config_version: int | None, window_s: float
+                    ) -> dict[str, Any]:
+    """Realised share of every constraint over the last ``window_s`` seconds of decisions made under
+    ``config_version``, against its bounds."""
+    since = datetime.now(tz=UTC) - timedelta(seconds=window_s)
+    cols = read_decisions(db, since=since, columns=["request_id", "ts", "candidates", "pmf", "chosen",
+                                                     "propensity", "versions"])
+    dlog = decision_log(cols, config)
+    same = np.array([v.get("config") == config_version for v in dlog.versions], dtype=bool)
+    rows = []
+    shares = dlog.chosen_exposure[same].mean(0) if same.any() else np.full(len(config.constraints), np.nan)
+    for k, c in enumerate(config.constraints):
+        s = float(shares[k])
+        ok = None if np.isnan(s) else bool((c.min is None or s >= c.min) and (c.max is None or s <= c.max))
+        rows.append({"name": c.name, "kind": c.kind, "min": c.min, "max": c.max,
+                     "realised": None if np.isnan(s) else s, "holds": ok})
+    return {"window_s": window_s, "decisions": int(same.sum()), "config_version": config_version,
+            "constraints": rows}
+
+
+# ---- the long-tail head --------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class HeadRefresh:
+    items: int
+    impressions: int
+    since: datetime
+    blend: float
+
+
+def refresh_head(db: Engine, *, days: float = 7.0, blend: float = 0.0, min_impressions: int = 1000
+                 ) -> HeadRefresh:
+    """Popularity := impressions in the log over the window (items never shown: 0), blended with the
+    catalog's popularity, so the long-tail head is what traffic actually sees."""
+    if not 0.0 <= blend <= 1.0:
+        raise InvalidInput(f"blend must be in [0, 1]; got {blend!r}", field="blend")
+    since = datetime.now(tz=UTC) - timedelta(days=days)
+    fb = read_feedback(db, since=since, columns=["item_id", "type"])
+    types = np.asarray(fb["type"], dtype=str)
+    shown = np.asarray(fb["item_id"], dtype=str)[types == "impression"]
+    items = load_items(db)
+    ids = np.asarray(items["item_ids"], dtype=str)
+    if shown.size < min_impressions:
+        raise InvalidInput(f"min_impressions: only {shown.size} impressions since {since:%Y-%m-%d}; need "
+                           f"{min_impressions} to recompute the head", field="min_impressions")
+    uniq, counts = np.unique(shown, return_counts=True)
+    pos = np.minimum(np.searchsorted(uniq, ids), max(uniq.size - 1, 0))
+    imp = np.where(uniq[pos] == ids, counts[pos], 0).astype(np.float64)
+    pop = (1 - blend) * imp / imp.sum() + blend * items["popularity"] / max(items["popularity"].sum(), 1e-12)
+    upsert_items(db, [{"item_id": i, "category": c, "popularity": float(p), "features": list(map(float, f))}
+                      for i, c, p, f in zip(ids.tolist(), list(items["category"]), pop.tolist(), items["features"],
+                                            strict=True)])
+    return HeadRefresh(int(ids.size), int(shown.size), since, blend)

@@ -1,0 +1,394 @@
+"""Rows of the SQL log (decisions, feedback, catalog items): small functions over an Engine or a Connection.
+
+Every function takes ``bind``: an :class:`~sqlalchemy.engine.Engine` (the function runs its own
+transaction and commits) or a :class:`~sqlalchemy.engine.Connection` (it runs inside the caller's
+transaction; the caller commits).
+
+Batch inserts of decisions and feedback are idempotent (``INSERT ... ON CONFLICT DO NOTHING`` on
+``decisions.request_id`` and ``feedback.event_id``), so replaying a spill file or a retried request
+never duplicates a row. Bulk reads return columns (numpy arrays for numbers, strings and times; lists
+for JSON values), fetched in chunks so a large log never materialises one Python object per row beyond
+what the driver returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from ._schema import Bind, UTCDateTime, begin, decisions, feedback, items, reading, utcnow
+
+__all__ = [
+    "DECISION_COLUMNS",
+    "FEEDBACK_COLUMNS",
+    "existing_event_ids",
+    "feedback_first_seen",
+    "insert_decisions",
+    "insert_feedback",
+    "iter_decisions",
+    "load_items",
+    "read_decisions",
+    "read_feedback",
+    "upsert_items",
+]
+
+
+DECISION_COLUMNS: tuple[str, ...] = tuple(c.name for c in decisions.columns)
+FEEDBACK_COLUMNS: tuple[str, ...] = tuple(c.name for c in feedback.columns)
+_FEEDBACK_INSERT = tuple(c for c in FEEDBACK_COLUMNS if c != "id")
+_IN_CHUNK = 900  # bound parameters per IN (...) query; far below SQLite's and psycopg's limits
+
+
+def _insert(conn: Connection, table: sa.Table) -> Any:
+    name = conn.dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table)
+    if name == "sqlite":
+        return sqlite.insert(table)
+    raise ValueError(f"dialect must be 'sqlite' or 'postgresql'; got {name!r}")
+
+
+# --------------------------------------------------------------------------------- decisions/feedback
+
+
+def _decision_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    # executemany needs the same keys in every row; unknown keys are dropped
+    return [{c: r.get(c) for c in DECISION_COLUMNS} for r in rows]
+
+
+def _feedback_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    now = utcnow()
+    out = []
+    for r in rows:
+        row = {c: r.get(c) for c in _FEEDBACK_INSERT}
+        if row["received_at"] is None:
+            row["received_at"] = now
+        if row["ts"] is None:
+            row["ts"] = row["received_at"]
+        out.append(row)
+    return out
+
+
+def insert_decisions(bind: Bind, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Insert decision rows (dicts keyed by column name) in one executemany; duplicates are skipped.
+
+    Returns the number of rows sent (duplicates by ``request_id`` included).
+    """
+    batch = _decision_rows(rows)
+    if batch:
+        with begin(bind) as conn:
+            stmt = _insert(conn, decisions).on_conflict_do_nothing(index_elements=["request_id"])
+            conn.execute(stmt, batch)
+    return len(batch)
+
+
+def insert_feedback(bind: Bind, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Insert feedback rows; an ``event_id`` already stored is skipped (idempotent replays).
+
+    Missing ``received_at`` is now; missing ``ts`` (event time) is ``received_at``.
+    Returns the number of rows sent (duplicates included).
+    """
+    batch = _feedback_rows(rows)
+    if batch:
+        with begin(bind) as conn:
+            stmt = _insert(conn, feedback).on_conflict_do_nothing(index_elements=["event_id"])
+            conn.execute(stmt, batch)
+    return len(batch)
+
+
+def existing_event_ids(bind: Bind, ids: Iterable[str]) -> set[str]:
+    """The subset of ``ids`` already stored in ``feedback.event_id``."""
+    wanted = list(dict.fromkeys(ids))
+    found: set[str] = set()
+    with reading(bind) as conn:
+        for i in range(0, len(wanted), _IN_CHUNK):
+            chunk = wanted[i : i + _IN_CHUNK]
+            res = conn.execute(sa.select(feedback.c.event_id).where(feedback.c.event_id.in_(chunk)))
+            found.update(res.scalars())
+    return found
+
+
+def _time_column(conn: Connection, col: sa.Column[Any]) -> sa.ColumnElement[Any]:
+    # Raw UTC wall clock, parsed by numpy in one call instead of one aware datetime per row.
+    if conn.dialect.name == "postgresql":
+        return sa.func.timezone("UTC", col).label(col.name)
+    return sa.type_coerce(col, sa.String()).label(col.name)
+
+
+def _to_column(values: list[Any], col: sa.Column[Any]) -> Any:
+    if isinstance(col.type, UTCDateTime):
+        return np.array(values, dtype="datetime64[us]")
+    if isinstance(col.type, sa.Integer):
+        if col.nullable:
+            return np.array([-1 if v is None else v for v in values], dtype=np.int64)
+        return np.array(values, dtype=np.int64)
+    if isinstance(col.type, sa.Float):
+        return np.array(values, dtype=np.float64)  # None -> nan
+    if isinstance(col.type, sa.String):
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
+        return out
+    return values  # JSON: the parsed values, as the driver returns them
+
+
+def _json_text(conn: Connection, col: sa.Column[Any]) -> sa.ColumnElement[Any]:
+    # The stored JSON as text, unparsed (jsonb::text on PostgreSQL).
+    if conn.dialect.name == "postgresql":
+        return sa.cast(col, sa.Text()).label(col.name)
+    return sa.type_coerce(col, sa.Text()).label(col.name)
+
+
+def _iter_columns(
+    conn: Connection,
+    table: sa.Table,
+    columns: Sequence[str],
+    where: list[sa.ColumnElement[bool]],
+    order_by: Sequence[sa.Column[Any]],
+    chunk_size: int,
+    raw_json: bool = False,
+) -> Iterator[dict[str, Any]]:
+    cols = [table.c[c] for c in columns]
+    select_cols: list[sa.ColumnElement[Any]] = []
+    for c in cols:
+        if isinstance(c.type, UTCDateTime):
+            select_cols.append(_time_column(conn, c))
+        elif raw_json and isinstance(c.type, sa.JSON):
+            select_cols.append(_json_text(conn, c))
+        else:
+            select_cols.append(c)
+    stmt = sa.select(*select_cols).where(*where).order_by(*order_by)
+    result = conn.execution_options(yield_per=chunk_size).execute(stmt)
+    try:
+        for part in result.partitions():
+            transposed = list(zip(*part, strict=True))
+            yield {c.name: _to_column(list(transposed[j]), c) for j, c in enumerate(cols)}
+    finally:
+        result.close()
+
+
+def _concat(chunks: list[dict[str, Any]], table: sa.Table, columns: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for c in columns:
+        parts = [ch[c] for ch in chunks]
+        empty = _to_column([], table.c[c])
+        if isinstance(empty, np.ndarray):
+            out[c] = np.concatenate([empty, *parts])
+        else:
+            out[c] = [v for p in parts for v in p]
+    return out
+
+
+def _read_columns(
+    conn: Connection,
+    table: sa.Table,
+    columns: Sequence[str],
+    where: list[sa.ColumnElement[bool]],
+    order_by: Sequence[sa.Column[Any]],
+    chunk_size: int,
+) -> dict[str, Any]:
+    return _concat(list(_iter_columns(conn, table, columns, where, order_by, chunk_size)), table, columns)
+
+
+def _check_columns(columns: Sequence[str] | None, allowed: tuple[str, ...], table: str) -> list[str]:
+    if columns is None:
+        return list(allowed)
+    bad = [c for c in columns if c not in allowed]
+    if bad:
+        raise ValueError(f"columns must be among {table} columns {allowed}; got {bad!r}")
+    return list(columns)
+
+
+def _check_chunk(chunk_size: int) -> None:
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be an int >= 1; got {chunk_size!r}")
+
+
+def _decision_filter(since: datetime | None, until: datetime | None) -> list[sa.ColumnElement[bool]]:
+    where = []
+    if since is not None:
+        where.append(decisions.c.ts >= since)
+    if until is not None:
+        where.append(decisions.c.ts < until)
+    return where
+
+
+def iter_decisions(
+    conn: Connection,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    columns: Sequence[str] | None = None,
+    *,
+    chunk_size: int = 10_000,
+    raw_json: bool = False,
+) -> Iterator[dict[str, Any]]:
+    """:func:`read_decisions` one chunk (at most ``chunk_size`` rows) at a time, on an open connection.
+
+    With ``raw_json`` the JSON columns come back as their JSON text (``str`` or None), unparsed.
+    """
+    cols = _check_columns(columns, DECISION_COLUMNS, "decisions")
+    _check_chunk(chunk_size)
+    order = [decisions.c.ts, decisions.c.request_id]
+    return _iter_columns(conn, decisions, cols, _decision_filter(since, until), order, chunk_size, raw_json)
+
+
+def read_decisions(
+    bind: Bind,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    columns: Sequence[str] | None = None,
+    *,
+    chunk_size: int = 10_000,
+) -> dict[str, Any]:
+    """Decisions with ``since <= ts < until``, ordered by (ts, request_id), as columns.
+
+    Returns
+    -------
+    dict
+        One entry per requested column (default: all, in table order), each of length ``n_rounds``:
+        ``ts`` -> ``datetime64[us]`` (UTC); ``chosen`` -> int64; ``propensity`` -> float64;
+        strings -> object arrays (``None`` where NULL); JSON columns (``context``, ``versions``,
+        ``candidates``, ``pmf``, ``layout``) -> lists of the parsed values.
+        Rows are fetched ``chunk_size`` at a time (a server-side cursor on PostgreSQL).
+    """
+    cols = _check_columns(columns, DECISION_COLUMNS, "decisions")
+    with reading(bind) as conn:
+        return _concat(list(iter_decisions(conn, since, until, cols, chunk_size=chunk_size)), decisions, cols)
+
+
+def read_feedback(
+    bind: Bind,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    columns: Sequence[str] | None = None,
+    *,
+    request_ids: Iterable[str] | None = None,
+    exclude_types: Sequence[str] = (),
+    chunk_size: int = 10_000,
+) -> dict[str, Any]:
+    """Feedback with event time ``since <= ts < until`` (and ``request_id`` in ``request_ids`` when
+    given; ``type`` not in ``exclude_types``), ordered by ``id`` (arrival order), as columns.
+
+    ``slot`` is int64 with -1 where NULL; ``value`` float64 with NaN where NULL; ``ts`` and
+    ``received_at`` are ``datetime64[us]`` (UTC); strings are object arrays.
+    """
+    cols = _check_columns(columns, FEEDBACK_COLUMNS, "feedback")
+    _check_chunk(chunk_size)
+    where: list[sa.ColumnElement[bool]] = []
+    if since is not None:
+        where.append(feedback.c.ts >= since)
+    if until is not None:
+        where.append(feedback.c.ts < until)
+    if exclude_types:
+        where.append(feedback.c.type.not_in(list(exclude_types)))
+    with reading(bind) as conn:
+        if request_ids is None:
+            return _read_columns(conn, feedback, cols, where, [feedback.c.id], chunk_size)
+        ids = list(dict.fromkeys(request_ids))
+        order = cols if "id" in cols else [*cols, "id"]
+        parts = [
+            _read_columns(
+                conn,
+                feedback,
+                order,
+                [*where, feedback.c.request_id.in_(ids[i : i + _IN_CHUNK])],
+                [feedback.c.id],
+                chunk_size,
+            )
+            for i in range(0, len(ids), _IN_CHUNK)
+        ]
+    merged = _concat(parts, feedback, order)
+    by_id = np.argsort(merged["id"], kind="stable")
+    return {c: merged[c][by_id] for c in cols}
+
+
+def feedback_first_seen(bind: Bind, since: datetime | None = None, until: datetime | None = None) -> dict[str, Any]:
+    """Per request id with feedback in ``since <= ts < until``: the time of its first event.
+
+    One aggregate query, so a reward join need not fetch every impression event to know which
+    decisions got any feedback. ``ts`` is ``datetime64[us]`` (UTC).
+    """
+    where: list[sa.ColumnElement[bool]] = []
+    if since is not None:
+        where.append(feedback.c.ts >= since)
+    if until is not None:
+        where.append(feedback.c.ts < until)
+    first = sa.func.min(feedback.c.ts)
+    with reading(bind) as conn:
+        ts_col = sa.func.timezone("UTC", first) if conn.dialect.name == "postgresql" else sa.type_coerce(first, sa.String())
+        rows = conn.execute(sa.select(feedback.c.request_id, ts_col).where(*where).group_by(feedback.c.request_id)).all()
+    ids = np.empty(len(rows), dtype=object)
+    ids[:] = [r[0] for r in rows]
+    return {"request_id": ids, "ts": np.array([r[1] for r in rows], dtype="datetime64[us]")}
+
+
+# ------------------------------------------------------------------------------------------- catalog
+
+
+def upsert_items(bind: Bind, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Insert or update catalog items (``item_id``, ``category``, ``popularity``, ``features``).
+
+    ``features`` is a list of floats (or a 1-d array); ``updated_at`` defaults to now.
+    Returns the number of rows sent.
+    """
+    now = utcnow()
+    batch = []
+    for r in rows:
+        row = {c.name: r.get(c.name) for c in items.columns}
+        if row["updated_at"] is None:
+            row["updated_at"] = now
+        batch.append(row)
+    if batch:
+        with begin(bind) as conn:
+            stmt = _insert(conn, items)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["item_id"],
+                set_={c: stmt.excluded[c] for c in ("category", "popularity", "features", "updated_at")},
+            )
+            conn.execute(stmt, batch)
+    return len(batch)
+
+
+def load_items(bind: Bind) -> dict[str, Any]:
+    """The catalog ordered by ``item_id``, as arrays.
+
+    Returns
+    -------
+    dict
+        ``item_ids`` (n_items,) object, ``category`` (n_items,) object, ``popularity`` (n_items,)
+        float64, ``features`` (n_items, n_features) float64 (``n_features = 0`` when no item has
+        features), ``updated_at`` (n_items,) datetime64[us] UTC.
+
+    Raises
+    ------
+    ValueError
+        When items have feature vectors of different lengths.
+    """
+    with reading(bind) as conn:
+        cols = _read_columns(
+            conn,
+            items,
+            ["item_id", "category", "popularity", "features", "updated_at"],
+            [],
+            [items.c.item_id],
+            10_000,
+        )
+    feats = cols["features"]
+    lengths = {len(f) for f in feats if f is not None}
+    if len(lengths) > 1 or (lengths and any(f is None for f in feats)):
+        sizes = sorted({-1 if f is None else len(f) for f in feats})
+        raise ValueError(f"items.features must have one length for every item; got lengths {sizes}")
+    n_features = lengths.pop() if lengths else 0
+    features = np.array(feats, dtype=np.float64).reshape(len(feats), n_features)
+    return {
+        "item_ids": cols["item_id"],
+        "category": cols["category"],
+        "popularity": cols["popularity"],
+        "features": features,
+        "updated_at": cols["updated_at"],
+    }

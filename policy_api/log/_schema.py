@@ -1,0 +1,444 @@
+"""SQL log schema (SQLAlchemy Core), engine factory and programmatic Alembic.
+
+The six tables of the decision log live in one :data:`metadata` whose naming convention gives every
+index and constraint a deterministic name, so that the hand-written Alembic revision
+(``migrations/versions/0001_initial.py``) and the metadata compare equal (``alembic check``).
+
+Timestamps are timezone-aware UTC everywhere (:class:`UTCDateTime`): PostgreSQL stores
+``timestamptz``; SQLite stores the UTC wall clock as text and the UTC zone is re-attached on read.
+JSON columns are ``JSON`` on SQLite and ``JSONB`` on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.pool import StaticPool
+
+__all__ = [
+    "Bind",
+    "begin",
+    "reading",
+    "json_loads",
+    "migrations_dir",
+    "alembic_config",
+    "CONFIG_STATUSES",
+    "MODEL_STATUSES",
+    "NAMING_CONVENTION",
+    "PLAN_STATUSES",
+    "UTCDateTime",
+    "configs",
+    "decisions",
+    "downgrade",
+    "feedback",
+    "items",
+    "json_dumps",
+    "make_engine",
+    "metadata",
+    "models",
+    "normalize_url",
+    "plans",
+    "upgrade",
+    "utcnow",
+]
+
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+CONFIG_STATUSES = ("active", "superseded", "rejected")
+PLAN_STATUSES = ("active", "superseded", "rejected")
+MODEL_STATUSES = ("published", "rejected")
+
+DEFAULT_CONNECT_TIMEOUT_S = 2.0
+DEFAULT_STATEMENT_TIMEOUT_S = 5.0
+DEFAULT_BUSY_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_ENV = "HOMEPAGE_DB_CONNECT_TIMEOUT"
+STATEMENT_TIMEOUT_ENV = "HOMEPAGE_DB_STATEMENT_TIMEOUT"
+
+
+def utcnow() -> datetime:
+    """Current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """Timezone-aware UTC timestamp on every backend.
+
+    Binds only aware datetimes (converted to UTC; a naive value is an error, because its zone is
+    unknown) and always returns aware UTC datetimes. On SQLite the UTC wall clock is stored, so text
+    order is time order.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError(f"timestamp must be a datetime; got {type(value).__name__} {value!r}")
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"timestamp must be timezone-aware (UTC); got naive {value!r}")
+        as_utc = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return as_utc.replace(tzinfo=None)
+        return as_utc
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        stamp: datetime = value
+        if stamp.tzinfo is None:
+            return stamp.replace(tzinfo=UTC)
+        return stamp.astimezone(UTC)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"JSON column value must be JSON-serialisable; got {type(obj).__name__} {obj!r}")
+
+
+_OPTS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def json_dumps(obj: Any) -> str:
+    """JSON text for the JSON/JSONB columns (orjson: numpy scalars and arrays allowed).
+
+    The log's rows are dominated by JSON encoding (a decision with 16 candidates is ~10 KB), so the
+    encoder is orjson, several times faster than the standard library's. It writes NaN/inf as null;
+    the engine never logs non-finite numbers (it checks scores before deciding).
+    """
+    return orjson.dumps(obj, default=_json_default, option=_OPTS).decode()
+
+
+def json_loads(text: str | bytes) -> Any:
+    return orjson.loads(text)
+
+
+def _json() -> sa.types.TypeEngine[Any]:
+    # none_as_null: Python None is SQL NULL (a nullable column), never the JSON text 'null'
+    return sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
+
+
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _status_check(statuses: tuple[str, ...]) -> sa.CheckConstraint:
+    allowed = ", ".join(f"'{s}'" for s in statuses)
+    return sa.CheckConstraint(f"status IN ({allowed})", name="status")
+
+
+decisions = sa.Table(
+    "decisions",
+    metadata,
+    sa.Column("request_id", sa.String(), primary_key=True),
+    sa.Column("ts", UTCDateTime(), nullable=False, index=True),
+    sa.Column("user_id", sa.String(), nullable=False, index=True),
+    sa.Column("context", _json(), nullable=True),
+    sa.Column("versions", _json(), nullable=True),
+    sa.Column("policy", sa.String(), nullable=False),
+    # list of {"modules": [module_id, ...], "tilt": f, "value": f, "exposure": [f, ...], "score": f}
+    sa.Column("candidates", _json(), nullable=False),
+    sa.Column("pmf", _json(), nullable=False),
+    sa.Column("chosen", sa.Integer(), nullable=False),
+    sa.Column("propensity", sa.Double(), nullable=False),
+    sa.Column("layout", _json(), nullable=True),
+    sa.Column("fallback_reason", sa.String(), nullable=True),
+)
+
+# No foreign key to decisions: feedback may be flushed before its decision (another worker's queue).
+feedback = sa.Table(
+    "feedback",
+    metadata,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("event_id", sa.String(), nullable=False, unique=True),
+    sa.Column("request_id", sa.String(), nullable=False, index=True),
+    sa.Column("slot", sa.Integer(), nullable=True),
+    sa.Column("item_id", sa.String(), nullable=True),
+    sa.Column("type", sa.String(), nullable=False),
+    sa.Column("value", sa.Double(), nullable=True),
+    sa.Column("ts", UTCDateTime(), nullable=False, index=True),
+    sa.Column("received_at", UTCDateTime(), nullable=False),
+)
+
+items = sa.Table(
+    "items",
+    metadata,
+    sa.Column("item_id", sa.String(), primary_key=True),
+    sa.Column("category", sa.String(), nullable=False),
+    sa.Column("popularity", sa.Double(), nullable=False),
+    sa.Column("features", _json(), nullable=True),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+configs = sa.Table(
+    "configs",
+    metadata,
+    sa.Column("version", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("author", sa.String(), nullable=False),
+    sa.Column("status", sa.String(), nullable=False),
+    sa.Column("body", sa.Text(), nullable=False),
+    sa.Column("note", sa.Text(), nullable=False),
+    sa.Column("projection", _json(), nullable=True),
+    _status_check(CONFIG_STATUSES),
+)
+
+plans = sa.Table(
+    "plans",
+    metadata,
+    sa.Column("version", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("config_version", sa.Integer(), nullable=True),
+    sa.Column("status", sa.String(), nullable=False),
+    sa.Column("prices", _json(), nullable=False),
+    sa.Column("projected", _json(), nullable=True),
+    sa.Column("solver", _json(), nullable=True),
+    _status_check(PLAN_STATUSES),
+)
+
+models = sa.Table(
+    "models",
+    metadata,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(), nullable=False),
+    sa.Column("version", sa.Integer(), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("status", sa.String(), nullable=False),
+    sa.Column("metrics", _json(), nullable=True),
+    sa.Column("artifact", sa.LargeBinary(), nullable=True),
+    sa.UniqueConstraint("name", "version"),
+    _status_check(MODEL_STATUSES),
+)
+
+
+# --------------------------------------------------------------------------------------------- engine
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Parse a database URL; ``postgresql://`` and ``postgres://`` map to the psycopg 3 driver.
+
+    Raises
+    ------
+    ValueError
+        For a backend other than SQLite or PostgreSQL/psycopg.
+    """
+    parsed = sa.make_url(url)
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend in ("postgresql", "postgres") and driver in ("", "psycopg"):
+        return parsed.set(drivername="postgresql+psycopg")
+    if backend == "sqlite" and driver in ("", "pysqlite"):
+        return parsed
+    shown = parsed.render_as_string(hide_password=True)
+    raise ValueError(
+        f"url must be sqlite:///<path> or postgresql[+psycopg]://...; got {shown!r}"
+    )
+
+
+def _seconds(value: float | None, name: str, env: str, default: float) -> float:
+    if value is None:
+        raw = os.environ.get(env)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{env} must be a positive number of seconds; got {raw!r}") from None
+        if not value > 0:
+            raise ValueError(f"{env} must be a positive number of seconds; got {raw!r}")
+        return value
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0; got {value!r}")
+    return float(value)
+
+
+def _is_memory_sqlite(url: URL) -> bool:
+    db = url.database or ""
+    return db in ("", ":memory:") or (db.startswith("file:") and "mode=memory" in db)
+
+
+def make_engine(
+    url: str | URL,
+    *,
+    connect_timeout_s: float | None = None,
+    statement_timeout_s: float | None = None,
+    busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+    **engine_kwargs: Any,
+) -> Engine:
+    """Engine for the decision log, configured so that a slow or frozen database cannot hang a caller.
+
+    Parameters
+    ----------
+    url
+        ``sqlite:///path/to/log.db`` (the parent folder is created), ``sqlite://`` (in-memory, one
+        shared connection; tests only), or ``postgresql[+psycopg]://user@host/db``.
+    connect_timeout_s, statement_timeout_s
+        PostgreSQL only. Default: env ``HOMEPAGE_DB_CONNECT_TIMEOUT`` /
+        ``HOMEPAGE_DB_STATEMENT_TIMEOUT`` (seconds), else 2 s / 5 s. The statement timeout is enforced
+        by the server (``statement_timeout``); TCP keepalives detect a peer that stopped answering.
+    busy_timeout_s
+        SQLite only: how long a writer waits for the database lock.
+    **engine_kwargs
+        Passed to :func:`sqlalchemy.create_engine`.
+
+    Notes
+    -----
+    SQLite connections run ``journal_mode=WAL`` (readers never block the writer),
+    ``synchronous=NORMAL`` (durable at checkpoints, safe with WAL) and ``busy_timeout``.
+    PostgreSQL uses ``pool_pre_ping`` so a restarted server costs one reconnect, not an error.
+    """
+    parsed = normalize_url(url)
+    kwargs: dict[str, Any] = {"json_serializer": json_dumps, "json_deserializer": json_loads}
+    if parsed.get_backend_name() == "sqlite":
+        if not busy_timeout_s > 0:
+            raise ValueError(f"busy_timeout_s must be > 0; got {busy_timeout_s!r}")
+        memory = _is_memory_sqlite(parsed)
+        connect_args: dict[str, Any] = {"timeout": busy_timeout_s}
+        if memory:
+            connect_args["check_same_thread"] = False
+            kwargs["poolclass"] = StaticPool
+        elif parsed.database:
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = connect_args
+        kwargs.update(engine_kwargs)
+        engine = sa.create_engine(parsed, **kwargs)
+        busy_ms = int(busy_timeout_s * 1000)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            try:
+                cur.execute(f"PRAGMA busy_timeout={busy_ms}")
+                if not memory:
+                    cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+            finally:
+                cur.close()
+
+        return engine
+
+    connect_s = _seconds(connect_timeout_s, "connect_timeout_s", CONNECT_TIMEOUT_ENV, DEFAULT_CONNECT_TIMEOUT_S)
+    statement_s = _seconds(statement_timeout_s, "statement_timeout_s", STATEMENT_TIMEOUT_ENV, DEFAULT_STATEMENT_TIMEOUT_S)
+    options = f"-c statement_timeout={max(1, round(statement_s * 1000))}"
+    url_options = parsed.query.get("options")
+    if isinstance(url_options, str) and url_options:
+        options = f"{url_options} {options}"
+    kwargs.update(
+        pool_pre_ping=True,
+        pool_timeout=connect_s,
+        connect_args={
+            # libpq takes whole seconds (and treats anything below 2 as 2)
+            "connect_timeout": max(1, round(connect_s)),
+            "options": options,
+            "application_name": "homepage",
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+        },
+    )
+    kwargs.update(engine_kwargs)
+    return sa.create_engine(parsed, **kwargs)
+
+
+Bind = Engine | Connection
+
+
+@contextmanager
+def begin(bind: Bind) -> Iterator[Connection]:
+    """A transaction: the Engine's own (committed on exit), or the caller's when given a Connection."""
+    if isinstance(bind, Connection):
+        yield bind
+    else:
+        with bind.begin() as conn:
+            yield conn
+
+
+@contextmanager
+def reading(bind: Bind) -> Iterator[Connection]:
+    """A connection for reads: a new one from an Engine, or the caller's Connection."""
+    if isinstance(bind, Connection):
+        yield bind
+    else:
+        with bind.connect() as conn:
+            yield conn
+
+
+@contextmanager
+def _connection(bind: Engine | Connection | str | URL) -> Iterator[Connection]:
+    if isinstance(bind, Connection):
+        yield bind
+        return
+    engine = bind if isinstance(bind, Engine) else make_engine(bind)
+    try:
+        with engine.begin() as conn:
+            yield conn
+    finally:
+        if engine is not bind:
+            engine.dispose()
+
+
+# ------------------------------------------------------------------------------------------- alembic
+
+
+def migrations_dir() -> Path:
+    """Folder of the installed ``migrations`` package (Alembic ``script_location``), from any cwd."""
+    return Path(str(resources.files("migrations")))
+
+
+def alembic_config(url: str | URL | None = None) -> Any:
+    """An :class:`alembic.config.Config` pointing at the installed migrations (no ini file needed)."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    if url is not None:
+        # '%' is the ini interpolation character
+        shown = normalize_url(url).render_as_string(hide_password=False)
+        cfg.set_main_option("sqlalchemy.url", shown.replace("%", "%%"))
+    cfg.attributes["target_metadata"] = metadata
+    return cfg
+
+
+def _run_alembic(bind: Engine | Connection | str | URL, fn: Callable[[Any], None]) -> None:
+    cfg = alembic_config()
+    with _connection(bind) as conn:
+        cfg.attributes["connection"] = conn
+        fn(cfg)
+
+
+def upgrade(bind: Engine | Connection | str | URL, revision: str = "head") -> None:
+    """Run Alembic ``upgrade`` programmatically (in one transaction where the backend allows).
+
+    ``bind`` is a URL, an Engine, or a Connection whose transaction the caller commits.
+    """
+    from alembic import command
+
+    _run_alembic(bind, lambda cfg: command.upgrade(cfg, revision))
+
+
+def downgrade(bind: Engine | Connection | str | URL, revision: str = "base") -> None:
+    """Run Alembic ``downgrade`` programmatically; ``base`` drops every log table."""
+    from alembic import command
+
+    _run_alembic(bind, lambda cfg: command.downgrade(cfg, revision))

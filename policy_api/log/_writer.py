@@ -1,0 +1,747 @@
+"""Batched background writer for the decision log, with a spill file for database outages.
+
+Request threads call :meth:`LogWriter.submit_decision` / :meth:`LogWriter.submit_feedback`, which
+append to an in-memory queue under a lock held for a few microseconds and return. A daemon thread
+drains the queue every ``flush_interval_s`` (or as soon as ``batch_size`` rows wait) and inserts each
+batch with one executemany per table in one transaction, idempotently
+(``ON CONFLICT DO NOTHING`` on ``request_id`` / ``event_id``).
+
+Nothing is dropped:
+
+* **Database trouble** (cannot connect, timeout, read-only, missing table, ...): the batch is
+  appended to ``spill_dir/spill-<pid>.jsonl`` (one JSON line per batch, fsync'd) and the writer
+  backs off (0.1 s doubling to ``max_backoff_s``); while backing off, batches go straight to the
+  spill file. When an insert succeeds again (or :meth:`LogWriter.set_engine` /
+  ``flush(replay=True)`` asks), every spill file in ``spill_dir`` is replayed, including those left
+  by other or dead processes.
+* **Queue full**: the caller appends its rows to the spill file itself (a ``write`` into the page
+  cache, no fsync; the writer thread fsyncs within ``flush_interval_s``); they are replayed once the
+  queue has drained.
+* **Rows the database refuses** (constraint or type errors, e.g. a naive timestamp, a missing
+  ``event_id``): the batch is bisected so that good rows are written and each refused row lands,
+  with the error, in ``spill_dir/rejected-<pid>.jsonl`` for a human to inspect.
+
+Replay protocol (safe between processes sharing ``spill_dir``): a process holds an exclusive
+``flock`` on its own spill file while it has it open. To replay a file a process takes its lock
+without waiting (a live owner makes this fail, so the file is skipped), checks that the path still
+names the locked inode, renames it to ``replay-<pid>-<uuid>.jsonl``, inserts its rows idempotently,
+deletes it and only then releases the lock. A replay cut short by another outage leaves the
+``replay-*`` file, which any process retries later; the inserts are idempotent, so a partial replay
+repeated never duplicates a row.
+
+Spill lines are ``{"table": "decisions" | "feedback", "rows": [...]}``; datetimes are written as
+``{"$dt": "<ISO 8601>"}`` and restored as aware datetimes, numpy values as plain JSON numbers/lists.
+
+Create the writer after a fork (one per gunicorn worker): its thread does not survive ``fork``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from ._rows import insert_decisions, insert_feedback
+from ._schema import utcnow
+
+__all__ = ["LogWriter", "decode_spill_line", "encode_spill_line"]
+
+log = logging.getLogger("homepage.log.writer")
+
+DECISIONS = "decisions"
+FEEDBACK = "feedback"
+_INSERTERS: dict[str, Callable[[Connection, Iterable[Mapping[str, Any]]], int]] = {
+    DECISIONS: insert_decisions,
+    FEEDBACK: insert_feedback,
+}
+_Entry = tuple[int, str, Mapping[str, Any]]  # (submission seq, table, row)
+
+
+# ----------------------------------------------------------------------------------------- spill I/O
+
+
+def _spill_default(obj: Any) -> Any:
+    if isinstance(obj, datetime):
+        return {"$dt": obj.isoformat()}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, bytes | bytearray | memoryview):
+        return {"$b64": base64.b64encode(bytes(obj)).decode("ascii")}
+    raise TypeError(f"spilled row values must be JSON-serialisable; got {type(obj).__name__} {obj!r}")
+
+
+def _spill_hook(obj: dict[str, Any]) -> Any:
+    if len(obj) == 1:
+        if "$dt" in obj:
+            return datetime.fromisoformat(obj["$dt"])
+        if "$b64" in obj:
+            return base64.b64decode(obj["$b64"])
+    return obj
+
+
+def encode_spill_line(table: str, rows: list[Mapping[str, Any]]) -> bytes:
+    """One spill-file line (JSON + newline) holding ``rows`` of ``table``."""
+    text = json.dumps({"table": table, "rows": rows}, default=_spill_default, separators=(",", ":"))
+    return (text + "\n").encode("utf-8")
+
+
+def decode_spill_line(line: bytes) -> tuple[str, list[dict[str, Any]]]:
+    """Inverse of :func:`encode_spill_line`; datetimes come back timezone-aware.
+
+    Raises
+    ------
+    ValueError
+        For a line that is not a complete spill record (e.g. cut short by a crash).
+    """
+    obj = json.loads(line, object_hook=_spill_hook)
+    if not isinstance(obj, dict) or obj.get("table") not in _INSERTERS or not isinstance(obj.get("rows"), list):
+        raise ValueError(f"spill line must be {{'table': 'decisions'|'feedback', 'rows': [...]}}; got {line[:80]!r}")
+    return obj["table"], obj["rows"]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_ino, st.st_dev) == (own.st_ino, own.st_dev)
+
+
+def _is_data_error(exc: BaseException) -> bool:
+    """True when the rows are at fault (retrying cannot help), False for database trouble."""
+    if isinstance(exc, sa.exc.IntegrityError | sa.exc.DataError):
+        return True
+    if isinstance(exc, sa.exc.StatementError) and not isinstance(exc, sa.exc.DBAPIError):
+        return True  # bind processing: a naive timestamp, an unserialisable JSON value
+    return isinstance(exc, TypeError | ValueError | KeyError | AttributeError)
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+class _Trouble(Exception):
+    """The database failed while rows were left unwritten."""
+
+    def __init__(self, cause: BaseException, unwritten: list[Mapping[str, Any]]):
+        super().__init__(_describe(cause))
+        self.cause = cause
+        self.unwritten = unwritten
+
+
+# -------------------------------------------------------------------------------------------- writer
+
+
+class LogWriter:
+    """Bounded queue + background batch flusher + spill file for decisions and feedback.
+
+    Parameters
+    ----------
+    engine
+        Where rows go (tables created by the migrations). Replaceable at runtime with
+        :meth:`set_engine`.
+    spill_dir
+        Folder for ``spill-<pid>.jsonl``, ``replay-*.jsonl`` and ``rejected-<pid>.jsonl``; shared by
+        every process that writes the same log. Created if missing.
+    max_queue
+        Rows held in memory at most; more go straight to the spill file.
+    batch_size
+        Rows per insert transaction (also the queue depth that wakes the writer early).
+    flush_interval_s
+        Longest time a row waits in the queue when the database is healthy.
+    max_backoff_s
+        Cap of the exponential backoff between attempts while the database is failing.
+    rescan_interval_s
+        While healthy, how often to look for spill files left by other (dead) processes.
+    start
+        Start the background thread now (else call :meth:`start`).
+
+    Examples
+    --------
+    >>> writer = LogWriter(engine, "homepage-data/spill")          # doctest: +SKIP
+    >>> writer.submit_decision({"request_id": "r1", "ts": now, ...})  # doctest: +SKIP
+    >>> writer.close()                                             # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        spill_dir: str | os.PathLike[str],
+        max_queue: int = 20_000,
+        batch_size: int = 1000,
+        flush_interval_s: float = 0.05,
+        *,
+        max_backoff_s: float = 5.0,
+        rescan_interval_s: float = 30.0,
+        start: bool = True,
+    ) -> None:
+        if not isinstance(engine, Engine):
+            raise TypeError(f"engine must be a sqlalchemy Engine; got {type(engine).__name__}")
+        for name, value in (("max_queue", max_queue), ("batch_size", batch_size)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+        for name, fvalue in (
+            ("flush_interval_s", flush_interval_s),
+            ("max_backoff_s", max_backoff_s),
+            ("rescan_interval_s", rescan_interval_s),
+        ):
+            if not fvalue > 0:
+                raise ValueError(f"{name} must be > 0; got {fvalue!r}")
+        self._engine = engine
+        self._dir = Path(spill_dir)
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._max_queue = max_queue
+        self._batch_size = batch_size
+        self._interval = float(flush_interval_s)
+        self._max_backoff = float(max_backoff_s)
+        self._rescan = float(rescan_interval_s)
+
+        self._lock = threading.Lock()
+        self._done_cv = threading.Condition(self._lock)
+        self._queue: deque[_Entry] = deque()
+        self._wake = threading.Event()
+        self._seq = 0  # submissions so far
+        self._done_seq = 0  # every submission <= this is written, spilled or rejected
+        self._counts = {"submitted": 0, "written": 0, "spilled": 0, "replayed": 0, "rejected": 0}
+        self._last_error: str | None = None
+        self._healthy = True
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self._replay_requested = 1  # replay leftovers of earlier runs at start
+        self._replay_done = 0
+        self._next_scan = 0.0
+        self._stop = False
+        self._closed = False
+
+        self._spill_lock = threading.Lock()
+        self._spill_fd: int | None = None
+        self._spill_path: Path | None = None
+        self._spill_unsynced = False
+        self._spill_pending = 0  # rows in our own spill file, not yet replayed
+
+        self._thread = threading.Thread(target=self._run, name="homepage-logwriter", daemon=True)
+        ref = weakref.ref(self)
+        self._atexit: Callable[[], None] = lambda: _close_at_exit(ref)
+        atexit.register(self._atexit)
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------------------------ public surface
+
+    def start(self) -> None:
+        """Start the background thread (once)."""
+        if not self._thread.is_alive() and not self._closed:
+            self._thread.start()
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    def set_engine(self, engine: Engine) -> None:
+        """Point the writer at another engine (e.g. a failover database); retry and replay now."""
+        if not isinstance(engine, Engine):
+            raise TypeError(f"engine must be a sqlalchemy Engine; got {type(engine).__name__}")
+        with self._lock:
+            self._engine = engine
+            self._backoff = 0.0
+            self._retry_at = 0.0
+            self._replay_requested += 1
+        self._wake.set()
+
+    def submit_decision(self, row: Mapping[str, Any]) -> None:
+        """Queue one ``decisions`` row (a dict keyed by column). Never blocks on, or raises for, the DB.
+
+        A missing ``ts`` is set to now (UTC).
+        """
+        if row.get("ts") is None:
+            row = {**row, "ts": utcnow()}
+        self._submit(DECISIONS, [row])
+
+    def submit_feedback(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Queue ``feedback`` rows. ``received_at`` defaults to now; ``ts`` (event time) to ``received_at``."""
+        now = utcnow()
+        batch = [r if r.get("received_at") is not None else {**r, "received_at": now} for r in rows]
+        self._submit(FEEDBACK, batch)
+
+    def flush(self, timeout: float | None = None, *, replay: bool = False) -> bool:
+        """Wait until every row submitted before this call is written, spilled (fsync'd) or rejected.
+
+        With ``replay=True`` also wait for a complete replay of ``spill_dir`` started after this
+        call (retried now even during a backoff). Returns False if ``timeout`` seconds passed first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            target = self._seq
+            want = 0
+            if replay:
+                self._replay_requested += 1
+                want = self._replay_requested
+                self._retry_at = 0.0
+        self._wake.set()
+        with self._done_cv:
+            while self._done_seq < target or self._replay_done < want:
+                if not self._thread.is_alive():
+                    break
+                wait = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+                if wait <= 0:
+                    break
+                self._done_cv.wait(wait)
+            ok = self._done_seq >= target and self._replay_done >= want
+        self._sync_spill()
+        return ok
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush, stop the thread, and spill whatever could not be written within ``timeout`` s."""
+        if self._closed:
+            return
+        self.flush(timeout)
+        with self._lock:
+            self._stop = True
+            self._closed = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        with self._lock:
+            leftover = list(self._queue)
+            self._queue.clear()
+        if leftover:
+            self._spill_entries(leftover)
+        self._close_spill()
+        atexit.unregister(self._atexit)
+
+    def _close_spill(self) -> None:
+        with self._spill_lock:
+            if self._spill_fd is not None:
+                os.fsync(self._spill_fd)
+                os.close(self._spill_fd)  # releases the lock: any process may replay it now
+                self._spill_fd = None
+                self._spill_path = None
+                self._spill_unsynced = False
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: ``submitted``, ``written`` (reached the DB from the queue, duplicates included),
+        ``spilled`` (went to the spill file), ``replayed`` (inserted from spill files),
+        ``rejected`` (refused by the DB, kept in ``rejected-<pid>.jsonl``), ``queue_depth``,
+        ``last_error`` and ``healthy``."""
+        with self._lock:
+            return {
+                **self._counts,
+                "queue_depth": len(self._queue),
+                "last_error": self._last_error,
+                "healthy": self._healthy,
+            }
+
+    def __enter__(self) -> LogWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------------- submitting
+
+    def _submit(self, table: str, rows: list[Mapping[str, Any]]) -> None:
+        n = len(rows)
+        if n == 0:
+            return
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+            self._counts["submitted"] += n
+            closed = self._closed
+            queued = not closed and len(self._queue) + n <= self._max_queue
+            if queued:
+                self._queue.extend([(seq, table, r) for r in rows])
+                depth = len(self._queue)
+        if queued:
+            if depth >= self._batch_size:
+                self._wake.set()
+            return
+        try:
+            self._spill_rows(table, rows, sync=closed)
+            if closed:
+                self._close_spill()  # no thread left to replay it: let any process take it
+        except Exception as exc:  # disk trouble too: memory is the last resort, never drop
+            with self._lock:
+                self._last_error = _describe(exc)
+                self._queue.extend([(seq, table, r) for r in rows])
+
+    # -------------------------------------------------------------------------------- writer thread
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._cycle()
+            except Exception as exc:  # a bug must not kill the thread; rows stay queued or spilled
+                log.exception("log writer cycle failed")
+                with self._lock:
+                    self._last_error = _describe(exc)
+                time.sleep(self._interval)
+            with self._lock:
+                if self._stop and not self._queue:
+                    self._done_seq = self._seq
+                    self._done_cv.notify_all()
+                    return
+            self._wake.wait(self._interval)
+            self._wake.clear()
+
+    def _cycle(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._done_seq = self._seq
+                    self._done_cv.notify_all()
+                    break
+                n = min(self._batch_size, len(self._queue))
+                batch = [self._queue.popleft() for _ in range(n)]
+            self._process(batch)
+            self._sync_spill()  # callers' queue-full spills, even while the queue never empties
+        self._sync_spill()
+        now = time.monotonic()
+        with self._lock:
+            wanted = (
+                self._replay_requested > self._replay_done
+                or not self._healthy  # probe, so recovery is noticed without new traffic
+                or now >= self._next_scan
+                or (self._spill_pending > 0 and not self._queue)
+            )
+            may_try = self._healthy or now >= self._retry_at
+            request = self._replay_requested
+        if wanted and may_try and not self._stop:
+            self._replay(request)
+
+    def _process(self, batch: list[_Entry]) -> None:
+        last_seq = batch[-1][0]
+        try:
+            with self._lock:
+                attempt = self._healthy or time.monotonic() >= self._retry_at
+            if attempt:
+                self._write_batch(batch)
+            else:
+                self._spill_entries(batch)
+        except Exception as exc:
+            log.exception("log writer could not write or spill a batch")
+            with self._lock:
+                self._last_error = _describe(exc)
+            try:  # rows already written are harmless to spill again: replay is idempotent
+                self._spill_entries(batch)
+            except Exception:  # the spill file failed too: keep the rows in memory and back off
+                with self._lock:
+                    self._queue.extendleft(reversed(batch))
+                time.sleep(min(self._max_backoff, 1.0))
+                return
+        with self._lock:
+            done = last_seq - 1 if self._queue and self._queue[0][0] == last_seq else last_seq
+            self._done_seq = max(self._done_seq, done)
+            self._done_cv.notify_all()
+
+    def _write_batch(self, batch: list[_Entry]) -> None:
+        by_table: dict[str, list[Mapping[str, Any]]] = {DECISIONS: [], FEEDBACK: []}
+        for _, table, row in batch:
+            by_table[table].append(row)
+        engine = self._engine
+        try:
+            with engine.begin() as conn:
+                for table, rows in by_table.items():
+                    if rows:
+                        _INSERTERS[table](conn, rows)
+        except Exception as exc:
+            if not _is_data_error(exc):
+                self._on_trouble(exc)
+                self._spill_entries(batch)
+                return
+            for i, (table, rows) in enumerate(by_table.items()):
+                try:
+                    written = self._insert_isolating(engine, table, rows)
+                except _Trouble as trouble:
+                    self._on_trouble(trouble.cause)
+                    self._spill_rows(table, trouble.unwritten, sync=True)
+                    for later, later_rows in list(by_table.items())[i + 1 :]:
+                        self._spill_rows(later, later_rows, sync=True)
+                    return
+                self._count("written", written)
+            self._on_success()
+            return
+        self._count("written", len(batch))
+        self._on_success()
+
+    def _insert_isolating(self, engine: Engine, table: str, rows: list[Mapping[str, Any]]) -> int:
+        """Insert ``rows`` in chunks, bisecting around rows the database refuses (those are
+        rejected). Returns the rows written; raises :class:`_Trouble` on database trouble."""
+        written = 0
+        stack = [rows] if rows else []
+        while stack:
+            chunk = stack.pop()
+            try:
+                with engine.begin() as conn:
+                    _INSERTERS[table](conn, chunk)
+                written += len(chunk)
+            except Exception as exc:
+                if not _is_data_error(exc):
+                    unwritten = list(chunk)
+                    for rest in reversed(stack):
+                        unwritten.extend(rest)
+                    raise _Trouble(exc, unwritten) from exc
+                if len(chunk) == 1:
+                    self._reject(table, chunk[0], exc)
+                else:
+                    mid = len(chunk) // 2
+                    stack.append(chunk[mid:])
+                    stack.append(chunk[:mid])
+        return written
+
+    def _on_success(self) -> None:
+        with self._lock:
+            if not self._healthy:
+                log.warning("log database reachable again; replaying spill files")
+                self._healthy = True
+                self._replay_requested += 1
+            self._backoff = 0.0
+
+    def _on_trouble(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._healthy:
+                log.warning("log database failing, spilling to %s: %s", self._dir, _describe(exc))
+            self._healthy = False
+            self._last_error = _describe(exc)
+            self._backoff = min(self._max_backoff, self._backoff * 2 if self._backoff else 0.1)
+            self._retry_at = time.monotonic() + self._backoff
+
+    def _count(self, key: str, n: int) -> None:
+        with self._lock:
+            self._counts[key] += n
+
+    # ------------------------------------------------------------------------------------- spilling
+
+    def _open_own_spill(self) -> int:
+        """Open and lock ``spill-<pid>.jsonl`` (called with the spill lock held)."""
+        if self._spill_fd is not None:
+            return self._spill_fd
+        path = self._dir / f"spill-{os.getpid()}.jsonl"
+        attempts = 0
+        while True:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                # a replayer claiming an orphan of the same name (gone in microseconds), or another
+                # LogWriter of this process on the same spill_dir (then take a name of our own)
+                os.close(fd)
+                attempts += 1
+                if attempts >= 20:
+                    path = self._dir / f"spill-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+                time.sleep(0.001)
+                continue
+            if _same_file(fd, path):
+                break
+            os.close(fd)  # renamed away between our open and our lock
+        _fsync_dir(self._dir)
+        self._spill_fd, self._spill_path = fd, path
+        return fd
+
+    def _spill_rows(self, table: str, rows: list[Mapping[str, Any]], *, sync: bool) -> None:
+        if not rows:
+            return
+        try:
+            line = encode_spill_line(table, list(rows))
+        except (TypeError, ValueError):
+            good = []
+            for row in rows:
+                try:
+                    encode_spill_line(table, [row])
+                    good.append(row)
+                except (TypeError, ValueError) as exc:
+                    self._reject(table, row, exc)
+            if not good:
+                return
+            rows, line = good, encode_spill_line(table, good)
+        with self._spill_lock:
+            fd = self._open_own_spill()
+            _write_all(fd, line)
+            if sync:
+                os.fsync(fd)
+            else:
+                self._spill_unsynced = True
+            self._spill_pending += len(rows)
+        self._count("spilled", len(rows))
+
+    def _spill_entries(self, entries: list[_Entry]) -> None:
+        by_table: dict[str, list[Mapping[str, Any]]] = {DECISIONS: [], FEEDBACK: []}
+        for _, table, row in entries:
+            by_table[table].append(row)
+        for table, rows in by_table.items():
+            self._spill_rows(table, rows, sync=True)
+
+    def _sync_spill(self) -> None:
+        with self._spill_lock:
+            if self._spill_unsynced and self._spill_fd is not None:
+                os.fsync(self._spill_fd)
+            self._spill_unsynced = False
+
+    def _reject(self, table: str, row: Mapping[str, Any], exc: BaseException) -> None:
+        def fallback(obj: Any) -> Any:
+            try:
+                return _spill_default(obj)
+            except TypeError:
+                return repr(obj)
+
+        record = {"table": table, "error": _describe(exc), "row": row}
+        line = json.dumps(record, default=fallback, separators=(",", ":")) + "\n"
+        self._append_rejected(line.encode("utf-8"))
+        with self._lock:
+            self._counts["rejected"] += 1
+            self._last_error = _describe(exc)
+        log.error("log row refused by the database (kept in rejected file): %s", _describe(exc))
+
+    def _append_rejected(self, data: bytes) -> None:
+        fd = os.open(self._dir / f"rejected-{os.getpid()}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------------------------ replaying
+
+    def _rotate_own(self) -> tuple[Path, int] | None:
+        with self._spill_lock:
+            if self._spill_fd is None or self._spill_path is None:
+                return None
+            fd, path = self._spill_fd, self._spill_path
+            if os.fstat(fd).st_size == 0:
+                return None
+            os.fsync(fd)
+            target = self._dir / f"replay-{os.getpid()}-{uuid.uuid4().hex}.jsonl"
+            os.rename(path, target)
+            self._spill_fd = self._spill_path = None
+            self._spill_unsynced = False
+            self._spill_pending = 0
+            return target, fd  # still locked by fd
+
+    def _claim_others(self) -> list[tuple[Path, int]]:
+        claimed = []
+        names = sorted(self._dir.glob("spill-*.jsonl")) + sorted(self._dir.glob("replay-*.jsonl"))
+        for path in names:
+            if path == self._spill_path:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # its owner is alive (or another process is replaying it)
+                os.close(fd)
+                continue
+            if not _same_file(fd, path):  # renamed or deleted before we got the lock
+                os.close(fd)
+                continue
+            if path.name.startswith("spill-"):
+                target = self._dir / f"replay-{os.getpid()}-{uuid.uuid4().hex}.jsonl"
+                os.rename(path, target)
+                path = target
+            claimed.append((path, fd))
+        return claimed
+
+    def _replay(self, request: int) -> None:
+        with self._lock:
+            healthy = self._healthy
+        if not healthy:
+            try:  # cheap probe first: no file shuffling while the database is still down
+                with self._engine.connect() as conn:
+                    conn.execute(sa.select(1))
+            except Exception as exc:
+                self._on_trouble(exc)
+                return
+            self._on_success()
+        claimed: list[tuple[Path, int]] = []
+        own = self._rotate_own()
+        if own is not None:
+            claimed.append(own)
+        claimed.extend(self._claim_others())
+        ok = True
+        for path, fd in claimed:
+            try:
+                if ok:
+                    ok = self._replay_file(path)
+            finally:
+                os.close(fd)  # deleted when replayed; else left for a later attempt
+        if claimed:
+            _fsync_dir(self._dir)
+        with self._lock:
+            if ok:
+                self._replay_done = max(self._replay_done, request)
+                self._next_scan = time.monotonic() + self._rescan
+            self._done_cv.notify_all()
+
+    def _replay_file(self, path: Path) -> bool:
+        engine = self._engine
+        pending: dict[str, list[Mapping[str, Any]]] = {DECISIONS: [], FEEDBACK: []}
+        try:
+            with open(path, "rb") as f:
+                for raw in f:
+                    if not raw.strip():
+                        continue
+                    try:
+                        table, rows = decode_spill_line(raw)
+                    except ValueError as exc:  # torn last line of a crashed process
+                        self._reject_raw(raw, exc)
+                        continue
+                    pending[table].extend(rows)
+                    if len(pending[table]) >= self._batch_size:
+                        self._count("replayed", self._insert_isolating(engine, table, pending[table]))
+                        pending[table] = []
+            for table, left in pending.items():
+                self._count("replayed", self._insert_isolating(engine, table, left))
+        except _Trouble as trouble:
+            self._on_trouble(trouble.cause)
+            return False
+        os.unlink(path)
+        self._on_success()
+        return True
+
+    def _reject_raw(self, raw: bytes, exc: BaseException) -> None:
+        record = {"table": None, "error": _describe(exc), "raw": raw.decode("utf-8", "replace")}
+        self._append_rejected((json.dumps(record) + "\n").encode("utf-8"))
+        with self._lock:
+            self._counts["rejected"] += 1
+
+
+def _close_at_exit(ref: weakref.ref[LogWriter]) -> None:
+    writer = ref()
+    if writer is not None:
+        writer.close(timeout=5.0)

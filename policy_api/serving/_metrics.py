@@ -1,0 +1,82 @@
+"""Prometheus metrics. Under gunicorn, ``homepage serve`` sets ``PROMETHEUS_MULTIPROC_DIR`` so every
+worker's counters are aggregated in one exposition.
+
+``prometheus_client`` picks its value store (in-process or multiprocess files) when it is first
+imported, so it is imported, and the metrics created, on first use — never at import of this module.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from ..engine import Decision
+
+__all__ = ["observe_feedback", "observe_layout", "render"]
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+
+
+@dataclass(frozen=True)
+class _Metrics:
+    layouts: Any
+    latency: Any
+    decide: Any
+    feedback: Any
+
+
+@cache
+def _metrics() -> _Metrics:
+    from prometheus_client import Counter, Histogram
+
+    return _Metrics(
+        layouts=Counter("homepage_layout_requests", "Layout decisions served", ["policy", "fallback"]),
+        latency=Histogram("homepage_layout_seconds", "GET /layout handling time", buckets=_LATENCY_BUCKETS),
+        decide=Histogram("homepage_decision_seconds", "Engine decision time", buckets=_LATENCY_BUCKETS),
+        feedback=Counter("homepage_feedback_events", "Feedback events received", ["status"]),
+    )
+
+
+def observe_layout(decision: Decision, seconds: float) -> None:
+    m = _metrics()
+    m.layouts.labels(policy=decision.policy, fallback=str(decision.fallback).lower()).inc()
+    m.latency.observe(seconds)
+    m.decide.observe(decision.elapsed_s)
+
+
+def observe_feedback(accepted: int, duplicates: int) -> None:
+    m = _metrics()
+    if accepted:
+        m.feedback.labels(status="accepted").inc(accepted)
+    if duplicates:
+        m.feedback.labels(status="duplicate").inc(duplicates)
+
+
+def render(writer_stats: dict[str, Any] | None) -> tuple[bytes, str]:
+    """The exposition text (all workers' metrics under gunicorn) plus this worker's log-writer gauges."""
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+    _metrics()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        data = generate_latest(registry)
+    else:
+        data = generate_latest(REGISTRY)
+    if writer_stats:
+        pid = os.getpid()
+        lines = []
+        for key in ("submitted", "written", "spilled", "replayed", "queue_depth"):
+            if isinstance(writer_stats.get(key), int | float):
+                lines.append(f"# TYPE homepage_log_{key} gauge")
+                lines.append(f'homepage_log_{key}{{worker="{pid}"}} {writer_stats[key]}')
+        healthy = writer_stats.get("healthy")
+        if healthy is not None:
+            lines.append("# TYPE homepage_log_healthy gauge")
+            lines.append(f'homepage_log_healthy{{worker="{pid}"}} {1 if healthy else 0}')
+        data += ("\n".join(lines) + "\n").encode()
+    return data, CONTENT_TYPE_LATEST

@@ -1,0 +1,115 @@
+"""Allocator jobs on a real SQLite log: valuation refit (closed form), pacing (one dual step by hand),
+refreshing the head from impressions (counts), and the plan published for the active config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from allocator import parse_config_text
+from policy_api import log as store
+from policy_api import registry
+from policy_api.engine import DecisionEngine, RequestIds, build_state
+from policy_api.jobs import pace, refit_valuation
+from policy_api.log import Catalog, make_engine, upgrade
+from simulator import make_world
+
+
+@pytest.fixture()
+def db(tmp_path):
+    world = make_world(n_users=40, n_items=400, seed=4)
+    text = world.default_config_toml()
+    cfg = parse_config_text(text)
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    upgrade(url)
+    eng = make_engine(url)
+    cat = Catalog(np.asarray(world.item_ids, dtype=object),
+                  np.array([world.categories[c] for c in world.item_category], dtype=object),
+                  np.asarray(world.popularity, float), np.asarray(world.item_features, float),
+                  tuple(world.item_feature_names))
+    store.upsert_items(eng, cat.rows())
+    version = registry.activate_config(eng, text, author="test")
+    return eng, world, cfg, cat, version, url, tmp_path
+
+
+def fb_row(rid, k, item, typ, value, ts):
+    return {"event_id": f"{rid}:{k}", "request_id": rid, "slot": 0, "item_id": item, "type": typ, "value": value,
+            "ts": ts, "received_at": ts}
+
+
+def test_valuation_refit_is_the_shrunk_ratio(db):
+    eng, world, cfg, cat, *_ = db
+    rng = np.random.default_rng(0)
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+    rows, units, revenue = [], {}, {}
+    for k in range(300):
+        i = int(rng.integers(0, cat.n_items))
+        typ = str(rng.choice(["play", "full_play", "favorite", "share", "skip", "impression"]))
+        val = float(rng.gamma(2.0)) if rng.random() < 0.5 else None
+        rows.append(fb_row("r", k, str(cat.item_ids[i]), typ, val, t))
+        c = str(cat.category[i])
+        units[c] = units.get(c, 0.0) + (cfg.events[typ] if typ != "impression" else 0.0)
+        revenue[c] = revenue.get(c, 0.0) + (val or 0.0)
+    store.insert_feedback(eng, rows)
+    kappa = 50.0
+    got = {r.category: r for r in refit_valuation(eng, cfg, prior_units=kappa)}
+    for c in cfg.categories:
+        U, R, v0 = units.get(c.name, 0.0), revenue.get(c.name, 0.0), c.value_per_engagement
+        assert got[c.name].shrunk == pytest.approx((R + kappa * v0) / (U + kappa))
+        assert got[c.name].weight == pytest.approx(U / (U + kappa))
+        assert got[c.name].configured == v0
+    with pytest.raises(ValueError, match=r"prior_units must be > 0; got 0"):
+        refit_valuation(eng, cfg, prior_units=0)
+
+
+def test_pace_once_takes_one_dual_step(db):
+    eng, world, cfg, cat, version, *_ = db
+    state = build_state(cfg, cat, versions={"config": version})
+    engine = DecisionEngine(state)
+    ids = RequestIds(b"k")
+    now = datetime.now(tz=UTC)
+    rows = []
+    for k in range(120):
+        d = engine.decide(f"u{k % 9}", ids.issue())
+        row = d.row()
+        row["ts"] = now - timedelta(seconds=30)
+        rows.append(row)
+    store.insert_decisions(eng, rows)
+    registry.publish_plan(eng, version, {"live_floor": 0.0, "long_tail": 0.4})
+    step = 0.7
+    out = pace(eng, window_s=300, step_size=step, min_decisions=50)
+    assert out is not None and out.n_decisions == 120
+    realised = np.array([r["candidates"][r["chosen"]]["exposure"] for r in rows]).mean(0)
+    lo, _ = cfg.bounds()
+    # floors: alpha <- max(0, alpha - step * (share - min)); the starting prices were the plan's
+    want = np.maximum(0.0, np.array([0.0, 0.4]) - step * (realised - lo))
+    assert [out.prices[n] for n in cfg.constraint_names] == pytest.approx(want.tolist())
+    assert [out.realised[n] for n in cfg.constraint_names] == pytest.approx(realised.tolist())
+    assert registry.latest_plan(eng).version == out.plan_version
+
+
+def test_refresh_head_sets_popularity_to_impression_shares(db):
+    eng, world, cfg, cat, version, url, tmp = db
+    rng = np.random.default_rng(1)
+    shown = rng.choice(cat.item_ids[:50], size=1500)
+    t = datetime.now(tz=UTC) - timedelta(hours=1)
+    store.insert_feedback(eng, [fb_row("r", k, str(i), "impression", None, t) for k, i in enumerate(shown)])
+    env = dict(os.environ, DATABASE_URL=url, HOMEPAGE_DATA_DIR=str(tmp))
+    r = subprocess.run([sys.executable, "-m", "policy_api.cli", "catalog", "refresh-head", "--days", "1",
+                        "--min-impressions", "1000"], env=env, capture_output=True, text=True, timeout=120, cwd=tmp)
+    assert r.returncode == 0, r.stderr
+    items = store.load_items(eng)
+    got = dict(zip(items["item_ids"].tolist(), items["popularity"].tolist(), strict=True))
+    uniq, counts = np.unique(shown.astype(str), return_counts=True)
+    for i, c in zip(uniq.tolist(), counts.tolist(), strict=True):
+        assert got[i] == pytest.approx(c / shown.size)
+    never = set(cat.item_ids.tolist()) - set(uniq.tolist())
+    assert all(got[i] == 0.0 for i in never)
+    too_few = subprocess.run([sys.executable, "-m", "policy_api.cli", "catalog", "refresh-head", "--days", "1",
+                              "--min-impressions", "5000"], env=env, capture_output=True, text=True, timeout=120, cwd=tmp)
+    assert too_few.returncode == 2 and "min_impressions" in too_few.stderr and "need 5000" in too_few.stderr

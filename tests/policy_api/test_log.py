@@ -1,0 +1,664 @@
+"""SQL decision log: migrations, store helpers, LogWriter (batching, outage spill + replay, queue-full,
+refused rows, cross-writer replay locking), model registry under concurrency, Parquet export.
+
+Every test runs on SQLite and on PostgreSQL through the ``database_url`` fixture (conftest.py); the
+reference for each check is computed independently of the code under test (the submitted rows, a
+``SELECT COUNT``, a Python loop over plain rows).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from policy_api.log import (
+    EXPORT_COLUMNS,
+    LogWriter,
+    decisions,
+    decode_spill_line,
+    downgrade,
+    encode_spill_line,
+    existing_event_ids,
+    export_parquet,
+    feedback,
+    insert_decisions,
+    insert_feedback,
+    load_items,
+    make_engine,
+    metadata,
+    normalize_url,
+    read_decisions,
+    read_feedback,
+    read_parquet,
+    upgrade,
+    upsert_items,
+)
+
+LOG_TABLES = {"decisions", "feedback", "items", "configs", "plans", "models"}
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def engine(database_url):
+    eng = make_engine(database_url)
+    upgrade(eng)
+    yield eng
+    eng.dispose()
+
+
+def count(engine: sa.Engine, table: str) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text(f"SELECT COUNT(*) FROM {table}")).scalar_one())
+
+
+def decision_row(i: int, rng: np.random.Generator, n_cand: int = 16, module_ids=None) -> dict:
+    pmf = rng.dirichlet(np.ones(n_cand))
+    chosen = int(rng.integers(n_cand))
+    pool = module_ids if module_ids is not None else list(range(12))
+    candidates = [
+        {
+            "modules": [pool[k] for k in rng.permutation(len(pool))[:5].tolist()],
+            "tilt": float(rng.choice([0.0, 0.5, 1.0])),
+            "value": float(rng.gamma(2.0)),
+            "exposure": rng.random(6).round(6).tolist(),
+            "score": float(rng.normal()),
+            "engagement": rng.random(5).tolist(),  # the engine logs more than the export keeps
+        }
+        for _ in range(n_cand)
+    ]
+    return {
+        "request_id": f"req-{i:06d}",
+        "ts": T0 + timedelta(seconds=int(rng.integers(0, 3600)), microseconds=i),
+        "user_id": f"u{int(rng.integers(40)):03d}",
+        "context": {"country": "SE", "hour": int(rng.integers(24))},
+        "versions": {"config": 1, "plan": 2, "ranker": None},
+        "policy": "budgeted-vw",
+        "candidates": candidates,
+        "pmf": pmf,  # numpy: the engine hands arrays over
+        "chosen": chosen,
+        "propensity": float(pmf[chosen]),
+        "layout": [{"module": c, "items": [f"i{k}" for k in range(3)]} for c in candidates[chosen]["modules"]],
+        "fallback_reason": None if i % 7 else "ranker_timeout",
+    }
+
+
+def feedback_row(j: int, request_id: str, rng: np.random.Generator) -> dict:
+    return {
+        "event_id": f"ev-{j:06d}",
+        "request_id": request_id,
+        "slot": None if j % 5 == 0 else int(rng.integers(5)),
+        "item_id": None if j % 11 == 0 else f"i{int(rng.integers(100))}",
+        "type": str(rng.choice(["impression", "play", "full_play", "skip"])),
+        "value": None if j % 3 == 0 else float(rng.normal()),
+        "ts": T0 + timedelta(seconds=int(rng.integers(0, 4000))),
+        "received_at": T0 + timedelta(seconds=4000 + j),
+    }
+
+
+def to_us(dt: datetime) -> np.datetime64:
+    return np.datetime64(dt.astimezone(UTC).replace(tzinfo=None), "us")
+
+
+def spill_files(path: Path) -> list[str]:
+    return sorted(p.name for p in path.glob("*.jsonl") if not p.name.startswith("rejected-"))
+
+
+# ------------------------------------------------------------------------------------------- engine
+
+
+def test_make_engine_settings(database_url, monkeypatch):
+    eng = make_engine(database_url)
+    try:
+        with eng.connect() as conn:
+            if eng.dialect.name == "sqlite":
+                assert Path(eng.url.database).parent.is_dir()  # parent folder created
+                assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+                assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
+                assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+            else:
+                assert eng.dialect.driver == "psycopg" and eng.pool._pre_ping
+                assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "5s"
+                params = conn.connection.dbapi_connection.info.get_parameters()
+                assert params["connect_timeout"] == "2"
+    finally:
+        eng.dispose()
+    if eng.dialect.name != "postgresql":
+        return
+    monkeypatch.setenv("HOMEPAGE_DB_STATEMENT_TIMEOUT", "0.3")
+    monkeypatch.setenv("HOMEPAGE_DB_CONNECT_TIMEOUT", "3")
+    fast = make_engine(database_url.replace("postgresql+psycopg://", "postgresql://"))
+    try:
+        assert fast.dialect.driver == "psycopg"
+        with fast.connect() as conn:
+            assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "300ms"
+            assert conn.connection.dbapi_connection.info.get_parameters()["connect_timeout"] == "3"
+            start = time.monotonic()
+            with pytest.raises(sa.exc.OperationalError, match="statement timeout"):
+                conn.exec_driver_sql("SELECT pg_sleep(5)")
+            assert time.monotonic() - start < 3.0  # a stuck statement is cut off, not waited for
+    finally:
+        fast.dispose()
+
+
+def test_make_engine_rejects_bad_input(monkeypatch):
+    with pytest.raises(ValueError, match=r"url must be sqlite"):
+        make_engine("mysql://u:secret@h/db")
+    with pytest.raises(ValueError, match=r"url must be sqlite") as err:
+        normalize_url("postgresql+psycopg2://u:secret@h/db")
+    assert "secret" not in str(err.value)
+    assert normalize_url("postgres://u@h/db").drivername == "postgresql+psycopg"
+    monkeypatch.setenv("HOMEPAGE_DB_CONNECT_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match=r"HOMEPAGE_DB_CONNECT_TIMEOUT must be a positive number"):
+        make_engine("postgresql://u@127.0.0.1:1/db")
+    monkeypatch.delenv("HOMEPAGE_DB_CONNECT_TIMEOUT")
+    with pytest.raises(ValueError, match=r"statement_timeout_s must be > 0; got -1"):
+        make_engine("postgresql://u@127.0.0.1:1/db", statement_timeout_s=-1)
+
+
+# --------------------------------------------------------------------------------------- migrations
+
+
+def test_migrations_upgrade_check_downgrade(database_url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # script_location comes from the installed package, not the cwd
+    upgrade(database_url)
+    eng = make_engine(database_url)
+    try:
+        with eng.connect() as conn:
+            insp = sa.inspect(conn)
+            assert set(insp.get_table_names()) == LOG_TABLES | {"alembic_version"}
+            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+            mc = MigrationContext.configure(conn, opts={"compare_type": True})
+            assert compare_metadata(mc, metadata) == []  # `alembic check`
+            # the comparison is not vacuous: a column the DB lacks is reported
+            extra = sa.MetaData()
+            for table in metadata.tables.values():
+                table.to_metadata(extra)
+            extra.tables["feedback"].append_column(sa.Column("extra", sa.Integer()))
+            diff = compare_metadata(mc, extra)
+            assert [(d[0], d[2], d[3].name) for d in diff] == [("add_column", "feedback", "extra")]
+            # every constraint carries the naming-convention name
+            assert {u["name"] for u in insp.get_unique_constraints("feedback")} == {"uq_feedback_event_id"}
+            assert {u["name"] for u in insp.get_unique_constraints("models")} == {"uq_models_name_version"}
+            assert {i["name"] for i in insp.get_indexes("decisions")} == {"ix_decisions_ts", "ix_decisions_user_id"}
+            assert insp.get_foreign_keys("feedback") == []
+            if eng.dialect.name == "postgresql":
+                assert insp.get_pk_constraint("decisions")["name"] == "pk_decisions"
+                cols = {c["name"]: c["type"] for c in insp.get_columns("decisions")}
+                assert type(cols["candidates"]).__name__ == "JSONB"
+                assert getattr(cols["ts"], "timezone", False) is True
+        downgrade(database_url, "base")
+        with eng.connect() as conn:
+            assert set(sa.inspect(conn).get_table_names()) & LOG_TABLES == set()
+        upgrade(eng)  # and back up again from base
+        with eng.connect() as conn:
+            assert set(sa.inspect(conn).get_table_names()) >= LOG_TABLES
+    finally:
+        eng.dispose()
+
+
+def test_alembic_cli_upgrade_check_downgrade(database_url, tmp_path):
+    from alembic.config import main as alembic_main
+
+    from policy_api.log import migrations_dir
+
+    ini = tmp_path / "alembic.ini"
+    ini.write_text(f"[alembic]\nscript_location = {migrations_dir()}\n")
+    alembic_main(["-c", str(ini), "-x", f"url={database_url}", "upgrade", "head"])
+    # `alembic check` raises AutogenerateDiffsDetected on any difference (the metadata is imported
+    # by env.py itself here, as from the shell)
+    alembic_main(["-c", str(ini), "-x", f"url={database_url}", "check"])
+    eng = make_engine(database_url)
+    try:
+        with eng.connect() as conn:
+            assert set(sa.inspect(conn).get_table_names()) >= LOG_TABLES
+        alembic_main(["-c", str(ini), "-x", f"url={database_url}", "downgrade", "base"])
+        with eng.connect() as conn:
+            assert set(sa.inspect(conn).get_table_names()) & LOG_TABLES == set()
+    finally:
+        eng.dispose()
+
+
+# -------------------------------------------------------------------------------------------- store
+
+
+def test_decisions_and_feedback_round_trip(engine):
+    rng = np.random.default_rng(1)
+    rows = [decision_row(i, rng) for i in range(60)]
+    fb = [feedback_row(j, rows[int(rng.integers(60))]["request_id"], rng) for j in range(150)]
+    assert insert_decisions(engine, rows) == 60
+    assert insert_feedback(engine, fb) == 150
+
+    since, until = T0 + timedelta(minutes=10), T0 + timedelta(minutes=40)
+    got = read_decisions(engine, since=since, until=until, chunk_size=7)
+    ref = sorted((r for r in rows if since <= r["ts"] < until), key=lambda r: (r["ts"], r["request_id"]))
+    assert len(ref) > 10 and list(got["request_id"]) == [r["request_id"] for r in ref]
+    np.testing.assert_array_equal(got["ts"], [to_us(r["ts"]) for r in ref])
+    np.testing.assert_array_equal(got["chosen"], [r["chosen"] for r in ref])
+    np.testing.assert_array_equal(got["propensity"], [r["propensity"] for r in ref])
+    assert got["chosen"].dtype == np.int64 and got["propensity"].dtype == np.float64
+    for key in ("user_id", "policy", "fallback_reason"):
+        assert list(got[key]) == [r[key] for r in ref]
+    for key in ("context", "versions", "candidates", "layout"):
+        assert got[key] == [r[key] for r in ref]
+    assert got["pmf"] == [r["pmf"].tolist() for r in ref]
+
+    only = read_decisions(engine, columns=["request_id", "propensity"])
+    assert list(only) == ["request_id", "propensity"] and len(only["request_id"]) == 60
+
+    wanted = {rows[3]["request_id"], rows[9]["request_id"]}
+    f = read_feedback(engine, request_ids=sorted(wanted) + ["never-issued"])
+    ref_fb = [r for r in fb if r["request_id"] in wanted]  # arrival order = insertion order
+    assert list(f["event_id"]) == [r["event_id"] for r in ref_fb]
+    np.testing.assert_array_equal(f["slot"], [-1 if r["slot"] is None else r["slot"] for r in ref_fb])
+    np.testing.assert_array_equal(f["value"], [np.nan if r["value"] is None else r["value"] for r in ref_fb])
+    np.testing.assert_array_equal(f["ts"], [to_us(r["ts"]) for r in ref_fb])
+    np.testing.assert_array_equal(f["received_at"], [to_us(r["received_at"]) for r in ref_fb])
+    assert list(f["item_id"]) == [r["item_id"] for r in ref_fb]
+
+    fs = read_feedback(engine, since=T0 + timedelta(seconds=1000), until=T0 + timedelta(seconds=2000))
+    ref_fs = [r["event_id"] for r in fb if T0 + timedelta(seconds=1000) <= r["ts"] < T0 + timedelta(seconds=2000)]
+    assert list(fs["event_id"]) == ref_fs
+
+    with pytest.raises(ValueError, match=r"columns must be among decisions columns"):
+        read_decisions(engine, columns=["request_id", "reward"])
+
+
+def test_timestamps_are_utc_aware(engine):
+    rng = np.random.default_rng(2)
+    row = decision_row(0, rng)
+    row["ts"] = datetime(2024, 5, 1, 14, 30, 5, 123456, tzinfo=timezone(timedelta(hours=2)))
+    insert_decisions(engine, [row])
+    with engine.connect() as conn:
+        ts = conn.execute(sa.select(decisions.c.ts)).scalar_one()
+    assert ts.utcoffset() == timedelta(0) and ts == datetime(2024, 5, 1, 12, 30, 5, 123456, tzinfo=UTC)
+    naive = decision_row(1, rng)
+    naive["ts"] = datetime(2024, 5, 1, 12, 0)
+    with pytest.raises(sa.exc.StatementError, match=r"timestamp must be timezone-aware"):
+        insert_decisions(engine, [naive])
+    assert count(engine, "decisions") == 1
+
+
+def test_feedback_idempotent_by_event_id(engine):
+    rng = np.random.default_rng(3)
+    first = feedback_row(1, "req-1", rng)
+    twin = {**first, "value": 99.0, "type": "share"}  # same event id, different payload
+    insert_feedback(engine, [first, twin])
+    insert_feedback(engine, [twin])
+    assert count(engine, "feedback") == 1
+    got = read_feedback(engine)
+    assert list(got["type"]) == [first["type"]]  # the first write wins
+    many = [feedback_row(j, "req-2", rng) for j in range(2, 1902)]
+    insert_feedback(engine, many[::2])
+    asked = [r["event_id"] for r in many] + ["ev-000001", "nope"]
+    assert existing_event_ids(engine, asked) == {r["event_id"] for r in many[::2]} | {"ev-000001"}
+
+
+def test_decision_reinsert_is_idempotent(engine):
+    rng = np.random.default_rng(4)
+    rows = [decision_row(i, rng) for i in range(10)]
+    insert_decisions(engine, rows)
+    insert_decisions(engine, [{**r, "chosen": 0, "policy": "replayed"} for r in rows] + rows[:3])
+    assert count(engine, "decisions") == 10
+    got = read_decisions(engine, columns=["request_id", "policy", "chosen"])
+    ref = sorted(rows, key=lambda r: (r["ts"], r["request_id"]))
+    assert list(got["policy"]) == ["budgeted-vw"] * 10
+    np.testing.assert_array_equal(got["chosen"], [r["chosen"] for r in ref])
+
+
+def test_items_upsert_and_load(engine):
+    upsert_items(engine, [
+        {"item_id": "i2", "category": "songs", "popularity": 3.0, "features": np.array([1.0, 2.0])},
+        {"item_id": "i1", "category": "videos", "popularity": 5.0, "features": [0.5, 0.25]},
+    ])  # fmt: skip
+    upsert_items(engine, [{"item_id": "i2", "category": "live", "popularity": 7.5, "features": [9.0, 8.0]}])
+    cat = load_items(engine)
+    assert list(cat["item_ids"]) == ["i1", "i2"] and list(cat["category"]) == ["videos", "live"]
+    np.testing.assert_array_equal(cat["popularity"], [5.0, 7.5])
+    np.testing.assert_array_equal(cat["features"], [[0.5, 0.25], [9.0, 8.0]])
+    assert count(engine, "items") == 2
+    upsert_items(engine, [{"item_id": "i3", "category": "live", "popularity": 1.0, "features": [1.0]}])
+    with pytest.raises(ValueError, match=r"items.features must have one length for every item; got lengths \[1, 2\]"):
+        load_items(engine)
+
+
+# ---------------------------------------------------------------------------------------- LogWriter
+
+
+def test_spill_line_round_trip():
+    row = {"ts": datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=UTC), "pmf": np.array([0.25, 0.75]),
+           "chosen": np.int64(1), "blob": b"\x00\xff", "nested": {"a": [1, None]}}  # fmt: skip
+    table, rows = decode_spill_line(encode_spill_line("decisions", [row]))
+    assert table == "decisions"
+    assert rows == [{"ts": row["ts"], "pmf": [0.25, 0.75], "chosen": 1, "blob": b"\x00\xff", "nested": {"a": [1, None]}}]
+    assert rows[0]["ts"].tzinfo is not None
+    with pytest.raises(ValueError, match=r"spill line must be"):
+        decode_spill_line(b'{"table": "users", "rows": []}\n')
+
+
+def test_logwriter_writes_every_row_in_batches(engine, tmp_path):
+    rng = np.random.default_rng(5)
+    n_dec, n_fb, batch = 1203, 300, 250
+    rows = [decision_row(i, rng) for i in range(n_dec)]
+    fb = [feedback_row(j, rows[j]["request_id"], rng) for j in range(n_fb)]
+    inserts: list[tuple[str, bool, int]] = []
+    commits: list[int] = []
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def on_execute(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("INSERT"):
+            n = len(parameters) if executemany else 1
+            inserts.append((statement.split()[2].strip('"'), executemany, n))
+
+    @sa.event.listens_for(engine, "commit")
+    def on_commit(conn):
+        commits.append(1)
+
+    writer = LogWriter(engine, tmp_path / "spill", batch_size=batch, start=False)
+    for r in rows:
+        writer.submit_decision(r)
+    writer.submit_feedback(fb)
+    assert writer.stats()["queue_depth"] == n_dec + n_fb
+    writer.start()
+    assert writer.flush(timeout=30)
+    stats = writer.stats()
+    writer.close()
+    assert count(engine, "decisions") == n_dec and count(engine, "feedback") == n_fb
+    assert stats["submitted"] == stats["written"] == n_dec + n_fb
+    assert (stats["spilled"], stats["rejected"], stats["queue_depth"], stats["healthy"]) == (0, 0, 0, True)
+    n_batches = math.ceil((n_dec + n_fb) / batch)
+    assert len(commits) == n_batches  # one transaction per batch
+    assert sum(n for t, _, n in inserts if t == "decisions") == n_dec
+    assert sum(n for t, _, n in inserts if t == "feedback") == n_fb
+    assert len(inserts) <= 2 * n_batches  # at most one executemany per table per batch
+    assert spill_files(tmp_path / "spill") == []
+
+
+def _bad_engine(database_url: str, tmp_path: Path) -> sa.Engine:
+    if database_url.startswith("sqlite"):
+        gone = tmp_path / "gone"
+        eng = make_engine(f"sqlite:///{gone / 'log.sqlite'}")  # creates the folder ...
+        shutil.rmtree(gone)  # ... which then disappears: every connect fails
+        return eng
+    return make_engine("postgresql+psycopg://postgres@127.0.0.1:1/test", connect_timeout_s=1)
+
+
+def test_outage_spills_then_replays_exactly_once(database_url, engine, tmp_path):
+    rng = np.random.default_rng(6)
+    rows = [decision_row(i, rng) for i in range(600)]
+    fb = [feedback_row(j, rows[j % 600]["request_id"], rng) for j in range(300)]
+    replays = fb[:20]  # a client retrying: same event ids again
+    spill = tmp_path / "spill"
+    bad = _bad_engine(database_url, tmp_path)
+    writer = LogWriter(bad, spill, batch_size=200, flush_interval_s=0.01)
+    try:
+        for r in rows:
+            writer.submit_decision(r)
+        writer.submit_feedback(fb)
+        writer.submit_feedback(replays)
+        assert writer.flush(timeout=20)
+        stats = writer.stats()
+        assert (stats["written"], stats["spilled"], stats["healthy"]) == (0, 920, False)
+        assert stats["last_error"] and "OperationalError" in stats["last_error"]
+        assert spill_files(spill) == [f"spill-{os.getpid()}.jsonl"]
+        spilled: dict[str, list] = {"decisions": [], "feedback": []}
+        for line in (spill / f"spill-{os.getpid()}.jsonl").read_bytes().splitlines():
+            table, part = decode_spill_line(line)
+            spilled[table].extend(part)
+        assert [r["request_id"] for r in spilled["decisions"]] == [r["request_id"] for r in rows]
+        assert [r["ts"] for r in spilled["decisions"]] == [r["ts"] for r in rows]  # datetimes restored
+        assert [r["event_id"] for r in spilled["feedback"]] == [r["event_id"] for r in fb + replays]
+        assert count(engine, "decisions") == 0
+
+        insert_decisions(engine, rows[:100])  # some rows already made it earlier: no duplicates after
+        writer.set_engine(engine)
+        assert writer.flush(timeout=30, replay=True)
+        stats = writer.stats()
+    finally:
+        writer.close()
+        bad.dispose()
+    assert count(engine, "decisions") == 600 and count(engine, "feedback") == 300
+    assert (stats["replayed"], stats["healthy"], stats["rejected"]) == (920, True, 0)
+    assert spill_files(spill) == []
+    got = read_decisions(engine, columns=["request_id", "ts", "propensity"])
+    ref = sorted(rows, key=lambda r: (r["ts"], r["request_id"]))
+    assert list(got["request_id"]) == [r["request_id"] for r in ref]
+    np.testing.assert_array_equal(got["ts"], [to_us(r["ts"]) for r in ref])
+    np.testing.assert_array_equal(got["propensity"], [r["propensity"] for r in ref])
+
+
+def test_sqlite_outage_recovers_when_the_database_comes_back(tmp_path):
+    url = f"sqlite:///{tmp_path / 'gone' / 'log.sqlite'}"
+    eng = make_engine(url)
+    shutil.rmtree(tmp_path / "gone")
+    rng = np.random.default_rng(7)
+    rows = [decision_row(i, rng) for i in range(250)]
+    writer = LogWriter(eng, tmp_path / "spill", flush_interval_s=0.01, max_backoff_s=0.05)
+    try:
+        for r in rows:
+            writer.submit_decision(r)
+        assert writer.flush(timeout=10)
+        assert writer.stats()["spilled"] == 250 and not writer.stats()["healthy"]
+        upgrade(url)  # the database is back (same engine, nothing swapped)
+        deadline = time.monotonic() + 20
+        while writer.stats()["replayed"] < 250 and time.monotonic() < deadline:
+            time.sleep(0.02)  # recovery is noticed by the writer's own probe, without new traffic
+        stats = writer.stats()
+    finally:
+        writer.close()
+    assert (stats["replayed"], stats["healthy"]) == (250, True)
+    assert count(eng, "decisions") == 250
+    assert spill_files(tmp_path / "spill") == []
+    eng.dispose()
+
+
+def test_queue_full_spills_instead_of_dropping(engine, tmp_path):
+    rng = np.random.default_rng(8)
+    rows = [decision_row(i, rng) for i in range(25)]
+    spill = tmp_path / "spill"
+    writer = LogWriter(engine, spill, max_queue=10, start=False)
+    for r in rows:
+        writer.submit_decision(r)
+    stats = writer.stats()
+    assert (stats["submitted"], stats["queue_depth"], stats["spilled"]) == (25, 10, 15)
+    lines = (spill / f"spill-{os.getpid()}.jsonl").read_bytes().splitlines()
+    assert [decode_spill_line(x)[1][0]["request_id"] for x in lines] == [r["request_id"] for r in rows[10:]]
+    writer.start()
+    assert writer.flush(timeout=20, replay=True)
+    stats = writer.stats()
+    writer.close()
+    assert (stats["written"], stats["replayed"]) == (10, 15)
+    assert count(engine, "decisions") == 25
+    assert spill_files(spill) == []
+
+
+def test_rows_the_database_refuses_are_kept_not_lost(engine, tmp_path):
+    rng = np.random.default_rng(9)
+    rows = [decision_row(i, rng) for i in range(40)]
+    rows[7]["ts"] = datetime(2024, 5, 1, 12, 0)  # naive: zone unknown
+    rows[23]["candidates"][0]["value"] = float("nan")  # not JSON: stored as null (orjson), not refused
+    fb = [feedback_row(j, "req-000001", rng) for j in range(10)]
+    del fb[4]["event_id"]  # no idempotency key
+    spill = tmp_path / "spill"
+    with LogWriter(engine, spill) as writer:
+        for r in rows:
+            writer.submit_decision(r)
+        writer.submit_feedback(fb)
+        assert writer.flush(timeout=20)
+        stats = writer.stats()
+    assert count(engine, "decisions") == 39 and count(engine, "feedback") == 9
+    assert (stats["rejected"], stats["written"], stats["healthy"]) == (2, 48, True)
+    nan_row = read_decisions(engine, columns=["request_id", "candidates"])
+    k = list(nan_row["request_id"]).index(rows[23]["request_id"])
+    assert nan_row["candidates"][k][0]["value"] is None
+    rejected = [json.loads(x) for x in (spill / f"rejected-{os.getpid()}.jsonl").read_text().splitlines()]
+    assert sorted((r["table"], r["row"].get("request_id")) for r in rejected) == [
+        ("decisions", rows[7]["request_id"]), ("feedback", "req-000001")
+    ]  # fmt: skip
+    assert any("timezone-aware" in r["error"] for r in rejected)
+
+
+def test_writers_sharing_a_spill_dir_replay_each_file_once(engine, tmp_path):
+    rng = np.random.default_rng(10)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    rows = [decision_row(i, rng) for i in range(600)]
+    # 12 orphans of dead processes: spill files and an interrupted replay
+    for k in range(12):
+        name = f"spill-{900000 + k}.jsonl" if k % 3 else f"replay-{900000 + k}-abc.jsonl"
+        part = rows[k * 40 : (k + 1) * 40]
+        (spill / name).write_bytes(encode_spill_line("decisions", part[:20]) + encode_spill_line("decisions", part[20:]))
+    # a live process owns this one (holds its lock): nobody else may take it
+    live = spill / "spill-999999.jsonl"
+    live.write_bytes(encode_spill_line("decisions", rows[480:600]))
+    import fcntl
+
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    writers = [LogWriter(engine, spill, start=False) for _ in range(3)]
+    try:
+        barrier = threading.Barrier(len(writers))
+
+        def go(w: LogWriter) -> None:
+            w.start()
+            barrier.wait()
+            w.flush(timeout=20, replay=True)
+
+        threads = [threading.Thread(target=go, args=(w,)) for w in writers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sum(w.stats()["replayed"] for w in writers) == 480  # each orphan exactly once
+        assert count(engine, "decisions") == 480
+        assert spill_files(spill) == ["spill-999999.jsonl"]
+        os.close(fd)  # the owner exits
+        fd = -1
+        assert writers[0].flush(timeout=20, replay=True)
+        assert sum(w.stats()["replayed"] for w in writers) == 600
+        assert count(engine, "decisions") == 600 and spill_files(spill) == []
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        for w in writers:
+            w.close()
+
+
+def test_writers_of_one_process_keep_separate_spill_files(database_url, engine, tmp_path):
+    rng = np.random.default_rng(12)
+    rows = [decision_row(i, rng, n_cand=4) for i in range(150)]
+    spill = tmp_path / "spill"
+    bad = _bad_engine(database_url, tmp_path)
+    a, b = (LogWriter(bad, spill, flush_interval_s=0.01) for _ in range(2))
+    try:
+        for r in rows[:50]:
+            a.submit_decision(r)
+        for r in rows[50:100]:
+            b.submit_decision(r)
+        assert a.flush(timeout=10) and b.flush(timeout=10)
+        assert len(spill_files(spill)) == 2  # each holds the lock on its own file
+        a.set_engine(engine)
+        assert a.flush(timeout=20, replay=True)
+        assert count(engine, "decisions") == 50  # b is alive: its file is b's to replay
+        b.close()
+        for r in rows[100:]:  # after close: straight to the spill file, which is then released
+            b.submit_decision(r)
+        assert b.stats()["spilled"] == 100
+        assert a.flush(timeout=20, replay=True)
+        assert count(engine, "decisions") == 150 and spill_files(spill) == []
+        assert a.stats()["replayed"] == 150
+    finally:
+        a.close()
+        b.close()
+        bad.dispose()
+
+
+def test_logwriter_rejects_bad_arguments(engine, tmp_path):
+    with pytest.raises(ValueError, match=r"max_queue must be an int >= 1; got 0"):
+        LogWriter(engine, tmp_path, max_queue=0)
+    with pytest.raises(ValueError, match=r"flush_interval_s must be > 0; got 0"):
+        LogWriter(engine, tmp_path, flush_interval_s=0)
+    with pytest.raises(TypeError, match=r"engine must be a sqlalchemy Engine"):
+        LogWriter("sqlite://", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ parquet
+
+
+@pytest.mark.parametrize("module_ids", ["int", "str"])
+def test_parquet_export_round_trip_equals_db_rows(engine, tmp_path, module_ids):
+    rng = np.random.default_rng(11)
+    pool = None if module_ids == "int" else [f"songs_{k}" for k in range(12)]
+    rows = [decision_row(i, rng, n_cand=int(rng.integers(8, 17)), module_ids=pool) for i in range(70)]
+    fb = [feedback_row(j, rows[int(rng.integers(35))]["request_id"], rng) for j in range(90)]
+    fb.append(feedback_row(999, "req-not-logged", rng))  # feedback whose decision is not in the log
+    for r in rows[::2]:  # optional candidate fields, logged by the engine, absent from older rows
+        for c in r["candidates"]:
+            c.update(categories=["songs", "live"], tail=float(rng.random()))
+    insert_decisions(engine, rows)
+    insert_feedback(engine, fb)
+    since, until = T0 + timedelta(minutes=5), T0 + timedelta(minutes=50)
+    path = tmp_path / "out" / "log.parquet"
+    n = export_parquet(engine, path, since, until, chunk_size=9)
+    got = read_parquet(path)
+    assert list(got) == list(EXPORT_COLUMNS)
+
+    # reference: the DB rows, read back and joined with a plain Python loop
+    db = read_decisions(engine, since=since, until=until)
+    db_fb = read_feedback(engine)
+    assert n == len(db["request_id"]) == len(got["request_id"]) > 20
+    for key in ("request_id", "user_id", "policy", "fallback_reason"):
+        assert list(got[key]) == list(db[key])
+    np.testing.assert_array_equal(got["ts"], db["ts"])
+    np.testing.assert_array_equal(got["chosen"], db["chosen"])
+    np.testing.assert_array_equal(got["propensity"], db["propensity"])
+    np.testing.assert_array_equal(got["n_candidates"], [len(c) for c in db["candidates"]])
+    assert got["pmf"] == db["pmf"]
+    for key in ("context", "versions", "layout"):
+        assert got[key] == db[key]
+    for field in ("modules", "tilt", "value", "exposure", "score", "engagement"):
+        assert got[f"cand_{field}"] == [[c[field] for c in cands] for cands in db["candidates"]]
+    for field in ("categories", "tail"):
+        assert got[f"cand_{field}"] == [[c[field] for c in cands] if field in cands[0] else None
+                                        for cands in db["candidates"]]  # fmt: skip
+        assert any(v is None for v in got[f"cand_{field}"]) and any(v is not None for v in got[f"cand_{field}"])
+    for i, rid in enumerate(db["request_id"]):
+        ref = [
+            {"event_id": db_fb["event_id"][k], "slot": None if db_fb["slot"][k] < 0 else int(db_fb["slot"][k]),
+             "item_id": db_fb["item_id"][k], "type": db_fb["type"][k],
+             "value": None if np.isnan(db_fb["value"][k]) else float(db_fb["value"][k]),
+             "ts": db_fb["ts"][k]}
+            for k in range(len(db_fb["id"])) if db_fb["request_id"][k] == rid
+        ]  # fmt: skip
+        mine = [{**e, "ts": to_us(e["ts"])} for e in got["feedback"][i]]
+        assert mine == ref
+    assert sum(len(x) for x in got["feedback"]) > 30
+
+    empty = tmp_path / "empty.parquet"
+    assert export_parquet(engine, empty, since=T0 - timedelta(days=2), until=T0 - timedelta(days=1)) == 0
+    assert {k: len(v) for k, v in read_parquet(empty).items()} == dict.fromkeys(EXPORT_COLUMNS, 0)
+    with pytest.raises(ValueError, match=r"columns must be among"):
+        read_parquet(path, columns=["reward"])
+
+
+def test_tables_match_the_documented_columns():
+    assert [c.name for c in decisions.columns] == [
+        "request_id", "ts", "user_id", "context", "versions", "policy", "candidates", "pmf", "chosen",
+        "propensity", "layout", "fallback_reason",
+    ]  # fmt: skip
+    assert [c.name for c in feedback.columns] == [
+        "id", "event_id", "request_id", "slot", "item_id", "type", "value", "ts", "received_at",
+    ]  # fmt: skip
+    assert not feedback.foreign_keys and feedback.c.event_id.unique
+    assert set(metadata.tables) == LOG_TABLES
