@@ -73,7 +73,7 @@ from typing import Any
 
 import numpy as np
 
-from ._pacing import _bound_tuple
+from ._pacing import _check_bounds
 
 __all__ = ["PIPacer", "PIPacerConfig"]
 
@@ -124,20 +124,7 @@ class PIPacerConfig:
     names: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        lo = _bound_tuple("lower", self.lower)
-        hi = _bound_tuple("upper", self.upper)
-        object.__setattr__(self, "lower", lo)
-        object.__setattr__(self, "upper", hi)
-        object.__setattr__(self, "names", tuple(str(n) for n in self.names))
-        if len(lo) != len(hi):
-            raise ValueError(f"upper must have the same length as lower ({len(lo)}); got {len(hi)}")
-        for k, (a, b) in enumerate(zip(lo, hi, strict=True)):
-            if a > b:
-                raise ValueError(
-                    f"lower must be <= upper for every constraint; got lower[{k}] = {a!r} > upper[{k}] = {b!r}"
-                )
-            if a == math.inf or b == -math.inf:
-                raise ValueError(f"lower must be < +inf and upper > -inf; got ({a!r}, {b!r}) at index {k}")
+        lo, hi = _check_bounds(self)
         object.__setattr__(self, "max_price", _finite("max_price", self.max_price))
         object.__setattr__(self, "gain", _finite("gain", self.gain))
         object.__setattr__(self, "half_life", _finite("half_life", self.half_life))

@@ -42,6 +42,25 @@ def _bound_tuple(name: str, values: Any) -> tuple[float, ...]:
     return tuple(float(x) for x in arr)
 
 
+def _check_bounds(config: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalise and check a pacer config's ``lower``, ``upper`` and ``names`` (frozen: set in place)."""
+    lo = _bound_tuple("lower", config.lower)
+    hi = _bound_tuple("upper", config.upper)
+    object.__setattr__(config, "lower", lo)
+    object.__setattr__(config, "upper", hi)
+    object.__setattr__(config, "names", tuple(str(n) for n in config.names))
+    if len(lo) != len(hi):
+        raise ValueError(f"upper must have the same length as lower ({len(lo)}); got {len(hi)}")
+    for k, (a, b) in enumerate(zip(lo, hi, strict=True)):
+        if a > b:
+            raise ValueError(
+                f"lower must be <= upper for every constraint; got lower[{k}] = {a!r} > upper[{k}] = {b!r}"
+            )
+        if a == math.inf or b == -math.inf:
+            raise ValueError(f"lower must be < +inf and upper > -inf; got ({a!r}, {b!r}) at index {k}")
+    return lo, hi
+
+
 @dataclass(frozen=True, slots=True)
 class PacerConfig:
     """Configuration of :class:`DualPacer`.
@@ -68,20 +87,7 @@ class PacerConfig:
     names: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        lo = _bound_tuple("lower", self.lower)
-        hi = _bound_tuple("upper", self.upper)
-        object.__setattr__(self, "lower", lo)
-        object.__setattr__(self, "upper", hi)
-        object.__setattr__(self, "names", tuple(str(n) for n in self.names))
-        if len(lo) != len(hi):
-            raise ValueError(f"upper must have the same length as lower ({len(lo)}); got {len(hi)}")
-        for k, (a, b) in enumerate(zip(lo, hi, strict=True)):
-            if a > b:
-                raise ValueError(
-                    f"lower must be <= upper for every constraint; got lower[{k}] = {a!r} > upper[{k}] = {b!r}"
-                )
-            if a == math.inf or b == -math.inf:
-                raise ValueError(f"lower must be < +inf and upper > -inf; got ({a!r}, {b!r}) at index {k}")
+        lo, hi = _check_bounds(self)
         if not (self.step_size > 0 and math.isfinite(self.step_size)):
             raise ValueError(f"step_size must be a finite float > 0; got {self.step_size!r}")
         if not self.max_price > 0:

@@ -17,14 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bandits import VWLayoutBandit, budget_pmf, sample  # noqa: E402
+from bandits import VWLayoutBandit, budget_pmf, sample
 
 N_SLOTS, N_CATS, N_CAND = 6, 4, 16
 

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def emit(**kw):
     kw["load_avg_1m"] = os.getloadavg()[0]
@@ -28,9 +26,8 @@ def emit(**kw):
 
 def in_process(n: int) -> None:
     from allocator import parse_config_text
-    from policy_api._catalog import read_catalog_csv
-    from policy_api._engine import DecisionEngine, build_state
-    from policy_api._ids import RequestIds
+    from policy_api.engine import DecisionEngine, RequestIds, build_state
+    from policy_api.log import read_catalog_csv
     from simulator import make_world
 
     world = make_world(n_users=2000, n_items=3000, seed=0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -18,17 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def build_log(url: str, n: int) -> None:
     """A real log: engine decisions (16+ candidates each) and simulator feedback, written through the store."""
     from allocator import parse_config_text
-    from policy_api import _store as store
-    from policy_api._catalog import Catalog
-    from policy_api._db import make_engine, upgrade
-    from policy_api._engine import DecisionEngine, build_state
-    from policy_api._ids import RequestIds
+    from policy_api.engine import DecisionEngine, RequestIds, build_state
+    from policy_api.log import Catalog, insert_decisions, insert_feedback, make_engine, upgrade, upsert_items
+    from policy_api.registry import activate_config
     from simulator import make_world
 
     world = make_world(n_users=2000, n_items=3000, seed=0)
@@ -40,8 +35,8 @@ def build_log(url: str, n: int) -> None:
                   tuple(world.item_feature_names))
     upgrade(url)
     db = make_engine(url)
-    store.upsert_items(db, cat.rows())
-    version = store.insert_config(db, body=text, author="bench", status="active")
+    upsert_items(db, cat.rows())
+    version = activate_config(db, text, author="bench")
     eng = DecisionEngine(build_state(cfg, cat, prices=np.array([0.3, 0.5]), versions={"config": version}))
     ids = RequestIds(b"bench")
     rng = np.random.default_rng(0)
@@ -63,19 +58,20 @@ def build_log(url: str, n: int) -> None:
                              "item_id": str(world.item_ids[it]), "type": e, "value": None,
                              "ts": row["ts"] + timedelta(seconds=1), "received_at": row["ts"]})
         if len(decisions) >= 2000:
-            store.insert_decisions(db, decisions)
-            store.insert_feedback(db, feedback)
+            insert_decisions(db, decisions)
+            insert_feedback(db, feedback)
             decisions, feedback = [], []
-    store.insert_decisions(db, decisions)
-    store.insert_feedback(db, feedback)
+    insert_decisions(db, decisions)
+    insert_feedback(db, feedback)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--decisions", type=int, default=20000)
     a = ap.parse_args()
-    from policy_api import _jobs_bandit as jb
-    from policy_api._db import make_engine
+    from policy_api.jobs import load_log, log_features, new_bandit
+    from policy_api.log import make_engine
+    from policy_api.registry import require_active_config
 
     with tempfile.TemporaryDirectory() as d:
         url = f"sqlite:///{Path(d) / 'log.db'}"
@@ -83,14 +79,16 @@ def main() -> None:
         build_log(url, a.decisions)
         build_s = time.perf_counter() - t
         db = make_engine(url)
-        version, cfg = jb._active_config(db)
-        jb.load_log(db, cfg, None, None, version, columns=jb._LEARN_COLS)  # warm imports and caches
+        active = require_active_config(db)
+        version, cfg = active.version, active.config
+        # the learner's read: without each candidate's module ids (homepage learn does the same)
+        load_log(db, cfg, None, None, version, with_modules=False)  # warm imports and caches
         t0 = time.perf_counter()
-        dlog, rw = jb.load_log(db, cfg, None, None, version, columns=jb._LEARN_COLS)
+        dlog, rw = load_log(db, cfg, None, None, version, with_modules=False)
         t1 = time.perf_counter()
-        shared, actions = jb.log_features(dlog, cfg)
+        shared, actions = log_features(dlog, cfg)
         t2 = time.perf_counter()
-        bandit = jb.new_bandit(cfg)
+        bandit = new_bandit(cfg)
         bandit.learn_batch(shared, actions, dlog.action, -rw.reward, dlog.pscore, dlog.n_cand)
         t3 = time.perf_counter()
         n = len(dlog)

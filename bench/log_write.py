@@ -3,7 +3,7 @@
 Rows are realistic decisions: 16 candidates (5 modules, tilt, value, 6 exposure entries, score), a
 numpy pmf, a 5-module served layout with 8 items each, context and versions. Measured per backend:
 
-* ``insert_batches``: ``_store.insert_decisions`` in batches of 1000 (one executemany + commit each);
+* ``insert_batches``: ``policy_api.log.insert_decisions`` in batches of 1000 (one executemany + commit each);
 * ``logwriter``: ``LogWriter.submit_decision`` for every row, then ``flush()``; end-to-end rows/s
   and the caller's submit latency (p50 / p99 / max, microseconds).
 
@@ -29,13 +29,11 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 
-from policy_api._db import json_dumps, make_engine, upgrade
-from policy_api._logwriter import LogWriter
-from policy_api._store import insert_decisions
+from policy_api.log import LogWriter, insert_decisions, json_dumps, make_engine, upgrade
 
 
 def make_rows(n: int, seed: int, prefix: str, shape: str = "engine") -> list[dict]:
-    """Decision rows shaped like the engine's (policy_api/_engine.py): string module ids, candidate
+    """Decision rows shaped like the engine's (``policy_api.engine.Decision.row``): string module ids, candidate
     floats rounded to 1e-6 as the engine logs them (the pmf at full precision), per-slot engagement, a served layout of 5 modules x 8 items. ``shape="brief"`` keeps only
     the five documented candidate fields (modules, tilt, value, exposure, score)."""
     rng = np.random.default_rng(seed)

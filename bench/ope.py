@@ -15,14 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bandits import DR, IPS, SNDR, SNIPS, bootstrap_ci, estimate_all  # noqa: E402
+from bandits import DR, IPS, SNDR, SNIPS, bootstrap_ci, estimate_all
 
 
 def make_log(n_rounds: int, n_cand: int, seed: int = 0):

@@ -7,6 +7,10 @@ Prints one JSON line per measurement. Not a test: figures only.
 
 Instances: ``n_cand = 16`` candidates per user, K = 8 constraints (4 category shares, a long-tail
 share, a new-category share, two module shares), of which 5 bind; traffic weights are lognormal.
+
+``choose`` (serving: one request's argmax of ``value + exposure @ prices``) is timed per call for 32
+candidates and K = 8; its target, p50 <= 50 us, is a figure here rather than a test assertion,
+because wall-clock time on a shared machine is not a property of the code.
 """
 
 from __future__ import annotations
@@ -15,15 +19,11 @@ import argparse
 import json
 import os
 import resource
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from allocator._dual import plan_dual  # noqa: E402
-from allocator._plan import choose, choose_batch, plan_lp  # noqa: E402
+from allocator import choose, choose_batch, plan_dual, plan_lp
 
 NAMES = ("songs", "videos", "audio", "live", "long_tail", "new_category", "module_a", "module_b")
 
@@ -160,6 +160,7 @@ def bench_choose(n_cand: int = 32, k: int = 8, n_calls: int = 20000) -> None:
         K=k,
         p50_us=round(float(np.percentile(times, 50)) * 1e6, 2),
         p99_us=round(float(np.percentile(times, 99)) * 1e6, 2),
+        target_p50_us=50.0,
         batch_us_per_request=round(batch / n_calls * 1e6, 3),
     )
 

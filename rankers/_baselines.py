@@ -76,7 +76,7 @@ class PopularityScorer:
         mean_units: float = 0.5,
         n_categories: int | None = None,
     ) -> None:
-        popularity = np.asarray(popularity, dtype=np.float64)
+        popularity = np.array(popularity, dtype=np.float64)  # a copy: save() must write what was fitted
         item_category = np.asarray(item_category)
         if popularity.ndim != 1 or popularity.size == 0:
             raise ValueError(f"popularity must be a non-empty 1-D array; got shape {popularity.shape}")

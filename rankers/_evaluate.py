@@ -296,11 +296,11 @@ def evaluate(
     lost = [b for b in BASELINES if not g[gauc_name] > g[b]]
     parts = [f"held-out play GAUC {g[gauc_name]:.4f} ({gauc_name})"]
     lost_t: list[str] = []
-    t: dict[str, float] = {}
+    truth: dict[str, float] = {}
     if true_relevance is not None:
-        t = {s: values.get((s, f"truth_ndcg@{k}", "units", "all"), math.nan) for s in ("ranker", *BASELINES)}
-        lost_t = [b for b in BASELINES if not t["ranker"] > t[b]]
-        parts.append(f"ground-truth NDCG@{k} {t['ranker']:.4f} (ranker, {served} score as served)")
+        truth = {s: values.get((s, f"truth_ndcg@{k}", "units", "all"), math.nan) for s in ("ranker", *BASELINES)}
+        lost_t = [b for b in BASELINES if not truth["ranker"] > truth[b]]
+        parts.append(f"ground-truth NDCG@{k} {truth['ranker']:.4f} (ranker, {served} score as served)")
     beats = not lost and not lost_t
     if beats:
         verdict = "ranker beats every baseline: " + ", ".join(parts)
@@ -316,7 +316,7 @@ def evaluate(
         if lost_t:
             msgs.append(
                 f"ground-truth NDCG@{k} (ranker, {served}): "
-                + ", ".join(f"{b} {t[b]:.4f} >= {t['ranker']:.4f}" for b in lost_t)
+                + ", ".join(f"{b} {truth[b]:.4f} >= {truth['ranker']:.4f}" for b in lost_t)
             )
         verdict = "ranker does NOT beat every baseline: " + "; ".join(msgs)
     return RankerMetrics(

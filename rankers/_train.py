@@ -93,7 +93,7 @@ class TrainConfig:
         row learns.
     threads
         ``torch.set_num_threads`` during training (restored after). 1 is fastest for these model sizes
-        on a 2-core machine (see bench/rankers.py).
+        on a 2-core machine (see bench/ranker.py).
     """
 
     embed_dim: int = 16

@@ -580,14 +580,15 @@ class World:
                 cond = np.where(p > 0, joint / p, 0.0)
                 flags[:, 2 + k] = play & (draws[:, 1 + k] < cond)
         flags[:, 5] = ~play & (draws[:, 4] < self.skip_rate)
-        r, k = np.nonzero(flags)
+        r, kind = np.nonzero(flags)
         names = np.array(FEEDBACK_TYPES)
         return Feedback(row=row[r].astype(np.int64), slot=slot[r].astype(np.int64),
                         position=pos[r].astype(np.int64), item_idx=ii[r].astype(np.int64),
-                        event=names[k])
+                        event=names[kind])
 
     # ---- argument checks ------------------------------------------------------------------------
-    def _user(self, user_idx: int) -> int:
+    def _user(self, user_idx: object) -> int:
+        # callers pass ints, numpy integers or 0-d arrays; anything else is refused with its value
         if isinstance(user_idx, np.ndarray) and user_idx.ndim == 0:
             user_idx = user_idx.item()
         if isinstance(user_idx, bool) or not isinstance(user_idx, numbers.Integral):

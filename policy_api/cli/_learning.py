@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from .. import jobs
 from ..errors import InvalidInput
@@ -37,11 +38,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     db = db_engine()
     cfg = active_config(db, args)
-    bar = None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=args.max_epochs, desc="train rankers", unit="epoch")
+    bar = tqdm(total=args.max_epochs, desc="train rankers", unit="epoch") if sys.stderr.isatty() else None
 
     def on_epoch(epoch: int, total: int, m: Mapping[str, float]) -> None:
         if bar is not None:

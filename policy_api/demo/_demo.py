@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import requests
+from tqdm import tqdm
 
 from allocator import HomepageConfig, LayoutSpace, block_table, load_config, long_tail
 from simulator import make_world
@@ -95,8 +97,6 @@ class Server:
              "--workers", str(workers)], env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        import requests
-
         t0 = time.time()
         while time.time() - t0 < timeout:
             if self.proc.poll() is not None:
@@ -112,8 +112,6 @@ class Server:
 
     def wait_versions(self, want: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
         """Wait until every worker reports the wanted versions (they poll the registry)."""
-        import requests
-
         t0 = time.time()
         seen: dict[str, Any] = {}
         hits = 0
@@ -149,9 +147,6 @@ class World:
 def run_phase(server: Server, w: World, name: str, n: int, rng: np.random.Generator, concurrency: int,
               progress: bool) -> PhaseLog:
     """Send n layout requests and their feedback; return what happened."""
-    import requests
-    from tqdm import tqdm
-
     world = w.world
     S, K = world.n_slots, world.items_per_module
     users = world.sample_users(n, rng)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import pickle
-import time
 
 import numpy as np
 import pytest
@@ -503,14 +502,3 @@ def test_choose_and_choose_batch_match_a_loop(seed):
         ValueError, match=r"exposure must have shape value.shape \+ prices.shape = \(500, 32, 8\)"
     ):
         choose_batch(value, exposure[:, :, :7], prices)
-
-
-def test_choose_is_fast_for_32_candidates():
-    rng = np.random.default_rng(0)
-    value, exposure, prices = rng.standard_normal(32), rng.random((32, 8)), rng.standard_normal(8)
-    times = []
-    for _ in range(2000):
-        t0 = time.perf_counter()
-        choose(value, exposure, prices)
-        times.append(time.perf_counter() - t0)
-    assert np.median(times) < 50e-6

@@ -4,7 +4,10 @@ model with the CIN and the cross interaction, and the latency of scoring 500 can
 Prints one JSON line per figure. Not a test. On a shared machine compare figures from one run only,
 and note the load (the last line carries ``os.getloadavg()``).
 
-    .venv/bin/python bench/rankers.py [--requests 6000] [--repeats 300]
+    .venv/bin/python bench/ranker.py [--requests 6000] [--repeats 300]
+
+(Not ``rankers.py``: a script's folder comes first on ``sys.path``, so that name would shadow the
+``rankers`` package for every bench script that imports it.)
 """
 
 from __future__ import annotations
@@ -12,22 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from rankers import (  # noqa: E402
+from rankers import (
     RankerScorer,
     TrainConfig,
     build_examples,
     fit,
     split_by_time,
 )
-from simulator import exposure_log, make_world  # noqa: E402
+from simulator import exposure_log, make_world
 
 
 def world_log(world, n_requests: int, rng: np.random.Generator, popularity_bias: float = 0.5):
