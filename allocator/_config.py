@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "LOOP_KEYS",
+    "Loop",
     "EVENT_TYPES",
     "CONSTRAINT_KINDS",
     "EXPLORATION_ALGORITHMS",
@@ -99,6 +101,40 @@ class Learning:
 
 
 @dataclass(frozen=True)
+class Loop:
+    """The engine's background loop (``[loop]``): what it does by itself while ``homepage serve`` runs.
+
+    Pacing uses :class:`~allocator.PIPacer`: ``pace_gain`` per decision, an exponentially weighted
+    window of ``pace_half_life`` decisions, and the target aimed ``pace_margin`` inside each bound.
+    A decision is learned by the bandit ``settle_s`` seconds after it was made (its reward counts the
+    events that arrived by then); ``learning.reward_window_s`` only bounds how late an event may count.
+    """
+
+    enabled: bool = True
+    plan_users: int = 2000
+    replan_every_s: float = 600.0
+    pace_every_s: float = 2.0
+    pace_gain: float = 0.01
+    pace_half_life: float = 300.0
+    pace_margin: float = 0.005
+    max_price: float = 50.0
+    learn_every_s: float = 15.0
+    learn_min_decisions: int = 100
+    settle_s: float = 5.0
+    train_every_s: float = 900.0
+    train_min_events: int = 2000
+    train_max_epochs: int = 8
+    state_store: str = "sql"
+    state_half_life_s: float = 3600.0
+    state_max_events: int = 50
+    state_deadline_ms: float = 10.0
+    lease_ttl_s: float = 10.0
+
+
+LOOP_KEYS = tuple(Loop.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
 class HomepageConfig:
     """A validated operator config. Build it with :func:`parse_config` or :func:`load_config`."""
 
@@ -112,6 +148,7 @@ class HomepageConfig:
     constraints: tuple[Constraint, ...]
     exploration: Exploration
     learning: Learning = Learning()
+    loop: Loop = Loop()
     pool_size: int = 600
     warnings: tuple[str, ...] = ()
     source: str = field(default="", compare=False, repr=False)
@@ -189,6 +226,7 @@ class HomepageConfig:
                 "reward_window_s": self.learning.reward_window_s,
                 "default_reward": self.learning.default_reward,
             },
+            "loop": {k: getattr(self.loop, k) for k in LOOP_KEYS},
         }
 
 
@@ -305,7 +343,7 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> HomepageConf
     """Validate a parsed TOML document and build a :class:`HomepageConfig`."""
     ck = _Checker()
     ck.unknown(raw, {"homepage", "categories", "modules", "events", "tilt", "constraints",
-                     "exploration", "learning"}, "")
+                     "exploration", "learning", "loop"}, "")
 
     hp = ck.table(raw, "homepage", "homepage")
     ck.unknown(hp, {"slots", "position_weights", "items_per_module", "pool_size"}, "homepage")
@@ -429,6 +467,7 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> HomepageConf
                    low_open=True)
     dr = ck.number(le, "default_reward", "learning.default_reward", default=0.0)
     learning = Learning(3600.0 if rw is None else rw, 0.0 if dr is None else dr)
+    loop = _loop(ck, raw)
 
     if ck.errors:
         raise ConfigError(ck.errors)
@@ -444,7 +483,40 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> HomepageConf
         constraints=tuple(constraints),
         exploration=exploration,
         learning=learning,
+        loop=loop,
         pool_size=pool_size,
         warnings=tuple(ck.warnings),
         source=source,
     )
+
+
+def _loop(ck: _Checker, raw: Mapping[str, Any]) -> Loop:
+    t = ck.table(raw, "loop", "loop", required=False)
+    ck.unknown(t, set(LOOP_KEYS), "loop")
+    d = Loop()
+    out: dict[str, Any] = {}
+    if "enabled" in t:
+        if not isinstance(t["enabled"], bool):
+            ck.err("loop.enabled", f"must be true or false; got {t['enabled']!r}")
+        else:
+            out["enabled"] = t["enabled"]
+    for k in ("plan_users", "learn_min_decisions", "train_min_events", "train_max_epochs", "state_max_events"):
+        n = ck.integer(t, k, f"loop.{k}", default=getattr(d, k), low=1)
+        if n is not None:
+            out[k] = n
+    for k in ("replan_every_s", "pace_every_s", "pace_gain", "pace_half_life", "max_price", "learn_every_s",
+              "train_every_s", "state_half_life_s", "state_deadline_ms", "lease_ttl_s"):
+        v = ck.number(t, k, f"loop.{k}", default=getattr(d, k), low=0.0, low_open=True)
+        if v is not None:
+            out[k] = v
+    for k, hi in (("pace_margin", 0.5), ("settle_s", math.inf)):
+        v = ck.number(t, k, f"loop.{k}", default=getattr(d, k), low=0.0, high=hi)
+        if v is not None:
+            out[k] = v
+    store = ck.string(t, "state_store", "loop.state_store", default=d.state_store)
+    if store is not None:
+        if store != "sql" and not store.startswith(("redis://", "rediss://")):
+            ck.err("loop.state_store", f"must be 'sql' or a redis:// URL; got {store!r}")
+        else:
+            out["state_store"] = store
+    return Loop(**out)

@@ -28,7 +28,7 @@ class Settings:
 
     database_url: str = DEFAULT_DATABASE_URL
     data_dir: Path = Path("homepage-data")
-    reload_s: float = 5.0
+    reload_s: float = 1.0
     operator_token: str | None = None
     spill_dir: Path | None = None
 
@@ -38,7 +38,7 @@ class Settings:
         base: dict[str, Any] = {
             "database_url": database_url(),
             "data_dir": Path(env.get("HOMEPAGE_DATA_DIR", "homepage-data")),
-            "reload_s": float(env.get("HOMEPAGE_RELOAD_S", "5")),
+            "reload_s": float(env.get("HOMEPAGE_RELOAD_S", "1")),
             "operator_token": env.get("HOMEPAGE_OPERATOR_TOKEN") or None,
         }
         base.update({k: v for k, v in overrides.items() if v is not None})

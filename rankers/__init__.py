@@ -29,6 +29,7 @@ from ._data import (
     item_priors,
     split_by_time,
 )
+from ._live import live_category_preferences, live_score_multiplier
 from ._metrics import auc, category_hit_rate, ece, gauc, logloss, ndcg_at_k
 from ._served import coverage, page_metrics, paired_bootstrap, top_k_pages
 from ._simple import CategoryPopularity, ItemKNN, RecentPopularity
@@ -123,6 +124,8 @@ __all__ = [
     "gauc",
     "ground_truth_ndcg",
     "item_priors",
+    "live_category_preferences",
+    "live_score_multiplier",
     "logloss",
     "ndcg_at_k",
     "page_metrics",

@@ -3,19 +3,77 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from .. import registry
 from ..demo import DemoSettings, run_demo
-from ..serving import run_gunicorn
+from ..loop import BackgroundLoop
+from ..serving import prepare_metrics_dir, run_gunicorn
 from ._common import config_arg, db_engine, load_cfg
 
 __all__ = ["add_commands"]
 
 
+class _Supervisor:
+    """Runs ``homepage worker`` (the loop) beside the request workers and restarts it if it dies."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="homepage-loop-supervisor", daemon=True)
+
+    def start(self) -> _Supervisor:
+        self._thread.start()
+        return self
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "policy_api.cli", "worker"], env=dict(os.environ))
+
+    def _run(self) -> None:
+        backoff = 1.0
+        while not self._stop.is_set():
+            self.proc = self._spawn()
+            started = time.monotonic()
+            while self.proc.poll() is None and not self._stop.wait(0.5):
+                pass
+            if self._stop.is_set():
+                break
+            print(f"homepage: the loop exited with status {self.proc.returncode}; restarting", file=sys.stderr,
+                  flush=True)
+            backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, 30.0)
+            self._stop.wait(backoff)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    loop = BackgroundLoop(db_engine())
+    print("homepage worker: running the loop (standby while another process holds its lease)", flush=True)
+    loop.run(stop)
+    if loop.training:  # a ranker still training when told to stop: its work is dropped, not published
+        os._exit(0)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    path, _cfg = load_cfg(args)  # refuses to start on an invalid config
+    path, cfg = load_cfg(args)  # refuses to start on an invalid config
     db = db_engine()
     body = path.read_text(encoding="utf-8")
     active = registry.active_config(db)
@@ -23,9 +81,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         version = active.version
     else:
         version = registry.activate_config(db, body, author="serve", note=f"loaded from {path}")
+    prepare_metrics_dir()
+    loop = None
+    if not args.no_loop:
+        # constraints hold from the first request: plan before serving when the config has no plan yet
+        # (in a child process: the solver's native thread pool must not exist in the process gunicorn forks)
+        if registry.latest_plan(db, version) is None:
+            done = subprocess.run([sys.executable, "-m", "policy_api.cli", "plan", "--users", str(cfg.loop.plan_users)],
+                                  env=dict(os.environ))
+            if done.returncode != 0:
+                return done.returncode
+        loop = _Supervisor().start()
     print(f"config {path} active as version {version}; serving on http://{args.host}:{args.port} "
-          f"with {args.workers} workers", flush=True)
-    return run_gunicorn(args.host, args.port, args.workers, threads=args.threads)
+          f"with {args.workers} workers{'' if loop else ' (no loop)'}", flush=True)
+    try:
+        return run_gunicorn(args.host, args.port, args.workers, threads=args.threads)
+    finally:
+        if loop is not None:
+            loop.stop()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -48,7 +121,15 @@ def add_commands(sub: Any) -> None:
     sv.add_argument("--threads", type=int, default=1,
                     help="request threads per worker (gthread); 1 is fastest for this CPU-bound work: scale with "
                          "--workers")
+    sv.add_argument("--no-loop", action="store_true",
+                    help="do not run the background loop (plan, pace, learn, retrain, live state) beside the "
+                         "workers; run `homepage worker` elsewhere, or the jobs by hand")
     sv.set_defaults(func=cmd_serve)
+
+    wk = sub.add_parser("worker", formatter_class=fmt,
+                        help="run the background loop on its own (one is active per database; others wait as "
+                             "standby): plan, pace, learn the bandit, retrain rankers, keep the live user state")
+    wk.set_defaults(func=cmd_worker)
 
     dm = sub.add_parser("demo", formatter_class=fmt,
                         help="closed loop over real HTTP on a simulated world; writes a report")

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,8 @@ from allocator import HomepageConfig, LayoutSpace, block_table, load_config, lon
 from simulator import make_world
 
 from ..log import make_engine, read_catalog_csv, upgrade, upsert_items
-from ._jobs import Pacing, between_phases
+from ._jobs import DemoContext, Pacing, between_phases
+from ._phases import PhaseLog
 from ._replay import validate_replay
 from ._report import write_demo_report
 
@@ -58,24 +59,6 @@ class DemoSettings:
                 raise ValueError(f"{name} must be a positive integer; got {v!r}")
 
 
-@dataclass
-class PhaseLog:
-    """What the demo observed in one phase (arrays, one row per request)."""
-
-    name: str
-    user: np.ndarray
-    slot_items: np.ndarray  # (n, S, K) world item index, -1 empty
-    slot_category: np.ndarray  # (n, S)
-    long_tail: np.ndarray  # (n,) share of shown items that are long tail
-    realised_reward: np.ndarray  # (n,)
-    expected_reward: np.ndarray  # (n,) ground truth of the served layout
-    latency_s: np.ndarray  # (n,)
-    fallback: np.ndarray  # (n,) bool
-    propensity: np.ndarray  # (n,)
-    t_end: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    request_id: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -94,7 +77,8 @@ class Server:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "policy_api.cli", "serve", "--config", str(config), "--port", str(self.port),
-             "--workers", str(workers)], env=env, stdout=self._log, stderr=subprocess.STDOUT)
+             # the demo runs the jobs itself between phases, so each phase is served by known versions
+             "--workers", str(workers), "--no-loop"], env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         t0 = time.time()
@@ -246,7 +230,7 @@ def uniform_reward(w: World, cfg: HomepageConfig, users: np.ndarray, rng: np.ran
     return world.expected_reward_batch(users, slot_items)
 
 
-def run_demo(s: DemoSettings, between: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run_demo(s: DemoSettings, between: Callable[[str, DemoContext], None] | None = None) -> dict[str, Any]:
     """Run the closed loop; write ``<out>/report/summary.json`` and ``index.html``. Returns the summary."""
     t_start = time.time()
     progress = sys.stderr.isatty() if s.progress is None else s.progress
@@ -266,9 +250,8 @@ def run_demo(s: DemoSettings, between: Callable[[str, dict[str, Any]], None] | N
     server = Server(cfg_path, data, url, s.workers)
     phases: list[PhaseLog] = []
     jobs: list[dict[str, Any]] = []
-    ctx: dict[str, Any] = {"db": db, "url": url, "config": cfg, "config_path": cfg_path, "data_dir": data,
-                           "world": w.world, "server": server, "jobs": jobs, "progress": progress, "phases": phases,
-                           "report_dir": s.out_dir / "report"}
+    ctx = DemoContext(db=db, config=cfg, world=w.world, server=server, progress=progress,
+                      report_dir=s.out_dir / "report", jobs=jobs)
     try:
         server.wait_ready()
         for k, name in enumerate(s.phases):
@@ -290,7 +273,7 @@ def run_demo(s: DemoSettings, between: Callable[[str, dict[str, Any]], None] | N
         jobs.append(validate_replay(db, w.world, served=served))
     uniform = uniform_reward(w, cfg, phases[-1].user, np.random.default_rng(s.seed + 1))
     oracle = w.world.oracle_batch(phases[-1].user, w.world.default_modules_per_category)[1]
-    summary = write_demo_report(s.out_dir / "report", cfg, w.world, phases, uniform, oracle, jobs, ctx,
+    summary = write_demo_report(s.out_dir / "report", cfg, w.world, phases, uniform, oracle, jobs,
                                 elapsed_s=time.time() - t_start)
     (s.out_dir / "report" / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -6,24 +6,47 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
+from sqlalchemy.engine import Engine
 from tqdm import tqdm
+
+from allocator import HomepageConfig
+from simulator import World
 
 from .. import jobs, registry
 from ..errors import Infeasible
 from ..log import Catalog, load_items
 from ..reports import write_train_report
 
-__all__ = ["FIRST_JOBS", "JOBS", "Pacing", "between_phases"]
+__all__ = ["FIRST_JOBS", "JOBS", "DemoContext", "Pacing", "between_phases"]
 
 
-def _plan(phase: str, ctx: dict[str, Any]) -> dict[str, Any]:
+class VersionWaiter(Protocol):
+    def wait_versions(self, want: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]: ...
+
+
+@dataclass
+class DemoContext:
+    """What the demo's jobs share: the database, the config, the simulated world, the server, the report."""
+
+    db: Engine
+    config: HomepageConfig
+    world: World
+    server: VersionWaiter
+    progress: bool
+    report_dir: Path
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _plan(phase: str, ctx: DemoContext) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
-        res = jobs.plan(ctx["db"], users=1500, seed=0)
+        res = jobs.plan(ctx.db, users=1500, seed=0)
     except Infeasible as e:
         return {"title": "Plan", "infeasible": e.message}
     return {"title": "Plan (LP prices for the exposure constraints)", "plan_version": res.plan_version,
@@ -31,17 +54,17 @@ def _plan(phase: str, ctx: dict[str, Any]) -> dict[str, Any]:
             "solver": res.solver, "wait_versions": {"plan": res.plan_version}}
 
 
-def _learn(phase: str, ctx: dict[str, Any]) -> dict[str, Any]:
+def _learn(phase: str, ctx: DemoContext) -> dict[str, Any]:
     # the demo's feedback arrives within the second: close every window now rather than waiting an hour
-    out = jobs.learn(ctx["db"], until=datetime.now(tz=UTC) + timedelta(seconds=ctx["config"].learning.reward_window_s))
+    out = jobs.learn(ctx.db, until=datetime.now(tz=UTC) + timedelta(seconds=ctx.config.learning.reward_window_s))
     if out is None:
         return {"title": "Bandit learner", "skipped": "not enough decisions"}
     return {"title": "Bandit learner (VW cb_explore_adf on the Lagrangian reward)", **out.metrics(),
             "bandit_version": out.bandit_version, "wait_versions": {"bandit": out.bandit_version}}
 
 
-def _train(phase: str, ctx: dict[str, Any]) -> dict[str, Any]:
-    db, world = ctx["db"], ctx["world"]
+def _train(phase: str, ctx: DemoContext) -> dict[str, Any]:
+    db, world = ctx.db, ctx.world
     catalog = Catalog.from_arrays(load_items(db))
     items = np.asarray(catalog.item_ids, dtype=str)
     w_item = {iid: i for i, iid in enumerate(world.item_ids.tolist())}
@@ -54,10 +77,10 @@ def _train(phase: str, ctx: dict[str, Any]) -> dict[str, Any]:
         u = np.array([w_user.get(user_ids[k], 0) for k in np.asarray(user_idx).tolist()])
         return world.true_preference(u, cat_to_world[np.asarray(item_idx)])
 
-    with tqdm(desc="train rankers", unit="epoch", disable=not ctx["progress"]) as bar:
+    with tqdm(desc="train rankers", unit="epoch", disable=not ctx.progress) as bar:
         res = jobs.train_ranker(db, registry.require_active_config(db), true_relevance=truth,
                                 on_epoch=lambda epoch, total, m: bar.update(1))
-    write_train_report(ctx["report_dir"], res)
+    write_train_report(ctx.report_dir, res)
     out = {"title": "Rankers (trained on the exploration phase's log)", **res.metrics,
            "published": res.published, "figures": ["train.png"],
            "table_html": "<pre>" + res.text.replace("&", "&amp;").replace("<", "&lt;") + "</pre>"}
@@ -68,14 +91,14 @@ def _train(phase: str, ctx: dict[str, Any]) -> dict[str, Any]:
 
 #: (name, job) pairs run in order between phases; each job returns a dict for the report and may
 #: return "wait_versions" naming the versions the server must load before traffic resumes.
-JOBS: list[tuple[str, Callable[[str, dict[str, Any]], dict[str, Any]]]] = [
+JOBS: list[tuple[str, Callable[[str, DemoContext], dict[str, Any]]]] = [
     ("train", _train), ("plan", _plan), ("learn", _learn)]
 
 #: before the first phase only the plan runs: the engine serves its exposure goals from the start
 FIRST_JOBS = ("plan",)
 
 
-def between_phases(phase: str, ctx: dict[str, Any], first: bool = False) -> None:
+def between_phases(phase: str, ctx: DemoContext, first: bool = False) -> None:
     want: dict[str, Any] = {}
     for name, job in JOBS:
         if first and name not in FIRST_JOBS:
@@ -84,16 +107,16 @@ def between_phases(phase: str, ctx: dict[str, Any], first: bool = False) -> None
         out.setdefault("job", name)
         out.setdefault("before_phase", phase)
         want.update(out.pop("wait_versions", {}) or {})
-        ctx["jobs"].append(out)
+        ctx.jobs.append(out)
     if want:
-        ctx["server"].wait_versions(want)
+        ctx.server.wait_versions(want)
 
 
 class Pacing:
     """Online pacing while a phase runs: every ``every_s`` seconds, realised exposure over the last
     ``window_s`` moves the prices (a new plan version the workers swap to). Keeps the trajectory."""
 
-    def __init__(self, ctx: dict[str, Any], every_s: float = 2.0, window_s: float = 6.0, step: float = 0.5) -> None:
+    def __init__(self, ctx: DemoContext, every_s: float = 2.0, window_s: float = 6.0, step: float = 0.5) -> None:
         self.ctx, self.every_s, self.window_s, self.step = ctx, every_s, window_s, step
         self.history: list[dict[str, Any]] = []
         self._stop = threading.Event()
@@ -110,7 +133,7 @@ class Pacing:
     def _run(self) -> None:
         t0 = time.time()
         while not self._stop.wait(self.every_s):
-            out = jobs.pace(self.ctx["db"], window_s=self.window_s, step_size=self.step, min_decisions=30)
+            out = jobs.pace(self.ctx.db, window_s=self.window_s, step_size=self.step, min_decisions=30)
             if out is not None:
                 self.history.append({"plan_version": out.plan_version, "prices": out.prices,
                                      "realised": out.realised, "n_decisions": out.n_decisions,

@@ -9,7 +9,11 @@ from typing import Any
 
 import numpy as np
 
+from allocator import HomepageConfig
+from simulator import World
+
 from ..reports import html_page, mean_se, pyplot, table_html
+from ._phases import PhaseLog
 
 __all__ = ["write_demo_report"]
 
@@ -20,14 +24,14 @@ def _rolling_share(values: np.ndarray, window: int) -> np.ndarray:
     return (c[w:] - c[:-w]) / w
 
 
-def write_demo_report(out: Path, cfg: Any, world: Any, phases: list[Any], uniform: np.ndarray,
-                      oracle: np.ndarray, jobs: list[dict[str, Any]], ctx: dict[str, Any],
+def write_demo_report(out: Path, cfg: HomepageConfig, world: World, phases: list[PhaseLog], uniform: np.ndarray,
+                      oracle: np.ndarray, jobs: list[dict[str, Any]],
                       elapsed_s: float) -> dict[str, Any]:
     plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     wn = np.asarray(cfg.position_weights) / np.sum(cfg.position_weights)
     cat_names = list(world.categories)
-    phase_rows = []
+    phase_rows: list[dict[str, Any]] = []
     for p in phases:
         m, se = mean_se(p.expected_reward)
         shares = {c: float((wn[None, :] * (p.slot_category == k)).sum(1).mean()) for k, c in enumerate(cat_names)}
@@ -47,7 +51,7 @@ def write_demo_report(out: Path, cfg: Any, world: Any, phases: list[Any], unifor
     last = phases[-1]
     for c in cfg.constraints:
         if c.kind == "category_share":
-            k = cat_names.index(c.category)
+            k = cat_names.index(c.category or "")
             realised = float((wn[None, :] * (last.slot_category == k)).sum(1).mean())
         elif c.kind == "long_tail_share":
             realised = float(last.long_tail.mean())
@@ -94,8 +98,8 @@ def write_demo_report(out: Path, cfg: Any, world: Any, phases: list[Any], unifor
     window = max(50, all_cat.shape[0] // 40)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     x = np.arange(window, all_cat.shape[0] + 1)
-    for k, c in enumerate(cat_names):
-        axes[0].plot(x, _rolling_share((wn[None, :] * (all_cat == k)).sum(1), window), label=c)
+    for k, name in enumerate(cat_names):
+        axes[0].plot(x, _rolling_share((wn[None, :] * (all_cat == k)).sum(1), window), label=name)
     for c in cfg.constraints:
         if c.kind == "category_share":
             for bound in (c.min, c.max):

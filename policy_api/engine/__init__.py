@@ -5,12 +5,23 @@ Serving calls it per request; jobs call it to build candidates exactly as servin
 dry runs, replay checks). :func:`load_state` builds the immutable state from what is published.
 """
 
-from ._engine import Decision, DecisionEngine, EngineState, Scorer, ScorerHandle, build_state
+from ._engine import (
+    SKIP_DEMOTION,
+    Decision,
+    DecisionEngine,
+    EngineState,
+    LiveSignals,
+    Scorer,
+    ScorerHandle,
+    build_state,
+)
 from ._features import layout_features, shared_features
 from ._ids import RequestIds, load_secret, seed_of
 from ._state import load_catalog, load_state, ranker_scorer
 
 __all__ = [
+    "SKIP_DEMOTION",
+    "LiveSignals",
     "Decision",
     "DecisionEngine",
     "EngineState",

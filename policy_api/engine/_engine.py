@@ -28,13 +28,14 @@ from allocator import (
     long_tail,
 )
 from bandits import VWLayoutBandit, budget_pmf, sample
-from rankers import PopularityScorer
+from rankers import PopularityScorer, live_category_preferences, live_score_multiplier
 
 from ..log import Catalog
 from ._features import layout_features, shared_features
 from ._ids import seed_of
 
-__all__ = ["Decision", "DecisionEngine", "EngineState", "Scorer", "ScorerHandle", "build_state"]
+__all__ = ["SKIP_DEMOTION", "Decision", "DecisionEngine", "EngineState", "LiveSignals", "Scorer", "ScorerHandle",
+           "build_state"]
 
 log = logging.getLogger("homepage.engine")
 
@@ -89,6 +90,28 @@ class ScorerHandle:
         return None if prefs is None else np.asarray(prefs, dtype=np.float64)
 
 
+@dataclass(frozen=True, slots=True)
+class LiveSignals:
+    """What the live state says about one user at decision time.
+
+    ``status``: ``"hit"`` (state read, events seen), ``"cold"`` (no state yet) or ``"timeout"`` (the
+    state store did not answer within its deadline: treated as cold, and the decision says so).
+    """
+
+    status: str
+    engagement: np.ndarray  # (C,) decayed engagement units by config category
+    negatives: np.ndarray  # catalog indices of items the user recently skipped
+    n_events: int = 0
+
+    @classmethod
+    def cold(cls, n_categories: int, status: str = "cold") -> LiveSignals:
+        return cls(status, np.zeros(n_categories), np.zeros(0, dtype=np.int64))
+
+
+#: a recently skipped item's score is multiplied by this (the negative feedback sequence)
+SKIP_DEMOTION = 0.2
+
+
 @dataclass(frozen=True)
 class EngineState:
     config: HomepageConfig
@@ -106,6 +129,7 @@ class EngineState:
     versions: dict[str, Any]
     fallback_modules: list[dict[str, Any]]
     new_categories: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # config indices
+    population_prefs: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (C,) category shares of popularity
 
 
 @dataclass
@@ -135,6 +159,7 @@ class Decision:
             "fallback": self.fallback,
             "propensity": self.propensity,
             "versions": self.versions,
+            "live_state": self.context.get("live", "none"),
             "modules": self.modules,
         }
 
@@ -201,6 +226,7 @@ def build_state(config: HomepageConfig, catalog: Catalog, *, scorer: ScorerHandl
         by_category=tuple(by_cat), head_quota=head, rest_quota=rest, scorer=scorer, prices=pr,
         bandit=bandit, versions=dict(versions or {}), fallback_modules=fb,
         new_categories=np.array([k for k, c in enumerate(config.categories) if c.new], dtype=np.int64),
+        population_prefs=np.bincount(item_cat[served], weights=pop[served], minlength=C) / max(pop[served].sum(), 1e-12),
     )
 
 
@@ -217,11 +243,13 @@ class DecisionEngine:
     def swap(self, state: EngineState) -> None:
         self._state = state
 
-    def decide(self, user_id: str, request_id: str, context: dict[str, Any] | None = None) -> Decision:
+    def decide(self, user_id: str, request_id: str, context: dict[str, Any] | None = None,
+               live: LiveSignals | None = None) -> Decision:
+        """The layout for one request. ``live``: the user's live state (None: none was read)."""
         st = self._state
         t0 = time.perf_counter()
         try:
-            d = self._decide(st, user_id, request_id, context or {})
+            d = self._decide(st, user_id, request_id, context or {}, live)
         except Exception as e:  # anything upstream failing: serve the safe default, say why
             log.exception("decision failed for request %s; serving the default layout", request_id)
             d = Decision(request_id, user_id, time.time(), "fallback", dict(st.versions), dict(context or {}),
@@ -241,7 +269,8 @@ class DecisionEngine:
                 parts.append(items[h + np.sort(rng.choice(items.size - h, size=r, replace=False))])
         return np.concatenate(parts)
 
-    def _decide(self, st: EngineState, user_id: str, request_id: str, context: dict[str, Any]) -> Decision:
+    def _decide(self, st: EngineState, user_id: str, request_id: str, context: dict[str, Any],
+                live: LiveSignals | None) -> Decision:
         rng = np.random.default_rng(seed_of(request_id))
         u = st.scorer.user_idx(user_id)
         pool = self.pool(st, rng)
@@ -250,6 +279,18 @@ class DecisionEngine:
             raise ValueError(f"scorer returned {scores.shape} scores with non-finite values for "
                              f"{pool.size} items")
         prefs = st.scorer.category_preferences(u)
+        if live is not None and live.status == "hit":
+            # the live state: category preferences shrunk toward the population and the model's head;
+            # item scores tilted toward the user's categories now (fully for a user the model does not
+            # know, half for one it does) and away from what the user just skipped
+            pop = st.population_prefs
+            model = prefs if u >= 0 else None
+            prefs = live_category_preferences(live.engagement, pop, model)
+            cat = st.item_category[pool]
+            mult = live_score_multiplier(prefs, pop, strength=0.5 if u >= 0 else 1.0)
+            scores = scores * np.where(cat >= 0, mult[np.maximum(cat, 0)], 1.0)
+            if live.negatives.size:
+                scores = np.where(np.isin(pool, live.negatives), scores * SKIP_DEMOTION, scores)
         tbl = block_table(st.space, scores[None, :], st.item_category[pool], st.is_tail[pool],
                           st.tail[pool])
         lead = None
@@ -315,6 +356,7 @@ class DecisionEngine:
             for k, i in enumerate(real.tolist())
         ]
         ctx = dict(context)
-        ctx.update({"known_user": u >= 0, "shared": shared.tolist(), "greedy": greedy})
+        ctx.update({"known_user": u >= 0, "shared": shared.tolist(), "greedy": greedy,
+                    "live": "none" if live is None else live.status})
         return Decision(request_id, user_id, time.time(), policy, dict(st.versions), ctx, candidates,
                         pmf.tolist(), chosen, float(pmf[chosen]), modules)

@@ -12,8 +12,8 @@ import logging
 import numpy as np
 from sqlalchemy.engine import Engine
 
+import rankers
 from bandits import VWLayoutBandit
-from rankers import RankerScorer
 
 from .. import registry
 from ..errors import InvalidInput, NotReady
@@ -39,7 +39,7 @@ def ranker_scorer(model: ModelRecord, catalog: Catalog) -> ScorerHandle:
     if model.artifact is None:
         raise InvalidInput(f"ranker version {model.version} has no artifact", field="artifact")
     art = registry.unpack_ranker(model.artifact)
-    scorer = RankerScorer.load(art.scorer)
+    scorer = rankers.RankerScorer.load(art.scorer)  # torch loads here, on the first published ranker
     lookup = {iid: i for i, iid in enumerate(art.item_ids)}
     remap = np.array([lookup.get(i, -1) for i in catalog.item_ids.tolist()], dtype=np.int64)
     users = {uid: i for i, uid in enumerate(art.user_ids)}

@@ -41,4 +41,5 @@ def config_to_toml(cfg: HomepageConfig) -> str:
     parts += [_table("constraints", c, True) for c in d["constraints"]]
     parts.append(_table("exploration", d["exploration"]))
     parts.append(_table("learning", d["learning"]))
+    parts.append(_table("loop", d["loop"]))
     return "\n".join(parts)

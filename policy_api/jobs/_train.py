@@ -9,28 +9,22 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy.engine import Engine
 
+import rankers
 from allocator import EVENT_TYPES, long_tail
-from rankers import (
-    RankerMetrics,
-    RankerScorer,
-    TrainConfig,
-    TrainHistory,
-    build_examples,
-    evaluate,
-    fit,
-    report_table,
-    split_by_time,
-)
+from rankers import build_examples, split_by_time
 
 from .. import registry
 from ..errors import InvalidInput
 from ..log import Catalog, load_items, read_decisions, read_feedback, to_epoch
 from ..registry import ConfigRecord, RankerArtifact
+
+if TYPE_CHECKING:  # torch-backed types: serving imports this module and must not load torch for them
+    from rankers import RankerMetrics, TrainHistory
 
 __all__ = ["TrainResult", "log_training_arrays", "train_ranker"]
 
@@ -93,9 +87,12 @@ class TrainResult:
 def train_ranker(db: Engine, config: ConfigRecord, *, interaction: str = "cin", max_epochs: int = 20,
                  threads: int = 1, force: bool = False,
                  true_relevance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-                 on_epoch: EpochCallback | None = None, seed: int = 0) -> TrainResult:
+                 on_epoch: EpochCallback | None = None, seed: int = 0, require_test: bool = False) -> TrainResult:
     """Build the data from the log, train, evaluate against baselines, publish if better than
     popularity on validation (or ``force``); a refused model is recorded as ``rejected``.
+
+    With ``require_test`` the model must also beat every baseline on the held-out test split (the
+    background loop publishes unattended, so it asks for both).
 
     ``on_epoch(epoch, max_epochs, metrics)`` is called after every epoch (progress bars).
     """
@@ -115,12 +112,12 @@ def train_ranker(db: Engine, config: ConfigRecord, *, interaction: str = "cin", 
                         item_category=cats, item_features=catalog.features, popularity=catalog.popularity,
                         n_categories=len(cfg.category_names))
     train, valid, test = split_by_time(ex, valid=0.1, test=0.1)
-    tc = TrainConfig(interaction=interaction, max_epochs=max_epochs, threads=threads, seed=seed,
+    tc = rankers.TrainConfig(interaction=interaction, max_epochs=max_epochs, threads=threads, seed=seed,
                      event_weights=dict(cfg.events))
-    model, history = fit(train, valid, tc, progress=on_epoch)
+    model, history = rankers.fit(train, valid, tc, progress=on_epoch)
     train_s = time.perf_counter() - t0
     is_tail, _ = long_tail(catalog.popularity, cats, cfg.tilt.head_share)
-    gate = evaluate(model, valid, train=train, event_weights=dict(cfg.events), is_tail=is_tail,
+    gate = rankers.evaluate(model, valid, train=train, event_weights=dict(cfg.events), is_tail=is_tail,
                     category_names=cfg.category_names, threads=threads, seed=seed)
     # publish only what beats the popularity scorer served today, on validation: the click model
     # (play GAUC of the factual prediction) and the score as served (NDCG@10 of logged lists by
@@ -131,7 +128,7 @@ def train_ranker(db: Engine, config: ConfigRecord, *, interaction: str = "cin", 
     model_ndcg = gate.value("ranker", ndcg, "units")
     pop_ndcg = gate.value("popularity", ndcg, "units")
     better = bool(model_gauc > pop_gauc and model_ndcg > pop_ndcg)
-    report = evaluate(model, test, train=train, event_weights=dict(cfg.events), is_tail=is_tail,
+    report = rankers.evaluate(model, test, train=train, event_weights=dict(cfg.events), is_tail=is_tail,
                       true_relevance=true_relevance, category_names=cfg.category_names, threads=threads,
                       seed=seed)
     metrics = {"examples": {"train": len(train), "valid": len(valid), "test": len(test)},
@@ -142,12 +139,14 @@ def train_ranker(db: Engine, config: ConfigRecord, *, interaction: str = "cin", 
                "test_beats_baselines": report.beats_baselines, "verdict": report.verdict,
                "interaction": interaction, "config_version": config.version, "forced": bool(force and not better)}
     published = rejected = None
+    if require_test and not report.beats_baselines:
+        better = False
     if better or force:
-        scorer = RankerScorer(model, dict(cfg.events), ex.history)
+        scorer = rankers.RankerScorer(model, dict(cfg.events), ex.history)
         artifact = registry.pack_ranker(RankerArtifact(
             scorer=scorer.save(), user_ids=list(data["user_ids"]),
             item_ids=[str(i) for i in catalog.item_ids.tolist()], categories=list(cfg.category_names)))
         published = registry.publish_model(db, "ranker", metrics, artifact)
     else:
         rejected = registry.publish_model(db, "ranker", metrics, None, status="rejected")
-    return TrainResult(report_table(report), metrics, published, rejected, history, report)
+    return TrainResult(rankers.report_table(report), metrics, published, rejected, history, report)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,13 @@ class Catalog:
         lookup = {n: i for i, n in enumerate(names)}
         return np.array([lookup.get(c, -1) for c in self.category.tolist()], dtype=np.int64)
 
+    @cached_property
+    def _index(self) -> dict[str, int]:
+        return {str(i): k for k, i in enumerate(self.item_ids.tolist())}
+
     def index_of(self) -> dict[str, int]:
-        return {iid: i for i, iid in enumerate(self.item_ids.tolist())}
+        """item id -> row (built once per catalog; the request path looks items up in it)."""
+        return self._index
 
     def rows(self) -> list[dict[str, Any]]:
         """Rows for the ``items`` table."""

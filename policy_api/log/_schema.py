@@ -46,6 +46,7 @@ __all__ = [
     "downgrade",
     "feedback",
     "items",
+    "loop_lease",
     "json_dumps",
     "make_engine",
     "metadata",
@@ -219,6 +220,18 @@ plans = sa.Table(
     _status_check(PLAN_STATUSES),
 )
 
+# One row per background loop name: which process holds it until when, and what it last did (for
+# /readyz and /ops). Times are the holder's clock (UTC); a lease expires unless renewed.
+loop_lease = sa.Table(
+    "loop_lease",
+    metadata,
+    sa.Column("name", sa.String(), primary_key=True),
+    sa.Column("holder", sa.String(), nullable=False),
+    sa.Column("acquired_at", UTCDateTime(), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=False),
+    sa.Column("status", _json(), nullable=True),
+)
+
 models = sa.Table(
     "models",
     metadata,
@@ -231,6 +244,24 @@ models = sa.Table(
     sa.Column("artifact", sa.LargeBinary(), nullable=True),
     sa.UniqueConstraint("name", "version"),
     _status_check(MODEL_STATUSES),
+)
+
+# The live state (policy_api.live): one row per user, the state as orjson text (opaque to SQL, numbers
+# round-trip exactly); item trends as decayed engagement as of each row's own `updated` (epoch seconds).
+user_state = sa.Table(
+    "user_state",
+    metadata,
+    sa.Column("user_id", sa.String(), primary_key=True),
+    sa.Column("state", sa.Text(), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+item_stats = sa.Table(
+    "item_stats",
+    metadata,
+    sa.Column("item_id", sa.String(), primary_key=True),
+    sa.Column("engagement", sa.Double(), nullable=False),
+    sa.Column("updated", sa.Double(), nullable=False),
 )
 
 

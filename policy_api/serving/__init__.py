@@ -2,8 +2,8 @@
 response schemas (OpenAPI), Prometheus metrics, what a worker holds, and the gunicorn wrapper."""
 
 from ._app import create_app
-from ._gunicorn import run_gunicorn
+from ._gunicorn import prepare_metrics_dir, run_gunicorn
 from ._runtime import Runtime
 from ._schemas import openapi_spec
 
-__all__ = ["Runtime", "create_app", "openapi_spec", "run_gunicorn"]
+__all__ = ["Runtime", "create_app", "openapi_spec", "prepare_metrics_dir", "run_gunicorn"]

@@ -12,7 +12,7 @@ from gunicorn.app.base import BaseApplication
 
 from ._app import create_app
 
-__all__ = ["run_gunicorn"]
+__all__ = ["prepare_metrics_dir", "run_gunicorn"]
 
 
 def _worker_exit(server: Any, worker: Any) -> None:
@@ -43,13 +43,20 @@ class _App(BaseApplication):  # type: ignore[misc]
         return create_app()  # in the worker, after the fork: its engine and threads are its own
 
 
+def prepare_metrics_dir() -> Path:
+    """A fresh ``$HOMEPAGE_DATA_DIR/prometheus`` for this server's processes (workers and the loop),
+    set as ``PROMETHEUS_MULTIPROC_DIR`` so that ``/metrics`` aggregates them all."""
+    prom = Path(os.environ.get("HOMEPAGE_DATA_DIR", "homepage-data")) / "prometheus"
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") != str(prom):
+        shutil.rmtree(prom, ignore_errors=True)
+        prom.mkdir(parents=True, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
+    return prom
+
+
 def run_gunicorn(host: str, port: int, workers: int, threads: int = 1) -> int:
-    """Serve until stopped; multiprocess Prometheus files go under ``$HOMEPAGE_DATA_DIR/prometheus``."""
-    data_dir = Path(os.environ.get("HOMEPAGE_DATA_DIR", "homepage-data"))
-    prom = data_dir / "prometheus"
-    shutil.rmtree(prom, ignore_errors=True)
-    prom.mkdir(parents=True, exist_ok=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
+    """Serve until stopped (see :func:`prepare_metrics_dir` for the metrics)."""
+    prepare_metrics_dir()
     _App({
         "bind": f"{host}:{port}",
         "workers": workers,

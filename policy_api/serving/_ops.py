@@ -113,6 +113,16 @@ def exposure() -> tuple[Response, int]:
     return jsonify(exposure_report(rt.db, st.config, st.versions.get("config"), window)), 200
 
 
+def _loop_html(status: dict[str, Any] | None) -> str:
+    if not status:
+        return ("<p>No loop has run on this database: start <code>homepage serve</code> without "
+                "<code>--no-loop</code>, or <code>homepage worker</code>.</p>")
+    steps = [{"step": k, **v} for k, v in (status.get("steps") or {}).items()]
+    head = (f"<p>holder {html.escape(str(status.get('holder')))}, role {html.escape(str(status.get('role')))}, "
+            f"lease live: {status.get('live')}</p>")
+    return head + table_html(steps)
+
+
 @ops_bp.get("/ops")
 def ops_page() -> Response:
     rt = _rt()
@@ -126,6 +136,7 @@ def ops_page() -> Response:
         ("Versions in force", table_html([{k: v for k, v in st.versions.items()}])),
         (f"Exposure over the last hour ({exp['decisions']} decisions)", table_html(exp["constraints"])),
         ("Prices", table_html(prices)),
+        ("The loop", _loop_html(rt.loop_status)),
         ("Change the config", "<p><code>homepage config check new.toml</code> dry-runs a change; "
          "<code>homepage config apply new.toml</code> or "
          "<code>curl -X PUT -H \"Authorization: Bearer $HOMEPAGE_OPERATOR_TOKEN\" --data-binary @new.toml "

@@ -56,7 +56,7 @@ def layout() -> Response:
         raise NotReady(f"engine not ready: {rt.load_error}")
     assert rt.ids is not None and rt.writer is not None and rt.db is not None
     rid = rt.ids.issue()
-    decision = rt.engine.decide(user_id, rid)
+    decision = rt.engine.decide(user_id, rid, live=rt.live_signals(user_id))
     rt.writer.submit_decision(decision.row())
     metrics.observe_layout(decision, time.perf_counter() - t0)
     return jsonify(decision.response())
@@ -121,6 +121,7 @@ def readyz() -> tuple[Response, int]:
     body: dict[str, Any] = {"ready": ok, "versions": rt.engine.state.versions if rt.engine else None}
     if rt.writer is not None:
         body["log"] = rt.writer.stats()
+    body["loop"] = rt.loop_status  # the background loop's role, holder and last run of each step
     if not ok:
         body["reason"] = rt.load_error
     return jsonify(body), 200 if ok else 503

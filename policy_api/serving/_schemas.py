@@ -39,6 +39,9 @@ class LayoutResponse(BaseModel):
     fallback: bool = Field(description="true when the safe default layout was served")
     propensity: float = Field(gt=0, le=1, description="probability with which this layout was drawn")
     versions: dict[str, Any]
+    live_state: Literal["hit", "cold", "timeout", "none"] = Field(
+        description="the user's real-time state at decision time: hit (read and used), cold (no events yet), "
+                    "timeout (the state store did not answer within its deadline: served as cold), none (no store)")
     modules: list[LayoutModule]
 
 

@@ -96,7 +96,7 @@ def test_layout_contract(server):
     r = requests.get(server.url + "/layout", params={"user_id": str(w.user_ids[0])}, timeout=5)
     assert r.status_code == 200
     body = r.json()
-    assert set(body) == {"request_id", "user_id", "fallback", "propensity", "versions", "modules"}
+    assert set(body) == {"request_id", "user_id", "fallback", "propensity", "versions", "live_state", "modules"}
     assert body["user_id"] == str(w.user_ids[0]) and body["fallback"] is False
     assert 0 < body["propensity"] <= 1
     mods = body["modules"]
@@ -214,7 +214,7 @@ def test_health_ready_metrics_openapi(server):
     assert spec["openapi"].startswith("3.")
     assert {"/layout", "/feedback", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
     layout_schema = spec["components"]["schemas"]["LayoutResponse"]
-    assert set(layout_schema["required"]) == {"request_id", "user_id", "fallback", "propensity", "versions", "modules"}
+    assert set(layout_schema["required"]) == {"request_id", "user_id", "fallback", "propensity", "versions", "live_state", "modules"}
 
 
 def test_every_decision_and_event_is_logged_with_its_propensity(tmp_path):

@@ -46,7 +46,7 @@ from policy_api.log import (
     upsert_items,
 )
 
-LOG_TABLES = {"decisions", "feedback", "items", "configs", "plans", "models"}
+LOG_TABLES = {"decisions", "feedback", "items", "configs", "plans", "models", "user_state", "item_stats", "loop_lease"}
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 
@@ -178,7 +178,7 @@ def test_migrations_upgrade_check_downgrade(database_url, tmp_path, monkeypatch)
         with eng.connect() as conn:
             insp = sa.inspect(conn)
             assert set(insp.get_table_names()) == LOG_TABLES | {"alembic_version"}
-            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0003"
             mc = MigrationContext.configure(conn, opts={"compare_type": True})
             assert compare_metadata(mc, metadata) == []  # `alembic check`
             # the comparison is not vacuous: a column the DB lacks is reported
@@ -195,6 +195,8 @@ def test_migrations_upgrade_check_downgrade(database_url, tmp_path, monkeypatch)
             assert insp.get_foreign_keys("feedback") == []
             if eng.dialect.name == "postgresql":
                 assert insp.get_pk_constraint("decisions")["name"] == "pk_decisions"
+                for name in ("user_state", "item_stats", "loop_lease"):
+                    assert insp.get_pk_constraint(name)["name"] == f"pk_{name}"
                 cols = {c["name"]: c["type"] for c in insp.get_columns("decisions")}
                 assert type(cols["candidates"]).__name__ == "JSONB"
                 assert getattr(cols["ts"], "timezone", False) is True

@@ -1,0 +1,394 @@
+"""The engine's background loop: it plans, paces, learns, retrains and keeps the live state, by itself.
+
+One loop runs per database (a :class:`~policy_api.loop.Lease`); ``homepage serve`` supervises one
+beside its request workers and ``homepage worker`` runs one on its own. Each tick:
+
+* **live state** — feedback that arrived since the last tick is joined to its decision (for the user
+  id) and written to the live state store (recent positive/negative sequences, decayed category
+  engagement, item trends); serving workers read it at decision time;
+* **plan** — before the first request and whenever the active config changes (or every
+  ``replan_every_s`` once there is traffic), :func:`policy_api.jobs.plan` publishes prices;
+* **pace** — every ``pace_every_s``, the realised exposure of the decisions served since the last
+  step moves the prices through :class:`allocator.PIPacer` (gain per unit of the plan's measured
+  sensitivity, so the shares approach their targets without overshooting);
+* **learn** — every ``learn_every_s``, decisions older than ``settle_s`` are joined to the feedback
+  that arrived for them and the bandit learns from them (:func:`policy_api.jobs.learn`);
+* **train** — when ``train_min_events`` new behaviour events have arrived (and ``train_every_s``
+  has passed), the rankers are retrained in a thread and published only if the gate passes.
+
+Every step's last run, duration and outcome go into the lease row's status (``/readyz``, ``/ops``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from allocator import PIPacer, PIPacerConfig
+
+from .. import jobs, registry
+from ..engine import load_state
+from ..errors import HomepageError
+from ..live import LiveEvent, UserStateStore, make_state_store
+from ..log import decisions, feedback, load_items, read_decision_log
+from ..registry import ConfigRecord
+from ._lease import Lease
+
+__all__ = ["BackgroundLoop", "StepRecord"]
+
+log = logging.getLogger("homepage.loop")
+
+_SETTLE_LAG_S = 0.5  # decisions younger than this may still sit in a worker's log queue
+_PENDING_S = 30.0  # how long feedback waits for its decision row before it is dropped from the live state
+
+
+@cache
+def _metrics() -> tuple[Any, Any]:
+    # prometheus_client picks its value store at first import: import it in the loop process, after
+    # ``homepage serve`` has set PROMETHEUS_MULTIPROC_DIR, so the workers' /metrics includes these
+    from prometheus_client import Counter, Histogram
+
+    return (Histogram("homepage_loop_step_seconds", "Duration of a loop step", ["step"],
+                      buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0)),
+            Counter("homepage_loop_steps", "Loop step runs by outcome", ["step", "outcome"]))
+
+
+@dataclass
+class StepRecord:
+    """What one step of the loop last did."""
+
+    runs: int = 0
+    errors: int = 0
+    last_run: str | None = None
+    duration_s: float | None = None
+    outcome: str | None = None
+    detail: str | None = None
+
+
+@dataclass
+class _Pacing:
+    config_version: int
+    pacer: PIPacer
+    response: np.ndarray
+    since: datetime
+
+
+@dataclass
+class _Training:
+    thread: threading.Thread | None = None
+    last_feedback_id: int = 0
+    last_started: float = 0.0
+
+
+@dataclass
+class BackgroundLoop:
+    """The loop for one database. ``run(stop)`` blocks until ``stop`` is set.
+
+    Parameters
+    ----------
+    db
+        The log's database.
+    holder
+        The lease holder's name (default: host, pid, random suffix).
+    tick_s
+        Seconds between ticks (the live state's latency is about this plus the log writer's flush).
+    """
+
+    db: Engine
+    holder: str | None = None
+    tick_s: float = 0.05
+    steps: dict[str, StepRecord] = field(default_factory=lambda: {
+        k: StepRecord() for k in ("state", "plan", "pace", "learn", "train")})
+    _config: ConfigRecord | None = None
+    _store: UserStateStore | None = None
+    _store_spec: str | None = None
+    _item_category: dict[str, str] = field(default_factory=dict)
+    _last_feedback_id: int | None = None
+    _pending: dict[int, tuple[float, Any]] = field(default_factory=dict)
+    _pacing: _Pacing | None = None
+    _next: dict[str, float] = field(default_factory=dict)
+    _training: _Training = field(default_factory=_Training)
+    _lease: Lease | None = None
+    role: str = "starting"
+
+    # ---- the driver ------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Hold the lease (or wait as a standby) and tick until ``stop`` is set."""
+        renew_every = 1.0
+        last_renew = 0.0
+        while not stop.is_set():
+            try:
+                cfg = registry.active_config(self.db)
+                ttl = cfg.config.loop.lease_ttl_s if cfg is not None else 10.0
+                if self._lease is None:
+                    self._lease = Lease(self.db, ttl_s=ttl, holder=self.holder)
+                if not self._lease.held:
+                    if not self._lease.acquire():
+                        self.role = "standby"
+                        stop.wait(min(ttl / 3, 2.0))
+                        continue
+                    log.info("loop lease taken by %s", self._lease.holder)
+                self.role = "active"
+                if cfg is not None and cfg.config.loop.enabled:
+                    self.tick(cfg)
+                if time.monotonic() - last_renew >= renew_every:
+                    if not self._lease.renew(self.status()):
+                        log.warning("loop lease lost; standing by")
+                        self.role = "standby"
+                    last_renew = time.monotonic()
+            except Exception:  # the database may be down: keep trying, never die
+                log.exception("loop tick failed")
+                stop.wait(1.0)
+            stop.wait(self.tick_s)
+        if self._lease is not None:
+            self._lease.release()
+        if self._store is not None:
+            self._store.close()
+
+    @property
+    def training(self) -> bool:
+        """True while a ranker is being trained in the background."""
+        return self._training.thread is not None and self._training.thread.is_alive()
+
+    def status(self) -> dict[str, Any]:
+        """What ``/readyz`` and ``/ops`` show: role, config version, each step's last run."""
+        return {"role": self.role, "holder": None if self._lease is None else self._lease.holder,
+                "config_version": None if self._config is None else self._config.version,
+                "updated": datetime.now(tz=UTC).isoformat(),
+                "pacer": None if self._pacing is None else self._pacer_status(),
+                "steps": {k: asdict(v) for k, v in self.steps.items()}}
+
+    def _pacer_status(self) -> dict[str, Any]:
+        assert self._pacing is not None and self._config is not None
+        pc = self._pacing.pacer
+        names = self._config.config.constraint_names
+        # to first order, the value given up per decision by holding a share past its aim is |price| x excess
+        return {n: {"share": float(s), "price": float(p), "overshoot": float(o), "value_given_up": float(abs(p) * o)}
+                for n, s, p, o in zip(names, pc.shares_, pc.prices_, pc.overshoot_, strict=True)}
+
+    def tick(self, cfg: ConfigRecord) -> None:
+        """One pass over every step that is due."""
+        now = time.time()
+        if self._config is None or cfg.version != self._config.version:
+            self._on_config(cfg)
+        self._step("state", self._live_state)
+        loop = cfg.config.loop
+        if registry.latest_plan(self.db, cfg.version) is None or now >= self._next.get("plan", np.inf):
+            self._step("plan", self._plan)
+            self._next["plan"] = now + loop.replan_every_s
+        if now >= self._next.get("pace", 0.0):
+            self._step("pace", self._pace)
+            self._next["pace"] = now + loop.pace_every_s
+        if now >= self._next.get("learn", 0.0):
+            self._step("learn", self._learn)
+            self._next["learn"] = now + loop.learn_every_s
+        if now >= self._next.get("train", 0.0):
+            self._step("train", self._train)
+            self._next["train"] = now + min(loop.train_every_s, 30.0)
+
+    def _step(self, name: str, fn: Any) -> None:
+        rec = self.steps[name]
+        t0 = time.perf_counter()
+        try:
+            outcome, detail = fn()
+        except HomepageError as e:
+            outcome, detail = "error", e.message
+            rec.errors += 1
+        except Exception as e:
+            log.exception("loop step %s failed", name)
+            outcome, detail = "error", f"{type(e).__name__}: {e}"
+            rec.errors += 1
+        if outcome == "idle":  # nothing to do: not a run worth recording
+            return
+        rec.runs += 1
+        rec.last_run = datetime.now(tz=UTC).isoformat()
+        rec.duration_s = time.perf_counter() - t0
+        rec.outcome, rec.detail = outcome, detail
+        seconds, runs = _metrics()
+        seconds.labels(step=name).observe(rec.duration_s)
+        runs.labels(step=name, outcome=outcome).inc()
+
+    def _on_config(self, cfg: ConfigRecord) -> None:
+        self._config = cfg
+        self._pacing = None
+        items = load_items(self.db)
+        self._item_category = dict(zip(map(str, items["item_ids"]), map(str, items["category"]), strict=True))
+        loop = cfg.config.loop
+        if self._store is None or self._store_spec != loop.state_store:
+            if self._store is not None:
+                self._store.close()
+            self._store = make_state_store(loop.state_store, self.db, half_life_s=loop.state_half_life_s,
+                                           max_events=loop.state_max_events)
+            self._store_spec = loop.state_store
+        self._next.pop("plan", None)
+
+    # ---- live state ------------------------------------------------------------------------------
+    def _live_state(self) -> tuple[str, str]:
+        assert self._config is not None and self._store is not None
+        config = self._config.config
+        with self.db.connect() as conn:
+            if self._last_feedback_id is None:  # start from now: the past is the rankers' training data
+                self._last_feedback_id = int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(feedback.c.id), 0)))
+                                             .scalar_one())
+                return "idle", ""
+            rows = conn.execute(
+                sa.select(feedback.c.id, feedback.c.request_id, decisions.c.user_id, feedback.c.item_id,
+                          feedback.c.type, feedback.c.ts)
+                .select_from(feedback.outerjoin(decisions, decisions.c.request_id == feedback.c.request_id))
+                .where(feedback.c.id > self._last_feedback_id, feedback.c.type != "impression")
+                .order_by(feedback.c.id).limit(20_000)).all()
+            retry = [r for _, r in self._pending.values()]
+            if retry:
+                found = dict(conn.execute(sa.select(decisions.c.request_id, decisions.c.user_id)
+                                          .where(decisions.c.request_id.in_([r.request_id for r in retry]))).all())
+            else:
+                found = {}
+        if rows:
+            self._last_feedback_id = int(rows[-1].id)
+        now = time.time()
+        events: list[LiveEvent] = []
+
+        def add(user: str, r: Any) -> None:
+            cat = self._item_category.get(str(r.item_id))
+            if cat is None or r.type not in config.events:
+                return
+            events.append(LiveEvent(user_id=user, item_id=str(r.item_id), category=cat, type=str(r.type),
+                                    units=float(config.events[r.type]), ts=r.ts.timestamp()))
+
+        for fid, (t_first, r) in list(self._pending.items()):
+            if r.request_id in found:
+                add(str(found[r.request_id]), r)
+                del self._pending[fid]
+            elif now - t_first > _PENDING_S:
+                del self._pending[fid]
+        for r in rows:
+            if r.user_id is None:  # its decision is still in a worker's queue: try again next tick
+                self._pending[int(r.id)] = (now, r)
+            else:
+                add(str(r.user_id), r)
+        if not events:
+            return "idle", ""
+        self._store.write_batch(events)
+        return "ok", f"{len(events)} events, {len(self._pending)} waiting for their decision"
+
+    # ---- plan and pace ---------------------------------------------------------------------------
+    def _plan(self) -> tuple[str, str]:
+        assert self._config is not None
+        loop = self._config.config.loop
+        res = jobs.plan(self.db, users=loop.plan_users, since=datetime.now(tz=UTC) - timedelta(hours=24))
+        self._pacing = None  # the pacer restarts from the new plan's prices
+        return "ok", f"plan version {res.plan_version} over {res.users} users; prices {res.prices}"
+
+    def _response(self, cfg: ConfigRecord, prices: np.ndarray) -> np.ndarray:
+        """d share_k / d price_k at ``prices``, measured on the planning candidates (central differences)."""
+        users, weight = jobs.sample_users(self.db, n=min(cfg.config.loop.plan_users, 500), seed=1)
+        cand = jobs.user_candidates(replace(load_state(self.db, cfg), prices=prices), users)
+        v, a, mask = cand.value, cand.exposure, cand.mask
+        h = 0.25 * (float(np.median(np.abs(v[mask]))) if mask.any() else 1.0) or 0.25
+
+        def shares(p: np.ndarray) -> np.ndarray:
+            best = np.argmax(np.where(mask, v + a @ p, -np.inf), axis=1)
+            return np.asarray(weight @ a[np.arange(best.size), best])
+
+        out = np.array([(shares(prices + h * e) - shares(prices - h * e))[k] / (2 * h)
+                        for k, e in enumerate(np.eye(prices.size))])  # K is a handful of constraints
+        # a flat stretch would mean an enormous gain: never assume less than a share of 1 per 100 price units
+        return np.maximum(out, 0.01)
+
+    def _pace(self) -> tuple[str, str]:
+        assert self._config is not None
+        cfg = self._config
+        config = cfg.config
+        if not config.constraints:
+            return "idle", ""
+        start, plan = registry.prices(self.db, cfg)
+        if plan is None:
+            return "idle", ""
+        loop = config.loop
+        now = datetime.now(tz=UTC)
+        if self._pacing is None or self._pacing.config_version != cfg.version:
+            lo, hi = config.bounds()
+            pacer = PIPacer(PIPacerConfig(lower=tuple(lo), upper=tuple(hi), max_price=loop.max_price,
+                                          gain=loop.pace_gain, half_life=loop.pace_half_life,
+                                          margin=loop.pace_margin, names=config.constraint_names),
+                            prices=np.clip(start, -loop.max_price, loop.max_price))
+            self._pacing = _Pacing(cfg.version, pacer, self._response(cfg, start), now - timedelta(seconds=1))
+            return "ok", "pacer started from the plan's prices"
+        p = self._pacing
+        until = now - timedelta(seconds=_SETTLE_LAG_S)
+        dlog = read_decision_log(self.db, config, p.since, until, cfg.version)
+        if len(dlog) == 0:
+            return "idle", ""
+        p.since = until
+        n = len(dlog)
+        # keep kappa * g * n <= 1/2 whatever the traffic: a burst must not over-step (see allocator.PIPacer)
+        response = p.response * max(1.0, 2.0 * loop.pace_gain * n)
+        new = p.pacer.update(dlog.chosen_exposure, response=response)
+        names = config.constraint_names
+        solver = {"method": "pi-pacer", "n_decisions": n, "base_plan": plan.version,
+                  "realised": dict(zip(names, map(float, p.pacer.shares_), strict=True)),
+                  "overshoot": dict(zip(names, map(float, p.pacer.overshoot_), strict=True)),
+                  "response": dict(zip(names, map(float, p.response), strict=True))}
+        if np.allclose(new, start, rtol=0, atol=1e-9):
+            return "ok", f"{n} decisions; prices unchanged"
+        v = registry.publish_plan(self.db, cfg.version, dict(zip(names, map(float, new), strict=True)),
+                                  projected=plan.projected, solver={**(plan.solver or {}), "pacer": solver})
+        return "ok", f"{n} decisions; plan version {v}"
+
+    # ---- learn and train -------------------------------------------------------------------------
+    def _learn(self) -> tuple[str, str]:
+        assert self._config is not None
+        config = self._config.config
+        # decisions older than settle_s count the events that arrived by now (inside the reward window)
+        until = datetime.now(tz=UTC) - timedelta(seconds=config.loop.settle_s) \
+            + timedelta(seconds=config.learning.reward_window_s)
+        res = jobs.learn(self.db, until=until, min_decisions=config.loop.learn_min_decisions)
+        if res is None:
+            return "idle", ""
+        return "ok", f"bandit version {res.bandit_version} from {res.decisions} decisions"
+
+    def _train(self) -> tuple[str, str]:
+        assert self._config is not None
+        t = self._training
+        if t.thread is not None and t.thread.is_alive():
+            return "idle", ""
+        loop = self._config.config.loop
+        if time.time() - t.last_started < loop.train_every_s and t.last_started > 0:
+            return "idle", ""
+        with self.db.connect() as conn:
+            newest = int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(feedback.c.id), 0))).scalar_one())
+            fresh = int(conn.execute(sa.select(sa.func.count()).select_from(feedback)
+                                     .where(feedback.c.id > t.last_feedback_id,
+                                            feedback.c.type != "impression")).scalar_one())
+        if fresh < loop.train_min_events:
+            return "idle", ""
+        cfg = self._config
+        rec = self.steps["train"]
+
+        def work() -> None:
+            t0 = time.perf_counter()
+            try:
+                res = jobs.train_ranker(self.db, cfg, max_epochs=loop.train_max_epochs, require_test=True)
+                rec.outcome = "ok"
+                rec.detail = (f"published ranker version {res.published}" if res.published is not None
+                              else f"trained on {fresh} new events; refused by the gate (version {res.rejected})")
+            except Exception as e:  # noqa: BLE001 - reported in the status, the loop goes on
+                log.exception("ranker training failed")
+                rec.outcome, rec.detail = "error", f"{type(e).__name__}: {e}"
+                rec.errors += 1
+            rec.duration_s = time.perf_counter() - t0
+
+        t.last_started = time.time()
+        t.last_feedback_id = newest
+        t.thread = threading.Thread(target=work, name="homepage-train", daemon=True)
+        t.thread.start()
+        return "ok", f"training started on {fresh} new behaviour events"

@@ -1,0 +1,126 @@
+"""The background loop: its database lease (one active loop per database, failover to a standby) and
+its live-state step (feedback joined to its decision as it arrives, even before the decision row)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime
+
+import pytest
+
+from policy_api import registry
+from policy_api.live import make_state_store
+from policy_api.log import (
+    insert_decisions,
+    insert_feedback,
+    make_engine,
+    read_catalog_csv,
+    upgrade,
+    upsert_items,
+)
+from policy_api.loop import BackgroundLoop, Lease, lease_info
+from simulator import make_world
+
+
+@pytest.fixture
+def db(database_url):
+    upgrade(database_url)
+    eng = make_engine(database_url)
+    yield eng
+    eng.dispose()
+
+
+def test_one_lease_holder_and_failover(db):
+    a = Lease(db, ttl_s=0.6, holder="a")
+    b = Lease(db, ttl_s=0.6, holder="b")
+    assert a.acquire() and not b.acquire()
+    assert a.renew({"k": 1}) and not b.renew()
+    info = lease_info(db)
+    assert info is not None and info.holder == "a" and info.status == {"k": 1} and info.live()
+    time.sleep(0.8)  # a stops renewing: its lease expires and the standby takes over
+    assert b.acquire() and not a.renew() and not a.acquire()
+    assert lease_info(db).holder == "b"
+    b.release()  # a graceful stop hands over at once
+    assert a.acquire()
+
+
+def _config(tmp_path, world) -> str:
+    return world.default_config_toml() + "\n[loop]\nlease_ttl_s = 1.0\nlearn_every_s = 3600\ntrain_every_s = 3600\n"
+
+
+def test_two_loops_one_active_then_failover(db, tmp_path):
+    world = make_world(n_users=30, n_items=200, seed=0)
+    world.to_catalog_csv(tmp_path / "items.csv")
+    body = _config(tmp_path, world)
+    registry.activate_config(db, body, author="test")
+    upsert_items(db, read_catalog_csv(tmp_path / "items.csv").rows())
+    stops = [threading.Event(), threading.Event()]
+    loops = [BackgroundLoop(db, holder=h, tick_s=0.05) for h in ("first", "second")]
+    threads = [threading.Thread(target=lp.run, args=(st,), daemon=True) for lp, st in zip(loops, stops, strict=True)]
+    threads[0].start()
+    deadline = time.time() + 20
+    while loops[0].role != "active" and time.time() < deadline:
+        time.sleep(0.05)
+    threads[1].start()
+    time.sleep(1.0)
+    assert [lp.role for lp in loops] == ["active", "standby"]
+    # the active loop planned before any traffic: the config has a plan from a prior over users
+    while registry.latest_plan(db, 1) is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert registry.latest_plan(db, 1) is not None
+    stops[0].set()
+    threads[0].join(timeout=10)
+    deadline = time.time() + 5
+    while loops[1].role != "active" and time.time() < deadline:
+        time.sleep(0.05)
+    assert loops[1].role == "active" and lease_info(db).holder == "second"
+    stops[1].set()
+    threads[1].join(timeout=10)
+
+
+def _decision(rid: str, user: str, t: datetime) -> dict:
+    return {"request_id": rid, "ts": t, "user_id": user, "context": {}, "versions": {}, "policy": "test",
+            "candidates": [], "pmf": [1.0], "chosen": 0, "propensity": 1.0, "layout": [], "fallback_reason": None}
+
+
+def _event(eid: str, rid: str, item: str, kind: str, t: datetime) -> dict:
+    return {"event_id": eid, "request_id": rid, "slot": 0, "item_id": item, "type": kind, "value": None, "ts": t}
+
+
+def test_live_state_joins_feedback_as_it_arrives(db, tmp_path):
+    world = make_world(n_users=30, n_items=200, seed=0)
+    world.to_catalog_csv(tmp_path / "items.csv")
+    cfg_id = registry.activate_config(db, _config(tmp_path, world), author="test")
+    cat = read_catalog_csv(tmp_path / "items.csv")
+    upsert_items(db, cat.rows())
+    cfg = registry.active_config(db)
+    loop = BackgroundLoop(db, holder="t")
+    loop._on_config(cfg)
+    assert loop._live_state()[0] == "idle"  # the first tick starts from now
+    items = [str(i) for i in cat.item_ids[:4]]
+    category = dict(zip(map(str, cat.item_ids), map(str, cat.category), strict=True))
+    t = datetime.now(tz=UTC)
+    insert_decisions(db, [_decision("r1", "u1", t)])
+    # feedback for r2 arrives before r2's decision row (another worker's queue); skips are negatives;
+    # an event id sent twice is stored once (ON CONFLICT), impressions carry no units
+    insert_feedback(db, [_event("e1", "r1", items[0], "play", t), _event("e2", "r1", items[1], "skip", t),
+                         _event("e3", "r2", items[2], "favorite", t), _event("e4", "r1", items[3], "impression", t)])
+    insert_feedback(db, [_event("e1", "r1", items[0], "play", t)])
+    outcome, detail = loop._live_state()
+    assert outcome == "ok" and "2 events, 1 waiting" in detail
+    store = make_state_store("sql", db)
+    u1 = store.read(["u1"], deadline_s=1.0)[0]
+    assert u1 is not None and set(u1.items) == {items[0], items[1]} and u1.n_positive == 1 and u1.n_negative == 1
+    assert list(u1.negatives()) == [items[1]]
+    units = cfg.config.events
+    want = {}
+    for i, k in ((items[0], "play"), (items[1], "skip")):
+        want[category[i]] = want.get(category[i], 0.0) + units[k]
+    assert u1.category_engagement == pytest.approx(want, abs=1e-6)
+    insert_decisions(db, [_decision("r2", "u2", t)])
+    assert loop._live_state()[0] == "ok"
+    u2 = store.read(["u2"], deadline_s=1.0)[0]
+    assert u2 is not None and u2.items == (items[2],) and u2.n_positive == 1
+    assert cfg_id == 1
+    store.close()
