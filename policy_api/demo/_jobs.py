@@ -78,8 +78,9 @@ def _train(phase: str, ctx: DemoContext) -> dict[str, Any]:
         return world.true_preference(u, cat_to_world[np.asarray(item_idx)])
 
     with tqdm(desc="train rankers", unit="epoch", disable=not ctx.progress) as bar:
+        # as the loop does: published only if it also beats every baseline on the held-out test split
         res = jobs.train_ranker(db, registry.require_active_config(db), true_relevance=truth,
-                                on_epoch=lambda epoch, total, m: bar.update(1))
+                                on_epoch=lambda epoch, total, m: bar.update(1), require_test=True)
     write_train_report(ctx.report_dir, res)
     out = {"title": "Rankers (trained on the exploration phase's log)", **res.metrics,
            "published": res.published, "figures": ["train.png"],

@@ -13,7 +13,15 @@ from allocator import HomepageConfig, block_table, layout_items
 from simulator import World
 
 from .. import registry
-from ..engine import DecisionEngine, EngineState, build_state, load_catalog, ranker_scorer, seed_of
+from ..engine import (
+    DecisionEngine,
+    EngineState,
+    build_state,
+    load_catalog,
+    ranker_scorer,
+    seed_of,
+    with_plan_calibration,
+)
 from ..errors import NotFound
 from ..jobs import load_log, replay, target_distribution
 from ..log import DecisionLog
@@ -31,7 +39,7 @@ def candidate_pages(state: EngineState, dlog: DecisionLog, i: int) -> np.ndarray
     eng = DecisionEngine(st)
     pool = eng.pool(st, np.random.default_rng(seed_of(str(dlog.request_id[i]))))
     u = st.scorer.user_idx(str(dlog.user_id[i]))
-    scores = st.scorer.score(u, pool)
+    scores, _ = eng.item_scores(st, u, pool)  # the demo serves without the loop: no live state
     tbl = block_table(st.space, scores[None, :], st.item_category[pool], st.is_tail[pool], st.tail[pool])
     S, K = st.space.n_slots, st.space.items_per_module
     n = int(dlog.n_cand[i])
@@ -49,11 +57,12 @@ def candidate_pages(state: EngineState, dlog: DecisionLog, i: int) -> np.ndarray
 def true_candidate_values(states: dict[Any, EngineState], dlog: DecisionLog, world: World, world_user: dict[str, int],
                           world_item: np.ndarray) -> np.ndarray:
     """Shape (n, L): the ground-truth expected reward of every logged candidate (0 on padding).
-    ``states`` maps a ranker version (None = popularity) to the state that served with it."""
+    ``states`` maps (ranker version, plan version) to the state that served with them."""
     n, L = dlog.mask.shape
     out = np.zeros((n, L))
     for i in range(n):  # evaluation only: one reconstruction per logged decision
-        state = states[(dlog.versions[i] or {}).get("ranker")]
+        v = dlog.versions[i] or {}
+        state = states[(v.get("ranker"), v.get("plan"))]
         pages = candidate_pages(state, dlog, i)
         pages = np.where(pages >= 0, world_item[np.maximum(pages, 0)], -1)
         u = world_user[str(dlog.user_id[i])]
@@ -61,19 +70,21 @@ def true_candidate_values(states: dict[Any, EngineState], dlog: DecisionLog, wor
     return out
 
 
-def _states(db: Engine, cfg: HomepageConfig, version: int, rankers: set[Any]) -> dict[Any, EngineState]:
-    """The engine state for each ranker version that served (prices do not matter here: the logged
-    candidates are given; only the scorer and the pool decide what each candidate showed)."""
+def _states(db: Engine, cfg: HomepageConfig, version: int, served: set[tuple[Any, Any]]) -> dict[Any, EngineState]:
+    """The engine state for each (ranker version, plan version) that served: the scorer and the plan's
+    category calibration decide what each candidate showed (the logged candidates give the rest)."""
     catalog = load_catalog(db)
+    plans = {p.version: p for p in registry.plan_history(db, limit=10_000)}
     out: dict[Any, EngineState] = {}
-    for rv in rankers:
+    for rv, pv in served:
         scorer = None
         if rv is not None:
             rec = registry.model(db, "ranker", int(rv))
             if rec is None:
                 raise NotFound(f"ranker version {rv} is logged but not in the registry", field="versions.ranker")
             scorer = ranker_scorer(rec, catalog)
-        out[rv] = build_state(cfg, catalog, scorer=scorer, versions={"config": version, "ranker": rv})
+        state = build_state(cfg, catalog, scorer=scorer, versions={"config": version, "ranker": rv})
+        out[(rv, pv)] = with_plan_calibration(state, plans.get(pv) if pv is not None else None)
     return out
 
 
@@ -84,7 +95,7 @@ def validate_replay(db: Engine, world: World, targets: tuple[str, ...] = ("logge
     version, cfg = active.version, active.config
     dlog, rw = load_log(db, cfg, None, None, config_version=version)
     reward = rw.reward
-    states = _states(db, cfg, version, {(v or {}).get("ranker") for v in dlog.versions})
+    states = _states(db, cfg, version, {((v or {}).get("ranker"), (v or {}).get("plan")) for v in dlog.versions})
     world_user = {u: i for i, u in enumerate(world.user_ids.tolist())}
     w_index = {iid: i for i, iid in enumerate(world.item_ids.tolist())}
     any_state = next(iter(states.values()))

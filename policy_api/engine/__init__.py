@@ -6,6 +6,7 @@ dry runs, replay checks). :func:`load_state` builds the immutable state from wha
 """
 
 from ._engine import (
+    CALIBRATION_PRIOR,
     SKIP_DEMOTION,
     Decision,
     DecisionEngine,
@@ -14,12 +15,15 @@ from ._engine import (
     Scorer,
     ScorerHandle,
     build_state,
+    category_calibration,
 )
 from ._features import layout_features, shared_features
 from ._ids import RequestIds, load_secret, seed_of
-from ._state import load_catalog, load_state, ranker_scorer
+from ._state import load_catalog, load_state, ranker_scorer, with_plan_calibration
 
 __all__ = [
+    "CALIBRATION_PRIOR",
+    "category_calibration",
     "SKIP_DEMOTION",
     "LiveSignals",
     "Decision",
@@ -36,4 +40,5 @@ __all__ = [
     "ranker_scorer",
     "seed_of",
     "shared_features",
+    "with_plan_calibration",
 ]

@@ -34,7 +34,7 @@ from ..log import Catalog
 from ._features import layout_features, shared_features
 from ._ids import seed_of
 
-__all__ = ["SKIP_DEMOTION", "Decision", "DecisionEngine", "EngineState", "LiveSignals", "Scorer", "ScorerHandle",
+__all__ = ["CALIBRATION_PRIOR", "SKIP_DEMOTION", "category_calibration", "Decision", "DecisionEngine", "EngineState", "LiveSignals", "Scorer", "ScorerHandle",
            "build_state"]
 
 log = logging.getLogger("homepage.engine")
@@ -112,6 +112,45 @@ class LiveSignals:
 SKIP_DEMOTION = 0.2
 
 
+#: impressions of evidence that count as much as the scorer's own estimate of a category's engagement
+CALIBRATION_PRIOR = 200.0
+
+
+def category_calibration(scores: np.ndarray, item_category: np.ndarray, rates: np.ndarray, top: int,
+                         prior: float = CALIBRATION_PRIOR) -> np.ndarray:
+    """Shape (C,): per-category multipliers that bring a scorer's predicted engagement of the items it
+    would show in each category in line with the engagement observed there.
+
+    ``m_c = (U_c + k g p_c) / ((I_c + k) p_c)``, floored at ``g / 100``: ``U_c``, ``I_c`` the observed
+    units and impressions of category ``c``, ``p_c`` the mean score of its ``top`` best-scored items,
+    ``g = sum U / sum I p`` the observed-to-predicted ratio over all categories and ``k`` = ``prior``
+    impressions. A category with no data keeps the common factor ``g`` (no change between categories);
+    one with many impressions gets its own ratio ``U_c / (I_c p_c)``.
+
+    Examples
+    --------
+    >>> scores = np.array([2.0, 2.0, 1.0, 1.0]); cat = np.array([0, 0, 1, 1])
+    >>> category_calibration(scores, cat, np.array([[10.0, 100.0], [0.0, 0.0]]), top=2, prior=100.0).round(3).tolist()
+    [0.05, 0.05]
+    >>> category_calibration(scores, cat, np.array([[40.0, 100.0], [10.0, 100.0]]), top=2, prior=1e-9).round(3).tolist()
+    [0.2, 0.1]
+    """
+    C = rates.shape[0]
+    p = np.zeros(C)
+    for c in range(C):  # C is a handful of categories
+        s = np.sort(scores[item_category == c])[::-1][:top]
+        p[c] = float(s.mean()) if s.size else 0.0
+    units, imps = rates[:, 0].astype(np.float64), rates[:, 1].astype(np.float64)
+    have = p > 0
+    denom = float((imps * p)[have].sum())
+    if not have.any() or denom <= 0:
+        return np.ones(C)
+    g = max(float(units[have].sum()) / denom, 1e-12)
+    m = np.full(C, g)
+    m[have] = (units[have] + prior * g * p[have]) / ((imps[have] + prior) * p[have])
+    return np.maximum(m, g / 100.0)
+
+
 @dataclass(frozen=True)
 class EngineState:
     config: HomepageConfig
@@ -130,6 +169,10 @@ class EngineState:
     fallback_modules: list[dict[str, Any]]
     new_categories: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # config indices
     population_prefs: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (C,) category shares of popularity
+    # (C, 2) engagement units and impressions per category seen recently (the loop measures them); a
+    # popularity scorer ranks items within a category well but knows nothing of how much a category is
+    # engaged with when shown: these calibrate it
+    category_rates: np.ndarray | None = None
 
 
 @dataclass
@@ -269,16 +312,19 @@ class DecisionEngine:
                 parts.append(items[h + np.sort(rng.choice(items.size - h, size=r, replace=False))])
         return np.concatenate(parts)
 
-    def _decide(self, st: EngineState, user_id: str, request_id: str, context: dict[str, Any],
-                live: LiveSignals | None) -> Decision:
-        rng = np.random.default_rng(seed_of(request_id))
-        u = st.scorer.user_idx(user_id)
-        pool = self.pool(st, rng)
+    def item_scores(self, st: EngineState, u: int, pool: np.ndarray, live: LiveSignals | None = None
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Scores of the pool's items for user row ``u`` and the user's category preferences, as the
+        decision uses them: the scorer's, calibrated by the plan's category engagement (popularity
+        scorer), then tilted by the live state."""
         scores = st.scorer.score(u, pool)
         if scores.shape != pool.shape or not np.isfinite(scores).all():
             raise ValueError(f"scorer returned {scores.shape} scores with non-finite values for "
                              f"{pool.size} items")
         prefs = st.scorer.category_preferences(u)
+        if st.category_rates is not None and st.scorer.name == "popularity":
+            scores = scores * category_calibration(scores, st.item_category[pool], st.category_rates,
+                                                   st.config.items_per_module)[np.maximum(st.item_category[pool], 0)]
         if live is not None and live.status == "hit":
             # the live state: category preferences shrunk toward the population and the model's head;
             # item scores tilted toward the user's categories now (fully for a user the model does not
@@ -291,6 +337,14 @@ class DecisionEngine:
             scores = scores * np.where(cat >= 0, mult[np.maximum(cat, 0)], 1.0)
             if live.negatives.size:
                 scores = np.where(np.isin(pool, live.negatives), scores * SKIP_DEMOTION, scores)
+        return scores, prefs
+
+    def _decide(self, st: EngineState, user_id: str, request_id: str, context: dict[str, Any],
+                live: LiveSignals | None) -> Decision:
+        rng = np.random.default_rng(seed_of(request_id))
+        u = st.scorer.user_idx(user_id)
+        pool = self.pool(st, rng)
+        scores, prefs = self.item_scores(st, u, pool, live)
         tbl = block_table(st.space, scores[None, :], st.item_category[pool], st.is_tail[pool],
                           st.tail[pool])
         lead = None

@@ -8,6 +8,7 @@ to epsilon-greedy exploration and logs why.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 from sqlalchemy.engine import Engine
@@ -18,10 +19,10 @@ from bandits import VWLayoutBandit
 from .. import registry
 from ..errors import InvalidInput, NotReady
 from ..log import Catalog, load_items
-from ..registry import ConfigRecord, ModelRecord
+from ..registry import ConfigRecord, ModelRecord, PlanRecord
 from ._engine import EngineState, ScorerHandle, build_state
 
-__all__ = ["load_catalog", "load_state", "ranker_scorer"]
+__all__ = ["load_catalog", "load_state", "ranker_scorer", "with_plan_calibration"]
 
 log = logging.getLogger("homepage.engine")
 
@@ -71,4 +72,14 @@ def load_state(db: Engine, config: ConfigRecord | None = None, *, catalog: Catal
             versions["bandit"] = bm.version
         except Exception:
             log.exception("bandit version %s could not be loaded; serving epsilon-greedy", bm.version)
-    return build_state(cfg.config, catalog, scorer=scorer, prices=prices, bandit=bandit, versions=versions)
+    state = build_state(cfg.config, catalog, scorer=scorer, prices=prices, bandit=bandit, versions=versions)
+    return with_plan_calibration(state, plan)
+
+
+def with_plan_calibration(state: EngineState, plan: PlanRecord | None) -> EngineState:
+    """``state`` with the category calibration the plan carries (none without one)."""
+    got = None if plan is None else (plan.solver or {}).get("calibration")
+    if not got:
+        return replace(state, category_rates=None)
+    rates = np.array([got.get(c, [0.0, 0.0]) for c in state.config.category_names], dtype=np.float64)
+    return replace(state, category_rates=rates)

@@ -27,9 +27,9 @@ from allocator import (
 )
 
 from .. import registry
-from ..engine import DecisionEngine, EngineState, load_state
+from ..engine import DecisionEngine, EngineState, category_calibration, load_state
 from ..errors import InvalidInput, from_infeasible
-from ..log import decision_log, load_items, read_decisions, read_feedback, upsert_items
+from ..log import category_engagement, decision_log, load_items, read_decisions, read_feedback, upsert_items
 from ..registry import ConfigRecord
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "PaceResult",
     "PlanResult",
     "apply_config",
+    "calibration",
     "check_config",
     "dry_run",
     "exposure_report",
@@ -91,18 +92,31 @@ def sample_users(db: Engine, *, since: datetime | None = None, n: int = 2000, se
 
 
 def user_candidates(state: EngineState, user_ids: np.ndarray, seed: int = 0) -> Candidates:
-    """Candidate layouts of many users, as serving builds them (one shared candidate pool)."""
-    pool = DecisionEngine(state).pool(state, np.random.default_rng(seed))
+    """Candidate layouts of many users, as serving builds them.
+
+    Every user gets a candidate pool of their own (each category's head plus a seeded draw from its
+    rest, as every request does): with one pool shared by all users, a non-personal scorer makes every
+    user's candidates identical and the plan's prices sit exactly where all of them tie, which serving
+    would round to the same corner for everyone.
+    """
+    eng = DecisionEngine(state)
+    rng = np.random.default_rng(seed)
+    U = int(user_ids.size)
+    pools = np.stack([eng.pool(state, rng) for _ in range(U)])  # (U, P); planning, not the request path
+    P = pools.shape[1]
     sc = state.scorer
     u_idx = np.array([sc.user_idx(str(u)) for u in user_ids.tolist()], dtype=np.int64)
-    U, P = u_idx.size, pool.size
-    scores = sc.score_pairs(np.repeat(u_idx, P), np.tile(pool, U)).reshape(U, P)
+    scores = sc.score_pairs(np.repeat(u_idx, P), pools.ravel()).reshape(U, P)
+    cat = state.item_category[pools]
+    if state.category_rates is not None and sc.name == "popularity":  # as serving calibrates it
+        mult = category_calibration(scores[0], cat[0], state.category_rates, state.config.items_per_module)
+        scores = scores * mult[np.maximum(cat, 0)]
     prefs = [sc.category_preferences(int(u)) for u in u_idx.tolist()]
     lead = None
     rows = [p for p in prefs if p is not None]  # a scorer gives them for every user or for none
     if rows:
         lead = np.argsort(-np.stack(rows), axis=1, kind="stable")[:, : min(rows[0].size, 4)]
-    tbl = block_table(state.space, scores, state.item_category[pool], state.is_tail[pool], state.tail[pool])
+    tbl = block_table(state.space, scores, cat, state.is_tail[pools], state.tail[pools])
     return build_candidates(state.space, tbl, state.prices, lead_categories=lead)
 
 
@@ -130,16 +144,40 @@ def _solve(state: EngineState, config: HomepageConfig, version: int | None, user
 
 
 # ---- plan ----------------------------------------------------------------------------------------
+#: engagement is measured over this much recent feedback for the plan's category calibration
+CALIBRATION_WINDOW = timedelta(hours=6)
+#: impressions needed before a plan carries a calibration
+MIN_CALIBRATION_IMPRESSIONS = 200
+
+
+def calibration(db: Engine, config: HomepageConfig) -> dict[str, list[float]] | None:
+    """Recent engagement units and impressions per config category (what serving calibrates a
+    popularity scorer with), or None while there are fewer than ``MIN_CALIBRATION_IMPRESSIONS``."""
+    got = category_engagement(db, config.events, since=datetime.now(tz=UTC) - CALIBRATION_WINDOW)
+    rates = {c: [float(got.get(c, (0.0, 0))[0]), float(got.get(c, (0.0, 0))[1])] for c in config.category_names}
+    if sum(r[1] for r in rates.values()) < MIN_CALIBRATION_IMPRESSIONS:
+        return None
+    return rates
+
+
 def plan(db: Engine, *, users: int = 2000, since: datetime | None = None, method: str = "auto", seed: int = 0,
          publish: bool = True) -> PlanResult:
     """Plan the active config on ``users`` users sampled from traffic since ``since``; publish its prices.
 
     Raises :class:`~policy_api.errors.Infeasible` (nothing published) when the constraints cannot hold.
+    The plan carries the category calibration measured on recent feedback (:func:`calibration`):
+    serving uses it with the plan's prices, and the plan is solved on the same calibrated values.
     """
     cfg = registry.require_active_config(db)
     sampled, weight = sample_users(db, since=since, n=users, seed=seed)
-    res = _solve(load_state(db, cfg), cfg.config, cfg.version, sampled, weight, method=method, seed=seed,
+    rates = calibration(db, cfg.config)
+    state = load_state(db, cfg)
+    if rates is not None:
+        state = replace(state, category_rates=np.array([rates[c] for c in cfg.config.category_names]))
+    res = _solve(state, cfg.config, cfg.version, sampled, weight, method=method, seed=seed,
                  what=f"config version {cfg.version}")
+    if rates is not None:
+        res = replace(res, solver={**res.solver, "calibration": rates})
     if not publish:
         return res
     v = registry.publish_plan(db, cfg.version, res.prices, projected=res.projected, solver=res.solver)
@@ -242,6 +280,9 @@ def pace(db: Engine, *, window_s: float = 300.0, step_size: float = 2.0, min_dec
     prices = dict(zip(names, map(float, new), strict=True))
     solver = {"method": "pacer", "window_s": window_s, "n_decisions": int(same.sum()), "realised": realised,
               "pacer": pacer.to_dict(), "base_plan": None if base is None else base.version}
+    kept = None if base is None else (base.solver or {}).get("calibration")
+    if kept:
+        solver["calibration"] = kept  # the prices move, the calibration stays
     v = registry.publish_plan(db, cfg.version, prices, projected=None if base is None else base.projected,
                               solver=solver)
     return PaceResult(v, prices, realised, int(same.sum()))

@@ -13,6 +13,7 @@ from ._export import EXPORT_COLUMNS, export_parquet, read_parquet
 from ._rows import (
     DECISION_COLUMNS,
     FEEDBACK_COLUMNS,
+    category_engagement,
     existing_event_ids,
     feedback_first_seen,
     insert_decisions,
@@ -69,6 +70,7 @@ __all__ = [
     "UTCDateTime",
     "alembic_config",
     "begin",
+    "category_engagement",
     "configs",
     "decision_log",
     "decisions",

@@ -27,6 +27,7 @@ from ._schema import Bind, UTCDateTime, begin, decisions, feedback, items, readi
 __all__ = [
     "DECISION_COLUMNS",
     "FEEDBACK_COLUMNS",
+    "category_engagement",
     "existing_event_ids",
     "feedback_first_seen",
     "insert_decisions",
@@ -392,3 +393,26 @@ def load_items(bind: Bind) -> dict[str, Any]:
         "features": features,
         "updated_at": cols["updated_at"],
     }
+
+
+def category_engagement(bind: Bind, events: Mapping[str, float], since: datetime | None = None
+                        ) -> dict[str, tuple[float, int]]:
+    """Per catalog category, over feedback with ``ts >= since``: engagement units (each event type
+    weighted by ``events``; impressions weigh 0) and the number of impression events.
+
+    One aggregate query (feedback joined to the catalog by item id).
+    """
+    where = [] if since is None else [feedback.c.ts >= since]
+    q = (sa.select(items.c.category, feedback.c.type, sa.func.count())
+         .select_from(feedback.join(items, items.c.item_id == feedback.c.item_id))
+         .where(*where).group_by(items.c.category, feedback.c.type))
+    out: dict[str, tuple[float, int]] = {}
+    with reading(bind) as conn:
+        for cat, kind, n in conn.execute(q):
+            units, imps = out.get(str(cat), (0.0, 0))
+            if kind == "impression":
+                imps += int(n)
+            else:
+                units += float(events.get(str(kind), 0.0)) * int(n)
+            out[str(cat)] = (units, imps)
+    return out

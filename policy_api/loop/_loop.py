@@ -107,7 +107,7 @@ class BackgroundLoop:
     holder: str | None = None
     tick_s: float = 0.05
     steps: dict[str, StepRecord] = field(default_factory=lambda: {
-        k: StepRecord() for k in ("state", "plan", "pace", "learn", "train")})
+        k: StepRecord() for k in ("state", "calibrate", "plan", "pace", "learn", "train")})
     _config: ConfigRecord | None = None
     _store: UserStateStore | None = None
     _store_spec: str | None = None
@@ -185,6 +185,9 @@ class BackgroundLoop:
         if registry.latest_plan(self.db, cfg.version) is None or now >= self._next.get("plan", np.inf):
             self._step("plan", self._plan)
             self._next["plan"] = now + loop.replan_every_s
+        if now >= self._next.get("calibrate", 0.0):
+            self._step("calibrate", self._calibrate)
+            self._next["calibrate"] = now + 10.0
         if now >= self._next.get("pace", 0.0):
             self._step("pace", self._pace)
             self._next["pace"] = now + loop.pace_every_s
@@ -279,6 +282,19 @@ class BackgroundLoop:
             return "idle", ""
         self._store.write_batch(events)
         return "ok", f"{len(events)} events, {len(self._pending)} waiting for their decision"
+
+    def _calibrate(self) -> tuple[str, str]:
+        """Plan again as soon as there is feedback enough to calibrate the categories (a plan made before
+        any traffic carries no calibration; later plans carry one measured by the plan job)."""
+        assert self._config is not None
+        plan = registry.latest_plan(self.db, self._config.version)
+        if plan is None or (plan.solver or {}).get("calibration"):
+            return "idle", ""
+        rates = jobs.calibration(self.db, self._config.config)
+        if rates is None:
+            return "idle", ""
+        self._next["plan"] = 0.0
+        return "ok", "feedback enough to calibrate the categories: planning again"
 
     # ---- plan and pace ---------------------------------------------------------------------------
     def _plan(self) -> tuple[str, str]:

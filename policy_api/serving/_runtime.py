@@ -14,7 +14,7 @@ import numpy as np
 from sqlalchemy.engine import Engine
 
 from .. import registry
-from ..engine import DecisionEngine, LiveSignals, RequestIds, load_secret, load_state
+from ..engine import DecisionEngine, LiveSignals, RequestIds, load_secret, load_state, with_plan_calibration
 from ..live import UserStateStore, category_vector, make_state_store
 from ..log import LogWriter, make_engine
 from ..loop import lease_info
@@ -96,8 +96,8 @@ class Runtime:
                 # only the prices moved (the loop paces every few seconds): no model or catalog reload
                 st = self.engine.state
                 prices, plan = registry.prices(self.db, registry.require_active_config(self.db))
-                state = replace(st, prices=prices,
-                                versions={**st.versions, "plan": None if plan is None else plan.version})
+                state = with_plan_calibration(replace(st, prices=prices, versions={
+                    **st.versions, "plan": None if plan is None else plan.version}), plan)
             else:
                 state = load_state(self.db)
         except Exception as e:
