@@ -13,7 +13,7 @@ import pytest
 
 from allocator import parse_config_text
 from policy_api import log as store
-from policy_api import registry
+from policy_api import jobs, registry
 from policy_api.engine import DecisionEngine, RequestIds, build_state
 from policy_api.jobs import pace, refit_valuation
 from policy_api.log import Catalog, make_engine, upgrade
@@ -113,3 +113,33 @@ def test_refresh_head_sets_popularity_to_impression_shares(db):
     too_few = subprocess.run([sys.executable, "-m", "policy_api.cli", "catalog", "refresh-head", "--days", "1",
                               "--min-impressions", "5000"], env=env, capture_output=True, text=True, timeout=120, cwd=tmp)
     assert too_few.returncode == 2 and "min_impressions" in too_few.stderr and "need 5000" in too_few.stderr
+
+
+def test_plan_carries_the_category_calibration_of_recent_feedback(db):
+    eng, world, cfg, cat, version, *_ = db
+    assert jobs.calibration(eng, cfg) is None  # no feedback yet
+    first = jobs.plan(eng, users=20)
+    assert "calibration" not in first.solver
+    rng = np.random.default_rng(1)
+    t = datetime.now(tz=UTC) - timedelta(minutes=5)
+    old = datetime.now(tz=UTC) - timedelta(hours=7)  # outside the 6 h window: not counted
+    rows, want = [], {c: [0.0, 0] for c in cfg.category_names}
+    for k in range(600):
+        i = int(rng.integers(0, cat.n_items))
+        typ = str(rng.choice(["impression", "impression", "play", "favorite", "skip"]))
+        when = old if k % 10 == 0 else t
+        rows.append(fb_row("r", k, str(cat.item_ids[i]), typ, None, when))
+        if when is t:
+            c = str(cat.category[i])
+            if typ == "impression":
+                want[c][1] += 1
+            else:
+                want[c][0] += cfg.events[typ]
+    store.insert_feedback(eng, rows)
+    got = jobs.calibration(eng, cfg)
+    assert got is not None and set(got) == set(cfg.category_names)
+    for c in cfg.category_names:
+        assert got[c][0] == pytest.approx(want[c][0]) and got[c][1] == want[c][1]
+    res = jobs.plan(eng, users=20)
+    plan = registry.latest_plan(eng, version)
+    assert plan is not None and plan.version == res.plan_version and plan.solver["calibration"] == got
