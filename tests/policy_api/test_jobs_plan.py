@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from allocator import parse_config_text
-from policy_api import log as store
 from policy_api import jobs, registry
+from policy_api import log as store
 from policy_api.engine import DecisionEngine, RequestIds, build_state
 from policy_api.jobs import pace, refit_valuation
 from policy_api.log import Catalog, make_engine, upgrade
