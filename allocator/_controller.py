@@ -73,7 +73,7 @@ from typing import Any
 
 import numpy as np
 
-from ._pacing import _check_bounds
+from ._pacing import _check_bounds, _check_start
 
 __all__ = ["PIPacer", "PIPacerConfig"]
 
@@ -214,20 +214,8 @@ class PIPacer:
             Shape (K,). As in the constructor (zeros by default), e.g. a new plan's prices.
         """
         cfg = self.config
-        k = cfg.n_constraints
-        lo = np.array(cfg.lower)
-        hi = np.array(cfg.upper)
-        start = np.zeros(k) if prices is None else np.array(prices, dtype=np.float64)
-        if start.shape != (k,) or not np.isfinite(start).all():
-            raise ValueError(f"prices must be a finite array of shape (K,) = ({k},); got {start!r}")
-        bad_pos = np.flatnonzero((start > 0) & ~np.isfinite(lo))
-        bad_neg = np.flatnonzero((start < 0) & ~np.isfinite(hi))
-        if bad_pos.size or bad_neg.size:
-            k_bad = int(np.concatenate([bad_pos, bad_neg])[0])
-            raise ValueError(
-                "prices may be > 0 only on a constraint with a floor and < 0 only on one with a cap; "
-                f"got prices[{k_bad}] = {float(start[k_bad])!r} with bounds ({float(lo[k_bad])!r}, {float(hi[k_bad])!r})"
-            )
+        start = _check_start(cfg, prices)
+        k = start.size
         m = cfg.max_price
         self.floor_integral_ = np.clip(start, 0.0, m)
         self.cap_integral_ = np.clip(-start, 0.0, m)

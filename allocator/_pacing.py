@@ -61,6 +61,25 @@ def _check_bounds(config: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return lo, hi
 
 
+def _check_start(config: Any, prices: np.ndarray | None) -> np.ndarray:
+    """A pacer's start prices (zeros by default): (K,), finite, > 0 only on floors and < 0 only on caps."""
+    k = config.n_constraints
+    lo = np.array(config.lower)
+    hi = np.array(config.upper)
+    start = np.zeros(k) if prices is None else np.array(prices, dtype=np.float64)
+    if start.shape != (k,) or not np.isfinite(start).all():
+        raise ValueError(f"prices must be a finite array of shape (K,) = ({k},); got {start!r}")
+    bad_pos = np.flatnonzero((start > 0) & ~np.isfinite(lo))
+    bad_neg = np.flatnonzero((start < 0) & ~np.isfinite(hi))
+    if bad_pos.size or bad_neg.size:
+        k_bad = int(np.concatenate([bad_pos, bad_neg])[0])
+        raise ValueError(
+            "prices may be > 0 only on a constraint with a floor and < 0 only on one with a cap; "
+            f"got prices[{k_bad}] = {float(start[k_bad])!r} with bounds ({float(lo[k_bad])!r}, {float(hi[k_bad])!r})"
+        )
+    return start
+
+
 @dataclass(frozen=True, slots=True)
 class PacerConfig:
     """Configuration of :class:`DualPacer`.
@@ -133,20 +152,8 @@ class DualPacer:
 
     def __init__(self, config: PacerConfig, prices: np.ndarray | None = None) -> None:
         self.config = config
-        k = config.n_constraints
-        lo = np.array(config.lower)
-        hi = np.array(config.upper)
-        start = np.zeros(k) if prices is None else np.array(prices, dtype=np.float64)
-        if start.shape != (k,) or not np.isfinite(start).all():
-            raise ValueError(f"prices must be a finite array of shape (K,) = ({k},); got {start!r}")
-        bad_pos = np.flatnonzero((start > 0) & ~np.isfinite(lo))
-        bad_neg = np.flatnonzero((start < 0) & ~np.isfinite(hi))
-        if bad_pos.size or bad_neg.size:
-            k_bad = int(np.concatenate([bad_pos, bad_neg])[0])
-            raise ValueError(
-                "prices may be > 0 only on a constraint with a floor and < 0 only on one with a cap; "
-                f"got prices[{k_bad}] = {float(start[k_bad])!r} with bounds ({float(lo[k_bad])!r}, {float(hi[k_bad])!r})"
-            )
+        start = _check_start(config, prices)
+        k = start.size
         cap = config.max_price
         self.floor_multipliers_ = np.minimum(np.maximum(start, 0.0), cap)
         self.cap_multipliers_ = np.minimum(np.maximum(-start, 0.0), cap)
