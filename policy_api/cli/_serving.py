@@ -34,7 +34,8 @@ class _Supervisor:
         return self
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "policy_api.cli", "worker"], env=dict(os.environ))
+        env = dict(os.environ, HOMEPAGE_LOOP_PARENT=str(os.getpid()))  # the loop ends with its server
+        return subprocess.Popen([sys.executable, "-m", "policy_api.cli", "worker"], env=env)
 
     def _run(self) -> None:
         backoff = 1.0
@@ -64,6 +65,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    parent = os.environ.get("HOMEPAGE_LOOP_PARENT")
+    if parent:  # started by `homepage serve`: stop when it is gone (even after a kill -9 of the server)
+        def watch() -> None:
+            while not stop.wait(1.0):
+                if str(os.getppid()) != parent:
+                    stop.set()
+
+        threading.Thread(target=watch, name="homepage-parent-watch", daemon=True).start()
     loop = BackgroundLoop(db_engine())
     print("homepage worker: running the loop (standby while another process holds its lease)", flush=True)
     loop.run(stop)
