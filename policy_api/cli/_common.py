@@ -6,12 +6,13 @@ import argparse
 from datetime import UTC, datetime
 from pathlib import Path
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from allocator import ConfigError, HomepageConfig, load_config
 
 from .. import registry
-from ..errors import Conflict, InvalidInput, NotFound, from_config_error
+from ..errors import Conflict, InvalidInput, NotFound, Unavailable, from_config_error
 from ..log import make_engine, normalize_url, upgrade
 from ..registry import ConfigRecord
 from ..settings import database_url, resolve_config_path
@@ -42,7 +43,12 @@ def db_engine() -> Engine:
         normalize_url(url)
     except ValueError as e:
         raise InvalidInput(f"DATABASE_URL: {e}", field="DATABASE_URL") from None
-    upgrade(url)
+    try:
+        upgrade(url)
+    except sa.exc.OperationalError as e:  # down, refusing, wrong credentials, unreadable file
+        reason = str(e.orig).strip().splitlines()[0] if e.orig is not None else type(e).__name__
+        raise Unavailable(f"DATABASE_URL: cannot reach the database at {redact(url)}: {reason}",
+                          field="DATABASE_URL") from None
     return make_engine(url)
 
 

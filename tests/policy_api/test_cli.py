@@ -3,6 +3,8 @@ is explicit (`homepage config apply`), audited, and refused for an infeasible co
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import sqlalchemy as sa
 
@@ -71,3 +73,20 @@ def test_config_apply_refuses_an_infeasible_config(setup, capsys):
     missing = tmp / "nope.toml"
     assert cli.main(["config", "apply", str(missing)]) == 2
     assert f"config file not found: {str(missing)!r}" in capsys.readouterr().err
+
+
+def test_an_unreachable_or_unsupported_database_is_one_line(monkeypatch, capsys, tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{port}/test")
+    monkeypatch.setenv("HOMEPAGE_DB_CONNECT_TIMEOUT", "2")
+    assert cli.main(["plan"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"homepage: error: DATABASE_URL: cannot reach the database at postgresql://postgres@127.0.0.1:{port}/test")
+    assert "Connection refused" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    monkeypatch.setenv("DATABASE_URL", "mysql://x/y")
+    assert cli.main(["plan"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("homepage: error: DATABASE_URL: url must be sqlite:///<path> or postgresql[+psycopg]://...; "
+                           "got 'mysql://x/y'")
