@@ -33,7 +33,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     runtime
         An already started :class:`Runtime` (tests, embedding); ``settings`` is then ignored.
     """
-    app = Flask("homepage")
+    app = Flask("homepage", static_folder=None)  # no /static route: the API serves no files
     rt = runtime or Runtime(settings or Settings.from_env()).start()
     app.extensions["homepage"] = rt
     app.register_blueprint(api_bp)

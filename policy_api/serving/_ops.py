@@ -59,7 +59,8 @@ def _check_token(rt: Runtime) -> None:
     if not token:
         raise Forbidden("PUT /config is disabled: set HOMEPAGE_OPERATOR_TOKEN on the server")
     auth = request.headers.get("Authorization", "")
-    given = auth[7:] if auth.startswith("Bearer ") else ""
+    scheme, _, given = auth.strip().partition(" ")
+    given = given.strip() if scheme.lower() == "bearer" else ""  # the scheme is case-insensitive (RFC 9110)
     if not given or not hmac.compare_digest(given.encode(), token.encode()):
         raise Unauthorized("a bearer token (Authorization: Bearer <token>) is required; "
                            + ("got none" if not given else "got a wrong one"), field="Authorization")

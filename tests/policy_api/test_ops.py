@@ -43,6 +43,14 @@ def test_put_config_needs_the_token(server):
     assert r.headers["WWW-Authenticate"].startswith("Bearer")
     r = requests.put(server.url + "/config", data=body, headers={"Authorization": "Bearer nope"}, timeout=30)
     assert r.status_code == 401
+    # the scheme is case-insensitive: a lower-case "bearer" with a wrong token is a wrong token, not a missing one
+    r = requests.put(server.url + "/config", data=body, headers={"Authorization": "bearer nope"}, timeout=30)
+    assert r.status_code == 401 and "got a wrong one" in r.json()["error"]["message"]
+
+
+def test_no_static_files_are_served(server, tmp_path):
+    r = requests.get(server.url + "/static/homepage.toml", timeout=5)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
 def test_put_invalid_config_is_400_naming_the_key(server):
