@@ -16,6 +16,7 @@ Scores rank items for one user; they are not comparable across users or scorers.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Self
 
 import numpy as np
@@ -48,7 +49,7 @@ def _decay(ts: np.ndarray, half_life_s: float | None) -> np.ndarray:
     return np.exp2(-(ts.max() - ts) / half_life_s)
 
 
-class _InteractionScorer:
+class _InteractionScorer(ABC):
     """Input checks shared by the scorers; subclasses implement ``_fit`` and ``_score``."""
 
     n_users_: int
@@ -110,6 +111,7 @@ class _InteractionScorer:
         self.n_users_, self.n_items_ = n_users, n_items  # last: a failed fit leaves no fitted sizes
         return self
 
+    @abstractmethod
     def _fit(
         self,
         user: np.ndarray,
@@ -119,7 +121,7 @@ class _InteractionScorer:
         n_users: int,
         n_items: int,
     ) -> None:
-        raise NotImplementedError
+        """Implemented by each scorer."""
 
     def score_all(self, user_idx: np.ndarray) -> np.ndarray:
         """Scores of every catalog item for each user.
@@ -142,8 +144,9 @@ class _InteractionScorer:
             raise ValueError(f"user_idx must be in [-1, {self.n_users_}); got {u.min()}..{u.max()}")
         return self._score(u.astype(np.int64))
 
+    @abstractmethod
     def _score(self, user_idx: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Implemented by each scorer."""
 
 
 class RecentPopularity(_InteractionScorer):

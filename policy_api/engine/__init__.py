@@ -15,6 +15,7 @@ from ._engine import (
     Scorer,
     ScorerHandle,
     build_state,
+    calibrated,
     category_calibration,
 )
 from ._features import layout_features, shared_features
@@ -23,6 +24,7 @@ from ._state import load_catalog, load_state, ranker_scorer, with_plan_calibrati
 
 __all__ = [
     "CALIBRATION_PRIOR",
+    "calibrated",
     "category_calibration",
     "SKIP_DEMOTION",
     "LiveSignals",

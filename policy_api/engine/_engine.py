@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -34,7 +34,7 @@ from ..log import Catalog
 from ._features import layout_features, shared_features
 from ._ids import seed_of
 
-__all__ = ["CALIBRATION_PRIOR", "SKIP_DEMOTION", "category_calibration", "Decision", "DecisionEngine", "EngineState", "LiveSignals", "Scorer", "ScorerHandle",
+__all__ = ["CALIBRATION_PRIOR", "SKIP_DEMOTION", "calibrated", "category_calibration", "Decision", "DecisionEngine", "EngineState", "LiveSignals", "Scorer", "ScorerHandle",
            "build_state"]
 
 log = logging.getLogger("homepage.engine")
@@ -169,10 +169,23 @@ class EngineState:
     fallback_modules: list[dict[str, Any]]
     new_categories: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # config indices
     population_prefs: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (C,) category shares of popularity
-    # (C, 2) engagement units and impressions per category seen recently (the loop measures them); a
-    # popularity scorer ranks items within a category well but knows nothing of how much a category is
-    # engaged with when shown: these calibrate it
-    category_rates: np.ndarray | None = None
+    # (C,) score multipliers from the plan's category calibration (see :func:`calibrated`); None: none
+    category_multiplier: np.ndarray | None = None
+
+
+def calibrated(state: EngineState, rates: np.ndarray | None) -> EngineState:
+    """``state`` calibrated by ``rates`` (C, 2): engagement units and impressions per category seen
+    recently. A popularity scorer ranks items within a category well but knows nothing of how much a
+    category is engaged with when shown; its multipliers are computed once here, from each category's
+    best-scored items (the ones every request's pool holds), not per request. A learned ranker is
+    calibrated by its training: it gets none.
+    """
+    if rates is None or state.scorer.name != "popularity":
+        return replace(state, category_multiplier=None)
+    items = np.flatnonzero(state.item_category >= 0)
+    scores = state.scorer.score(-1, items)
+    mult = category_calibration(scores, state.item_category[items], rates, state.config.items_per_module)
+    return replace(state, category_multiplier=mult)
 
 
 @dataclass
@@ -322,9 +335,8 @@ class DecisionEngine:
             raise ValueError(f"scorer returned {scores.shape} scores with non-finite values for "
                              f"{pool.size} items")
         prefs = st.scorer.category_preferences(u)
-        if st.category_rates is not None and st.scorer.name == "popularity":
-            scores = scores * category_calibration(scores, st.item_category[pool], st.category_rates,
-                                                   st.config.items_per_module)[np.maximum(st.item_category[pool], 0)]
+        if st.category_multiplier is not None:
+            scores = scores * st.category_multiplier[np.maximum(st.item_category[pool], 0)]
         if live is not None and live.status == "hit":
             # the live state: category preferences shrunk toward the population and the model's head;
             # item scores tilted toward the user's categories now (fully for a user the model does not

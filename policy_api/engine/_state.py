@@ -8,7 +8,6 @@ to epsilon-greedy exploration and logs why.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 import numpy as np
 from sqlalchemy.engine import Engine
@@ -20,7 +19,7 @@ from .. import registry
 from ..errors import InvalidInput, NotReady
 from ..log import Catalog, load_items
 from ..registry import ConfigRecord, ModelRecord, PlanRecord
-from ._engine import EngineState, ScorerHandle, build_state
+from ._engine import EngineState, ScorerHandle, build_state, calibrated
 
 __all__ = ["load_catalog", "load_state", "ranker_scorer", "with_plan_calibration"]
 
@@ -80,6 +79,6 @@ def with_plan_calibration(state: EngineState, plan: PlanRecord | None) -> Engine
     """``state`` with the category calibration the plan carries (none without one)."""
     got = None if plan is None else (plan.solver or {}).get("calibration")
     if not got:
-        return replace(state, category_rates=None)
-    rates = np.array([got.get(c, [0.0, 0.0]) for c in state.config.category_names], dtype=np.float64)
-    return replace(state, category_rates=rates)
+        return calibrated(state, None)
+    return calibrated(state, np.array([got.get(c, [0.0, 0.0]) for c in state.config.category_names],
+                                      dtype=np.float64))

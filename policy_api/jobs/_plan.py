@@ -27,7 +27,7 @@ from allocator import (
 )
 
 from .. import registry
-from ..engine import DecisionEngine, EngineState, category_calibration, load_state
+from ..engine import DecisionEngine, EngineState, calibrated, load_state
 from ..errors import InvalidInput, from_infeasible
 from ..log import category_engagement, decision_log, load_items, read_decisions, read_feedback, upsert_items
 from ..registry import ConfigRecord
@@ -108,9 +108,8 @@ def user_candidates(state: EngineState, user_ids: np.ndarray, seed: int = 0) -> 
     u_idx = np.array([sc.user_idx(str(u)) for u in user_ids.tolist()], dtype=np.int64)
     scores = sc.score_pairs(np.repeat(u_idx, P), pools.ravel()).reshape(U, P)
     cat = state.item_category[pools]
-    if state.category_rates is not None and sc.name == "popularity":  # as serving calibrates it
-        mult = category_calibration(scores[0], cat[0], state.category_rates, state.config.items_per_module)
-        scores = scores * mult[np.maximum(cat, 0)]
+    if state.category_multiplier is not None:  # as serving calibrates it
+        scores = scores * state.category_multiplier[np.maximum(cat, 0)]
     prefs = [sc.category_preferences(int(u)) for u in u_idx.tolist()]
     lead = None
     rows = [p for p in prefs if p is not None]  # a scorer gives them for every user or for none
@@ -173,7 +172,7 @@ def plan(db: Engine, *, users: int = 2000, since: datetime | None = None, method
     rates = calibration(db, cfg.config)
     state = load_state(db, cfg)
     if rates is not None:
-        state = replace(state, category_rates=np.array([rates[c] for c in cfg.config.category_names]))
+        state = calibrated(state, np.array([rates[c] for c in cfg.config.category_names]))
     res = _solve(state, cfg.config, cfg.version, sampled, weight, method=method, seed=seed,
                  what=f"config version {cfg.version}")
     if rates is not None:

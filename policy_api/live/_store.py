@@ -15,6 +15,7 @@ import logging
 import math
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -127,7 +128,7 @@ def _check_deadline(deadline_s: float) -> None:
         raise InvalidInput(f"deadline_s must be a finite number > 0; got {deadline_s!r}", field="deadline_s")
 
 
-class DeadlineStore:
+class DeadlineStore(ABC):
     """The part every backend shares: reads under a deadline on a :class:`DeadlinePool`, counters.
 
     A backend implements ``_read_users(user_ids) -> list[UserState | None]``, ``_read_item_rows() ->
@@ -144,17 +145,21 @@ class DeadlineStore:
         self._failing = False
 
     # ---- to implement
+    @abstractmethod
     def _read_users(self, user_ids: Sequence[str]) -> list[UserState | None]:
-        raise NotImplementedError
+        """Implemented by each backend."""
 
+    @abstractmethod
     def _read_item_rows(self) -> ItemStats | None:
-        raise NotImplementedError
+        """Implemented by each backend."""
 
+    @abstractmethod
     def _write(self, events: Sequence[LiveEvent]) -> None:
-        raise NotImplementedError
+        """Implemented by each backend."""
 
+    @abstractmethod
     def _close(self) -> None:
-        raise NotImplementedError
+        """Implemented by each backend."""
 
     # ---- the interface
     def write_batch(self, events: Sequence[LiveEvent]) -> None:
