@@ -32,10 +32,19 @@ from ._layout import (
 )
 from ._pacing import DualPacer, PacerConfig
 from ._plan import InfeasibilityDiagnosis, InfeasiblePlan, Plan, Relaxation, choose, choose_batch, plan_lp
+from ._resolve import ResolvePacer, ResolvePacerConfig
+from ._sharded import LocalShards, PlanShard, ShardedPlan, ShardMap, plan_dual_sharded
+from ._softmax import exploit_pmf, serving_pmf, softmax_prices, softmax_response
 from ._solve import LP_MAX_VARS, PLAN_METHODS, solve_plan
 from ._valuation import ValueRefit, refit_values
 
 __all__ = [
+    "ResolvePacer",
+    "ResolvePacerConfig",
+    "exploit_pmf",
+    "serving_pmf",
+    "softmax_prices",
+    "softmax_response",
     "LP_MAX_VARS",
     "PLAN_METHODS",
     "ValueRefit",
@@ -59,6 +68,11 @@ __all__ = [
     "choose",
     "choose_batch",
     "plan_dual",
+    "plan_dual_sharded",
+    "LocalShards",
+    "PlanShard",
+    "ShardMap",
+    "ShardedPlan",
     "plan_lp",
     "ConfigError",
     "Constraint",

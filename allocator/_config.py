@@ -6,6 +6,7 @@ errors of a file are reported at once so an operator fixes them in one pass.
 
 from __future__ import annotations
 
+import difflib
 import math
 import tomllib
 from collections.abc import Mapping
@@ -92,20 +93,30 @@ class Exploration:
     max_value_loss: float | None = None
     algorithm: str = "epsilon"
     new_category_share: float = 0.0
+    #: layouts are exploited by a softmax of their priced value at ``temperature * max |value|`` (see
+    #: :func:`allocator.exploit_pmf`): near-ties are mixed, so each share is a smooth function of its
+    #: price and pacing can hold it; 0 serves the argmax
+    temperature: float = 0.1
 
 
 @dataclass(frozen=True, slots=True)
 class Learning:
     reward_window_s: float = 3600.0
     default_reward: float = 0.0
+    #: ``POST /feedback`` refuses an event whose ``value`` exceeds this in size (money per event)
+    max_event_value: float = 1e6
+    #: ... or whose ``ts`` is older than this, or later than the server's clock by more than ``max_clock_skew_s``
+    max_event_age_s: float = 7 * 86400.0
+    max_clock_skew_s: float = 300.0
 
 
 @dataclass(frozen=True)
 class Loop:
     """The engine's background loop (``[loop]``): what it does by itself while ``homepage serve`` runs.
 
-    Pacing uses :class:`~allocator.PIPacer`: ``pace_gain`` per decision, an exponentially weighted
-    window of ``pace_half_life`` decisions, and the target aimed ``pace_margin`` inside each bound.
+    Pacing uses :class:`~allocator.ResolvePacer`: prices re-solved on the last ``pace_window`` served
+    candidate sets for aims ``pace_margin`` inside each bound, corrected by an integral with
+    ``pace_gain`` per ``pace_half_life`` decisions (the realised shares' exponential window).
     A decision is learned by the bandit ``settle_s`` seconds after it was made (its reward counts the
     events that arrived by then); ``learning.reward_window_s`` only bounds how late an event may count.
     """
@@ -113,8 +124,9 @@ class Loop:
     enabled: bool = True
     plan_users: int = 2000
     replan_every_s: float = 600.0
-    pace_every_s: float = 2.0
-    pace_gain: float = 0.01
+    pace_every_s: float = 1.0
+    pace_gain: float = 0.25
+    pace_window: int = 1000
     pace_half_life: float = 300.0
     pace_margin: float = 0.005
     max_price: float = 50.0
@@ -221,10 +233,14 @@ class HomepageConfig:
                 "max_value_loss": self.exploration.max_value_loss,
                 "algorithm": self.exploration.algorithm,
                 "new_category_share": self.exploration.new_category_share,
+                "temperature": self.exploration.temperature,
             },
             "learning": {
                 "reward_window_s": self.learning.reward_window_s,
                 "default_reward": self.learning.default_reward,
+                "max_event_value": self.learning.max_event_value,
+                "max_event_age_s": self.learning.max_event_age_s,
+                "max_clock_skew_s": self.learning.max_clock_skew_s,
             },
             "loop": {k: getattr(self.loop, k) for k in LOOP_KEYS},
         }
@@ -309,10 +325,14 @@ class _Checker:
         return v
 
     def unknown(self, d: Mapping[str, Any], allowed: set[str], path: str) -> None:
+        # an error, not a warning: a misspelt optional key (``budjet``) would otherwise leave its
+        # setting at the default without anyone noticing
         for k in d:
             if k not in allowed:
                 where = f"{path}.{k}" if path else k
-                self.warnings.append(f"{where}: unknown key ignored (known: {', '.join(sorted(allowed))})")
+                close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                self.err(where, f"is not a known key{hint} (known: {', '.join(sorted(allowed))})")
 
 
 def load_config(path: str | Path) -> HomepageConfig:
@@ -451,7 +471,7 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> HomepageConf
             constraints.append(Constraint(name, kind, lo, hi, cat, mod))
 
     ex = ck.table(raw, "exploration", "exploration", required=False)
-    ck.unknown(ex, {"budget", "max_value_loss", "algorithm", "new_category_share"}, "exploration")
+    ck.unknown(ex, {"budget", "max_value_loss", "algorithm", "new_category_share", "temperature"}, "exploration")
     budget = ck.number(ex, "budget", "exploration.budget", default=0.05, low=0.0, high=1.0)
     mvl = (ck.number(ex, "max_value_loss", "exploration.max_value_loss", default=None, low=0.0, high=1.0)
            if "max_value_loss" in ex else None)
@@ -459,14 +479,24 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> HomepageConf
                      allowed=EXPLORATION_ALGORITHMS)
     ncs = ck.number(ex, "new_category_share", "exploration.new_category_share", default=0.0,
                     low=0.0, high=1.0)
-    exploration = Exploration(0.05 if budget is None else budget, mvl, algo or "epsilon", ncs or 0.0)
+    temp = ck.number(ex, "temperature", "exploration.temperature", default=0.1, low=0.0, high=1.0)
+    exploration = Exploration(0.05 if budget is None else budget, mvl, algo or "epsilon", ncs or 0.0,
+                              0.1 if temp is None else temp)
 
     le = ck.table(raw, "learning", "learning", required=False)
-    ck.unknown(le, {"reward_window_s", "default_reward"}, "learning")
-    rw = ck.number(le, "reward_window_s", "learning.reward_window_s", default=3600.0, low=0.0,
+    ck.unknown(le, set(Learning.__dataclass_fields__), "learning")
+    dl = Learning()
+    rw = ck.number(le, "reward_window_s", "learning.reward_window_s", default=dl.reward_window_s, low=0.0,
                    low_open=True)
-    dr = ck.number(le, "default_reward", "learning.default_reward", default=0.0)
-    learning = Learning(3600.0 if rw is None else rw, 0.0 if dr is None else dr)
+    dr = ck.number(le, "default_reward", "learning.default_reward", default=dl.default_reward)
+    mev = ck.number(le, "max_event_value", "learning.max_event_value", default=dl.max_event_value, low=0.0,
+                    low_open=True)
+    mea = ck.number(le, "max_event_age_s", "learning.max_event_age_s", default=dl.max_event_age_s, low=0.0,
+                    low_open=True)
+    mcs = ck.number(le, "max_clock_skew_s", "learning.max_clock_skew_s", default=dl.max_clock_skew_s, low=0.0)
+    learning = Learning(dl.reward_window_s if rw is None else rw, dl.default_reward if dr is None else dr,
+                        dl.max_event_value if mev is None else mev, dl.max_event_age_s if mea is None else mea,
+                        dl.max_clock_skew_s if mcs is None else mcs)
     loop = _loop(ck, raw)
 
     if ck.errors:
@@ -500,7 +530,8 @@ def _loop(ck: _Checker, raw: Mapping[str, Any]) -> Loop:
             ck.err("loop.enabled", f"must be true or false; got {t['enabled']!r}")
         else:
             out["enabled"] = t["enabled"]
-    for k in ("plan_users", "learn_min_decisions", "train_min_events", "train_max_epochs", "state_max_events"):
+    for k in ("plan_users", "learn_min_decisions", "train_min_events", "train_max_epochs", "state_max_events",
+              "pace_window"):
         n = ck.integer(t, k, f"loop.{k}", default=getattr(d, k), low=1)
         if n is not None:
             out[k] = n

@@ -168,18 +168,29 @@ class BlockTable:
 
 
 def block_table(space: LayoutSpace, scores: np.ndarray, pool_category: np.ndarray,
-                pool_is_tail: np.ndarray, pool_tail: np.ndarray) -> BlockTable:
+                pool_is_tail: np.ndarray, pool_tail: np.ndarray, rank_scores: np.ndarray | None = None
+                ) -> BlockTable:
     """Block statistics for users' candidate pools at every tilt level.
 
     Parameters
     ----------
     scores
-        Shape (U, P): expected engagement units of each pool item per examined impression.
+        Shape (U, P): expected engagement units of each pool item per examined impression (what the
+        blocks' means are made of).
     pool_category, pool_is_tail, pool_tail
         Shape (U, P) or (P,): category index, long-tail flag and tail score of each pool item.
+    rank_scores
+        Shape (U, P) or None (= ``scores``): what orders the items within a category and sets the
+        tilt's spread. A calibration that values a category's head and tail differently changes what
+        an item is worth, not which tail items a tilt brings in first.
     """
     scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     U, P = scores.shape
+    value_scores = scores
+    if rank_scores is not None:
+        scores = np.atleast_2d(np.asarray(rank_scores, dtype=np.float64))
+        if scores.shape != value_scores.shape:
+            raise ValueError(f"rank_scores must have the shape of scores {value_scores.shape}; got {scores.shape}")
     cat = np.broadcast_to(pool_category, (U, P)).astype(np.int64, copy=False)
     is_tail = np.broadcast_to(pool_is_tail, (U, P))
     tail = np.broadcast_to(pool_tail, (U, P))
@@ -211,7 +222,7 @@ def block_table(space: LayoutSpace, scores: np.ndarray, pool_category: np.ndarra
     # flat index of (u, b, c, r)
     ub = (np.arange(U)[:, None, None] * B + np.arange(B)[None, :, None])
     flat = ((ub * C + cat_sorted) * R + np.minimum(block, R - 1))[keep]
-    sc_sorted = np.take_along_axis(np.broadcast_to(scores[:, None, :], (U, B, P)), order, axis=-1)
+    sc_sorted = np.take_along_axis(np.broadcast_to(value_scores[:, None, :], (U, B, P)), order, axis=-1)
     tl_sorted = np.take_along_axis(np.broadcast_to(is_tail[:, None, :], (U, B, P)), order, axis=-1)
     size = U * B * C * R
     n_shown = np.bincount(flat, minlength=size).reshape(U, B, C, R)
@@ -331,16 +342,22 @@ def build_candidates(space: LayoutSpace, tbl: BlockTable, prices: np.ndarray | N
     blks = np.zeros((U, n_var, B, S), dtype=np.int64)
     value = np.zeros((U, n_var, B))
     ok = np.ones((U, n_var, B), dtype=bool)
+    # (u, b, c) index grids broadcast against the per-state block index (U, var, B, C): one gather per
+    # table and slot, no copies of the tables per variant
+    ug = np.arange(U)[:, None, None, None]
+    bg = np.arange(B)[None, None, :, None]
+    cg = np.arange(C)[None, None, None, :]
+    ui, vi, bi = np.ogrid[:U, :n_var, :B]  # (u, variant, tilt) grids for picking one category per state
     for s in range(S):
         # next block of each category for each state: used[..., c]
         r_next = used  # (U,var,B,C)
         in_range = r_next < R
         r_idx = np.minimum(r_next, R - 1)
-        bv = np.take_along_axis(block_val[:, None, :, :, :].repeat(n_var, 1), r_idx[..., None], axis=-1)[..., 0]
-        av = np.take_along_axis(avail[:, None, :, :, :].repeat(n_var, 1), r_idx[..., None], axis=-1)[..., 0]
+        bv = block_val[ug, bg, cg, r_idx]
+        av = avail[ug, bg, cg, r_idx]
         av &= in_range
-        nt = np.take_along_axis(tbl.n_tail[:, None, :, :, :].repeat(n_var, 1), r_idx[..., None], axis=-1)[..., 0]
-        mp = mod_p_cr[np.arange(C)[None, None, None, :], r_idx]
+        nt = tbl.n_tail[ug, bg, cg, r_idx]
+        mp = mod_p_cr[cg, r_idx]
         gain_val = w[s] * bv
         gain_price = w[s] * cat_p[None, None, None, :] + tail_p * nt + w[s] * mp
         gain = gain_val + price_on[None, :, None, None] * gain_price
@@ -349,12 +366,12 @@ def build_candidates(space: LayoutSpace, tbl: BlockTable, prices: np.ndarray | N
         if s == 0:
             f = forced[:, :, None].repeat(B, 2)
             pick = np.where(f >= 0, f, pick)
-        got_av = np.take_along_axis(av, pick[..., None], axis=-1)[..., 0]
+        got_av = av[ui, vi, bi, pick]
         ok &= got_av
-        value += np.where(got_av, np.take_along_axis(gain_val, pick[..., None], axis=-1)[..., 0], 0.0)
+        value += np.where(got_av, gain_val[ui, vi, bi, pick], 0.0)
         cats[..., s] = pick
-        blks[..., s] = np.take_along_axis(r_next, pick[..., None], axis=-1)[..., 0]
-        np.put_along_axis(used, pick[..., None], blks[..., s][..., None] + 1, axis=-1)
+        blks[..., s] = r_next[ui, vi, bi, pick]
+        used[ui, vi, bi, pick] = blks[..., s] + 1
 
     cats = cats.reshape(U, V, S)
     blks = blks.reshape(U, V, S)

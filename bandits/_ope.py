@@ -32,17 +32,21 @@ from ._num import is_integral, is_real
 __all__ = [
     "DM",
     "DR",
+    "DRos",
     "IPS",
     "SNDR",
     "SNIPS",
     "BootstrapCI",
     "Estimate",
+    "OPEPartialSums",
     "OverlapDiagnostics",
     "RidgeRewardModel",
     "SwitchDR",
     "bootstrap_ci",
+    "combine_partial_sums",
     "cross_fit_rewards",
     "estimate_all",
+    "ope_partial_sums",
     "overlap_diagnostics",
 ]
 
@@ -82,8 +86,41 @@ def _as_1d(name: str, x: object, n: int | None) -> np.ndarray:
 _BLOCK_ENTRIES = 1 << 17
 
 
+def _check_position(position: object, action_dist: np.ndarray, n: int) -> np.ndarray | None:
+    """The logged positions as indices into ``action_dist``'s last axis (None for a 2-D ``action_dist``)."""
+    if action_dist.ndim != 3:
+        if position is not None:
+            raise ValueError(f"position is given, so action_dist must have shape (n_rounds, n_actions, len_list) "
+                             f"(the target's probabilities at each position); got {action_dist.shape}")
+        return None
+    if action_dist.shape[0] != n or action_dist.shape[1] == 0 or action_dist.shape[2] == 0:
+        raise ValueError(f"action_dist must have shape ({n}, n_actions, len_list); got {action_dist.shape}")
+    len_list = action_dist.shape[2]
+    if position is None:
+        if len_list > 1:
+            raise ValueError(f"position is required when action_dist has len_list = {len_list} positions (shape "
+                             f"{action_dist.shape}): the weights use the target's probability at the logged "
+                             f"position; got None")
+        return np.zeros(n, dtype=np.intp)
+    pos = _as_1d("position", position, n)
+    if pos.dtype.kind not in "iu":
+        raise ValueError(f"position must be integer positions (slots) in [0, len_list={len_list}); got dtype "
+                         f"{pos.dtype}")
+    if pos.min() < 0 or pos.max() >= len_list:
+        raise ValueError(f"position must be in [0, len_list={len_list}) (action_dist's last axis); got values in "
+                         f"[{int(pos.min())}, {int(pos.max())}]")
+    return pos.astype(np.intp, copy=False)
+
+
+def _at_position(x: np.ndarray, pos: np.ndarray | None) -> np.ndarray:
+    """(n, A, len_list) -> (n, A): each round's slice at its logged position."""
+    if pos is None:
+        return x
+    return x[np.arange(x.shape[0]), :, pos]
+
+
 def _check_log(action: object, pscore: object, action_dist: object,
-               n: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               n: int | None, position: object = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     p = _as_1d("pscore", pscore, n).astype(np.float64, copy=False)
     n = p.shape[0]
     if n < 2:
@@ -95,6 +132,7 @@ def _check_log(action: object, pscore: object, action_dist: object,
     if a.dtype.kind not in "iu":
         raise ValueError(f"action must be integer indices into the logged candidates; got dtype {a.dtype}")
     pi = np.asarray(action_dist)
+    pi = _at_position(pi, _check_position(position, pi, n))
     if pi.ndim != 2 or pi.shape[0] != n or pi.shape[1] == 0:
         raise ValueError(f"action_dist must have shape ({n}, n_cand); got {pi.shape}")
     if pi.dtype.kind != "f":
@@ -136,21 +174,28 @@ def _scan(a: np.ndarray, pi: np.ndarray, q: np.ndarray | None
     return pi_a, q_pi, q_a
 
 
-def _weights(action: object, pscore: object, action_dist: object, n: int | None) -> np.ndarray:
-    """Checked importance weights ``w_i = action_dist[i, action_i] / pscore_i``."""
-    a, p, pi = _check_log(action, pscore, action_dist, n)
+def _weights(action: object, pscore: object, action_dist: object, n: int | None,
+             position: object = None) -> np.ndarray:
+    """Checked importance weights ``w_i = action_dist[i, action_i(, position_i)] / pscore_i``."""
+    a, p, pi = _check_log(action, pscore, action_dist, n, position)
     return _scan(a, pi, None)[0] / p
 
 
 def _prepare(reward: object, action: object, pscore: object, action_dist: object,
-             estimated_rewards: object = None, *, need_model: bool = False) -> _Log:
+             estimated_rewards: object = None, *, need_model: bool = False, position: object = None) -> _Log:
     r = _as_1d("reward", reward, None).astype(np.float64, copy=False)
     if not np.isfinite(r).all():
         raise ValueError("reward must be finite; got non-finite entries")
-    a, p, pi = _check_log(action, pscore, action_dist, r.shape[0])
+    a, p, pi = _check_log(action, pscore, action_dist, r.shape[0], position)
     q = None
     if estimated_rewards is not None:
         q = np.asarray(estimated_rewards)
+        full = np.asarray(action_dist).shape
+        if len(full) == 3:
+            if q.shape != full:
+                raise ValueError(f"estimated_rewards must have the shape of action_dist {full} (a reward model "
+                                 f"per position); got {q.shape}")
+            q = _at_position(q, _check_position(position, np.asarray(action_dist), r.shape[0]))
         if q.shape != pi.shape:
             raise ValueError(f"estimated_rewards must have the shape of action_dist {pi.shape}; got {q.shape}")
         if q.dtype.kind != "f":
@@ -195,9 +240,10 @@ def _overlap(w: np.ndarray) -> OverlapDiagnostics:
                               weight_q99=float(q[2]), weight_q999=float(q[3]))
 
 
-def overlap_diagnostics(action: np.ndarray, pscore: np.ndarray, action_dist: np.ndarray) -> OverlapDiagnostics:
+def overlap_diagnostics(action: np.ndarray, pscore: np.ndarray, action_dist: np.ndarray,
+                        position: np.ndarray | None = None) -> OverlapDiagnostics:
     """Overlap diagnostics of a target policy on a log (see :class:`OverlapDiagnostics`)."""
-    return _overlap(_weights(action, pscore, action_dist, None))
+    return _overlap(_weights(action, pscore, action_dist, None, position))
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,7 +323,8 @@ class _Estimator(ABC):
         """The estimator's per-round terms (numerator, and denominator when self-normalised)."""
 
     def estimate(self, reward: np.ndarray, action: np.ndarray, pscore: np.ndarray, action_dist: np.ndarray,
-                 estimated_rewards: np.ndarray | None = None, *, alpha: float = 0.05) -> Estimate:
+                 estimated_rewards: np.ndarray | None = None, *, alpha: float = 0.05,
+                 position: np.ndarray | None = None) -> Estimate:
         """Estimate the target policy's value; see the class docstring for the formula.
 
         Parameters
@@ -285,14 +332,20 @@ class _Estimator(ABC):
         reward, action, pscore
             Shape (n_rounds,): the log (see the module docstring).
         action_dist
-            Shape (n_rounds, n_cand): the target policy over the logged candidates.
+            Shape (n_rounds, n_cand): the target policy over the logged candidates; or, with
+            ``position``, shape (n_rounds, n_actions, len_list): its probability of each action at
+            each position (obp's layout), read at the logged position.
         estimated_rewards
-            Shape (n_rounds, n_cand): the reward model (required by DM, DR, SNDR, Switch-DR).
+            The reward model, shaped like ``action_dist`` (required by DM, DR, SNDR, Switch-DR).
         alpha
             Miscoverage of the normal CI, in (0, 1).
+        position
+            Shape (n_rounds,): the position (slot) of each logged action, in ``[0, len_list)``.
+            Required when ``action_dist`` has more than one position.
         """
         alpha = _check_alpha(alpha)
-        log = _prepare(reward, action, pscore, action_dist, estimated_rewards, need_model=self.needs_model)
+        log = _prepare(reward, action, pscore, action_dist, estimated_rewards, need_model=self.needs_model,
+                       position=position)
         return self._estimate(log, alpha)
 
     def _estimate(self, log: _Log, alpha: float, overlap: OverlapDiagnostics | None = None) -> Estimate:
@@ -434,6 +487,44 @@ class SwitchDR(_Estimator):
         return [(q_pi + np.where(log.w <= self.tau, log.w * (log.reward - q_a), 0.0), None)]
 
 
+@dataclass(frozen=True, slots=True)
+class DRos(_Estimator):
+    """Doubly robust with optimistic shrinkage: ``V = mean_i [ q_i(pi_e) + w~_i (r_i - q(x_i, a_i)) ]`` with
+    ``w~ = lam w / (w^2 + lam)``.
+
+    Shrinks large weights towards 0 (``lam = inf`` is DR, ``lam = 0`` is DM); the shrinkage
+    minimises a bound on the mean squared error (obp's ``DoublyRobustWithShrinkage``).
+
+    Parameters
+    ----------
+    lam
+        Shrinkage, >= 0 (inf allowed).
+
+    References
+    ----------
+    Y. Su, M. Dimakopoulou, A. Krishnamurthy, M. Dudík. "Doubly robust off-policy evaluation with
+    shrinkage." ICML 2020.
+    """
+
+    name: ClassVar[str] = "DR-os"
+    needs_model: ClassVar[bool] = True
+    lam: float = math.inf
+
+    def __post_init__(self) -> None:
+        if not is_real(self.lam) or not float(self.lam) >= 0:
+            raise ValueError(f"lam must be a number >= 0 (inf allowed); got {_r(self.lam)}")
+
+    def _terms(self, log: _Log) -> _Terms:
+        q_pi, q_a = self._model(log)
+        lam = float(self.lam)
+        if math.isinf(lam):
+            w = log.w
+        else:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                w = np.where(log.w == 0, 0.0, lam * log.w / (log.w * log.w + lam))
+        return [(q_pi + w * (log.reward - q_a), None)]
+
+
 # -- bootstrap ----------------------------------------------------------------------------------
 def _bootstrap(term_sets: list[_Terms], n: int, n_boot: int, rng: np.random.Generator,
                max_chunk_bytes: int = 1 << 26) -> np.ndarray:
@@ -476,11 +567,20 @@ def _bootstrap(term_sets: list[_Terms], n: int, n_boot: int, rng: np.random.Gene
     return out
 
 
+def _rng_from(rng: np.random.Generator | None, seed: int | None) -> np.random.Generator | None:
+    """``rng`` if given, else a generator seeded by ``seed`` (an integer >= 0), else None."""
+    if rng is not None or seed is None:
+        return rng
+    if not is_integral(seed) or int(seed) < 0:
+        raise ValueError(f"seed must be an integer >= 0; got {_r(seed)}")
+    return np.random.default_rng(int(seed))
+
+
 def _check_boot(n_boot: object, rng: object) -> tuple[int, np.random.Generator]:
     if isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 2:
         raise ValueError(f"n_boot must be an integer >= 2; got {_r(n_boot)}")
     if not isinstance(rng, np.random.Generator):
-        raise ValueError(f"rng must be a numpy.random.Generator; got {type(rng).__name__}")
+        raise ValueError(f"rng must be a numpy.random.Generator; got {type(rng).__name__} (or pass seed=N)")
     return int(n_boot), rng
 
 
@@ -493,7 +593,8 @@ def _percentile_ci(name: str, values: np.ndarray, n_boot: int, alpha: float) -> 
 def bootstrap_ci(estimator: _Estimator, reward: np.ndarray, action: np.ndarray, pscore: np.ndarray,
                  action_dist: np.ndarray, estimated_rewards: np.ndarray | None = None, *,
                  n_boot: int = 200, alpha: float = 0.05,
-                 rng: np.random.Generator | None = None) -> BootstrapCI:
+                 rng: np.random.Generator | None = None, seed: int | None = None,
+                 position: np.ndarray | None = None) -> BootstrapCI:
     """Percentile bootstrap CI of an estimator (rounds resampled with replacement).
 
     Vectorised: each resample is a vector of multinomial counts, and every estimator here is a sum of
@@ -511,18 +612,21 @@ def bootstrap_ci(estimator: _Estimator, reward: np.ndarray, action: np.ndarray, 
         Number of resamples, >= 2.
     alpha
         Miscoverage, in (0, 1).
-    rng
-        The random generator (required).
+    rng, seed
+        The random generator, or a seed for one (one of the two is required).
+    position
+        As in ``estimator.estimate``.
 
     References
     ----------
     B. Efron, R. Tibshirani. "An Introduction to the Bootstrap." Chapman & Hall, 1993.
     """
     if not isinstance(estimator, _Estimator):
-        raise ValueError(f"estimator must be one of DM, IPS, SNIPS, DR, SNDR, SwitchDR; got {estimator!r}")
+        raise ValueError(f"estimator must be one of DM, IPS, SNIPS, DR, SNDR, SwitchDR, DRos; got {estimator!r}")
     alpha = _check_alpha(alpha)
-    n_boot, gen = _check_boot(n_boot, rng)
-    log = _prepare(reward, action, pscore, action_dist, estimated_rewards, need_model=estimator.needs_model)
+    n_boot, gen = _check_boot(n_boot, _rng_from(rng, seed))
+    log = _prepare(reward, action, pscore, action_dist, estimated_rewards, need_model=estimator.needs_model,
+                   position=position)
     values = _bootstrap([estimator._terms(log)], log.n, n_boot, gen)[:, 0]
     return _percentile_ci(estimator.name, values, n_boot, alpha)
 
@@ -530,7 +634,8 @@ def bootstrap_ci(estimator: _Estimator, reward: np.ndarray, action: np.ndarray, 
 def estimate_all(reward: np.ndarray, action: np.ndarray, pscore: np.ndarray, action_dist: np.ndarray,
                  estimated_rewards: np.ndarray | None = None, *, switch_tau: float = 10.0,
                  alpha: float = 0.05, n_boot: int = 0,
-                 rng: np.random.Generator | None = None) -> list[dict[str, Any]]:
+                 rng: np.random.Generator | None = None, seed: int | None = None,
+                 position: np.ndarray | None = None) -> list[dict[str, Any]]:
     """Every estimator on one log, as table rows, with overlap diagnostics on each row.
 
     IPS and SNIPS always; DM, DR, SNDR and Switch-DR (``tau = switch_tau``) when
@@ -549,11 +654,11 @@ def estimate_all(reward: np.ndarray, action: np.ndarray, pscore: np.ndarray, act
     ests: list[_Estimator] = [IPS(), SNIPS()]
     if estimated_rewards is not None:
         ests = [DM(), IPS(), SNIPS(), DR(), SNDR(), SwitchDR(tau=switch_tau)]
-    log = _prepare(reward, action, pscore, action_dist, estimated_rewards)
+    log = _prepare(reward, action, pscore, action_dist, estimated_rewards, position=position)
     ov = _overlap(log.w)
     rows = [e._estimate(log, alpha, ov).as_row() for e in ests]
     if n_boot:
-        n_boot, gen = _check_boot(n_boot, rng)
+        n_boot, gen = _check_boot(n_boot, _rng_from(rng, seed))
         values = _bootstrap([e._terms(log) for e in ests], log.n, n_boot, gen)
         for j, row in enumerate(rows):
             ci = _percentile_ci(row["estimator"], values[:, j], n_boot, alpha)
@@ -666,3 +771,161 @@ def cross_fit_rewards(action_features: np.ndarray, action: np.ndarray, reward: n
         model = RidgeRewardModel(alpha).fit(x[~test], a[~test], r[~test])
         out[test] = model.predict(x[test])
     return out
+
+
+# -- partitioned logs: exact combination from partial sums ----------------------------------------
+#: log-spaced bins of the importance weights (about 2.3 % wide) for the combined overlap quantiles
+_W_EDGES = np.concatenate([[0.0], np.geomspace(1e-6, 1e6, 1201), [np.inf]])
+
+
+@dataclass(frozen=True, slots=True)
+class OPEPartialSums:
+    """What one partition of a log contributes to every estimator (see :func:`ope_partial_sums`).
+
+    ``cols`` holds the distinct per-round columns the estimators are built from (numerators and
+    denominators); everything below is a sum over the partition's rounds, so partitions combine by
+    addition (:func:`combine_partial_sums`), in any number of processes or machines.
+    """
+
+    estimators: tuple[str, ...]
+    plan: tuple[tuple[tuple[int, int], ...], ...]  # per estimator, (num col, den col or -1) per term
+    n: int
+    gram: np.ndarray  # (m+1, m+1): sums of products of [1, cols], for the influence terms' variance
+    w_sum: float
+    w_sq: float
+    w_max: float
+    w_hist: np.ndarray  # counts of w in the bins of _W_EDGES
+    boot: np.ndarray | None  # (n_boot, m+1): per Poisson resample, [sum c_i, c @ cols]
+
+    @property
+    def n_boot(self) -> int:
+        return 0 if self.boot is None else int(self.boot.shape[0])
+
+
+def _estimators(with_model: bool, switch_tau: float) -> list[_Estimator]:
+    return [DM(), IPS(), SNIPS(), DR(), SNDR(), SwitchDR(tau=switch_tau)] if with_model else [IPS(), SNIPS()]
+
+
+def ope_partial_sums(reward: np.ndarray, action: np.ndarray, pscore: np.ndarray, action_dist: np.ndarray,
+                     estimated_rewards: np.ndarray | None = None, *, switch_tau: float = 10.0, n_boot: int = 0,
+                     seed: int = 0, partition: int = 0, position: np.ndarray | None = None) -> OPEPartialSums:
+    """One partition's partial sums for every estimator of :func:`estimate_all` and their bootstrap.
+
+    The estimators are sums of ratios of sums, ``V = sum_k S(num_k) / S(den_k)``; their influence
+    terms ``psi_i`` are linear in the per-round columns with coefficients fixed by the totals, so
+    ``sum psi`` and ``sum psi^2`` follow from the partition's column sums and Gram matrix. The
+    bootstrap is the Poisson bootstrap: round ``i`` of partition ``p`` enters resample ``b`` with
+    weight ``c_bi ~ Poisson(1)`` drawn from ``default_rng([seed, p])``, so every partition draws its
+    own counts, independently of where it is evaluated, and ``V_b = sum_k (c_b @ num_k) / (c_b @ den_k)``
+    (``den = 1`` for the means) combines from per-partition sums too.
+
+    Parameters
+    ----------
+    reward, action, pscore, action_dist, estimated_rewards, switch_tau, position
+        As in :func:`estimate_all`, for this partition's rounds.
+    n_boot
+        Poisson resamples (0: none). Every partition of one log must use the same ``n_boot`` and ``seed``.
+    seed, partition
+        The bootstrap's seed and this partition's index (a stable id, e.g. its time bucket).
+
+    References
+    ----------
+    A. Owen, D. Eckles. "Bootstrapping data arrays of arbitrary order." Annals of Applied Statistics
+    2012 (the Poisson bootstrap for data split across machines).
+    """
+    if not is_integral(n_boot) or int(n_boot) < 0 or int(n_boot) == 1:
+        raise ValueError(f"n_boot must be 0 or an integer >= 2; got {_r(n_boot)}")
+    for name, v in (("seed", seed), ("partition", partition)):
+        if not is_integral(v) or int(v) < 0:
+            raise ValueError(f"{name} must be an integer >= 0; got {_r(v)}")
+    log = _prepare(reward, action, pscore, action_dist, estimated_rewards, position=position)
+    ests = _estimators(estimated_rewards is not None, switch_tau)
+    cols: list[np.ndarray] = []
+    ids: dict[int, int] = {}
+
+    def col(x: np.ndarray | None) -> int:
+        if x is None:
+            return -1
+        if id(x) not in ids:
+            ids[id(x)] = len(cols)
+            cols.append(x)
+        return ids[id(x)]
+
+    term_sets = [e._terms(log) for e in ests]
+    plan = tuple(tuple((col(num), col(den)) for num, den in terms) for terms in term_sets)
+    t = np.column_stack([np.ones(log.n), *cols])  # (n, m+1)
+    boot = None
+    if n_boot:
+        rng = np.random.default_rng([int(seed), int(partition)])
+        boot = np.empty((int(n_boot), t.shape[1]))
+        for b in range(int(n_boot)):  # one resample at a time: its counts stay in cache
+            boot[b] = rng.poisson(1.0, size=log.n).astype(np.float64) @ t
+    w = log.w
+    return OPEPartialSums(estimators=tuple(e.name for e in ests), plan=plan, n=log.n, gram=t.T @ t,
+                          w_sum=float(w.sum()), w_sq=float(w @ w), w_max=float(w.max()),
+                          w_hist=np.histogram(w, _W_EDGES)[0], boot=boot)
+
+
+def combine_partial_sums(parts: list[OPEPartialSums], *, alpha: float = 0.05) -> list[dict[str, Any]]:
+    """Every estimator on the union of the partitions, as :func:`estimate_all` rows.
+
+    ``value``, ``se`` and the normal CI equal :func:`estimate_all` on the concatenated log (up to
+    floating-point summation order); the bootstrap columns (``boot_*``) come from the partitions'
+    Poisson resamples. The weight quantiles (``weight_q*``) are read from a log-spaced histogram of
+    the weights (bins about 2.3 % wide: the upper edge of the quantile's bin); ``ess``,
+    ``mean_weight`` and ``max_weight`` are exact.
+    """
+    alpha = _check_alpha(alpha)
+    if not parts:
+        raise ValueError("parts must hold at least one partition's partial sums; got none")
+    first = parts[0]
+    for i, p in enumerate(parts):
+        if p.estimators != first.estimators or p.plan != first.plan or p.n_boot != first.n_boot:
+            raise ValueError(f"parts must come from the same estimators and n_boot; part {i} has "
+                             f"{p.estimators}, n_boot={p.n_boot}, part 0 has {first.estimators}, "
+                             f"n_boot={first.n_boot}")
+    n = sum(p.n for p in parts)
+    gram = np.sum([p.gram for p in parts], axis=0)
+    s = gram[0]  # [n, sum of each column]
+    w_sum, w_sq = sum(p.w_sum for p in parts), sum(p.w_sq for p in parts)
+    hist = np.sum([p.w_hist for p in parts], axis=0)
+    cum = np.cumsum(hist) / n
+    qs = [float(_W_EDGES[min(int(np.searchsorted(cum, q)) + 1, _W_EDGES.size - 1)]) for q in (0.5, 0.9, 0.99, 0.999)]
+    w_max = max(p.w_max for p in parts)
+    overlap = {"ess": w_sum * w_sum / w_sq if w_sq > 0 else 0.0, "ess_ratio": (w_sum * w_sum / w_sq if w_sq > 0
+               else 0.0) / n, "mean_weight": w_sum / n, "max_weight": w_max, "weight_q50": min(qs[0], w_max),
+               "weight_q90": min(qs[1], w_max), "weight_q99": min(qs[2], w_max), "weight_q999": min(qs[3], w_max)}
+    z = NormalDist().inv_cdf(1.0 - alpha / 2.0)
+    rows: list[dict[str, Any]] = []
+    for name, terms in zip(first.estimators, first.plan, strict=True):
+        c = np.zeros(gram.shape[0])  # psi = [1, cols] @ c
+        value = 0.0
+        for num, den in terms:
+            if den < 0:
+                r_k = s[num + 1] / n
+                c[num + 1] += 1.0
+            else:
+                d_sum = s[den + 1]
+                if not d_sum > 0:
+                    raise ValueError("the importance weights sum to 0: the target policy puts no mass on any "
+                                     "logged action, so a self-normalised estimate is undefined")
+                r_k = s[num + 1] / d_sum
+                c[num + 1] += n / d_sum
+                c[den + 1] -= r_k * n / d_sum
+                c[0] += r_k
+            value += r_k
+        mean = float(c @ s) / n
+        var = max(float(c @ gram @ c) / n - mean * mean, 0.0) * n / (n - 1)
+        se = math.sqrt(var) / math.sqrt(n)
+        rows.append({"estimator": name, "value": float(value), "se": se, "ci_low": value - z * se,
+                     "ci_high": value + z * se, "alpha": alpha, "n_rounds": n, **overlap})
+    if first.boot is not None:
+        b = np.sum([p.boot for p in parts if p.boot is not None], axis=0)
+        for row, terms in zip(rows, first.plan, strict=True):
+            v = np.zeros(b.shape[0])
+            for num, den in terms:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    v += b[:, num + 1] / b[:, den + 1 if den >= 0 else 0]
+            ci = _percentile_ci(row["estimator"], v, first.n_boot, alpha)
+            row.update({"boot_low": ci.low, "boot_high": ci.high, "boot_se": ci.se})
+    return rows

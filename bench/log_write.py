@@ -6,6 +6,12 @@ numpy pmf, a 5-module served layout with 8 items each, context and versions. Mea
 * ``insert_batches``: ``policy_api.log.insert_decisions`` in batches of 1000 (one executemany + commit each);
 * ``logwriter``: ``LogWriter.submit_decision`` for every row, then ``flush()``; end-to-end rows/s
   and the caller's submit latency (p50 / p99 / max, microseconds).
+* ``logwriter_durable``: the same with the journal (``durable=True``, as the server runs it), rows
+  submitted from 1 and from 8 threads (request threads): each submit returns once its row is
+  fsync'd (``journal_sync=fsync``) or written to the page cache (``write``); rows/s, submit latency,
+  and rows per commit (one write, and with ``fsync`` one fsync, per commit: the group commit).
+
+``--durable-only`` runs only the journaled measurement (SQLite, ``--rows`` rows).
 
 PostgreSQL URL: env ``HOMEPAGE_BENCH_POSTGRES_URL``, else ``HOMEPAGE_TEST_POSTGRES_URL``; the bench
 works in a scratch schema it drops afterwards. Prints one JSON line per measurement.
@@ -112,6 +118,49 @@ def _worker(url: str, spill: str, n: int, seed: int, shape: str, barrier, out) -
     engine.dispose()
 
 
+def bench_durable(url: str, rows: list[dict], tmp: Path) -> None:
+    """Journaled submits from 1 and 8 threads, returning after the fsync (``sync``) or after the write
+    into the page cache (``write``, the fsync following off the caller's time)."""
+    import threading
+
+    engine = make_engine(url)
+    upgrade(engine)
+    quarter = len(rows) // 4
+    for k, (sync, threads) in enumerate([(True, 1), (True, 8), (False, 1), (False, 8)]):
+        part = rows[k * quarter : (k + 1) * quarter]
+        lat = np.empty(len(part))
+        writer = LogWriter(engine, tmp / f"journal-{k}", max_queue=len(part) + 1, durable=True,
+                           journal_sync=sync)
+
+        def run(t: int, writer: LogWriter = writer, part: list[dict] = part, lat: np.ndarray = lat,
+                threads: int = threads) -> None:
+            for i in range(t, len(part), threads):
+                t0 = time.perf_counter_ns()
+                writer.submit_decision(part[i])
+                lat[i] = time.perf_counter_ns() - t0
+
+        start = time.perf_counter()
+        ths = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+        submitted = time.perf_counter() - start
+        ok = writer.flush(timeout=300)
+        secs = time.perf_counter() - start
+        stats = writer.stats()
+        commits = stats["journal_commits"]
+        writer.close()
+        assert ok and stats["journaled"] == len(part) and stats["spilled"] == 0
+        print(json.dumps({"bench": "log_write", "backend": engine.dialect.name, "mode": "logwriter_durable",
+                          "journal_sync": "fsync" if sync else "write", "submit_threads": threads, "rows": len(part), "seconds": round(secs, 3),
+                          "rows_per_s": round(len(part) / secs), "submit_seconds": round(submitted, 3),
+                          "submit_us_p50": round(float(np.percentile(lat, 50)) / 1e3, 1),
+                          "submit_us_p99": round(float(np.percentile(lat, 99)) / 1e3, 1),
+                          "rows_per_commit": round(len(part) / max(commits, 1), 2)}), flush=True)  # fmt: skip
+    engine.dispose()
+
+
 def bench_backend(backend: str, url: str, rows_a: list[dict], rows_b: list[dict], tmp: Path, procs: int,
                   shape: str) -> None:
     engine = make_engine(url)
@@ -175,7 +224,14 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=20_000, help="rows per measurement (and per process)")
     ap.add_argument("--procs", type=int, default=2, help="writer processes in the scale-out measurement")
     ap.add_argument("--shape", choices=["engine", "brief"], default="engine", help="candidate fields logged")
+    ap.add_argument("--durable-only", action="store_true", help="only the journaled (fsync) measurement")
     args = ap.parse_args()
+    if args.durable_only:
+        print(json.dumps({"bench": "log_write", "load_avg_1m": round(os.getloadavg()[0], 2)}))
+        with tempfile.TemporaryDirectory() as d:
+            bench_durable(f"sqlite:///{Path(d) / 'log.sqlite'}", make_rows(args.rows, 2, "d", args.shape), Path(d))
+        print(json.dumps({"bench": "log_write", "load_avg_1m_end": round(os.getloadavg()[0], 2)}))
+        return 0
     rows_a = make_rows(args.rows, 0, "a", args.shape)
     rows_b = make_rows(args.rows, 1, "b", args.shape)
     print(json.dumps({"bench": "log_write", "load_avg_1m": round(os.getloadavg()[0], 2),
@@ -183,6 +239,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         bench_backend("sqlite", f"sqlite:///{tmp / 'log.sqlite'}", rows_a, rows_b, tmp, args.procs, args.shape)
+        bench_durable(f"sqlite:///{tmp / 'durable.sqlite'}", make_rows(min(args.rows, 4000), 2, "d", args.shape), tmp)
         pg = os.environ.get("HOMEPAGE_BENCH_POSTGRES_URL") or os.environ.get("HOMEPAGE_TEST_POSTGRES_URL")
         if not pg:
             print(json.dumps({"bench": "log_write", "backend": "postgresql", "skipped": "no postgres url in env"}))

@@ -4,6 +4,7 @@ Prints one JSON line per measurement. Not a test: figures only.
 
     .venv/bin/python bench/plan.py                 # the full run (~2 minutes on 2 cores)
     .venv/bin/python bench/plan.py --quick         # 1e4 and 1e5 only
+    .venv/bin/python bench/plan.py --sharded 1000000   # only: sharded dual, in-process vs Ray (2 workers)
 
 Instances: ``n_cand = 16`` candidates per user, K = 8 constraints (4 category shares, a long-tail
 share, a new-category share, two module shares), of which 5 bind; traffic weights are lognormal.
@@ -23,7 +24,7 @@ import time
 
 import numpy as np
 
-from allocator import choose, choose_batch, plan_dual, plan_lp
+from allocator import LocalShards, PlanShard, choose, choose_batch, plan_dual, plan_dual_sharded, plan_lp
 
 NAMES = ("songs", "videos", "audio", "live", "long_tail", "new_category", "module_a", "module_b")
 
@@ -165,12 +166,78 @@ def bench_choose(n_cand: int = 32, k: int = 8, n_calls: int = 20000) -> None:
     )
 
 
+class BenchShard(PlanShard):
+    """A shard generated where it lives from its seed (no user data crosses the network), float32."""
+
+    def __init__(self, seed: int, n_users: int, n_total: int) -> None:
+        v, a, _, _, _ = make_instance(n_users, 16, seed=seed, dtype=np.float32)
+        super().__init__(v, a, np.full(n_users, 1.0 / n_total))
+
+    def rss_mb(self) -> int:
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def sharded_bounds(shards: object) -> tuple[np.ndarray, np.ndarray]:
+    """make_instance's bounds, from the shards' unconstrained (argmax) shares."""
+    tot = np.sum(shards.map("softmax_totals", np.zeros(8), 1e-9), axis=0)  # type: ignore[attr-defined]
+    s0 = tot[1:]
+    lower = np.full(8, -np.inf)
+    upper = np.full(8, np.inf)
+    upper[0], lower[1] = s0[0] - 0.05, s0[1] + 0.04
+    lower[2], upper[2] = s0[2] - 0.2, s0[2] + 0.2
+    upper[3], lower[4], lower[5], upper[6], lower[7] = s0[3] + 0.1, s0[4] + 0.05, s0[5] + 0.02, s0[6] - 0.01, 0.0
+    return lower, upper
+
+
+def bench_sharded(n_users: int, n_shards: int = 4) -> None:
+    """The sharded dual over generated shards: in this process, then in 2 Ray actors."""
+    from functools import partial
+
+    import ray
+
+    from policy_api.scale import RayShards
+
+    sizes = [n_users // n_shards + (i < n_users % n_shards) for i in range(n_shards)]
+    builders = [partial(BenchShard, 100 + i, n, n_users) for i, n in enumerate(sizes)]
+    results = {}
+    for engine in ("local", "ray"):
+        t0 = time.perf_counter()
+        if engine == "local":
+            shards: object = LocalShards(builders)
+        else:
+            ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            shards = RayShards(builders, n_workers=2)
+        built = time.perf_counter() - t0
+        lo, hi = sharded_bounds(shards)
+        t0 = time.perf_counter()
+        plan = plan_dual_sharded(shards, lo, hi, names=NAMES)  # type: ignore[arg-type]
+        total = time.perf_counter() - t0
+        results[engine] = plan
+        rss = shards.map("rss_mb")  # type: ignore[attr-defined]
+        emit(what="plan_dual_sharded", engine=engine, n_users=n_users, n_vars=plan.n_vars, n_shards=n_shards,
+             workers=1 if engine == "local" else 2, dtype="float32", build_s=round(built, 2),
+             solve_s=round(total, 2), passes=plan.iterations, s_per_pass=round(total / plan.iterations, 3),
+             status=plan.status, gap=plan.gap, violation=plan.violation, objective=plan.objective,
+             peak_rss_mb_per_worker=sorted(set(rss)),
+             bytes_out_per_pass_per_shard=8 * 8 + 8, bytes_back_per_pass_per_shard=8 * (8 + 2))
+        if engine == "ray":
+            shards.close()  # type: ignore[attr-defined]
+            ray.shutdown()
+    emit(what="plan_dual_sharded_agreement",
+         objective_abs_diff=abs(results["local"].objective - results["ray"].objective),
+         prices_max_abs_diff=float(np.max(np.abs(results["local"].prices - results["ray"].prices))))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="1e4 and 1e5 only")
     ap.add_argument("--lp-1e6", action="store_true", help="also run PuLP+HiGHS at 1e6 (~8 min here)")
+    ap.add_argument("--sharded", type=int, metavar="N_USERS", help="only the sharded dual over N_USERS users")
     args = ap.parse_args()
     emit(what="machine", uptime=os.popen("uptime").read().strip(), cpus=os.cpu_count())
+    if args.sharded:
+        bench_sharded(args.sharded)
+        return
     bench_choose()
     bench_size(10**4, lp=True)
     bench_size(10**5, lp=True)

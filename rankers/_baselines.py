@@ -10,6 +10,12 @@ import numpy as np
 
 from ._data import TASKS, Examples, UserHistory, dense_item_features
 
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    """``1 / (1 + exp(-z))`` without overflow for large ``|z|`` (separable features drive logits far)."""
+    return np.exp(-np.logaddexp(0.0, -z))
+
+
 __all__ = ["PopularityScorer", "ItemPriorBaseline", "LogisticBaseline", "popularity_rank"]
 
 _DEFAULT_WEIGHTS = {"play": 1.0, "full_play": 2.0, "favorite": 4.0, "share": 5.0, "skip": -0.5}
@@ -229,7 +235,7 @@ class LogisticBaseline:
             w = np.zeros(x.shape[1])
             w[0] = np.log((y.mean() + 1e-3) / (1 - y.mean() + 1e-3))
             for _ in range(self.n_iter):
-                p = 1.0 / (1.0 + np.exp(-(x @ w)))
+                p = _sigmoid(x @ w)
                 grad = x.T @ (p - y) + reg * w
                 hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(reg)
                 step = np.linalg.solve(hess, grad)
@@ -243,4 +249,4 @@ class LogisticBaseline:
     def predict_pairs(self, user: np.ndarray, item: np.ndarray, seq: UserHistory) -> np.ndarray:
         """Task probabilities (n, 4) for items ``item`` (n,) with the users' sequences ``seq`` (n rows)."""
         x = _lr_features(item, seq, self.dense_, self.item_category_, self.n_categories_)
-        return 1.0 / (1.0 + np.exp(-(x @ self.coef_)))
+        return _sigmoid(x @ self.coef_)

@@ -41,7 +41,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     since = datetime.now(tz=UTC) - timedelta(hours=args.since_hours) if args.since_hours else None
     try:
         res = jobs.plan(db, users=args.users, since=since, method=args.method, seed=args.seed,
-                        publish=not args.dry_run)
+                        publish=not args.dry_run, engine=args.engine, workers=args.workers)
     except Infeasible as e:
         print(f"plan is infeasible for config version {cfg.version}; nothing published.\n{e.message}")
         return e.exit_status
@@ -127,6 +127,9 @@ def add_commands(sub: Any) -> None:
                    help=f"lp: PuLP+HiGHS (exact); dual: smoothed dual (large); auto: lp up to {LP_MAX_VARS} variables")
     p.add_argument("--seed", type=int, default=0, help="seed of the user sample and the candidate pool")
     p.add_argument("--dry-run", action="store_true", help="print the plan without publishing it")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process; ray: user shards in Ray actors (the 'ray' extra; the sharded dual)")
+    p.add_argument("--workers", type=int, default=None, help="Ray actors (and shards); default: the cluster's CPUs")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("pace", formatter_class=fmt,

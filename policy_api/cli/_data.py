@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import jobs
-from ..log import export_parquet, read_catalog_csv, upgrade, upsert_items
+from ..log import read_catalog_csv, upgrade, upsert_items
 from ..settings import database_url
 from ._common import config_arg, db_engine, load_cfg, parse_time, redact
 
@@ -49,8 +49,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     since, until = parse_time(args.since, "--since"), parse_time(args.until, "--until")
     out = Path(args.out)
     if args.format == "parquet":
-        n = export_parquet(db, out, since, until)
-        print(f"wrote {n} decisions to {out}")
+        n, version = jobs.export_parquet_with_rewards(db, out, since, until)
+        print(f"wrote {n} decisions to {out}" + ("" if version is None else
+              f" (reward and named exposure under config version {version}, for its decisions)"))
     else:
         n = jobs.export_dsjson(db, out, since, until)
         print(f"wrote {n} DSJSON decisions to {out}")

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import HomepageError
-from . import _allocation, _data, _learning, _serving
+from . import _allocation, _data, _learning, _serving, _versions
 
 __all__ = ["build_parser", "main"]
 
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (_data, _serving, _allocation, _learning):
+    for module in (_data, _serving, _allocation, _learning, _versions):
         module.add_commands(sub)
     return p
 

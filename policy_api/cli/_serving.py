@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import registry
-from ..demo import DemoSettings, run_demo
+from ..demo import DemoSettings, run_demo, summary_lines
 from ..loop import BackgroundLoop
 from ..serving import prepare_metrics_dir, run_gunicorn
 from ._common import config_arg, db_engine, load_cfg
@@ -81,15 +81,39 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _apply_in_child(path: Path, note: str) -> int:
+    """``homepage config apply`` in a child process: validated, dry-run (an infeasible config is never
+    applied) and audited; the solver's native threads never exist in the process gunicorn forks."""
+    done = subprocess.run([sys.executable, "-m", "policy_api.cli", "config", "apply", str(path), "--author",
+                           "serve", "--note", note], env=dict(os.environ))
+    return done.returncode
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    path, cfg = load_cfg(args)  # refuses to start on an invalid config
     db = db_engine()
-    body = path.read_text(encoding="utf-8")
     active = registry.active_config(db)
-    if active is not None and active.body == body:
-        version = active.version
+    given = args.config or os.environ.get("HOMEPAGE_CONFIG")
+    if active is not None and not given and not Path("homepage.toml").is_file():
+        path, cfg, version = None, active.config, active.version  # serve what is active
     else:
-        version = registry.activate_config(db, body, author="serve", note=f"loaded from {path}")
+        path, cfg = load_cfg(args)  # refuses to start on an invalid config
+        body = path.read_text(encoding="utf-8")
+        if active is None or (args.activate and active.body != body):
+            # activation is explicit (first start, or --activate), audited, and dry-run first
+            note = f"homepage serve {'--activate ' if active is not None else ''}--config {path}"
+            rc = _apply_in_child(path, note)
+            if rc != 0:
+                print(f"homepage serve: {path} was not activated (exit {rc}); not serving", file=sys.stderr,
+                      flush=True)
+                return rc
+            active = registry.require_active_config(db)
+        elif active.body != body:
+            # a restart keeps what is active (perhaps applied by PUT /config): never revert it silently
+            print(f"homepage serve: {path} differs from the active config version {active.version} "
+                  f"(by {active.author}: {active.note!r}); serving version {active.version}. To make "
+                  f"{path} active, run `homepage config apply {path}` or `homepage serve --activate`.",
+                  file=sys.stderr, flush=True)
+        cfg, version = active.config, active.version
     prepare_metrics_dir()
     loop = None
     if not args.no_loop:
@@ -101,7 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if done.returncode != 0:
                 return done.returncode
         loop = _Supervisor().start()
-    print(f"config {path} active as version {version}; serving on http://{args.host}:{args.port} "
+    print(f"config version {version} active; serving on http://{args.host}:{args.port} "
           f"with {args.workers} workers{'' if loop else ' (no loop)'}", flush=True)
     try:
         return run_gunicorn(args.host, args.port, args.workers, threads=args.threads)
@@ -114,16 +138,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     s = DemoSettings(n_users=args.users, n_items=args.items, requests=args.requests, out_dir=Path(args.out),
                      seed=args.seed, workers=args.workers, concurrency=args.concurrency)
     summary = run_demo(s)
-    print(f"report: {s.out_dir / 'report' / 'index.html'}")
+    print("\n".join(summary_lines(summary, s.out_dir / "report" / "index.html")))
     return 0 if summary.get("ok", True) else 1
 
 
 def add_commands(sub: Any) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     sv = sub.add_parser("serve", formatter_class=fmt,
-                        help="serve the policy API with gunicorn (migrates the database and makes --config "
-                             "the active config first)")
+                        help="serve the policy API with gunicorn (migrates the database; activates --config "
+                             "on a database with no active config, and otherwise keeps the active one)")
     config_arg(sv)
+    sv.add_argument("--activate", action="store_true",
+                    help="make --config the active config even when another one is active (validated, "
+                         "dry-run and audited like `homepage config apply`; an infeasible config never "
+                         "starts serving)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind")
     sv.add_argument("--port", type=int, default=8000, help="port to bind")
     sv.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")

@@ -35,7 +35,7 @@ from ._phases import PhaseLog
 from ._replay import validate_replay
 from ._report import write_demo_report
 
-__all__ = ["DemoSettings", "run_demo", "PhaseLog"]
+__all__ = ["DemoSettings", "run_demo", "PhaseLog", "next_steps", "summary_lines"]
 
 
 @dataclass(frozen=True)
@@ -275,5 +275,37 @@ def run_demo(s: DemoSettings, between: Callable[[str, DemoContext], None] | None
     oracle = w.world.oracle_batch(phases[-1].user, w.world.default_modules_per_category)[1]
     summary = write_demo_report(s.out_dir / "report", cfg, w.world, phases, uniform, oracle, jobs,
                                 elapsed_s=time.time() - t_start)
+    summary["database_url"] = url
+    summary["next_steps"] = next_steps(url, cfg_path)
     (s.out_dir / "report" / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def next_steps(database_url: str, config: Path) -> list[str]:
+    """The commands to run next on the demo's database (every command reads ``DATABASE_URL``)."""
+    cfg = config.resolve()
+    return [
+        f"export DATABASE_URL={database_url}",
+        "homepage versions list",
+        f"homepage replay --policy {cfg} --n-boot 200     # a what-if replay of the demo's config",
+        "HOMEPAGE_OPERATOR_TOKEN=change-me homepage serve --port 8000"
+        "     # then open http://127.0.0.1:8000/ops",
+    ]
+
+
+def summary_lines(summary: dict[str, Any], report: Path) -> list[str]:
+    """What ``homepage demo`` prints: the verdict and its reason, the key figures, the report, and
+    the commands to run next."""
+    ok = bool(summary.get("ok", True))
+    lines = [f"demo {'OK' if ok else 'FAILED'}: {summary.get('requests_served', 0)} requests in "
+             f"{summary.get('elapsed_s', 0.0):.0f} s"]
+    lines += [f"  reason: {r}" for r in summary.get("failures", [])]
+    if "engine_mean_reward" in summary:
+        lines.append(f"  mean reward per request: engine {summary['engine_mean_reward']:.4f}, uniform "
+                     f"{summary['uniform_mean_reward']:.4f}, oracle {summary['oracle_mean_reward']:.4f}")
+    lines += [f"  note: {n}" for n in summary.get("notes", [])]
+    lines.append(f"report: {report}")
+    if summary.get("next_steps"):
+        lines.append("next, on the demo's database:")
+        lines += [f"  {c}" for c in summary["next_steps"]]
+    return lines

@@ -81,9 +81,11 @@ def _train(phase: str, ctx: DemoContext) -> dict[str, Any]:
         # as the loop does: published only if it also beats every baseline on the held-out test split
         res = jobs.train_ranker(db, registry.require_active_config(db), true_relevance=truth,
                                 on_epoch=lambda epoch, total, m: bar.update(1), require_test=True)
-    write_train_report(ctx.report_dir, res)
+    # its own folder: `homepage train` writes train.txt/train.png into the report folder and must not
+    # overwrite the demo's
+    write_train_report(ctx.report_dir / "demo-train", res)
     out = {"title": "Rankers (trained on the exploration phase's log)", **res.metrics,
-           "published": res.published, "figures": ["train.png"],
+           "published": res.published, "figures": ["demo-train/train.png"],
            "table_html": "<pre>" + res.text.replace("&", "&amp;").replace("<", "&lt;") + "</pre>"}
     if res.published is not None:
         out["wait_versions"] = {"ranker": res.published}

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy.engine import Engine
 
-from allocator import HomepageConfig, block_table, layout_items
+from allocator import HomepageConfig, layout_items
 from simulator import World
 
 from .. import registry
@@ -39,8 +39,7 @@ def candidate_pages(state: EngineState, dlog: DecisionLog, i: int) -> np.ndarray
     eng = DecisionEngine(st)
     pool = eng.pool(st, np.random.default_rng(seed_of(str(dlog.request_id[i]))))
     u = st.scorer.user_idx(str(dlog.user_id[i]))
-    scores, _ = eng.item_scores(st, u, pool)  # the demo serves without the loop: no live state
-    tbl = block_table(st.space, scores[None, :], st.item_category[pool], st.is_tail[pool], st.tail[pool])
+    tbl, _ = eng.pool_table(st, u, pool)  # the demo serves without the loop: no live state
     S, K = st.space.n_slots, st.space.items_per_module
     n = int(dlog.n_cand[i])
     out = np.full((n, S, K), -1, dtype=np.int64)

@@ -76,6 +76,12 @@ def write_demo_report(out: Path, cfg: HomepageConfig, world: World, phases: list
         "elapsed_s": elapsed_s,
     }
     summary["ok"] = bool(summary["engine_beats_uniform"])
+    summary["failures"] = [] if summary["ok"] else [
+        f"the engine's mean reward {final['mean_reward']:.4f} (± {1.96 * final['mean_reward_se']:.4f}) did not beat "
+        f"a uniform-random policy's {um:.4f} (± {1.96 * use:.4f}) in the final phase: with few requests the "
+        "rankers and the bandit have too little data (try the default --requests, --users and --items)"]
+    summary["notes"] = [f"constraint {t['constraint']}: realised {t['realised']:.4f} outside "
+                        f"[{t['min']}, {t['max']}] by more than 1 pp" for t in targets if t["holds_within_1pp"] is False]
     for j in jobs:
         if j.get("job") == "replay":
             summary["replay"] = {"rows": j["rows"], "dr_snips_within_5pct": j["dr_snips_within_5pct"]}

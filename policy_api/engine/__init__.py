@@ -16,6 +16,7 @@ from ._engine import (
     ScorerHandle,
     build_state,
     calibrated,
+    calibration_rates,
     category_calibration,
 )
 from ._features import layout_features, shared_features
@@ -25,6 +26,7 @@ from ._state import load_catalog, load_state, ranker_scorer, with_plan_calibrati
 __all__ = [
     "CALIBRATION_PRIOR",
     "calibrated",
+    "calibration_rates",
     "category_calibration",
     "SKIP_DEMOTION",
     "LiveSignals",

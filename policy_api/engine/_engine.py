@@ -13,28 +13,34 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any, Protocol
 
 import numpy as np
+import orjson
 
 from allocator import (
+    BlockTable,
     HomepageConfig,
     LayoutSpace,
     block_table,
     build_candidates,
+    exploit_pmf,
     layout_items,
     long_tail,
+    serving_pmf,
 )
-from bandits import VWLayoutBandit, budget_pmf, sample
+from bandits import VWLayoutBandit, sample
 from rankers import PopularityScorer, live_category_preferences, live_score_multiplier
 
 from ..log import Catalog
 from ._features import layout_features, shared_features
 from ._ids import seed_of
 
-__all__ = ["CALIBRATION_PRIOR", "SKIP_DEMOTION", "calibrated", "category_calibration", "Decision", "DecisionEngine", "EngineState", "LiveSignals", "Scorer", "ScorerHandle",
+__all__ = ["CALIBRATION_PRIOR", "SKIP_DEMOTION", "calibrated", "calibration_rates", "category_calibration", "group_calibration", "Decision", "DecisionEngine", "EngineState", "LiveSignals", "Scorer", "ScorerHandle",
            "build_state"]
 
 log = logging.getLogger("homepage.engine")
@@ -89,6 +95,47 @@ class ScorerHandle:
         prefs = self.scorer.category_preferences(user_idx)
         return None if prefs is None else np.asarray(prefs, dtype=np.float64)
 
+    def score_user(self, user_idx: int, item_idx: np.ndarray, live: LiveSignals | None = None
+                   ) -> tuple[np.ndarray, np.ndarray | None, bool]:
+        """Scores (n,) of one user's candidates and the user's category preferences, from one user pass.
+
+        A published ranker scores with the user's live sequences (recent plays and skips, newest
+        first, ahead of the training snapshot), on its numpy fast path; a user unknown to the model is
+        scored from the live events alone. Other scorers score as :meth:`score`. The flag says whether
+        live sequences reached the ranker.
+        """
+        user_side = getattr(self.scorer, "user_side", None)
+        if user_side is None:
+            return self.score(user_idx, item_idx), self.category_preferences(user_idx), False
+        sc: Any = self.scorer
+        remap = self.item_remap
+        used_live = False
+        seq = None
+        if live is not None and live.status == "hit" and (live.positives.size or live.negatives.size):
+            pos, neg = live.positives, live.negatives
+            types = live.positive_types
+            if remap is not None:
+                pos, neg = remap[pos], remap[neg]
+                keep = pos >= 0
+                pos, types, neg = pos[keep], types[keep], neg[neg >= 0]
+            used_live = bool(pos.size or neg.size)
+            if used_live:
+                seq = sc.sequences(user_idx, pos, types, neg, (live.n_positive, live.n_negative))
+        side = user_side(user_idx, seq)
+        fast = sc.fast()
+        if remap is None:
+            scores = np.asarray(fast.score(side, item_idx), dtype=np.float64)
+        else:
+            mapped = remap[item_idx]
+            known = mapped >= 0
+            if known.all():
+                scores = fast.score(side, mapped)
+            else:  # items newer than the model: the median of the user's known scores
+                scores = np.zeros(mapped.size)
+                scores[known] = fast.score(side, mapped[known])
+                scores[~known] = np.median(scores[known]) if known.any() else 0.0
+        return scores, fast.category_preferences(side), used_live
+
 
 @dataclass(frozen=True, slots=True)
 class LiveSignals:
@@ -100,8 +147,13 @@ class LiveSignals:
 
     status: str
     engagement: np.ndarray  # (C,) decayed engagement units by config category
-    negatives: np.ndarray  # catalog indices of items the user recently skipped
+    negatives: np.ndarray  # catalog indices of items the user recently skipped, newest first
     n_events: int = 0
+    #: catalog indices of the recent positive events, newest first, and their ``rankers.EVENT_TYPES`` codes
+    positives: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    positive_types: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    n_positive: int = 0  # positive and negative events ever applied to the state
+    n_negative: int = 0
 
     @classmethod
     def cold(cls, n_categories: int, status: str = "cold") -> LiveSignals:
@@ -117,7 +169,7 @@ CALIBRATION_PRIOR = 200.0
 
 
 def category_calibration(scores: np.ndarray, item_category: np.ndarray, rates: np.ndarray, top: int,
-                         prior: float = CALIBRATION_PRIOR) -> np.ndarray:
+                         prior: float = CALIBRATION_PRIOR, base: np.ndarray | None = None) -> np.ndarray:
     """Shape (C,): per-category multipliers that bring a scorer's predicted engagement of the items it
     would show in each category in line with the engagement observed there.
 
@@ -125,7 +177,9 @@ def category_calibration(scores: np.ndarray, item_category: np.ndarray, rates: n
     units and impressions of category ``c``, ``p_c`` the mean score of its ``top`` best-scored items,
     ``g = sum U / sum I p`` the observed-to-predicted ratio over all categories and ``k`` = ``prior``
     impressions. A category with no data keeps the common factor ``g`` (no change between categories);
-    one with many impressions gets its own ratio ``U_c / (I_c p_c)``.
+    one with many impressions gets its own ratio ``U_c / (I_c p_c)``. With ``base`` (C,), category
+    ``c`` is shrunk toward ``base[c]`` instead of ``g`` (and floored at ``base[c] / 100``): the head and
+    tail of one category are shrunk toward that category's own multiplier.
 
     Examples
     --------
@@ -146,9 +200,10 @@ def category_calibration(scores: np.ndarray, item_category: np.ndarray, rates: n
     if not have.any() or denom <= 0:
         return np.ones(C)
     g = max(float(units[have].sum()) / denom, 1e-12)
-    m = np.full(C, g)
-    m[have] = (units[have] + prior * g * p[have]) / ((imps[have] + prior) * p[have])
-    return np.maximum(m, g / 100.0)
+    toward = np.full(C, g) if base is None else np.maximum(np.asarray(base, dtype=np.float64), 1e-12)
+    m = toward.copy()
+    m[have] = (units[have] + prior * toward[have] * p[have]) / ((imps[have] + prior) * p[have])
+    return np.maximum(m, toward / 100.0)
 
 
 @dataclass(frozen=True)
@@ -169,23 +224,79 @@ class EngineState:
     fallback_modules: list[dict[str, Any]]
     new_categories: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # config indices
     population_prefs: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (C,) category shares of popularity
-    # (C,) score multipliers from the plan's category calibration (see :func:`calibrated`); None: none
-    category_multiplier: np.ndarray | None = None
+    # (n_items,) score multipliers from the plan's calibration, per category head and tail (see
+    # :func:`calibrated`); None: none
+    score_multiplier: np.ndarray | None = None
+    score_offset: np.ndarray | None = None  # (n_items,) added after the multiplier (net-negative groups)
+
+
+def calibration_rates(rates: Mapping[str, Any], names: tuple[str, ...]) -> np.ndarray:
+    """(C, 2, 2) ``[category, head | tail, units | impressions]`` from a plan's ``calibration``
+    (``{category: {"head": [u, i], "tail": [u, i]}}``; an older ``{category: [u, i]}`` applies to both)."""
+    out = np.zeros((len(names), 2, 2))
+    for k, c in enumerate(names):
+        r = rates.get(c)
+        if isinstance(r, Mapping):
+            out[k, 0], out[k, 1] = r.get("head", (0.0, 0.0)), r.get("tail", (0.0, 0.0))
+        elif r is not None:
+            out[k, 0] = out[k, 1] = r
+    return out
 
 
 def calibrated(state: EngineState, rates: np.ndarray | None) -> EngineState:
-    """``state`` calibrated by ``rates`` (C, 2): engagement units and impressions per category seen
-    recently. A popularity scorer ranks items within a category well but knows nothing of how much a
-    category is engaged with when shown; its multipliers are computed once here, from each category's
-    best-scored items (the ones every request's pool holds), not per request. A learned ranker is
-    calibrated by its training: it gets none.
+    """``state`` calibrated by ``rates`` (C, 2, 2): engagement units and examined impressions per
+    category, head and long tail apart, seen recently (:func:`calibration_rates`). A popularity scorer
+    ranks items within a category well but knows nothing of how much a category is engaged with when
+    shown, nor how much less its long tail is; the multipliers are computed once here, from the
+    best-scored items of each category's head and tail (the ones pages show first), not per request.
+    A learned ranker is calibrated by its training: it gets none.
     """
     if rates is None or state.scorer.name != "popularity":
-        return replace(state, category_multiplier=None)
+        return replace(state, score_multiplier=None, score_offset=None)
     items = np.flatnonzero(state.item_category >= 0)
+    cat = state.item_category[items]
+    group = cat * 2 + state.is_tail[items].astype(np.int64)
     scores = state.scorer.score(-1, items)
-    mult = category_calibration(scores, state.item_category[items], rates, state.config.items_per_module)
-    return replace(state, category_multiplier=mult)
+    r = np.asarray(rates, dtype=np.float64)
+    top = state.config.items_per_module
+    per_category = category_calibration(scores, cat, r.sum(axis=1), top)  # shrunk toward the common factor
+    mult, offset = group_calibration(scores, group, r.reshape(-1, 2), top, np.repeat(per_category, 2))
+    m, o = np.ones(state.item_category.size), np.zeros(state.item_category.size)
+    m[items], o[items] = mult[group], offset[group]
+    return replace(state, score_multiplier=m, score_offset=o)
+
+
+def group_calibration(scores: np.ndarray, group: np.ndarray, rates: np.ndarray, top: int, base: np.ndarray,
+                      prior: float = CALIBRATION_PRIOR) -> tuple[np.ndarray, np.ndarray]:
+    """Shapes (G,), (G,): an increasing affine map ``m_g * score + o_g`` per group that brings the
+    predicted engagement of its ``top`` best-scored items (mean score ``p_g``) to the observed rate,
+    shrunk toward the prior ``base_g * p_g``: ``r_g = (U_g + k base_g p_g) / (I_g + k)``.
+
+    A group engaged with positively is scaled (``m_g = r_g / p_g``, ``o_g = 0``). A group whose rate is
+    negative (skipped more than played: its engagement units are net negative) keeps a tiny slope
+    ``base_g / 100`` (its items stay ranked as the scorer ranks them) and an offset that puts its mean
+    at ``r_g < 0``, so showing it is valued as the loss it is, not as zero.
+
+    Examples
+    --------
+    >>> scores = np.array([2.0, 2.0, 1.0, 1.0]); g = np.array([0, 0, 1, 1])
+    >>> m, o = group_calibration(scores, g, np.array([[40.0, 100.0], [-10.0, 100.0]]), 2, np.ones(2), prior=1e-9)
+    >>> (m.round(3).tolist(), o.round(3).tolist())
+    ([0.2, 0.01], [0.0, -0.11])
+    """
+    G = rates.shape[0]
+    p = np.zeros(G)
+    for k in range(G):  # G is twice a handful of categories
+        s = np.sort(scores[group == k])[::-1][:top]
+        p[k] = float(s.mean()) if s.size else 0.0
+    units, imps = rates[:, 0].astype(np.float64), rates[:, 1].astype(np.float64)
+    b = np.maximum(np.asarray(base, dtype=np.float64), 1e-12)
+    rate = (units + prior * b * p) / (imps + prior)
+    have = p > 0
+    m = np.where(have & (rate > 0), rate / np.where(have, p, 1.0), b / 100.0)
+    m = np.where(have & (rate > 0), np.maximum(m, b / 100.0), m)
+    o = np.where(have & (rate <= 0), rate - m * p, 0.0)
+    return m, o
 
 
 @dataclass
@@ -203,6 +314,8 @@ class Decision:
     modules: list[dict[str, Any]]
     fallback_reason: str | None = None
     elapsed_s: float = 0.0
+    #: seconds spent in each stage of the decision (pool, scoring, block_table, candidates, pmf, draw, layout)
+    stages: dict[str, float] = field(default_factory=dict)
 
     @property
     def fallback(self) -> bool:
@@ -218,6 +331,10 @@ class Decision:
             "live_state": self.context.get("live", "none"),
             "modules": self.modules,
         }
+
+    def response_json(self) -> bytes:
+        """:meth:`response` as JSON bytes (orjson)."""
+        return orjson.dumps(self.response(), option=orjson.OPT_SERIALIZE_NUMPY)
 
     def row(self) -> dict[str, Any]:
         """The ``decisions`` table row."""
@@ -286,11 +403,21 @@ def build_state(config: HomepageConfig, catalog: Catalog, *, scorer: ScorerHandl
     )
 
 
+@cache
+def _one_blas_thread() -> None:
+    # a decision is a few dozen small matmuls; a BLAS thread pool (on a few shared cores, beside other
+    # workers) costs far more in wake-ups than it gives: one thread, set once per process
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+
+
 class DecisionEngine:
     """Decides layouts. Thread-safe: the state is read once per request and replaced atomically."""
 
     def __init__(self, state: EngineState) -> None:
         self._state = state
+        _one_blas_thread()
 
     @property
     def state(self) -> EngineState:
@@ -330,35 +457,67 @@ class DecisionEngine:
         """Scores of the pool's items for user row ``u`` and the user's category preferences, as the
         decision uses them: the scorer's, calibrated by the plan's category engagement (popularity
         scorer), then tilted by the live state."""
-        scores = st.scorer.score(u, pool)
+        scores, _, prefs = self._scores(st, u, pool, live)
+        return scores, prefs
+
+    def pool_table(self, st: EngineState, u: int, pool: np.ndarray, live: LiveSignals | None = None
+                   ) -> tuple[BlockTable, np.ndarray | None]:
+        """The block table of one request's pool (values from the calibrated scores, order within a
+        category and the tilt's reach from the scorer's own) and the user's category preferences."""
+        scores, rank, prefs = self._scores(st, u, pool, live)
+        tbl = block_table(st.space, scores[None, :], st.item_category[pool], st.is_tail[pool], st.tail[pool],
+                          rank_scores=rank[None, :])
+        return tbl, prefs
+
+    def _scores(self, st: EngineState, u: int, pool: np.ndarray, live: LiveSignals | None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        scores, prefs, ranker_live = st.scorer.score_user(u, pool, live)
         if scores.shape != pool.shape or not np.isfinite(scores).all():
             raise ValueError(f"scorer returned {scores.shape} scores with non-finite values for "
                              f"{pool.size} items")
-        prefs = st.scorer.category_preferences(u)
-        if st.category_multiplier is not None:
-            scores = scores * st.category_multiplier[np.maximum(st.item_category[pool], 0)]
+        offset = None
+        demote = None
+        if live is not None and live.status == "hit" and live.negatives.size:
+            demote = np.isin(pool, live.negatives)
+        rank = scores if demote is None else np.where(demote, scores * SKIP_DEMOTION, scores)
+        if st.score_multiplier is not None:
+            scores = scores * st.score_multiplier[pool]
+            if st.score_offset is not None:
+                offset = st.score_offset[pool]  # net-negative groups: added last (see group_calibration)
         if live is not None and live.status == "hit":
             # the live state: category preferences shrunk toward the population and the model's head;
-            # item scores tilted toward the user's categories now (fully for a user the model does not
-            # know, half for one it does) and away from what the user just skipped
+            # item scores tilted toward the user's categories now (fully for a user the ranker knows
+            # nothing of, half for one it knows or scored from the live sequences) and away from what
+            # the user just skipped
             pop = st.population_prefs
-            model = prefs if u >= 0 else None
+            informed = u >= 0 or ranker_live
+            model = prefs if informed else None
             prefs = live_category_preferences(live.engagement, pop, model)
             cat = st.item_category[pool]
-            mult = live_score_multiplier(prefs, pop, strength=0.5 if u >= 0 else 1.0)
-            scores = scores * np.where(cat >= 0, mult[np.maximum(cat, 0)], 1.0)
-            if live.negatives.size:
-                scores = np.where(np.isin(pool, live.negatives), scores * SKIP_DEMOTION, scores)
-        return scores, prefs
+            mult = live_score_multiplier(prefs, pop, strength=0.5 if informed else 1.0)
+            tilt = np.where(cat >= 0, mult[np.maximum(cat, 0)], 1.0)
+            scores = scores * tilt
+            if offset is not None:  # a net-negative category costs less where the user leans toward it now
+                offset = offset / tilt
+            if demote is not None:
+                scores = np.where(demote, scores * SKIP_DEMOTION, scores)
+        if offset is not None:
+            scores = scores + offset
+        return scores, rank, prefs
 
     def _decide(self, st: EngineState, user_id: str, request_id: str, context: dict[str, Any],
                 live: LiveSignals | None) -> Decision:
+        clock = time.perf_counter
+        t0 = clock()
         rng = np.random.default_rng(seed_of(request_id))
         u = st.scorer.user_idx(user_id)
         pool = self.pool(st, rng)
-        scores, prefs = self.item_scores(st, u, pool, live)
+        t1 = clock()
+        scores, rank, prefs = self._scores(st, u, pool, live)
+        t2 = clock()
         tbl = block_table(st.space, scores[None, :], st.item_category[pool], st.is_tail[pool],
-                          st.tail[pool])
+                          st.tail[pool], rank_scores=rank[None, :])
+        t3 = clock()
         lead = None
         if prefs is not None:
             lead = np.argsort(-prefs, kind="stable")[None, : min(prefs.size, 4)]
@@ -367,6 +526,7 @@ class DecisionEngine:
         if real.size == 0:
             raise ValueError("no feasible candidate layout (catalog too small for the modules?)")
         priced = cand.scores(st.prices)[0, real]
+        t4 = clock()
         greedy = int(np.argmax(priced))
         value = cand.value[0, real]
         ex = st.config.exploration
@@ -382,7 +542,10 @@ class DecisionEngine:
         else:
             base = np.full(real.size, 1.0 / real.size)
             policy = "epsilon_greedy"
-        pmf = budget_pmf(base, greedy, ex.budget, value=value, max_value_loss=ex.max_value_loss)
+        # the exploited layouts: a softmax of the priced values (near-ties mixed, so each constraint's
+        # share moves smoothly with its price), the bandit's pmf budgeted toward each of them
+        pmf = serving_pmf(base, exploit_pmf(priced, value, ex.temperature), ex.budget, value=value,
+                          max_value_loss=ex.max_value_loss)
         if ex.new_category_share > 0 and st.new_categories.size:
             # new categories get their own exploration share, on top of the budget: that much traffic
             # goes uniformly to the candidates showing a new category (the logged pmf includes it)
@@ -390,7 +553,9 @@ class DecisionEngine:
             if shows_new.any():
                 eta = ex.new_category_share
                 pmf = (1.0 - eta) * pmf + eta * shows_new / shows_new.sum()
+        t5 = clock()
         chosen = int(sample(pmf, seed_of(request_id + "/draw")))
+        t6 = clock()
         lc = int(real[chosen])
         shown = layout_items(st.space, tbl, 0, cand.categories[0, lc], cand.blocks[0, lc], int(cand.tilt[0, lc]))
         cfg = st.config
@@ -424,5 +589,8 @@ class DecisionEngine:
         ctx = dict(context)
         ctx.update({"known_user": u >= 0, "shared": shared.tolist(), "greedy": greedy,
                     "live": "none" if live is None else live.status})
+        t7 = clock()
         return Decision(request_id, user_id, time.time(), policy, dict(st.versions), ctx, candidates,
-                        pmf.tolist(), chosen, float(pmf[chosen]), modules)
+                        pmf.tolist(), chosen, float(pmf[chosen]), modules,
+                        stages={"pool": t1 - t0, "scoring": t2 - t1, "block_table": t3 - t2, "candidates": t4 - t3,
+                                "pmf": t5 - t4, "draw": t6 - t5, "layout": t7 - t6})

@@ -19,7 +19,7 @@ from .. import registry
 from ..errors import InvalidInput, NotReady
 from ..log import Catalog, load_items
 from ..registry import ConfigRecord, ModelRecord, PlanRecord
-from ._engine import EngineState, ScorerHandle, build_state, calibrated
+from ._engine import EngineState, ScorerHandle, build_state, calibrated, calibration_rates
 
 __all__ = ["load_catalog", "load_state", "ranker_scorer", "with_plan_calibration"]
 
@@ -40,6 +40,7 @@ def ranker_scorer(model: ModelRecord, catalog: Catalog) -> ScorerHandle:
         raise InvalidInput(f"ranker version {model.version} has no artifact", field="artifact")
     art = registry.unpack_ranker(model.artifact)
     scorer = rankers.RankerScorer.load(art.scorer)  # torch loads here, on the first published ranker
+    scorer.fast()  # the serving fast path's per-version precompute, now rather than on a request
     lookup = {iid: i for i, iid in enumerate(art.item_ids)}
     remap = np.array([lookup.get(i, -1) for i in catalog.item_ids.tolist()], dtype=np.int64)
     users = {uid: i for i, uid in enumerate(art.user_ids)}
@@ -80,5 +81,4 @@ def with_plan_calibration(state: EngineState, plan: PlanRecord | None) -> Engine
     got = None if plan is None else (plan.solver or {}).get("calibration")
     if not got:
         return calibrated(state, None)
-    return calibrated(state, np.array([got.get(c, [0.0, 0.0]) for c in state.config.category_names],
-                                      dtype=np.float64))
+    return calibrated(state, calibration_rates(got, state.config.category_names))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -21,16 +22,24 @@ from allocator import (
     InfeasiblePlan,
     PacerConfig,
     Plan,
+    PlanShard,
+    ShardedPlan,
     block_table,
     build_candidates,
+    exploit_pmf,
+    long_tail,
+    plan_dual_sharded,
+    softmax_prices,
+    softmax_response,
     solve_plan,
 )
 
 from .. import registry
-from ..engine import DecisionEngine, EngineState, calibrated, load_state
+from ..engine import DecisionEngine, EngineState, calibrated, calibration_rates, load_catalog, load_state
 from ..errors import InvalidInput, from_infeasible
-from ..log import category_engagement, decision_log, load_items, read_decisions, read_feedback, upsert_items
+from ..log import decision_log, item_engagement, load_items, read_decisions, read_feedback, upsert_items
 from ..registry import ConfigRecord
+from ..scale import RayShards, cluster_cpus
 
 __all__ = [
     "ApplyResult",
@@ -74,17 +83,23 @@ class PlanResult:
 
 
 # ---- building the planning problem -------------------------------------------------------------
+#: users a plan made before any traffic is solved over (unknown to every scorer: a prior over pools)
+COLD_START_USERS = 200
+
+
 def sample_users(db: Engine, *, since: datetime | None = None, n: int = 2000, seed: int = 0
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Users of recent traffic and their traffic weights.
 
     Draws ``n`` logged decisions uniformly (so users come in proportion to their traffic) and weighs
-    each drawn decision 1/n; repeated users merge. With no traffic yet: one cold-start user.
+    each drawn decision 1/n; repeated users merge. With no traffic yet: ``min(n, COLD_START_USERS)``
+    cold-start users of equal weight (each gets a candidate pool of its own, as each request does).
     """
     cols = read_decisions(db, since=since, columns=["user_id"])
     users = np.asarray(cols["user_id"], dtype=object)
     if users.size == 0:
-        return np.array(["<cold-start>"], dtype=object), np.ones(1)
+        m = min(n, COLD_START_USERS)
+        return np.array([f"<cold-start-{k}>" for k in range(m)], dtype=object), np.full(m, 1.0 / m)
     rng = np.random.default_rng(seed)
     drawn = users[rng.integers(0, users.size, size=min(n, users.size))]
     uniq, counts = np.unique(drawn.astype(str), return_counts=True)
@@ -107,19 +122,22 @@ def user_candidates(state: EngineState, user_ids: np.ndarray, seed: int = 0) -> 
     sc = state.scorer
     u_idx = np.array([sc.user_idx(str(u)) for u in user_ids.tolist()], dtype=np.int64)
     scores = sc.score_pairs(np.repeat(u_idx, P), pools.ravel()).reshape(U, P)
+    rank = scores  # order within a category and the tilt's reach: the scorer's own (see block_table)
     cat = state.item_category[pools]
-    if state.category_multiplier is not None:  # as serving calibrates it
-        scores = scores * state.category_multiplier[np.maximum(cat, 0)]
+    if state.score_multiplier is not None:  # as serving calibrates it
+        scores = scores * state.score_multiplier[pools]
+        if state.score_offset is not None:
+            scores = scores + state.score_offset[pools]
     prefs = [sc.category_preferences(int(u)) for u in u_idx.tolist()]
     lead = None
     rows = [p for p in prefs if p is not None]  # a scorer gives them for every user or for none
     if rows:
         lead = np.argsort(-np.stack(rows), axis=1, kind="stable")[:, : min(rows[0].size, 4)]
-    tbl = block_table(state.space, scores, cat, state.is_tail[pools], state.tail[pools])
+    tbl = block_table(state.space, scores, cat, state.is_tail[pools], state.tail[pools], rank_scores=rank)
     return build_candidates(state.space, tbl, state.prices, lead_categories=lead)
 
 
-def _result(config: HomepageConfig, version: int | None, p: Plan, users: int, candidates: int,
+def _result(config: HomepageConfig, version: int | None, p: Plan | ShardedPlan, users: int, candidates: int,
             extra: dict[str, Any] | None = None) -> PlanResult:
     names = config.constraint_names
     solver = {"method": p.method, "status": p.status, "gap": float(p.gap), "violation": float(p.violation),
@@ -131,15 +149,50 @@ def _result(config: HomepageConfig, version: int | None, p: Plan, users: int, ca
 
 
 def _solve(state: EngineState, config: HomepageConfig, version: int | None, users: np.ndarray,
-           weight: np.ndarray, *, method: str = "auto", seed: int = 0, what: str = "the config") -> PlanResult:
+           weight: np.ndarray, *, method: str = "auto", seed: int = 0, what: str = "the config",
+           engine: str = "local", workers: int | None = None) -> PlanResult:
     cand = user_candidates(state, users, seed=seed)
     lo, hi = config.bounds()
     try:
-        p = solve_plan(cand.value, cand.exposure, weight, lo, hi, cand.mask, names=config.constraint_names,
-                       method=method)
+        p = _solve_on(engine, cand, weight, lo, hi, config.constraint_names, method, workers)
     except InfeasiblePlan as e:
         raise from_infeasible(e, what) from None
-    return _result(config, version, p, int(users.size), int(cand.mask.sum()))
+    t = config.exploration.temperature
+    if t == 0 or not config.constraints:
+        return _result(config, version, p, int(users.size), int(cand.mask.sum()))
+    # serving exploits a softmax of the priced values: publish the prices at which that rule meets the
+    # bounds on these users (the entropy-regularised dual, started from the LP's); the LP's stay on record
+    soft = softmax_prices(cand.value, cand.exposure, lo, hi, t, weight=weight, mask=cand.mask, start=p.prices)
+    shares, _ = softmax_response(cand.value, cand.exposure, soft, t, weight=weight, mask=cand.mask)
+    q = exploit_pmf(cand.value + cand.exposure @ soft, cand.value, t, cand.mask)
+    value = float(np.asarray(weight) / np.sum(weight) @ (q * np.where(cand.mask, cand.value, 0.0)).sum(1))
+    names = config.constraint_names
+    lp = {"lp_prices": dict(zip(names, map(float, p.prices), strict=True)), "lp_value": float(p.objective),
+          "temperature": t}
+    p = replace(p, prices=soft, shares=shares, objective=value)
+    return _result(config, version, p, int(users.size), int(cand.mask.sum()), extra=lp)
+
+
+#: where a plan is solved: ``local`` (this process) or ``ray`` (user shards in Ray actors)
+PLAN_ENGINES = ("local", "ray")
+
+
+def _solve_on(engine: str, cand: Candidates, weight: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+              names: tuple[str, ...], method: str, workers: int | None) -> Plan | ShardedPlan:
+    if engine not in PLAN_ENGINES:
+        raise InvalidInput(f"engine must be one of {', '.join(PLAN_ENGINES)}; got {engine!r}", field="engine")
+    if engine == "local":
+        return solve_plan(cand.value, cand.exposure, weight, lo, hi, cand.mask, names=names, method=method)
+    if method == "lp":
+        raise InvalidInput("method 'lp' runs on one machine; engine 'ray' solves with the dual (method auto "
+                           "or dual)", field="method")
+    n = int(weight.size)
+    n_shards = max(1, min(n, workers if workers is not None else cluster_cpus()))
+    edges = [round(i * n / n_shards) for i in range(n_shards + 1)]
+    builders = [partial(PlanShard, cand.value[a:b], cand.exposure[a:b], weight[a:b], cand.mask[a:b])
+                for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    with RayShards(builders, n_workers=workers) as shards:
+        return plan_dual_sharded(shards, lo, hi, names=names)
 
 
 # ---- plan ----------------------------------------------------------------------------------------
@@ -149,21 +202,44 @@ CALIBRATION_WINDOW = timedelta(hours=6)
 MIN_CALIBRATION_IMPRESSIONS = 200
 
 
-def calibration(db: Engine, config: HomepageConfig) -> dict[str, list[float]] | None:
-    """Recent engagement units and impressions per config category (what serving calibrates a
-    popularity scorer with), or None while there are fewer than ``MIN_CALIBRATION_IMPRESSIONS``."""
-    got = category_engagement(db, config.events, since=datetime.now(tz=UTC) - CALIBRATION_WINDOW)
-    rates = {c: [float(got.get(c, (0.0, 0))[0]), float(got.get(c, (0.0, 0))[1])] for c in config.category_names}
-    if sum(r[1] for r in rates.values()) < MIN_CALIBRATION_IMPRESSIONS:
+def calibration(db: Engine, config: HomepageConfig) -> dict[str, dict[str, list[float]]] | None:
+    """Recent engagement units and examined impressions (each weighted by its slot's position weight
+    relative to the mean) per config category, for its head and its long tail apart:
+    ``{category: {"head": [units, impressions], "tail": [...]}}``, what serving calibrates a
+    popularity scorer with (a popularity scorer's tail items are engaged with less than their scores
+    say, so one multiplier per category would make a tail-heavy page look cheap); None while there are
+    fewer than ``MIN_CALIBRATION_IMPRESSIONS``."""
+    ids, units, imps = item_engagement(db, config.events, since=datetime.now(tz=UTC) - CALIBRATION_WINDOW,
+                                       position_weights=config.position_weights)
+    if float(imps.sum()) < MIN_CALIBRATION_IMPRESSIONS:
         return None
-    return rates
+    catalog = load_catalog(db)
+    names = config.category_names
+    item_cat = catalog.category_index(names)
+    served = item_cat >= 0
+    is_tail, _ = long_tail(catalog.popularity, np.where(served, item_cat, len(names)), config.tilt.head_share)
+    index = catalog.index_of()
+    row = np.array([index.get(str(i), -1) for i in ids.tolist()], dtype=np.int64)  # items with feedback
+    known = row >= 0
+    cat = np.where(known, item_cat[np.maximum(row, 0)], -1)
+    ok = cat >= 0
+    group = cat[ok] * 2 + is_tail[row[ok]].astype(np.int64)
+    C = len(names)
+    u = np.bincount(group, weights=units[ok], minlength=2 * C)
+    i = np.bincount(group, weights=imps[ok], minlength=2 * C)
+    if float(i.sum()) < MIN_CALIBRATION_IMPRESSIONS:
+        return None
+    return {c: {"head": [float(u[2 * k]), float(i[2 * k])], "tail": [float(u[2 * k + 1]), float(i[2 * k + 1])]}
+            for k, c in enumerate(names)}
 
 
 def plan(db: Engine, *, users: int = 2000, since: datetime | None = None, method: str = "auto", seed: int = 0,
-         publish: bool = True) -> PlanResult:
+         publish: bool = True, engine: str = "local", workers: int | None = None) -> PlanResult:
     """Plan the active config on ``users`` users sampled from traffic since ``since``; publish its prices.
 
     Raises :class:`~policy_api.errors.Infeasible` (nothing published) when the constraints cannot hold.
+    ``engine="ray"`` solves the same plan with the users in ``workers`` Ray actors (the sharded dual,
+    :func:`allocator.plan_dual_sharded`; the ``ray`` extra).
     The plan carries the category calibration measured on recent feedback (:func:`calibration`):
     serving uses it with the plan's prices, and the plan is solved on the same calibrated values.
     """
@@ -172,9 +248,9 @@ def plan(db: Engine, *, users: int = 2000, since: datetime | None = None, method
     rates = calibration(db, cfg.config)
     state = load_state(db, cfg)
     if rates is not None:
-        state = calibrated(state, np.array([rates[c] for c in cfg.config.category_names]))
+        state = calibrated(state, calibration_rates(rates, cfg.config.category_names))
     res = _solve(state, cfg.config, cfg.version, sampled, weight, method=method, seed=seed,
-                 what=f"config version {cfg.version}")
+                 what=f"config version {cfg.version}", engine=engine, workers=workers)
     if rates is not None:
         res = replace(res, solver={**res.solver, "calibration": rates})
     if not publish:

@@ -21,10 +21,10 @@ from bandits import VWLayoutBandit, budget_pmf, cross_fit_rewards, estimate_all,
 
 from .. import registry
 from ..errors import InvalidInput, NotFound, from_config_error
-from ..log import DecisionLog, decision_log, read_parquet
+from ..log import DecisionLog, decision_log, export_parquet, read_parquet
 from ._learn import load_log, log_features
 
-__all__ = ["TARGETS", "ReplayResult", "config_candidates", "export_dsjson", "log_from_parquet", "parse_target",
+__all__ = ["MIN_ESS_SHARE", "MAX_WEIGHT", "TARGETS", "ReplayResult", "config_candidates", "export_parquet_with_rewards", "overlap_warnings", "export_dsjson", "log_from_parquet", "parse_target",
            "replay", "target_distribution"]
 
 
@@ -162,6 +162,41 @@ def _config_target(path: Path, dlog: DecisionLog, cfg: HomepageConfig, info: dic
     return _budgeted(uniform, greedy, dlog, value, new), f"config {path.name} (planned, epsilon-greedy)", info
 
 
+#: below this share of the logged decisions as effective sample size, estimates are flagged
+MIN_ESS_SHARE = 0.01
+#: above this importance weight on any decision, estimates are flagged
+MAX_WEIGHT = 100.0
+
+
+def overlap_warnings(weights: np.ndarray, *, min_ess_share: float = MIN_ESS_SHARE,
+                     max_weight: float = MAX_WEIGHT) -> tuple[str, ...]:
+    """Sentences saying why the overlap between the target and the logging policy is too thin to trust
+    an importance-weighted estimate; empty when it is not.
+
+    ESS = (sum w)^2 / sum w^2 over the importance weights ``w = pi_target / pi_logged`` of the served
+    actions, shape (n_rounds,); the estimate rests on about ESS decisions, and a single weight of W
+    makes one decision count as much as W average ones.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    n = w.size
+    sq = float((w * w).sum())
+    ess = float(w.sum()) ** 2 / sq if sq > 0 else 0.0
+    top = float(w.max(initial=0.0))
+    out = []
+    if ess < min_ess_share * n:
+        out.append(f"effective sample size {ess:.0f} of {n} logged decisions ({ess / max(n, 1):.2%}, below "
+                   f"{min_ess_share:.0%}): the target rarely chose what the logging policy served, so "
+                   "IPS-type estimates rest on a handful of decisions")
+    if top > max_weight:
+        out.append(f"max importance weight {top:.0f} (above {max_weight:.0f}): one decision counts as much as "
+                   f"{top:.0f} average ones")
+    if out:
+        out.append("do not trust these estimates: collect more exploration (a larger exploration budget) or "
+                   "evaluate a target closer to the logged policy; DM does not need overlap but is only as good "
+                   "as its reward model")
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class ReplayResult:
     target: str
@@ -172,6 +207,10 @@ class ReplayResult:
     shares: list[dict[str, Any]]
     weights: np.ndarray
     info: dict[str, Any]
+    #: sentences on thin overlap (low ESS, huge weights); empty when the estimates can be trusted
+    warnings: tuple[str, ...] = ()
+    #: whose bounds ``shares`` compares with: "logged config" or the what-if config's file name
+    targets_of: str = "logged config"
 
 
 def replay(dlog: DecisionLog, reward: np.ndarray, target: str, cfg: HomepageConfig, db: Engine | None = None,
@@ -189,13 +228,19 @@ def replay(dlog: DecisionLog, reward: np.ndarray, target: str, cfg: HomepageConf
     for r in rows:  # relative change, signed as the value's change even when rewards are negative
         r["relative_to_logged"] = (r["value"] - logged) / abs(logged) if logged else None
     w = dist[np.arange(len(dlog)), dlog.action] / dlog.pscore
+    # a what-if config is measured against its own constraints and bounds, on the same candidates
+    targets_of, shown, exposure = "logged config", cfg, dlog.exposure
+    if parse_target(target)[0] == "config":
+        shown = load_config(Path(target))
+        _, exposure = config_candidates(dlog, shown, dlog.modules, logged_categories=cfg.category_names)
+        targets_of = f"what-if config {Path(target).name}"
+    proj = np.einsum("nl,nlk->k", dist, exposure) / len(dlog)
+    logged_sh = exposure[np.arange(len(dlog)), dlog.action].mean(0)
     shares = []
-    proj = np.einsum("nl,nlk->k", dist, dlog.exposure) / len(dlog)
-    logged_sh = dlog.chosen_exposure.mean(0)
-    for k, c in enumerate(cfg.constraints):
+    for k, c in enumerate(shown.constraints):
         shares.append({"constraint": c.name, "min": c.min, "max": c.max, "logged": float(logged_sh[k]),
                        "target": float(proj[k])})
-    return ReplayResult(target, label, rows, logged, len(dlog), shares, w, info)
+    return ReplayResult(target, label, rows, logged, len(dlog), shares, w, info, overlap_warnings(w), targets_of)
 
 
 def log_from_parquet(path: Path, cfg: HomepageConfig) -> tuple[DecisionLog, dict[str, np.ndarray]]:
@@ -223,6 +268,26 @@ def log_from_parquet(path: Path, cfg: HomepageConfig) -> tuple[DecisionLog, dict
           "type": np.array([r[2] for r in fb_rows], dtype=object),
           "ts": np.array([r[3] for r in fb_rows], dtype=object)}
     return dlog, fb
+
+
+def export_parquet_with_rewards(db: Engine, out: Path, since: datetime | None = None,
+                                until: datetime | None = None) -> tuple[int, int | None]:
+    """The Parquet export plus ``reward`` (each decision's reward under the active config: its event
+    weights, category values and reward window) and ``exposure`` (the served layout's exposure named
+    by the active config's constraints), for the decisions made under the active config; the others
+    get nulls. Returns (decisions written, the config version the rewards are computed under, or None
+    when no config is active and the file has neither column)."""
+    rec = registry.active_config(db)
+    if rec is None:
+        return export_parquet(db, out, since, until), None
+    cfg = rec.config
+    dlog, rw = load_log(db, cfg, since, until, config_version=rec.version, with_modules=False)
+    meta = {"homepage.reward_config_version": str(rec.version),
+            "homepage.reward_window_s": repr(float(cfg.learning.reward_window_s)),
+            "homepage.default_reward": repr(float(cfg.learning.default_reward))}
+    n = export_parquet(db, out, since, until, rewards=(dlog.request_id, rw.reward),
+                       exposure_names=cfg.constraint_names, metadata=meta)
+    return n, rec.version
 
 
 def export_dsjson(db: Engine, out: Path, since: datetime | None = None, until: datetime | None = None) -> int:

@@ -13,7 +13,7 @@ from allocator import HomepageConfig, refit_values
 from ..log import load_items, read_feedback
 from ._configio import config_to_toml
 
-__all__ = ["Refit", "refit_valuation", "with_values"]
+__all__ = ["Refit", "refit_valuation", "winsorise", "with_values"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,12 +25,42 @@ class Refit:
     raw: float | None
     shrunk: float
     weight: float
+    #: revenue events of this category whose value was winsorised (outside the ``winsor`` quantiles)
+    clipped: int = 0
+
+
+def winsorise(category: np.ndarray, revenue: np.ndarray, winsor: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each category's nonzero revenues clipped to their ``[1 - winsor, winsor]`` quantiles (widened
+    to include 0, so that ordinary positive revenue is only clipped from above, refunds from below).
+
+    The quantiles are observed values (``method="lower"`` / ``"higher"``), so among ``n <= 1 / (1 -
+    winsor)`` revenue events the single largest is clipped to its neighbour: one absurd value
+    (``1e308``) cannot move a category's value. Returns the clipped revenue and a mask of the events
+    that were clipped.
+
+    >>> r, m = winsorise(np.zeros(5, dtype=np.int64), np.array([1.0, 2.0, 3.0, 2.0, 1e308]), 0.99)
+    >>> r.tolist(), int(m.sum())
+    ([1.0, 2.0, 3.0, 2.0, 3.0], 1)
+    """
+    if not 0.5 <= winsor <= 1.0:
+        raise ValueError(f"winsor must be in [0.5, 1]; got {winsor!r}")
+    out = np.asarray(revenue, dtype=np.float64).copy()
+    has = (out != 0) & (category >= 0)
+    for c in np.unique(category[has]).tolist():  # one pass per category, vectorised within it
+        m = has & (category == c)
+        v = out[m]
+        lo = min(float(np.quantile(v, 1.0 - winsor, method="higher")), 0.0)
+        hi = max(float(np.quantile(v, winsor, method="lower")), 0.0)
+        out[m] = np.clip(v, lo, hi)
+    return out, out != np.asarray(revenue, dtype=np.float64)
 
 
 def refit_valuation(db: Engine, config: HomepageConfig, prior_units: float = 500.0,
-                    since: datetime | None = None) -> list[Refit]:
+                    since: datetime | None = None, winsor: float = 0.99) -> list[Refit]:
     """Per configured category: the evidence in the feedback log and the value refit from it
-    (:func:`allocator.refit_values`; impressions carry no units, events without revenue add 0)."""
+    (:func:`allocator.refit_values`; impressions carry no units, events without revenue add 0).
+    Revenue is winsorised per category first (:func:`winsorise` at ``winsor``): a few absurd values
+    in the log move the refit by no more than the largest ordinary ones would."""
     fb = read_feedback(db, since=since, columns=["item_id", "type", "value"])
     items = load_items(db)
     ids = np.asarray(items["item_ids"], dtype=str)
@@ -47,10 +77,14 @@ def refit_valuation(db: Engine, config: HomepageConfig, prior_units: float = 500
     uniq, inv = np.unique(types, return_inverse=True)
     unit_of = np.array([float(config.events.get(t, 0.0)) if t != "impression" else 0.0 for t in uniq.tolist()])
     units = unit_of[inv] if types.size else np.zeros(0)
-    revenue = np.nan_to_num(np.asarray(fb["value"], dtype=np.float64), nan=0.0)  # NULL value = no revenue
+    # NULL value = no revenue; an infinity (never accepted by the API) is at least bounded
+    revenue = np.nan_to_num(np.asarray(fb["value"], dtype=np.float64), nan=0.0, posinf=1e300, neginf=-1e300)
+    revenue, clipped = winsorise(cat, revenue, winsor)
     r = refit_values(cat, units, revenue, config.category_values(), prior_units)
+    n_clipped = np.bincount(cat[clipped & (cat >= 0)], minlength=len(config.categories))
     return [Refit(c.name, c.value_per_engagement, float(r.units[k]), float(r.revenue[k]),
-                  None if np.isnan(r.raw[k]) else float(r.raw[k]), float(r.value[k]), float(r.weight[k]))
+                  None if np.isnan(r.raw[k]) else float(r.raw[k]), float(r.value[k]), float(r.weight[k]),
+                  int(n_clipped[k]))
             for k, c in enumerate(config.categories)]
 
 

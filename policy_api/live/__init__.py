@@ -19,6 +19,7 @@ from ._state import (
     UserState,
     apply_events,
     category_vector,
+    live_sequences,
 )
 from ._store import UserStateStore
 
@@ -33,5 +34,6 @@ __all__ = [
     "UserStateStore",
     "apply_events",
     "category_vector",
+    "live_sequences",
     "make_state_store",
 ]

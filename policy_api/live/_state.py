@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from rankers import EVENT_TYPES
+
 from ..errors import InvalidInput
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "encode_state",
     "item_increments",
     "item_stats_at",
+    "live_sequences",
     "merge_item",
 ]
 
@@ -44,6 +47,7 @@ POSITIVE_TYPES: tuple[str, ...] = ("play", "full_play", "favorite", "share")
 #: event types that count against it (``n_negative``)
 NEGATIVE_TYPES: tuple[str, ...] = ("skip",)
 _TYPES = frozenset(POSITIVE_TYPES + NEGATIVE_TYPES)
+_CODE = {t: k for k, t in enumerate(EVENT_TYPES)}  # the ranker's behaviour-type codes
 _FORMAT = 1  # version of the stored JSON; decode refuses others
 
 
@@ -236,6 +240,31 @@ def category_vector(state: UserState | None, category_names: Sequence[str], now:
     for j, c in enumerate(category_names):
         out[j] = state.category_engagement.get(c, 0.0) * factor
     return out
+
+
+def live_sequences(state: UserState, index: Mapping[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The state's recent behaviour as the ranker reads it, newest first.
+
+    Returns
+    -------
+    positives, positive_types, negatives
+        Catalog rows (``index``: item id -> row) of the recent positive events, their
+        ``rankers.EVENT_TYPES`` codes, and the rows of the recently skipped items; items not in
+        ``index`` are left out. int64 arrays.
+    """
+    pos: list[int] = []
+    codes: list[int] = []
+    neg: list[int] = []
+    for item, t in zip(state.items, state.types, strict=True):  # at most max_events entries
+        row = index.get(item)
+        if row is None:
+            continue
+        if t in NEGATIVE_TYPES:
+            neg.append(row)
+        else:
+            pos.append(row)
+            codes.append(_CODE[t])
+    return np.array(pos, dtype=np.int64), np.array(codes, dtype=np.int64), np.array(neg, dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------------------- item trends

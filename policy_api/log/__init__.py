@@ -10,6 +10,7 @@ from ._arrays import DecisionLog, Rewards, decision_log, join_rewards, pad_candi
 from ._bulk import read_decision_log
 from ._catalog import Catalog, CatalogError, read_catalog_csv
 from ._export import EXPORT_COLUMNS, export_parquet, read_parquet
+from ._journal import Journal, JournalUnavailable
 from ._rows import (
     DECISION_COLUMNS,
     FEEDBACK_COLUMNS,
@@ -18,6 +19,7 @@ from ._rows import (
     feedback_first_seen,
     insert_decisions,
     insert_feedback,
+    item_engagement,
     iter_decisions,
     load_items,
     read_decisions,
@@ -65,12 +67,15 @@ __all__ = [
     "Catalog",
     "CatalogError",
     "DecisionLog",
+    "Journal",
+    "JournalUnavailable",
     "LogWriter",
     "Rewards",
     "UTCDateTime",
     "alembic_config",
     "begin",
     "category_engagement",
+    "item_engagement",
     "configs",
     "decision_log",
     "decisions",

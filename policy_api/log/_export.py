@@ -29,12 +29,21 @@ feedback           list<struct<event_id: string, slot: int32,   every feedback e
                    item_id: string, type: string, value:        request_id, in arrival order (late
                    double, ts: timestamp[us, tz=UTC]>>          events included; the reward window is
                                                                 the reader's choice)
+reward             double (null = not computed)                 only with ``rewards``: the decision's
+                                                                reward under a config (its event
+                                                                weights, values and reward window) [#]_
+exposure           struct<{constraint name}: double>            only with ``exposure_names``: the
+                                                                served layout's exposure, by name
+                                                                (null when its vector has another
+                                                                length)
 =================  ===========================================  ========================================
 
 .. [#] int64 when the logged module ids are integers, string when they are names; fixed for a file
    by its first decision with candidates.
 .. [#] Optional candidate fields (the engine logs them): null for a decision none of whose
    candidates carries the field.
+.. [#] ``homepage log export`` computes it under the active config for the decisions made under it
+   and records ``homepage.reward_config_version`` and ``homepage.reward_window_s`` in the metadata.
 
 ``context``, ``versions`` and ``layout`` hold the stored JSON text as is (compact on SQLite,
 ``jsonb``'s text form on PostgreSQL); :func:`read_parquet` parses them. Other candidate fields stay
@@ -48,6 +57,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
 from pathlib import Path
@@ -62,7 +72,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from ._rows import iter_decisions, read_feedback
 
-__all__ = ["EXPORT_COLUMNS", "export_parquet", "read_parquet"]
+__all__ = ["EXPORT_COLUMNS", "OPTIONAL_EXPORT_COLUMNS", "export_parquet", "read_parquet"]
 
 _TS = pa.timestamp("us", tz="UTC")
 _F64 = pa.float64()
@@ -109,6 +119,16 @@ def _schema(module_type: pa.DataType) -> pa.Schema:
 
 
 EXPORT_COLUMNS: tuple[str, ...] = tuple(_schema(pa.int64()).names)
+#: columns written only when asked for (see :func:`export_parquet`)
+OPTIONAL_EXPORT_COLUMNS: tuple[str, ...] = ("reward", "exposure")
+
+
+def _with_optional(schema: pa.Schema, rewards: bool, exposure_names: Sequence[str] | None) -> pa.Schema:
+    if rewards:
+        schema = schema.append(pa.field("reward", _F64))
+    if exposure_names is not None:
+        schema = schema.append(pa.field("exposure", pa.struct([(n, _F64) for n in exposure_names])))
+    return schema
 
 
 def _module_type(candidates_text: list[str]) -> pa.DataType | None:
@@ -177,7 +197,8 @@ def _feedback_lists(request_ids: np.ndarray, fb: dict[str, Any]) -> pa.ListArray
     return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), struct)
 
 
-def _batch(conn: Connection, cols: dict[str, Any], schema: pa.Schema) -> pa.RecordBatch:
+def _batch(conn: Connection, cols: dict[str, Any], schema: pa.Schema,
+           rewards: tuple[np.ndarray, np.ndarray] | None = None) -> pa.RecordBatch:
     module_type = schema.field("cand_modules").type.value_type.value_type
     parsed = _parse_candidates(cols["candidates"], cols["pmf"], module_type)
     candidates = parsed.column("c").combine_chunks()
@@ -219,6 +240,32 @@ def _batch(conn: Connection, cols: dict[str, Any], schema: pa.Schema) -> pa.Reco
         **{c: pa.array(cols[c], type=pa.string()) for c in _JSON_COLUMNS},  # stored JSON text as is
         "feedback": _feedback_lists(cols["request_id"], fb),
     }
+    rid = np.asarray(cols["request_id"], dtype=str)
+    hit = np.ones(rid.size, dtype=bool)
+    if rewards is not None:  # (sorted request ids, their rewards): NaN/null for a decision not among them
+        keys, values = rewards
+        pos = np.minimum(np.searchsorted(keys, rid), max(keys.size - 1, 0))
+        hit = (keys[pos] == rid) if keys.size else np.zeros(rid.size, dtype=bool)
+        r = np.where(hit, values[pos] if keys.size else 0.0, np.nan)
+        arrays["reward"] = pa.array(r, type=_F64, mask=~hit | np.isnan(r))
+    if "exposure" in schema.names:
+        names = schema.field("exposure").type
+        K = names.num_fields
+        chosen = np.asarray(cols["chosen"], dtype=np.int64)
+        starts = np.asarray(offsets)[:-1]
+        ex = flat.field("exposure")
+        n_cand = np.diff(np.asarray(offsets))
+        # with rewards, only the decisions they cover (those made under the rewards' config) are named
+        ok = (chosen >= 0) & (chosen < n_cand) & hit
+        full = np.zeros((rid.size, K))
+        if len(ex) and ok.any():
+            picked = ex.take(pa.array(np.where(ok, starts + chosen, 0)))
+            lengths = pc.fill_null(pc.list_value_length(picked), 0).to_numpy(zero_copy_only=False)
+            ok &= lengths == K
+            values = pc.list_flatten(picked.filter(pa.array(ok))).to_numpy(zero_copy_only=False)
+            full[ok] = values.reshape(-1, K)
+        arrays["exposure"] = pa.StructArray.from_arrays([pa.array(full[:, k], type=_F64) for k in range(K)],
+                                                        fields=list(names), mask=pa.array(~ok))
     return pa.RecordBatch.from_arrays([arrays[name] for name in schema.names], schema=schema)
 
 
@@ -229,8 +276,15 @@ def export_parquet(
     until: datetime | None = None,
     *,
     chunk_size: int = 5000,
+    rewards: tuple[Sequence[str] | np.ndarray, Sequence[float] | np.ndarray] | None = None,
+    exposure_names: Sequence[str] | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> int:
     """Write decisions with ``since <= ts < until`` and their feedback to a Parquet file.
+
+    ``rewards`` (request ids, rewards) adds a ``reward`` column (null for a decision not listed);
+    ``exposure_names`` adds ``exposure``, the served layout's exposure vector named by constraint;
+    ``metadata`` is added to the file's schema metadata (say there how the rewards were computed).
 
     One row group per ``chunk_size`` decisions, so memory stays bounded on a large log. The file is
     written beside ``path`` and renamed into place, so a reader never sees half a file.
@@ -242,7 +296,13 @@ def export_parquet(
     meta = {
         "homepage.since": "" if since is None else since.isoformat(),
         "homepage.until": "" if until is None else until.isoformat(),
+        **(metadata or {}),
     }
+    reward_lookup: tuple[np.ndarray, np.ndarray] | None = None
+    if rewards is not None:
+        keys = np.asarray(rewards[0], dtype=str)
+        order = np.argsort(keys, kind="stable")
+        reward_lookup = (keys[order], np.asarray(rewards[1], dtype=np.float64)[order])
     columns = [
         "request_id", "ts", "user_id", "policy", "candidates", "pmf", "chosen", "propensity",
         "fallback_reason", "context", "versions", "layout",
@@ -260,18 +320,20 @@ def export_parquet(
                     if module_type is None:  # no candidate modules seen yet: decide later
                         pending.append(cols)
                         continue
-                    schema = _schema(module_type).with_metadata(meta)
+                    schema = _with_optional(_schema(module_type), rewards is not None,
+                                            exposure_names).with_metadata(meta)
                     writer = pq.ParquetWriter(tmp, schema, compression="zstd")
                 assert writer is not None
                 for chunk in [*pending, cols]:
-                    writer.write_batch(_batch(conn, chunk, schema))
+                    writer.write_batch(_batch(conn, chunk, schema, reward_lookup))
                     total += len(chunk["request_id"])
                 pending = []
             if schema is None:
-                schema = _schema(pa.int64()).with_metadata(meta)
+                schema = _with_optional(_schema(pa.int64()), rewards is not None,
+                                        exposure_names).with_metadata(meta)
                 writer = pq.ParquetWriter(tmp, schema, compression="zstd")
                 for chunk in pending:
-                    writer.write_batch(_batch(conn, chunk, schema))
+                    writer.write_batch(_batch(conn, chunk, schema, reward_lookup))
                     total += len(chunk["request_id"])
             assert writer is not None
             writer.close()
@@ -297,9 +359,11 @@ def read_parquet(path: str | os.PathLike[str], columns: list[str] | None = None)
         lists; ``feedback`` -> per decision a list of dicts (``ts`` timezone-aware).
     """
     if columns is not None:
-        bad = [c for c in columns if c not in EXPORT_COLUMNS]
+        present = tuple(pq.read_schema(path).names)
+        allowed = EXPORT_COLUMNS + tuple(c for c in OPTIONAL_EXPORT_COLUMNS if c in present)
+        bad = [c for c in columns if c not in allowed]
         if bad:
-            raise ValueError(f"columns must be among {EXPORT_COLUMNS}; got {bad!r}")
+            raise ValueError(f"columns must be among {allowed}; got {bad!r}")
     table = pq.read_table(path, columns=columns)
     out: dict[str, Any] = {}
     for name in table.column_names:

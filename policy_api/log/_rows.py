@@ -28,6 +28,7 @@ __all__ = [
     "DECISION_COLUMNS",
     "FEEDBACK_COLUMNS",
     "category_engagement",
+    "item_engagement",
     "existing_event_ids",
     "feedback_first_seen",
     "insert_decisions",
@@ -395,23 +396,61 @@ def load_items(bind: Bind) -> dict[str, Any]:
     }
 
 
-def category_engagement(bind: Bind, events: Mapping[str, float], since: datetime | None = None
-                        ) -> dict[str, tuple[float, int]]:
+def item_engagement(bind: Bind, events: Mapping[str, float], since: datetime | None = None,
+                    position_weights: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per item with feedback since ``since``: item ids, engagement units and examined impressions
+    (weighted by slot as in :func:`category_engagement`). One aggregate query (by item, type, slot)."""
+    where = [] if since is None else [feedback.c.ts >= since]
+    q = (sa.select(feedback.c.item_id, feedback.c.type, feedback.c.slot, sa.func.count())
+         .where(*where).group_by(feedback.c.item_id, feedback.c.type, feedback.c.slot))
+    with reading(bind) as conn:
+        rows = conn.execute(q).all()
+    if not rows:
+        return np.zeros(0, dtype=object), np.zeros(0), np.zeros(0)
+    ids = np.array([str(r[0]) for r in rows], dtype=object)
+    kind = np.array([str(r[1]) for r in rows], dtype=object)
+    slot = np.array([-1 if r[2] is None else int(r[2]) for r in rows], dtype=np.int64)
+    n = np.array([int(r[3]) for r in rows], dtype=np.float64)
+    imp = kind == "impression"
+    weight = np.ones(slot.size)
+    if position_weights is not None:
+        w = np.asarray(position_weights, dtype=np.float64)
+        w = w / w.mean()
+        ok = (slot >= 0) & (slot < w.size)
+        weight[ok] = w[slot[ok]]
+    unit = np.array([float(events.get(k, 0.0)) for k in kind.tolist()])
+    uniq, inv = np.unique(ids.astype(str), return_inverse=True)
+    units = np.bincount(inv, weights=np.where(imp, 0.0, unit * n), minlength=uniq.size)
+    imps = np.bincount(inv, weights=np.where(imp, weight * n, 0.0), minlength=uniq.size)
+    return uniq.astype(object), units, imps
+
+
+def category_engagement(bind: Bind, events: Mapping[str, float], since: datetime | None = None,
+                        position_weights: Sequence[float] | None = None) -> dict[str, tuple[float, float]]:
     """Per catalog category, over feedback with ``ts >= since``: engagement units (each event type
-    weighted by ``events``; impressions weigh 0) and the number of impression events.
+    weighted by ``events``; impressions weigh 0) and the impressions.
+
+    With ``position_weights`` (one per slot) an impression counts as its slot's weight relative to the
+    mean weight, i.e. impressions are counted as *examined* impressions: a category shown only in low
+    slots is not judged less engaging for being seen less (without this its low rate would keep it in
+    low slots). An impression without a slot, or with one out of range, counts 1.
 
     One aggregate query (feedback joined to the catalog by item id).
     """
     where = [] if since is None else [feedback.c.ts >= since]
-    q = (sa.select(items.c.category, feedback.c.type, sa.func.count())
+    q = (sa.select(items.c.category, feedback.c.type, feedback.c.slot, sa.func.count())
          .select_from(feedback.join(items, items.c.item_id == feedback.c.item_id))
-         .where(*where).group_by(items.c.category, feedback.c.type))
-    out: dict[str, tuple[float, int]] = {}
+         .where(*where).group_by(items.c.category, feedback.c.type, feedback.c.slot))
+    w = None if position_weights is None else np.asarray(position_weights, dtype=np.float64)
+    if w is not None:
+        w = w / w.mean()
+    out: dict[str, tuple[float, float]] = {}
     with reading(bind) as conn:
-        for cat, kind, n in conn.execute(q):
-            units, imps = out.get(str(cat), (0.0, 0))
+        for cat, kind, slot, n in conn.execute(q):
+            units, imps = out.get(str(cat), (0.0, 0.0))
             if kind == "impression":
-                imps += int(n)
+                weight = 1.0 if w is None or slot is None or not 0 <= int(slot) < w.size else float(w[int(slot)])
+                imps += weight * int(n)
             else:
                 units += float(events.get(str(kind), 0.0)) * int(n)
             out[str(cat)] = (units, imps)

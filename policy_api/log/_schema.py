@@ -328,7 +328,8 @@ def make_engine(
     connect_timeout_s, statement_timeout_s
         PostgreSQL only. Default: env ``HOMEPAGE_DB_CONNECT_TIMEOUT`` /
         ``HOMEPAGE_DB_STATEMENT_TIMEOUT`` (seconds), else 2 s / 5 s. The statement timeout is enforced
-        by the server (``statement_timeout``); TCP keepalives detect a peer that stopped answering.
+        by the server (``statement_timeout``); TCP keepalives and ``tcp_user_timeout`` (statement
+        timeout + 2 s) detect a peer that stopped answering.
     busy_timeout_s
         SQLite only: how long a writer waits for the database lock.
     **engine_kwargs
@@ -388,6 +389,10 @@ def make_engine(
             "keepalives_idle": 5,
             "keepalives_interval": 2,
             "keepalives_count": 3,
+            # data unacknowledged this long breaks the connection (a peer that vanished without a
+            # reset); a server that is frozen but whose kernel still acknowledges is not caught by
+            # any socket setting: callers on the request path bound their wait themselves
+            "tcp_user_timeout": round((statement_s + 2.0) * 1000),
         },
     )
     kwargs.update(engine_kwargs)

@@ -8,9 +8,10 @@ beside its request workers and ``homepage worker`` runs one on its own. Each tic
   engagement, item trends); serving workers read it at decision time;
 * **plan** — before the first request and whenever the active config changes (or every
   ``replan_every_s`` once there is traffic), :func:`policy_api.jobs.plan` publishes prices;
-* **pace** — every ``pace_every_s``, the realised exposure of the decisions served since the last
-  step moves the prices through :class:`allocator.PIPacer` (gain per unit of the plan's measured
-  sensitivity, so the shares approach their targets without overshooting);
+* **pace** — every ``pace_every_s``, the decisions served since the last step go to
+  :class:`allocator.ResolvePacer`, which re-solves the prices on the candidate sets actually served
+  (the last ``pace_window``) for aims inside each bound, corrected by an integral of the realised
+  shares' misses (so the shares hold their bounds without overshooting);
 * **learn** — every ``learn_every_s``, decisions older than ``settle_s`` are joined to the feedback
   that arrived for them and the bandit learns from them (:func:`policy_api.jobs.learn`);
 * **train** — when ``train_min_events`` new behaviour events have arrived (and ``train_every_s``
@@ -24,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
@@ -33,10 +34,10 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from allocator import PIPacer, PIPacerConfig
+from allocator import ResolvePacer, ResolvePacerConfig
 
 from .. import jobs, registry
-from ..engine import load_state
+from ..engine import calibration_rates
 from ..errors import HomepageError
 from ..live import LiveEvent, UserStateStore, make_state_store
 from ..log import decisions, feedback, load_items, read_decision_log
@@ -77,9 +78,9 @@ class StepRecord:
 @dataclass
 class _Pacing:
     config_version: int
-    pacer: PIPacer
-    response: np.ndarray
+    pacer: ResolvePacer
     since: datetime
+    plan_version: int
 
 
 @dataclass
@@ -284,41 +285,33 @@ class BackgroundLoop:
         return "ok", f"{len(events)} events, {len(self._pending)} waiting for their decision"
 
     def _calibrate(self) -> tuple[str, str]:
-        """Plan again as soon as there is feedback enough to calibrate the categories (a plan made before
-        any traffic carries no calibration; later plans carry one measured by the plan job)."""
+        """Plan again as soon as there is feedback enough to calibrate the categories, and again each
+        time the examined impressions behind the calibration have doubled (a plan made before any
+        traffic carries no calibration; later plans carry the one measured by the plan job)."""
         assert self._config is not None
         plan = registry.latest_plan(self.db, self._config.version)
-        if plan is None or (plan.solver or {}).get("calibration"):
+        if plan is None:
             return "idle", ""
         rates = jobs.calibration(self.db, self._config.config)
         if rates is None:
             return "idle", ""
+        names = self._config.config.category_names
+        have = (plan.solver or {}).get("calibration") or {}
+        seen = float(calibration_rates(have, names)[:, :, 1].sum())
+        now = float(calibration_rates(rates, names)[:, :, 1].sum())
+        if have and now < 2.0 * seen:
+            return "idle", ""
         self._next["plan"] = 0.0
-        return "ok", "feedback enough to calibrate the categories: planning again"
+        return "ok", f"{now:.0f} examined impressions (the plan's calibration had {seen:.0f}): planning again"
 
     # ---- plan and pace ---------------------------------------------------------------------------
     def _plan(self) -> tuple[str, str]:
         assert self._config is not None
         loop = self._config.config.loop
+        # a new plan brings a new calibration: the pacer starts again from its prices (see _pace), as the
+        # served candidates it kept were valued under the old one
         res = jobs.plan(self.db, users=loop.plan_users, since=datetime.now(tz=UTC) - timedelta(hours=24))
-        self._pacing = None  # the pacer restarts from the new plan's prices
         return "ok", f"plan version {res.plan_version} over {res.users} users; prices {res.prices}"
-
-    def _response(self, cfg: ConfigRecord, prices: np.ndarray) -> np.ndarray:
-        """d share_k / d price_k at ``prices``, measured on the planning candidates (central differences)."""
-        users, weight = jobs.sample_users(self.db, n=min(cfg.config.loop.plan_users, 500), seed=1)
-        cand = jobs.user_candidates(replace(load_state(self.db, cfg), prices=prices), users)
-        v, a, mask = cand.value, cand.exposure, cand.mask
-        h = 0.25 * (float(np.median(np.abs(v[mask]))) if mask.any() else 1.0) or 0.25
-
-        def shares(p: np.ndarray) -> np.ndarray:
-            best = np.argmax(np.where(mask, v + a @ p, -np.inf), axis=1)
-            return np.asarray(weight @ a[np.arange(best.size), best])
-
-        out = np.array([(shares(prices + h * e) - shares(prices - h * e))[k] / (2 * h)
-                        for k, e in enumerate(np.eye(prices.size))])  # K is a handful of constraints
-        # a flat stretch would mean an enormous gain: never assume less than a share of 1 per 100 price units
-        return np.maximum(out, 0.01)
 
     def _pace(self) -> tuple[str, str]:
         assert self._config is not None
@@ -331,29 +324,37 @@ class BackgroundLoop:
             return "idle", ""
         loop = config.loop
         now = datetime.now(tz=UTC)
+        base = (plan.solver or {}).get("pacer", {}).get("base_plan", plan.version)
         if self._pacing is None or self._pacing.config_version != cfg.version:
             lo, hi = config.bounds()
-            pacer = PIPacer(PIPacerConfig(lower=tuple(lo), upper=tuple(hi), max_price=loop.max_price,
-                                          gain=loop.pace_gain, half_life=loop.pace_half_life,
-                                          margin=loop.pace_margin, names=config.constraint_names),
-                            prices=np.clip(start, -loop.max_price, loop.max_price))
-            self._pacing = _Pacing(cfg.version, pacer, self._response(cfg, start), now - timedelta(seconds=1))
+            ex = config.exploration
+            pacer = ResolvePacer(ResolvePacerConfig(
+                lower=tuple(lo), upper=tuple(hi), temperature=ex.temperature if ex.temperature > 0 else 0.02,
+                window=loop.pace_window, half_life=loop.pace_half_life, gain=loop.pace_gain,
+                margin=loop.pace_margin, max_price=loop.max_price, names=config.constraint_names),
+                prices=np.clip(start, -loop.max_price, loop.max_price))
+            self._pacing = _Pacing(cfg.version, pacer, now - timedelta(seconds=1), base)
             return "ok", "pacer started from the plan's prices"
         p = self._pacing
+        if base != p.plan_version:  # planned again (a new calibration, `homepage plan`): start from its prices
+            p.pacer.rebase(np.clip(start, -loop.max_price, loop.max_price))
+            p.plan_version = base
         until = now - timedelta(seconds=_SETTLE_LAG_S)
         dlog = read_decision_log(self.db, config, p.since, until, cfg.version)
         if len(dlog) == 0:
             return "idle", ""
         p.since = until
         n = len(dlog)
-        # keep kappa * g * n <= 1/2 whatever the traffic: a burst must not over-step (see allocator.PIPacer)
-        response = p.response * max(1.0, 2.0 * loop.pace_gain * n)
-        new = p.pacer.update(dlog.chosen_exposure, response=response)
+        # candidate sets served before the workers took up the current plan were valued under an older
+        # calibration: they count as realised exposure, not as the model the prices are re-solved on
+        plan_of = np.array([int((v or {}).get("plan") or 0) for v in dlog.versions], dtype=np.int64)
+        fresh = plan_of >= p.plan_version
+        new = p.pacer.update(dlog.value[fresh], dlog.exposure[fresh], dlog.mask[fresh], dlog.chosen_exposure)
         names = config.constraint_names
-        solver = {"method": "pi-pacer", "n_decisions": n, "base_plan": plan.version,
+        solver = {"method": "resolve-pacer", "n_decisions": n, "base_plan": base,
                   "realised": dict(zip(names, map(float, p.pacer.shares_), strict=True)),
                   "overshoot": dict(zip(names, map(float, p.pacer.overshoot_), strict=True)),
-                  "response": dict(zip(names, map(float, p.response), strict=True))}
+                  "correction": dict(zip(names, map(float, p.pacer.correction_), strict=True))}
         if np.allclose(new, start, rtol=0, atol=1e-9):
             return "ok", f"{n} decisions; prices unchanged"
         v = registry.publish_plan(self.db, cfg.version, dict(zip(names, map(float, new), strict=True)),

@@ -6,6 +6,7 @@ Serving, jobs and the CLI read and publish only through these functions.
 """
 
 from ._artifacts import RankerArtifact, pack_ranker, unpack_ranker
+from ._diff import Change, flatten, mapping_diff, text_diff
 from ._records import ConfigRecord, ModelRecord, PlanRecord, Versions
 from ._store import (
     activate_config,
@@ -26,6 +27,7 @@ from ._store import (
 )
 
 __all__ = [
+    "Change",
     "ConfigRecord",
     "ModelRecord",
     "PlanRecord",
@@ -36,8 +38,10 @@ __all__ = [
     "active_config",
     "config_history",
     "config_version",
+    "flatten",
     "latest_plan",
     "latest_versions",
+    "mapping_diff",
     "model",
     "model_history",
     "pack_ranker",
@@ -47,5 +51,6 @@ __all__ = [
     "publish_model",
     "publish_plan",
     "require_active_config",
+    "text_diff",
     "unpack_ranker",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -35,13 +36,13 @@ def write_replay_report(out: Path, res: ReplayResult, truth: float | None = None
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
     x = np.arange(len(res.shares))
     axes[0].bar(x - 0.2, [s["logged"] for s in res.shares], 0.4, label="logged")
-    axes[0].bar(x + 0.2, [s["target"] for s in res.shares], 0.4, label="target (projected)")
+    axes[0].bar(x + 0.2, [s["target"] for s in res.shares], 0.4, label="target policy (projected)")
     for i, s in enumerate(res.shares):
         for b in (s["min"], s["max"]):
             if b is not None:
                 axes[0].hlines(b, i - 0.4, i + 0.4, colors="k", linestyles="--")
     axes[0].set_xticks(x, [s["constraint"] for s in res.shares])
-    axes[0].set_title("exposure shares (dashed: targets)")
+    axes[0].set_title(f"exposure shares (dashed: bounds of the {res.targets_of})")
     axes[0].set_ylabel("share of exposure")
     axes[0].legend(fontsize=8)
     axes[1].hist(res.weights[res.weights > 0], bins=50, color="#58a")
@@ -54,11 +55,16 @@ def write_replay_report(out: Path, res: ReplayResult, truth: float | None = None
     plt.close(fig)
     keep = ("estimator", "value", "ci_low", "ci_high", "boot_low", "boot_high", "relative_to_logged", "ess",
             "max_weight")
-    table = [{k: r.get(k) for k in keep} for r in res.rows]
-    sections = [("Estimates", f"<p>{res.n} logged decisions; logged mean reward {res.logged_mean:.4g}."
+    shown = [k for k in keep if any(r.get(k) is not None for r in res.rows)]  # no empty bootstrap columns
+    table = [{k: r.get(k) for k in shown} for r in res.rows]
+    warn = res.warnings
+    sections = [("Overlap too thin: do not trust these estimates",
+                 "<ul>" + "".join(f"<li class=bad>{html.escape(w)}</li>" for w in warn) + "</ul>")] if warn else []
+    sections += [("Estimates", f"<p>{res.n} logged decisions; logged mean reward {res.logged_mean:.4g}."
                  + (f" True value (simulator): {truth:.4g}." if truth is not None else "") + "</p>"
                  + table_html(table) + '<img src="estimates.png">'),
-                ("Projected exposure and overlap", table_html(res.shares) + '<img src="shares_weights.png">')]
+                (f"Projected exposure against the {res.targets_of}'s bounds, and overlap",
+                 table_html(res.shares) + '<img src="shares_weights.png">')]
     if res.info:
         sections.append(("Target details", "<pre>" + json.dumps(res.info, indent=1, default=str) + "</pre>"))
     (out / "index.html").write_text(html_page(f"Replay: {res.label}", sections))

@@ -8,13 +8,14 @@ imported, so it is imported, and the metrics created, on first use — never at 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 from ..engine import Decision
 
-__all__ = ["observe_feedback", "observe_layout", "render"]
+__all__ = ["observe_feedback", "observe_layout", "register_gauges", "render"]
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 
@@ -39,9 +40,16 @@ def _metrics() -> _Metrics:
     )
 
 
+@cache
+def _layout_counter(policy: str, fallback: bool) -> Any:
+    # the labelled child once per (policy, fallback): ``labels()`` costs more than the increment
+    return _metrics().layouts.labels(policy=policy, fallback=str(fallback).lower())
+
+
 def observe_layout(decision: Decision, seconds: float) -> None:
+    """A few microseconds per request (``bench/serving.py`` measures it, multiprocess files included)."""
     m = _metrics()
-    m.layouts.labels(policy=decision.policy, fallback=str(decision.fallback).lower()).inc()
+    _layout_counter(decision.policy, decision.fallback).inc()
     m.latency.observe(seconds)
     m.decide.observe(decision.elapsed_s)
 
@@ -52,6 +60,39 @@ def observe_feedback(accepted: int, duplicates: int) -> None:
         m.feedback.labels(status="accepted").inc(accepted)
     if duplicates:
         m.feedback.labels(status="duplicate").inc(duplicates)
+
+
+# (name, help, labels, value) rows computed at scrape time from state the worker already holds
+GaugeRows = list[tuple[str, str, dict[str, str], float]]
+_gauge_providers: list[Callable[[], GaugeRows]] = []
+
+
+def register_gauges(provider: Callable[[], GaugeRows]) -> None:
+    """Add business gauges (exposure shares, prices, versions) to every exposition; the provider
+    replaces any earlier one (one app per worker)."""
+    _gauge_providers[:] = [provider]
+
+
+def _gauge_text() -> bytes:
+    rows: GaugeRows = []
+    for provide in _gauge_providers:
+        try:
+            rows += provide()
+        except Exception:  # a scrape never fails because a business gauge could not be computed
+            continue
+    lines: list[str] = []
+    typed: set[str] = set()
+    for name, help_text, labels, value in rows:
+        if name not in typed:
+            typed.add(name)
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        lab = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+        lines.append(f"{name}{{{lab}}} {value!r}" if lab else f"{name} {value!r}")
+    return ("\n".join(lines) + "\n").encode() if lines else b""
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 def render(writer_stats: dict[str, Any] | None) -> tuple[bytes, str]:
@@ -70,7 +111,8 @@ def render(writer_stats: dict[str, Any] | None) -> tuple[bytes, str]:
     if writer_stats:
         pid = os.getpid()
         lines = []
-        for key in ("submitted", "written", "spilled", "replayed", "queue_depth"):
+        for key in ("submitted", "written", "spilled", "replayed", "queue_depth", "journaled", "unjournaled",
+                    "refused", "dropped", "dropped_propensity"):
             if isinstance(writer_stats.get(key), int | float):
                 lines.append(f"# TYPE homepage_log_{key} gauge")
                 lines.append(f'homepage_log_{key}{{worker="{pid}"}} {writer_stats[key]}')
@@ -79,4 +121,5 @@ def render(writer_stats: dict[str, Any] | None) -> tuple[bytes, str]:
             lines.append("# TYPE homepage_log_healthy gauge")
             lines.append(f'homepage_log_healthy{{worker="{pid}"}} {1 if healthy else 0}')
         data += ("\n".join(lines) + "\n").encode()
+    data += _gauge_text()
     return data, CONTENT_TYPE_LATEST

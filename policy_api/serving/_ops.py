@@ -1,25 +1,49 @@
-"""Operator endpoints: the active config (read; replace with the operator token, after a dry run),
-realised exposure against the targets, and a small ops page."""
+"""Operator endpoints: the active config (read; replace or roll back with the operator token, after a
+dry run), realised exposure against the targets, and the ops console.
+
+``/ops`` and ``/exposure`` are served from :class:`OpsAggregate` (incremental per-minute sums kept by
+a background thread): no request reads the decision log, whatever its size. Their window is bounded
+by ``HOMEPAGE_OPS_MAX_WINDOW_S`` (default 6 h). With ``HOMEPAGE_OPS_TOKEN`` set they need that token
+(or the operator token), as a bearer token or as the password of HTTP basic authentication.
+"""
 
 from __future__ import annotations
 
 import hmac
 import html
+import os
+import threading
+import time
 from typing import Any
 
+import numpy as np
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from .. import registry
 from ..engine import EngineState
-from ..errors import Forbidden, InvalidInput, NotReady, Unauthorized
-from ..jobs import apply_config, exposure_report
+from ..errors import Forbidden, InvalidInput, NotFound, NotReady, Unauthorized
+from ..jobs import apply_config
 from ..reports import html_page, table_html
+from . import _metrics as metrics
+from ._charts import line_chart
+from ._console import OpsAggregate
 from ._runtime import Runtime
 
-__all__ = ["ops_bp", "OPS_PATHS"]
+__all__ = ["ops_bp", "OPS_PATHS", "ops_aggregate"]
 
 ops_bp = Blueprint("ops", __name__)
 
 _err = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+
+
+def _spec_max_window() -> float:
+    try:
+        return float(os.environ.get("HOMEPAGE_OPS_MAX_WINDOW_S", "21600"))
+    except ValueError:
+        return 21600.0
+
+
+_MAXW = _spec_max_window()
 OPS_PATHS: dict[str, Any] = {
     "/config": {
         "get": {"summary": "The active operator config and its version",
@@ -37,9 +61,30 @@ OPS_PATHS: dict[str, Any] = {
     "/exposure": {"get": {
         "summary": "Realised exposure shares against the targets over a window",
         "parameters": [{"name": "window_s", "in": "query",
-                        "schema": {"type": "number", "default": 3600, "exclusiveMinimum": 0, "maximum": 7776000}}],
-        "responses": {"200": {"description": "shares"}, "400": {"description": "bad window", "content": _err}}}},
-    "/ops": {"get": {"summary": "Operator page (HTML)", "responses": {"200": {"description": "page"}}}},
+                        "schema": {"type": "number", "default": 3600, "exclusiveMinimum": 0, "maximum": _MAXW}}],
+        "responses": {"200": {"description": "shares"}, "400": {"description": "bad window", "content": _err},
+                      "401": {"description": "HOMEPAGE_OPS_TOKEN is set and no valid token was given",
+                              "content": _err}}}},
+    "/ops": {"get": {"summary": "Operator console (HTML)",
+                     "parameters": [{"name": "window_s", "in": "query",
+                                     "schema": {"type": "number", "default": 3600, "exclusiveMinimum": 0,
+                                                "maximum": _MAXW}}],
+                                  "responses": {"200": {"description": "page"},
+                                   "401": {"description": "HOMEPAGE_OPS_TOKEN is set and no valid token "
+                                                          "was given", "content": _err}}}},
+    "/versions": {"get": {"summary": "Config, plan and model versions, newest first",
+                                            "responses": {"200": {"description": "histories"}}}},
+    "/config/rollback": {"post": {
+        "summary": "Make an earlier config version active again (bearer token); it is dry-run first",
+        "security": [{"operatorToken": []}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["version"],
+            "properties": {"version": {"type": "integer", "minimum": 1}}}}}},
+        "responses": {"200": {"description": "rolled back: the new config and plan versions"},
+                      "400": {"description": "bad version", "content": _err},
+                      "401": {"description": "missing or wrong token", "content": _err},
+                      "404": {"description": "no such version", "content": _err},
+                      "409": {"description": "infeasible: not applied", "content": _err}}}},
 }
 
 
@@ -93,54 +138,299 @@ def put_config() -> tuple[Response, int]:
                     "prices": res.plan.prices, "warnings": list(res.warnings)}), 200
 
 
-def _window() -> float:
-    raw = request.args.get("window_s", "3600")
+@ops_bp.post("/config/rollback")
+def rollback_config() -> tuple[Response, int]:
+    rt = _rt()
+    _check_token(rt)
+    body = request.get_json(silent=True)
+    version = body.get("version") if isinstance(body, dict) else None
+    if isinstance(version, float) and version.is_integer():  # JSON Schema's integer admits 3.0
+        version = int(version)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise InvalidInput(f'body must be {{"version": <config version, an integer >= 1>}}; got {version!r}',
+                           field="version")
+    if version >= 2**63:  # beyond any stored version (and the database's integers)
+        raise NotFound(f"config version must exist in the registry; got {version!r}", field="version")
+    assert rt.db is not None
+    old = registry.config_version(rt.db, version)
+    res = apply_config(rt.db, old.body, author=request.headers.get("X-Operator", "api")[:100],
+                       note=request.headers.get("X-Change-Note", f"rollback to version {version}")[:1000])
+    rt.reload(force=True)
+    return jsonify({"version": res.version, "plan_version": res.plan_version, "rolled_back_to": version,
+                    "previous_version": res.previous_version, "projection": res.plan.projected,
+                    "prices": res.plan.prices}), 200
+
+
+# ------------------------------------------------------------------------------ read access, window
+_AGG_LOCK = threading.Lock()
+
+
+def ops_aggregate(rt: Runtime) -> OpsAggregate:
+    """The worker's :class:`OpsAggregate`, started on first use (after the fork, in the worker)."""
+    ext = current_app.extensions
+    agg: OpsAggregate | None = ext.get("homepage_ops")
+    if agg is None:
+        with _AGG_LOCK:
+            agg = ext.get("homepage_ops")
+            if agg is None:
+                assert rt.db is not None
+                agg = ext["homepage_ops"] = OpsAggregate(rt.db, max_window_s=max_window_s()).start()
+    return agg
+
+
+def max_window_s() -> float:
+    raw = os.environ.get("HOMEPAGE_OPS_MAX_WINDOW_S", "21600")
     try:
-        window = float(raw)
-        if not 0 < window <= 90 * 86400:
+        value = float(raw)
+        if not 60 <= value <= 7 * 86400:
             raise ValueError
     except ValueError:
-        raise InvalidInput(f"window_s must be a number of seconds in (0, 7776000]; got {raw!r}",
-                           field="window_s") from None
+        raise InvalidInput(f"HOMEPAGE_OPS_MAX_WINDOW_S must be seconds in [60, 604800]; got {raw!r}",
+                           field="HOMEPAGE_OPS_MAX_WINDOW_S") from None
+    return value
+
+
+def _check_read(rt: Runtime) -> None:
+    """With ``HOMEPAGE_OPS_TOKEN`` set, operator reads need it (or the operator token)."""
+    token = os.environ.get("HOMEPAGE_OPS_TOKEN")
+    if not token:
+        return
+    auth = request.headers.get("Authorization", "")
+    scheme, _, given = auth.strip().partition(" ")
+    if scheme.lower() == "basic" and request.authorization is not None:
+        given = request.authorization.password or ""
+    elif scheme.lower() != "bearer":
+        given = ""
+    given = given.strip()
+    accepted = [t for t in (token, rt.settings.operator_token) if t]
+    if not given or not any(hmac.compare_digest(given.encode(), t.encode()) for t in accepted):
+        raise Unauthorized("operator pages need HOMEPAGE_OPS_TOKEN (Authorization: Bearer <token>, or basic "
+                           "authentication with the token as password); "
+                           + ("got none" if not given else "got a wrong one"), field="Authorization")
+
+
+@ops_bp.after_request
+def _basic_challenge(resp: Response) -> Response:
+    # a browser prompts for basic credentials; API clients keep using the bearer scheme
+    if resp.status_code == 401 and request.path in ("/ops", "/exposure", "/versions"):
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="homepage-ops", Basic realm="homepage-ops"'
+    return resp
+
+
+def _window() -> float:
+    raw = request.args.get("window_s", "3600")
+    top = max_window_s()
+    try:
+        window = float(raw)
+        if not 0 < window <= top:
+            raise ValueError
+    except ValueError:
+        raise InvalidInput(f"window_s must be a number of seconds in (0, {top:g}]; got {raw!r} (for longer "
+                           "windows export the log: homepage log export)", field="window_s") from None
     return window
+
+
+def _constraint_rows(st: EngineState, shares: np.ndarray) -> list[dict[str, Any]]:
+    rows = []
+    for k, c in enumerate(st.config.constraints):
+        s = float(shares[k]) if k < shares.size else float("nan")
+        ok = None if np.isnan(s) else bool((c.min is None or s >= c.min) and (c.max is None or s <= c.max))
+        rows.append({"name": c.name, "kind": c.kind, "min": c.min, "max": c.max,
+                     "realised": None if np.isnan(s) else s, "holds": ok})
+    return rows
+
+
+def _exposure_body(rt: Runtime, st: EngineState, window: float) -> dict[str, Any]:
+    agg = ops_aggregate(rt)
+    version = st.versions.get("config")
+    ser = agg.series(version, window, n_constraints=len(st.config.constraints))
+    return {"window_s": window, "decisions": int(ser.served.sum()), "config_version": version,
+            "constraints": _constraint_rows(st, ser.shares()),
+            "aggregate": {"worker": os.getpid(), "as_of": agg.caught_up_at, "rows_read": agg.rows_read,
+                          "ticks": agg.ticks,
+                          "bucket_s": agg.bucket_s, "max_window_s": agg.max_window_s, "error": agg.error}}
 
 
 @ops_bp.get("/exposure")
 def exposure() -> tuple[Response, int]:
     rt = _rt()
+    _check_read(rt)
     window = _window()
     st = _ready(rt)
-    assert rt.db is not None
-    return jsonify(exposure_report(rt.db, st.config, st.versions.get("config"), window)), 200
+    return jsonify(_exposure_body(rt, st, window)), 200
+
+
+@ops_bp.get("/versions")
+def versions() -> tuple[Response, int]:
+    rt = _rt()
+    _check_read(rt)
+    st = _ready(rt)
+    return jsonify({"in_force": st.versions, **ops_aggregate(rt).history}), 200
+
+
+# ------------------------------------------------------------------------------------- the console
+_WINDOWS = (("15 min", 900), ("1 h", 3600), ("6 h", 21600), ("24 h", 86400), ("7 d", 604800))
 
 
 def _loop_html(status: dict[str, Any] | None) -> str:
     if not status:
-        return ("<p>No loop has run on this database: start <code>homepage serve</code> without "
+        return ("<p class=hint>No loop has run on this database: start <code>homepage serve</code> without "
                 "<code>--no-loop</code>, or <code>homepage worker</code>.</p>")
     steps = [{"step": k, **v} for k, v in (status.get("steps") or {}).items()]
+    live = status.get("live")
     head = (f"<p>holder {html.escape(str(status.get('holder')))}, role {html.escape(str(status.get('role')))}, "
-            f"lease live: {status.get('live')}</p>")
-    return head + table_html(steps)
+            f"lease live: <span class={'good' if live else 'bad'}>{html.escape(str(live))}</span></p>")
+    return head + (table_html(steps) if steps else "<p class=hint>The loop has not run a step yet.</p>")
+
+
+def _constraint_table(rows: list[dict[str, Any]]) -> str:
+    head = "".join(f"<th>{c}</th>" for c in ("constraint", "kind", "min", "max", "realised", "holds"))
+    body = []
+    for r in rows:
+        cells = [html.escape(str(r["name"])), html.escape(str(r["kind"]))]
+        cells += ["" if r[k] is None else f"{r[k]:.4g}" for k in ("min", "max")]
+        if r["realised"] is None:
+            cells += ["<span class=hint>no traffic yet: send <code>GET /layout</code> requests</span>", ""]
+        else:
+            cells.append(f"{r['realised']:.4g}")
+            cells.append("<span class=good>holds</span>" if r["holds"]
+                         else "<span class=bad>holds: False</span>")
+        cls = " class=alert" if r["holds"] is False else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _hint(text: str) -> str:
+    return f"<p class=hint>{text}</p>"
 
 
 @ops_bp.get("/ops")
 def ops_page() -> Response:
     rt = _rt()
+    _check_read(rt)
+    window = _window()
     if rt.engine is None or rt.db is None:
         return Response(html_page("homepage engine — ops", [("Not ready", html.escape(str(rt.load_error)))]),
                         status=503, mimetype="text/html")
     st = rt.engine.state
-    exp = exposure_report(rt.db, st.config, st.versions.get("config"), 3600.0)
-    prices = [{"constraint": n, "price": float(p)} for n, p in zip(st.config.constraint_names, st.prices, strict=True)]
+    agg = ops_aggregate(rt)
+    top = agg.max_window_s
+    now = time.time()
+    exp = _exposure_body(rt, st, window)
+    ser = agg.series(st.versions.get("config"), window, now=now, n_constraints=len(st.config.constraints))
+    names = list(st.config.constraint_names)
+    minutes = (ser.start + agg.bucket_s / 2 - now) / 60.0
+    served = np.maximum(ser.served, 1.0)
+    charts = []
+    for k, c in enumerate(st.config.constraints):
+        charts.append(line_chart(f"{c.name}: realised share", minutes, {"realised": ser.exposure[:, k] / served},
+                                 y_label="share", band=(c.min, c.max)))
+    pt, pv = agg.prices(names, window, now=now)
+    price_chart = line_chart("prices (λ)", (pt + agg.bucket_s / 2 - now) / 60.0,
+                             {n: pv[:, k] for k, n in enumerate(names)}, y_label="price per unit share")
+    traffic = line_chart("traffic", minutes, {"decisions / min": ser.decisions * 60.0 / agg.bucket_s},
+                         y_label="decisions per minute")
+    fallback = line_chart("fallback rate", minutes,
+                          {"fallback": ser.fallbacks / np.maximum(ser.decisions, 1.0)}, y_label="share of decisions")
+    value = line_chart("expected value per served request", minutes, {"value": ser.value / served},
+                       y_label="value per request")
+    links = " · ".join(f"<a href='?window_s={w}'>{'<b>' + n + '</b>' if w == window else n}</a>"
+                       for n, w in _WINDOWS if w <= top)
+    as_of = ("not yet" if agg.caught_up_at is None
+             else f"{now - agg.caught_up_at:.0f} s ago") + (f" — <span class=bad>{html.escape(agg.error)}</span>"
+                                                              if agg.error else "")
+    no_traffic = "" if ser.decisions.sum() else _hint(
+        "No decisions in this window under the active config: send <code>GET /layout?user_id=…</code> "
+        "requests (or run <code>make demo</code>).")
+    prices_hint = "" if pt.size else _hint("No plan was published in this window: run <code>homepage plan</code> "
+                                           "(the loop also plans and paces when it runs).")
+    hist = agg.history
+    versions_html = (table_html([dict(st.versions)]) + "<h3>Configs</h3>"
+                     + (table_html(hist["configs"]) if hist["configs"] else _hint("loading…"))
+                     + "<h3>Plans</h3>" + (table_html(hist["plans"]) if hist["plans"] else _hint(
+                         "No plan yet: run <code>homepage plan</code>."))
+                     + "<h3>Models</h3>" + (table_html(hist["models"]) if hist["models"] else _hint(
+                         "No model yet: run <code>homepage learn</code> (bandit) or <code>homepage train</code> "
+                         "(ranker), or let the loop do it.")))
+    base = request.host_url.rstrip("/")
+    change = (
+        "<p>Check a change (diff and dry-run projection): <code>homepage versions diff config "
+        f"{st.versions.get('config')} new.toml</code> and <code>homepage config check new.toml</code>.</p>"
+        "<p>Apply it: <code>homepage config apply new.toml</code> or</p>"
+        "<pre>curl -X PUT -H \"Authorization: Bearer $HOMEPAGE_OPERATOR_TOKEN\" "
+        f"--data-binary @new.toml {html.escape(base)}/config</pre>"
+        "<p>Roll back to an earlier version: <code>homepage versions rollback config N</code> or</p>"
+        "<pre>curl -X POST -H \"Authorization: Bearer $HOMEPAGE_OPERATOR_TOKEN\" "
+        f"-H \"Content-Type: application/json\" -d '{{\"version\": N}}' {html.escape(base)}/config/rollback</pre>")
     sections = [
-        ("Versions in force", table_html([{k: v for k, v in st.versions.items()}])),
-        (f"Exposure over the last hour ({exp['decisions']} decisions)", table_html(exp["constraints"])),
-        ("Prices", table_html(prices)),
+        ("Window", f"<p>{links} — figures as of {as_of}; {exp['decisions']} served decisions under config "
+                   f"{st.versions.get('config')}</p>"),
+        ("Exposure against the targets", _constraint_table(exp["constraints"]) + no_traffic
+         + "<div class=charts>" + "".join(charts) + "</div>"),
+        ("Prices", table_html([{"constraint": n, "price in force": float(p)} for n, p in zip(
+            names, st.prices, strict=True)]) + prices_hint + price_chart),
+        ("Traffic", "<div class=charts>" + traffic + fallback + value + "</div>"),
+        ("Versions in force and their history", versions_html),
         ("The loop", _loop_html(rt.loop_status)),
-        ("Change the config", "<p><code>homepage config check new.toml</code> dry-runs a change; "
-         "<code>homepage config apply new.toml</code> or "
-         "<code>curl -X PUT -H \"Authorization: Bearer $HOMEPAGE_OPERATOR_TOKEN\" --data-binary @new.toml "
-         "/config</code> applies it.</p>"),
+        ("Change or roll back the config", change),
     ]
-    return Response(html_page("homepage engine — ops", sections), mimetype="text/html")
+    page = html_page("homepage engine — ops", sections).replace("</style>", _CSS + "</style>", 1)
+    return Response(page, mimetype="text/html")
+
+
+_CSS = (".hint{color:#666;font-style:italic}tr.alert td{background:#fde8e8}"
+        ".charts{display:flex;flex-wrap:wrap;gap:8px}pre{background:#f6f6f6;padding:6px;overflow-x:auto}")
+
+
+# ---------------------------------------------------------------------------------- business gauges
+def _gauges(rt: Runtime) -> list[tuple[str, str, dict[str, str], float]]:
+    if rt.engine is None or rt.db is None:
+        return []
+    st = rt.engine.state
+    agg = ops_aggregate(rt)
+    window = min(900.0, agg.max_window_s)
+    ser = agg.series(st.versions.get("config"), window, n_constraints=len(st.config.constraints))
+    shares = ser.shares()
+    out: list[tuple[str, str, dict[str, str], float]] = []
+    for k, c in enumerate(st.config.constraints):
+        lab = {"constraint": c.name}
+        if not np.isnan(shares[k]):
+            out.append(("homepage_exposure_share", "Realised share of the constraint over the last 15 min",
+                        lab, float(shares[k])))
+        if c.min is not None:
+            out.append(("homepage_exposure_target_min", "Lower bound of the constraint", lab, float(c.min)))
+        if c.max is not None:
+            out.append(("homepage_exposure_target_max", "Upper bound of the constraint", lab, float(c.max)))
+        out.append(("homepage_price", "Price (dual) of the constraint in force", lab, float(st.prices[k])))
+    for kind, v in st.versions.items():
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            out.append(("homepage_version", "Version in force", {"kind": str(kind)}, float(v)))
+        elif isinstance(v, dict):
+            for name, mv in v.items():
+                if isinstance(mv, int | float):
+                    out.append(("homepage_version", "Version in force", {"kind": f"{kind}.{name}"}, float(mv)))
+    loop = rt.loop_status or {}
+    if "live" in loop:
+        out.append(("homepage_loop_lease_live", "1 while a loop holds a live lease on this database", {},
+                    1.0 if loop.get("live") else 0.0))
+    n = float(ser.decisions.sum())
+    out.append(("homepage_decisions_window", "Decisions logged under the active config over the last 15 min",
+                {}, n))
+    if n:
+        out.append(("homepage_fallback_rate", "Share of fallback decisions over the last 15 min", {},
+                    float(ser.fallbacks.sum() / n)))
+    if ser.served.sum():
+        out.append(("homepage_expected_value_per_request", "Expected value of the served layouts over the last "
+                    "15 min", {}, float(ser.value.sum() / ser.served.sum())))
+    return out
+
+
+@ops_bp.record_once
+def _register_gauges(state: Any) -> None:
+    app = state.app
+
+    def provide() -> list[tuple[str, str, dict[str, str], float]]:
+        rt = app.extensions.get("homepage")
+        return [] if rt is None else _gauges(rt)
+
+    metrics.register_gauges(provide)

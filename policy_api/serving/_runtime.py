@@ -1,5 +1,11 @@
-"""What a serving worker holds: database, log writer, engine, id signer, and the version poller that
-hot-swaps the engine state when a new config, plan or model is published."""
+"""What a serving worker holds: database, log writer (journaled: what the API acknowledges is on disk
+first), engine, id signer, and the version poller that hot-swaps the engine state when a new config,
+plan or model is published.
+
+No request waits on the database longer than ``Settings.db_deadline_s``: the one database read a
+request makes (the feedback duplicate check) runs on a checker thread of the runtime's own, and a
+request that finds it still busy with an earlier, stuck read does not wait at all (``ON CONFLICT``
+keeps feedback idempotent without the check)."""
 
 from __future__ import annotations
 
@@ -7,16 +13,16 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
 from sqlalchemy.engine import Engine
 
 from .. import registry
 from ..engine import DecisionEngine, LiveSignals, RequestIds, load_secret, load_state, with_plan_calibration
-from ..live import UserStateStore, category_vector, make_state_store
-from ..log import LogWriter, make_engine
+from ..live import UserStateStore, category_vector, live_sequences, make_state_store
+from ..log import LogWriter, existing_event_ids, make_engine
 from ..loop import lease_info
 from ..registry import Versions
 from ..settings import Settings
@@ -43,12 +49,17 @@ class Runtime:
     _stop: threading.Event = field(default_factory=threading.Event)
     _recent_events: OrderedDict[str, None] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _checker: _DeadlineCall = field(default_factory=lambda: _DeadlineCall("homepage-dupcheck"))
 
     def start(self) -> Runtime:
         s = self.settings
         self.db = make_engine(s.database_url)
         self.ids = RequestIds(load_secret(s.data_dir))
-        self.writer = LogWriter(self.db, s.spill_path)
+        # with the journal the queue is only a cache of what is on disk: a few seconds of rows (~35 MB
+        # of decisions) at most; beyond it rows are replayed from the journal's files
+        self.writer = LogWriter(self.db, s.spill_path, durable=s.journal, journal_deadline_s=s.journal_deadline_s,
+                                journal_sync=s.journal_sync, stall_s=s.writer_stall_s,
+                                max_queue=5_000 if s.journal else 20_000)
         self.reload(force=True)
         if s.reload_s > 0:
             threading.Thread(target=self._poll, name="homepage-reload", daemon=True).start()
@@ -57,7 +68,8 @@ class Runtime:
     def close(self) -> None:
         self._stop.set()
         if self.writer is not None:
-            self.writer.close()
+            # what cannot be flushed in time stays in the journal, replayed by the next process
+            self.writer.close(timeout=self.settings.shutdown_flush_s)
         if self.store is not None:
             self.store.close()
 
@@ -74,10 +86,11 @@ class Runtime:
         if got is None:
             late = time.perf_counter() - t0 >= loop.state_deadline_ms / 1000.0
             return LiveSignals.cold(len(names), "timeout" if late else "cold")
-        index = st.catalog.index_of()
-        skipped = [index[i] for i in got.negatives() if i in index]
+        # the recent sequences feed the ranker's user side (catalog rows, newest first)
+        pos, pos_types, skipped = live_sequences(got, st.catalog.index_of())
         return LiveSignals("hit", category_vector(got, names, time.time(), loop.state_half_life_s),
-                           np.array(skipped, dtype=np.int64), len(got.items))
+                           skipped, len(got.items), positives=pos, positive_types=pos_types,
+                           n_positive=got.n_positive, n_negative=got.n_negative)
 
     def reload(self, force: bool = False) -> bool:
         """Swap in a new state if anything published changed. Returns True when it swapped."""
@@ -132,6 +145,30 @@ class Runtime:
             except Exception as e:  # the database may be down; /readyz says so
                 self.loop_status = {"error": f"{type(e).__name__}: {e}"}
 
+    def existing_event_ids(self, ids: list[str]) -> set[str]:
+        """Those of ``ids`` already in the log, if the database answers within ``db_deadline_s``;
+        else (or while the writer sees the database failing) the empty set: the writer's
+        ``ON CONFLICT`` then settles duplicates."""
+        if not ids or self.db is None or self.writer is None or not self.writer.stats()["healthy"]:
+            return set()
+        db = self.db
+        found = self._checker.call(lambda: existing_event_ids(db, ids), self.settings.db_deadline_s)
+        return found if found is not None else set()
+
+    def not_ready_reason(self) -> str | None:
+        """Why this worker should not get traffic, or None: no engine, or nothing can be made durable."""
+        if self.engine is None:
+            return f"engine not loaded: {self.load_error}"
+        if self.writer is not None and not self.writer.stats()["durable"]:
+            return "the log journal cannot write: feedback is refused until it can"
+        return None
+
+    def forget_events(self, ids: list[str]) -> None:
+        """Undo :meth:`remember_events` for events that were not accepted after all."""
+        with self._lock:
+            for e in ids:
+                self._recent_events.pop(e, None)
+
     def remember_events(self, ids: list[str]) -> set[str]:
         """Record event ids seen by this worker; return those it had already seen."""
         seen = set()
@@ -145,3 +182,53 @@ class Runtime:
             while len(self._recent_events) > 200_000:
                 self._recent_events.popitem(last=False)
         return seen
+
+
+class _DeadlineCall:
+    """Runs one call at a time on a daemon thread; the caller waits at most a deadline. While a call
+    is still running (stuck in a frozen database), later calls return None at once instead of
+    queueing behind it."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._busy = False
+        self._jobs: list[Callable[[], None]] = []
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+
+    def call(self, fn: Callable[[], set[str]], deadline_s: float) -> set[str] | None:
+        done = threading.Event()
+        box: list[set[str]] = []
+
+        def job() -> None:
+            try:
+                box.append(fn())
+            except Exception as e:  # the database failing: answer as if it did not answer
+                log.warning("database read failed: %s", e)
+            finally:
+                done.set()
+
+        with self._lock:
+            if self._busy:
+                return None
+            self._busy = True
+            self._jobs.append(job)
+            if self._thread is None or not self._thread.is_alive():  # also after a fork
+                self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+                self._thread.start()
+            self._wake.notify()
+        done.wait(deadline_s)
+        return box[0] if box else None
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._jobs:
+                    self._wake.wait()
+                job = self._jobs.pop()
+            try:
+                job()
+            finally:
+                with self._lock:
+                    self._busy = False

@@ -165,11 +165,38 @@ def test_invalid_toml_is_a_config_error():
         parse_config_text("[homepage\nslots = 6")
 
 
-def test_unknown_keys_warn_with_the_known_ones():
+def test_unknown_keys_are_errors_naming_the_known_ones_all_at_once():
+    """A misspelt optional key used to be a warning: the setting silently kept its default."""
     d = raw()
     d["homepage"]["slot"] = 6
+    d["exploration"]["budjet"] = 0.2
+    d["exploraton"] = {"budget": 0.2}
+    d["learning"] = {"max_event_valu": 10.0}
+    d["constraints"][0]["minn"] = 0.1
+    with pytest.raises(ConfigError) as e:
+        parse_config(d)
+    assert sorted(k for k, _ in e.value.errors) == ["constraints[0].minn", "exploration.budjet", "exploraton",
+                                                    "homepage.slot", "learning.max_event_valu"]
+    msg = dict(e.value.errors)
+    assert msg["exploration.budjet"].startswith("is not a known key; did you mean 'budget'?")
+    assert msg["exploraton"].startswith("is not a known key; did you mean 'exploration'?")
+    assert "slots" in msg["homepage.slot"] and "max_event_value" in msg["learning.max_event_valu"]
+
+
+def test_feedback_limits_are_configurable_and_checked():
+    d = raw()
     cfg = parse_config(d)
-    assert any(w.startswith("homepage.slot: unknown key") and "slots" in w for w in cfg.warnings)
+    assert (cfg.learning.max_event_value, cfg.learning.max_event_age_s, cfg.learning.max_clock_skew_s) == (
+        1e6, 7 * 86400.0, 300.0)
+    d["learning"] = {"max_event_value": 50.0, "max_event_age_s": 3600, "max_clock_skew_s": 0}
+    got = parse_config(d).learning
+    assert (got.max_event_value, got.max_event_age_s, got.max_clock_skew_s) == (50.0, 3600.0, 0.0)
+    assert got.reward_window_s == 3600.0  # the others keep their defaults
+    d["learning"] = {"max_event_value": 0, "max_event_age_s": -1.0, "max_clock_skew_s": float("inf")}
+    with pytest.raises(ConfigError) as e:
+        parse_config(d)
+    assert sorted(k for k, _ in e.value.errors) == ["learning.max_clock_skew_s", "learning.max_event_age_s",
+                                                    "learning.max_event_value"]
 
 
 def test_input_not_mutated():

@@ -210,3 +210,25 @@ def test_prices_shape_is_checked():
     tbl = block_table(space, np.ones((1, cat.size)), cat, is_tail, tail)
     with pytest.raises(ValueError, match=r"prices must have shape \(3,\)"):
         build_candidates(space, tbl, np.zeros(2))
+
+
+def test_rank_scores_order_the_blocks_and_scores_value_them(seed):
+    rng = np.random.default_rng(seed)
+    space = tiny_space()
+    cat, is_tail, tail = random_pool(rng)
+    rank = rng.random((2, cat.size)) * 3
+    value = rank * np.where(is_tail, 0.1, 1.0) - 0.5 * is_tail  # tail valued far lower: would reorder
+    got = block_table(space, value, cat, is_tail, tail, rank_scores=rank)
+    by_rank = block_table(space, rank, cat, is_tail, tail)
+    np.testing.assert_array_equal(got.order, by_rank.order)  # the same items in the same blocks
+    np.testing.assert_array_equal(got.n_tail, by_rank.n_tail)
+    # each block's mean is the mean of the value scores of the items the rank put there (slow reference)
+    for u in range(2):
+        for b in range(space.tilt_levels.size):
+            for c in range(space.category_value.size):
+                items, _ = slow_layout(space, rank[u], cat, is_tail, tail, [c] * int(space.n_blocks[c]), b)
+                for r, block in enumerate(items):
+                    if block:
+                        assert got.mean_score[u, b, c, r] == pytest.approx(np.mean(value[u][block]))
+    with pytest.raises(ValueError, match="rank_scores"):
+        block_table(space, value, cat, is_tail, tail, rank_scores=rank[:1])

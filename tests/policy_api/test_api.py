@@ -15,6 +15,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
+from policy_api import registry
 from simulator import make_world
 
 from ..allocator.test_layout import slow_long_tail
@@ -257,3 +258,91 @@ def test_serve_refuses_an_invalid_config(tmp_path):
     out = homepage("serve", "--config", str(bad), "--port", str(free_port()), env=env, check=False)
     assert out.returncode == 2
     assert "exploration.budget: must be in [0, 1]; got 5" in out.stderr
+
+
+@pytest.mark.slow
+def test_serve_keeps_the_active_config_and_never_serves_an_infeasible_one(tmp_path):
+    """A restart with --config FILE used to re-activate FILE, reverting a config applied since
+    (PUT /config); activation is now explicit (--activate, dry-run and audited)."""
+    world = make_world(n_users=50, n_items=400, seed=3)
+    env = dict(os.environ, DATABASE_URL=f"sqlite:///{tmp_path / 'homepage.db'}", HOMEPAGE_DATA_DIR=str(tmp_path),
+               HOMEPAGE_RELOAD_S="0.5")
+    text = world.default_config_toml()
+    a, b, bad = tmp_path / "a.toml", tmp_path / "b.toml", tmp_path / "bad.toml"
+    a.write_text(text)
+    b.write_text(text.replace("budget = 0.05", "budget = 0.07"))
+    # live has 2 of the 6 slots' modules: a 90 % floor cannot hold (the LP is infeasible)
+    bad.write_text(text + '\n[[constraints]]\nname = "live_most"\nkind = "category_share"\ncategory = "live"\n'
+                          "min = 0.9\n")
+    world.to_catalog_csv(tmp_path / "items.csv")
+    homepage("db", "upgrade", env=env)
+    homepage("catalog", "load", str(tmp_path / "items.csv"), "--config", str(a), env=env)
+    eng = sa.create_engine(env["DATABASE_URL"])
+    registry.activate_config(eng, a.read_text(), author="serve")
+    registry.activate_config(eng, b.read_text(), author="ops")  # what PUT /config does: version 2
+    eng.dispose()
+
+    def active() -> tuple[int, str]:
+        eng = sa.create_engine(env["DATABASE_URL"])
+        with eng.connect() as c:
+            row = c.execute(sa.text("SELECT version, author FROM configs WHERE status = 'active'")).one()
+        eng.dispose()
+        return int(row[0]), str(row[1])
+
+    out = homepage("serve", "--config", str(bad), "--activate", "--port", str(free_port()), env=env, check=False)
+    assert out.returncode == 3, out.stdout + out.stderr  # infeasible: never applied, never served
+    assert "not serving" in out.stderr and active() == (2, "ops")
+
+    port = free_port()
+    log = (tmp_path / "restart.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "policy_api.cli", "serve", "--config", str(a), "--port", str(port),
+                             "--workers", "1", "--no-loop"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        t0 = time.time()
+        while True:
+            assert proc.poll() is None and time.time() - t0 < 60, (tmp_path / "restart.log").read_text()
+            try:
+                r = requests.get(f"http://127.0.0.1:{port}/config", timeout=1)
+                if r.status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        got = r.json()
+        assert got["version"] == 2 and got["config"]["exploration"]["budget"] == 0.07
+        assert active() == (2, "ops")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+    assert "differs from the active config version 2" in (tmp_path / "restart.log").read_text()
+
+
+def test_feedback_is_checked_against_the_page_whichever_worker_served_it(server):
+    """Two workers: the page is known to both (a shared table), before its decision row is written."""
+    for k in range(8):
+        d = requests.get(server.url + "/layout", params={"user_id": f"pg{k}"}, timeout=5).json()
+        mods = d["modules"]
+        wrong = {"request_id": d["request_id"], "events": [
+            {"event_id": f"pg{k}-w", "slot": 0, "item_id": mods[1]["items"][0]["item_id"], "type": "play"}]}
+        err = error_of(requests.post(server.url + "/feedback", json=wrong, timeout=5), 400)
+        assert err["field"] == "events.0.item_id" and "shown in slot 0" in err["message"]
+        right = {"request_id": d["request_id"], "events": [
+            {"event_id": f"pg{k}-{m['slot']}", "slot": m["slot"], "item_id": m["items"][-1]["item_id"],
+             "type": "impression"} for m in mods]}
+        r = requests.post(server.url + "/feedback", json=right, timeout=5)
+        assert r.status_code == 202 and r.json()["accepted"] == len(mods)
+
+
+def test_served_pages_never_refuse_on_a_torn_record(tmp_path):
+    from policy_api.serving._pages import ServedPages
+
+    a, b = ServedPages(tmp_path / "p.bin", capacity=64), ServedPages(tmp_path / "p.bin", capacity=64)
+    mods = [{"slot": s, "items": [{"item_id": f"i{s}.{k}"} for k in range(10)]} for s in range(6)]
+    a.add("r1", mods)
+    n_slots, shown = b.check("r1", [0, 5, 0, 3], ["i0.3", "i5.9", "i1.0", "nope"])  # another process's view
+    assert n_slots == 6 and shown.tolist() == [True, True, False, False]
+    assert b.check("r2", [0], ["i0.0"]) == (None, None)
+    at = a._key("r1")[1]
+    a._table[at, 5] ^= np.uint64(1)  # one bit of the filter flipped under a reader: unknown, never refused
+    assert b.check("r1", [0], ["nope"]) == (None, None)

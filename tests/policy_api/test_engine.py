@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from allocator import parse_config_text
+from bandits import budget_pmf
 from policy_api.engine import DecisionEngine, RequestIds, ScorerHandle, build_state
 from policy_api.log import Catalog
 from simulator import make_world
@@ -39,18 +42,38 @@ def test_same_request_id_reproduces_the_decision(state):
 def test_exploration_stays_within_budget_and_propensity_is_pmf_of_chosen(state):
     eng = DecisionEngine(state)
     ids = RequestIds(b"k")
-    n, off = 1500, 0
-    budget = state.config.exploration.budget
+    n = 600
+    ex = state.config.exploration
+    assert ex.temperature > 0
     for k in range(n):
         d = eng.decide(f"u{k % 50:05d}", ids.issue())
         assert d.propensity == pytest.approx(d.pmf[d.chosen])
         assert sum(d.pmf) == pytest.approx(1.0)
+        # exploited: the softmax of the logged priced scores at temperature * max |value| (computed here
+        # from the log); served: each exploited layout mixed with uniform exploration within the budget
+        score = np.array([c["score"] for c in d.candidates])
+        value = np.array([c["value"] for c in d.candidates])
+        z = np.exp((score - score.max()) / (ex.temperature * np.abs(value).max()))
+        q = z / z.sum()
+        J = score.size
+        ref = sum(q[j] * budget_pmf(np.full(J, 1.0 / J), j, ex.budget) for j in range(J))
+        np.testing.assert_allclose(d.pmf, ref, atol=1e-4)  # logged numbers are rounded to 1e-6
+        assert 0.5 * np.abs(np.asarray(d.pmf) - q).sum() <= ex.budget + 1e-4
+
+
+def test_at_temperature_zero_exactly_the_budget_leaves_the_greedy_layout(state):
+    cfg = state.config
+    eng = DecisionEngine(replace(state, config=replace(cfg, exploration=replace(cfg.exploration, temperature=0.0))))
+    ids = RequestIds(b"k")
+    n, off = 1500, 0
+    budget = cfg.exploration.budget
+    for k in range(n):
+        d = eng.decide(f"u{k % 50:05d}", ids.issue())
         greedy = d.context["greedy"]
-        # mass off the greedy candidate is exactly the budget (uniform exploration, epsilon-greedy)
-        assert 1 - d.pmf[greedy] <= budget + 1e-12
+        assert 1 - d.pmf[greedy] == pytest.approx(budget, abs=1e-12)
         off += d.chosen != greedy
     se = np.sqrt(budget * (1 - budget) / n)
-    assert off / n <= budget + 3 * se
+    assert abs(off / n - budget) <= 3 * se
 
 
 def test_every_page_respects_the_layout_model(state, world):
@@ -119,3 +142,160 @@ def test_new_categories_get_their_own_exploration_share(world):
         shown += any(m["category"] == "audio" for m in d.modules)
     se = np.sqrt(max(expected / n * (1 - expected / n), 1e-9) / n)
     assert abs(shown / n - expected / n) <= 4 * se  # the draws follow the logged pmf
+
+
+# ---------------------------------------------------------------------------------------------------
+# the published ranker on the request path: live sequences, the fast path, the response bytes
+
+
+@pytest.fixture(scope="module")
+def ranker_state(state):
+    """The engine state with a ranker (random weights) over the catalog: users u00000..u00009 known,
+    the catalog's last 5 items unknown to the model."""
+    import torch
+
+    from rankers import Ranker, RankerScorer, UserHistory
+
+    torch.manual_seed(0)
+    n_cat = state.catalog.n_items
+    n_items, C, L = n_cat - 5, len(state.config.category_names), 6
+    cat = torch.tensor(np.maximum(state.item_category[:n_items], 0))
+    model = Ranker(n_users=10, n_items=n_items, n_categories=C, item_category=cat,
+                   dense=torch.tensor(np.array(state.catalog.features[:n_items]), dtype=torch.float32),
+                   pop=torch.tensor(np.log1p(state.catalog.popularity[:n_items, None]), dtype=torch.float32),
+                   embed_dim=8, cin_layers=(4, 4), expert_dim=8, tower_dim=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    rng = np.random.default_rng(0)
+    hist = UserHistory(pos_items=rng.integers(0, n_items, (10, L)), pos_types=rng.integers(0, 4, (10, L)),
+                       neg_items=rng.integers(-1, n_items, (10, L)), pos_count=rng.integers(6, 20, 10),
+                       neg_count=rng.integers(0, 9, 10))
+    scorer = RankerScorer(model.eval(), {"play": 1.0, "full_play": 2.0, "favorite": 4.0, "share": 5.0, "skip": -0.5},
+                          hist)
+    remap = np.concatenate([np.arange(n_items), np.full(5, -1)])
+    handle = ScorerHandle(scorer, {f"u{k:05d}": k for k in range(10)}, remap, name="ranker:1")
+    from dataclasses import replace
+
+    return replace(state, scorer=handle)
+
+
+def live_in(state, category: str, n: int = 4, seed: int = 0):
+    """A live state whose recent plays are all in ``category`` (and one play of an item the model does
+    not know), plus two skips."""
+    from policy_api.engine import LiveSignals
+
+    names = state.config.category_names
+    c = names.index(category)
+    rng = np.random.default_rng(seed)
+    plays = rng.choice(np.flatnonzero(state.item_category[:-5] == c), n, replace=False)
+    positives = np.concatenate([plays, [state.catalog.n_items - 1]])
+    skips = rng.choice(np.flatnonzero(state.item_category[:-5] >= 0), 2, replace=False)
+    engagement = np.zeros(len(names))
+    engagement[c] = float(n)
+    return LiveSignals("hit", engagement, skips, n + 3, positives=positives,
+                       positive_types=np.arange(n + 1) % 4, n_positive=n + 1, n_negative=2)
+
+
+@pytest.mark.parametrize("user", ["u00003", "never-seen"])
+def test_ranker_scores_with_the_live_sequences(ranker_state, user):
+    """The engine's scores are the ranker's, called directly with the live sequences ahead of the
+    snapshot (torch, float64), times the live tilt and the skip demotion."""
+    import copy
+
+    from policy_api.engine import SKIP_DEMOTION
+    from rankers import RankerScorer, live_category_preferences, live_score_multiplier
+
+    st = ranker_state
+    eng = DecisionEngine(st)
+    h = st.scorer
+    u = h.user_idx(user)
+    live = live_in(st, "videos")
+    pool = eng.pool(st, np.random.default_rng(3))
+    got, prefs = eng.item_scores(st, u, pool, live)
+    sc = h.scorer
+    ref = RankerScorer(copy.deepcopy(sc.model).double(), sc.event_weights, sc.history)
+    known_live = h.item_remap[live.positives] >= 0
+    seq = ref.sequences(u, h.item_remap[live.positives][known_live], live.positive_types[known_live],
+                        h.item_remap[live.negatives], (live.n_positive, live.n_negative))
+    mapped = h.item_remap[pool]
+    units, head = ref.score_sequences(u, np.maximum(mapped, 0), seq)
+    units = np.where(mapped >= 0, units, np.median(units[mapped >= 0]))
+    pop = st.population_prefs
+    want_prefs = live_category_preferences(live.engagement, pop, head)
+    mult = live_score_multiplier(want_prefs, pop, strength=0.5)
+    want = units * mult[st.item_category[pool]] * np.where(np.isin(pool, live.negatives), SKIP_DEMOTION, 1.0)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-6)
+    np.testing.assert_allclose(prefs, want_prefs, atol=1e-6)
+    # the live sequences changed the ranker's scores: not the snapshot's
+    snap, _ = ref.score_sequences(u, np.maximum(mapped, 0), ref.sequences(u))
+    assert np.abs(snap - units)[mapped >= 0].max() > 1e-3
+
+
+def test_ranker_decision_times_its_stages_and_answers_in_orjson(ranker_state):
+    import json
+
+    eng = DecisionEngine(ranker_state)
+    d = eng.decide("never-seen", RequestIds(b"k").issue(), live=live_in(ranker_state, "songs"))
+    assert not d.fallback, d.fallback_reason
+    assert set(d.stages) == {"pool", "scoring", "block_table", "candidates", "pmf", "draw", "layout"}
+    assert all(v >= 0 for v in d.stages.values()) and sum(d.stages.values()) <= d.elapsed_s + 1e-9
+    assert json.loads(d.response_json()) == json.loads(json.dumps(d.response()))
+    assert d.context["live"] == "hit"
+
+
+def test_live_sequences_are_the_states_recent_events_as_catalog_rows():
+    """Positives with their ranker codes and skips, newest first, items outside the catalog left out
+    (a slow reference over the events)."""
+    from policy_api.live import LiveEvent, apply_events, live_sequences
+    from rankers import EVENT_TYPES
+
+    rng = np.random.default_rng(0)
+    types = ["play", "full_play", "favorite", "share", "skip"]
+    events = [LiveEvent("u", f"i{int(rng.integers(0, 12))}", "songs", types[int(rng.integers(0, 5))], 1.0, float(t))
+              for t in rng.permutation(30)]
+    state = apply_events(None, events, half_life_s=60.0, max_events=20)
+    index = {f"i{k}": 100 + k for k in range(10)}  # i10, i11 are not in the catalog
+    pos, codes, neg = live_sequences(state, index)
+    newest = sorted(events, key=lambda e: -e.ts)[:20]
+    kept = [e for e in newest if e.item_id in index]
+    assert pos.tolist() == [index[e.item_id] for e in kept if e.type != "skip"]
+    assert codes.tolist() == [EVENT_TYPES.index(e.type) for e in kept if e.type != "skip"]
+    assert neg.tolist() == [index[e.item_id] for e in kept if e.type == "skip"]
+    assert pos.dtype == codes.dtype == neg.dtype == np.int64
+
+
+def test_calibration_is_per_category_head_and_tail(state):
+    from policy_api.engine import calibrated, category_calibration
+
+    C = len(state.config.categories)
+    top = state.config.items_per_module
+    items = np.flatnonzero(state.item_category >= 0)
+    scores = state.scorer.score(-1, items)
+    cat, tail = state.item_category[items], state.is_tail[items]
+
+    def p(c, t):  # mean score of a group's top items, computed here
+        return np.sort(scores[(cat == c) & (tail == t)])[::-1][:top].mean()
+
+    rates = np.zeros((C, 2, 2))
+    rates[0, 0] = [3.0e5 * p(0, False), 1e6]  # head of category 0: 0.3 units per examined impression per score
+    rates[0, 1] = [1.0e5 * p(0, True), 1e6]  # its tail: a third of that
+    rates[1, 0] = [2.0e5 * p(1, False), 1e6]  # category 1: head only; its tail has no data
+    got = calibrated(state, rates).score_multiplier
+    m = {(c, t): got[items[(cat == c) & (tail == t)]] for c in range(2) for t in (False, True)}
+    assert all(np.ptp(v) == 0 for v in m.values())  # one multiplier per group
+    # with 10^6 impressions the prior of 200 barely moves a group off its own ratio U / (I p)
+    assert m[0, False][0] == pytest.approx(0.3, rel=1e-3) and m[0, True][0] == pytest.approx(0.1, rel=1e-3)
+    assert m[1, False][0] == pytest.approx(0.2, rel=1e-3)
+    # a group without data takes its category's multiplier (the category's pooled, shrunk rate)
+    pooled = category_calibration(scores, cat, rates.sum(axis=1), top)
+    assert m[1, True][0] == pytest.approx(pooled[1], rel=1e-12)
+    assert got[state.item_category < 0].tolist() == [1.0] * int((state.item_category < 0).sum())
+    # a net-negative group (skipped more than played): its top items are valued at the observed
+    # negative rate, and its items keep the scorer's order
+    rates[2, 0] = [-0.05e6, 1e6]
+    st2 = calibrated(state, rates)
+    sel = items[(cat == 2) & ~tail]
+    cal = scores[(cat == 2) & ~tail] * st2.score_multiplier[sel] + st2.score_offset[sel]
+    assert np.sort(cal)[::-1][:top].mean() == pytest.approx(-0.05, rel=1e-3)
+    assert (np.argsort(-cal, kind="stable") == np.argsort(-scores[(cat == 2) & ~tail], kind="stable")).all()

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from allocator import parse_config_text
+from allocator import long_tail, parse_config_text
 from policy_api import jobs, registry
 from policy_api import log as store
 from policy_api.engine import DecisionEngine, RequestIds, build_state
@@ -37,8 +37,8 @@ def db(tmp_path):
     return eng, world, cfg, cat, version, url, tmp_path
 
 
-def fb_row(rid, k, item, typ, value, ts):
-    return {"event_id": f"{rid}:{k}", "request_id": rid, "slot": 0, "item_id": item, "type": typ, "value": value,
+def fb_row(rid, k, item, typ, value, ts, slot=0):
+    return {"event_id": f"{rid}:{k}", "request_id": rid, "slot": slot, "item_id": item, "type": typ, "value": value,
             "ts": ts, "received_at": ts}
 
 
@@ -57,7 +57,7 @@ def test_valuation_refit_is_the_shrunk_ratio(db):
         revenue[c] = revenue.get(c, 0.0) + (val or 0.0)
     store.insert_feedback(eng, rows)
     kappa = 50.0
-    got = {r.category: r for r in refit_valuation(eng, cfg, prior_units=kappa)}
+    got = {r.category: r for r in refit_valuation(eng, cfg, prior_units=kappa, winsor=1.0)}
     for c in cfg.categories:
         U, R, v0 = units.get(c.name, 0.0), revenue.get(c.name, 0.0), c.value_per_engagement
         assert got[c.name].shrunk == pytest.approx((R + kappa * v0) / (U + kappa))
@@ -65,6 +65,37 @@ def test_valuation_refit_is_the_shrunk_ratio(db):
         assert got[c.name].configured == v0
     with pytest.raises(ValueError, match=r"prior_units must be > 0; got 0"):
         refit_valuation(eng, cfg, prior_units=0)
+
+
+def test_valuation_refit_winsorises_an_absurd_revenue(db):
+    """One ``value: 1e308`` (the API refuses it now; older logs may hold one) cannot move the refit:
+    each category's revenues are clipped at their 99th percentile, an observed value (by hand: the
+    ``floor(0.99 (n - 1))``-th smallest), so the outlier counts as its category's largest ordinary one."""
+    eng, world, cfg, cat, *_ = db
+    rng = np.random.default_rng(1)
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+    rows, units, values = [], {}, {}
+    c0 = cfg.categories[0].name
+    i0 = int(np.flatnonzero(cat.category == c0)[0])
+    for k in range(301):
+        i = int(rng.integers(0, cat.n_items)) if k < 300 else i0
+        c = str(cat.category[i])
+        val = (float(rng.gamma(2.0)) if k % 2 else None) if k < 300 else 1e308
+        rows.append(fb_row("r", k, str(cat.item_ids[i]), "play", val, t))
+        units[c] = units.get(c, 0.0) + cfg.events["play"]
+        if val is not None:
+            values.setdefault(c, []).append(val)
+    store.insert_feedback(eng, rows)
+    kappa = 50.0
+    got = {r.category: r for r in refit_valuation(eng, cfg, prior_units=kappa)}
+    for c in cfg.categories:
+        v = sorted(values.get(c.name, []))
+        cap = v[int(np.floor(0.99 * (len(v) - 1)))] if v else 0.0
+        R = sum(min(x, cap) for x in v)
+        U, v0 = units.get(c.name, 0.0), c.value_per_engagement
+        assert got[c.name].shrunk == pytest.approx((R + kappa * v0) / (U + kappa))
+        assert got[c.name].clipped == sum(x > cap for x in v)
+    assert got[c0].clipped >= 1 and got[c0].shrunk < 10 * cfg.categories[0].value_per_engagement
 
 
 def test_pace_once_takes_one_dual_step(db):
@@ -123,23 +154,34 @@ def test_plan_carries_the_category_calibration_of_recent_feedback(db):
     rng = np.random.default_rng(1)
     t = datetime.now(tz=UTC) - timedelta(minutes=5)
     old = datetime.now(tz=UTC) - timedelta(hours=7)  # outside the 6 h window: not counted
-    rows, want = [], {c: [0.0, 0] for c in cfg.category_names}
+    # per category, head and long tail apart (the config's head_share split of catalog popularity);
+    # impressions count as examined impressions: their slot's weight over the mean weight (None: 1)
+    names = cfg.category_names
+    cat_idx = np.array([names.index(c) if c in names else len(names) for c in cat.category.tolist()])
+    is_tail, _ = long_tail(cat.popularity, cat_idx, cfg.tilt.head_share)
+    want = {c: {"head": [0.0, 0.0], "tail": [0.0, 0.0]} for c in names}
+    pw = list(cfg.position_weights)
+    mean_w = sum(pw) / len(pw)
+    rows = []
     for k in range(600):
         i = int(rng.integers(0, cat.n_items))
         typ = str(rng.choice(["impression", "impression", "play", "favorite", "skip"]))
         when = old if k % 10 == 0 else t
-        rows.append(fb_row("r", k, str(cat.item_ids[i]), typ, None, when))
-        if when is t:
-            c = str(cat.category[i])
+        slot = None if k % 7 == 0 else k % len(pw)
+        rows.append(fb_row("r", k, str(cat.item_ids[i]), typ, None, when, slot=slot))
+        if when is t and str(cat.category[i]) in names:
+            part = want[str(cat.category[i])]["tail" if is_tail[i] else "head"]
             if typ == "impression":
-                want[c][1] += 1
+                part[1] += 1.0 if slot is None else pw[slot] / mean_w
             else:
-                want[c][0] += cfg.events[typ]
+                part[0] += cfg.events[typ]
     store.insert_feedback(eng, rows)
     got = jobs.calibration(eng, cfg)
-    assert got is not None and set(got) == set(cfg.category_names)
-    for c in cfg.category_names:
-        assert got[c][0] == pytest.approx(want[c][0]) and got[c][1] == want[c][1]
+    assert got is not None and set(got) == set(names)
+    for c in names:
+        for part in ("head", "tail"):
+            assert got[c][part] == pytest.approx(want[c][part]), (c, part)
+    assert any(want[c]["tail"][1] > 0 for c in names) and any(want[c]["head"][1] > 0 for c in names)
     res = jobs.plan(eng, users=20)
     plan = registry.latest_plan(eng, version)
     assert plan is not None and plan.version == res.plan_version and plan.solver["calibration"] == got

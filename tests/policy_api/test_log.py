@@ -25,6 +25,8 @@ from alembic.migration import MigrationContext
 
 from policy_api.log import (
     EXPORT_COLUMNS,
+    Journal,
+    JournalUnavailable,
     LogWriter,
     decisions,
     decode_spill_line,
@@ -381,10 +383,44 @@ def test_logwriter_writes_every_row_in_batches(engine, tmp_path):
     assert (stats["spilled"], stats["rejected"], stats["queue_depth"], stats["healthy"]) == (0, 0, 0, True)
     n_batches = math.ceil((n_dec + n_fb) / batch)
     assert len(commits) == n_batches  # one transaction per batch
+    if engine.dialect.name == "postgresql":  # COPY + INSERT ... SELECT on the driver's connection,
+        assert all(n < 16 for _, _, n in inserts)  # except for a table's few rows in a batch
+        return
     assert sum(n for t, _, n in inserts if t == "decisions") == n_dec
     assert sum(n for t, _, n in inserts if t == "feedback") == n_fb
     assert len(inserts) <= 2 * n_batches  # at most one executemany per table per batch
     assert spill_files(tmp_path / "spill") == []
+
+
+def test_writer_copy_path_stores_what_executemany_stores(engine, tmp_path):
+    """On PostgreSQL the writer COPYs batches; the stored rows equal those of insert_decisions /
+    insert_feedback (the executemany reference) field by field. On SQLite both are executemany."""
+    rng = np.random.default_rng(14)
+    rows = [decision_row(i, rng) for i in range(60)]
+    fb = [feedback_row(j, rows[j]["request_id"], rng) for j in range(40)]
+    twin = lambda r, key: {**r, key: "ref-" + r[key]}  # noqa: E731
+    insert_decisions(engine, [twin(r, "request_id") for r in rows])
+    insert_feedback(engine, [twin(r, "event_id") for r in fb])
+    with LogWriter(engine, tmp_path / "spill", batch_size=100) as writer:
+        for r in rows:
+            writer.submit_decision(r)
+        writer.submit_feedback(fb + fb[:5])  # repeats: kept once
+        assert writer.flush(timeout=20)
+    got = read_decisions(engine)
+    by_id = {rid: k for k, rid in enumerate(got["request_id"])}
+    for r in rows:
+        a, b = by_id[r["request_id"]], by_id["ref-" + r["request_id"]]
+        for col in got:
+            if col != "request_id":
+                assert repr(got[col][a]) == repr(got[col][b]), col
+    got_fb = read_feedback(engine)
+    assert len(got_fb["event_id"]) == 80
+    by_ev = {e: k for k, e in enumerate(got_fb["event_id"])}
+    for r in fb:
+        a, b = by_ev[r["event_id"]], by_ev["ref-" + r["event_id"]]
+        for col in got_fb:
+            if col not in ("event_id", "id"):
+                assert repr(got_fb[col][a]) == repr(got_fb[col][b]), col
 
 
 def _bad_engine(database_url: str, tmp_path: Path) -> sa.Engine:
@@ -584,6 +620,159 @@ def test_writers_of_one_process_keep_separate_spill_files(database_url, engine, 
         a.close()
         b.close()
         bad.dispose()
+
+
+_CRASHING_CHILD = """
+import os, pickle, signal, sys
+from policy_api.log import LogWriter, make_engine
+url, spill, data, sync = sys.argv[1:5]
+rows, fb = pickle.loads(open(data, "rb").read())
+writer = LogWriter(make_engine(url), spill, durable=True, flush_interval_s=0.01, batch_size=50,
+                   journal_sync=sync == "fsync")
+for r in rows:
+    writer.submit_decision(r)
+for k in range(0, len(fb), 10):
+    writer.submit_feedback(fb[k:k + 10])
+print(writer.stats()["journaled"], flush=True)  # every submission returned: all acknowledged
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("sync", ["fsync", "write"])
+def test_journal_survives_kill_9_and_is_replayed_exactly_once(database_url, engine, tmp_path, sync):
+    import pickle
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(11)
+    rows = [decision_row(i, rng) for i in range(400)]
+    fb = [feedback_row(j, rows[j % 400]["request_id"], rng) for j in range(200)]
+    (tmp_path / "rows.pkl").write_bytes(pickle.dumps((rows, fb)))
+    spill = tmp_path / "spill"
+    child = subprocess.run([sys.executable, "-c", _CRASHING_CHILD, database_url, str(spill), str(tmp_path / "rows.pkl"),
+                            sync],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == -9 and child.stdout.strip() == "600", child.stderr[-2000:]
+    assert any(p.name.startswith("journal-") for p in spill.glob("*.jsonl"))  # left by the dead process
+    with LogWriter(engine, spill, durable=True) as writer:  # the next process replays what it finds
+        assert writer.flush(timeout=30, replay=True)
+    got = read_decisions(engine, columns=["request_id", "propensity"])
+    assert sorted(got["request_id"]) == sorted(r["request_id"] for r in rows)  # 0 lost, 0 twice
+    assert count(engine, "feedback") == 200
+    assert sorted(read_feedback(engine)["event_id"]) == sorted(r["event_id"] for r in fb)
+    assert spill_files(spill) == []
+
+
+def test_durable_writer_bounds_memory_while_the_database_is_down(database_url, engine, tmp_path):
+    rng = np.random.default_rng(12)
+    rows = [decision_row(i, rng) for i in range(300)]
+    spill = tmp_path / "spill"
+    bad = _bad_engine(database_url, tmp_path)
+    writer = LogWriter(bad, spill, durable=True, max_queue=40, batch_size=20, flush_interval_s=0.01)
+    try:
+        depth = 0
+        for r in rows:
+            writer.submit_decision(r)
+            depth = max(depth, writer.stats()["queue_depth"])
+        assert writer.flush(timeout=20)
+        stats = writer.stats()
+        assert depth <= 40 and stats["journaled"] == 300 and not stats["healthy"], (depth, stats)
+        assert stats["spilled"] == 0  # journaled rows are not written twice to disk
+        writer.set_engine(engine)
+        deadline = time.monotonic() + 30
+        while count(engine, "decisions") < 300 and time.monotonic() < deadline:
+            writer.flush(timeout=5, replay=True)
+    finally:
+        writer.close()
+        bad.dispose()
+    assert sorted(read_decisions(engine, columns=["request_id"])["request_id"]) == [r["request_id"] for r in rows]
+    assert spill_files(spill) == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KiB tmpfs: a disk that really fills up (needs root to mount)."""
+    import subprocess
+
+    path = tmp_path / "tiny"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(path)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _fill_disk(path: Path) -> None:
+    import errno
+
+    with path.open("ab", buffering=0) as f:
+        while True:
+            try:
+                f.write(b"\0" * 4096)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+                return
+
+
+def test_journal_on_a_full_disk_refuses_and_leaves_no_torn_line(tiny_disk):
+    journal = Journal(tiny_disk, encode_spill_line, deadline_s=0.5, retry_s=0.1)
+    try:
+        small = [{"request_id": f"r{i}", "n": i} for i in range(5)]
+        seg = journal.append("decisions", small)
+        _fill_disk(tiny_disk / "filler")
+        big = [{"request_id": "x" * 2000, "n": i} for i in range(40)]  # 80 KB: cannot fit
+        with pytest.raises(JournalUnavailable, match=r"journal not writable: OSError: No space left"):
+            journal.append("decisions", big)
+        assert not journal.ok and journal.stats()["failures"] >= 1
+        files = sorted(tiny_disk.glob("journal-*.jsonl"))
+        lines = files[0].read_bytes().splitlines()  # cut back: only whole lines, the first append
+        assert [decode_spill_line(x)[1] for x in lines if x.strip()] == [small]
+        (tiny_disk / "filler").unlink()
+        deadline = time.monotonic() + 5
+        while not journal.ok and time.monotonic() < deadline:  # the committer's probe notices
+            time.sleep(0.05)
+        assert journal.ok
+        assert journal.append("decisions", big) == seg
+    finally:
+        journal.close()
+
+
+def test_database_and_journal_disk_down_memory_stays_bounded(tiny_disk, tmp_path):
+    """Nothing can be made durable: feedback is refused, decisions fill the bounded queue and the rest
+    are dropped and counted with their propensity (reference: the submitted rows, in order)."""
+    bad = _bad_engine("sqlite://", tmp_path)
+    rng = np.random.default_rng(15)
+    rows = [decision_row(i, rng) for i in range(100)]
+    _fill_disk(tiny_disk / "filler")
+    writer = LogWriter(bad, tiny_disk, durable=True, max_queue=20, journal_deadline_s=0.5, start=False)
+    try:
+        kept = [writer.submit_decision(r) for r in rows]
+        with pytest.raises(JournalUnavailable, match=r"journal not writable"):
+            writer.submit_feedback([feedback_row(0, rows[0]["request_id"], rng)])
+        stats = writer.stats()
+    finally:
+        writer.close(timeout=0.5)
+        bad.dispose()
+    assert kept == [False] * 100 and not stats["durable"]
+    assert (stats["queue_depth"], stats["unjournaled"], stats["dropped"], stats["refused"]) == (20, 20, 80, 1)
+    assert stats["dropped_propensity"] == pytest.approx(sum(r["propensity"] for r in rows[20:]))
+
+
+def test_replay_skips_a_torn_line_on_a_full_disk(tiny_disk, tmp_path):
+    eng = make_engine(f"sqlite:///{tmp_path / 'log.sqlite'}")
+    upgrade(eng)
+    rng = np.random.default_rng(13)
+    rows = [decision_row(i, rng) for i in range(6)]
+    good = encode_spill_line("decisions", rows[:3]) + encode_spill_line("decisions", rows[3:])
+    (tiny_disk / "journal-999999-dead-1.jsonl").write_bytes(good + b'{"table":"decisions","rows":[{"requ')
+    _fill_disk(tiny_disk / "filler")  # the torn line's rejected record cannot be written
+    with LogWriter(eng, tiny_disk) as writer:
+        assert writer.flush(timeout=10, replay=True)
+        stats = writer.stats()
+    assert count(eng, "decisions") == 6 and (stats["replayed"], stats["rejected"]) == (6, 1)
+    assert spill_files(tiny_disk) == []  # replayed and deleted, not retried forever
+    eng.dispose()
 
 
 def test_logwriter_rejects_bad_arguments(engine, tmp_path):

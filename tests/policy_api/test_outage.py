@@ -26,7 +26,9 @@ pytestmark = pytest.mark.postgres
 
 
 class Relay:
-    """A TCP relay 127.0.0.1:port -> PostgreSQL; ``down()`` cuts every connection and refuses new ones."""
+    """A TCP relay 127.0.0.1:port -> PostgreSQL; ``down()`` cuts every connection and refuses new ones;
+    ``freeze()`` keeps every connection open (new ones are accepted too) but forwards no byte until
+    ``thaw()``: a server that is reachable but silent, whose peer's kernel still acknowledges."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
@@ -34,7 +36,15 @@ class Relay:
         self._socks: list[socket.socket] = []
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
+        self._thawed = threading.Event()
+        self._thawed.set()
         self.up()
+
+    def freeze(self) -> None:
+        self._thawed.clear()
+
+    def thaw(self) -> None:
+        self._thawed.set()
 
     def up(self) -> None:
         ls = socket.socket()
@@ -77,10 +87,13 @@ class Relay:
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
-            while data := src.recv(65536):
+            while True:
+                self._thawed.wait()  # frozen: read nothing, so bytes pile up in the kernel buffers
+                if not (data := src.recv(65536)):
+                    break
+                self._thawed.wait()
                 dst.sendall(data)
         except OSError:
             pass
@@ -138,12 +151,14 @@ def test_an_outage_loses_nothing_and_fails_no_request(tmp_path):
         return worst
 
     try:
-        for _ in range(300):
+        ready_by = time.time() + 120  # a loaded 2-core machine may take a while to start 3 processes
+        while True:
             try:
                 if requests.get(base + "/readyz", timeout=1).status_code == 200:
                     break
             except requests.RequestException:
                 pass
+            assert time.time() < ready_by and proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
             time.sleep(0.2)
         traffic(20, "before")
         relay.down()

@@ -1,0 +1,153 @@
+"""Pacing by re-solving the dual on the layouts actually served, with an integral correction.
+
+A controller that only sees realised shares must guess how a share answers its price; guessed from
+planning candidates, the guess misses what serving does (live state, calibration, the pool drawn per
+request) by a factor of ten either way, and the controller either crawls or rings. The decision log
+holds the exact candidate sets served, so the response need not be guessed: every step re-solves
+:func:`~allocator.softmax_prices` on the last ``window`` served decisions, for aims set a ``margin``
+inside each bound. What that model still misses (exploration, noise, drift since the window) is
+corrected by an integral on the aims in share units:
+
+    ``c_k <- clip(c_k + min(gain n / half_life, 1/2) * mean_i (aim_k - a_ik), -max_correction, max_correction)``
+
+over the realised exposures ``a_ik`` of a batch, integrating a floor only while it binds (price > 0)
+or is missed, and a cap likewise, so a slack bound does not wind up. Realised shares are averaged over
+an exponential window of ``half_life`` decisions (``shares_``); ``overshoot_`` is how far past its aim
+a share stood while its price was nonzero, and ``|price| * overshoot`` the value given up for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._softmax import softmax_prices
+
+__all__ = ["ResolvePacer", "ResolvePacerConfig"]
+
+
+@dataclass(frozen=True)
+class ResolvePacerConfig:
+    """Bounds (K,) with -inf/+inf where absent, the serving temperature and the controller's knobs."""
+
+    lower: tuple[float, ...]
+    upper: tuple[float, ...]
+    temperature: float
+    window: int = 1000
+    half_life: float = 300.0
+    gain: float = 0.25
+    margin: float = 0.005
+    max_correction: float = 0.1
+    max_price: float = 50.0
+    names: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if len(self.lower) != len(self.upper):
+            raise ValueError(f"lower and upper must have one entry per constraint; got {len(self.lower)} "
+                             f"and {len(self.upper)}")
+        for name, v, ok in (("temperature", self.temperature, self.temperature > 0),
+                            ("window", self.window, self.window >= 1),
+                            ("half_life", self.half_life, self.half_life > 0),
+                            ("gain", self.gain, self.gain >= 0),
+                            ("margin", self.margin, 0 <= self.margin < 0.5),
+                            ("max_correction", self.max_correction, self.max_correction >= 0),
+                            ("max_price", self.max_price, self.max_price > 0)):
+            if not (np.isfinite(v) and ok):
+                raise ValueError(f"{name} is out of range; got {v!r}")
+
+
+class ResolvePacer:
+    """See the module docstring. ``update`` takes one batch of served decisions, returns new prices."""
+
+    def __init__(self, config: ResolvePacerConfig, prices: np.ndarray | None = None) -> None:
+        self.config = config
+        K = len(config.lower)
+        self.lower = np.asarray(config.lower, dtype=np.float64)
+        self.upper = np.asarray(config.upper, dtype=np.float64)
+        self.prices_ = np.zeros(K) if prices is None else np.asarray(prices, dtype=np.float64).copy()
+        if self.prices_.shape != (K,):
+            raise ValueError(f"prices must have shape ({K},); got {self.prices_.shape}")
+        self.correction_ = np.zeros(K)
+        self.shares_ = np.full(K, np.nan)
+        self.overshoot_ = np.zeros(K)
+        self.decisions_ = 0
+        self._value = np.zeros((0, 1))
+        self._exposure = np.zeros((0, 1, K))
+        self._mask = np.zeros((0, 1), dtype=bool)
+
+    @property
+    def aims(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lower, upper) aims: each bound moved ``margin`` inside, plus the correction."""
+        m = self.config.margin
+        lo = np.clip(self.lower + m + self.correction_, 0.0, 1.0)
+        hi = np.clip(self.upper - m + self.correction_, 0.0, 1.0)
+        return np.where(np.isfinite(self.lower), lo, -np.inf), np.where(np.isfinite(self.upper), hi, np.inf)
+
+    def rebase(self, prices: np.ndarray) -> None:
+        """Start again from ``prices`` (a new plan): the served candidates kept so far were valued under
+        the old plan and are dropped; the realised shares and the correction are kept."""
+        p = np.asarray(prices, dtype=np.float64)
+        if p.shape != self.prices_.shape:
+            raise ValueError(f"prices must have shape {self.prices_.shape}; got {p.shape}")
+        self.prices_ = p.copy()
+        self._value = np.zeros((0, 1))
+        self._exposure = np.zeros((0, 1, self.prices_.size))
+        self._mask = np.zeros((0, 1), dtype=bool)
+
+    def _keep(self, value: np.ndarray, exposure: np.ndarray, mask: np.ndarray) -> None:
+        L = max(self._value.shape[1], value.shape[1])
+
+        def pad(x: np.ndarray, fill: float | bool) -> np.ndarray:
+            width = [(0, 0), (0, L - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+            return np.pad(x, width, constant_values=fill)
+
+        w = self.config.window
+        self._value = np.concatenate([pad(self._value, 0.0), pad(value, 0.0)])[-w:]
+        self._exposure = np.concatenate([pad(self._exposure, 0.0), pad(exposure, 0.0)])[-w:]
+        self._mask = np.concatenate([pad(self._mask, False), pad(mask, False)])[-w:]
+
+    def update(self, value: np.ndarray, exposure: np.ndarray, mask: np.ndarray,
+               chosen_exposure: np.ndarray) -> np.ndarray:
+        """One batch: ``value`` (m, L), ``exposure`` (m, L, K), ``mask`` (m, L) of the served candidate
+        sets the prices are re-solved on, ``chosen_exposure`` (n, K) of the layouts served (``m <= n``:
+        sets valued under an older model may be left out of the former, never out of the latter).
+        Returns the new prices (K,)."""
+        cfg = self.config
+        a = np.asarray(chosen_exposure, dtype=np.float64)
+        n = a.shape[0]
+        if n == 0:
+            return self.prices_.copy()
+        m = np.asarray(mask, dtype=bool)
+        real = m.any(axis=1)  # a fallback decision had no candidates: it counts as served, not as a model
+        self._keep(np.asarray(value, dtype=np.float64)[real], np.asarray(exposure, dtype=np.float64)[real],
+                   m[real])
+        # realised shares: an exponential window of half_life decisions
+        gamma = 2.0 ** (-1.0 / cfg.half_life)
+        wts = gamma ** np.arange(n - 1, -1, -1)
+        batch = wts @ a / wts.sum()
+        keep = gamma ** n if self.decisions_ else 0.0
+        self.shares_ = batch if not self.decisions_ else keep * self.shares_ + (1 - keep) * batch
+        self.decisions_ += n
+        # the integral on the aims, only where the bound binds or is missed
+        # the error is taken against the bounds' own aims (margin inside), not the corrected ones
+        lo = np.where(np.isfinite(self.lower), self.lower + cfg.margin, -np.inf)
+        hi = np.where(np.isfinite(self.upper), self.upper - cfg.margin, np.inf)
+        p = self.prices_
+        # per decision gain / half_life, but never more than half the batch's mean miss in one step: the
+        # re-solve already aims at the bounds, the integral only removes what it keeps missing
+        step = min(cfg.gain * n / cfg.half_life, 0.5)
+        floor_err = np.where(np.isfinite(lo), (lo - a).mean(0), 0.0)
+        cap_err = np.where(np.isfinite(hi), (hi - a).mean(0), 0.0)
+        use_floor = np.isfinite(lo) & ((p > 0) | (self.shares_ < lo))
+        use_cap = np.isfinite(hi) & ((p < 0) | (self.shares_ > hi))
+        delta = step * (np.where(use_floor, floor_err, 0.0) + np.where(use_cap & ~use_floor, cap_err, 0.0))
+        self.correction_ = np.clip(self.correction_ + delta, -cfg.max_correction, cfg.max_correction)
+        self.overshoot_ = np.where(p > 0, np.maximum(self.shares_ - lo, 0.0), 0.0) \
+            + np.where(p < 0, np.maximum(hi - self.shares_, 0.0), 0.0)
+        lo, hi = self.aims
+        if not self._mask.any():
+            return self.prices_.copy()
+        self.prices_ = softmax_prices(self._value, self._exposure, lo, hi, cfg.temperature, mask=self._mask,
+                                      start=self.prices_, max_price=cfg.max_price)
+        return self.prices_.copy()

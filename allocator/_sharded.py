@@ -1,0 +1,528 @@
+"""Sharded planning: the dual method of :func:`allocator.plan_dual` with the users split into shards.
+
+Only the K exposure rows couple users, so every quantity the dual method needs is a sum over users:
+the smoothed dual ``g_tau`` and its gradient (the softmax policy's shares), the hard Lagrangian bound
+``sum_u w_u max_l (v + a @ lambda)``, and the softmax plan's objective and shares.  A shard holds its
+users' arrays and answers each pass with ``K + 2`` partial sums (smooth and hard maxima, K shares);
+the driver adds them in shard order and runs the same L-BFGS-B, annealing and crossover as
+:func:`plan_dual`.  Per dual evaluation the driver ships the K prices out and gets ``K + 2`` numbers
+back from each shard, whatever the number of users.
+
+The exact plan's crossover gathers only the *marginal* users (those whose best and runner-up
+priced scores are within ``delta``): each shard returns the fixed users' objective and shares and
+the marginal users' near-best candidates; the driver solves the same reduced LP as the
+single-machine crossover.  Shards that are contiguous user ranges in order therefore reproduce
+:func:`plan_dual` on the concatenated users up to floating-point summation order.
+
+Shards are plain objects behind :class:`ShardMap` (``map(method, *args) -> one result per shard``):
+:class:`LocalShards` runs them in this process (tests, one machine); ``policy_api.scale`` runs
+them in Ray actors.  This module never imports Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.optimize import linprog
+
+from allocator._dual import (
+    _DELTA_PER_TAU,
+    _MAX_CROSSOVER_ROUNDS,
+    _MAX_CROSSOVER_VARS,
+    _TAUS,
+    _DualProblem,
+    _Infeasible,
+    _smoothed_pass,
+)
+from allocator._plan import (
+    InfeasibilityDiagnosis,
+    InfeasiblePlan,
+    _bound_term,
+    _chunks,
+    _objective_and_shares,
+    _precheck,
+    _prices_cast,
+    _Problem,
+    _rel_gap,
+    _scores,
+    _validate,
+    _violation,
+)
+
+__all__ = ["LocalShards", "PlanShard", "ShardMap", "ShardedPlan", "plan_dual_sharded"]
+
+
+class PlanShard:
+    """One shard of a plan's users, kept in memory where it lives (a process, a Ray actor).
+
+    Parameters
+    ----------
+    value
+        Shape (n_users, n_cand), float32 or float64 (not copied).
+    exposure
+        Shape (n_users, n_cand, K), float32 or float64 (not copied when C-contiguous).
+    weight
+        Shape (n_users,): each user's traffic share of the *whole* plan (the weights of all shards
+        together sum to 1), finite and >= 0.
+    mask
+        Shape (n_users, n_cand) bool, or None when every candidate is real.
+
+    Examples
+    --------
+    >>> s = PlanShard(np.array([[3.0, 1.0]]), np.array([[[0.0], [1.0]]]), np.array([0.5]))
+    >>> s.n_users, s.n_constraints, s.summary()[:2].tolist()
+    (1, 1, [0.5, 2.0])
+    """
+
+    def __init__(self, value: np.ndarray, exposure: np.ndarray, weight: np.ndarray,
+                 mask: np.ndarray | None = None) -> None:
+        w = np.asarray(weight, dtype=np.float64)
+        if w.ndim != 1 or not np.isfinite(w).all() or (w < 0).any():
+            raise ValueError(f"weight must be a 1-D array of finite traffic shares >= 0; got shape {w.shape} "
+                             f"with min {float(np.min(w)) if w.size else float('nan')!r}")
+        total = float(w.sum())
+        k = np.asarray(exposure).shape[-1] if np.asarray(exposure).ndim == 3 else 0
+        zeros = np.zeros(k)
+        # _validate checks shapes, dtypes, finiteness and the mask; it wants weights summing to 1
+        norm = w / total if total > 0 else np.full(w.shape, 1.0 / max(w.size, 1))
+        self.p = _validate(value, exposure, norm, zeros, zeros, mask, None)._replace(weight=w)
+
+    @property
+    def n_users(self) -> int:
+        return self.p.n_users
+
+    @property
+    def n_constraints(self) -> int:
+        return self.p.n_constraints
+
+    def sizes(self) -> tuple[int, int]:
+        """``(n_users, K)``."""
+        return self.p.n_users, self.p.n_constraints
+
+    def summary(self) -> np.ndarray:
+        """``[sum w, n_vars, sum_u w_u min_l v, sum_u w_u (max_l v - min_l v), reach_lo (K), reach_hi (K)]``:
+        what the driver needs before the first pass (the pre-check, the value scale, the weights)."""
+        p = self.p
+        floor = 0.0
+        spread = 0.0
+        lo = np.zeros(p.n_constraints)
+        hi = np.zeros(p.n_constraints)
+        for i0, i1 in _chunks(p.n_users):
+            v = p.value[i0:i1].astype(np.float64)
+            a = p.exposure[i0:i1]
+            w = p.weight[i0:i1]
+            if p.mask is None:
+                vlo, vhi = v.min(axis=1), v.max(axis=1)
+                hi += w @ a.max(axis=1)
+                lo += w @ a.min(axis=1)
+            else:
+                mk = p.mask[i0:i1]
+                vlo = np.where(mk, v, np.inf).min(axis=1)
+                vhi = np.where(mk, v, -np.inf).max(axis=1)
+                hi += w @ np.where(mk[:, :, None], a, -np.inf).max(axis=1)
+                lo += w @ np.where(mk[:, :, None], a, np.inf).min(axis=1)
+            floor += float(w @ vlo)
+            spread += float(w @ (vhi - vlo))
+        return np.concatenate([[float(p.weight.sum()), float(p.n_vars), floor, spread], lo, hi])
+
+    def float32(self) -> bool:
+        return bool(self.p.exposure.dtype == np.float32 or self.p.value.dtype == np.float32)
+
+    def smoothed(self, prices: np.ndarray, tau: float) -> np.ndarray:
+        """``[sum_u w_u tau logsumexp(s_u / tau), sum_u w_u max_l s_u, shares (K)]`` at ``prices``."""
+        r = _smoothed_pass(self.p, np.asarray(prices, dtype=np.float64), float(tau))
+        return np.concatenate([[r.smooth, r.hard], r.shares])
+
+    def bound(self, prices: np.ndarray) -> float:
+        """``sum_u w_u max_l (v + a @ prices)`` in float64 (the shard's part of the Lagrangian bound)."""
+        p = self.p
+        pc = np.asarray(prices, dtype=np.float64)
+        total = 0.0
+        for i0, i1 in _chunks(p.n_users):
+            total += float(p.weight[i0:i1] @ _scores(p, i0, i1, pc, exact=True).max(axis=1))
+        return total
+
+    def softmax_totals(self, prices: np.ndarray, tau: float) -> np.ndarray:
+        """``[objective, shares (K)]`` of the softmax policy at ``tau`` over this shard's users."""
+        x = np.empty((self.p.n_users, self.p.n_cand))
+        _smoothed_pass(self.p, np.asarray(prices, dtype=np.float64), float(tau), policy_out=x)
+        obj, shares = _objective_and_shares(self.p, x)
+        return np.concatenate([[obj], shares])
+
+    def crossover_part(self, prices: np.ndarray, delta: float) -> CrossoverPart:
+        """Users whose runner-up is more than ``delta`` behind take their argmax (summed here); the
+        marginal users' near-best candidates go back to the driver's reduced LP."""
+        p = self.p
+        k = p.n_constraints
+        pc = _prices_cast(p, np.asarray(prices, dtype=np.float64))
+        fixed_obj = 0.0
+        fixed_shares = np.zeros(k)
+        users: list[np.ndarray] = []
+        nears: list[np.ndarray] = []
+        for i0, i1 in _chunks(p.n_users):
+            s = _scores(p, i0, i1, pc)
+            m = s.max(axis=1)
+            am = s.argmax(axis=1)
+            near = s >= (m - delta)[:, None]
+            marg = near.sum(axis=1) >= 2
+            wf = np.where(marg, 0.0, p.weight[i0:i1])
+            rows = np.arange(i1 - i0)
+            fixed_obj += float(wf @ p.value[i0:i1][rows, am])
+            fixed_shares += wf @ p.exposure[i0:i1][rows, am].astype(np.float64)
+            idx = np.flatnonzero(marg)
+            if idx.size:
+                users.append(idx + i0)
+                nears.append(near[idx])
+        u = np.concatenate(users) if users else np.zeros(0, dtype=np.int64)
+        near_all = np.concatenate(nears) if nears else np.zeros((0, p.n_cand), dtype=bool)
+        ui, li = np.nonzero(near_all)
+        gu = u[ui]
+        return CrossoverPart(fixed_obj, fixed_shares, int(u.size), float(p.weight[u].sum()), ui,
+                             p.weight[gu], p.value[gu, li].astype(np.float64),
+                             p.exposure[gu, li].astype(np.float64))
+
+    def choose(self, prices: np.ndarray) -> np.ndarray:
+        """Shape (n_users,): each user's priced argmax (what serving takes at these prices)."""
+        p = self.p
+        pc = np.asarray(prices, dtype=np.float64)
+        return np.concatenate([_scores(p, i0, i1, pc, exact=True).argmax(axis=1)
+                               for i0, i1 in _chunks(p.n_users)])
+
+
+class CrossoverPart(NamedTuple):
+    """One shard's answer to a crossover round (see :meth:`PlanShard.crossover_part`)."""
+
+    fixed_obj: float
+    fixed_shares: np.ndarray  # (K,)
+    n_marginal: int
+    marginal_weight: float
+    row: np.ndarray  # (n_p,) marginal user of each near-best pair, 0..n_marginal-1
+    weight: np.ndarray  # (n_p,)
+    value: np.ndarray  # (n_p,)
+    exposure: np.ndarray  # (n_p, K)
+
+
+class ShardMap(Protocol):
+    """Where the shards live: ``map`` calls one :class:`PlanShard` method on every shard, in order."""
+
+    @property
+    def n_shards(self) -> int: ...
+
+    def map(self, method: str, *args: Any) -> list[Any]: ...
+
+
+class LocalShards:
+    """Shards held in this process (tests, a single machine); the reference for other ShardMaps.
+
+    Parameters
+    ----------
+    shards
+        The shards, or callables that build one (called once, here).
+    """
+
+    def __init__(self, shards: Sequence[PlanShard | Callable[[], PlanShard]]) -> None:
+        if len(shards) == 0:
+            raise ValueError("shards must hold at least one shard; got none")
+        self.shards = [s if isinstance(s, PlanShard) else s() for s in shards]
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.shards)
+
+    def map(self, method: str, *args: Any) -> list[Any]:
+        return [getattr(s, method)(*args) for s in self.shards]
+
+
+@dataclass(frozen=True, eq=False)
+class ShardedPlan:
+    """A plan solved over shards: :class:`allocator.Plan` without ``x`` (it stays in the shards;
+    serving recomputes each user's choice from the prices), plus the shard count.
+
+    Attributes are those of :class:`allocator.Plan`; ``n_users`` and ``n_shards`` count the users
+    and shards, ``iterations`` the passes over the shards.
+    """
+
+    prices: np.ndarray
+    objective: float
+    shares: np.ndarray
+    status: str
+    gap: float
+    violation: float
+    dual_bound: float
+    n_vars: int
+    n_users: int
+    n_shards: int
+    build_s: float
+    solve_s: float
+    iterations: int
+    method: str
+    names: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        for arr in (self.prices, self.shares):
+            arr.setflags(write=False)
+
+
+class _ShardedDual(_DualProblem):
+    """The smoothed dual whose passes run on the shards (K prices out, K + 2 sums back per shard)."""
+
+    def __init__(self, bounds: _Problem, shards: ShardMap, value_floor: float, scale: float,
+                 float32: bool) -> None:
+        super().__init__(bounds, value_floor, scale)
+        self.shards = shards
+        rel = 1e-5 if float32 else 1e-9
+        self.margin = rel * (abs(value_floor) + scale) if math.isfinite(value_floor) else 0.0
+        self.last_y = np.zeros(self.n_mult)
+
+    def __call__(self, y: np.ndarray) -> tuple[float, np.ndarray]:
+        self.last_y = np.array(y, dtype=np.float64)
+        lam = self.prices(y)
+        tot = _add(self.shards.map("smoothed", lam, self.tau))
+        self.n_passes += 1
+        smooth, hard, shares = float(tot[0]), float(tot[1]), tot[2:]
+        lin = self.linear(y)
+        if self.mult_cap is None and hard + lin < self.value_floor - self.margin:
+            raise _Infeasible
+        grad = np.concatenate(
+            [shares[self.floors] - self.p.lower[self.floors], self.p.upper[self.caps] - shares[self.caps]]
+        )
+        return smooth + lin, grad
+
+
+def _add(parts: Sequence[np.ndarray]) -> np.ndarray:
+    out = np.array(parts[0], dtype=np.float64, copy=True)
+    for x in parts[1:]:
+        out += x
+    return out
+
+
+def _bounds_problem(lower: np.ndarray, upper: np.ndarray, names: tuple[str, ...],
+                    reach_lo: np.ndarray, reach_hi: np.ndarray) -> _Problem:
+    """A one-user stand-in carrying the bounds; its two candidates span the shards' reachable range,
+    so the single-machine pre-check applies unchanged."""
+    k = lower.size
+    exposure = np.stack([reach_lo, reach_hi])[None]  # (1, 2, K)
+    return _Problem(np.zeros((1, 2)), exposure, np.ones(1), lower, upper, None, names, 1, 2, k, 2)
+
+
+def _check_bounds(lower: object, upper: object, k: int, names: Sequence[str] | None
+                  ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    # the single-machine validation, on a one-user problem of the same K
+    p = _validate(np.zeros((1, 1)), np.zeros((1, 1, k)), np.ones(1), lower, upper, None, names)
+    return p.lower, p.upper, p.names
+
+
+def plan_dual_sharded(
+    shards: ShardMap,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    *,
+    names: Sequence[str] | None = None,
+    tol: float = 1e-6,
+    temperature: float | None = None,
+    max_iter: int = 500,
+    time_limit: float | None = None,
+) -> ShardedPlan:
+    """Solve the planning LP over users held in shards, by the dual method of :func:`plan_dual`.
+
+    Parameters
+    ----------
+    shards
+        A :class:`ShardMap` of :class:`PlanShard` (their weights together sum to 1).
+    lower, upper, names, tol, temperature, max_iter, time_limit
+        As in :func:`allocator.plan_dual`.
+
+    Returns
+    -------
+    ShardedPlan
+        Equal to ``plan_dual`` on the concatenated users (shards in order) up to floating-point
+        summation order; ``x`` is not gathered.
+
+    Raises
+    ------
+    InfeasiblePlan
+        When the pre-check fails, or the dual bound proves that no plan meets the bounds (the
+        diagnosis then names the constraints whose multipliers grew; no relaxation is computed).
+
+    Examples
+    --------
+    >>> s = LocalShards([PlanShard(np.array([[3.0, 1.0]]), np.array([[[0.0], [1.0]]]), np.array([1.0]))])
+    >>> plan = plan_dual_sharded(s, np.array([1 / 3]), np.array([np.inf]))
+    >>> round(plan.objective, 9), plan.prices.round(9).tolist(), plan.status
+    (2.333333333, [2.0], 'optimal')
+    """
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0; got {tol!r}")
+    if temperature is not None and not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite float > 0 or None; got {temperature!r}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1; got {max_iter!r}")
+    t0 = time.perf_counter()
+    sizes = shards.map("sizes")
+    ks = {int(k) for _, k in sizes}
+    if len(ks) != 1:
+        raise ValueError(f"every shard must have the same number of constraints K; got {sorted(ks)}")
+    k = ks.pop()
+    lo, hi, nm = _check_bounds(lower, upper, k, names)
+    summ = shards.map("summary")
+    tot = _add(summ)
+    w_total, n_vars, value_floor, spread = float(tot[0]), int(round(tot[1])), float(tot[2]), float(tot[3])
+    if abs(w_total - 1.0) > 1e-6:
+        raise ValueError(f"weight must sum to 1 over all shards (traffic shares); got sum {w_total!r}")
+    n_users = int(sum(n for n, _ in sizes))
+    f32 = any(shards.map("float32"))
+    bp = _bounds_problem(lo, hi, nm, tot[4 : 4 + k], tot[4 + k :])
+    pre = _precheck(bp)
+    if pre is not None:
+        raise InfeasiblePlan(pre)
+    scale = spread if spread > 0 else 1.0
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    dp = _ShardedDual(bp, shards, value_floor, scale, f32)
+    y = np.zeros(dp.n_mult)
+    if temperature is None:
+        taus = [scale * t for t in _TAUS]
+    else:
+        taus = [t for t in (scale * t for t in _TAUS) if t > temperature] + [float(temperature)]
+    for i, tau in enumerate(taus if dp.n_mult else ()):
+        last = i == len(taus) - 1
+        gtol = (tol if temperature is not None else 1e-6) if last else 1e-4
+        try:
+            y = dp.minimise(y, tau, gtol=gtol, max_iter=max_iter)
+        except _Infeasible:
+            raise InfeasiblePlan(_dual_diagnosis(bp, dp)) from None
+    prices = dp.prices(y)
+
+    def done(prices: np.ndarray, obj: float, shares: np.ndarray, status: str, gap: float, viol: float,
+             bound: float, method: str) -> ShardedPlan:
+        return ShardedPlan(prices=prices, objective=obj, shares=shares, status=status, gap=gap, violation=viol,
+                           dual_bound=bound, n_vars=n_vars, n_users=n_users, n_shards=shards.n_shards,
+                           build_s=build_s, solve_s=time.perf_counter() - t0, iterations=dp.n_passes,
+                           method=method, names=nm)
+
+    def lagrangian(prices: np.ndarray) -> float:
+        dp.n_passes += 1
+        return float(sum(shards.map("bound", prices))) + _bound_term(bp, np.asarray(prices, dtype=np.float64))
+
+    def softmax(exact: bool) -> ShardedPlan:
+        tot = _add(shards.map("softmax_totals", prices, taus[-1]))
+        bound = lagrangian(prices)
+        dp.n_passes += 1
+        obj, shares = float(tot[0]), tot[1:]
+        viol = _violation(bp, shares)
+        gap = _rel_gap(bound, obj)
+        ok = viol <= tol and (gap <= tol or not exact)
+        return done(prices, obj, shares, "optimal" if ok else "iteration_limit", gap, viol, bound,
+                    f"sharded-dual-lbfgs-softmax(tau={taus[-1]:.3g})")
+
+    if temperature is not None:
+        return softmax(exact=False)
+
+    delta = _DELTA_PER_TAU * taus[-1]
+    center = prices
+    best: tuple[float, float, _Cross] | None = None
+    bound = math.inf
+    smooth_checked = False
+    for _ in range(_MAX_CROSSOVER_ROUNDS):
+        cx = _crossover(bp, shards, center, delta, time_limit)
+        dp.n_passes += 1
+        if cx is not None:
+            if cx.prices is not None:
+                bound = min(bound, lagrangian(cx.prices))
+            if _rel_gap(bound, cx.objective) > tol and not smooth_checked:
+                bound = min(bound, lagrangian(prices))
+                smooth_checked = True
+            gap = _rel_gap(bound, cx.objective)
+            viol = _violation(bp, cx.shares)
+            if best is None or (gap, viol) < (best[0], best[1]):
+                best = (gap, viol, cx)
+            if gap <= tol and viol <= tol:
+                break
+            if cx.prices is not None:
+                center = cx.prices
+        delta *= 4.0
+    if best is not None and best[1] <= tol:
+        gap, viol, cx = best
+        return done(cx.prices if cx.prices is not None else prices, cx.objective, cx.shares,
+                    "optimal" if gap <= tol else "iteration_limit", gap, viol, bound,
+                    "sharded-dual-lbfgs+crossover")
+    return softmax(exact=True)
+
+
+class _Cross(NamedTuple):
+    objective: float
+    shares: np.ndarray
+    prices: np.ndarray | None
+
+
+def _crossover(bp: _Problem, shards: ShardMap, prices: np.ndarray, delta: float,
+               time_limit: float | None) -> _Cross | None:
+    """The single-machine crossover's reduced LP over the marginal users gathered from the shards."""
+    parts: list[CrossoverPart] = shards.map("crossover_part", prices, delta)
+    k = bp.n_constraints
+    fixed_obj = float(sum(pt.fixed_obj for pt in parts))
+    fixed_shares = _add([pt.fixed_shares for pt in parts])
+    n_users = sum(pt.n_marginal for pt in parts)
+    if n_users == 0:
+        return _Cross(fixed_obj, fixed_shares, None) if _violation(bp, fixed_shares) == 0.0 else None
+    offsets = np.cumsum([0] + [pt.n_marginal for pt in parts[:-1]])
+    ui = np.concatenate([pt.row + o for pt, o in zip(parts, offsets, strict=True)])
+    n_p = ui.size
+    if n_p > _MAX_CROSSOVER_VARS:
+        return None
+    w = np.concatenate([pt.weight for pt in parts])
+    val = np.concatenate([pt.value for pt in parts])
+    expo = np.concatenate([pt.exposure for pt in parts]).reshape(n_p, k)
+    w_marg = float(sum(pt.marginal_weight for pt in parts))
+    sc = n_users / w_marg if w_marg > 0 else 1.0
+    coef = (sc * w)[:, None] * expo
+    floors = np.flatnonzero(np.isfinite(bp.lower))
+    caps = np.flatnonzero(np.isfinite(bp.upper))
+    a_ub = np.concatenate([-coef[:, floors].T, coef[:, caps].T])
+    b_ub = np.concatenate(
+        [-sc * (bp.lower[floors] - fixed_shares[floors]), sc * (bp.upper[caps] - fixed_shares[caps])]
+    )
+    a_eq = sp.csr_array((np.ones(n_p), (ui, np.arange(n_p))), shape=(n_users, n_p))
+    opts: dict[str, object] = {"presolve": True}
+    if time_limit is not None:
+        opts["time_limit"] = time_limit
+    res = linprog(
+        -(sc * w) * val,
+        A_ub=sp.csr_array(a_ub) if a_ub.size else None,
+        b_ub=b_ub if a_ub.size else None,
+        A_eq=a_eq,
+        b_eq=np.ones(n_users),
+        bounds=(0.0, None),
+        method="highs-ds" if n_p <= 50_000 else "highs-ipm",
+        options=opts,
+    )
+    if res.status != 0:
+        return None
+    z = np.clip(res.x, 0.0, None)
+    obj = fixed_obj + float((w * z) @ val)
+    shares = fixed_shares + (w * z) @ expo
+    marginals = np.asarray(res.ineqlin.marginals) if a_ub.size else np.zeros(0)
+    lp_prices = np.zeros(k)
+    np.add.at(lp_prices, floors, -marginals[: floors.size])
+    np.add.at(lp_prices, caps, marginals[floors.size :])
+    only_lo = np.isfinite(bp.lower) & ~np.isfinite(bp.upper)
+    only_hi = np.isfinite(bp.upper) & ~np.isfinite(bp.lower)
+    lp_prices[only_lo] = np.maximum(lp_prices[only_lo], 0.0)
+    lp_prices[only_hi] = np.minimum(lp_prices[only_hi], 0.0)
+    return _Cross(obj, shares, lp_prices)
+
+
+def _dual_diagnosis(bp: _Problem, dp: _ShardedDual) -> InfeasibilityDiagnosis:
+    """The dual bound fell below every plan's value: name the constraints whose multipliers grew
+    (the support of the certificate)."""
+    ks = np.concatenate([dp.floors, dp.caps])[dp.last_y > 0]
+    names = tuple(bp.names[i] for i in ks.tolist())
+    return InfeasibilityDiagnosis(conflicting=tuple(dict.fromkeys(names)), relaxations=(), alternatives=(),
+                                  relaxed_lower=bp.lower.copy(), relaxed_upper=bp.upper.copy(),
+                                  total_relaxation=math.inf, method="sharded-dual-bound")

@@ -1,0 +1,198 @@
+"""Served-page quality on a real log: MovieLens-100k split by time, through the CLI.
+
+The data ships inside the ``recbole==1.2.1`` wheel; its licence forbids redistribution, so it is
+fetched at run time (``pip download --no-deps recbole==1.2.1``) into a temporary folder and never
+stored in the repository. ``--data DIR`` reads ``ml-100k.inter`` and ``ml-100k.item`` (RecBole's
+atomic files) or ``u.data`` and ``u.item`` (GroupLens' original files) from DIR instead.
+
+Conversion:
+
+* catalog: one row per movie, ``category`` from its genres (``action`` for action / adventure /
+  thriller / sci-fi / war / western / crime / horror / mystery / film-noir, else ``drama``, else
+  ``comedy``, else ``other``), ``popularity`` = its ratings in the training 80 % (+1), features =
+  the 19 genre flags and the standardised release year;
+* events: rating 5 -> ``favorite``, 4 -> ``play``, 1-3 -> ``skip`` at the rating's timestamp;
+* config: 2 slots x 5 items (a page of 10), one module per category, no exposure constraints.
+
+Then ``homepage import`` -> ``homepage train`` (timed) -> ``homepage evaluate`` on the same temporal
+split (first 80 % of ratings = the past; each held-out user's page judged against the movies they
+went on to rate 4 or 5). Prints JSON lines: every scorer's HR/Recall/NDCG with the paired-bootstrap
+CI of its difference with the best baseline, the publish gate's table (the candidate model trained on
+the past only, judged with the users' history as of the cutoff) and the training time.
+
+Run: ``.venv/bin/python bench/real_data.py [--data DIR] [--max-epochs N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parents[1]
+GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+          "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
+ACTION = {"Action", "Adventure", "Thriller", "Sci-Fi", "War", "Western", "Crime", "Horror", "Mystery", "Film-Noir"}
+CATEGORIES = ("action", "drama", "comedy", "other")
+
+CONFIG = """[homepage]
+slots = 2
+position_weights = [1.0, 0.8]
+items_per_module = 5
+""" + "".join(f'\n[[categories]]\nname = "{c}"\nvalue_per_engagement = 1.0\n' for c in CATEGORIES) + "".join(
+    f'\n[[modules]]\nid = "{c}_picks"\ncategory = "{c}"\n' for c in CATEGORIES) + """
+[events]
+play = 1.0
+full_play = 2.0
+favorite = 2.0
+share = 3.0
+skip = -0.5
+
+[tilt]
+levels = [0.0, 0.25, 0.5]
+head_share = 0.8
+"""
+
+
+def fetch(tmp: Path) -> Path:
+    """ml-100k from the recbole wheel, extracted into ``tmp``."""
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "recbole==1.2.1", "-d", str(tmp)],
+                   check=True)
+    wheel = next(tmp.glob("recbole-1.2.1-*.whl"))
+    out = tmp / "ml-100k"
+    out.mkdir(exist_ok=True)
+    with zipfile.ZipFile(wheel) as z:
+        for name in ("ml-100k.inter", "ml-100k.item"):
+            (out / name).write_bytes(z.read(f"recbole/dataset_example/ml-100k/{name}"))
+    return out
+
+
+def read(data: Path) -> tuple[np.ndarray, dict[str, tuple[list[str], str]]]:
+    """(ratings (n, 4) user, item, rating, ts as int64; item id -> (genres, year))."""
+    if (data / "ml-100k.inter").is_file():
+        r = np.loadtxt(data / "ml-100k.inter", skiprows=1, dtype=np.int64)
+        items = {}
+        with (data / "ml-100k.item").open(encoding="latin-1") as fh:
+            next(fh)
+            for line in fh:
+                iid, _title, year, genres = line.rstrip("\n").split("\t")
+                items[iid] = (genres.split(" "), year)
+        return r, items
+    r = np.loadtxt(data / "u.data", dtype=np.int64)
+    items = {}
+    with (data / "u.item").open(encoding="latin-1") as fh:
+        for line in fh:
+            f = line.rstrip("\n").split("|")
+            items[f[0]] = ([g for g, x in zip(GENRES, f[5:], strict=True) if x == "1"], f[2][-4:])
+    return r, items
+
+
+def category(genres: list[str]) -> str:
+    if ACTION & set(genres):
+        return "action"
+    if "Drama" in genres:
+        return "drama"
+    return "comedy" if "Comedy" in genres else "other"
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    p = subprocess.run([sys.executable, "-m", "policy_api.cli", *args], env=env, capture_output=True, text=True,
+                       cwd=env["HOMEPAGE_DATA_DIR"])
+    if p.returncode not in (0, 1):
+        raise SystemExit(f"homepage {' '.join(args)} failed ({p.returncode}): {p.stderr[-2000:]}")
+    return p.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", help="folder with ml-100k.inter/.item or u.data/u.item (default: from the recbole wheel)")
+    ap.add_argument("--max-epochs", type=int, default=10)
+    ap.add_argument("--interaction", choices=("cin", "cross"), default="cross")
+    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--work", help="keep the converted files and the database in this folder (default: a temporary one)")
+    ap.add_argument("--import-only", action="store_true", help="stop after the import (with --work: for experiments)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(args.work or t)
+        tmp.mkdir(parents=True, exist_ok=True)
+        ratings, meta = read(Path(args.data) if args.data else fetch(Path(t)))
+        ts = ratings[:, 3].astype(np.float64)
+        cutoff = np.sort(ts)[int(ts.size * 0.8)]
+        past = ts < cutoff
+        ids = sorted(meta, key=int)
+        count = {i: 1 for i in ids}
+        for i in ratings[past, 1].tolist():
+            count[str(i)] += 1
+        years = np.array([float(meta[i][1]) if meta[i][1].isdigit() else np.nan for i in ids])
+        years = np.where(np.isnan(years), np.nanmean(years), years)
+        z = (years - years.mean()) / years.std()
+        with (tmp / "items.csv").open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["item_id", "category", "popularity", *[f"g_{g}" for g in GENRES], "year"])
+            for k, i in enumerate(ids):
+                g = meta[i][0]
+                w.writerow([i, category(g), count[i], *[int(x in g) for x in GENRES], round(float(z[k]), 4)])
+        event = np.where(ratings[:, 2] >= 5, "favorite", np.where(ratings[:, 2] >= 4, "play", "skip"))
+        with (tmp / "ratings.csv").open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["user_id", "item_id", "event", "timestamp"])
+            w.writerows(zip(ratings[:, 0].tolist(), ratings[:, 1].tolist(), event.tolist(), ratings[:, 3].tolist(),
+                            strict=True))
+        (tmp / "homepage.toml").write_text(CONFIG)
+        env = dict(os.environ, DATABASE_URL=f"sqlite:///{tmp / 'h.db'}", HOMEPAGE_DATA_DIR=str(tmp),
+                   HOMEPAGE_CONFIG=str(tmp / "homepage.toml"), PYTHONPATH=str(ROOT))
+        cli(env, "catalog", "load", str(tmp / "items.csv"))
+        cli(env, "config", "apply", str(tmp / "homepage.toml"))
+        t0 = time.perf_counter()
+        cli(env, "import", str(tmp / "ratings.csv"))
+        import_s = time.perf_counter() - t0
+        if args.import_only:
+            return
+        t0 = time.perf_counter()
+        out = cli(env, "train", "--max-epochs", str(args.max_epochs), "--interaction", args.interaction, "--report-dir", str(tmp / "report"))
+        train_s = time.perf_counter() - t0
+        eng = sa.create_engine(env["DATABASE_URL"])
+        with eng.connect() as c:
+            status, metrics = c.execute(sa.text("SELECT status, metrics FROM models WHERE name = 'ranker' "
+                                                "ORDER BY version DESC LIMIT 1")).one()
+        eng.dispose()
+        metrics = json.loads(metrics) if isinstance(metrics, str) else metrics
+        print(json.dumps({"bench": "real_data", "ratings": int(ts.size), "users": int(np.unique(ratings[:, 0]).size),
+                          "items": len(ids), "import_s": round(import_s, 2), "train_cli_s": round(train_s, 2),
+                          "train_fit_s": round(float(metrics["train_s"]), 2), "model_status": status,
+                          "best_epoch": metrics["best_epoch"], "load_1m": os.getloadavg()[0]}))
+        print(json.dumps({"bench": "real_data", "part": "train_output", "text": out.splitlines()[-1]}))
+        gate = metrics.get("gate", {})
+        print(json.dumps({"bench": "real_data", "part": "gate", "passed": gate.get("passed"),
+                          "chosen": gate.get("chosen"), "reason": gate.get("reason"),
+                          "valid_play_ece": gate.get("valid_play_ece"), "n_users": gate.get("n_users"),
+                          "page_size": gate.get("page_size")}))
+        for r in gate.get("scorers", []):
+            print(json.dumps({"bench": "real_data", "part": "gate_scorer", **{k: (round(v, 4) if isinstance(v, float)
+                                                                                 else v) for k, v in r.items()}}))
+        for d in gate.get("differences_vs_best_baseline", []):
+            print(json.dumps({"bench": "real_data", "part": "gate_diff", **{k: (round(v, 4) if isinstance(v, float)
+                                                                               else v) for k, v in d.items()}}))
+        cli(env, "evaluate", "--n-boot", str(args.n_boot), "--json", str(tmp / "eval.json"), "--out", str(tmp / "ev"))
+        res = json.loads((tmp / "eval.json").read_text())
+        for r in res["scorers"]:
+            print(json.dumps({"bench": "real_data", "part": "evaluate", "n_users": res["n_users"],
+                              "page_size": res["page_size"], "best_baseline": res["best_baseline"],
+                              **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}}))
+        for d in res["differences_vs_best_baseline"]:
+            print(json.dumps({"bench": "real_data", "part": "evaluate_diff",
+                              **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}}))
+
+
+if __name__ == "__main__":
+    main()

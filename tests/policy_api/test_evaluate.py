@@ -1,0 +1,232 @@
+"""Served-page evaluation (`homepage evaluate`) and the publish gate that uses it.
+
+References: the page extraction against allocator.layout_items run user by user; the metrics against
+a per-user loop over the pages; the gate against oracle and anti-oracle candidates whose pages are
+known to contain the most / fewest future positives.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from allocator import block_table, build_candidates, layout_items
+from policy_api import cli, jobs, registry
+from policy_api.engine import build_state
+from policy_api.errors import InvalidInput
+from policy_api.log import Catalog, load_items, make_engine, read_catalog_csv, upgrade, upsert_items
+from simulator import EVENT_TYPES, exposure_log, make_world
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    """A small simulator world's exposure log imported as history; the config active."""
+    tmp = tmp_path_factory.mktemp("evaluate")
+    world = make_world(n_users=120, n_items=240, seed=3)
+    (tmp / "homepage.toml").write_text(world.default_config_toml())
+    world.to_catalog_csv(tmp / "items.csv")
+    _, ev = exposure_log(world, 1500, np.random.default_rng(4))
+    with (tmp / "inter.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["user_id", "item_id", "event", "timestamp"])
+        for u, i, t, ts in zip(ev["user"].tolist(), ev["item"].tolist(), ev["type"].tolist(), ev["ts"].tolist(),
+                               strict=True):
+            w.writerow([f"u{u}", str(world.item_ids[i]), EVENT_TYPES[t], repr(ts)])
+    url = f"sqlite:///{tmp / 'h.db'}"
+    upgrade(url)
+    db = make_engine(url)
+    rec = registry.activate_config(db, (tmp / "homepage.toml").read_text(), author="test")
+    cfg = registry.require_active_config(db)
+    upsert_items(db, read_catalog_csv(tmp / "items.csv", cfg.config.category_names).rows())
+    jobs.import_file(db, tmp / "inter.csv")
+    yield tmp, db, cfg, rec
+    db.dispose()
+
+
+def _holdout(db, cfg, **kw):
+    catalog = Catalog.from_arrays(load_items(db))
+    ev = jobs.log_events(db, catalog)
+    h = jobs.holdout_split(ev["user"], ev["item"], ev["ts"], ev["type"], event_weights=cfg.config.event_weight_vector(),
+                           n_users=ev["n_users"], n_items=catalog.n_items, **kw)
+    return catalog, ev, h
+
+
+def test_served_pages_match_the_engine_layout_user_by_user(logged, seed):
+    _, db, cfg, _ = logged
+    catalog = Catalog.from_arrays(load_items(db))
+    state = build_state(cfg.config, catalog)
+    rng = np.random.default_rng(seed)
+    pools = jobs._evaluate._pools(state, 7, seed)
+    scores = rng.gamma(1.0, size=pools.shape)
+    pages = jobs.served_pages(state, scores, pools)
+    space = state.space
+    b0 = int(np.flatnonzero(space.tilt_levels == 0)[0])
+    for u in range(pools.shape[0]):  # the reference: one user at a time, the engine's own helpers
+        cat = state.item_category[pools[u]]
+        tbl = block_table(space, scores[u][None], cat, state.is_tail[pools[u]], state.tail[pools[u]])
+        cand = build_candidates(space, tbl, np.zeros(space.n_constraints))
+        ok = np.flatnonzero(cand.mask[0] & (cand.tilt[0] == b0))
+        best = ok[np.argmax(cand.value[0, ok])]
+        shown = layout_items(space, tbl, 0, cand.categories[0, best], cand.blocks[0, best], b0)
+        want = np.full((space.n_slots, space.items_per_module), -1)
+        for s, pos in enumerate(shown):
+            want[s, :pos.size] = pools[u][pos]
+        np.testing.assert_array_equal(pages[u], want.ravel())
+        # every page item is in the pool, each category's block is its best-scored items in order
+        assert np.isin(pages[u][pages[u] >= 0], pools[u]).all()
+
+
+def test_pools_follow_the_engine_quotas(logged, seed):
+    _, db, cfg, _ = logged
+    state = build_state(cfg.config, Catalog.from_arrays(load_items(db)))
+    pools = jobs._evaluate._pools(state, 50, seed)
+    assert pools.shape[1] == int((state.head_quota + state.rest_quota).sum())
+    for c, items in enumerate(state.by_category):
+        inside = np.isin(pools, items).sum(axis=1)
+        assert (inside == state.head_quota[c] + state.rest_quota[c]).all()
+        assert np.isin(items[: state.head_quota[c]], pools[0]).all()
+    assert (np.sort(pools, axis=1)[:, 1:] != np.sort(pools, axis=1)[:, :-1]).all()  # no item twice
+
+
+def test_holdout_split_is_by_time_and_keeps_new_positives_only(logged):
+    _, db, cfg, _ = logged
+    catalog, ev, h = _holdout(db, cfg, train_share=0.7)
+    w = cfg.config.event_weight_vector()[ev["type"]]
+    assert h.train_ts.max() < h.cutoff and (h.train_weight > 0).all()
+    assert h.train_item.size == int(((ev["ts"] < h.cutoff) & (w > 0)).sum())
+    for r, u in enumerate(h.users.tolist()[:20]):  # a slow reference per user
+        m = ev["user"] == u
+        past = set(ev["item"][m & (ev["ts"] < h.cutoff) & (w > 0)].tolist())
+        fut = set(ev["item"][m & (ev["ts"] >= h.cutoff) & (w > 0)].tolist()) - past
+        assert set(h.positives[[r]].indices.tolist()) == fut and fut
+        assert set(h.seen[[r]].indices.tolist()) == past
+
+
+def test_metrics_match_a_per_user_loop_and_oracle_beats_popularity(logged):
+    _, db, cfg, _ = logged
+    catalog, _, h = _holdout(db, cfg)
+    state = build_state(cfg.config, catalog)
+    pos = h.positives.toarray() > 0
+
+    def oracle(users, pools):  # the held-out users' future positives first, the others near 0
+        return 1e-3 + pos[np.searchsorted(h.users, users)[:, None], pools]
+
+    scorers = jobs.baseline_scorers(h, state.item_category, names=("popularity",))
+    scorers["oracle"] = oracle
+    res = jobs.evaluate_pages(state, h, scorers, baselines=("popularity",), n_boot=200)
+    assert res.best_baseline == "popularity" and res.n_users == h.users.size
+    pools = jobs._evaluate._pools(state, h.users.size, 0)
+    pages = jobs.served_pages(state, oracle(h.users, pools), pools)
+    k = pages.shape[1]
+    rec = [len(set(p[p >= 0].tolist()) & set(np.flatnonzero(q).tolist())) / min(q.sum(), k)
+           for p, q in zip(pages, pos, strict=True)]
+    assert res.row("oracle")["recall"] == pytest.approx(np.mean(rec))
+    d = res.diff("oracle", "recall")
+    assert d["ci_low"] > 0 and d["mean_diff"] == pytest.approx(res.row("oracle")["recall"] - res.row("popularity")["recall"])
+
+
+class _PairScorer:
+    """A candidate model with fixed scores: +1 (oracle) or -1 (anti-oracle) on the future positives."""
+
+    def __init__(self, pos, sign):
+        self.pos, self.sign = pos, sign
+
+    def score_pairs(self, user_idx, item_idx):
+        u = np.asarray(user_idx)
+        hit = self.pos[np.maximum(u, 0), item_idx] * (u >= 0)
+        return 1e-3 + (hit if self.sign > 0 else 1.0 - hit)
+
+
+def test_gate_passes_an_oracle_and_refuses_a_loser(logged):
+    _, db, cfg, _ = logged
+    catalog, ev, h = _holdout(db, cfg)
+    state = build_state(cfg.config, catalog)
+    full = np.zeros((ev["n_users"], catalog.n_items))
+    full[h.users] = h.positives.toarray() > 0
+    data = {"events": ev["events"], "n_users": ev["n_users"], "user_ids": ev["user_ids"]}
+    w = cfg.config.event_weight_vector()
+    chosen, table = jobs._train.served_gate(state, data, {"oracle": _PairScorer(full, 1.0)}, h.cutoff, w, n_boot=200)
+    assert chosen == "oracle" and table["passed"]
+    chosen, table = jobs._train.served_gate(state, data, {"loser": _PairScorer(full, -1.0)}, h.cutoff, w, n_boot=200)
+    assert chosen is None and not table["passed"]
+    rows = {r["scorer"]: r["recall"] for r in table["scorers"]}
+    assert rows["loser"] < rows[table["best_baseline"]] == max(v for k, v in rows.items() if k != "loser")
+    # two candidates: the better one is chosen (the debiasing dial)
+    chosen, table = jobs._train.served_gate(state, data, {"loser": _PairScorer(full, -1.0),
+                                                          "oracle": _PairScorer(full, 1.0)}, h.cutoff, w, n_boot=200)
+    assert chosen == "oracle"
+
+
+@pytest.mark.slow
+def test_train_refuses_a_model_that_loses_to_a_baseline(logged):
+    _, db, cfg, _ = logged
+    res = jobs.train_ranker(db, cfg, max_epochs=1, interaction="cross")
+    gate = res.metrics["gate"]
+    rows = {r["scorer"]: r["recall"] for r in gate["scorers"]}
+    chosen = gate["chosen"]
+    d = next(x for x in gate["differences_vs_best_baseline"] if x["scorer"] == chosen and x["metric"] == "recall")
+    assert d["mean_diff"] == pytest.approx(rows[chosen] - rows[gate["best_baseline"]])
+    # one epoch on a popularity-driven log: the model's pages lose to a baseline, so it is refused
+    assert d["ci_low"] <= 0 and rows[chosen] < rows[gate["best_baseline"]]
+    assert res.published is None and res.rejected is not None
+    assert registry.model(db, "ranker") is None
+    assert gate["passed"] == (d["ci_low"] > 0)
+
+
+def test_cli_evaluate_prints_writes_json_and_report(logged, monkeypatch, capsys):
+    tmp, db, cfg, _ = logged
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp / 'h.db'}")
+    monkeypatch.chdir(tmp)
+    out = tmp / "ev"
+    assert cli.main(["evaluate", "--n-boot", "100", "--json", str(tmp / "e.json"), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    res = json.loads((tmp / "e.json").read_text())
+    assert [r["scorer"] for r in res["scorers"]] == list(jobs.BASELINE_SCORERS)
+    for r in res["scorers"]:
+        assert f"{r['recall']:.4f}" in text and 0.0 <= r["recall"] <= r["hr"] <= 1.0
+    assert (out / "index.html").is_file() and (out / "metrics.png").stat().st_size > 1000
+    assert cli.main(["evaluate", "--train-share", "1.5"]) == 2
+    assert "train_share must be in (0, 1); got 1.5" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--n-boot", "0"]) == 2
+    assert "n_boot must be an int >= 1; got 0" in capsys.readouterr().err
+
+
+def test_bad_baseline_name_is_named(logged):
+    _, db, cfg, _ = logged
+    catalog, _, h = _holdout(db, cfg)
+    with pytest.raises(InvalidInput, match=r"baseline must be one of popularity, recent_popularity"):
+        jobs.baseline_scorers(h, np.zeros(catalog.n_items, dtype=np.int64), names=("nope",))
+
+
+def test_recent_item_popularity_matches_a_loop(seed):
+    rng = np.random.default_rng(seed)
+    n = 200
+    ev = {"item": rng.integers(0, 7, n), "ts": rng.uniform(0, 100, n), "type": rng.integers(0, 5, n)}
+    w = np.array([1.0, 2.0, 4.0, 5.0, -0.5])
+    got = jobs.recent_item_popularity(ev, w, 7, t_end=80.0, half_life_s=10.0)
+    want = np.zeros(7)
+    for i, t, k in zip(ev["item"].tolist(), ev["ts"].tolist(), ev["type"].tolist(), strict=True):
+        if w[k] > 0 and t <= 80.0:
+            want[i] += w[k] * 0.5 ** ((80.0 - t) / 10.0)
+    np.testing.assert_allclose(got, want)
+
+
+def test_sampled_negatives_are_unlabelled_impressions_of_imported_decisions(logged):
+    _, db, _, _ = logged
+    catalog = Catalog.from_arrays(load_items(db))
+    base = jobs.log_training_arrays(db, catalog)
+    more = jobs.log_training_arrays(db, catalog, sampled_negatives=3, seed=1)
+    n0, n1 = base["impressions"]["item"].size, more["impressions"]["item"].size
+    assert n0 < n1 <= 4 * n0  # collisions with a chosen item (or each other) merge
+    key = lambda d: set((d["impressions"]["decision"] * catalog.n_items + d["impressions"]["item"]).tolist())  # noqa: E731
+    assert key(base) <= key(more)
+    # the events (labels) are unchanged: the new impressions carry none
+    np.testing.assert_array_equal(base["events"]["item"], more["events"]["item"])
+    per_dec = np.bincount(more["impressions"]["decision"]) - np.bincount(base["impressions"]["decision"],
+                                                                         minlength=more["impressions"]["decision"].max() + 1)
+    assert per_dec.max() <= 3 * np.bincount(base["events"]["decision"]).max()
+    with pytest.raises(InvalidInput, match=r"sampled_negatives must be an int >= 0; got -1"):
+        jobs.log_training_arrays(db, catalog, sampled_negatives=-1)
