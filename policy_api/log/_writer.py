@@ -58,7 +58,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from ._journal import Journal, JournalUnavailable
+from ._journal import Journal, JournalUnavailable, _fsync_dir, _write_all
 from ._rows import _decision_rows, _feedback_rows, insert_decisions, insert_feedback
 from ._schema import UTCDateTime, decisions, feedback, json_dumps, utcnow
 
@@ -180,21 +180,6 @@ def decode_spill_line(line: bytes) -> tuple[str, list[dict[str, Any]]]:
     if not isinstance(obj, dict) or obj.get("table") not in _INSERTERS or not isinstance(obj.get("rows"), list):
         raise ValueError(f"spill line must be {{'table': 'decisions'|'feedback', 'rows': [...]}}; got {line[:80]!r}")
     return obj["table"], obj["rows"]
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _same_file(fd: int, path: Path) -> bool:
