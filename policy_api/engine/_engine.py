@@ -168,6 +168,15 @@ SKIP_DEMOTION = 0.2
 CALIBRATION_PRIOR = 200.0
 
 
+def _top_means(scores: np.ndarray, group: np.ndarray, n_groups: int, top: int) -> np.ndarray:
+    """(n_groups,) mean score of each group's ``top`` best-scored items (0 for an empty group)."""
+    p = np.zeros(n_groups)
+    for g in range(n_groups):  # a handful of groups (categories, or their heads and tails)
+        s = np.sort(scores[group == g])[::-1][:top]
+        p[g] = float(s.mean()) if s.size else 0.0
+    return p
+
+
 def category_calibration(scores: np.ndarray, item_category: np.ndarray, rates: np.ndarray, top: int,
                          prior: float = CALIBRATION_PRIOR, base: np.ndarray | None = None) -> np.ndarray:
     """Shape (C,): per-category multipliers that bring a scorer's predicted engagement of the items it
@@ -190,10 +199,7 @@ def category_calibration(scores: np.ndarray, item_category: np.ndarray, rates: n
     [0.2, 0.1]
     """
     C = rates.shape[0]
-    p = np.zeros(C)
-    for c in range(C):  # C is a handful of categories
-        s = np.sort(scores[item_category == c])[::-1][:top]
-        p[c] = float(s.mean()) if s.size else 0.0
+    p = _top_means(scores, item_category, C, top)
     units, imps = rates[:, 0].astype(np.float64), rates[:, 1].astype(np.float64)
     have = p > 0
     denom = float((imps * p)[have].sum())
@@ -284,11 +290,7 @@ def group_calibration(scores: np.ndarray, group: np.ndarray, rates: np.ndarray, 
     >>> (m.round(3).tolist(), o.round(3).tolist())
     ([0.2, 0.01], [0.0, -0.11])
     """
-    G = rates.shape[0]
-    p = np.zeros(G)
-    for k in range(G):  # G is twice a handful of categories
-        s = np.sort(scores[group == k])[::-1][:top]
-        p[k] = float(s.mean()) if s.size else 0.0
+    p = _top_means(scores, group, rates.shape[0], top)
     units, imps = rates[:, 0].astype(np.float64), rates[:, 1].astype(np.float64)
     b = np.maximum(np.asarray(base, dtype=np.float64), 1e-12)
     rate = (units + prior * b * p) / (imps + prior)

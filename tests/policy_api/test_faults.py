@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +22,8 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from simulator import make_world
-
-from ..conftest import _postgres_admin_url
 from .test_api import free_port
-from .test_outage import Relay
+from .test_outage import Relay, relayed_postgres
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -76,33 +72,10 @@ class Site:
 
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Site]:
-    admin_url = _postgres_admin_url()
-    if admin_url is None:
-        pytest.skip("postgres tests need HOMEPAGE_TEST_POSTGRES_URL (unset)")
-    admin = sa.create_engine(admin_url)
-    schema = f"faults_{uuid.uuid4().hex[:10]}"
-    with admin.begin() as c:
-        c.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    relay = Relay((admin_url.host or "127.0.0.1", admin_url.port or 5432))
-    url = admin_url.set(host="127.0.0.1", port=relay.port).update_query_dict({"options": f"-csearch_path={schema}"})
-    world = make_world(n_users=30, n_items=300, seed=5)
-    (tmp_path / "homepage.toml").write_text(world.default_config_toml())
-    world.to_catalog_csv(tmp_path / "items.csv")
-    env = dict(os.environ, DATABASE_URL=url.render_as_string(hide_password=False), HOMEPAGE_DATA_DIR=str(tmp_path),
-               HOMEPAGE_CONFIG=str(tmp_path / "homepage.toml"), HOMEPAGE_RELOAD_S="0.5",
-               HOMEPAGE_DB_CONNECT_TIMEOUT="1", HOMEPAGE_DB_DEADLINE_MS=str(DB_DEADLINE_MS),
-               HOMEPAGE_WRITER_STALL_S=str(STALL_S), HOMEPAGE_SHUTDOWN_FLUSH_S="2")
-    done = subprocess.run([sys.executable, "-m", "policy_api.cli", "catalog", "load", str(tmp_path / "items.csv")],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    try:
+    with relayed_postgres(tmp_path, "faults", HOMEPAGE_DB_DEADLINE_MS=str(DB_DEADLINE_MS),
+                          HOMEPAGE_WRITER_STALL_S=str(STALL_S), HOMEPAGE_SHUTDOWN_FLUSH_S="2"
+                          ) as (admin, schema, relay, env):
         yield Site(tmp_path, admin, schema, relay, env)
-    finally:
-        relay.thaw()
-        relay.down()
-        with admin.begin() as c:
-            c.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 class Server:

@@ -4,6 +4,7 @@ through a TCP relay that this test takes down (connections cut, new ones refused
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -12,6 +13,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
@@ -105,25 +108,47 @@ class Relay:
                     pass
 
 
-def test_an_outage_loses_nothing_and_fails_no_request(tmp_path):
+@contextlib.contextmanager
+def relayed_postgres(tmp_path: Path, prefix: str, **env_extra: str
+                     ) -> Iterator[tuple[sa.Engine, str, Relay, dict[str, str]]]:
+    """A fresh PostgreSQL schema reached through a :class:`Relay`, the simulator's catalog loaded into it
+    and a config beside it: yields (admin engine, schema, relay, the server's environment). Dropped after."""
     admin_url = _postgres_admin_url()
     if admin_url is None:
         pytest.skip("postgres tests need HOMEPAGE_TEST_POSTGRES_URL (unset)")
     admin = sa.create_engine(admin_url)
-    schema = f"outage_{uuid.uuid4().hex[:10]}"
+    schema = f"{prefix}_{uuid.uuid4().hex[:10]}"
     with admin.begin() as c:
         c.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
     relay = Relay((admin_url.host or "127.0.0.1", admin_url.port or 5432))
-    url = admin_url.set(host="127.0.0.1", port=relay.port).update_query_dict({"options": f"-csearch_path={schema}"})
-    world = make_world(n_users=30, n_items=300, seed=5)
-    (tmp_path / "homepage.toml").write_text(world.default_config_toml())
-    world.to_catalog_csv(tmp_path / "items.csv")
-    env = dict(os.environ, DATABASE_URL=url.render_as_string(hide_password=False), HOMEPAGE_DATA_DIR=str(tmp_path),
-               HOMEPAGE_CONFIG=str(tmp_path / "homepage.toml"), HOMEPAGE_RELOAD_S="0.5",
-               HOMEPAGE_DB_CONNECT_TIMEOUT="1")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "policy_api.cli", *a], env=env, cwd=tmp_path,  # noqa: E731
-                                    check=True, capture_output=True, timeout=120)
-    run("catalog", "load", str(tmp_path / "items.csv"))
+    try:
+        url = admin_url.set(host="127.0.0.1", port=relay.port).update_query_dict(
+            {"options": f"-csearch_path={schema}"})
+        world = make_world(n_users=30, n_items=300, seed=5)
+        (tmp_path / "homepage.toml").write_text(world.default_config_toml())
+        world.to_catalog_csv(tmp_path / "items.csv")
+        env = dict(os.environ, DATABASE_URL=url.render_as_string(hide_password=False),
+                   HOMEPAGE_DATA_DIR=str(tmp_path), HOMEPAGE_CONFIG=str(tmp_path / "homepage.toml"),
+                   HOMEPAGE_RELOAD_S="0.5", HOMEPAGE_DB_CONNECT_TIMEOUT="1", **env_extra)
+        done = subprocess.run([sys.executable, "-m", "policy_api.cli", "catalog", "load",
+                               str(tmp_path / "items.csv")], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        yield admin, schema, relay, env
+    finally:
+        relay.thaw()
+        relay.down()
+        with admin.begin() as c:
+            c.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def test_an_outage_loses_nothing_and_fails_no_request(tmp_path):
+    with relayed_postgres(tmp_path, "outage") as (admin, schema, relay, env):
+        _outage(tmp_path, admin, schema, relay, env)
+
+
+def _outage(tmp_path: Path, admin: sa.Engine, schema: str, relay: Relay, env: dict[str, str]) -> None:
     port = free_port()
     log = (tmp_path / "server.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "policy_api.cli", "serve", "--port", str(port), "--workers", "2"],
@@ -184,9 +209,5 @@ def test_an_outage_loses_nothing_and_fails_no_request(tmp_path):
         ids = {r[0] for r in c.execute(sa.text(f'SELECT request_id FROM "{schema}".decisions'))}
         n_fb = c.execute(sa.text(f'SELECT COUNT(*) FROM "{schema}".feedback')).scalar_one()
         n_fb_distinct = c.execute(sa.text(f'SELECT COUNT(DISTINCT event_id) FROM "{schema}".feedback')).scalar_one()
-    with admin.begin() as c:
-        c.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
-    relay.down()
     assert ids == sent_decisions, (len(ids), len(sent_decisions), (tmp_path / "server.log").read_text()[-3000:])
     assert n_fb == n_fb_distinct == sent_events
