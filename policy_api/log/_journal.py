@@ -316,14 +316,24 @@ class Journal:
 
     def _open_segment(self) -> _Segment:
         self._next_number += 1
-        path = self._dir / f"journal-{os.getpid()}-{self._token}-{self._next_number}.jsonl"
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh name: nobody else holds it
+        name = f"journal-{os.getpid()}-{self._token}-{self._next_number}.jsonl"
+        # Created and locked under a name no replayer looks for, then renamed into place: a replayer
+        # scanning the folder could otherwise lock the new file between our create and our lock,
+        # claim it as an orphan, and delete it under us.
+        staging = self._dir / f".{name}.new"
+        path = self._dir / name
+        fd = os.open(staging, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a name nobody else knows: never contended
+            os.rename(staging, path)
             _fsync_dir(self._dir)
         except OSError:
             os.close(fd)
-            os.unlink(path)
+            for leftover in (staging, path):
+                try:
+                    os.unlink(leftover)
+                except FileNotFoundError:
+                    pass
             raise
         seg = _Segment(self._next_number, path, fd, time.monotonic())
         self._segments[seg.number] = seg

@@ -853,3 +853,38 @@ def test_tables_match_the_documented_columns():
     ]  # fmt: skip
     assert not feedback.foreign_keys and feedback.c.event_id.unique
     assert set(metadata.tables) == LOG_TABLES
+
+
+def test_new_journal_segments_are_never_claimed_by_a_sweeping_replayer(tmp_path):
+    """A journal that opens a new segment on every append, beside a writer of another process that
+    sweeps the same folder for orphans without pause: every append succeeds, every segment keeps
+    exactly its rows, and the sweeper replays nothing (reference: the appended rows)."""
+    eng = make_engine(f"sqlite:///{tmp_path / 'log.sqlite'}")
+    upgrade(eng)
+    spill = tmp_path / "spill"
+    journal = Journal(spill, encode_spill_line, deadline_s=5.0, max_segment_bytes=1)
+    sweeper = LogWriter(eng, spill, flush_interval_s=0.01)
+    stop = threading.Event()
+
+    def sweep() -> None:
+        while not stop.is_set():
+            sweeper.flush(timeout=5, replay=True)
+
+    thread = threading.Thread(target=sweep)
+    thread.start()
+    appended: dict[int, list] = {}
+    try:
+        for i in range(300):
+            rows = [{"request_id": f"r{i}", "n": i}]
+            appended[journal.append("decisions", rows)] = rows
+        stats = journal.stats()
+        on_disk = {int(p.stem.rsplit("-", 1)[1]): [decode_spill_line(x)[1] for x in p.read_bytes().splitlines()]
+                   for p in spill.glob("journal-*.jsonl")}
+    finally:
+        stop.set()
+        thread.join()
+        journal.close()
+        sweeper.close()
+    assert stats["failures"] == 0 and stats["rows"] == 300
+    assert on_disk == {n: [rows] for n, rows in appended.items()}
+    assert count(eng, "decisions") == 0 and not list(spill.glob(".journal-*"))
