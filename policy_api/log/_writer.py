@@ -841,6 +841,12 @@ class LogWriter:
             return target, fd  # still locked by fd
 
     def _claim_others(self) -> list[tuple[Path, int]]:
+        for staging in self._dir.glob(".journal-*.new"):  # a journal killed while opening a segment
+            try:  # (empty: nothing is written before the rename); a live one renames it in microseconds
+                if time.time() - staging.stat().st_mtime > 60:
+                    staging.unlink()
+            except FileNotFoundError:
+                pass
         claimed = []
         names = (sorted(self._dir.glob("spill-*.jsonl")) + sorted(self._dir.glob("journal-*.jsonl"))
                  + sorted(self._dir.glob("replay-*.jsonl")))

@@ -863,6 +863,10 @@ def test_new_journal_segments_are_never_claimed_by_a_sweeping_replayer(tmp_path)
     upgrade(eng)
     spill = tmp_path / "spill"
     journal = Journal(spill, encode_spill_line, deadline_s=5.0, max_segment_bytes=1)
+    stale, fresh = spill / ".journal-1-dead-1.jsonl.new", spill / ".journal-2-live-1.jsonl.new"
+    stale.touch()
+    fresh.touch()
+    os.utime(stale, (time.time() - 120, time.time() - 120))  # left by a journal killed while opening
     sweeper = LogWriter(eng, spill, flush_interval_s=0.01)
     stop = threading.Event()
 
@@ -887,4 +891,4 @@ def test_new_journal_segments_are_never_claimed_by_a_sweeping_replayer(tmp_path)
         sweeper.close()
     assert stats["failures"] == 0 and stats["rows"] == 300
     assert on_disk == {n: [rows] for n, rows in appended.items()}
-    assert count(eng, "decisions") == 0 and not list(spill.glob(".journal-*"))
+    assert count(eng, "decisions") == 0 and list(spill.glob(".journal-*")) == [fresh]
