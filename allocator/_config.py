@@ -31,10 +31,18 @@ __all__ = [
     "HomepageConfig",
     "ConfigError",
     "FEEDBACK_TYPES",
+    "default_item_weights",
     "load_config",
     "parse_config",
     "parse_config_text",
 ]
+
+def default_item_weights(k: int) -> np.ndarray:
+    """Shape (k,). The examination weight of each position inside a module when the config sets none:
+    the position discount of DCG, ``1 / log2(j + 2)`` (1, 0.63, 0.5, ...). Attention falls along every
+    carousel and list; set ``[homepage] item_position_weights`` to the app's measured curve."""
+    return 1.0 / np.log2(np.arange(k, dtype=np.float64) + 2.0)
+
 
 #: Behaviours the engine learns from, in this order everywhere (``impression`` carries no units).
 EVENT_TYPES: tuple[str, ...] = ("play", "full_play", "favorite", "share", "skip")
@@ -162,6 +170,9 @@ class HomepageConfig:
     learning: Learning = Learning()
     loop: Loop = Loop()
     pool_size: int = 600
+    #: examination weight of each position inside a module, first item first (() = the default curve,
+    #: see :func:`default_item_weights`)
+    item_position_weights: tuple[float, ...] = ()
     warnings: tuple[str, ...] = ()
     source: str = field(default="", compare=False, repr=False)
 
@@ -180,6 +191,13 @@ class HomepageConfig:
 
     def category_index(self, name: str) -> int:
         return self.category_names.index(name)
+
+    def item_weights(self) -> np.ndarray:
+        """Shape (items_per_module,). Examination weight of each position inside a module: the
+        config's ``item_position_weights``, else :func:`default_item_weights`."""
+        if self.item_position_weights:
+            return np.asarray(self.item_position_weights, dtype=np.float64)
+        return default_item_weights(self.items_per_module)
 
     def category_values(self) -> np.ndarray:
         """Shape (n_categories,). Money per engagement unit."""
@@ -215,6 +233,7 @@ class HomepageConfig:
                 "position_weights": list(self.position_weights),
                 "items_per_module": self.items_per_module,
                 "pool_size": self.pool_size,
+                "item_position_weights": list(self.item_position_weights) or None,
             },
             "categories": [
                 {"name": c.name, "value_per_engagement": c.value_per_engagement, "new": c.new}
@@ -366,7 +385,8 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> HomepageConf
                      "exploration", "learning", "loop"}, "")
 
     hp = ck.table(raw, "homepage", "homepage")
-    ck.unknown(hp, {"slots", "position_weights", "items_per_module", "pool_size"}, "homepage")
+    ck.unknown(hp, {"slots", "position_weights", "items_per_module", "pool_size", "item_position_weights"},
+               "homepage")
     slots = ck.integer(hp, "slots", "homepage.slots", low=1, high=100) if hp else None
     items_per_module = ck.integer(hp, "items_per_module", "homepage.items_per_module", low=1, high=1000) \
         if hp else None
@@ -386,6 +406,19 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> HomepageConf
                    f"must have one weight per slot ({slots}); got {len(pw)} weights")
         else:
             weights = tuple(float(x) for x in pw)
+    item_weights: tuple[float, ...] = ()
+    iw = hp.get("item_position_weights") if hp else None
+    if iw is not None:
+        if (not isinstance(iw, list) or not iw
+                or not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+                           and x > 0 for x in iw)):
+            ck.err("homepage.item_position_weights",
+                   f"must be a list of positive numbers, one per position in a module; got {iw!r}")
+        elif items_per_module is not None and len(iw) != items_per_module:
+            ck.err("homepage.item_position_weights",
+                   f"must have one weight per position in a module ({items_per_module}); got {len(iw)} weights")
+        else:
+            item_weights = tuple(float(x) for x in iw)
 
     categories: list[Category] = []
     for i, t in enumerate(ck.array_of_tables(raw, "categories", required=True)):
@@ -515,6 +548,7 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> HomepageConf
         learning=learning,
         loop=loop,
         pool_size=pool_size,
+        item_position_weights=item_weights,
         warnings=tuple(ck.warnings),
         source=source,
     )

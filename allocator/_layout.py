@@ -107,6 +107,8 @@ class LayoutSpace:
     # exposure rows: kind code 0 category_share / 1 long_tail / 2 module_share, and the target index
     kind: np.ndarray  # (K,)
     target: np.ndarray  # (K,)
+    #: (items_per_module,) examination weight of each position inside a module (None = all equal)
+    item_weights: np.ndarray | None = None
 
     @classmethod
     def from_config(cls, cfg: HomepageConfig) -> LayoutSpace:
@@ -134,6 +136,7 @@ class LayoutSpace:
             n_blocks=np.array([len(x) for x in mo], dtype=np.int64),
             kind=np.array(kinds, dtype=np.int64),
             target=np.array(targets, dtype=np.int64),
+            item_weights=cfg.item_weights(),
         )
 
     @property
@@ -151,7 +154,8 @@ class BlockTable:
 
     Attributes
     ----------
-    mean_score : (U, B, C, R) mean untilted score of the block's items (nan when the block is empty)
+    mean_score : (U, B, C, R) untilted score of the block's items averaged with the examination weight of
+                 the position each is shown at (``space.item_weights``; nan when the block is empty)
     n_tail : (U, B, C, R) number of long-tail items in the block
     n_shown : (U, B, C, R) number of items in the block (<= K)
     order : (U, B, P) pool positions sorted by (category, tilted score desc)
@@ -183,6 +187,10 @@ def block_table(space: LayoutSpace, scores: np.ndarray, pool_category: np.ndarra
         Shape (U, P) or None (= ``scores``): what orders the items within a category and sets the
         tilt's spread. A calibration that values a category's head and tail differently changes what
         an item is worth, not which tail items a tilt brings in first.
+
+    The tilt decides which items fill each block; inside a block the items are shown in ``rank_scores``
+    order, so the long-tail items a tilt brings in take the block's last positions, where they cost the
+    least attention (the exposure constraints count shown items, wherever they are shown).
     """
     scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     U, P = scores.shape
@@ -218,6 +226,12 @@ def block_table(space: LayoutSpace, scores: np.ndarray, pool_category: np.ndarra
     rank = np.arange(P)[None, None, :] - np.take_along_axis(first[:, None, :].repeat(B, 1), cat_sorted,
                                                             axis=-1)
     block = rank // K
+    if (levels != 0).any():
+        # inside each (category, block): best first by the untilted order; (category, block) runs are
+        # already contiguous, so only the order inside a block changes (rank and block stay valid)
+        rs_sorted = np.take_along_axis(np.broadcast_to(scores[:, None, :], (U, B, P)), order, axis=-1)
+        perm = np.lexsort((-np.clip(rs_sorted, -1e300, 1e300), block, cat_sorted), axis=-1)
+        order = np.take_along_axis(order, perm, axis=-1)
     keep = block < R
     # flat index of (u, b, c, r)
     ub = (np.arange(U)[:, None, None] * B + np.arange(B)[None, :, None])
@@ -226,10 +240,15 @@ def block_table(space: LayoutSpace, scores: np.ndarray, pool_category: np.ndarra
     tl_sorted = np.take_along_axis(np.broadcast_to(is_tail[:, None, :], (U, B, P)), order, axis=-1)
     size = U * B * C * R
     n_shown = np.bincount(flat, minlength=size).reshape(U, B, C, R)
-    s_sum = np.bincount(flat, weights=sc_sorted[keep], minlength=size).reshape(U, B, C, R)
+    w_pos = np.ones(K) if space.item_weights is None else np.asarray(space.item_weights, dtype=np.float64)
+    if w_pos.shape != (K,) or not (w_pos > 0).all():
+        raise ValueError(f"space.item_weights must be {K} positive numbers; got {w_pos!r}")
+    w_item = w_pos[rank % K][keep]  # the weight of the position each item is shown at
+    w_sum = np.bincount(flat, weights=w_item, minlength=size).reshape(U, B, C, R)
+    s_sum = np.bincount(flat, weights=sc_sorted[keep] * w_item, minlength=size).reshape(U, B, C, R)
     n_tail = np.bincount(flat, weights=tl_sorted[keep].astype(np.float64), minlength=size).reshape(U, B, C, R)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(n_shown > 0, s_sum / np.maximum(n_shown, 1), np.nan)
+        mean = np.where(n_shown > 0, s_sum / np.where(w_sum > 0, w_sum, 1.0), np.nan)
     return BlockTable(mean, n_tail, n_shown.astype(np.float64), order, rank, cat_sorted)
 
 

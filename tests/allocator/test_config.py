@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 import tomllib
 
 import numpy as np
 import pytest
 
-from allocator import ConfigError, load_config, parse_config, parse_config_text
+from allocator import ConfigError, default_item_weights, load_config, parse_config, parse_config_text
+from policy_api.jobs._configio import config_to_toml
 
 # The issue's example, verbatim, plus the modules it elides.
 EXAMPLE = """
@@ -88,6 +90,19 @@ def test_example_parses_with_the_documented_meaning():
     assert cfg.exploration.budget == 0.05 and cfg.warnings == ()
 
 
+def test_item_position_weights_default_to_the_dcg_discount_and_round_trip():
+    cfg = parse_config_text(EXAMPLE)
+    assert cfg.item_position_weights == ()
+    np.testing.assert_allclose(cfg.item_weights(), [1 / math.log2(j + 2) for j in range(10)])
+    np.testing.assert_allclose(default_item_weights(3), [1.0, 1 / math.log2(3), 0.5])
+    curve = [0.85 ** j for j in range(10)]
+    d = raw()
+    d["homepage"]["item_position_weights"] = curve
+    own = parse_config(d)
+    np.testing.assert_allclose(own.item_weights(), curve)
+    assert parse_config_text(config_to_toml(own)) == own  # written back and read again: the same config
+
+
 def test_load_config_from_file(tmp_path):
     p = tmp_path / "homepage.toml"
     p.write_text(EXAMPLE)
@@ -114,6 +129,10 @@ def _errors(mutate) -> list[tuple[str, str]]:
          r"must have one weight per slot \(6\); got 2 weights"),
         (lambda d: d["homepage"].update(position_weights=[1, 1, 1, 1, 1, -1]), "homepage.position_weights",
          r"must be a list of positive numbers; got \[1, 1, 1, 1, 1, -1\]"),
+        (lambda d: d["homepage"].update(item_position_weights=[1.0, 0.5]), "homepage.item_position_weights",
+         r"must have one weight per position in a module \(10\); got 2 weights"),
+        (lambda d: d["homepage"].update(item_position_weights=[1] * 9 + [0]), "homepage.item_position_weights",
+         r"must be a list of positive numbers, one per position in a module; got \[1, 1, .*, 0\]"),
         (lambda d: d["categories"][0].update(value_per_engagement=-1), "categories[0].value_per_engagement",
          r"must be in \[0, inf\]; got -1"),
         (lambda d: d["categories"][1].update(name="songs"), "categories[1].name", r"must be unique; 'songs'"),

@@ -97,8 +97,11 @@ def random_pool(rng, P=14, C=3):
 
 
 def slow_layout(space, scores, cat, is_tail, tail, cats, beta_idx):
-    """Items, value and exposure of one layout, by sorting in plain Python."""
+    """Items and value of one layout, by sorting in plain Python: the tilted order picks each block's
+    items, which are shown best first by the untilted score; the value weighs each item by the
+    examination weight of the position it is shown at."""
     K, beta = space.items_per_module, space.tilt_levels[beta_idx]
+    w = space.item_weights if space.item_weights is not None else np.ones(K)
     used = {}
     items, value = [], 0.0
     for s, c in enumerate(cats):
@@ -107,10 +110,11 @@ def slow_layout(space, scores, cat, is_tail, tail, cats, beta_idx):
         in_c = [i for i in range(scores.size) if cat[i] == c]
         spread = max(scores[in_c]) - min(scores[in_c])
         ranked = sorted(in_c, key=lambda i: (-(scores[i] + beta * tail[i] * spread), i))
-        block = ranked[r * K:(r + 1) * K]
+        block = sorted(ranked[r * K:(r + 1) * K], key=lambda i: -scores[i])  # stable: ties keep their order
         items.append(block)
         if block:
-            value += space.position_weights[s] * np.mean(scores[block]) * space.category_value[c]
+            value += (space.position_weights[s] * np.average(scores[block], weights=w[:len(block)])
+                      * space.category_value[c])
     return items, value
 
 
@@ -229,6 +233,7 @@ def test_rank_scores_order_the_blocks_and_scores_value_them(seed):
                 items, _ = slow_layout(space, rank[u], cat, is_tail, tail, [c] * int(space.n_blocks[c]), b)
                 for r, block in enumerate(items):
                     if block:
-                        assert got.mean_score[u, b, c, r] == pytest.approx(np.mean(value[u][block]))
+                        w = space.item_weights[:len(block)]
+                        assert got.mean_score[u, b, c, r] == pytest.approx(np.average(value[u][block], weights=w))
     with pytest.raises(ValueError, match="rank_scores"):
         block_table(space, value, cat, is_tail, tail, rank_scores=rank[:1])
