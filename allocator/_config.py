@@ -470,8 +470,9 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> HomepageConf
         lv = tl["levels"]
         if (not isinstance(lv, list) or not lv or len(lv) > 16
                 or not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-                           and x >= 0 for x in lv)):
-            ck.err("tilt.levels", f"must be a list of 1 to 16 numbers >= 0; got {lv!r}")
+                           and 0 <= x <= 1 for x in lv)):
+            ck.err("tilt.levels", "must be a list of 1 to 16 numbers in [0, 1] (the share of each module's "
+                   f"items taken from the long tail); got {lv!r}")
         elif len(set(lv)) != len(lv):
             ck.err("tilt.levels", f"must not repeat a level; got {lv!r}")
         else:

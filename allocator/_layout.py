@@ -182,15 +182,18 @@ def block_table(space: LayoutSpace, scores: np.ndarray, pool_category: np.ndarra
         Shape (U, P): expected engagement units of each pool item per examined impression (what the
         blocks' means are made of).
     pool_category, pool_is_tail, pool_tail
-        Shape (U, P) or (P,): category index, long-tail flag and tail score of each pool item.
+        Shape (U, P) or (P,): category index, long-tail flag and tail score of each pool item (the tail
+        score only breaks ties between tail items of equal score: the deeper tail first).
     rank_scores
-        Shape (U, P) or None (= ``scores``): what orders the items within a category and sets the
-        tilt's spread. A calibration that values a category's head and tail differently changes what
-        an item is worth, not which tail items a tilt brings in first.
+        Shape (U, P) or None (= ``scores``): what orders the items within a category. A calibration
+        that values a category's head and tail differently changes what an item is worth, not which
+        items a module shows.
 
-    The tilt decides which items fill each block; inside a block the items are shown in ``rank_scores``
-    order, so the long-tail items a tilt brings in take the block's last positions, where they cost the
-    least attention (the exposure constraints count shown items, wherever they are shown).
+    The tilt is a quota: at level ``beta`` each module (block) shows ``round(beta * K)`` long-tail
+    items, the user's best of the category, and its other positions the best head items; a group that
+    runs out leaves its positions to the other, and level 0 is the plain order by score. Inside a block
+    the items are shown best first, so the tail items usually take the last positions, where they cost
+    the least attention (the exposure constraints count every shown item once, wherever it is shown).
     """
     scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     U, P = scores.shape
@@ -205,32 +208,47 @@ def block_table(space: LayoutSpace, scores: np.ndarray, pool_category: np.ndarra
     levels = space.tilt_levels
     B, C, K = levels.size, space.category_value.size, space.items_per_module
     R = max(int(space.n_blocks.max(initial=1)), 1)
-    # the tilt is scale-free: beta * tail is in units of the user's score spread within the category,
-    # so one set of levels works for any scorer (popularity ranks, calibrated rankers, ...)
-    rows = np.repeat(np.arange(U), P)
-    hi = np.full((U, C), -np.inf)
-    lo = np.full((U, C), np.inf)
-    np.maximum.at(hi, (rows, cat.ravel()), scores.ravel())
-    np.minimum.at(lo, (rows, cat.ravel()), scores.ravel())
-    spread = np.where(np.isfinite(hi), hi - lo, 0.0)
-    bonus = tail * np.take_along_axis(spread, cat, axis=1)  # (U,P)
-    tilted = scores[:, None, :] + levels[None, :, None] * bonus[:, None, :]  # (U,B,P)
-    # sort by category, then tilted score descending; stable keeps pool order for ties
-    key = cat[:, None, :] * 1e6 - np.clip(tilted, -1e5, 1e5)
-    order = np.argsort(key, axis=-1, kind="stable")  # (U,B,P)
+    # the tilt is a quota: at level beta each block keeps round(beta * K) of its K positions for the
+    # user's best long-tail items of the category and fills the rest with the best head items (a group
+    # that runs out leaves its positions to the other); level 0 is the plain order by score
+    sc = np.clip(scores, -1e300, 1e300)
+    tail_f = is_tail.astype(np.int64)
+    by_group = np.lexsort((-tail, -sc, tail_f, cat), axis=-1)  # (U,P): category, head/tail, score desc
+    gid = cat * 2 + tail_f
+    g_sorted = np.take_along_axis(gid, by_group, axis=-1)
+    g_counts = np.zeros((U, 2 * C), dtype=np.int64)
+    np.add.at(g_counts, (np.repeat(np.arange(U), P), gid.ravel()), 1)
+    g_first = np.cumsum(g_counts, axis=1) - g_counts
+    grank = np.empty((U, P), dtype=np.int64)  # rank among the user's items of the same category and group
+    np.put_along_axis(grank, by_group, np.arange(P)[None, :] - np.take_along_axis(g_first, g_sorted, axis=-1),
+                      axis=-1)
+    by_score = np.lexsort((-sc, cat), axis=-1)
+    c_counts = np.zeros((U, C), dtype=np.int64)
+    np.add.at(c_counts, (np.repeat(np.arange(U), P), cat.ravel()), 1)
+    first = np.cumsum(c_counts, axis=1) - c_counts  # (U,C)
+    crank = np.empty((U, P), dtype=np.int64)  # rank among the user's items of the same category
+    np.put_along_axis(crank, by_score, np.arange(P)[None, :] - np.take_along_axis(
+        first, np.take_along_axis(cat, by_score, axis=-1), axis=-1), axis=-1)
+    quota = np.clip(np.floor(levels * K + 0.5), 0, K).astype(np.int64)[None, :, None]  # (1,B,1)
+    g = grank[:, None, :]
+    head_n = np.maximum(K - quota, 1)
+    tail_n = np.maximum(quota, 1)
+    big = P * K + 1
+    head_key = np.where(quota < K, (g // head_n) * K + g % head_n, big + g)
+    tail_key = np.where(quota > 0, (g // tail_n) * K + (K - quota) + g % tail_n, big + g)
+    key = np.where(is_tail[:, None, :], tail_key, head_key)
+    key = np.where(quota == 0, crank[:, None, :], key)  # (U,B,P), distinct within a category
+    order = np.lexsort((key, np.broadcast_to(cat[:, None, :], (U, B, P))), axis=-1)  # (U,B,P)
     cat_sorted = np.take_along_axis(np.broadcast_to(cat[:, None, :], (U, B, P)), order, axis=-1)
     # rank within category = position - first position of the category in the sorted row
-    counts = np.zeros((U, C), dtype=np.int64)
-    np.add.at(counts, (np.repeat(np.arange(U), P), cat.ravel()), 1)
-    first = np.cumsum(counts, axis=1) - counts  # (U,C)
     rank = np.arange(P)[None, None, :] - np.take_along_axis(first[:, None, :].repeat(B, 1), cat_sorted,
                                                             axis=-1)
     block = rank // K
-    if (levels != 0).any():
-        # inside each (category, block): best first by the untilted order; (category, block) runs are
-        # already contiguous, so only the order inside a block changes (rank and block stay valid)
-        rs_sorted = np.take_along_axis(np.broadcast_to(scores[:, None, :], (U, B, P)), order, axis=-1)
-        perm = np.lexsort((-np.clip(rs_sorted, -1e300, 1e300), block, cat_sorted), axis=-1)
+    if (quota > 0).any():
+        # inside each (category, block): best first by score; (category, block) runs are contiguous, so
+        # only the order inside a block changes (rank and block stay valid)
+        rs_sorted = np.take_along_axis(np.broadcast_to(sc[:, None, :], (U, B, P)), order, axis=-1)
+        perm = np.lexsort((-rs_sorted, block, cat_sorted), axis=-1)
         order = np.take_along_axis(order, perm, axis=-1)
     keep = block < R
     # flat index of (u, b, c, r)

@@ -140,7 +140,9 @@ def _errors(mutate) -> list[tuple[str, str]]:
          r"must be one of 'songs', 'videos', 'audio', 'live'; got 'podcast'"),
         (lambda d: d["modules"][1].update(id="daily_30"), "modules[1].id", r"must be unique"),
         (lambda d: d["events"].pop("skip"), "events.skip", r"is required \(a number\)"),
-        (lambda d: d["tilt"].update(levels=[]), "tilt.levels", r"must be a list of 1 to 16 numbers >= 0; got \[\]"),
+        (lambda d: d["tilt"].update(levels=[]), "tilt.levels", r"must be a list of 1 to 16 numbers in \[0, 1\] \(the share of each module's items taken from the long "
+         r"tail\); got \[\]"),
+        (lambda d: d["tilt"].update(levels=[0, 2]), "tilt.levels", r"numbers in \[0, 1\] .*; got \[0, 2\]"),
         (lambda d: d["tilt"].update(head_share=1.5), "tilt.head_share", r"must be in \(0, 1\]; got 1.5"),
         (lambda d: d["constraints"][0].update(kind="share"), "constraints[0].kind",
          r"must be one of 'category_share', 'long_tail_share', 'module_share'; got 'share'"),

@@ -7,7 +7,15 @@ import itertools
 import numpy as np
 import pytest
 
-from allocator import LayoutSpace, block_table, build_candidates, layout_items, long_tail, parse_config_text
+from allocator import (
+    ConfigError,
+    LayoutSpace,
+    block_table,
+    build_candidates,
+    layout_items,
+    long_tail,
+    parse_config_text,
+)
 
 from .test_config import EXAMPLE
 
@@ -96,10 +104,31 @@ def random_pool(rng, P=14, C=3):
     return cat, is_tail, tail
 
 
+def slow_blocks(scores, cat, is_tail, tail, c, K, beta):
+    """The blocks of category c at tilt beta, dealt one by one in plain Python: each block takes
+    round(beta*K) of the best remaining tail items and fills up with the best remaining head items (a
+    group that runs out leaves its positions to the other); beta = 0 deals by score alone."""
+    in_c = [i for i in range(scores.size) if cat[i] == c]
+    q = min(K, int(np.floor(beta * K + 0.5)))
+    if q == 0:
+        ranked = sorted(in_c, key=lambda i: (-scores[i], i))
+        return [ranked[r:r + K] for r in range(0, len(ranked), K)]
+    heads = sorted((i for i in in_c if not is_tail[i]), key=lambda i: (-scores[i], i))
+    tails = sorted((i for i in in_c if is_tail[i]), key=lambda i: (-scores[i], -tail[i], i))
+    blocks = []
+    while heads or tails:
+        take_t = min(q, len(tails))
+        take_h = min(K - take_t, len(heads))
+        take_t = min(K - take_h, len(tails))
+        blocks.append(tails[:take_t] + heads[:take_h])
+        tails, heads = tails[take_t:], heads[take_h:]
+    return blocks
+
+
 def slow_layout(space, scores, cat, is_tail, tail, cats, beta_idx):
-    """Items and value of one layout, by sorting in plain Python: the tilted order picks each block's
-    items, which are shown best first by the untilted score; the value weighs each item by the
-    examination weight of the position it is shown at."""
+    """Items and value of one layout, in plain Python: :func:`slow_blocks` picks each block's items,
+    shown best first by score; the value weighs each item by the examination weight of the position
+    it is shown at."""
     K, beta = space.items_per_module, space.tilt_levels[beta_idx]
     w = space.item_weights if space.item_weights is not None else np.ones(K)
     used = {}
@@ -107,10 +136,8 @@ def slow_layout(space, scores, cat, is_tail, tail, cats, beta_idx):
     for s, c in enumerate(cats):
         r = used.get(c, 0)
         used[c] = r + 1
-        in_c = [i for i in range(scores.size) if cat[i] == c]
-        spread = max(scores[in_c]) - min(scores[in_c])
-        ranked = sorted(in_c, key=lambda i: (-(scores[i] + beta * tail[i] * spread), i))
-        block = sorted(ranked[r * K:(r + 1) * K], key=lambda i: -scores[i])  # stable: ties keep their order
+        dealt = slow_blocks(scores, cat, is_tail, tail, c, K, beta)
+        block = sorted(dealt[r], key=lambda i: (-scores[i], i)) if r < len(dealt) else []
         items.append(block)
         if block:
             value += (space.position_weights[s] * np.average(scores[block], weights=w[:len(block)])
@@ -178,19 +205,40 @@ def test_priced_greedy_moves_toward_the_priced_exposure(seed):
     assert hi.exposure[0, 0, 0] == pytest.approx(hi.exposure[0][hi.mask[0], 0].max())
 
 
-def test_tilt_is_monotone_in_beta(seed):
-    """Raising beta never lowers a top block's long-tail count nor raises its untilted mean score."""
+def test_tilt_is_a_tail_quota_per_module(seed):
+    """At level beta > 0 the first module of a category shows min(round(beta*K), #tail) tail items, topped
+    up from the other group when one runs out (closed form), so its tail count never falls as beta
+    rises; its items are the best of each group, shown best first."""
     rng = np.random.default_rng(seed)
-    levels = tuple(float(x) for x in np.linspace(0, 2, 9))
-    space = tiny_space(K=3, levels=levels, constraints=False)
+    levels = tuple(float(x) for x in np.linspace(0, 1, 7))
+    K = 4
+    space = tiny_space(K=K, levels=levels, constraints=False)
     cat, is_tail, tail = random_pool(rng, P=30)
     scores = rng.random((3, cat.size))
     tbl = block_table(space, scores, cat, is_tail, tail)
-    n_tail0 = tbl.n_tail[:, :, :, 0]  # (U, B, C)
-    mean0 = tbl.mean_score[:, :, :, 0]
+    for c in range(3):
+        n_t = int((is_tail & (cat == c)).sum())
+        n_h = int((~is_tail & (cat == c)).sum())
+        for b, beta in enumerate(levels[1:], start=1):
+            q = min(K, int(np.floor(beta * K + 0.5)))
+            t = min(q, n_t)
+            h = min(K - t, n_h)
+            t = min(K - h, n_t)
+            np.testing.assert_array_equal(tbl.n_tail[:, b, c, 0], t)
+            np.testing.assert_array_equal(tbl.n_shown[:, b, c, 0], t + h)
+    n_tail0 = tbl.n_tail[:, 1:, :, 0]
     assert (np.diff(n_tail0, axis=1) >= 0).all()
-    assert (np.diff(mean0, axis=1) <= 1e-12).all()
-    assert n_tail0[:, -1].sum() > n_tail0[:, 0].sum()  # and it does move toward the tail
+    assert n_tail0[:, -1].sum() > tbl.n_tail[:, 0, :, 0].sum()  # and it does move toward the tail
+    for u in range(3):
+        for b in range(len(levels)):
+            for c in range(3):
+                got = layout_items(space, tbl, u, np.array([c]), np.array([0]), b)[0]
+                assert (np.diff(scores[u, got]) <= 0).all()  # best first inside the module
+
+
+def test_tilt_levels_are_shares_of_a_module():
+    with pytest.raises(ConfigError, match=r"tilt.levels.*must be a list of 1 to 16 numbers in \[0, 1\]"):
+        tiny_space(levels=(0.0, 1.5))
 
 
 def test_candidates_are_distinct_and_bounded():
