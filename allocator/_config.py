@@ -138,6 +138,10 @@ class Loop:
     pace_half_life: float = 300.0
     pace_margin: float = 0.005
     max_price: float = 50.0
+    #: the category calibration is measured on at most this many of the most recent feedback events
+    #: (and at most the last 6 hours), and the loop plans again when it moves: a shift in what users
+    #: engage with reaches the plan within about that many events
+    calibration_events: int = 50000
     learn_every_s: float = 15.0
     learn_min_decisions: int = 100
     settle_s: float = 5.0
@@ -566,7 +570,7 @@ def _loop(ck: _Checker, raw: Mapping[str, Any]) -> Loop:
         else:
             out["enabled"] = t["enabled"]
     for k in ("plan_users", "learn_min_decisions", "train_min_events", "train_max_epochs", "state_max_events",
-              "pace_window"):
+              "pace_window", "calibration_events"):
         n = ck.integer(t, k, f"loop.{k}", default=getattr(d, k), low=1)
         if n is not None:
             out[k] = n

@@ -17,6 +17,7 @@ from ._engine import (
     build_state,
     calibrated,
     calibration_rates,
+    calibration_shift,
     category_calibration,
 )
 from ._features import layout_features, shared_features
@@ -27,6 +28,7 @@ __all__ = [
     "CALIBRATION_PRIOR",
     "calibrated",
     "calibration_rates",
+    "calibration_shift",
     "category_calibration",
     "SKIP_DEMOTION",
     "LiveSignals",

@@ -204,13 +204,15 @@ MIN_CALIBRATION_IMPRESSIONS = 200
 
 def calibration(db: Engine, config: HomepageConfig) -> dict[str, dict[str, list[float]]] | None:
     """Recent engagement units and examined impressions (each weighted by its slot's position weight
-    relative to the mean) per config category, for its head and its long tail apart:
+    relative to the mean) per config category, for its head and its long tail apart, over the last
+    ``loop.calibration_events`` feedback events of the last 6 hours:
     ``{category: {"head": [units, impressions], "tail": [...]}}``, what serving calibrates a
     popularity scorer with (a popularity scorer's tail items are engaged with less than their scores
     say, so one multiplier per category would make a tail-heavy page look cheap); None while there are
     fewer than ``MIN_CALIBRATION_IMPRESSIONS``."""
     ids, units, imps = item_engagement(db, config.events, since=datetime.now(tz=UTC) - CALIBRATION_WINDOW,
-                                       position_weights=config.position_weights)
+                                       position_weights=config.position_weights,
+                                       max_events=config.loop.calibration_events)
     if float(imps.sum()) < MIN_CALIBRATION_IMPRESSIONS:
         return None
     catalog = load_catalog(db)

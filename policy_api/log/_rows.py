@@ -396,10 +396,29 @@ def load_items(bind: Bind) -> dict[str, Any]:
     }
 
 
+def recent_since(bind: Bind, n: int, since: datetime | None = None) -> datetime | None:
+    """The time from which the most recent ``n`` feedback events (after ``since``) start: ``since``
+    itself when there are no more than ``n`` of them. One indexed query."""
+    if n < 1:
+        raise ValueError(f"n must be an int >= 1; got {n!r}")
+    q = sa.select(feedback.c.ts).order_by(feedback.c.ts.desc()).limit(1).offset(n - 1)
+    if since is not None:
+        q = q.where(feedback.c.ts >= since)
+    with reading(bind) as conn:
+        cut = conn.execute(q).scalar()
+    if cut is None:
+        return since
+    return cut if since is None or cut > since else since
+
+
 def item_engagement(bind: Bind, events: Mapping[str, float], since: datetime | None = None,
-                    position_weights: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per item with feedback since ``since``: item ids, engagement units and examined impressions
-    (weighted by slot as in :func:`category_engagement`). One aggregate query (by item, type, slot)."""
+                    position_weights: Sequence[float] | None = None, max_events: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per item with feedback since ``since`` (and among the last ``max_events`` feedback events, when
+    given): item ids, engagement units and examined impressions (weighted by slot as in
+    :func:`category_engagement`). One aggregate query (by item, type, slot)."""
+    if max_events is not None:
+        since = recent_since(bind, max_events, since)
     where = [] if since is None else [feedback.c.ts >= since]
     q = (sa.select(feedback.c.item_id, feedback.c.type, feedback.c.slot, sa.func.count())
          .where(*where).group_by(feedback.c.item_id, feedback.c.type, feedback.c.slot))

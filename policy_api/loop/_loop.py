@@ -37,7 +37,7 @@ from sqlalchemy.engine import Engine
 from allocator import ResolvePacer, ResolvePacerConfig
 
 from .. import jobs, registry
-from ..engine import calibration_rates
+from ..engine import calibration_rates, calibration_shift
 from ..errors import HomepageError
 from ..live import LiveEvent, UserStateStore, make_state_store
 from ..log import decisions, feedback, load_items, read_decision_log
@@ -50,6 +50,8 @@ log = logging.getLogger("homepage.loop")
 
 _SETTLE_LAG_S = 0.5  # decisions younger than this may still sit in a worker's log queue
 _PENDING_S = 30.0  # how long feedback waits for its decision row before it is dropped from the live state
+#: the loop plans again when a calibrated engagement rate moved by more than this (relative) since the plan
+CALIBRATION_SHIFT = 0.2
 
 
 @cache
@@ -285,9 +287,11 @@ class BackgroundLoop:
         return "ok", f"{len(events)} events, {len(self._pending)} waiting for their decision"
 
     def _calibrate(self) -> tuple[str, str]:
-        """Plan again as soon as there is feedback enough to calibrate the categories, and again each
-        time the examined impressions behind the calibration have doubled (a plan made before any
-        traffic carries no calibration; later plans carry the one measured by the plan job)."""
+        """Plan again as soon as there is feedback enough to calibrate the categories, each time the
+        examined impressions behind the calibration have doubled, and whenever a category's recent
+        engagement rate (head or tail) has moved by more than ``CALIBRATION_SHIFT`` from the plan's (what
+        users engage with changed). A plan made before any traffic carries no calibration; later plans
+        carry the one measured by the plan job on the recent window."""
         assert self._config is not None
         plan = registry.latest_plan(self.db, self._config.version)
         if plan is None:
@@ -299,10 +303,13 @@ class BackgroundLoop:
         have = (plan.solver or {}).get("calibration") or {}
         seen = float(calibration_rates(have, names)[:, :, 1].sum())
         now = float(calibration_rates(rates, names)[:, :, 1].sum())
-        if have and now < 2.0 * seen:
+        shift = calibration_shift(calibration_rates(have, names), calibration_rates(rates, names))
+        if have and now < 2.0 * seen and shift < CALIBRATION_SHIFT:
             return "idle", ""
         self._next["plan"] = 0.0
-        return "ok", f"{now:.0f} examined impressions (the plan's calibration had {seen:.0f}): planning again"
+        why = (f"{now:.0f} examined impressions (the plan's calibration had {seen:.0f})" if now >= 2.0 * seen or not have
+               else f"an engagement rate moved by {shift:.0%} since the plan's calibration")
+        return "ok", f"{why}: planning again"
 
     # ---- plan and pace ---------------------------------------------------------------------------
     def _plan(self) -> tuple[str, str]:

@@ -124,3 +124,53 @@ def test_live_state_joins_feedback_as_it_arrives(db, tmp_path):
     assert u2 is not None and u2.items == (items[2],) and u2.n_positive == 1
     assert cfg_id == 1
     store.close()
+
+
+def test_calibration_follows_a_shift_in_engagement_and_plans_again(db, tmp_path):
+    """The calibration counts only the last ``calibration_events`` events (reference: the rates of the
+    newest rows, counted by hand), and the loop plans again when a rate moves by more than 20 % although
+    the impressions behind it have not doubled; not when the rate stays."""
+    from datetime import timedelta
+
+    import numpy as np
+
+    from allocator import long_tail
+    from policy_api import jobs
+    from policy_api.loop._loop import CALIBRATION_SHIFT
+
+    world = make_world(n_users=30, n_items=200, seed=0)
+    world.to_catalog_csv(tmp_path / "items.csv")
+    registry.activate_config(db, _config(tmp_path, world) + "calibration_events = 4000\n", author="test")
+    cat = read_catalog_csv(tmp_path / "items.csv")
+    upsert_items(db, cat.rows())
+    cfg = registry.active_config(db)
+    names = cfg.config.category_names
+    is_tail, _ = long_tail(cat.popularity, np.array([names.index(c) for c in cat.category.tolist()]),
+                           cfg.config.tilt.head_share)
+    head = [str(i) for i, c, t in zip(cat.item_ids, cat.category, is_tail, strict=True) if c == names[0] and not t]
+    t0 = datetime.now(tz=UTC) - timedelta(minutes=30)
+    n = [0]
+
+    def phase(impressions: int, plays: int, start: datetime) -> None:
+        kinds = ["impression"] * impressions + ["play"] * plays
+        rows = [_event(f"e{n[0] + k}", f"r{n[0] + k}", head[k % len(head)], kind, start + timedelta(milliseconds=k))
+                for k, kind in enumerate(kinds)]
+        n[0] += len(rows)
+        insert_feedback(db, rows)
+
+    pw = cfg.config.position_weights
+    f = pw[0] / (sum(pw) / len(pw))  # an impression in slot 0 counts as this many examined impressions
+    phase(2000, 600, t0)  # songs' head engages at 0.3 per impression
+    loop = BackgroundLoop(db, holder="t")
+    loop._on_config(cfg)
+    first = jobs.plan(db, users=20)
+    assert first.solver["calibration"][names[0]]["head"] == pytest.approx([600.0, 2000.0 * f])
+    assert loop._calibrate()[0] == "idle"
+    phase(3080, 920, t0 + timedelta(minutes=5))  # 4,000 more at 0.2987: the window holds these only
+    got = jobs.calibration(db, cfg.config)
+    assert got is not None and got[names[0]]["head"] == pytest.approx([920.0, 3080.0 * f])
+    assert loop._calibrate()[0] == "idle"  # moved by 0.4 %, and 3,080 < 2 x 2,000 impressions
+    phase(2800, 1200, t0 + timedelta(minutes=10))  # now 0.4286: moved by 43 %
+    outcome, detail = loop._calibrate()
+    assert 1200 / 2800 / 0.3 - 1 > CALIBRATION_SHIFT
+    assert outcome == "ok" and "moved by 43%" in detail, detail
