@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -200,13 +200,15 @@ class _Crossover(NamedTuple):
     n_lp_vars: int
 
 
-def _crossover(p: _Problem, prices: np.ndarray, delta: float, time_limit: float | None) -> _Crossover | None:
-    """Fix users whose runner-up is more than ``delta`` behind; solve the rest exactly."""
-    k = p.n_constraints
-    pc = _prices_cast(p, prices)
+def _split_marginal(p: _Problem, prices: np.ndarray, delta: float
+                    ) -> tuple[np.ndarray, float, np.ndarray, np.ndarray, np.ndarray]:
+    """At ``prices``: each user's priced argmax; the value and shares of the users whose runner-up is
+    more than ``delta`` behind (fixed at their argmax); the other (marginal) users' rows and, for each,
+    which candidates are within ``delta`` of the best (n_marginal, n_cand)."""
+    pc = _prices_cast(p, np.asarray(prices, dtype=np.float64))
     best = np.empty(p.n_users, dtype=np.int64)
     fixed_obj = 0.0
-    fixed_shares = np.zeros(k)
+    fixed_shares = np.zeros(p.n_constraints)
     marg_users: list[np.ndarray] = []
     marg_near: list[np.ndarray] = []
     for i0, i1 in _chunks(p.n_users):
@@ -224,62 +226,156 @@ def _crossover(p: _Problem, prices: np.ndarray, delta: float, time_limit: float 
         if idx.size:
             marg_users.append(idx + i0)
             marg_near.append(near[idx])
+    users = np.concatenate(marg_users) if marg_users else np.zeros(0, dtype=np.int64)
+    near_all = np.concatenate(marg_near) if marg_near else np.zeros((0, p.n_cand), dtype=bool)
+    return best, fixed_obj, fixed_shares, users, near_all
+
+
+def _crossover(p: _Problem, prices: np.ndarray, delta: float, time_limit: float | None) -> _Crossover | None:
+    """Fix users whose runner-up is more than ``delta`` behind; solve the rest exactly."""
+    best, fixed_obj, fixed_shares, users, near_all = _split_marginal(p, prices, delta)
     x = np.zeros((p.n_users, p.n_cand))
     x[np.arange(p.n_users), best] = 1.0
-    users = np.concatenate(marg_users) if marg_users else np.zeros(0, dtype=np.int64)
     if users.size == 0:
         return _Crossover(x, fixed_obj, fixed_shares, None, 0) if _violation(p, fixed_shares) == 0.0 else None
-    near_all = np.concatenate(marg_near)
     ui, li = np.nonzero(near_all)
     gu = users[ui]
     n_p = gu.size
     if n_p > _MAX_CROSSOVER_VARS:
         return None
     w = p.weight[gu]
-    w_marg = float(p.weight[users].sum())
+    val = p.value[gu, li].astype(np.float64)
+    expo = p.exposure[gu, li].astype(np.float64)
+    red = _reduced_lp(p, ui, users.size, w, val, expo, float(p.weight[users].sum()), fixed_shares, time_limit)
+    if red is None:
+        return None
+    z, lp_prices = red
+    x[users] = 0.0
+    x[gu, li] = z
+    obj = fixed_obj + float((w * z) @ val)
+    shares = fixed_shares + (w * z) @ expo
+    return _Crossover(x, obj, shares, lp_prices, n_p)
+
+
+def _reduced_lp(p: _Problem, ui: np.ndarray, n_users: int, w: np.ndarray, val: np.ndarray, expo: np.ndarray,
+                w_marg: float, fixed_shares: np.ndarray, time_limit: float | None
+                ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The crossover's exact LP over the marginal users' near-best candidates: variable j belongs to
+    marginal user ``ui[j]`` (of ``n_users``), with traffic weight ``w[j]``, value ``val[j]`` and
+    exposure ``expo[j]`` (K,); the bounds less ``fixed_shares``, what the fixed users contribute.
+    Returns the solution ``z`` and its row duals as prices, or None when HiGHS finds no solution."""
+    k = p.n_constraints
+    n_p = ui.size
     # scale rows and objective alike (duals unchanged) so that coefficients are O(1)
-    sc = users.size / w_marg if w_marg > 0 else 1.0
-    coef = (sc * w)[:, None] * p.exposure[gu, li].astype(np.float64)  # (n_p, K)
+    sc = n_users / w_marg if w_marg > 0 else 1.0
+    coef = (sc * w)[:, None] * expo  # (n_p, K)
     floors = np.flatnonzero(np.isfinite(p.lower))
     caps = np.flatnonzero(np.isfinite(p.upper))
     a_ub = np.concatenate([-coef[:, floors].T, coef[:, caps].T])
     b_ub = np.concatenate(
         [-sc * (p.lower[floors] - fixed_shares[floors]), sc * (p.upper[caps] - fixed_shares[caps])]
     )
-    a_eq = sp.csr_array((np.ones(n_p), (ui, np.arange(n_p))), shape=(users.size, n_p))
-    c = -(sc * w) * p.value[gu, li].astype(np.float64)
+    a_eq = sp.csr_array((np.ones(n_p), (ui, np.arange(n_p))), shape=(n_users, n_p))
     opts: dict[str, object] = {"presolve": True}
     if time_limit is not None:
         opts["time_limit"] = time_limit
     res = linprog(
-        c,
+        -(sc * w) * val,
         A_ub=sp.csr_array(a_ub) if a_ub.size else None,
         b_ub=b_ub if a_ub.size else None,
         A_eq=a_eq,
-        b_eq=np.ones(users.size),
+        b_eq=np.ones(n_users),
         bounds=(0.0, None),
         method="highs-ds" if n_p <= 50_000 else "highs-ipm",
         options=opts,
     )
     if res.status != 0:
         return None
-    z = np.clip(res.x, 0.0, None)
-    x[users] = 0.0
-    x[gu, li] = z
-    obj = fixed_obj + float((w * z) @ p.value[gu, li].astype(np.float64))
-    shares = fixed_shares + (w * z) @ p.exposure[gu, li].astype(np.float64)
     marginals = np.asarray(res.ineqlin.marginals) if a_ub.size else np.zeros(0)
     lp_prices = np.zeros(k)
     # floor rows were written as -share <= -(lower - fixed): alpha = -marginal; caps: beta = -marginal
     np.add.at(lp_prices, floors, -marginals[: floors.size])
     np.add.at(lp_prices, caps, marginals[floors.size :])
-    lp_prices[np.isfinite(p.lower) & ~np.isfinite(p.upper)] = np.maximum(
-        lp_prices[np.isfinite(p.lower) & ~np.isfinite(p.upper)], 0.0
-    )
-    lp_prices[np.isfinite(p.upper) & ~np.isfinite(p.lower)] = np.minimum(
-        lp_prices[np.isfinite(p.upper) & ~np.isfinite(p.lower)], 0.0
-    )
-    return _Crossover(x, obj, shares, lp_prices, n_p)
+    only_lo = np.isfinite(p.lower) & ~np.isfinite(p.upper)
+    only_hi = np.isfinite(p.upper) & ~np.isfinite(p.lower)
+    lp_prices[only_lo] = np.maximum(lp_prices[only_lo], 0.0)
+    lp_prices[only_hi] = np.minimum(lp_prices[only_hi], 0.0)
+    return np.clip(res.x, 0.0, None), lp_prices
+
+
+class _Crossed(Protocol):
+    @property
+    def objective(self) -> float: ...
+    @property
+    def shares(self) -> np.ndarray: ...
+    @property
+    def prices(self) -> np.ndarray | None: ...
+
+
+_C = TypeVar("_C", bound=_Crossed)
+
+
+def _check_args(tol: float, temperature: float | None, max_iter: int) -> None:
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0; got {tol!r}")
+    if temperature is not None and not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite float > 0 or None; got {temperature!r}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1; got {max_iter!r}")
+
+
+def _anneal(dp: _DualProblem, scale: float, temperature: float | None, tol: float, max_iter: int,
+            on_infeasible: Callable[[], None]) -> tuple[np.ndarray, float]:
+    """Minimise the smoothed dual down the temperature schedule; returns the prices and the last
+    temperature. ``on_infeasible`` runs when the dual bound proves infeasibility: it raises, or relaxes
+    ``dp`` for one more try at that temperature."""
+    if temperature is None:
+        taus = [scale * t for t in _TAUS]
+    else:
+        taus = [t for t in (scale * t for t in _TAUS) if t > temperature] + [float(temperature)]
+    y = np.zeros(dp.n_mult)
+    for i, tau in enumerate(taus if dp.n_mult else ()):
+        last = i == len(taus) - 1
+        gtol = (tol if temperature is not None else 1e-6) if last else 1e-4
+        try:
+            y = dp.minimise(y, tau, gtol=gtol, max_iter=max_iter)
+        except _Infeasible:
+            on_infeasible()
+            y = dp.minimise(y, tau, gtol=gtol, max_iter=max_iter)
+    return dp.prices(y), taus[-1]
+
+
+def _crossover_rounds(p: _Problem, dp: _DualProblem, prices: np.ndarray, tau: float, tol: float,
+                      crossover: Callable[[np.ndarray, float], _C | None],
+                      lagrangian: Callable[[np.ndarray], float]) -> tuple[tuple[float, float, _C] | None, float]:
+    """Cross over at widening bands until the dual bound certifies the gap and the shares hold within
+    ``tol``: the best crossover by (gap, violation), and the bound. ``lagrangian`` evaluates ``g`` (one
+    pass each)."""
+    delta = _DELTA_PER_TAU * tau
+    center = prices
+    best: tuple[float, float, _C] | None = None
+    bound = math.inf
+    smooth_checked = False
+    for _ in range(_MAX_CROSSOVER_ROUNDS):
+        cx = crossover(center, delta)
+        dp.n_passes += 1
+        if cx is not None:
+            # the certificate: Lagrangian bounds at the crossover's and the smoothing's prices
+            if cx.prices is not None:
+                bound = min(bound, lagrangian(cx.prices))
+            if _rel_gap(bound, cx.objective) > tol and not smooth_checked:
+                bound = min(bound, lagrangian(prices))
+                smooth_checked = True
+            gap = _rel_gap(bound, cx.objective)
+            viol = _violation(p, cx.shares)
+            if best is None or (gap, viol) < (best[0], best[1]):
+                best = (gap, viol, cx)
+            if gap <= tol and viol <= tol:
+                break
+            if cx.prices is not None:
+                center = cx.prices
+        delta *= 4.0
+    return best, bound
 
 
 def _diagnose_dual(p: _Problem, scale: float, max_iter: int) -> InfeasibilityDiagnosis:
@@ -394,12 +490,7 @@ def plan_dual(
     >>> round(plan.objective, 9), plan.prices.round(9).tolist(), plan.status
     (2.333333333, [2.0], 'optimal')
     """
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0; got {tol!r}")
-    if temperature is not None and not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite float > 0 or None; got {temperature!r}")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1; got {max_iter!r}")
+    _check_args(tol, temperature, max_iter)
     t0 = time.perf_counter()
     p = _validate(value, exposure, weight, lower, upper, mask, names)
     pre = _precheck(p)
@@ -410,54 +501,26 @@ def plan_dual(
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     dp = _DualProblem(p, value_floor, scale)
-    y = np.zeros(dp.n_mult)
-    if temperature is None:
-        taus = [scale * t for t in _TAUS]
-    else:
-        taus = [t for t in (scale * t for t in _TAUS) if t > temperature] + [float(temperature)]
-    for i, tau in enumerate(taus if dp.n_mult else ()):
-        last = i == len(taus) - 1
-        gtol = (tol if temperature is not None else 1e-6) if last else 1e-4
-        try:
-            y = dp.minimise(y, tau, gtol=gtol, max_iter=max_iter)
-        except _Infeasible:
-            diag = _diagnose(p, scale, max_iter)
-            if diag.total_relaxation > tol:
-                raise InfeasiblePlan(diag) from None
-            # numerically feasible (within tol): carry on without the proof check
-            dp.value_floor = -math.inf
-            y = dp.minimise(y, tau, gtol=gtol, max_iter=max_iter)
-    prices = dp.prices(y)
+
+    def relax() -> None:
+        diag = _diagnose(p, scale, max_iter)
+        if diag.total_relaxation > tol:
+            raise InfeasiblePlan(diag) from None
+        dp.value_floor = -math.inf  # numerically feasible (within tol): carry on without the proof check
+
+    prices, tau = _anneal(dp, scale, temperature, tol, max_iter, relax)
     if temperature is not None:
-        return _softmax_plan(p, dp, prices, taus[-1], tol, build_s, t0, exact=False)
+        return _softmax_plan(p, dp, prices, tau, tol, build_s, t0, exact=False)
 
     # ---- exact plan: crossover to a vertex, certified by the dual bound ----
-    delta = _DELTA_PER_TAU * taus[-1]
-    center = prices
-    best: tuple[float, float, _Crossover] | None = None
-    bound = math.inf
-    smooth_checked = False
-    for _ in range(_MAX_CROSSOVER_ROUNDS):
-        cx = _crossover(p, center, delta, time_limit)
+    def lagrangian(at: np.ndarray) -> float:
         dp.n_passes += 1
-        if cx is not None:
-            # the certificate: float64 Lagrangian bounds at the crossover's and the smoothing's prices
-            if cx.prices is not None:
-                bound = min(bound, _lagrangian_bound(p, cx.prices))
-                dp.n_passes += 1
-            if _rel_gap(bound, cx.objective) > tol and not smooth_checked:
-                bound = min(bound, _lagrangian_bound(p, prices))
-                dp.n_passes += 1
-                smooth_checked = True
-            gap = _rel_gap(bound, cx.objective)
-            viol = _violation(p, cx.shares)
-            if best is None or (gap, viol) < (best[0], best[1]):
-                best = (gap, viol, cx)
-            if gap <= tol and viol <= tol:
-                break
-            if cx.prices is not None:
-                center = cx.prices
-        delta *= 4.0
+        return _lagrangian_bound(p, at)
+
+    def cross(center: np.ndarray, delta: float) -> _Crossover | None:
+        return _crossover(p, center, delta, time_limit)
+
+    best, bound = _crossover_rounds(p, dp, prices, tau, tol, cross, lagrangian)
     if best is not None and best[1] <= tol:
         gap, viol, cx = best
         status = "optimal" if gap <= tol else "iteration_limit"
@@ -478,7 +541,7 @@ def plan_dual(
             method="dual-lbfgs+crossover",
             names=p.names,
         )
-    plan = _softmax_plan(p, dp, prices, taus[-1], tol, build_s, t0, exact=True)
+    plan = _softmax_plan(p, dp, prices, tau, tol, build_s, t0, exact=True)
     if plan.violation > max(tol, 1e-6):
         diag = _diagnose(p, scale, max_iter)
         if diag.total_relaxation > tol:

@@ -28,17 +28,17 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
-import scipy.sparse as sp
-from scipy.optimize import linprog
 
 from allocator._dual import (
-    _DELTA_PER_TAU,
-    _MAX_CROSSOVER_ROUNDS,
     _MAX_CROSSOVER_VARS,
-    _TAUS,
+    _anneal,
+    _check_args,
+    _crossover_rounds,
     _DualProblem,
     _Infeasible,
+    _reduced_lp,
     _smoothed_pass,
+    _split_marginal,
 )
 from allocator._plan import (
     InfeasibilityDiagnosis,
@@ -47,7 +47,6 @@ from allocator._plan import (
     _chunks,
     _objective_and_shares,
     _precheck,
-    _prices_cast,
     _Problem,
     _rel_gap,
     _scores,
@@ -159,28 +158,7 @@ class PlanShard:
         """Users whose runner-up is more than ``delta`` behind take their argmax (summed here); the
         marginal users' near-best candidates go back to the driver's reduced LP."""
         p = self.p
-        k = p.n_constraints
-        pc = _prices_cast(p, np.asarray(prices, dtype=np.float64))
-        fixed_obj = 0.0
-        fixed_shares = np.zeros(k)
-        users: list[np.ndarray] = []
-        nears: list[np.ndarray] = []
-        for i0, i1 in _chunks(p.n_users):
-            s = _scores(p, i0, i1, pc)
-            m = s.max(axis=1)
-            am = s.argmax(axis=1)
-            near = s >= (m - delta)[:, None]
-            marg = near.sum(axis=1) >= 2
-            wf = np.where(marg, 0.0, p.weight[i0:i1])
-            rows = np.arange(i1 - i0)
-            fixed_obj += float(wf @ p.value[i0:i1][rows, am])
-            fixed_shares += wf @ p.exposure[i0:i1][rows, am].astype(np.float64)
-            idx = np.flatnonzero(marg)
-            if idx.size:
-                users.append(idx + i0)
-                nears.append(near[idx])
-        u = np.concatenate(users) if users else np.zeros(0, dtype=np.int64)
-        near_all = np.concatenate(nears) if nears else np.zeros((0, p.n_cand), dtype=bool)
+        _, fixed_obj, fixed_shares, u, near_all = _split_marginal(p, prices, delta)
         ui, li = np.nonzero(near_all)
         gu = u[ui]
         return CrossoverPart(fixed_obj, fixed_shares, int(u.size), float(p.weight[u].sum()), ui,
@@ -357,12 +335,7 @@ def plan_dual_sharded(
     >>> round(plan.objective, 9), plan.prices.round(9).tolist(), plan.status
     (2.333333333, [2.0], 'optimal')
     """
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0; got {tol!r}")
-    if temperature is not None and not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite float > 0 or None; got {temperature!r}")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1; got {max_iter!r}")
+    _check_args(tol, temperature, max_iter)
     t0 = time.perf_counter()
     sizes = shards.map("sizes")
     ks = {int(k) for _, k in sizes}
@@ -385,19 +358,11 @@ def plan_dual_sharded(
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     dp = _ShardedDual(bp, shards, value_floor, scale, f32)
-    y = np.zeros(dp.n_mult)
-    if temperature is None:
-        taus = [scale * t for t in _TAUS]
-    else:
-        taus = [t for t in (scale * t for t in _TAUS) if t > temperature] + [float(temperature)]
-    for i, tau in enumerate(taus if dp.n_mult else ()):
-        last = i == len(taus) - 1
-        gtol = (tol if temperature is not None else 1e-6) if last else 1e-4
-        try:
-            y = dp.minimise(y, tau, gtol=gtol, max_iter=max_iter)
-        except _Infeasible:
-            raise InfeasiblePlan(_dual_diagnosis(bp, dp)) from None
-    prices = dp.prices(y)
+
+    def refuse() -> None:
+        raise InfeasiblePlan(_dual_diagnosis(bp, dp)) from None
+
+    prices, tau = _anneal(dp, scale, temperature, tol, max_iter, refuse)
 
     def done(prices: np.ndarray, obj: float, shares: np.ndarray, status: str, gap: float, viol: float,
              bound: float, method: str) -> ShardedPlan:
@@ -411,7 +376,7 @@ def plan_dual_sharded(
         return float(sum(shards.map("bound", prices))) + _bound_term(bp, np.asarray(prices, dtype=np.float64))
 
     def softmax(exact: bool) -> ShardedPlan:
-        tot = _add(shards.map("softmax_totals", prices, taus[-1]))
+        tot = _add(shards.map("softmax_totals", prices, tau))
         bound = lagrangian(prices)
         dp.n_passes += 1
         obj, shares = float(tot[0]), tot[1:]
@@ -419,34 +384,15 @@ def plan_dual_sharded(
         gap = _rel_gap(bound, obj)
         ok = viol <= tol and (gap <= tol or not exact)
         return done(prices, obj, shares, "optimal" if ok else "iteration_limit", gap, viol, bound,
-                    f"sharded-dual-lbfgs-softmax(tau={taus[-1]:.3g})")
+                    f"sharded-dual-lbfgs-softmax(tau={tau:.3g})")
 
     if temperature is not None:
         return softmax(exact=False)
 
-    delta = _DELTA_PER_TAU * taus[-1]
-    center = prices
-    best: tuple[float, float, _Cross] | None = None
-    bound = math.inf
-    smooth_checked = False
-    for _ in range(_MAX_CROSSOVER_ROUNDS):
-        cx = _crossover(bp, shards, center, delta, time_limit)
-        dp.n_passes += 1
-        if cx is not None:
-            if cx.prices is not None:
-                bound = min(bound, lagrangian(cx.prices))
-            if _rel_gap(bound, cx.objective) > tol and not smooth_checked:
-                bound = min(bound, lagrangian(prices))
-                smooth_checked = True
-            gap = _rel_gap(bound, cx.objective)
-            viol = _violation(bp, cx.shares)
-            if best is None or (gap, viol) < (best[0], best[1]):
-                best = (gap, viol, cx)
-            if gap <= tol and viol <= tol:
-                break
-            if cx.prices is not None:
-                center = cx.prices
-        delta *= 4.0
+    def cross(center: np.ndarray, delta: float) -> _Cross | None:
+        return _crossover(bp, shards, center, delta, time_limit)
+
+    best, bound = _crossover_rounds(bp, dp, prices, tau, tol, cross, lagrangian)
     if best is not None and best[1] <= tol:
         gap, viol, cx = best
         return done(cx.prices if cx.prices is not None else prices, cx.objective, cx.shares,
@@ -479,42 +425,13 @@ def _crossover(bp: _Problem, shards: ShardMap, prices: np.ndarray, delta: float,
     w = np.concatenate([pt.weight for pt in parts])
     val = np.concatenate([pt.value for pt in parts])
     expo = np.concatenate([pt.exposure for pt in parts]).reshape(n_p, k)
-    w_marg = float(sum(pt.marginal_weight for pt in parts))
-    sc = n_users / w_marg if w_marg > 0 else 1.0
-    coef = (sc * w)[:, None] * expo
-    floors = np.flatnonzero(np.isfinite(bp.lower))
-    caps = np.flatnonzero(np.isfinite(bp.upper))
-    a_ub = np.concatenate([-coef[:, floors].T, coef[:, caps].T])
-    b_ub = np.concatenate(
-        [-sc * (bp.lower[floors] - fixed_shares[floors]), sc * (bp.upper[caps] - fixed_shares[caps])]
-    )
-    a_eq = sp.csr_array((np.ones(n_p), (ui, np.arange(n_p))), shape=(n_users, n_p))
-    opts: dict[str, object] = {"presolve": True}
-    if time_limit is not None:
-        opts["time_limit"] = time_limit
-    res = linprog(
-        -(sc * w) * val,
-        A_ub=sp.csr_array(a_ub) if a_ub.size else None,
-        b_ub=b_ub if a_ub.size else None,
-        A_eq=a_eq,
-        b_eq=np.ones(n_users),
-        bounds=(0.0, None),
-        method="highs-ds" if n_p <= 50_000 else "highs-ipm",
-        options=opts,
-    )
-    if res.status != 0:
+    red = _reduced_lp(bp, ui, n_users, w, val, expo, float(sum(pt.marginal_weight for pt in parts)), fixed_shares,
+                      time_limit)
+    if red is None:
         return None
-    z = np.clip(res.x, 0.0, None)
+    z, lp_prices = red
     obj = fixed_obj + float((w * z) @ val)
     shares = fixed_shares + (w * z) @ expo
-    marginals = np.asarray(res.ineqlin.marginals) if a_ub.size else np.zeros(0)
-    lp_prices = np.zeros(k)
-    np.add.at(lp_prices, floors, -marginals[: floors.size])
-    np.add.at(lp_prices, caps, marginals[floors.size :])
-    only_lo = np.isfinite(bp.lower) & ~np.isfinite(bp.upper)
-    only_hi = np.isfinite(bp.upper) & ~np.isfinite(bp.lower)
-    lp_prices[only_lo] = np.maximum(lp_prices[only_lo], 0.0)
-    lp_prices[only_hi] = np.minimum(lp_prices[only_hi], 0.0)
     return _Cross(obj, shares, lp_prices)
 
 
