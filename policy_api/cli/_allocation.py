@@ -15,6 +15,7 @@ from allocator import LP_MAX_VARS, PLAN_METHODS, HomepageConfig
 from .. import jobs, registry
 from ..errors import Infeasible, InvalidConfig, NotFound
 from ..jobs import PlanResult
+from . import _versions
 from ._common import active_config, config_arg, db_engine, load_cfg
 
 __all__ = ["add_commands"]
@@ -140,24 +141,27 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--every-s", type=float, default=30.0, help="seconds between steps with --follow")
     p.set_defaults(func=cmd_pace)
 
-    c = sub.add_parser("config", help="operator config")
+    c = sub.add_parser("config", formatter_class=fmt,
+                       help="operator config: check, apply, and its versions (history, diff, rollback)")
     cs = c.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
     p = cs.add_parser("check", formatter_class=fmt,
                       help="validate a config and dry-run its plan next to the current one "
                            "(exit 1 when infeasible, 2 when invalid); changes nothing")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the proposed config (TOML)")
     p.add_argument("--users", type=int, default=1000, help="recent users to dry-run on")
     p.set_defaults(func=cmd_config_check)
     p = cs.add_parser("apply", formatter_class=fmt,
                       help="validate, dry-run and make FILE the active config with its plan (audited; an "
                            "infeasible config is never applied, exit 3)")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the config to apply (TOML)")
     p.add_argument("--author", default="cli", help="recorded in the config's audit row")
-    p.add_argument("--note", default="", help="change note recorded with the config")
+    p.add_argument("--note", default="",  # "%(default)s" (empty) keeps the formatter from adding "(default: )"
+                   help="change note recorded with the config%(default)s (default: 'homepage config apply FILE')")
     p.add_argument("--users", type=int, default=500, help="recent users to plan on")
     p.set_defaults(func=cmd_config_apply)
+    _versions.add_config_commands(cs)
 
-    v = sub.add_parser("valuation", help="category values")
+    v = sub.add_parser("valuation", formatter_class=fmt, help="category values")
     vs = v.add_subparsers(dest="valuation_command", metavar="SUBCOMMAND", required=True)
     p = vs.add_parser("refit", formatter_class=fmt,
                       help="re-estimate money per engagement from revenue in the feedback log")

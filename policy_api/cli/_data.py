@@ -59,35 +59,37 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     db = sub.add_parser("db", help="database schema")
     dbs = db.add_subparsers(dest="db_command", metavar="SUBCOMMAND", required=True)
-    up = dbs.add_parser("upgrade", help="apply the Alembic migrations to DATABASE_URL")
+    up = dbs.add_parser("upgrade", formatter_class=fmt, help="apply the Alembic migrations to DATABASE_URL")
     up.set_defaults(func=cmd_db_upgrade)
 
     cat = sub.add_parser("catalog", help="the item catalog")
     cats = cat.add_subparsers(dest="catalog_command", metavar="SUBCOMMAND", required=True)
-    ld = cats.add_parser("load", help="load items.csv (item_id,category,popularity[,numeric features...]); "
+    ld = cats.add_parser("load", formatter_class=fmt, help="load items.csv (item_id,category,popularity[,numeric features...]); "
                                       "categories are checked against --config")
-    ld.add_argument("file", metavar="FILE")
+    ld.add_argument("file", metavar="FILE", help="the catalog CSV")
     config_arg(ld)
     ld.set_defaults(func=cmd_catalog_load)
-    p = cats.add_parser("refresh-head", help="recompute item popularity (and so the long-tail head) from "
+    p = cats.add_parser("refresh-head", formatter_class=fmt, help="recompute item popularity (and so the long-tail head) from "
                                              "logged impressions")
     p.add_argument("--days", type=float, default=7.0, help="impressions over this many days")
     p.add_argument("--blend", type=float, default=0.0, help="weight kept on the catalog's popularity, in [0, 1]")
     p.add_argument("--min-impressions", type=int, default=1000, help="refuse with fewer impressions")
     p.set_defaults(func=cmd_refresh_head)
 
-    p = sub.add_parser("import", help="warm-start from history: interactions.csv "
+    p = sub.add_parser("import", formatter_class=fmt, help="warm-start from history: interactions.csv "
                                       "(user_id,item_id,event,timestamp[,value])")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the interactions CSV")
     p.set_defaults(func=cmd_import)
 
     lg = sub.add_parser("log", help="the decision log")
     ls = lg.add_subparsers(dest="log_command", metavar="SUBCOMMAND", required=True)
-    p = ls.add_parser("export", help="export decisions (and their feedback) to Parquet or Vowpal Wabbit DSJSON")
-    p.add_argument("--format", choices=("parquet", "dsjson"), default="parquet")
-    p.add_argument("--out", required=True, metavar="FILE")
-    p.add_argument("--since", help="ISO time (inclusive)")
-    p.add_argument("--until", help="ISO time (exclusive)")
+    p = ls.add_parser("export", formatter_class=fmt, help="export decisions (and their feedback) to Parquet or Vowpal Wabbit DSJSON")
+    p.add_argument("--format", choices=("parquet", "dsjson"), default="parquet",
+                   help="parquet: one row per decision with its reward; dsjson: Vowpal Wabbit's decision-service lines")
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write (required)%(default).0s")
+    p.add_argument("--since", help="ISO time (inclusive); none: from the first decision")
+    p.add_argument("--until", help="ISO time (exclusive); none: up to now")
     p.set_defaults(func=cmd_export)

@@ -17,9 +17,12 @@ from . import _allocation, _data, _learning, _serving, _versions
 __all__ = ["build_parser", "main"]
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="homepage", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="homepage", description=__doc__, formatter_class=_Help)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (_data, _serving, _allocation, _learning, _versions):

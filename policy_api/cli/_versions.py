@@ -1,4 +1,6 @@
-"""``homepage versions list|diff|rollback``: configs, plans and models (ranker, bandit) as versions.
+"""Configs, plans and models (ranker, bandit) as versions: ``homepage versions list|diff|rollback``
+over every kind, and the same by kind: ``homepage config history|diff|rollback`` (``config apply`` is
+beside ``config check``), ``homepage models list|show|rollback``, ``homepage plans list``.
 
 A rollback never rewrites history: it publishes the old version's content as a new version, audited
 (a config is dry-run again first, and an infeasible one is never applied).
@@ -16,9 +18,10 @@ from .. import jobs, registry
 from ..errors import Conflict, InvalidInput, NotFound
 from ._common import db_engine
 
-__all__ = ["add_commands"]
+__all__ = ["add_commands", "add_config_commands"]
 
-KINDS = ("config", "plan", "ranker", "bandit")
+MODEL_KINDS = ("ranker", "bandit")
+KINDS = ("config", "plan", *MODEL_KINDS)
 
 
 def _when(d: Any) -> str:
@@ -32,8 +35,9 @@ def _fmt(v: Any) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """``versions list``; also ``config history``, ``plans list`` and ``models list`` (``args.kind``)."""
     db = db_engine()
-    kinds = KINDS if args.kind == "all" else (args.kind,)
+    kinds = getattr(args, "all_kinds", KINDS) if args.kind == "all" else (args.kind,)
     in_force = registry.latest_versions(db)
     for kind in kinds:
         if kind == "config":
@@ -86,6 +90,30 @@ def _model(db: Engine, name: str, version: int) -> registry.ModelRecord:
         raise NotFound(f"{name} version must be a published {name} in the registry; got {version!r} "
                        f"(`homepage versions list {name}`)", field="version")
     return m
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """``models show KIND VERSION``: one model version's record and metrics (published or rejected)."""
+    db = db_engine()
+    v = _version(args.version, "VERSION")
+    found = [m for m in registry.model_history(db, args.kind, limit=100_000) if m.version == v]
+    if not found:
+        raise NotFound(f"VERSION must be a {args.kind} version in the registry; got {v!r} "
+                       f"(`homepage models list {args.kind}`)", field="VERSION")
+    m = found[0]
+    served = registry.latest_versions(db).models.get(args.kind)
+    published = registry.model(db, args.kind, v) if m.status == "published" else None
+    size = None if published is None or published.artifact is None else len(published.artifact)
+    print(f"{args.kind} version {m.version}")
+    print(f"  status    {m.status}{' (served)' if served == m.version else ''}")
+    print(f"  created   {_when(m.created_at)}")
+    print(f"  artifact  {'(none)' if size is None else f'{size} bytes'}")
+    flat = registry.flatten(m.metrics)
+    print("  metrics" + ("" if flat else "   (none)"))
+    width = max((len(k) for k in flat), default=0)
+    for key in sorted(flat):
+        print(f"    {key:<{width}}  {_fmt(flat[key])}")
+    return 0
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
@@ -150,26 +178,82 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+_FMT = argparse.ArgumentDefaultsHelpFormatter
+_LIMIT_HELP = "versions per kind, newest first"
+
+
+def _rollback_options(p: argparse.ArgumentParser, *, config: str | None) -> None:
+    """VERSION, and with ``config`` (a help prefix) the options of a config rollback."""
+    p.add_argument("version", metavar="VERSION", help="the version to go back to")
+    if config is not None:
+        p.add_argument("--author", default="cli", help=f"{config}recorded in the config's audit row")
+        p.add_argument("--note", default="",  # "%(default)s" (empty) keeps the formatter from appending "(default: )"
+                       help=f"{config}change note%(default)s (default: 'rollback to version VERSION')")
+        p.add_argument("--users", type=int, default=500, help=f"{config}recent users to dry-run the plan on")
+
+
+def add_config_commands(cs: Any) -> None:
+    """``config history|diff|rollback`` on the ``config`` command's subparsers."""
+    p = cs.add_parser("history", formatter_class=_FMT, help="the config versions, newest first, with their audit")
+    p.add_argument("--limit", type=int, default=20, help=_LIMIT_HELP)
+    p.set_defaults(func=cmd_list, kind="config")
+    p = cs.add_parser("diff", formatter_class=_FMT,
+                      help="the keys that differ between two config versions, or a version and a TOML file")
+    p.add_argument("a", metavar="A", help="the older version")
+    p.add_argument("b", metavar="B", help="the newer version, or a TOML file")
+    p.add_argument("--text", action="store_true", help="also print the unified diff of the TOML text")
+    p.set_defaults(func=cmd_diff, kind="config")
+    p = cs.add_parser("rollback", formatter_class=_FMT,
+                      help="make an earlier config version active again, as a new version (dry-run first; "
+                           "an infeasible one is never applied)")
+    _rollback_options(p, config="")
+    p.set_defaults(func=cmd_rollback, kind="config")
+
+
 def add_commands(sub: Any) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    v = sub.add_parser("versions", help="list, diff and roll back config, plan and model versions")
+    v = sub.add_parser("versions", formatter_class=_FMT,
+                       help="list, diff and roll back config, plan and model versions")
     vs = v.add_subparsers(dest="versions_command", metavar="SUBCOMMAND", required=True)
-    p = vs.add_parser("list", formatter_class=fmt, help="the newest versions of each kind, newest first")
+    p = vs.add_parser("list", formatter_class=_FMT, help="the newest versions of each kind, newest first")
     p.add_argument("kind", nargs="?", choices=("all", *KINDS), default="all", help="what to list")
-    p.add_argument("--limit", type=int, default=20, help="versions per kind")
+    p.add_argument("--limit", type=int, default=20, help=_LIMIT_HELP)
     p.set_defaults(func=cmd_list)
-    p = vs.add_parser("diff", formatter_class=fmt,
+    p = vs.add_parser("diff", formatter_class=_FMT,
                       help="what changed between two versions (for a config, B may be a TOML file)")
     p.add_argument("kind", choices=KINDS, help="what to compare")
     p.add_argument("a", metavar="A", help="the older version")
     p.add_argument("b", metavar="B", help="the newer version (config: or a TOML file)")
     p.add_argument("--text", action="store_true", help="config: also print the unified diff of the TOML text")
     p.set_defaults(func=cmd_diff)
-    p = vs.add_parser("rollback", formatter_class=fmt,
+    p = vs.add_parser("rollback", formatter_class=_FMT,
                       help="publish an earlier version again as the newest (a config is dry-run first)")
     p.add_argument("kind", choices=KINDS, help="what to roll back")
-    p.add_argument("version", metavar="VERSION", help="the version to go back to")
-    p.add_argument("--author", default="cli", help="recorded in the config's audit row")
-    p.add_argument("--note", default="", help="change note (default: rollback to version VERSION)")
-    p.add_argument("--users", type=int, default=500, help="config: recent users to dry-run the plan on")
+    _rollback_options(p, config="config: ")
     p.set_defaults(func=cmd_rollback)
+
+    m = sub.add_parser("models", formatter_class=_FMT, help="list, show and roll back ranker and bandit versions")
+    ms = m.add_subparsers(dest="models_command", metavar="SUBCOMMAND", required=True)
+    p = ms.add_parser("list", formatter_class=_FMT, help="model versions (published and rejected), newest first")
+    p.add_argument("kind", nargs="?", choices=("all", *MODEL_KINDS), default="all", help="which models")
+    p.add_argument("--limit", type=int, default=20, help=_LIMIT_HELP)
+    p.set_defaults(func=cmd_list, all_kinds=MODEL_KINDS)
+    p = ms.add_parser("show", formatter_class=_FMT, help="one model version: status, artifact size and metrics")
+    p.add_argument("kind", choices=MODEL_KINDS, help="which model")
+    p.add_argument("version", metavar="VERSION", help="its version")
+    p.set_defaults(func=cmd_show)
+    p = ms.add_parser("diff", formatter_class=_FMT, help="the metrics that differ between two versions")
+    p.add_argument("kind", choices=MODEL_KINDS, help="which model")
+    p.add_argument("a", metavar="A", help="the older version")
+    p.add_argument("b", metavar="B", help="the newer version")
+    p.set_defaults(func=cmd_diff, text=False)
+    p = ms.add_parser("rollback", formatter_class=_FMT,
+                      help="serve an earlier published version again, published as the newest version")
+    p.add_argument("kind", choices=MODEL_KINDS, help="which model")
+    _rollback_options(p, config=None)
+    p.set_defaults(func=cmd_rollback)
+
+    pl = sub.add_parser("plans", formatter_class=_FMT, help="list the published plans (prices per constraint)")
+    ps = pl.add_subparsers(dest="plans_command", metavar="SUBCOMMAND", required=True)
+    p = ps.add_parser("list", formatter_class=_FMT, help="plan versions, newest first: config version and prices")
+    p.add_argument("--limit", type=int, default=20, help=_LIMIT_HELP)
+    p.set_defaults(func=cmd_list, kind="plan")

@@ -27,6 +27,8 @@ from ._rows import (
     upsert_items,
 )
 from ._schema import (
+    CONFIG_JOB_KINDS,
+    CONFIG_JOB_STATUSES,
     CONFIG_STATUSES,
     MODEL_STATUSES,
     PLAN_STATUSES,
@@ -34,6 +36,7 @@ from ._schema import (
     UTCDateTime,
     alembic_config,
     begin,
+    config_jobs,
     configs,
     decisions,
     downgrade,
@@ -57,6 +60,8 @@ from ._schema import (
 from ._writer import LogWriter, decode_spill_line, encode_spill_line
 
 __all__ = [
+    "CONFIG_JOB_KINDS",
+    "CONFIG_JOB_STATUSES",
     "CONFIG_STATUSES",
     "DECISION_COLUMNS",
     "MODEL_STATUSES",
@@ -76,6 +81,7 @@ __all__ = [
     "begin",
     "category_engagement",
     "item_engagement",
+    "config_jobs",
     "configs",
     "decision_log",
     "decisions",

@@ -36,11 +36,14 @@ __all__ = [
     "json_loads",
     "migrations_dir",
     "alembic_config",
+    "CONFIG_JOB_KINDS",
+    "CONFIG_JOB_STATUSES",
     "CONFIG_STATUSES",
     "MODEL_STATUSES",
     "NAMING_CONVENTION",
     "PLAN_STATUSES",
     "UTCDateTime",
+    "config_jobs",
     "configs",
     "decisions",
     "downgrade",
@@ -68,6 +71,8 @@ NAMING_CONVENTION: dict[str, str] = {
 CONFIG_STATUSES = ("active", "superseded", "rejected")
 PLAN_STATUSES = ("active", "superseded", "rejected")
 MODEL_STATUSES = ("published", "rejected")
+CONFIG_JOB_KINDS = ("dry_run", "apply", "rollback")
+CONFIG_JOB_STATUSES = ("queued", "running", "done", "failed", "lost")
 
 DEFAULT_CONNECT_TIMEOUT_S = 2.0
 DEFAULT_STATEMENT_TIMEOUT_S = 5.0
@@ -230,6 +235,32 @@ loop_lease = sa.Table(
     sa.Column("acquired_at", UTCDateTime(), nullable=False),
     sa.Column("expires_at", UTCDateTime(), nullable=False),
     sa.Column("status", _json(), nullable=True),
+)
+
+# Config changes run as jobs off the request threads (policy_api.serving): one row per job, written
+# by the worker that runs it (``owner``: host:pid), which renews ``heartbeat_at`` while the job is queued
+# or running; a job whose heartbeat stops is reported lost. ``apply_slot`` is 'config' while an apply
+# or rollback is queued or running (NULL otherwise): its unique constraint admits one per database.
+config_jobs = sa.Table(
+    "config_jobs",
+    metadata,
+    sa.Column("id", sa.String(), primary_key=True),
+    sa.Column("kind", sa.String(), nullable=False),
+    sa.Column("status", sa.String(), nullable=False),
+    sa.Column("body", sa.Text(), nullable=True),
+    sa.Column("target_version", sa.BigInteger(), nullable=True),
+    sa.Column("author", sa.String(), nullable=False),
+    sa.Column("note", sa.Text(), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False, index=True),
+    sa.Column("started_at", UTCDateTime(), nullable=True),
+    sa.Column("finished_at", UTCDateTime(), nullable=True),
+    sa.Column("owner", sa.String(), nullable=False),
+    sa.Column("heartbeat_at", UTCDateTime(), nullable=False),
+    sa.Column("apply_slot", sa.String(), nullable=True, unique=True),
+    sa.Column("result", _json(), nullable=True),
+    sa.Column("error", _json(), nullable=True),
+    _status_check(CONFIG_JOB_STATUSES),
+    sa.CheckConstraint("kind IN ('dry_run', 'apply', 'rollback')", name="kind"),
 )
 
 models = sa.Table(

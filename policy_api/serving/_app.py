@@ -25,6 +25,7 @@ from werkzeug.exceptions import HTTPException, TooManyRequests
 
 from ..errors import HomepageError, Unauthorized
 from ..settings import Settings
+from ._config_page import console_bp
 from ._ops import ops_bp
 from ._routes import api_bp
 from ._runtime import Runtime
@@ -135,6 +136,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     app.extensions["homepage_limits"] = lim
     app.register_blueprint(api_bp)
     app.register_blueprint(ops_bp)
+    app.register_blueprint(console_bp)
     throttle = TokenThrottle(lim.token_failures, lim.token_window_s)
     app.extensions["homepage_throttle"] = throttle
 

@@ -1,4 +1,8 @@
-"""Server-rendered SVG line charts for the ops console: no script, no CDN, labelled axes."""
+"""Server-rendered SVG line charts for the ops console: no script, no CDN, labelled axes.
+
+Each series carries the numbers it plots (``data-series``, ``data-x``, ``data-y`` on its polyline), so
+that a reader, a screen reader's table view or a test can check the chart against the JSON API.
+"""
 
 from __future__ import annotations
 
@@ -62,7 +66,8 @@ def line_chart(title: str, x: np.ndarray, series: dict[str, np.ndarray], *, y_la
             continue
         pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(px(x[ok]).tolist(), py(v[ok]).tolist(), strict=True))
         color = _COLORS[i % len(_COLORS)]
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{pts}">'
+        parts.append(f'<polyline class=series data-series="{html.escape(name)}" data-x="{_values(x[ok])}" '
+                     f'data-y="{_values(v[ok])}" fill="none" stroke="{color}" stroke-width="1.6" points="{pts}">'
                      f"<title>{html.escape(name)}</title></polyline>")
         if ok.sum() == 1:
             cx, cy = float(px(x[ok])[0]), float(py(v[ok])[0])
@@ -78,6 +83,11 @@ def line_chart(title: str, x: np.ndarray, series: dict[str, np.ndarray], *, y_la
     parts.append(f'<text transform="translate(12,{top + ph / 2}) rotate(-90)" font-size="11" '
                  f'text-anchor="middle">{html.escape(y_label)}</text>')
     return "".join(parts) + "</svg>"
+
+
+def _values(v: np.ndarray) -> str:
+    """Space-separated, round-tripping decimal values (``repr`` of each float)."""
+    return " ".join(repr(float(a)) for a in v.tolist())
 
 
 def _num(v: float) -> str:

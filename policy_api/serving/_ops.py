@@ -1,5 +1,10 @@
-"""Operator endpoints: the active config (read; replace or roll back with the operator token, after a
-dry run), realised exposure against the targets, and the ops console.
+"""Operator endpoints: the active config (read; replace, dry-run or roll back with the operator token),
+realised exposure against the targets, and the ops console.
+
+Changing the config is a job (:mod:`._jobs`): ``PUT /config``, ``POST /config/dry-run`` and
+``POST /config/rollback`` validate on the request thread, then answer 202 with
+``Location: /config/jobs/<id>`` while the worker's job thread plans; ``Prefer: wait=N`` waits for it
+(at most ``MAX_WAIT_S``). Any worker answers ``GET /config/jobs/<id>`` from the database.
 
 ``/ops`` and ``/exposure`` are served from :class:`OpsAggregate` (incremental per-minute sums kept by
 a background thread): no request reads the decision log, whatever its size. Their window is bounded
@@ -12,6 +17,7 @@ from __future__ import annotations
 import hmac
 import html
 import os
+import re
 import threading
 import time
 from typing import Any
@@ -22,14 +28,14 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from .. import registry
 from ..engine import EngineState
 from ..errors import Forbidden, InvalidInput, NotFound, NotReady, Unauthorized
-from ..jobs import apply_config
 from ..reports import html_page, table_html
 from . import _metrics as metrics
 from ._charts import line_chart
 from ._console import OpsAggregate
+from ._jobs import ConfigJobs, lost_after_from_env
 from ._runtime import Runtime
 
-__all__ = ["ops_bp", "OPS_PATHS", "ops_aggregate"]
+__all__ = ["ops_bp", "OPS_PATHS", "config_jobs", "ops_aggregate"]
 
 ops_bp = Blueprint("ops", __name__)
 
@@ -44,20 +50,72 @@ def _spec_max_window() -> float:
 
 
 _MAXW = _spec_max_window()
+#: the longest ``Prefer: wait=N`` honoured, seconds
+MAX_WAIT_S = 30.0
+#: the most jobs ``GET /config/jobs`` lists
+MAX_JOBS_LISTED = 100
+
+
+def _json_ref(name: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
+
+
+_TOML_BODY = {"application/toml": {"schema": {"type": "string", "minLength": 1, "pattern": "\\S"}},
+              "text/plain": {"schema": {"type": "string", "minLength": 1, "pattern": "\\S"}}}
+_ASYNC = ("The request is validated at once (400 names the bad key); the planning runs in a background job of "
+          "the worker: 202 with Location: /config/jobs/<id>. Send Prefer: wait=N (seconds, at most 30) to wait "
+          "for the job and get its final answer (200, or the job's error with its status) when it finishes "
+          "within N seconds. One apply or rollback runs at a time per database: 409 names the one in progress.")
+_JOB_RESPONSES: dict[str, Any] = {
+    "202": {"description": "accepted: the job runs in the background; follow Location",
+            "headers": {"Location": {"schema": {"type": "string"}, "description": "/config/jobs/<id>"}},
+            "content": _json_ref("ConfigJobAccepted")},
+    "409": {"description": "another apply or rollback is in progress (its job_id inside); or, with Prefer: "
+                           "wait=N, the config is infeasible: not applied, diagnosis inside", "content": _err},
+    "503": {"description": "this worker has too many config jobs queued; or the job failed on the database",
+            "content": _err},
+}
 OPS_PATHS: dict[str, Any] = {
     "/config": {
         "get": {"summary": "The active operator config and its version",
                 "responses": {"200": {"description": "config"}}},
-        "put": {"summary": "Validate, dry-run and apply a new config (bearer token)",
+        "put": {"summary": "Validate a new config, then dry-run and apply it in a background job (bearer token)",
+                "description": _ASYNC,
                 "security": [{"operatorToken": []}],
-                "requestBody": {"required": True, "content": {
-                    "application/toml": {"schema": {"type": "string", "minLength": 1, "pattern": "\\S"}},
-                    "text/plain": {"schema": {"type": "string", "minLength": 1, "pattern": "\\S"}}}},
-                "responses": {"200": {"description": "applied: new config and plan versions"},
-                              "400": {"description": "invalid config", "content": _err},
-                              "401": {"description": "missing or wrong token", "content": _err},
-                              "409": {"description": "infeasible: not applied; diagnosis inside", "content": _err}}},
+                "requestBody": {"required": True, "content": _TOML_BODY},
+                "responses": {**_JOB_RESPONSES,
+                              "200": {"description": "with Prefer: wait=N, the job finished in time: applied "
+                                                     "(version, plan_version, previous_version, projection, "
+                                                     "prices, warnings)"},
+                              "400": {"description": "invalid config, naming the key", "content": _err}}},
     },
+    "/config/dry-run": {"post": {
+        "summary": "Validate a config, then dry-run it against the active one in a background job; never "
+                   "activates (bearer token)",
+        "description": _ASYNC + " The job's result: feasible, projection, prices, warnings, diff (changed keys "
+                                "against the active config), text_diff, and current (the active config's "
+                                "projection on the same users).",
+        "security": [{"operatorToken": []}],
+        "requestBody": {"required": True, "content": _TOML_BODY},
+        "responses": {**_JOB_RESPONSES,
+                      "200": {"description": "with Prefer: wait=N, the job finished in time: its result"},
+                      "400": {"description": "invalid config, naming the key", "content": _err}}}},
+    "/config/jobs": {"get": {
+        "summary": "Recent config jobs of this database, newest first (operator token or HOMEPAGE_OPS_TOKEN)",
+        "security": [{"operatorToken": []}],
+        "parameters": [{"name": "limit", "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_JOBS_LISTED, "default": 20}}],
+        "responses": {"200": {"description": "jobs", "content": _json_ref("ConfigJobList")},
+                      "400": {"description": "bad limit, or another query parameter", "content": _err}}}},
+    "/config/jobs/{job_id}": {"get": {
+        "summary": "One config job, as its row in the database says (any worker answers; operator token or "
+                   "HOMEPAGE_OPS_TOKEN); a queued or running job whose worker stopped sending heartbeats is lost",
+        "security": [{"operatorToken": []}],
+        "parameters": [{"name": "job_id", "in": "path", "required": True,
+                        "schema": {"type": "string", "minLength": 1}}],
+        "responses": {"200": {"description": "the job", "content": _json_ref("ConfigJob")},
+                      "400": {"description": "a query parameter (none is taken)", "content": _err},
+                      "404": {"description": "no such job", "content": _err}}}},
     "/exposure": {"get": {
         "summary": "Realised exposure shares against the targets over a window",
         "parameters": [{"name": "window_s", "in": "query",
@@ -75,16 +133,17 @@ OPS_PATHS: dict[str, Any] = {
     "/versions": {"get": {"summary": "Config, plan and model versions, newest first",
                                             "responses": {"200": {"description": "histories"}}}},
     "/config/rollback": {"post": {
-        "summary": "Make an earlier config version active again (bearer token); it is dry-run first",
+        "summary": "Make an earlier config version active again in a background job, dry-run first (bearer token)",
+        "description": _ASYNC,
         "security": [{"operatorToken": []}],
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
             "type": "object", "required": ["version"],
             "properties": {"version": {"type": "integer", "minimum": 1}}}}}},
-        "responses": {"200": {"description": "rolled back: the new config and plan versions"},
+        "responses": {**_JOB_RESPONSES,
+                      "200": {"description": "with Prefer: wait=N, the job finished in time: rolled back (the "
+                                             "new config and plan versions, rolled_back_to)"},
                       "400": {"description": "bad version", "content": _err},
-                      "401": {"description": "missing or wrong token", "content": _err},
-                      "404": {"description": "no such version", "content": _err},
-                      "409": {"description": "infeasible: not applied", "content": _err}}}},
+                      "404": {"description": "no such version", "content": _err}}}},
 }
 
 
@@ -117,10 +176,7 @@ def get_config() -> tuple[Response, int]:
     return jsonify({"version": st.versions.get("config"), "config": st.config.to_dict()}), 200
 
 
-@ops_bp.put("/config")
-def put_config() -> tuple[Response, int]:
-    rt = _rt()
-    _check_token(rt)
+def _config_body() -> str:
     if request.is_json:
         body = (request.get_json(silent=True) or {}).get("toml")
         if not isinstance(body, str):
@@ -129,13 +185,70 @@ def put_config() -> tuple[Response, int]:
         body = request.get_data(as_text=True)
     if not body.strip():
         raise InvalidInput("body must be the config's TOML text; got an empty body", field="body")
-    assert rt.db is not None
-    res = apply_config(rt.db, body, author=request.headers.get("X-Operator", "api")[:100],
-                       note=request.headers.get("X-Change-Note", "PUT /config")[:1000])
-    rt.reload(force=True)
-    return jsonify({"version": res.version, "plan_version": res.plan_version,
-                    "previous_version": res.previous_version, "projection": res.plan.projected,
-                    "prices": res.plan.prices, "warnings": list(res.warnings)}), 200
+    registry.parse_body(body)  # a bad key is a 400 now, naming it; the planning runs in the job
+    return body
+
+
+_JOBS_LOCK = threading.Lock()
+
+
+def config_jobs(rt: Runtime) -> ConfigJobs:
+    """The worker's :class:`ConfigJobs`, made on first use (after the fork, in the worker)."""
+    ext = current_app.extensions
+    jobs: ConfigJobs | None = ext.get("homepage_jobs")
+    if jobs is None:
+        with _JOBS_LOCK:
+            jobs = ext.get("homepage_jobs")
+            if jobs is None:
+                assert rt.db is not None
+                jobs = ext["homepage_jobs"] = ConfigJobs(rt.db, lambda: rt.reload(force=True),
+                                                         lost_after_s=lost_after_from_env())
+    return jobs
+
+
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d{1,9})\"?\s*(?:$|[,;])", re.IGNORECASE)
+
+
+def _prefer_wait() -> float:
+    """Seconds the client prefers to wait (``Prefer: wait=N``, RFC 7240), at most ``MAX_WAIT_S``; 0 when
+    absent (a preference the server does not understand is ignored, as the RFC asks)."""
+    m = _PREFER_WAIT.search(", ".join(request.headers.getlist("Prefer")))
+    return min(float(m.group(1)), MAX_WAIT_S) if m else 0.0
+
+
+def _submitted(rt: Runtime, kind: str, body: str, *, note: str, target_version: int | None = None
+               ) -> tuple[Response, int]:
+    jobs = config_jobs(rt)
+    job = jobs.submit(kind, body, author=request.headers.get("X-Operator", "api")[:100],
+                      note=request.headers.get("X-Change-Note", note)[:1000], target_version=target_version)
+    wait = _prefer_wait()
+    final = jobs.wait(job["job_id"], wait) if wait > 0 else None
+    if final is not None:
+        out = final.result if final.status == "done" else final.error
+        resp = jsonify({**(out or {}), "job_id": job["job_id"], "status_url": job["status_url"]})
+        resp.headers["Preference-Applied"] = f"wait={wait:g}"
+        resp.headers["Content-Location"] = job["status_url"]
+        return resp, final.http_status
+    resp = jsonify({"job_id": job["job_id"], "kind": kind, "status": job["status"], "status_url": job["status_url"]})
+    resp.headers["Location"] = job["status_url"]
+    resp.headers["Retry-After"] = "1"
+    return resp, 202
+
+
+@ops_bp.put("/config")
+def put_config() -> tuple[Response, int]:
+    rt = _rt()
+    _check_token(rt)
+    body = _config_body()
+    return _submitted(rt, "apply", body, note="PUT /config")
+
+
+@ops_bp.post("/config/dry-run")
+def dry_run_config() -> tuple[Response, int]:
+    rt = _rt()
+    _check_token(rt)
+    body = _config_body()
+    return _submitted(rt, "dry_run", body, note="POST /config/dry-run")
 
 
 @ops_bp.post("/config/rollback")
@@ -153,12 +266,55 @@ def rollback_config() -> tuple[Response, int]:
         raise NotFound(f"config version must exist in the registry; got {version!r}", field="version")
     assert rt.db is not None
     old = registry.config_version(rt.db, version)
-    res = apply_config(rt.db, old.body, author=request.headers.get("X-Operator", "api")[:100],
-                       note=request.headers.get("X-Change-Note", f"rollback to version {version}")[:1000])
-    rt.reload(force=True)
-    return jsonify({"version": res.version, "plan_version": res.plan_version, "rolled_back_to": version,
-                    "previous_version": res.previous_version, "projection": res.plan.projected,
-                    "prices": res.plan.prices}), 200
+    return _submitted(rt, "rollback", old.body, note=f"rollback to version {version}", target_version=version)
+
+
+def _check_job_read(rt: Runtime) -> None:
+    """Jobs are read with the operator token, or with ``HOMEPAGE_OPS_TOKEN`` (the operator pages' read token)."""
+    accepted = [t for t in (rt.settings.operator_token, os.environ.get("HOMEPAGE_OPS_TOKEN")) if t]
+    if not accepted:
+        raise Forbidden("config jobs are disabled: set HOMEPAGE_OPERATOR_TOKEN on the server")
+    auth = request.headers.get("Authorization", "")
+    scheme, _, given = auth.strip().partition(" ")
+    given = given.strip() if scheme.lower() == "bearer" else ""
+    if not given or not any(hmac.compare_digest(given.encode(), t.encode()) for t in accepted):
+        raise Unauthorized("a bearer token (Authorization: Bearer <token>: the operator token or "
+                           "HOMEPAGE_OPS_TOKEN) is required; " + ("got none" if not given else "got a wrong one"),
+                           field="Authorization")
+
+
+def _only_params(*allowed: str) -> None:
+    extra = sorted(set(request.args) - set(allowed))
+    if extra:
+        raise InvalidInput(f"query parameters must be among ({', '.join(allowed)}); got {extra[0]!r}",
+                           field=extra[0])
+
+
+@ops_bp.get("/config/jobs/<job_id>")
+def config_job(job_id: str) -> tuple[Response, int]:
+    rt = _rt()
+    _check_job_read(rt)
+    _only_params()
+    assert rt.db is not None
+    job = config_jobs(rt).get(job_id) if len(job_id) <= 100 else None
+    if job is None:
+        raise NotFound(f"job_id must name a config job of this database; got {job_id[:100]!r}", field="job_id")
+    return jsonify(job), 200
+
+
+@ops_bp.get("/config/jobs")
+def list_config_jobs() -> tuple[Response, int]:
+    rt = _rt()
+    _check_job_read(rt)
+    _only_params("limit")
+    raw = request.args.get("limit", "20")
+    try:
+        limit = int(raw)
+        if not 1 <= limit <= MAX_JOBS_LISTED:
+            raise ValueError
+    except ValueError:
+        raise InvalidInput(f"limit must be an integer in [1, {MAX_JOBS_LISTED}]; got {raw!r}", field="limit") from None
+    return jsonify({"jobs": config_jobs(rt).recent(limit)}), 200
 
 
 # ------------------------------------------------------------------------------ read access, window
@@ -354,10 +510,12 @@ def ops_page() -> Response:
                          "(ranker), or let the loop do it.")))
     base = request.host_url.rstrip("/")
     change = (
+        "<p>In this browser: the <a href='/ops/config'>config page</a> shows the active config and its history, "
+        "dry-runs a proposed config (diff and projection), applies it and rolls back.</p>"
         "<p>Check a change (diff and dry-run projection): <code>homepage versions diff config "
         f"{st.versions.get('config')} new.toml</code> and <code>homepage config check new.toml</code>.</p>"
         "<p>Apply it: <code>homepage config apply new.toml</code> or</p>"
-        "<pre>curl -X PUT -H \"Authorization: Bearer $HOMEPAGE_OPERATOR_TOKEN\" "
+        "<pre>curl -X PUT -H \"Authorization: Bearer $HOMEPAGE_OPERATOR_TOKEN\" -H \"Prefer: wait=30\" "
         f"--data-binary @new.toml {html.escape(base)}/config</pre>"
         "<p>Roll back to an earlier version: <code>homepage versions rollback config N</code> or</p>"
         "<pre>curl -X POST -H \"Authorization: Bearer $HOMEPAGE_OPERATOR_TOKEN\" "

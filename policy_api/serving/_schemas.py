@@ -16,7 +16,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 __all__ = ["LayoutItem", "LayoutModule", "LayoutResponse", "FeedbackEvent", "FeedbackRequest",
            "FeedbackResponse", "ErrorBody", "ErrorResponse", "openapi_spec", "ID_PATTERN", "USER_ID_PATTERN",
-           "CONTEXT_PARAMS", "DEVICES"]
+           "CONTEXT_PARAMS", "DEVICES", "ConfigJob", "ConfigJobAccepted", "ConfigJobList"]
 
 _ALLOWED = "[^\\x00-\\x1f\\x7f-\\x9f]"
 # white space as both Python's str.isspace and ECMAScript's \\s know it, spelled out so that both agree
@@ -114,6 +114,42 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+JobStatus = Literal["queued", "running", "done", "failed", "lost"]
+JobKind = Literal["dry_run", "apply", "rollback"]
+
+
+class ConfigJobAccepted(BaseModel):
+    job_id: str
+    kind: JobKind
+    status: JobStatus
+    status_url: str = Field(description="GET it (any worker answers) until status is done, failed or lost")
+
+
+class ConfigJob(BaseModel):
+    job_id: str
+    kind: JobKind
+    status: JobStatus = Field(description="lost: its worker stopped sending heartbeats before it finished")
+    status_url: str
+    target_version: int | None = Field(description="the version a rollback makes active again")
+    author: str
+    note: str
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    owner: str = Field(description="host:pid of the worker that runs it")
+    heartbeat_at: str | None
+    result: dict[str, Any] | None = Field(
+        description="done: apply and rollback give version, plan_version, previous_version, projection, "
+                    "prices, warnings (and rolled_back_to); a dry run gives feasible, projection, prices, "
+                    "warnings, diff, text_diff and current (the active config's projection on the same users)")
+    error: dict[str, Any] | None = Field(description="failed or lost: the API's error body, e.g. code infeasible")
+    toml: str | None = Field(default=None, description="the submitted config text (single job only)")
+
+
+class ConfigJobList(BaseModel):
+    jobs: list[ConfigJob]
+
+
 def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
@@ -125,7 +161,7 @@ def _json(model: type[BaseModel]) -> dict[str, Any]:
 def openapi_spec(extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
     """OpenAPI 3.1 document of the API."""
     models: list[type[BaseModel]] = [LayoutItem, LayoutModule, LayoutResponse, FeedbackEvent, FeedbackRequest, FeedbackResponse,
-              ErrorBody, ErrorResponse]
+              ErrorBody, ErrorResponse, ConfigJobAccepted, ConfigJob, ConfigJobList]
     schemas: dict[str, Any] = {}
     for m in models:
         s = m.model_json_schema(ref_template="#/components/schemas/{model}")

@@ -10,7 +10,17 @@ import time
 import pytest
 import requests
 
-from homepage_client import Event, HomepageClient, HomepageClientError, Layout, Module
+from homepage_client import (
+    ConfigJob,
+    ConfigJobError,
+    Event,
+    HomepageClient,
+    HomepageClientError,
+    Layout,
+    Module,
+)
+from policy_api import registry
+from policy_api.log import make_engine
 
 from .test_api import Server, free_port
 
@@ -192,6 +202,46 @@ def test_unreachable_engine_gives_the_fallback_layout_within_the_deadline():
         strict.layout("u1")
     with pytest.raises(HomepageClientError, match="engine unreachable"):
         strict.feedback("r", [Event(slot=0, item_id="i", type="play")])
+
+
+def test_config_calls_run_as_jobs_and_wait_for_them(server):
+    admin = HomepageClient(server.url, operator_token="sesame")
+    db = make_engine(f"sqlite:///{server.db_path}")
+    try:
+        active = registry.active_config(db)
+        assert active is not None
+        dry = admin.dry_run_config(active.body)
+        assert isinstance(dry, ConfigJob) and dry.kind == "dry_run" and dry.status == "done"
+        assert dry.result is not None and dry.result["feasible"] and dry.result["diff"] == []  # the same text
+        text = server.config.read_text()
+        assert 'category = "live"\nmin = 0.1\n' in text
+        new = text.replace('category = "live"\nmin = 0.1\n', 'category = "live"\nmin = 0.3\n')
+        job = admin.apply_config(new, author="bob", note="more live")
+        assert job.status == "done" and job.result is not None and job.result["previous_version"] == active.version
+        rec = registry.active_config(db)  # the reference: the registry itself
+        assert rec is not None and rec.version == job.result["version"] and rec.body == new
+        assert (rec.author, rec.note) == ("bob", "more live")
+        assert admin.config_job(job.job_id) == job
+        with pytest.raises(ConfigJobError) as failed:
+            admin.apply_config(text.replace('category = "live"\nmin = 0.1\n', 'category = "live"\nmin = 0.97\n'))
+        assert failed.value.code == "infeasible" and failed.value.job.status == "failed"
+        after = registry.active_config(db)
+        assert after is not None and after.version == rec.version  # nothing applied
+        with pytest.raises(HomepageClientError) as bad:
+            admin.apply_config(text.replace("budget = 0.05", "budget = 5"))
+        assert bad.value.status == 400 and bad.value.field == "exploration.budget"
+        back = admin.rollback_config(active.version)
+        assert back.result is not None and back.result["rolled_back_to"] == active.version
+        assert registry.config_version(db, back.result["version"]).body == active.body
+        with pytest.raises(HomepageClientError) as missing:
+            admin.config_job("no-such-job")
+        assert missing.value.status == 404 and missing.value.field == "job_id"
+    finally:
+        db.dispose()
+    with pytest.raises(ValueError, match=r"operator_token must be given to HomepageClient for config calls"):
+        HomepageClient(server.url).dry_run_config("x")
+    with pytest.raises(ValueError, match=r"version must be an integer >= 1; got 0"):
+        admin.rollback_config(0)
 
 
 def test_bad_arguments_name_the_parameter():

@@ -48,7 +48,8 @@ from policy_api.log import (
     upsert_items,
 )
 
-LOG_TABLES = {"decisions", "feedback", "items", "configs", "plans", "models", "user_state", "item_stats", "loop_lease"}
+LOG_TABLES = {"decisions", "feedback", "items", "configs", "plans", "models", "user_state", "item_stats", "loop_lease",
+              "config_jobs"}
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 
@@ -180,7 +181,7 @@ def test_migrations_upgrade_check_downgrade(database_url, tmp_path, monkeypatch)
         with eng.connect() as conn:
             insp = sa.inspect(conn)
             assert set(insp.get_table_names()) == LOG_TABLES | {"alembic_version"}
-            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0003"
+            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0004"
             mc = MigrationContext.configure(conn, opts={"compare_type": True})
             assert compare_metadata(mc, metadata) == []  # `alembic check`
             # the comparison is not vacuous: a column the DB lacks is reported
@@ -194,10 +195,13 @@ def test_migrations_upgrade_check_downgrade(database_url, tmp_path, monkeypatch)
             assert {u["name"] for u in insp.get_unique_constraints("feedback")} == {"uq_feedback_event_id"}
             assert {u["name"] for u in insp.get_unique_constraints("models")} == {"uq_models_name_version"}
             assert {i["name"] for i in insp.get_indexes("decisions")} == {"ix_decisions_ts", "ix_decisions_user_id"}
+            assert {u["name"] for u in insp.get_unique_constraints("config_jobs")} == {"uq_config_jobs_apply_slot"}
+            assert {c["name"] for c in insp.get_check_constraints("config_jobs")} == {
+                "ck_config_jobs_status", "ck_config_jobs_kind"}
             assert insp.get_foreign_keys("feedback") == []
             if eng.dialect.name == "postgresql":
                 assert insp.get_pk_constraint("decisions")["name"] == "pk_decisions"
-                for name in ("user_state", "item_stats", "loop_lease"):
+                for name in ("user_state", "item_stats", "loop_lease", "config_jobs"):
                     assert insp.get_pk_constraint(name)["name"] == f"pk_{name}"
                 cols = {c["name"]: c["type"] for c in insp.get_columns("decisions")}
                 assert type(cols["candidates"]).__name__ == "JSONB"

@@ -1,4 +1,4 @@
-"""Operator surface: PUT /config (token, validation, dry run, atomic apply), GET /exposure,
+"""Operator surface: PUT /config (token, validation, dry run and atomic apply in a job), GET /exposure,
 `homepage config check` and `homepage plan`, against a real server and the real CLI."""
 
 from __future__ import annotations
@@ -74,9 +74,11 @@ def test_put_infeasible_config_is_409_and_not_applied(server):
     body = re.sub(r'(name = "live_floor"\nkind = "category_share"\ncategory = "live"\nmin = )[0-9.]+', r"\g<1>0.97",
                   server.config.read_text())
     assert "min = 0.97" in body
-    r = requests.put(server.url + "/config", data=body, headers=AUTH, timeout=60)
+    # Prefer: wait gives the job's final answer: the synchronous 409 with the diagnosis
+    r = requests.put(server.url + "/config", data=body, headers={**AUTH, "Prefer": "wait=30"}, timeout=60)
     assert r.status_code == 409, r.text
     out = r.json()
+    assert out["error"]["code"] == "infeasible" and out["job_id"]
     assert "live_floor" in out["conflicting"]
     assert any(x.startswith("live_floor: min 0.97 ->") for x in out["relaxations"])
     assert requests.get(server.url + "/config", timeout=5).json()["version"] == before
@@ -85,18 +87,27 @@ def test_put_infeasible_config_is_409_and_not_applied(server):
 def test_put_valid_config_applies_atomically_and_workers_swap(server):
     body = re.sub(r'(name = "live_floor"\nkind = "category_share"\ncategory = "live"\nmin = )[0-9.]+', r"\g<1>0.3",
                   server.config.read_text())
-    r = requests.put(server.url + "/config", data=body, headers={**AUTH, "X-Operator": "alice"}, timeout=60)
-    assert r.status_code == 200, r.text
-    out = r.json()
+    r = requests.put(server.url + "/config", data=body, headers={**AUTH, "X-Operator": "alice"}, timeout=30)
+    assert r.status_code == 202, r.text  # the dry run and the apply run in a job of the worker
+    job = wait_for(lambda: (j := requests.get(server.url + r.headers["Location"], headers=AUTH, timeout=10).json())
+                   ["status"] in ("done", "failed", "lost") and j, timeout=60)
+    assert job["status"] == "done" and job["author"] == "alice", job
+    out = job["result"]
     assert out["projection"]["shares"]["live_floor"] >= 0.3 - 1e-6
     new = out["version"]
     # every worker serves the new config within a few polls, with the plan made for it
     def both_swapped():
         seen = [requests.get(server.url + "/layout", params={"user_id": "u1"}, timeout=5).json()["versions"]
                 for _ in range(8)]
-        return all(v["config"] == new and v["plan"] == out["plan_version"] for v in seen)
+        last["seen"] = seen
+        # the plan made with it, or a later one for it (the loop re-plans and paces a changed config)
+        return all(v["config"] == new and v["plan"] >= out["plan_version"] for v in seen)
 
-    wait_for(both_swapped)
+    last: dict = {}
+    try:
+        wait_for(both_swapped)
+    except AssertionError:
+        raise AssertionError(f"{last} {out}") from None
     cfg = requests.get(server.url + "/config", timeout=5).json()
     live = [c for c in cfg["config"]["constraints"] if c["name"] == "live_floor"][0]
     assert cfg["version"] == new and live["min"] == 0.3
@@ -178,7 +189,7 @@ def exposure(server, **params):
 
 
 def test_operator_reads_need_the_ops_token(server):
-    for path in ("/ops", "/exposure", "/versions"):
+    for path in ("/ops", "/ops/config", "/exposure", "/versions"):
         r = requests.get(server.url + path, timeout=10)
         assert r.status_code == 401 and r.json()["error"]["field"] == "Authorization"
         assert "Basic" in r.headers["WWW-Authenticate"]  # a browser prompts
@@ -318,7 +329,7 @@ def test_rollback_over_the_api(server):
     target = requests.get(server.url + "/config", timeout=5).json()["version"]
     body = re.sub(r'(name = "live_floor"\nkind = "category_share"\ncategory = "live"\nmin = )[0-9.]+', r"\g<1>0.2",
                   server.config.read_text())
-    r = requests.put(server.url + "/config", data=body, headers=AUTH, timeout=60)
+    r = requests.put(server.url + "/config", data=body, headers={**AUTH, "Prefer": "wait=30"}, timeout=60)
     assert r.status_code == 200, r.text
     current = r.json()
     hist = wait_for(lambda: (h := requests.get(server.url + "/versions", headers=PEEK, timeout=10).json())
@@ -331,8 +342,12 @@ def test_rollback_over_the_api(server):
     r = requests.post(server.url + "/config/rollback", json={"version": 999}, headers=AUTH, timeout=60)
     assert r.status_code == 404, r.text
     r = requests.post(server.url + "/config/rollback", json={"version": target}, headers=AUTH, timeout=60)
-    assert r.status_code == 200, r.text
-    out = r.json()
+    assert r.status_code == 202, r.text
+    assert r.json()["kind"] == "rollback"
+    job = wait_for(lambda: (j := requests.get(server.url + r.headers["Location"], headers=AUTH, timeout=10).json())
+                   ["status"] in ("done", "failed", "lost") and j, timeout=60)
+    assert job["status"] == "done" and job["target_version"] == target, job
+    out = job["result"]
     assert out["rolled_back_to"] == target and out["version"] > current["version"]
     db = db_engine(server)
     try:
