@@ -249,6 +249,19 @@ def calibration_rates(rates: Mapping[str, Any], names: tuple[str, ...]) -> np.nd
     return out
 
 
+def calibration_shift(old: np.ndarray, new: np.ndarray, min_impressions: float = 1000.0) -> float:
+    """The largest relative change of a (category, head | tail) engagement rate between two
+    :func:`calibration_rates` arrays, over the groups with ``min_impressions`` examined impressions in
+    both (0 when none has): ``|r_new - r_old| / max(|r_old|, 0.05 * max_g |r_old|)``."""
+    ok = (old[..., 1] >= min_impressions) & (new[..., 1] >= min_impressions)
+    if not ok.any():
+        return 0.0
+    r_old = old[..., 0][ok] / old[..., 1][ok]
+    r_new = new[..., 0][ok] / new[..., 1][ok]
+    floor = max(0.05 * float(np.abs(r_old).max()), 1e-12)
+    return float((np.abs(r_new - r_old) / np.maximum(np.abs(r_old), floor)).max())
+
+
 def calibrated(state: EngineState, rates: np.ndarray | None) -> EngineState:
     """``state`` calibrated by ``rates`` (C, 2, 2): engagement units and examined impressions per
     category, head and long tail apart, seen recently (:func:`calibration_rates`). A popularity scorer
@@ -274,19 +287,6 @@ def calibrated(state: EngineState, rates: np.ndarray | None) -> EngineState:
 
 def group_calibration(scores: np.ndarray, group: np.ndarray, rates: np.ndarray, top: int, base: np.ndarray,
                       prior: float = CALIBRATION_PRIOR) -> tuple[np.ndarray, np.ndarray]:
-def calibration_shift(old: np.ndarray, new: np.ndarray, min_impressions: float = 1000.0) -> float:
-    """The largest relative change of a (category, head | tail) engagement rate between two
-    :func:`calibration_rates` arrays, over the groups with ``min_impressions`` examined impressions in
-    both (0 when none has): ``|r_new - r_old| / max(|r_old|, 0.05 * max_g |r_old|)``."""
-    ok = (old[..., 1] >= min_impressions) & (new[..., 1] >= min_impressions)
-    if not ok.any():
-        return 0.0
-    r_old = old[..., 0][ok] / old[..., 1][ok]
-    r_new = new[..., 0][ok] / new[..., 1][ok]
-    floor = max(0.05 * float(np.abs(r_old).max()), 1e-12)
-    return float((np.abs(r_new - r_old) / np.maximum(np.abs(r_old), floor)).max())
-
-
     """Shapes (G,), (G,): an increasing affine map ``m_g * score + o_g`` per group that brings the
     predicted engagement of its ``top`` best-scored items (mean score ``p_g``) to the observed rate,
     shrunk toward the prior ``base_g * p_g``: ``r_g = (U_g + k base_g p_g) / (I_g + k)``.
