@@ -35,7 +35,7 @@ from ._pacing import DualPacer, PacerConfig
 from ._plan import InfeasibilityDiagnosis, InfeasiblePlan, Plan, Relaxation, choose, choose_batch, plan_lp
 from ._resolve import ResolvePacer, ResolvePacerConfig
 from ._sharded import LocalShards, PlanShard, ShardedPlan, ShardMap, plan_dual_sharded
-from ._softmax import exploit_pmf, serving_pmf, softmax_prices, softmax_response
+from ._softmax import exploit_pmf, exploitable, serving_pmf, softmax_prices, softmax_response
 from ._solve import LP_MAX_VARS, PLAN_METHODS, solve_plan
 from ._valuation import ValueRefit, refit_values
 
@@ -43,6 +43,7 @@ __all__ = [
     "ResolvePacer",
     "ResolvePacerConfig",
     "exploit_pmf",
+    "exploitable",
     "serving_pmf",
     "softmax_prices",
     "softmax_response",

@@ -147,6 +147,11 @@ class LayoutSpace:
     def n_constraints(self) -> int:
         return int(self.kind.size)
 
+    @property
+    def tail_goal(self) -> bool:
+        """True when a constraint is on the long-tail share (what tilted layouts are for)."""
+        return bool((self.kind == 1).any())
+
 
 @dataclass(frozen=True)
 class BlockTable:

@@ -17,7 +17,24 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["exploit_pmf", "serving_pmf", "softmax_prices", "softmax_response"]
+__all__ = ["exploit_pmf", "exploitable", "serving_pmf", "softmax_prices", "softmax_response"]
+
+
+def exploitable(tilt: np.ndarray, mask: np.ndarray, tail_goal: bool) -> np.ndarray:
+    """Which candidates the exploit softmax may serve: every real one where a long-tail constraint
+    asks for tilted layouts; otherwise only each row's least tilted real candidates. A tilted layout
+    trades value for long-tail exposure (it never scores above its untilted twin); without a goal for
+    that exposure the softmax would still mix it in as a near-tie, so it is left to the exploration
+    budget.
+
+    ``tilt``: (J,) or (n, J) tilt level of each candidate; ``mask``: same shape, real candidates.
+    Returns a bool array of that shape, inside ``mask``, with a candidate in every row that has one.
+    """
+    m = np.asarray(mask, dtype=bool)
+    if tail_goal:
+        return m.copy()
+    t = np.where(m, np.asarray(tilt, dtype=np.float64), np.inf)
+    return m & (t == t.min(axis=-1, keepdims=True))
 
 
 def _tau(value: np.ndarray, mask: np.ndarray, temperature: float) -> np.ndarray:

@@ -117,10 +117,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="folder with ml-100k.inter/.item or u.data/u.item (default: from the recbole wheel)")
     ap.add_argument("--max-epochs", type=int, default=10)
-    ap.add_argument("--interaction", choices=("cin", "cross"), default="cross")
+    ap.add_argument("--interaction", choices=("cin", "cross"), default="cross", help="torch ranker only")
+    ap.add_argument("--model", choices=("residual", "torch"), default="residual")
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--work", help="keep the converted files and the database in this folder (default: a temporary one)")
     ap.add_argument("--import-only", action="store_true", help="stop after the import (with --work: for experiments)")
+    ap.add_argument("--skip-served", action="store_true",
+                    help="skip the served-page check (past-only import -> train -> the engine's decisions)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(args.work or t)
@@ -159,18 +162,22 @@ def main() -> None:
         if args.import_only:
             return
         t0 = time.perf_counter()
-        out = cli(env, "train", "--max-epochs", str(args.max_epochs), "--interaction", args.interaction, "--report-dir", str(tmp / "report"))
+        out = cli(env, "train", "--max-epochs", str(args.max_epochs), "--interaction", args.interaction,
+                  "--report-dir", str(tmp / "report"), *(["--model", args.model] if args.model != "residual" else []))
         train_s = time.perf_counter() - t0
         eng = sa.create_engine(env["DATABASE_URL"])
         with eng.connect() as c:
-            status, metrics = c.execute(sa.text("SELECT status, metrics FROM models WHERE name = 'ranker' "
-                                                "ORDER BY version DESC LIMIT 1")).one()
+            # the trained model's row: the newest one that is not a baseline served in its place
+            found = c.execute(sa.text("SELECT status, metrics FROM models WHERE name = 'ranker' "
+                                      "ORDER BY version DESC")).all()
         eng.dispose()
-        metrics = json.loads(metrics) if isinstance(metrics, str) else metrics
+        decoded = [(st, json.loads(m) if isinstance(m, str) else m) for st, m in found]
+        status, metrics = next((st, m) for st, m in decoded if (m.get("served") or {}).get("kind") != "baseline")
+        metrics = {**metrics, "served": decoded[0][1].get("served", {})}
         print(json.dumps({"bench": "real_data", "ratings": int(ts.size), "users": int(np.unique(ratings[:, 0]).size),
                           "items": len(ids), "import_s": round(import_s, 2), "train_cli_s": round(train_s, 2),
                           "train_fit_s": round(float(metrics["train_s"]), 2), "model_status": status,
-                          "best_epoch": metrics["best_epoch"], "load_1m": os.getloadavg()[0]}))
+                          "best_epoch": metrics.get("best_epoch"), "load_1m": os.getloadavg()[0]}))
         print(json.dumps({"bench": "real_data", "part": "train_output", "text": out.splitlines()[-1]}))
         gate = metrics.get("gate", {})
         print(json.dumps({"bench": "real_data", "part": "gate", "passed": gate.get("passed"),
@@ -183,6 +190,10 @@ def main() -> None:
         for d in gate.get("differences_vs_best_baseline", []):
             print(json.dumps({"bench": "real_data", "part": "gate_diff", **{k: (round(v, 4) if isinstance(v, float)
                                                                                else v) for k, v in d.items()}}))
+        print(json.dumps({"bench": "real_data", "part": "served_scorer", **metrics.get("served", {})}, default=str))
+        if metrics.get("model") == "residual":
+            print(json.dumps({"bench": "real_data", "part": "residual", "pop_exponent": metrics["pop_exponent"],
+                              "inner_split": metrics["inner_split"], "coef": metrics["coef"]}))
         cli(env, "evaluate", "--n-boot", str(args.n_boot), "--json", str(tmp / "eval.json"), "--out", str(tmp / "ev"))
         res = json.loads((tmp / "eval.json").read_text())
         for r in res["scorers"]:
@@ -192,6 +203,84 @@ def main() -> None:
         for d in res["differences_vs_best_baseline"]:
             print(json.dumps({"bench": "real_data", "part": "evaluate_diff",
                               **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}}))
+        if not args.skip_served:
+            served_check(tmp, ratings, cutoff, args)
+
+
+def served_check(tmp: Path, ratings: np.ndarray, cutoff: float, args: argparse.Namespace) -> None:
+    """What `homepage serve` puts on each held-out user's page: a second database holding only the
+    ratings before the cutoff (import -> train, timed), then the serving engine's own decisions
+    (``DecisionEngine.decide``, the code behind ``GET /layout``: pool, scorer, candidates, pmf with the
+    config's exploration, seeded draw) for every held-out user, scored against the same future
+    positives as the evaluation's baselines (fitted on the same past)."""
+    sys.path.insert(0, str(ROOT))
+    import rankers
+    from policy_api import jobs, registry
+    from policy_api.engine import DecisionEngine, build_state, load_state
+    from policy_api.log import Catalog, load_items, make_engine
+
+    past_dir = tmp / "past"
+    past_dir.mkdir(exist_ok=True)
+    keep = ratings[:, 3] < cutoff
+    with (tmp / "ratings.csv").open() as src, (past_dir / "ratings.csv").open("w", newline="") as dst:
+        rows = list(csv.reader(src))
+        w = csv.writer(dst)
+        w.writerow(rows[0])
+        w.writerows(r for r in rows[1:] if float(r[3]) < cutoff)
+    for name in ("items.csv", "homepage.toml"):
+        (past_dir / name).write_bytes((tmp / name).read_bytes())
+    (past_dir / "h.db").unlink(missing_ok=True)
+    env = dict(os.environ, DATABASE_URL=f"sqlite:///{past_dir / 'h.db'}", HOMEPAGE_DATA_DIR=str(past_dir),
+               HOMEPAGE_CONFIG=str(past_dir / "homepage.toml"), PYTHONPATH=str(ROOT))
+    cli(env, "catalog", "load", str(past_dir / "items.csv"))
+    cli(env, "config", "apply", str(past_dir / "homepage.toml"))
+    cli(env, "import", str(past_dir / "ratings.csv"))
+    t0 = time.perf_counter()
+    out = cli(env, "train", "--report-dir", str(past_dir / "report"))
+    train_s = time.perf_counter() - t0
+    print(json.dumps({"bench": "real_data", "part": "past_only_train", "ratings": int(keep.sum()),
+                      "train_cli_s": round(train_s, 2), "load_1m": os.getloadavg()[0],
+                      "text": [x for x in out.splitlines() if x.startswith(("SERVED SCORER", "published", "trained"))]}))
+    full = make_engine(f"sqlite:///{tmp / 'h.db'}")
+    past = make_engine(env["DATABASE_URL"])
+    cfg = registry.require_active_config(full)
+    catalog = Catalog.from_arrays(load_items(full))
+    ev = jobs.log_events(full, catalog)
+    h = jobs.holdout_split(ev["user"], ev["item"], ev["ts"], ev["type"], event_weights=cfg.config.event_weight_vector(),
+                           n_users=ev["n_users"], n_items=catalog.n_items, cutoff=float(cutoff))
+    state = build_state(cfg.config, catalog)
+    base = jobs.evaluate_pages(state, h, jobs.baseline_scorers(h, state.item_category), n_boot=args.n_boot)
+    index = catalog.index_of()
+    k = cfg.config.items_per_module
+    # as configured (exploration budget 0.05, softmax temperature 0.1, tilt levels), then with the
+    # exploration and the tilt switched off: the layout the evaluation assumes (the tilt-0 argmax)
+    greedy = (past_dir / "homepage.toml").read_text().replace("levels = [0.0, 0.25, 0.5]", "levels = [0.0]")
+    greedy += "\n[exploration]\nbudget = 0.0\ntemperature = 0.0\n"
+    for setting in ("as_configured", "no_exploration"):
+        if setting == "no_exploration":
+            registry.activate_config(past, greedy, author="bench")
+        engine = DecisionEngine(load_state(past))
+        pages = np.full((h.users.size, cfg.config.slots * k), -1)
+        t0 = time.perf_counter()
+        for r, u in enumerate(h.users.tolist()):  # one request per held-out user, as GET /layout serves it
+            d = engine.decide(ev["user_ids"][u], f"bench-{r}")
+            for m in d.modules:
+                got = [index[it["item_id"]] for it in m["items"]]
+                pages[r, m["slot"] * k:m["slot"] * k + len(got)] = got
+        decide_s = time.perf_counter() - t0
+        met = rankers.page_metrics(pages, h.positives, n_items=catalog.n_items)
+        print(json.dumps({"bench": "real_data", "part": "served_by_engine", "setting": setting,
+                          "scorer": engine.state.scorer.name, "n_users": int(h.users.size),
+                          "recall": round(float(np.mean(met["recall"])), 4), "ndcg": round(float(np.mean(met["ndcg"])), 4),
+                          "hr": round(float(np.mean(met["hit"])), 4), "decide_ms": round(1000 * decide_s / h.users.size, 2)}))
+        for b in jobs.BASELINE_SCORERS:
+            for metric in ("recall", "ndcg"):
+                d = rankers.paired_bootstrap(met[metric], base.per_user[b][metric], n_boot=args.n_boot, seed=0)
+                print(json.dumps({"bench": "real_data", "part": "served_vs_baseline", "setting": setting, "baseline": b,
+                                  "metric": metric, "baseline_value": round(float(np.mean(base.per_user[b][metric])), 4),
+                                  **{x: round(float(d[x]), 4) for x in ("mean_diff", "ci_low", "ci_high")}}))
+    full.dispose()
+    past.dispose()
 
 
 if __name__ == "__main__":

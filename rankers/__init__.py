@@ -9,7 +9,8 @@ popularity baseline never loads torch.
 The served-page evaluation core is numpy + scipy.sparse as well: :func:`top_k_pages`,
 :func:`page_metrics`, :func:`coverage` and :func:`paired_bootstrap`, and the simple scorers
 :class:`RecentPopularity`, :class:`CategoryPopularity` and :class:`ItemKNN` (``fit`` on interaction
-arrays, ``score_all(user_idx) -> (n, n_items)``).
+arrays, ``score_all(user_idx) -> (n, n_items)``); :class:`HistoryScorer` serves the same baselines
+(and the residual ranker that starts from them) per request, with the user's live events.
 """
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ from ._data import (
     build_examples,
     item_priors,
     split_by_time,
+)
+from ._history import (
+    BASE,
+    FEATURES,
+    HISTORY_KINDS,
+    POP_HALF_LIVES_DAYS,
+    HistoryScorer,
+    fit_residual,
+    is_history_scorer,
+    residual_grid,
+    with_dial,
 )
 from ._live import live_category_preferences, live_score_multiplier
 from ._metrics import auc, category_hit_rate, ece, gauc, logloss, ndcg_at_k
@@ -59,6 +71,7 @@ _LAZY = {
         "TrainHistory",
         "build_model",
         "fit",
+    "fit_residual",
         "predict",
         "predict_categories",
         "task_weights_from_events",
@@ -83,11 +96,16 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "BASE",
     "CGC",
     "CIN",
     "DEFAULT_EVENT_WEIGHTS",
     "EVENT_TYPES",
+    "FEATURES",
+    "HISTORY_KINDS",
+    "HistoryScorer",
     "INTERACTIONS",
+    "POP_HALF_LIVES_DAYS",
     "PRIOR_COLUMNS",
     "TASKS",
     "CategoryHead",
@@ -121,8 +139,10 @@ __all__ = [
     "ece",
     "evaluate",
     "fit",
+    "fit_residual",
     "gauc",
     "ground_truth_ndcg",
+    "is_history_scorer",
     "item_priors",
     "live_category_preferences",
     "live_score_multiplier",
@@ -134,10 +154,12 @@ __all__ = [
     "predict",
     "predict_categories",
     "report_table",
+    "residual_grid",
     "split_by_time",
     "task_bce",
     "task_log_probs",
     "task_weights_from_events",
     "top_k_pages",
     "torch_threads",
+    "with_dial",
 ]

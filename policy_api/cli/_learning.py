@@ -46,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             bar.set_postfix(valid_logloss=f"{m['valid_logloss']:.4f}")
 
     try:
-        res = jobs.train_ranker(db, cfg, interaction=args.interaction, max_epochs=args.max_epochs,
+        res = jobs.train_ranker(db, cfg, model=args.model, interaction=args.interaction, max_epochs=args.max_epochs,
                                 threads=args.threads, force=args.force, on_epoch=on_epoch, seed=args.seed,
                                 max_ece=args.max_ece, sampled_negatives=args.sampled_negatives)
     finally:
@@ -55,6 +55,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(res.text)
     page = write_train_report(Path(args.report_dir), res)
     m = res.metrics
+    served = m.get("served") or {}
+    if res.published is not None and served.get("kind") == "baseline":
+        print(f"trained model NOT published (version {res.rejected} recorded as rejected); serving the best built-in "
+              f"baseline {served.get('scorer')} as ranker version {res.published}: {served.get('reason')}. "
+              f"Report: {page}")
+        return 0
     if res.published is not None:
         print(f"published ranker version {res.published} ({m.get('gate', {}).get('reason', 'forced')}); "
               f"report: {page}")
@@ -193,8 +199,11 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("train", formatter_class=fmt,
                        help="train the per-category rankers from the log, evaluate, publish a version")
     config_arg(p)
+    p.add_argument("--model", choices=("residual", "torch"), default="residual",
+                   help="residual: logistic residual over the baselines' signals (numpy, seconds); torch: the "
+                        "multi-task ranker. A model the gate refuses is not served: the best baseline is")
     p.add_argument("--interaction", choices=("cin", "cross"), default="cin",
-                   help="feature-interaction block: CIN (xDeepFM) or the cheaper DCN-v2 cross layer")
+                   help="torch model: feature-interaction block, CIN (xDeepFM) or the cheaper DCN-v2 cross layer")
     p.add_argument("--max-epochs", type=int, default=20, help="upper bound; early stopping on validation logloss")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on 2 shared cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batching")

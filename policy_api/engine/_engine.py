@@ -29,6 +29,7 @@ from allocator import (
     block_table,
     build_candidates,
     exploit_pmf,
+    exploitable,
     layout_items,
     long_tail,
     serving_pmf,
@@ -101,9 +102,13 @@ class ScorerHandle:
 
         A published ranker scores with the user's live sequences (recent plays and skips, newest
         first, ahead of the training snapshot), on its numpy fast path; a user unknown to the model is
-        scored from the live events alone. Other scorers score as :meth:`score`. The flag says whether
-        live sequences reached the ranker.
+        scored from the live events alone. A history scorer (a baseline the gate published, or the
+        residual ranker) adds the live positives to its snapshot of the user's history. Other scorers
+        score as :meth:`score`. The flag says whether live sequences reached the ranker.
         """
+        score_live = getattr(self.scorer, "score_live", None)
+        if score_live is not None:
+            return self._score_history(score_live, user_idx, item_idx, live)
         user_side = getattr(self.scorer, "user_side", None)
         if user_side is None:
             return self.score(user_idx, item_idx), self.category_preferences(user_idx), False
@@ -135,6 +140,27 @@ class ScorerHandle:
                 scores[known] = fast.score(side, mapped[known])
                 scores[~known] = np.median(scores[known]) if known.any() else 0.0
         return scores, fast.category_preferences(side), used_live
+
+    def _score_history(self, score_live: Any, user_idx: int, item_idx: np.ndarray, live: LiveSignals | None
+                       ) -> tuple[np.ndarray, None, bool]:
+        """A history scorer (``rankers.HistoryScorer``): the user's live positives join the training
+        snapshot, and what the user already engaged with goes below every other candidate."""
+        pos = types = None
+        if live is not None and live.status == "hit" and live.positives.size:
+            pos, types = live.positives, live.positive_types
+            if self.item_remap is not None:
+                mapped = self.item_remap[pos]
+                pos, types = mapped[mapped >= 0], types[mapped >= 0]
+        used_live = pos is not None and bool(pos.size)
+        if self.item_remap is None:
+            return np.asarray(score_live(user_idx, item_idx, pos, types), dtype=np.float64), None, used_live
+        mapped = self.item_remap[item_idx]
+        known = mapped >= 0
+        out = np.zeros(mapped.size)
+        out[known] = score_live(user_idx, mapped[known], pos, types)
+        if not known.all():  # items newer than the scorer: the median of the user's known scores
+            out[~known] = np.median(out[known]) if known.any() else 0.0
+        return out, None, used_live
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,9 +294,11 @@ def calibrated(state: EngineState, rates: np.ndarray | None) -> EngineState:
     ranks items within a category well but knows nothing of how much a category is engaged with when
     shown, nor how much less its long tail is; the multipliers are computed once here, from the
     best-scored items of each category's head and tail (the ones pages show first), not per request.
-    A learned ranker is calibrated by its training: it gets none.
+    The same holds for the built-in baselines and the residual ranker a training may publish (their
+    scores rank items; they are not engagement units per examined impression). The multi-task torch
+    ranker predicts each event's probability, so it is calibrated by its training: it gets none.
     """
-    if rates is None or state.scorer.name != "popularity":
+    if rates is None or state.scorer.name.startswith("ranker:"):
         return replace(state, score_multiplier=None, score_offset=None)
     items = np.flatnonzero(state.item_category >= 0)
     cat = state.item_category[items]
@@ -559,7 +587,8 @@ class DecisionEngine:
             policy = "epsilon_greedy"
         # the exploited layouts: a softmax of the priced values (near-ties mixed, so each constraint's
         # share moves smoothly with its price), the bandit's pmf budgeted toward each of them
-        pmf = serving_pmf(base, exploit_pmf(priced, value, ex.temperature), ex.budget, value=value,
+        ok = exploitable(st.space.tilt_levels[cand.tilt[0, real]], np.ones(real.size, dtype=bool), st.space.tail_goal)
+        pmf = serving_pmf(base, exploit_pmf(priced, value, ex.temperature, ok), ex.budget, value=value,
                           max_value_loss=ex.max_value_loss)
         if ex.new_category_share > 0 and st.new_categories.size:
             # new categories get their own exploration share, on top of the budget: that much traffic
@@ -576,12 +605,13 @@ class DecisionEngine:
         cfg = st.config
         beta = float(st.space.tilt_levels[cand.tilt[0, lc]])
         modules = []
+        item_ids = st.catalog.id_list()
         for s in range(st.space.n_slots):
             m = cfg.modules[int(cand.modules[0, lc, s])]
             items = pool[shown[s]]
             modules.append({"slot": s, "module_id": m.id, "category": m.category, "tilt": beta,
-                            "items": [{"item_id": str(st.catalog.item_ids[i]), "long_tail": bool(st.is_tail[i])}
-                                      for i in items.tolist()]})
+                            "items": [{"item_id": item_ids[i], "long_tail": t}
+                                      for i, t in zip(items.tolist(), st.is_tail[items].tolist(), strict=True)]})
         mod_ids, cat_names = cfg.module_ids, cfg.category_names
         R = tbl.mean_score.shape[-1]
         cc, bb, tt = cand.categories[0, real], np.minimum(cand.blocks[0, real], R - 1), cand.tilt[0, real]

@@ -35,15 +35,21 @@ def load_catalog(db: Engine) -> Catalog:
 
 
 def ranker_scorer(model: ModelRecord, catalog: Catalog) -> ScorerHandle:
-    """A published ranker as the engine's scorer, its item rows mapped onto ``catalog``'s."""
+    """A published ranker as the engine's scorer, its item rows mapped onto ``catalog``'s: the torch
+    ranker, or a :class:`rankers.HistoryScorer` (a built-in baseline the gate chose, or the residual
+    ranker), each scoring with the user's live events on its numpy path."""
     if model.artifact is None:
         raise InvalidInput(f"ranker version {model.version} has no artifact", field="artifact")
     art = registry.unpack_ranker(model.artifact)
-    scorer = rankers.RankerScorer.load(art.scorer)  # torch loads here, on the first published ranker
-    scorer.fast()  # the serving fast path's per-version precompute, now rather than on a request
     lookup = {iid: i for i, iid in enumerate(art.item_ids)}
     remap = np.array([lookup.get(i, -1) for i in catalog.item_ids.tolist()], dtype=np.int64)
     users = {uid: i for i, uid in enumerate(art.user_ids)}
+    if rankers.is_history_scorer(art.scorer):
+        # a baseline published in place of a refused model, or the residual ranker: numpy only
+        hist = rankers.HistoryScorer.load(art.scorer)
+        return ScorerHandle(hist, users, remap, name=f"{hist.kind}:{model.version}")
+    scorer = rankers.RankerScorer.load(art.scorer)  # torch loads here, on the first published ranker
+    scorer.fast()  # the serving fast path's per-version precompute, now rather than on a request
     return ScorerHandle(scorer, users, remap, name=f"ranker:{model.version}")
 
 

@@ -11,6 +11,8 @@ from ._evaluate import (
     baseline_scorers,
     evaluate_pages,
     evaluate_served,
+    fit_baseline,
+    history_page_scorer,
     holdout_split,
     log_events,
     ranker_page_scorer,
@@ -49,7 +51,9 @@ from ._replay import (
 )
 from ._train import (
     MAX_ECE,
+    POP_EXPONENTS,
     TrainResult,
+    gate_holdout,
     log_training_arrays,
     recent_item_popularity,
     served_gate,
@@ -60,6 +64,7 @@ from ._valuation import Refit, refit_valuation, with_values
 __all__ = [
     "BASELINE_SCORERS",
     "MAX_ECE",
+    "POP_EXPONENTS",
     "TARGETS",
     "PARTITION_TARGETS",
     "ExportPartition",
@@ -110,6 +115,9 @@ __all__ = [
     "replay",
     "sample_users",
     "served_gate",
+    "fit_baseline",
+    "gate_holdout",
+    "history_page_scorer",
     "served_pages",
     "target_distribution",
     "train_ranker",

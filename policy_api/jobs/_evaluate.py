@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     import scipy.sparse as sp
 
 __all__ = ["BASELINE_SCORERS", "EvaluationResult", "Holdout", "PageScorer", "baseline_scorers", "evaluate_pages",
-           "evaluate_served", "holdout_split", "log_events", "ranker_page_scorer", "served_pages"]
+           "evaluate_served", "fit_baseline", "history_page_scorer", "holdout_split", "log_events",
+           "ranker_page_scorer", "served_pages"]
 
 #: ``f(user_rows (U,), pools (U, P)) -> scores (U, P)``: a scorer as the page builder calls it
 PageScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -220,35 +221,40 @@ def _dense(score_all: Callable[[np.ndarray], np.ndarray]) -> PageScorer:
     return score
 
 
+def history_page_scorer(scorer: rankers.HistoryScorer) -> PageScorer:
+    """A fitted :class:`rankers.HistoryScorer` as a page scorer: the same arithmetic it serves with."""
+    def score(users: np.ndarray, pools: np.ndarray) -> np.ndarray:
+        return scorer.score_pools(users, pools, chunk=_CHUNK)
+    return score
+
+
+def fit_baseline(name: str, user: np.ndarray, item: np.ndarray, ts: np.ndarray, weight: np.ndarray, *,
+                 item_category: np.ndarray, n_users: int, half_life_s: float = 14 * 86400.0,
+                 type_weights: np.ndarray | None = None) -> rankers.HistoryScorer:
+    """One built-in baseline (a name of :data:`BASELINE_SCORERS`) fitted on positive events, as the
+    servable :class:`rankers.HistoryScorer` the evaluation judges and serving publishes."""
+    if name not in BASELINE_SCORERS:
+        raise InvalidInput(f"baseline must be one of {', '.join(BASELINE_SCORERS)}; got {name!r}", field="baselines")
+    cat = np.where(item_category >= 0, item_category, 0).astype(np.int64)
+    return rankers.HistoryScorer(name, cat, half_life_s=half_life_s, type_weights=type_weights).fit(
+        user, item, ts, weight, n_users=n_users)
+
+
 def baseline_scorers(h: Holdout, item_category: np.ndarray, *, half_life_s: float = 14 * 86400.0,
                      names: Iterable[str] = BASELINE_SCORERS) -> dict[str, PageScorer]:
     """The built-in baselines fitted on the holdout's past positives.
 
     ``popularity``: past positive units per item; ``recent_popularity``: the same decayed with
-    ``half_life_s`` (:class:`rankers.RecentPopularity`); ``category_popularity``: the user's category
-    shares times popularity within the category (:class:`rankers.CategoryPopularity`); ``item_knn``:
-    item-item cosine over co-occurrence (:class:`rankers.ItemKNN`).
+    ``half_life_s`` (as :class:`rankers.RecentPopularity`); ``category_popularity``: the user's category
+    shares times popularity within the category (as :class:`rankers.CategoryPopularity`); ``item_knn``:
+    item-item cosine over co-occurrence (as :class:`rankers.ItemKNN`). Each is the
+    :class:`rankers.HistoryScorer` that ``homepage train`` publishes when no trained model beats it.
     """
-    u, i, t, w = h.train_user, h.train_item, h.train_ts, h.train_weight
-    nu, ni = h.n_users, h.n_items
-    cat = np.where(item_category >= 0, item_category, 0).astype(np.int64)
     out: dict[str, PageScorer] = {}
     for name in names:
-        if name == "popularity":
-            pop = np.bincount(i, weights=w, minlength=ni)
-
-            def popularity(users: np.ndarray, p: np.ndarray = pop) -> np.ndarray:
-                return np.broadcast_to(p, (users.size, p.size))
-            out[name] = _dense(popularity)
-        elif name == "recent_popularity":
-            out[name] = _dense(rankers.RecentPopularity(half_life_s).fit(u, i, t, w, n_users=nu, n_items=ni).score_all)
-        elif name == "category_popularity":
-            out[name] = _dense(rankers.CategoryPopularity(cat).fit(u, i, t, w, n_users=nu, n_items=ni).score_all)
-        elif name == "item_knn":
-            out[name] = _dense(rankers.ItemKNN().fit(u, i, t, w, n_users=nu, n_items=ni).score_all)
-        else:
-            raise InvalidInput(f"baseline must be one of {', '.join(BASELINE_SCORERS)}; got {name!r}",
-                               field="baselines")
+        out[name] = history_page_scorer(fit_baseline(
+            name, h.train_user, h.train_item, h.train_ts, h.train_weight, item_category=item_category,
+            n_users=h.n_users, half_life_s=half_life_s))
     return out
 
 
@@ -411,7 +417,7 @@ def evaluate_served(db: Engine, config: ConfigRecord, *, train_share: float = 0.
             from ..engine import ranker_scorer
 
             handle = ranker_scorer(rec, catalog)
-            scorers[f"ranker:{rec.version}"] = ranker_page_scorer(handle, ev["user_ids"])
+            scorers[handle.name] = ranker_page_scorer(handle, ev["user_ids"])  # e.g. residual:3, ranker:2
             info["ranker_version"] = rec.version
     res = evaluate_pages(state, h, scorers, exclude_seen=exclude_seen, n_boot=n_boot, seed=seed, progress=progress)
     return EvaluationResult(res.rows, res.diffs, res.best_baseline, res.page_size, res.n_users, res.cutoff,

@@ -27,6 +27,7 @@ from allocator import (
     block_table,
     build_candidates,
     exploit_pmf,
+    exploitable,
     long_tail,
     plan_dual_sharded,
     softmax_prices,
@@ -162,9 +163,10 @@ def _solve(state: EngineState, config: HomepageConfig, version: int | None, user
         return _result(config, version, p, int(users.size), int(cand.mask.sum()))
     # serving exploits a softmax of the priced values: publish the prices at which that rule meets the
     # bounds on these users (the entropy-regularised dual, started from the LP's); the LP's stay on record
-    soft = softmax_prices(cand.value, cand.exposure, lo, hi, t, weight=weight, mask=cand.mask, start=p.prices)
-    shares, _ = softmax_response(cand.value, cand.exposure, soft, t, weight=weight, mask=cand.mask)
-    q = exploit_pmf(cand.value + cand.exposure @ soft, cand.value, t, cand.mask)
+    ok = exploitable(state.space.tilt_levels[cand.tilt], cand.mask, state.space.tail_goal)
+    soft = softmax_prices(cand.value, cand.exposure, lo, hi, t, weight=weight, mask=ok, start=p.prices)
+    shares, _ = softmax_response(cand.value, cand.exposure, soft, t, weight=weight, mask=ok)
+    q = exploit_pmf(cand.value + cand.exposure @ soft, cand.value, t, ok)
     value = float(np.asarray(weight) / np.sum(weight) @ (q * np.where(cand.mask, cand.value, 0.0)).sum(1))
     names = config.constraint_names
     lp = {"lp_prices": dict(zip(names, map(float, p.prices), strict=True)), "lp_value": float(p.objective),

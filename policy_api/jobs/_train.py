@@ -28,7 +28,10 @@ from ..registry import ConfigRecord, RankerArtifact
 if TYPE_CHECKING:  # torch-backed types: serving imports this module and must not load torch for them
     from rankers import RankerMetrics, TrainHistory
 
-__all__ = ["MAX_ECE", "TrainResult", "log_training_arrays", "recent_item_popularity", "served_gate", "train_ranker"]
+    from ._evaluate import Holdout, PageScorer
+
+__all__ = ["MAX_ECE", "POP_EXPONENTS", "TrainResult", "gate_holdout", "log_training_arrays", "recent_item_popularity",
+           "served_gate", "train_ranker"]
 
 #: the publish gate's bound on the validation expected calibration error of the play probability
 MAX_ECE = 0.05
@@ -96,14 +99,17 @@ def log_training_arrays(db: Engine, catalog: Catalog, *, sampled_negatives: int 
 
 @dataclass(frozen=True)
 class TrainResult:
-    """A training run: the report table, the registry metrics, the version published (None if refused)."""
+    """A training run: the report text, the registry metrics, the version published (None if nothing
+    was), the version recorded as rejected (the trained model, when the gate refused it) and what is
+    served now (``metrics["served"]``). ``history`` and ``report`` are the torch ranker's (None for the
+    residual ranker)."""
 
     text: str
     metrics: dict[str, Any]
     published: int | None
     rejected: int | None
-    history: TrainHistory
-    report: RankerMetrics
+    history: TrainHistory | None = None
+    report: RankerMetrics | None = None
 
 
 def recent_item_popularity(events: Mapping[str, np.ndarray], event_weights: np.ndarray, n_items: int, *,
@@ -117,69 +123,160 @@ def recent_item_popularity(events: Mapping[str, np.ndarray], event_weights: np.n
     return np.bincount(np.asarray(events["item"], dtype=np.int64)[keep], weights=w[keep] * decay, minlength=n_items)
 
 
-def served_gate(state: EngineState, data: Mapping[str, Any], candidates: Mapping[str, rankers.RankerScorer],
-                cutoff: float, event_weights: np.ndarray, *, max_users: int = 1000, n_boot: int = 1000,
-                seed: int = 0) -> tuple[str | None, dict[str, Any]]:
-    """Does a candidate's served page beat every built-in baseline's on the temporal holdout?
+def _page_scorer(name: str, candidate: Any, user_ids: list[str]) -> PageScorer:
+    from ._evaluate import history_page_scorer, ranker_page_scorer
 
-    The baselines are fitted on the positive events before ``cutoff`` (the start of the candidates'
-    validation period) and every scorer's page is judged against the held-out users' positives from
-    it on (:func:`evaluate_pages`). The candidate of highest mean recall is chosen (e.g. among
-    debiasing strengths); it passes when the paired-bootstrap 95% CI of its recall minus the best
-    baseline's lies above 0. Each candidate must hold the users' history as of ``cutoff``.
+    if isinstance(candidate, rankers.HistoryScorer):
+        return history_page_scorer(candidate)
+    index = {u: i for i, u in enumerate(user_ids)}
+    return ranker_page_scorer(ScorerHandle(candidate, index, name=name), user_ids)
 
-    Returns (the chosen candidate's name if it passed, else None; the gate's table as a JSON-friendly
-    dict).
-    """
-    from ._evaluate import baseline_scorers, evaluate_pages, holdout_split, ranker_page_scorer
+
+def gate_holdout(state: EngineState, data: Mapping[str, Any], cutoff: float, event_weights: np.ndarray, *,
+                 max_users: int = 1000, seed: int = 0) -> Holdout:
+    """The publish gate's temporal holdout: the log's events split at ``cutoff``."""
+    from ._evaluate import holdout_split
 
     ev = data["events"]
+    return holdout_split(np.asarray(ev["user"]), np.asarray(ev["item"]), np.asarray(ev["ts"]), np.asarray(ev["type"]),
+                         event_weights=event_weights, n_users=max(int(data["n_users"]), 1),
+                         n_items=state.catalog.n_items, cutoff=cutoff, max_users=max_users, seed=seed)
+
+
+def served_gate(state: EngineState, data: Mapping[str, Any], candidates: Mapping[str, Any], cutoff: float,
+                event_weights: np.ndarray, *, max_users: int = 1000, n_boot: int = 1000, seed: int = 0,
+                half_life_s: float = 14 * 86400.0, require_ndcg: bool = False) -> tuple[str | None, dict[str, Any]]:
+    """Does a candidate's served page beat every built-in baseline's on the temporal holdout?
+
+    The baselines are fitted on the positive events before ``cutoff`` and every scorer's page is
+    judged against the held-out users' positives from it on (:func:`evaluate_pages`). A candidate is
+    a :class:`rankers.HistoryScorer` fitted on the same past, or any scorer with ``score_pairs`` over
+    the log's user rows holding the users' history as of ``cutoff``. The candidate of highest mean
+    recall is chosen; it passes when the paired-bootstrap 95% CI of its recall minus the best
+    baseline's lies above 0 (and, with ``require_ndcg``, its NDCG's too).
+
+    Returns (the chosen candidate's name if it passed, else None; the gate's table as a JSON-friendly
+    dict, with ``best_baseline``: the baseline that is served when no candidate passes).
+    """
+    from ._evaluate import baseline_scorers, evaluate_pages
+
     try:
-        h = holdout_split(np.asarray(ev["user"]), np.asarray(ev["item"]), np.asarray(ev["ts"]), np.asarray(ev["type"]),
-                          event_weights=event_weights, n_users=max(int(data["n_users"]), 1),
-                          n_items=state.catalog.n_items, cutoff=cutoff, max_users=max_users, seed=seed)
+        h = gate_holdout(state, data, cutoff, event_weights, max_users=max_users, seed=seed)
     except InvalidInput as e:
         return None, {"passed": False, "reason": f"no served-page holdout: {e.message}"}
-    scorers = baseline_scorers(h, state.item_category)
+    scorers = baseline_scorers(h, state.item_category, half_life_s=half_life_s)
     users = list(data["user_ids"])
-    index = {u: i for i, u in enumerate(users)}
     for name, sc in candidates.items():
-        scorers[name] = ranker_page_scorer(ScorerHandle(sc, index, name=name), users)
+        scorers[name] = _page_scorer(name, sc, users)
     res = evaluate_pages(state, h, scorers, n_boot=n_boot, seed=seed)
     chosen = max(candidates, key=lambda n: res.row(n)["recall"])
     d = res.diff(chosen, "recall")
-    passed = bool(d["ci_low"] > 0.0)
+    dn = res.diff(chosen, "ndcg")
+    passed = bool(d["ci_low"] > 0.0) and (not require_ndcg or bool(dn["ci_low"] > 0.0))
     reason = (f"served-page recall of {chosen} {res.row(chosen)['recall']:.4f} vs best baseline {res.best_baseline} "
               f"{res.row(res.best_baseline)['recall']:.4f}: difference {d['mean_diff']:+.4f}, 95% CI "
-              f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" + ("" if passed else " (must lie above 0)"))
-    return (chosen if passed else None), {"passed": passed, "chosen": chosen, "reason": reason, **res.to_dict()}
+              f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" + ("" if d["ci_low"] > 0 else " (must lie above 0)"))
+    if require_ndcg:
+        reason += (f"; NDCG difference {dn['mean_diff']:+.4f}, 95% CI [{dn['ci_low']:+.4f}, {dn['ci_high']:+.4f}]"
+                   + ("" if dn["ci_low"] > 0 else " (must lie above 0)"))
+    return (chosen if passed else None), {"passed": passed, "chosen": chosen, "reason": reason,
+                                          "half_life_days": half_life_s / 86400.0, **res.to_dict()}
 
 
-def train_ranker(db: Engine, config: ConfigRecord, *, interaction: str = "cin", max_epochs: int = 20,
-                 threads: int = 1, force: bool = False,
+def _positive_events(data: Mapping[str, Any], event_weights: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(user, item, ts, weight) of the log's positive events (event-type weight > 0)."""
+    ev = data["events"]
+    w = np.asarray(event_weights, dtype=np.float64)[np.asarray(ev["type"], dtype=np.int64)]
+    keep = w > 0
+    return (np.asarray(ev["user"], dtype=np.int64)[keep], np.asarray(ev["item"], dtype=np.int64)[keep],
+            np.asarray(ev["ts"], dtype=np.float64)[keep], w[keep])
+
+
+def _publish_scorer(db: Engine, scorer: rankers.HistoryScorer, data: Mapping[str, Any], catalog: Catalog,
+                    categories: tuple[str, ...], metrics: dict[str, Any]) -> int:
+    artifact = registry.pack_ranker(RankerArtifact(
+        scorer=scorer.save(), user_ids=list(data["user_ids"]), item_ids=[str(i) for i in catalog.item_ids.tolist()],
+        categories=list(categories)))
+    return registry.publish_model(db, "ranker", metrics, artifact)
+
+
+def _serve_baseline(db: Engine, gate: Mapping[str, Any], data: Mapping[str, Any], state: EngineState,
+                    catalog: Catalog, categories: tuple[str, ...], event_weights: np.ndarray, metrics: dict[str, Any],
+                    why: str) -> tuple[int | None, dict[str, Any]]:
+    """Publish the gate's best baseline, refitted on every positive event of the log, as the served
+    scorer (when the gate had a holdout to name one); returns (its version, the ``served`` entry)."""
+    from ._evaluate import fit_baseline
+
+    best = gate.get("best_baseline")
+    if not best:
+        return None, {"kind": "unchanged", "scorer": "as before",
+                      "reason": f"{why}; no holdout to rank the baselines on, so nothing is published and the engine "
+                                "keeps what it serves (its built-in popularity scorer if nothing was ever published)"}
+    row = next(r for r in gate["scorers"] if r["scorer"] == best)
+    u, i, t, w = _positive_events(data, event_weights)
+    scorer = fit_baseline(best, u, i, t, w, item_category=state.item_category, n_users=max(int(data["n_users"]), 1),
+                          half_life_s=float(gate.get("half_life_days", 14.0)) * 86400.0, type_weights=event_weights)
+    served = {"kind": "baseline", "scorer": best, "params": scorer.describe(),
+              "gate_recall": row["recall"], "gate_ndcg": row["ndcg"],
+              "reason": f"{why}; serving the best built-in baseline {best} (served-page recall {row['recall']:.4f}, "
+                        f"NDCG {row['ndcg']:.4f} on the temporal holdout), refitted on the whole log"}
+    version = _publish_scorer(db, scorer, data, catalog, categories, {**metrics, "served": served})
+    return version, served
+
+
+def _truth_ndcg(scorers: Mapping[str, rankers.HistoryScorer], true_relevance: Callable[[np.ndarray, np.ndarray],
+                np.ndarray], state: EngineState, users: np.ndarray, seed: int, k: int = 10) -> dict[str, float]:
+    """Ground-truth NDCG@k of each scorer over per-category candidate lists of ``users`` (simulator)."""
+    rng = np.random.default_rng(seed)
+    lists, lu = [], []
+    for items in state.by_category:  # a handful of categories
+        if items.size < 2:
+            continue
+        m = min(100, items.size)
+        keys = rng.random((users.size, items.size))
+        lists.append(items[np.argpartition(keys, m - 1, axis=1)[:, :m]] if m < items.size else
+                     np.broadcast_to(items, (users.size, items.size)))
+        lu.append(users)
+    if not lists:
+        return {}
+    width = min(x.shape[1] for x in lists)
+    cand = np.concatenate([x[:, :width] for x in lists])
+    uu = np.concatenate(lu)
+    return {name: rankers.ground_truth_ndcg(sc.score_pairs, true_relevance, uu, cand, k=k)
+            for name, sc in scorers.items()}
+
+
+def train_ranker(db: Engine, config: ConfigRecord, *, model: str = "residual", interaction: str = "cin",
+                 max_epochs: int = 20, threads: int = 1, force: bool = False,
                  true_relevance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
                  on_epoch: EpochCallback | None = None, seed: int = 0, require_test: bool = False,
                  max_ece: float = MAX_ECE, gate_users: int = 1000, sampled_negatives: int = 4,
-                 recency_half_life_days: float | None = None) -> TrainResult:
-    """Build the data from the log, train on its first 80 %, and publish only if the model passes the
-    gate (or ``force``); a refused model is recorded as ``rejected``, its gate table in its metrics.
+                 recency_half_life_days: float | None = None, half_life_days: float = 14.0) -> TrainResult:
+    """Train a ranker on the log and publish what serves the best pages.
 
-    The gate (:func:`served_gate`): on the temporal holdout from the start of the validation period,
-    the pages the engine would serve with the model must recall more of the held-out users' future
-    positives than those of the best built-in baseline (popularity, recent popularity, per-category
-    popularity, item-kNN), the paired-bootstrap 95% CI of the difference above 0; and the validation
-    ECE of the play probability must be at most ``max_ece``. With ``require_test`` the model must also
-    beat every baseline on the logged test split (the background loop publishes unattended, so it asks
-    for both).
+    ``model="residual"`` (the default): the residual ranker of :class:`rankers.HistoryScorer` — a
+    logistic model over the baselines' own signals (multi-granularity recent popularity, item-kNN of
+    the user's history, the user's category shares, time since the user's last positive in the
+    category) whose coefficients are fitted on an inner split of the past (features before it,
+    labels after it) and whose popularity dial (a PDA-style exponent) is chosen on that inner split's
+    served pages. ``model="torch"``: the multi-task torch ranker (:func:`rankers.fit`).
 
-    Imported history gets ``sampled_negatives`` unchosen items per chosen one (see
-    :func:`log_training_arrays`). With ``recency_half_life_days`` the item tower also sees each item's
-    positive engagement decayed with that half-life up to the end of the training part
-    (:func:`recent_item_popularity`). ``on_epoch(epoch, max_epochs, metrics)`` is called after every
-    epoch (progress bars).
+    The gate (:func:`served_gate`), on the temporal holdout (the last 20 % of events; nothing of it is
+    used to fit): the pages the engine would serve with the model must recall more of the held-out
+    users' future positives than the best built-in baseline's (popularity, recent popularity with
+    ``half_life_days``, per-category popularity, item-kNN), the paired-bootstrap 95% CI above 0; its
+    calibration (ECE) must be at most ``max_ece``; with ``require_test`` its NDCG must beat the best
+    baseline's too. A model that passes is published (refitted on the whole log). One that fails is
+    recorded as ``rejected`` with its gate table, and the gate's best baseline, refitted on the whole
+    log, is published in its place as the served scorer (``metrics["served"]`` says which and why);
+    ``force`` publishes the model anyway.
     """
+    if model not in ("residual", "torch"):
+        raise InvalidInput(f"model must be 'residual' or 'torch'; got {model!r}", field="model")
     if not 0.0 < max_ece <= 1.0:
         raise InvalidInput(f"max_ece must be in (0, 1]; got {max_ece!r}", field="max_ece")
+    if not half_life_days > 0:
+        raise InvalidInput(f"half_life_days must be > 0; got {half_life_days!r}", field="half_life_days")
     cfg = config.config
     catalog = Catalog.from_arrays(load_items(db))
     cats = catalog.category_index(cfg.category_names)
@@ -187,6 +284,163 @@ def train_ranker(db: Engine, config: ConfigRecord, *, interaction: str = "cin", 
         bad = sorted(set(catalog.category[cats < 0].tolist()))
         raise InvalidInput(f"catalog categories must all be in the config {list(cfg.category_names)}; "
                            f"got {bad} as well", field="category")
+    if model == "torch":
+        return _train_torch(db, config, catalog, cats, interaction=interaction, max_epochs=max_epochs,
+                            threads=threads, force=force, true_relevance=true_relevance, on_epoch=on_epoch, seed=seed,
+                            require_test=require_test, max_ece=max_ece, gate_users=gate_users,
+                            sampled_negatives=sampled_negatives, recency_half_life_days=recency_half_life_days,
+                            half_life_days=half_life_days)
+    return _train_residual(db, config, catalog, force=force, true_relevance=true_relevance, seed=seed,
+                           require_test=require_test, max_ece=max_ece, gate_users=gate_users,
+                           half_life_days=half_life_days)
+
+
+#: the debiasing dial's settings: the popularity coefficients' multiplier (PDA-style exponent)
+POP_EXPONENTS: tuple[float, ...] = (0.0, 0.5, 0.75, 1.0, 1.25)
+
+
+def _train_residual(db: Engine, config: ConfigRecord, catalog: Catalog, *, force: bool,
+                    true_relevance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None, seed: int,
+                    require_test: bool, max_ece: float, gate_users: int, half_life_days: float) -> TrainResult:
+    from ._evaluate import _pools, evaluate_pages, history_page_scorer, holdout_split
+
+    cfg = config.config
+    t0 = time.perf_counter()
+    data = log_training_arrays(db, catalog)
+    wv = cfg.event_weight_vector()
+    u, i, t, w = _positive_events(data, wv)
+    ev = data["events"]
+    ts_all = np.asarray(ev["ts"], dtype=np.float64)
+    if u.size < 50:
+        raise InvalidInput(f"only {u.size} positive events in the log; need at least 50 to train (serve traffic or "
+                           "`homepage import` history first)", field="log")
+    state = build_state(cfg, catalog)
+    n_users = max(int(data["n_users"]), 1)
+    cat0 = np.where(state.item_category >= 0, state.item_category, 0)
+    cutoff = float(np.sort(ts_all)[min(int(ts_all.size * 0.8), ts_all.size - 1)])
+    # the inner split: the past of the gate's holdout split again; the coefficients learn from it
+    # (features before its cutoff, labels after) and the dial is chosen on its served pages
+    past = ts_all < cutoff
+    try:
+        inner = holdout_split(np.asarray(ev["user"])[past], np.asarray(ev["item"])[past], ts_all[past],
+                              np.asarray(ev["type"])[past], event_weights=wv, n_users=n_users,
+                              n_items=catalog.n_items, train_share=0.8, max_users=gate_users, seed=seed)
+    except InvalidInput as e:
+        raise InvalidInput(f"too little history before the holdout to fit the ranker: {e.message}",
+                           field="log") from None
+
+    def residual(user: np.ndarray, item: np.ndarray, ts: np.ndarray, weight: np.ndarray, coef: np.ndarray,
+                 gamma: float) -> rankers.HistoryScorer:
+        return rankers.HistoryScorer("residual", cat0, coef=coef, pop_exponent=gamma, type_weights=wv,
+                                     half_life_s=half_life_days * 86400.0).fit(user, item, ts, weight, n_users=n_users)
+
+    base = rankers.HistoryScorer("popularity", cat0, half_life_s=half_life_days * 86400.0).fit(
+        inner.train_user, inner.train_item, inner.train_ts, inner.train_weight, n_users=n_users)
+    grid_x, grid_y, grid_m = rankers.residual_grid(base, inner.users, _pools(state, inner.users.size, seed),
+                                                   inner.positives)
+    fitted = rankers.fit_residual(grid_x, grid_y, grid_m)
+    coefs = {g: rankers.with_dial(grid_x, grid_y, grid_m, fitted, g) for g in POP_EXPONENTS}
+    dial = {f"residual(pop^{g:g})": g for g in POP_EXPONENTS}
+    inner_scorers = {name: history_page_scorer(residual(inner.train_user, inner.train_item, inner.train_ts,
+                                                        inner.train_weight, coefs[g], g)) for name, g in dial.items()}
+    inner_res = evaluate_pages(state, inner, inner_scorers, baselines=list(dial), n_boot=1, seed=seed)
+    chosen_name = max(dial, key=lambda n: (inner_res.row(n)["recall"], inner_res.row(n)["ndcg"]))
+    gamma = dial[chosen_name]
+    coef = coefs[gamma]
+    fit_s = time.perf_counter() - t0
+    # the gate: the same model (coefficients, dial) on the snapshot as of the holdout's cutoff
+    try:
+        h = gate_holdout(state, data, cutoff, wv, max_users=gate_users, seed=seed)
+        mu, mi, mt, mw = h.train_user, h.train_item, h.train_ts, h.train_weight
+    except InvalidInput:
+        mu, mi, mt, mw = u[t < cutoff], i[t < cutoff], t[t < cutoff], w[t < cutoff]
+        h = None
+    candidate = residual(mu, mi, mt, mw, coef, gamma)
+    chosen, gate = served_gate(state, data, {"residual": candidate}, cutoff, wv, max_users=gate_users, seed=seed,
+                               half_life_s=half_life_days * 86400.0, require_ndcg=require_test)
+    ece = float("nan")
+    if h is not None:
+        pools = _pools(state, h.users.size, seed)
+        p = candidate.score_pools(h.users, pools)
+        y = np.take_along_axis(h.positives.toarray() > 0, pools, axis=1)
+        seen = np.take_along_axis(h.seen.toarray() > 0, pools, axis=1)
+        ece = rankers.ece(y[~seen].astype(np.float64), p[~seen])
+    ece_ok = bool(np.isfinite(ece) and ece <= max_ece)
+    gate.update({"valid_play_ece": ece, "max_ece": max_ece, "ece_passed": ece_ok,
+                 "ece_of": "P(future positive) of the candidates on the holdout"})
+    passed = chosen is not None and ece_ok
+    metrics: dict[str, Any] = {
+        "model": "residual", "train_s": time.perf_counter() - t0, "fit_s": fit_s,
+        "inner_split": {"cutoff": inner.cutoff, "n_users": int(inner.users.size),
+                        "dial": {n: {"recall": inner_res.row(n)["recall"], "ndcg": inner_res.row(n)["ndcg"]}
+                                 for n in dial}, "chosen": chosen_name},
+        "pop_exponent": gamma, "coef": dict(zip(candidate.feature_names(), coef.round(6).tolist(), strict=True)),
+        "gate": gate, "config_version": config.version, "forced": bool(force and not passed)}
+    if true_relevance is not None and h is not None:
+        truth = {b: rankers.HistoryScorer(b, cat0, half_life_s=half_life_days * 86400.0).fit(
+            mu, mi, mt, mw, n_users=n_users) for b in ("popularity", "recent_popularity", "category_popularity",
+                                                       "item_knn")}
+        truth["residual"] = candidate
+        metrics["truth_ndcg@10"] = _truth_ndcg(truth, true_relevance, state, h.users, seed)
+    published = rejected = None
+    names = tuple(cfg.category_names)
+    if passed or force:
+        scorer = residual(u, i, t, w, coef, gamma)
+        row: dict[str, Any] = next((r for r in gate.get("scorers", []) if r["scorer"] == "residual"), {})
+        served = {"kind": "model", "scorer": "residual", "params": scorer.describe(),
+                  "gate_recall": row.get("recall"), "gate_ndcg": row.get("ndcg"),
+                  "reason": ("forced" if not passed else "the trained model passed the gate") + f": {gate['reason']}"}
+        metrics["served"] = served
+        published = _publish_scorer(db, scorer, data, catalog, names, metrics)
+    else:
+        why = f"the trained model was refused ({gate['reason']}" + ("" if ece_ok else
+                                                                    f"; ECE {ece:.4f} > {max_ece}") + ")"
+        rejected = registry.publish_model(db, "ranker", {**metrics, "served": {"kind": "rejected"}}, None,
+                                          status="rejected")
+        published, served = _serve_baseline(db, gate, data, state, catalog, names, wv, metrics, why)
+        metrics["served"] = served
+    metrics["train_s"] = time.perf_counter() - t0
+    return TrainResult(_residual_text(metrics, published, rejected), metrics, published, rejected)
+
+
+def _residual_text(metrics: Mapping[str, Any], published: int | None, rejected: int | None) -> str:
+    """The train report: the inner split's dial, the gate's table and what is served now."""
+    gate = metrics["gate"]
+    inner = metrics["inner_split"]
+    lines = [f"residual ranker: coefficients fitted on {inner['n_users']} users of the inner split; debiasing dial "
+             "(popularity exponent) by inner-split served-page recall:"]
+    for n, r in inner["dial"].items():
+        lines.append(f"  {n:<22} recall {r['recall']:.4f}  ndcg {r['ndcg']:.4f}" + ("  <- chosen" if n == inner["chosen"]
+                                                                                   else ""))
+    if "scorers" in gate:
+        k = gate["page_size"]
+        lines.append(f"publish gate (temporal holdout, {gate['n_users']} users, page of {k}):")
+        lines.append(f"  {'scorer':<22} {'Recall@' + str(k):>10} {'NDCG@' + str(k):>9}   recall vs {gate['best_baseline']}"
+                     " [95% CI]")
+        for r in gate["scorers"]:
+            d = next((x for x in gate["differences_vs_best_baseline"] if x["scorer"] == r["scorer"]
+                      and x["metric"] == "recall"), None)
+            vs = "(best baseline)" if d is None else f"{d['mean_diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
+            lines.append(f"  {r['scorer']:<22} {r['recall']:>10.4f} {r['ndcg']:>9.4f}   {vs}")
+    lines.append(f"gate: {gate['reason']}; calibration ECE {gate.get('valid_play_ece', float('nan')):.4f} "
+                 f"(max {gate.get('max_ece')})")
+    if "truth_ndcg@10" in metrics:
+        lines.append("ground-truth NDCG@10: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics["truth_ndcg@10"].items()))
+    served = metrics["served"]
+    if rejected is not None:
+        lines.append(f"trained model recorded as rejected (ranker version {rejected}).")
+    where = f"ranker version {published}" if published is not None else "nothing published"
+    lines.append(f"SERVED SCORER: {served['kind']} {served['scorer']} ({where}) - {served['reason']}.")
+    lines.append(f"train time {metrics['train_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def _train_torch(db: Engine, config: ConfigRecord, catalog: Catalog, cats: np.ndarray, *, interaction: str,
+                 max_epochs: int, threads: int, force: bool,
+                 true_relevance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None,
+                 on_epoch: EpochCallback | None, seed: int, require_test: bool, max_ece: float, gate_users: int,
+                 sampled_negatives: int, recency_half_life_days: float | None, half_life_days: float) -> TrainResult:
+    cfg = config.config
     data = log_training_arrays(db, catalog, sampled_negatives=sampled_negatives, seed=seed)
     if data["impressions"]["item"].size < 200:
         raise InvalidInput(f"only {data['impressions']['item'].size} impressions with feedback in the log; need "
@@ -232,7 +486,7 @@ def train_ranker(db: Engine, config: ConfigRecord, *, interaction: str = "cin", 
     chosen, served = served_gate(
         build_state(cfg, catalog), data,
         {name: rankers.RankerScorer(model, dict(cfg.events), then, debias=d, threads=threads) for name, d in dial.items()},
-        cutoff, cfg.event_weight_vector(), max_users=gate_users, seed=seed)
+        cutoff, cfg.event_weight_vector(), max_users=gate_users, seed=seed, half_life_s=half_life_days * 86400.0)
     ece_ok = bool(np.isfinite(valid_ece) and valid_ece <= max_ece)
     served.update({"valid_play_ece": valid_ece, "max_ece": max_ece, "ece_passed": ece_ok})
     better = chosen is not None and ece_ok
@@ -251,11 +505,20 @@ def train_ranker(db: Engine, config: ConfigRecord, *, interaction: str = "cin", 
     if require_test and not report.beats_baselines:
         better = False
     if better or force:
+        metrics["served"] = {"kind": "model", "scorer": f"torch ranker ({'debiased' if debias else 'factual'})",
+                             "reason": "forced" if not better else f"the trained model passed the gate: {served['reason']}"}
         scorer = rankers.RankerScorer(model, dict(cfg.events), ex.history, debias=debias)
         artifact = registry.pack_ranker(RankerArtifact(
             scorer=scorer.save(), user_ids=list(data["user_ids"]),
             item_ids=[str(i) for i in catalog.item_ids.tolist()], categories=list(cfg.category_names)))
         published = registry.publish_model(db, "ranker", metrics, artifact)
     else:
-        rejected = registry.publish_model(db, "ranker", metrics, None, status="rejected")
-    return TrainResult(rankers.report_table(report), metrics, published, rejected, history, report)
+        rejected = registry.publish_model(db, "ranker", {**metrics, "served": {"kind": "rejected"}}, None,
+                                          status="rejected")
+        published, metrics["served"] = _serve_baseline(
+            db, served, data, build_state(cfg, catalog), catalog, tuple(cfg.category_names), cfg.event_weight_vector(),
+            metrics, f"the trained model was refused ({served.get('reason', 'not evaluated')})")
+    text = rankers.report_table(report) + f"\nSERVED SCORER: {metrics['served']['kind']} {metrics['served']['scorer']}"
+    text += f" (ranker version {published}) - {metrics['served']['reason']}." if published is not None else \
+        f" - {metrics['served']['reason']}."
+    return TrainResult(text, metrics, published, rejected, history, report)

@@ -58,6 +58,15 @@ class Catalog:
         """item id -> row (built once per catalog; the request path looks items up in it)."""
         return self._index
 
+    @cached_property
+    def _id_list(self) -> list[str]:
+        return [str(i) for i in self.item_ids.tolist()]
+
+    def id_list(self) -> list[str]:
+        """The item ids as a list of ``str`` (built once per catalog: a served page names its items
+        from it without converting numpy values item by item)."""
+        return self._id_list
+
     def rows(self) -> list[dict[str, Any]]:
         """Rows for the ``items`` table."""
         return [

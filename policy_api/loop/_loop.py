@@ -23,6 +23,7 @@ Every step's last run, duration and outcome go into the lease row's status (``/r
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,7 +35,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from allocator import ResolvePacer, ResolvePacerConfig
+from allocator import ResolvePacer, ResolvePacerConfig, exploitable
 
 from .. import jobs, registry
 from ..engine import calibration_rates, calibration_shift
@@ -63,6 +64,17 @@ def _metrics() -> tuple[Any, Any]:
     return (Histogram("homepage_loop_step_seconds", "Duration of a loop step", ["step"],
                       buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0)),
             Counter("homepage_loop_steps", "Loop step runs by outcome", ["step", "outcome"]))
+
+
+def _background_priority() -> None:
+    """Lower the calling thread's CPU priority to the lowest (Linux: the nice value is per thread).
+
+    Training takes seconds to minutes of CPU beside the request workers on the same cores: at the
+    lowest priority it uses what serving leaves idle instead of taking a core from the requests."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not permitted: train at the normal priority
+        pass
 
 
 @dataclass
@@ -356,7 +368,8 @@ class BackgroundLoop:
         # calibration: they count as realised exposure, not as the model the prices are re-solved on
         plan_of = np.array([int((v or {}).get("plan") or 0) for v in dlog.versions], dtype=np.int64)
         fresh = plan_of >= p.plan_version
-        new = p.pacer.update(dlog.value[fresh], dlog.exposure[fresh], dlog.mask[fresh], dlog.chosen_exposure)
+        ok = exploitable(dlog.tilt[fresh], dlog.mask[fresh], any(c.kind == "long_tail_share" for c in config.constraints))
+        new = p.pacer.update(dlog.value[fresh], dlog.exposure[fresh], ok, dlog.chosen_exposure)
         names = config.constraint_names
         solver = {"method": "resolve-pacer", "n_decisions": n, "base_plan": base,
                   "realised": dict(zip(names, map(float, p.pacer.shares_), strict=True)),
@@ -399,6 +412,7 @@ class BackgroundLoop:
         rec = self.steps["train"]
 
         def work() -> None:
+            _background_priority()
             t0 = time.perf_counter()
             try:
                 res = jobs.train_ranker(self.db, cfg, max_epochs=loop.train_max_epochs, require_test=True)

@@ -72,11 +72,27 @@ def write_replay_report(out: Path, res: ReplayResult, truth: float | None = None
 
 
 def write_train_report(out_dir: Path, result: TrainResult) -> Path:
-    """``train.txt`` (the table) and ``train.png`` (learning curves) in the report folder."""
+    """``train.txt`` (the table) and ``train.png`` in the report folder: the learning curves of the
+    torch ranker, or the publish gate's served-page recall and NDCG per scorer (the residual ranker)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "train.txt").write_text(result.text + "\n")
-    plt = pyplot()
     h = result.history
+    plt = pyplot()
+    if h is None:  # the residual ranker has no epochs: the gate's table instead
+        rows = result.metrics.get("gate", {}).get("scorers", [])
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        x = np.arange(len(rows))
+        ax.bar(x - 0.2, [r["recall"] for r in rows], width=0.4, label="recall")
+        ax.bar(x + 0.2, [r["ndcg"] for r in rows], width=0.4, label="NDCG")
+        ax.set_xticks(x, [r["scorer"] for r in rows], rotation=20, fontsize=8)
+        served = result.metrics.get("served", {})
+        ax.set_title(f"publish gate, temporal holdout (served: {served.get('kind', '?')} {served.get('scorer', '')})",
+                     fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "train.png", dpi=110)
+        plt.close(fig)
+        return out_dir / "train.txt"
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(range(1, len(h.train_loss) + 1), h.train_loss, marker="o", label="train loss")
     ax2 = ax.twinx()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from allocator import exploit_pmf, serving_pmf, softmax_prices, softmax_response
+from allocator import exploit_pmf, exploitable, serving_pmf, softmax_prices, softmax_response
 from bandits import budget_pmf
 
 
@@ -140,3 +140,12 @@ def test_softmax_prices_approach_the_lp_as_temperature_falls() -> None:
     assert all(g >= -1e-7 for g in gaps)
     assert gaps[0] > gaps[1] > gaps[2]
     assert gaps[2] < 0.01 * abs(lp.objective)
+
+
+def test_exploitable_keeps_tilts_only_for_a_long_tail_goal() -> None:
+    tilt = np.array([[0.0, 0.25, 0.0, 0.5], [0.25, 0.5, 0.25, 0.0]])
+    mask = np.array([[True, True, True, False], [True, True, True, False]])  # row 2's untilted one is padding
+    np.testing.assert_array_equal(exploitable(tilt, mask, True), mask)
+    np.testing.assert_array_equal(exploitable(tilt, mask, False),
+                                  [[True, False, True, False], [True, False, True, False]])
+    np.testing.assert_array_equal(exploitable(tilt[0], mask[0], False), [True, False, True, False])

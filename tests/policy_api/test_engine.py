@@ -299,3 +299,29 @@ def test_calibration_is_per_category_head_and_tail(state):
     cal = scores[(cat == 2) & ~tail] * st2.score_multiplier[sel] + st2.score_offset[sel]
     assert np.sort(cal)[::-1][:top].mean() == pytest.approx(-0.05, rel=1e-3)
     assert (np.argsort(-cal, kind="stable") == np.argsort(-scores[(cat == 2) & ~tail], kind="stable")).all()
+
+
+def test_without_a_long_tail_goal_tilted_layouts_get_only_the_exploration_budget(world):
+    """With no long-tail constraint, the tilted candidates' total probability is at most the
+    exploration budget (reference: the config's budget); with the constraint they are exploited."""
+    text = world.default_config_toml()
+    cfg = parse_config_text(text)
+    assert any(c.kind == "long_tail_share" for c in cfg.constraints)
+    cat = Catalog(item_ids=np.asarray(world.item_ids, dtype=object),
+                  category=np.array([world.categories[c] for c in world.item_category], dtype=object),
+                  popularity=np.asarray(world.popularity, dtype=float),
+                  features=np.asarray(world.item_features, dtype=float),
+                  feature_names=tuple(world.item_feature_names))
+    no_tail = replace(cfg, constraints=tuple(c for c in cfg.constraints if c.kind != "long_tail_share"))
+    ids = RequestIds(b"k")
+    for config, prices, goal in ((cfg, np.array([0.5, 0.3]), True), (no_tail, np.array([0.5]), False)):
+        eng = DecisionEngine(build_state(config, cat, prices=prices))
+        tilted = []
+        for u in range(40):
+            d = eng.decide(f"u{u:05d}", ids.issue())
+            t = np.array([c["tilt"] for c in d.candidates])
+            tilted.append(float(np.asarray(d.pmf)[t > 0].sum()))
+        if goal:
+            assert max(tilted) > config.exploration.budget + 0.05
+        else:
+            assert max(tilted) <= config.exploration.budget + 1e-12

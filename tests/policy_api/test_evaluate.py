@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
 
+import rankers
 from allocator import block_table, build_candidates, layout_items
 from policy_api import cli, jobs, registry
-from policy_api.engine import build_state
+from policy_api.engine import DecisionEngine, LiveSignals, ScorerHandle, build_state, load_state
 from policy_api.errors import InvalidInput
 from policy_api.log import Catalog, load_items, make_engine, read_catalog_csv, upgrade, upsert_items
 from simulator import EVENT_TYPES, exposure_log, make_world
@@ -160,10 +162,162 @@ def test_gate_passes_an_oracle_and_refuses_a_loser(logged):
     assert chosen == "oracle"
 
 
+def _world_db(path, world, ev, keep, toml):
+    """A database at ``path`` with ``toml`` active, the world's catalog and the events ``keep`` imported."""
+    with (path / "inter.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["user_id", "item_id", "event", "timestamp"])
+        for u, i, t, ts in zip(ev["user"][keep].tolist(), ev["item"][keep].tolist(), ev["type"][keep].tolist(),
+                               ev["ts"][keep].tolist(), strict=True):
+            w.writerow([f"u{u}", str(world.item_ids[i]), EVENT_TYPES[t], repr(ts)])
+    world.to_catalog_csv(path / "items.csv")
+    url = f"sqlite:///{path / 'h.db'}"
+    upgrade(url)
+    db = make_engine(url)
+    registry.activate_config(db, toml, author="test")
+    cfg = registry.require_active_config(db)
+    upsert_items(db, read_catalog_csv(path / "items.csv", cfg.config.category_names).rows())
+    jobs.import_file(db, path / "inter.csv")
+    return db, cfg
+
+
+@pytest.fixture(scope="module")
+def split_worlds(tmp_path_factory):
+    """The same world's log twice: all of it, and only its past (before the 80 % cutoff); a config
+    whose served layout is the tilt-0 argmax (no exploration), so served pages are deterministic."""
+    world = make_world(n_users=120, n_items=240, seed=3)
+    _, ev = exposure_log(world, 1500, np.random.default_rng(4))
+    toml = (world.default_config_toml().replace("levels = [0.0, 0.25, 0.5, 1.0]", "levels = [0.0]")
+            .replace("budget = 0.05", "budget = 0.0\ntemperature = 0.0"))
+    cutoff = float(np.sort(ev["ts"])[int(ev["ts"].size * 0.8)])
+    full_dir, past_dir = tmp_path_factory.mktemp("full"), tmp_path_factory.mktemp("past")
+    full, cfg_full = _world_db(full_dir, world, ev, np.ones(ev["ts"].size, bool), toml)
+    past, cfg_past = _world_db(past_dir, world, ev, ev["ts"] < cutoff, toml)
+    yield {"full": full, "cfg_full": cfg_full, "past": past, "cfg_past": cfg_past, "cutoff": cutoff,
+           "past_dir": past_dir}
+    full.dispose()
+    past.dispose()
+
+
+def _losing_residual(monkeypatch):
+    """Make the trained residual ranker lose: its coefficients negated (popularity ranks last)."""
+    fit = rankers.fit_residual
+    monkeypatch.setattr(rankers, "fit_residual", lambda *a, **k: -fit(*a, **k))
+
+
+def _engine_pages(db, user_ids):
+    """Each user's page as the serving engine lays it out (decide(), the layout's items slot by slot)."""
+    state = load_state(db)
+    engine = DecisionEngine(state)
+    index = state.catalog.index_of()
+    k = state.config.items_per_module
+    pages = np.full((len(user_ids), state.config.slots * k), -1)
+    for r, uid in enumerate(user_ids):  # the reference: one request per user, as GET /layout serves it
+        d = engine.decide(uid, f"req-{r}")
+        assert not d.fallback, d.fallback_reason
+        for m in d.modules:
+            rows = [index[it["item_id"]] for it in m["items"]]
+            pages[r, m["slot"] * k:m["slot"] * k + len(rows)] = rows
+    return state, pages
+
+
+def test_refused_model_serves_the_best_baseline_with_its_evaluated_pages(split_worlds, monkeypatch, capsys):
+    w = split_worlds
+    _losing_residual(monkeypatch)
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{w['past_dir'] / 'h.db'}")
+    monkeypatch.chdir(w["past_dir"])
+    assert cli.main(["train", "--report-dir", str(w["past_dir"] / "report")]) == 0
+    out = capsys.readouterr().out
+    rows = registry.model_history(w["past"], "ranker")
+    assert [(r.version, r.status) for r in rows] == [(2, "published"), (1, "rejected")]
+    served = registry.model(w["past"], "ranker")
+    gate = served.metrics["gate"]
+    best = gate["best_baseline"]
+    assert not gate["passed"] and served.metrics["served"]["kind"] == "baseline"
+    assert served.metrics["served"]["scorer"] == best
+    assert f"SERVED SCORER: baseline {best} (ranker version 2)" in out
+    assert f"trained model NOT published (version 1 recorded as rejected); serving the best built-in baseline {best}" in out
+    # the independent reference: `homepage evaluate`'s machinery on the whole log, split at the cutoff
+    catalog = Catalog.from_arrays(load_items(w["full"]))
+    ev = jobs.log_events(w["full"], catalog)
+    h = jobs.holdout_split(ev["user"], ev["item"], ev["ts"], ev["type"],
+                           event_weights=w["cfg_full"].config.event_weight_vector(), n_users=ev["n_users"],
+                           n_items=catalog.n_items, cutoff=w["cutoff"])
+    ref_state = build_state(w["cfg_full"].config, catalog)
+    ref = jobs.evaluate_pages(ref_state, h, jobs.baseline_scorers(h, ref_state.item_category), n_boot=10)
+    assert ref.best_baseline == best
+    # the pages the serving engine builds with the published scorer, user by user
+    user_ids = [ev["user_ids"][u] for u in h.users.tolist()]
+    state, pages = _engine_pages(w["past"], user_ids)
+    assert state.scorer.name == f"{best}:2" and state.versions["ranker"] == 2
+    m = rankers.page_metrics(pages, h.positives, n_items=catalog.n_items)
+    assert np.mean(m["recall"]) == pytest.approx(ref.row(best)["recall"], abs=1e-12)
+    assert np.mean(m["ndcg"]) == pytest.approx(ref.row(best)["ndcg"], abs=1e-12)
+    seen = h.seen.toarray() > 0
+    shown_seen = np.take_along_axis(seen, np.maximum(pages, 0), axis=1) & (pages >= 0)
+    assert not shown_seen.any()  # what the user already chose is never served back
+
+
+def test_baseline_served_with_live_events_scores_them_as_history(split_worlds):
+    """A live positive joins the served baseline's history: its item leaves the page and, for
+    item-kNN, its neighbours gain."""
+    w = split_worlds
+    catalog = Catalog.from_arrays(load_items(w["past"]))
+    cfg = w["cfg_past"].config
+    ev = jobs.log_events(w["past"], catalog)
+    wv = cfg.event_weight_vector()
+    pos = wv[ev["type"]] > 0
+    state0 = build_state(cfg, catalog)
+    knn = jobs.fit_baseline("item_knn", ev["user"][pos], ev["item"][pos], ev["ts"][pos], wv[ev["type"]][pos],
+                            item_category=state0.item_category, n_users=ev["n_users"], type_weights=wv)
+    handle = _handle(knn, ev["user_ids"])
+    state = build_state(cfg, catalog, scorer=handle)
+    engine = DecisionEngine(state)
+    pool = np.concatenate(state.by_category)
+    liked = int(state.by_category[0][0])
+    live = LiveSignals("hit", np.zeros(len(cfg.category_names)), np.zeros(0, np.int64), 1,
+                       positives=np.array([liked]), positive_types=np.array([0]), n_positive=1)
+    cold, _ = engine.item_scores(state, -1, pool)
+    hot, _ = engine.item_scores(state, -1, pool, live)
+    want = knn.score_live(-1, pool, np.array([liked]), np.array([0]))
+    np.testing.assert_allclose(hot / np.max(np.abs(hot)), want / np.max(np.abs(want)), rtol=1e-9, atol=1e-12)
+    at = int(np.flatnonzero(pool == liked)[0])
+    assert hot[at] == hot.min() and cold[at] > cold.min()
+    neighbours = knn.similarity_[[liked]].toarray()[0][pool] > 0
+    assert neighbours.any() and (hot[neighbours] > 0).all()
+    assert isinstance(knn, rankers.HistoryScorer)
+
+
+def _handle(scorer, user_ids):
+    return ScorerHandle(scorer, {u: i for i, u in enumerate(user_ids)}, name="item_knn:test")
+
+
+def test_residual_ranker_is_gated_and_published_when_it_wins(split_worlds, monkeypatch):
+    """The published residual model is what the gate judged; a loser is never published."""
+    w = split_worlds
+    res = jobs.train_ranker(w["full"], w["cfg_full"], gate_users=200)
+    gate = res.metrics["gate"]
+    rows = {r["scorer"]: r for r in gate["scorers"]}
+    d = next(x for x in gate["differences_vs_best_baseline"] if x["scorer"] == "residual" and x["metric"] == "recall")
+    assert d["mean_diff"] == pytest.approx(rows["residual"]["recall"] - rows[gate["best_baseline"]]["recall"])
+    assert gate["passed"] == (d["ci_low"] > 0)
+    assert res.metrics["pop_exponent"] in jobs.POP_EXPONENTS
+    rec = registry.model(w["full"], "ranker")
+    if gate["passed"] and gate["ece_passed"]:
+        assert res.rejected is None and rec.metrics["served"]["kind"] == "model"
+    else:
+        assert res.rejected is not None and rec.metrics["served"]["kind"] == "baseline"
+        assert rec.metrics["served"]["scorer"] == gate["best_baseline"]
+    assert rec.version == res.published
+
+
 @pytest.mark.slow
-def test_train_refuses_a_model_that_loses_to_a_baseline(logged):
-    _, db, cfg, _ = logged
-    res = jobs.train_ranker(db, cfg, max_epochs=1, interaction="cross")
+def test_torch_model_that_loses_is_refused_and_the_baseline_served(logged, tmp_path):
+    tmp, _, _, _ = logged
+    shutil.copy(tmp / "h.db", tmp_path / "h.db")
+    db = make_engine(f"sqlite:///{tmp_path / 'h.db'}")
+    cfg = registry.require_active_config(db)
+    res = jobs.train_ranker(db, cfg, model="torch", max_epochs=1, interaction="cross")
     gate = res.metrics["gate"]
     rows = {r["scorer"]: r["recall"] for r in gate["scorers"]}
     chosen = gate["chosen"]
@@ -171,9 +325,18 @@ def test_train_refuses_a_model_that_loses_to_a_baseline(logged):
     assert d["mean_diff"] == pytest.approx(rows[chosen] - rows[gate["best_baseline"]])
     # one epoch on a popularity-driven log: the model's pages lose to a baseline, so it is refused
     assert d["ci_low"] <= 0 and rows[chosen] < rows[gate["best_baseline"]]
-    assert res.published is None and res.rejected is not None
-    assert registry.model(db, "ranker") is None
+    assert res.rejected is not None and res.published == res.rejected + 1
+    served = registry.model(db, "ranker")
+    assert served.metrics["served"] == res.metrics["served"]
+    assert (served.metrics["served"]["kind"], served.metrics["served"]["scorer"]) == ("baseline", gate["best_baseline"])
     assert gate["passed"] == (d["ci_low"] > 0)
+    db.dispose()
+
+
+def test_model_choice_is_checked(logged):
+    _, db, cfg, _ = logged
+    with pytest.raises(InvalidInput, match=r"model must be 'residual' or 'torch'; got 'gbdt'"):
+        jobs.train_ranker(db, cfg, model="gbdt")
 
 
 def test_cli_evaluate_prints_writes_json_and_report(logged, monkeypatch, capsys):

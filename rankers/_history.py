@@ -1,0 +1,614 @@
+"""Scorers that serve from item popularity and each user's own history: the built-in baselines as
+servable scorers, and a residual ranker that starts from them and learns the personal part.
+
+Numpy + scipy.sparse, no torch. One object scores both ways, with the same arithmetic:
+
+* in batch, for the offline evaluation and the publish gate: :meth:`HistoryScorer.score_pools`,
+  users known to the fitted snapshot, a (U, P) grid of candidate items, vectorised over users;
+* per request, for serving: :meth:`HistoryScorer.score_live`, one user's candidates with the user's
+  live positive events (newest first) merged into the snapshot, the items the user already engaged
+  with put below every other candidate.
+
+Kinds (``kind``):
+
+``popularity``
+    ``pop_j = sum_{e: item_e = j} w_e`` over the positive events (``w_e`` = the event type's units).
+``recent_popularity``
+    ``sum_e w_e 2 ** (-(t_ref - ts_e) / half_life_s)`` (:class:`rankers.RecentPopularity`).
+``category_popularity``
+    ``pi_u(c_j) * pop_j / tot_{c_j}`` (:class:`rankers.CategoryPopularity`, ``alpha`` = 1, no decay).
+``item_knn``
+    ``sum_{i in H_u} S[i, j]``, the pruned cosine item-item similarity (:class:`rankers.ItemKNN`);
+    users whose history has no neighbour at all get ``pop_j`` counted in users.
+``residual``
+    ``sigmoid(x_uj . coef)``, a logistic model of the chance that the user goes on to choose the item
+    (:func:`fit_residual`), with ``x_uj`` (see :data:`FEATURES`): the recent-popularity baseline's own
+    score ``log(recent_j + 0.01)``, log(1 + item popularity) at several half-lives
+    (multi-granularity recency), the item-kNN score of the user's history (plain, and weighted by
+    recency from the user's own newest positive: the last session first), the user's smoothed
+    category share, one-hot buckets of the time since the user's last positive event in the item's
+    category (1 day, 1 week, 1 month, 6 months, older, never: RoTE-style multi-granularity time gaps)
+    and the category. ``pop_exponent`` is a PDA-style debiasing dial: it multiplies the popularity
+    columns' coefficients (0 = no popularity at all, 1 = as fitted), the intercept refitted for it
+    (:func:`with_dial`).
+
+References
+----------
+Zhang et al., "Causal Intervention for Leveraging Popularity Bias in Recommendation" (PDA), SIGIR 2021.
+Wei et al., "Model-Agnostic Counterfactual Reasoning for Eliminating Popularity Bias" (MACR), KDD 2021.
+Ferrari Dacrema et al., "Are We Really Making Much Progress?", RecSys 2019 (strong simple baselines).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+
+__all__ = ["BASE", "FEATURES", "HISTORY_KINDS", "HISTORY_MAGIC", "POP_HALF_LIVES_DAYS", "HistoryScorer", "fit_residual",
+           "is_history_scorer", "residual_grid", "with_dial"]
+
+#: the kinds of :class:`HistoryScorer`, baselines first
+HISTORY_KINDS: tuple[str, ...] = ("popularity", "recent_popularity", "category_popularity", "item_knn", "residual")
+#: the first bytes of :meth:`HistoryScorer.save`
+HISTORY_MAGIC = b"HPHISTORY1\n"
+#: half-lives (days) of the residual ranker's popularity features; None = no decay
+POP_HALF_LIVES_DAYS: tuple[float | None, ...] = (3.0, 14.0, 60.0, None)
+#: half-life (days) of the recency weight of each history item in the session kNN feature, counted back
+#: from the user's own newest positive: what the user chose in the last session weighs most
+SESSION_HALF_LIFE_DAYS = 1.0
+#: upper edges (days) of the time-gap buckets; one more bucket for older, one for never
+GAP_EDGES_DAYS: tuple[float, ...] = (1.0, 7.0, 30.0, 180.0)
+_DAY = 86400.0
+
+
+def _feature_names(n_categories: int) -> tuple[str, ...]:
+    pop = tuple(f"log1p_pop_{'all' if h is None else f'{h:g}d'}" for h in POP_HALF_LIVES_DAYS)
+    gaps = tuple(f"gap_le_{e:g}d" for e in GAP_EDGES_DAYS) + ("gap_older", "gap_never")
+    return ("bias", "log_recent_pop", *pop, "log1p_knn", "knn_share", "log1p_session_knn", "session_knn_share", "log_category_share", *gaps,
+            *(f"category_{c}" for c in range(n_categories)))
+
+
+#: the residual ranker's features for 4 categories (the category one-hots grow with the catalog)
+FEATURES: tuple[str, ...] = _feature_names(4)
+_N_POP = len(POP_HALF_LIVES_DAYS)
+#: the column of the recent-popularity baseline's own score, ``log(recent_j + RECENT_FLOOR)``
+BASE = 1
+#: added to the recent popularity before its log (units of decayed events): items without recent
+#: engagement sit far below, but a strong personal signal can still lift them
+RECENT_FLOOR = 0.01
+#: the popularity columns (the base and the multi-granularity popularities): the dial scales them
+POP_COLUMNS = np.arange(BASE, 2 + _N_POP)
+
+
+def is_history_scorer(data: bytes) -> bool:
+    """Whether ``data`` is a saved :class:`HistoryScorer`."""
+    return data.startswith(HISTORY_MAGIC)
+
+
+def _decayed(item: np.ndarray, ts: np.ndarray, w: np.ndarray, n_items: int, t_ref: float,
+             half_life_s: float | None) -> np.ndarray:
+    if half_life_s is None:
+        return np.bincount(item, weights=w, minlength=n_items)
+    return np.bincount(item, weights=w * np.exp2(-(t_ref - ts) / half_life_s), minlength=n_items)
+
+
+class HistoryScorer:
+    """A servable scorer from popularity and the user's history (see the module docstring).
+
+    Parameters
+    ----------
+    kind
+        One of :data:`HISTORY_KINDS`.
+    item_category
+        Shape (n_items,), ints in [0, n_categories).
+    half_life_s
+        Half-life of ``recent_popularity`` (seconds, > 0).
+    type_weights
+        Shape (n_event_types,): units of each event type code (the live events' weights); > 0 = positive.
+    coef
+        ``residual`` only: shape (n_features,), the fitted logistic coefficients.
+    pop_exponent
+        ``residual`` only: the debiasing dial multiplying the popularity coefficients (>= 0).
+    n_neighbors, shrink
+        Item-kNN pruning and shrinkage (``item_knn`` and ``residual``).
+
+    Attributes
+    ----------
+    n_users_, n_items_, t_ref_
+        The snapshot's sizes and reference time (the newest event fitted).
+    """
+
+    def __init__(self, kind: str, item_category: np.ndarray, *, half_life_s: float = 14 * _DAY,
+                 type_weights: np.ndarray | None = None, coef: np.ndarray | None = None, pop_exponent: float = 1.0,
+                 n_neighbors: int = 100, shrink: float = 10.0) -> None:
+        if kind not in HISTORY_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(HISTORY_KINDS)}; got {kind!r}")
+        cat = np.asarray(item_category)
+        if cat.ndim != 1 or cat.size == 0 or not np.issubdtype(cat.dtype, np.integer) or cat.min() < 0:
+            raise ValueError(f"item_category must be a non-empty 1-D array of ints >= 0; got shape {cat.shape}")
+        if not (np.isfinite(half_life_s) and half_life_s > 0):
+            raise ValueError(f"half_life_s must be a finite number > 0; got {half_life_s!r}")
+        if not (np.isfinite(pop_exponent) and pop_exponent >= 0):
+            raise ValueError(f"pop_exponent must be a finite number >= 0; got {pop_exponent!r}")
+        self.kind = kind
+        self.item_category = cat.astype(np.int64)
+        self.n_categories = int(cat.max()) + 1
+        self.half_life_s = float(half_life_s)
+        self.type_weights = np.ones(1) if type_weights is None else np.asarray(type_weights, dtype=np.float64)
+        n_feat = len(_feature_names(self.n_categories))
+        if kind == "residual":
+            if coef is None or np.shape(coef) != (n_feat,):
+                raise ValueError(f"coef must have shape ({n_feat},) for a residual scorer; got "
+                                 f"{None if coef is None else np.shape(coef)}")
+        self.coef = None if coef is None else np.asarray(coef, dtype=np.float64)
+        self.pop_exponent = float(pop_exponent)
+        self.n_neighbors = int(n_neighbors)
+        self.shrink = float(shrink)
+
+    # -- fitting -------------------------------------------------------------------------------------
+    def fit(self, user: np.ndarray, item: np.ndarray, ts: np.ndarray, weight: np.ndarray, *, n_users: int,
+            t_ref: float | None = None) -> HistoryScorer:
+        """Fit on positive events (``weight`` > 0; others are ignored), the snapshot as of ``t_ref``
+        (default: the newest event).
+
+        Parameters
+        ----------
+        user, item, ts, weight
+            Shape (n,): user rows in [0, n_users), item rows in [0, n_items), epoch seconds, units.
+        """
+        import scipy.sparse as sp
+
+        u = np.asarray(user, dtype=np.int64)
+        i = np.asarray(item, dtype=np.int64)
+        t = np.asarray(ts, dtype=np.float64)
+        w = np.asarray(weight, dtype=np.float64)
+        if not (u.shape == i.shape == t.shape == w.shape) or u.ndim != 1:
+            raise ValueError(f"user, item, ts and weight must be 1-D of one shape; got {u.shape}, {i.shape}, "
+                             f"{t.shape}, {w.shape}")
+        keep = w > 0
+        u, i, t, w = u[keep], i[keep], t[keep], w[keep]
+        n_items = self.item_category.size
+        if u.size and (u.min() < 0 or u.max() >= n_users or i.min() < 0 or i.max() >= n_items):
+            raise ValueError(f"user must be in [0, {n_users}) and item in [0, {n_items}); got "
+                             f"{u.min()}..{u.max()} and {i.min()}..{i.max()}")
+        self.n_users_, self.n_items_ = int(n_users), n_items
+        self.t_ref_ = float(t.max()) if t_ref is None and t.size else float(t_ref or 0.0)
+        C = self.n_categories
+        self.pop_ = np.bincount(i, weights=w, minlength=n_items)
+        self.recent_ = _decayed(i, t, w, n_items, self.t_ref_, self.half_life_s)
+        self.pops_ = np.stack([_decayed(i, t, w, n_items, self.t_ref_, None if h is None else h * _DAY)
+                               for h in POP_HALF_LIVES_DAYS])  # (H, n_items)
+        tot = np.bincount(self.item_category, weights=self.pop_, minlength=C)
+        self.category_share_ = tot / tot.sum() if tot.sum() > 0 else np.full(C, 1.0 / C)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.item_share_ = np.where(tot[self.item_category] > 0, self.pop_ / tot[self.item_category], 0.0)
+        cu = self.item_category[i]
+        self.user_category_ = np.bincount(u * C + cu, weights=w, minlength=n_users * C).reshape(n_users, C)
+        last = np.full(n_users * C, -np.inf)
+        np.maximum.at(last, u * C + cu, t)
+        self.last_ = last.reshape(n_users, C)
+        x = sp.csr_array((np.ones(u.size), (u, i)), shape=(n_users, n_items))
+        x.sum_duplicates()
+        x.data[:] = 1.0
+        self.history_ = x
+        # each history item's recency weight: its newest positive, counted back from the user's newest
+        key = u * n_items + i
+        order = np.lexsort((t, key))
+        newest = np.r_[key[order][1:] != key[order][:-1], True]
+        ku, kt = key[order][newest], t[order][newest]
+        user_last = np.full(n_users, -np.inf)
+        np.maximum.at(user_last, ku // n_items, kt)
+        rw = np.exp2(-(user_last[ku // n_items] - kt) / (SESSION_HALF_LIFE_DAYS * _DAY))
+        self.recency_ = sp.csr_array((rw, (ku // n_items, ku % n_items)), shape=(n_users, n_items))
+        self.user_pop_ = np.asarray(x.sum(axis=0)).ravel()  # users per item (item-kNN's fallback)
+        self.similarity_ = self._similarity(x)
+        self._serving_index()
+        return self
+
+    def _serving_index(self) -> None:
+        """What one request reads: ``S^T`` by rows (candidate j -> its neighbours) and each history
+        item's neighbour count, built once per fit or load, never on a request."""
+        import scipy.sparse as sp
+
+        self.similarity_t_ = sp.csr_array(self.similarity_.T)
+        self.neighbour_count_ = np.diff(self.similarity_.indptr)
+
+    def _similarity(self, x: sp.csr_array) -> sp.csr_array:
+        """``S`` as :class:`rankers.ItemKNN` builds it (row = history item i, column = scored item j)."""
+        import scipy.sparse as sp
+
+        n = x.shape[1]
+        c = (x.T @ x).tocoo()
+        norm = np.sqrt(np.asarray(x.sum(axis=0)).ravel())
+        off = c.row != c.col
+        row, col = c.row[off].astype(np.int64), c.col[off].astype(np.int64)
+        sim = c.data[off] / (norm[row] * norm[col] + self.shrink)
+        if sim.size:
+            order = np.lexsort((row, -sim, col))
+            cs = col[order]
+            new = np.r_[True, cs[1:] != cs[:-1]]
+            start = np.flatnonzero(new)
+            rank = np.arange(cs.size) - start[np.cumsum(new) - 1]
+            top = order[rank < self.n_neighbors]
+            row, col, sim = row[top], col[top], sim[top]
+        return sp.csr_array((sim, (row, col)), shape=(n, n))
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "pop_"):
+            raise ValueError(f"HistoryScorer({self.kind!r}) is not fitted; call fit(...) first")
+
+    # -- the common arithmetic -----------------------------------------------------------------------
+    def _scores(self, knn: np.ndarray, has_knn: np.ndarray, n_uc: np.ndarray, last: np.ndarray,
+                items: np.ndarray) -> np.ndarray:
+        """Scores (U, P) of ``items`` (U, P) from each user's kNN sums ``knn`` (U, P, 2: over the history,
+        and over the history weighted by recency), whether the user's
+        history has any neighbour ``has_knn`` (U,), category weights ``n_uc`` (U, C) and last positive
+        time per category ``last`` (U, C)."""
+        kind = self.kind
+        if kind == "popularity":
+            return self.pop_[items]
+        if kind == "recent_popularity":
+            return self.recent_[items]
+        cat = self.item_category[items]
+        pi = (n_uc + self.category_share_) / (n_uc.sum(axis=1, keepdims=True) + 1.0)  # alpha = 1
+        share = np.take_along_axis(pi, cat, axis=1)
+        if kind == "category_popularity":
+            return share * self.item_share_[items]
+        if kind == "item_knn":
+            return np.where(has_knn[:, None], knn[..., 0], self.user_pop_[items])
+        x = self.features(knn, n_uc, last, items, share)
+        coef = self.coef.copy() if self.coef is not None else np.zeros(x.shape[-1])
+        coef[POP_COLUMNS] *= self.pop_exponent
+        return np.exp(-np.logaddexp(0.0, -(x @ coef)))
+
+    def features(self, knn: np.ndarray, n_uc: np.ndarray, last: np.ndarray, items: np.ndarray,
+                 share: np.ndarray | None = None) -> np.ndarray:
+        """The residual ranker's features, shape (U, P, n_features) (see the module docstring), from
+        the kNN sums ``knn`` (U, P, 2) of :meth:`_scores`."""
+        U, P = items.shape
+        C = self.n_categories
+        cat = self.item_category[items]
+        if share is None:
+            pi = (n_uc + self.category_share_) / (n_uc.sum(axis=1, keepdims=True) + 1.0)
+            share = np.take_along_axis(pi, cat, axis=1)
+        # log(1 + decayed units): an item seen once recently is not a trend (shares of tiny counts are noise)
+        logpop = np.log1p(self.pops_)  # (H, n_items)
+        kmax = np.maximum(knn.max(axis=1, keepdims=True) if P else np.zeros((U, 1, 2)), 1e-12)
+        gap = self.t_ref_ - np.take_along_axis(last, cat, axis=1)  # inf = never
+        bucket = np.searchsorted(np.asarray(GAP_EDGES_DAYS) * _DAY, gap, side="left")
+        bucket = np.where(np.isinf(gap), len(GAP_EDGES_DAYS) + 1, bucket)
+        n_gap = len(GAP_EDGES_DAYS) + 2
+        x = np.empty((U, P, 2 + _N_POP + 5 + n_gap + C))
+        x[..., 0] = 1.0
+        x[..., BASE] = np.log(self.recent_[items] + RECENT_FLOOR)
+        x[..., 2:2 + _N_POP] = np.moveaxis(logpop[:, items], 0, -1)
+        k = 2 + _N_POP
+        x[..., k] = np.log1p(knn[..., 0])
+        x[..., k + 1] = knn[..., 0] / kmax[..., 0]
+        x[..., k + 2] = np.log1p(knn[..., 1])
+        x[..., k + 3] = knn[..., 1] / kmax[..., 1]
+        x[..., k + 4] = np.log(share + 1e-9)  # a category without any engagement has share 0
+        k += 5
+        x[..., k:k + n_gap] = bucket[..., None] == np.arange(n_gap)
+        x[..., k + n_gap:] = cat[..., None] == np.arange(C)
+        return x
+
+    # -- batch (evaluation, gate) --------------------------------------------------------------------
+    def _user_rows(self, users: np.ndarray) -> tuple[sp.csr_array, sp.csr_array, np.ndarray, np.ndarray]:
+        import scipy.sparse as sp
+
+        u = np.asarray(users, dtype=np.int64)
+        if u.size and (u.min() < -1 or u.max() >= self.n_users_):
+            raise ValueError(f"user_idx must be in [-1, {self.n_users_}); got {u.min()}..{u.max()}")
+        known = u >= 0
+        r = np.where(known, u, 0)
+        x = sp.csr_array(self.history_[r].multiply(known[:, None]))
+        x.eliminate_zeros()
+        v = sp.csr_array(self.recency_[r].multiply(known[:, None]))
+        v.eliminate_zeros()
+        n_uc = np.where(known[:, None], self.user_category_[r], 0.0)
+        last = np.where(known[:, None], self.last_[r], -np.inf)
+        return x, v, n_uc, last
+
+    def _knn_grid(self, x: sp.csr_array, v: sp.csr_array, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """kNN sums (U, P, 2) of the candidates ``p`` and whether each user has any neighbour (U,)."""
+        import scipy.sparse as sp
+
+        prod = x @ self.similarity_
+        knn = np.take_along_axis(np.asarray(prod.toarray()), p, axis=1)
+        rec = np.take_along_axis(np.asarray((v @ self.similarity_).toarray()), p, axis=1)
+        return np.stack([knn, rec], axis=-1), np.diff(sp.csr_array(prod).indptr) > 0
+
+    def score_pools(self, users: np.ndarray, pools: np.ndarray, chunk: int = 512) -> np.ndarray:
+        """Scores (U, P) of the snapshot users ``users`` (U,) in [-1, n_users) (-1 = no history) for
+        their candidates ``pools`` (U, P); vectorised over users, ``chunk`` users per dense pass."""
+        self._check_fitted()
+        pools = np.asarray(pools, dtype=np.int64)
+        users = np.asarray(users, dtype=np.int64)
+        out = np.empty(pools.shape)
+        for s in range(0, users.size, chunk):  # chunks of users, each one sparse-dense pass
+            x, v, n_uc, last = self._user_rows(users[s:s + chunk])
+            p = pools[s:s + chunk]
+            if self.kind in ("item_knn", "residual"):
+                knn, has = self._knn_grid(x, v, p)
+            else:
+                knn, has = np.zeros((*p.shape, 2)), np.zeros(p.shape[0], dtype=bool)
+            out[s:s + chunk] = self._scores(knn, has, n_uc, last, p)
+        return out
+
+    def score_pairs(self, user_idx: np.ndarray, item_idx: np.ndarray) -> np.ndarray:
+        """Scores (n,) of (user, item) pairs from the snapshot (planning, replay)."""
+        u = np.asarray(user_idx, dtype=np.int64)
+        i = np.asarray(item_idx, dtype=np.int64)
+        if u.shape != i.shape or u.ndim != 1:
+            raise ValueError(f"user_idx and item_idx must be 1-D of one shape; got {u.shape} and {i.shape}")
+        users, inv = np.unique(u, return_inverse=True)
+        if self.kind in ("popularity", "recent_popularity"):
+            return self.score_pools(np.full(1, -1), i[None, :])[0]
+        # one row per distinct user holding that user's pairs (padded with item 0)
+        order = np.argsort(inv, kind="stable")
+        counts = np.bincount(inv, minlength=users.size)
+        width = int(counts.max()) if counts.size else 0
+        slot = np.arange(u.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        grid = np.zeros((users.size, max(width, 1)), dtype=np.int64)
+        grid[inv[order], slot] = i[order]
+        got = self.score_pools(users, grid)
+        out = np.empty(u.size)
+        out[order] = got[inv[order], slot]
+        return out
+
+    def score(self, user_idx: int, item_idx: np.ndarray) -> np.ndarray:
+        """Scores (n,) of one snapshot user's candidates (no live events)."""
+        return self.score_live(user_idx, item_idx, demote_seen=False)
+
+    def category_preferences(self, user_idx: int) -> None:
+        """None: the page's categories come from the scores alone (as in the evaluation)."""
+        return None
+
+    # -- serving ---------------------------------------------------------------------------------------
+    def score_live(self, user_idx: int, item_idx: np.ndarray, live_items: np.ndarray | None = None,
+                   live_types: np.ndarray | None = None, *, demote_seen: bool = True) -> np.ndarray:
+        """One request: scores (n,) of ``item_idx`` (n,) for snapshot user ``user_idx`` (-1 = none) whose
+        live positive events ``live_items`` (item rows, newest first; ``live_types`` their event-type
+        codes) happened after the snapshot.
+
+        The live events join the user's history (kNN), category weights (units of their types) and
+        last-positive times (at the snapshot's reference time). With ``demote_seen`` every item of the
+        history goes below every other candidate, as the evaluation's ``exclude_seen`` does:
+        ``min(s) - 1 - max |s|`` over the candidates.
+        """
+        self._check_fitted()
+        u = int(user_idx)
+        if not -1 <= u < self.n_users_:
+            raise ValueError(f"user_idx must be in [-1, {self.n_users_}); got {u}")
+        items = np.asarray(item_idx, dtype=np.int64)
+        if items.size and (items.min() < 0 or items.max() >= self.n_items_):
+            raise ValueError(f"item_idx must be in [0, {self.n_items_}); got {items.min()}..{items.max()}")
+        C = self.n_categories
+        recency = np.zeros(self.n_items_)
+        if u >= 0:
+            lo, hi = self.history_.indptr[u], self.history_.indptr[u + 1]
+            hist = self.history_.indices[lo:hi].astype(np.int64)
+            n_uc, last = self.user_category_[u].copy(), self.last_[u].copy()
+            rlo, rhi = self.recency_.indptr[u], self.recency_.indptr[u + 1]
+            recency[self.recency_.indices[rlo:rhi]] = self.recency_.data[rlo:rhi]
+        else:
+            hist, n_uc, last = np.zeros(0, np.int64), np.zeros(C), np.full(C, -np.inf)
+        live = np.zeros(0, np.int64) if live_items is None else np.asarray(live_items, dtype=np.int64)
+        if live.size:
+            if live.min() < 0 or live.max() >= self.n_items_:
+                raise ValueError(f"live_items must be in [0, {self.n_items_}); got {live.min()}..{live.max()}")
+            types = np.zeros(live.size, np.int64) if live_types is None else np.asarray(live_types, np.int64)
+            tw = self.type_weights[np.clip(types, 0, self.type_weights.size - 1)]
+            lc = self.item_category[live]
+            n_uc += np.bincount(lc, weights=np.maximum(tw, 0.0), minlength=C)
+            last[np.unique(lc)] = self.t_ref_
+            hist = np.union1d(hist, live)
+            recency[live] = 1.0  # the newest the scorer knows of
+        if self.kind in ("item_knn", "residual") and items.size:
+            ones = np.zeros(self.n_items_)
+            ones[hist] = 1.0
+            knn = np.stack([self._knn_of(ones, items), self._knn_of(recency, items)], axis=-1)[None]
+            has = np.array([bool(self.neighbour_count_[hist].sum() > 0)])
+        else:
+            knn, has = np.zeros((1, items.size, 2)), np.zeros(1, dtype=bool)
+        out = self._scores(knn, has, n_uc[None, :], last[None, :], items[None, :])[0]
+        if demote_seen and hist.size and items.size:
+            seen = np.isin(items, hist)
+            if seen.any():
+                out = np.where(seen, out.min() - 1.0 - np.abs(out).max(), out)
+        return out
+
+    def _knn_of(self, weight: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """``sum_i weight_i S[i, j]`` for ``items`` j: the rows of ``S^T`` of the candidates times the
+        history weights (n_items,) (each row holds at most ``n_neighbors`` entries)."""
+        return np.asarray(self.similarity_t_[items] @ weight, dtype=np.float64)
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def save(self) -> bytes:
+        """:data:`HISTORY_MAGIC`, then an ``.npz`` of the parameters and the fitted snapshot."""
+        self._check_fitted()
+        meta = {"kind": self.kind, "half_life_s": self.half_life_s, "pop_exponent": self.pop_exponent,
+                "n_neighbors": self.n_neighbors, "shrink": self.shrink, "n_users": self.n_users_,
+                "t_ref": self.t_ref_}
+        h, s = self.history_, self.similarity_
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.array(json.dumps(meta)), item_category=self.item_category,
+                 type_weights=self.type_weights, coef=np.zeros(0) if self.coef is None else self.coef,
+                 h_indptr=h.indptr, h_indices=h.indices, r_indptr=self.recency_.indptr,
+                 r_indices=self.recency_.indices, r_data=self.recency_.data, s_indptr=s.indptr, s_indices=s.indices, s_data=s.data,
+                 pop=self.pop_, recent=self.recent_, pops=self.pops_, user_category=self.user_category_,
+                 last=self.last_)
+        return HISTORY_MAGIC + buf.getvalue()
+
+    @classmethod
+    def load(cls, data: bytes) -> HistoryScorer:
+        """Inverse of :meth:`save`; scores are identical."""
+        import scipy.sparse as sp
+
+        if not is_history_scorer(data):
+            raise ValueError(f"data must be a saved HistoryScorer ({HISTORY_MAGIC.strip().decode()}); got "
+                             f"{data[:len(HISTORY_MAGIC)]!r}")
+        with np.load(io.BytesIO(data[len(HISTORY_MAGIC):]), allow_pickle=False) as z:
+            meta: dict[str, Any] = json.loads(str(z["meta"]))
+            coef = z["coef"]
+            self = cls(meta["kind"], z["item_category"], half_life_s=meta["half_life_s"],
+                       type_weights=z["type_weights"], coef=coef if coef.size else None,
+                       pop_exponent=meta["pop_exponent"], n_neighbors=meta["n_neighbors"], shrink=meta["shrink"])
+            n_users, n_items = int(meta["n_users"]), self.item_category.size
+            self.n_users_, self.n_items_, self.t_ref_ = n_users, n_items, float(meta["t_ref"])
+            self.pop_, self.recent_, self.pops_ = z["pop"], z["recent"], z["pops"]
+            self.user_category_, self.last_ = z["user_category"], z["last"]
+            self.history_ = sp.csr_array((np.ones(z["h_indices"].size), z["h_indices"], z["h_indptr"]),
+                                         shape=(n_users, n_items))
+            self.similarity_ = sp.csr_array((z["s_data"], z["s_indices"], z["s_indptr"]), shape=(n_items, n_items))
+            self.recency_ = sp.csr_array((z["r_data"], z["r_indices"], z["r_indptr"]), shape=(n_users, n_items))
+        C = self.n_categories
+        tot = np.bincount(self.item_category, weights=self.pop_, minlength=C)
+        self.category_share_ = tot / tot.sum() if tot.sum() > 0 else np.full(C, 1.0 / C)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.item_share_ = np.where(tot[self.item_category] > 0, self.pop_ / tot[self.item_category], 0.0)
+        self.user_pop_ = np.asarray(self.history_.sum(axis=0)).ravel()
+        self._serving_index()
+        return self
+
+    def feature_names(self) -> tuple[str, ...]:
+        """The residual ranker's feature names for this catalog's categories (the order of ``coef``)."""
+        return _feature_names(self.n_categories)
+
+    def describe(self) -> dict[str, Any]:
+        """The parameters that define the served scores, for the registry row and reports."""
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.kind == "recent_popularity":
+            out["half_life_days"] = self.half_life_s / _DAY
+        if self.kind in ("item_knn", "residual"):
+            out.update(n_neighbors=self.n_neighbors, shrink=self.shrink)
+        if self.kind == "residual" and self.coef is not None:
+            out["pop_exponent"] = self.pop_exponent
+            out["coef"] = dict(zip(self.feature_names(), np.round(self.coef, 4).tolist(), strict=True))
+        return out
+
+
+def residual_grid(base: HistoryScorer, users: np.ndarray, pools: np.ndarray, positives: Any
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The residual ranker's training grid: features ``X`` (U, P, n_features) of every candidate of
+    every user as of ``base``'s snapshot, labels ``Y`` (U, P) = the candidate is among the user's
+    ``positives`` and ``mask`` (U, P) = the candidate is not in the user's history (the page never
+    shows those, so they are not learned from).
+
+    Parameters
+    ----------
+    base
+        A fitted :class:`HistoryScorer` (any kind): events before the label period only.
+    users
+        Shape (U,): snapshot user rows (-1 = none).
+    pools
+        Shape (U, P): each user's candidates (the engine's pools).
+    positives
+        Shape (U, n_items), ``scipy.sparse`` or dense: each user's positives after the snapshot.
+    """
+    import scipy.sparse as sp
+
+    base._check_fitted()
+    probe = HistoryScorer("residual", base.item_category, coef=np.zeros(len(_feature_names(base.n_categories))))
+    probe.__dict__.update({k: v for k, v in base.__dict__.items() if k.endswith("_")})
+    pools = np.asarray(pools, dtype=np.int64)
+    pos = sp.csr_array(positives)
+    users = np.asarray(users, dtype=np.int64)
+    xs, ys, ms = [], [], []
+    for s in range(0, pools.shape[0], 512):  # chunks of users
+        x, v, n_uc, last = probe._user_rows(users[s:s + 512])
+        p = pools[s:s + 512]
+        knn, _ = probe._knn_grid(x, v, p)
+        ms.append(~(np.take_along_axis(np.asarray(x.toarray()), p, axis=1) > 0))
+        ys.append(np.take_along_axis(np.asarray(pos[s:s + 512].toarray()), p, axis=1) > 0)
+        xs.append(probe.features(knn, n_uc, last, p))
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(ms)
+
+
+def fit_residual(X: np.ndarray, Y: np.ndarray, mask: np.ndarray, *, l2: float = 1.0, n_iter: int = 50) -> np.ndarray:
+    """The residual ranker's coefficients: L2-regularised logistic regression (damped Newton) of
+    ``1[j in P_u]`` on the features of every eligible candidate j of every user u.
+
+    ``coef = argmin sum_{u, j in M_u} BCE(y_uj, sigmoid(x_uj . coef)) + l2 / 2 |coef[1:]|^2``
+
+    The features include the baselines' own signals (log recent popularity, the popularity at several
+    half-lives, item-kNN), so the model starts from what they know and learns how the user's own
+    signals move it.
+
+    Parameters
+    ----------
+    X
+        Shape (U, P, n_features): :func:`residual_grid`'s features.
+    Y, mask
+        Shape (U, P) bool: chosen, and eligible (``mask``: not already in the user's history).
+    """
+    m = np.asarray(mask, dtype=bool)
+    Xf = np.asarray(X, dtype=np.float64)[m]
+    if not np.isfinite(Xf).all():
+        raise ValueError("X must be finite on the eligible candidates; got NaN or inf")
+    y = (np.asarray(Y, dtype=bool) & m)[m].astype(np.float64)
+    F = Xf.shape[1]
+    reg = np.full(F, float(l2))
+    reg[0] = 1e-6  # the intercept is barely penalised
+    w = np.zeros(F)
+    w[0] = np.log((y.mean() + 1e-9) / (1.0 - y.mean() + 1e-9)) if y.size else 0.0
+    def loss(v: np.ndarray) -> float:
+        z = Xf @ v
+        return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * reg @ (v * v))
+
+    current = loss(w)
+    for _ in range(n_iter):
+        p = np.exp(-np.logaddexp(0.0, -(Xf @ w)))
+        grad = Xf.T @ (p - y) + reg * w
+        hess = (Xf * (p * (1.0 - p))[:, None]).T @ Xf + np.diag(reg)
+        step = np.linalg.solve(hess, grad)
+        t = 1.0
+        while True:  # damped Newton: halve the step until the penalised loss goes down
+            trial = loss(w - t * step)
+            if trial <= current or t < 1e-10:
+                break
+            t *= 0.5
+        w = w - t * step
+        done = current - trial <= 1e-12 * max(1.0, abs(current)) or np.abs(t * step).max() < 1e-9
+        current = min(trial, current)
+        if done:
+            break
+    return w
+
+
+def with_dial(X: np.ndarray, Y: np.ndarray, mask: np.ndarray, coef: np.ndarray, pop_exponent: float) -> np.ndarray:
+    """``coef`` whose intercept is refitted for the popularity dial ``pop_exponent`` (the scorer
+    multiplies the popularity columns' coefficients by it), so that the mean predicted probability over
+    the eligible candidates equals the share chosen: the dial moves the ranking, not the calibration.
+    Bisection on ``sum sigmoid(a + s) = sum y`` with ``s`` the rest of the logit."""
+    m = np.asarray(mask, dtype=bool)
+    c = np.asarray(coef, dtype=np.float64).copy()
+    scaled = c.copy()
+    scaled[POP_COLUMNS] *= pop_exponent
+    scaled[0] = 0.0
+    s = np.asarray(X, dtype=np.float64)[m] @ scaled
+    target = float((np.asarray(Y, dtype=bool) & m)[m].sum())
+    n = s.size
+    if n == 0 or target <= 0 or target >= n:
+        return c
+    # f(a) = sum sigmoid(a + s) - target increases in a; it is <= 0 at lo and >= 0 at hi: bisection
+    base = float(np.log(target / (n - target)))
+    lo, hi = base - float(s.max()), base - float(s.min())
+    for _ in range(200):
+        a = 0.5 * (lo + hi)
+        if np.exp(-np.logaddexp(0.0, -(a + s))).sum() < target:
+            lo = a
+        else:
+            hi = a
+        if hi - lo < 1e-13 * max(1.0, abs(a)):
+            break
+    a = 0.5 * (lo + hi)
+    c[0] = a
+    return c
