@@ -422,7 +422,7 @@ def test_learn_publishes_versions_from_closed_windows_only(log, tmp_path):
     lagrangian = ref + chosen_exposure(first) @ price_vector(log)
     assert out.mean_reward == pytest.approx(ref.mean(), rel=1e-12)
     assert out.mean_lagrangian == pytest.approx(lagrangian.mean(), rel=1e-12)
-    assert abs(out.mean_lagrangian - out.mean_reward) > 0.05  # the prices are in the cost
+    assert abs(out.mean_lagrangian - out.mean_reward) > 0.01  # the prices are in the cost (not a vanishing term)
     assert out.late_events == late
     # the model is VW trained on the Lagrangian cost of exactly those decisions
     rec = registry.model(db, "bandit")
