@@ -38,6 +38,7 @@ from ._history import (
     HistoryScorer,
     fit_residual,
     is_history_scorer,
+    repeat_share,
     residual_grid,
     with_dial,
 )
@@ -143,6 +144,7 @@ __all__ = [
     "gauc",
     "ground_truth_ndcg",
     "is_history_scorer",
+    "repeat_share",
     "item_priors",
     "live_category_preferences",
     "live_score_multiplier",

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     import scipy.sparse as sp
 
 __all__ = ["BASE", "FEATURES", "HISTORY_KINDS", "HISTORY_MAGIC", "POP_HALF_LIVES_DAYS", "HistoryScorer", "fit_residual",
-           "is_history_scorer", "residual_grid", "with_dial"]
+           "is_history_scorer", "repeat_share", "residual_grid", "with_dial"]
 
 #: the kinds of :class:`HistoryScorer`, baselines first
 HISTORY_KINDS: tuple[str, ...] = ("popularity", "recent_popularity", "category_popularity", "item_knn", "residual")
@@ -84,6 +84,19 @@ BASE = 1
 RECENT_FLOOR = 0.01
 #: the popularity columns (the base and the multi-granularity popularities): the dial scales them
 POP_COLUMNS = np.arange(BASE, 2 + _N_POP)
+
+
+def repeat_share(user: np.ndarray, item: np.ndarray, ts: np.ndarray, n_items: int) -> float:
+    """Of the engagements given (``user``, ``item``, ``ts`` rows of one event type, say plays, in any
+    order), the share that come back to an item the same user had engaged with at an earlier time
+    (events of a pair at one time count once): 0 for ratings, where each film is rated once; high for
+    songs, which users replay."""
+    u = np.asarray(user, dtype=np.int64)
+    if u.size == 0:
+        return 0.0
+    key = u * np.int64(n_items) + np.asarray(item, dtype=np.int64)
+    engagements = np.unique(np.stack([key.astype(np.float64), np.asarray(ts, dtype=np.float64)]), axis=1).shape[1]
+    return float((engagements - np.unique(key).size) / engagements)
 
 
 def is_history_scorer(data: bytes) -> bool:
@@ -148,6 +161,9 @@ class HistoryScorer:
                                  f"{None if coef is None else np.shape(coef)}")
         self.coef = None if coef is None else np.asarray(coef, dtype=np.float64)
         self.pop_exponent = float(pop_exponent)
+        #: serving puts what the user already engaged with below every other candidate (right where users
+        #: seldom come back to an item, as with films; not where they replay it, as with songs)
+        self.demote_seen = True
         self.n_neighbors = int(n_neighbors)
         self.shrink = float(shrink)
 
@@ -373,15 +389,15 @@ class HistoryScorer:
 
     # -- serving ---------------------------------------------------------------------------------------
     def score_live(self, user_idx: int, item_idx: np.ndarray, live_items: np.ndarray | None = None,
-                   live_types: np.ndarray | None = None, *, demote_seen: bool = True) -> np.ndarray:
+                   live_types: np.ndarray | None = None, *, demote_seen: bool | None = None) -> np.ndarray:
         """One request: scores (n,) of ``item_idx`` (n,) for snapshot user ``user_idx`` (-1 = none) whose
         live positive events ``live_items`` (item rows, newest first; ``live_types`` their event-type
         codes) happened after the snapshot.
 
         The live events join the user's history (kNN), category weights (units of their types) and
-        last-positive times (at the snapshot's reference time). With ``demote_seen`` every item of the
-        history goes below every other candidate, as the evaluation's ``exclude_seen`` does:
-        ``min(s) - 1 - max |s|`` over the candidates.
+        last-positive times (at the snapshot's reference time). With ``demote_seen`` (default: the
+        scorer's :attr:`demote_seen`) every item of the history goes below every other candidate, as the
+        evaluation's ``exclude_seen`` does: ``min(s) - 1 - max |s|`` over the candidates.
         """
         self._check_fitted()
         u = int(user_idx)
@@ -419,7 +435,7 @@ class HistoryScorer:
         else:
             knn, has = np.zeros((1, items.size, 2)), np.zeros(1, dtype=bool)
         out = self._scores(knn, has, n_uc[None, :], last[None, :], items[None, :])[0]
-        if demote_seen and hist.size and items.size:
+        if (self.demote_seen if demote_seen is None else demote_seen) and hist.size and items.size:
             seen = np.isin(items, hist)
             if seen.any():
                 out = np.where(seen, out.min() - 1.0 - np.abs(out).max(), out)
@@ -436,7 +452,7 @@ class HistoryScorer:
         self._check_fitted()
         meta = {"kind": self.kind, "half_life_s": self.half_life_s, "pop_exponent": self.pop_exponent,
                 "n_neighbors": self.n_neighbors, "shrink": self.shrink, "n_users": self.n_users_,
-                "t_ref": self.t_ref_}
+                "t_ref": self.t_ref_, "demote_seen": self.demote_seen}
         h, s = self.history_, self.similarity_
         buf = io.BytesIO()
         np.savez(buf, meta=np.array(json.dumps(meta)), item_category=self.item_category,
@@ -461,6 +477,7 @@ class HistoryScorer:
             self = cls(meta["kind"], z["item_category"], half_life_s=meta["half_life_s"],
                        type_weights=z["type_weights"], coef=coef if coef.size else None,
                        pop_exponent=meta["pop_exponent"], n_neighbors=meta["n_neighbors"], shrink=meta["shrink"])
+            self.demote_seen = bool(meta.get("demote_seen", True))
             n_users, n_items = int(meta["n_users"]), self.item_category.size
             self.n_users_, self.n_items_, self.t_ref_ = n_users, n_items, float(meta["t_ref"])
             self.pop_, self.recent_, self.pops_ = z["pop"], z["recent"], z["pops"]

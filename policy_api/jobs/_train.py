@@ -192,8 +192,21 @@ def _positive_events(data: Mapping[str, Any], event_weights: np.ndarray) -> tupl
             np.asarray(ev["ts"], dtype=np.float64)[keep], w[keep])
 
 
+#: serving demotes what a user already engaged with only where fewer plays than this come back to an item
+#: the same user played before (``rankers.repeat_share`` of the log's plays)
+MAX_REPEAT_SHARE = 0.1
+
+
 def _publish_scorer(db: Engine, scorer: rankers.HistoryScorer, data: Mapping[str, Any], catalog: Catalog,
-                    categories: tuple[str, ...], metrics: dict[str, Any]) -> int:
+                    categories: tuple[str, ...], metrics: dict[str, Any], event_weights: np.ndarray) -> int:
+    ev = data["events"]
+    play = np.asarray(ev["type"], dtype=np.int64) == rankers.EVENT_TYPES.index("play")
+    share = rankers.repeat_share(np.asarray(ev["user"])[play], np.asarray(ev["item"])[play], np.asarray(ev["ts"])[play],
+                                 catalog.item_ids.size)
+    scorer.demote_seen = share < MAX_REPEAT_SHARE
+    served = metrics.get("served")
+    if isinstance(served, dict):
+        served.update(repeat_share=share, demote_seen=scorer.demote_seen)
     artifact = registry.pack_ranker(RankerArtifact(
         scorer=scorer.save(), user_ids=list(data["user_ids"]), item_ids=[str(i) for i in catalog.item_ids.tolist()],
         categories=list(categories)))
@@ -220,7 +233,7 @@ def _serve_baseline(db: Engine, gate: Mapping[str, Any], data: Mapping[str, Any]
               "gate_recall": row["recall"], "gate_ndcg": row["ndcg"],
               "reason": f"{why}; serving the best built-in baseline {best} (served-page recall {row['recall']:.4f}, "
                         f"NDCG {row['ndcg']:.4f} on the temporal holdout), refitted on the whole log"}
-    version = _publish_scorer(db, scorer, data, catalog, categories, {**metrics, "served": served})
+    version = _publish_scorer(db, scorer, data, catalog, categories, {**metrics, "served": served}, event_weights)
     return version, served
 
 
@@ -391,7 +404,7 @@ def _train_residual(db: Engine, config: ConfigRecord, catalog: Catalog, *, force
                   "gate_recall": row.get("recall"), "gate_ndcg": row.get("ndcg"),
                   "reason": ("forced" if not passed else "the trained model passed the gate") + f": {gate['reason']}"}
         metrics["served"] = served
-        published = _publish_scorer(db, scorer, data, catalog, names, metrics)
+        published = _publish_scorer(db, scorer, data, catalog, names, metrics, wv)
     else:
         why = f"the trained model was refused ({gate['reason']}" + ("" if ece_ok else
                                                                     f"; ECE {ece:.4f} > {max_ece}") + ")"

@@ -19,6 +19,7 @@ from rankers import (
     RecentPopularity,
     fit_residual,
     is_history_scorer,
+    repeat_share,
     residual_grid,
     with_dial,
 )
@@ -263,3 +264,36 @@ def test_fit_residual_converges_where_plain_newton_overshoots(seed):
     x[0, 0, 1] = np.nan
     with pytest.raises(ValueError, match=r"X must be finite on the eligible candidates"):
         fit_residual(x, y, m)
+
+
+def test_repeat_share_and_the_seen_items_switch(seed):
+    """repeat_share counts positive events on an item the same user engaged with before (reference: a
+    Python set walk); a scorer that keeps seen items serves them by score, and the switch survives
+    save/load."""
+    rng = np.random.default_rng(seed)
+    cat = rng.integers(0, N_CAT, size=N_ITEMS)
+    user, item, ts, weight = _log(rng)
+    ts = np.round(ts / DAY) * DAY  # whole days: some pairs have several events at one time
+    user, item = np.r_[user, user[:20]], np.r_[item, item[:20]]  # the same events twice: not repeats
+    ts = np.r_[ts, ts[:20]]
+    first: dict[tuple[int, int], float] = {}
+    times: set[tuple[int, int, float]] = set()
+    for u, i, t in sorted(zip(user.tolist(), item.tolist(), ts.tolist(), strict=True), key=lambda r: r[2]):
+        first.setdefault((u, i), t)
+        times.add((u, i, t))
+    repeats = sum(t > first[(u, i)] for u, i, t in times)
+    assert repeat_share(user, item, ts, N_ITEMS) == pytest.approx(repeats / len(times))
+    assert repeat_share(np.zeros(3, int), np.zeros(3, int), np.zeros(3), N_ITEMS) == 0.0  # one time: once
+    user, item, ts, weight = _log(rng)
+    sc = HistoryScorer("recent_popularity", cat).fit(user, item, ts, weight, n_users=N_USERS)
+    pool = np.arange(N_ITEMS)
+    u = int(user[0])
+    demoted = sc.score_live(u, pool)
+    sc.demote_seen = False
+    kept = sc.score_live(u, pool)
+    np.testing.assert_array_equal(kept, sc.score(u, pool))  # nothing moved: the scores as they are
+    hist = np.unique(item[(user == u) & (weight > 0)])
+    assert hist.size and (demoted[hist] < demoted[np.setdiff1d(pool, hist)].min()).all()
+    back = HistoryScorer.load(sc.save())
+    assert back.demote_seen is False
+    np.testing.assert_array_equal(back.score_live(u, pool), kept)
