@@ -51,6 +51,7 @@ from ._replay import (
 )
 from ._train import (
     MAX_ECE,
+    MAX_REPEAT_SHARE,
     POP_EXPONENTS,
     TrainResult,
     gate_holdout,
@@ -64,6 +65,7 @@ from ._valuation import Refit, refit_valuation, with_values
 __all__ = [
     "BASELINE_SCORERS",
     "MAX_ECE",
+    "MAX_REPEAT_SHARE",
     "POP_EXPONENTS",
     "TARGETS",
     "PARTITION_TARGETS",

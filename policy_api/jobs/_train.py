@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # torch-backed types: serving imports this module and must no
 
     from ._evaluate import Holdout, PageScorer
 
-__all__ = ["MAX_ECE", "POP_EXPONENTS", "TrainResult", "gate_holdout", "log_training_arrays", "recent_item_popularity",
+__all__ = ["MAX_ECE", "MAX_REPEAT_SHARE", "POP_EXPONENTS", "TrainResult", "gate_holdout", "log_training_arrays", "recent_item_popularity",
            "served_gate", "train_ranker"]
 
 #: the publish gate's bound on the validation expected calibration error of the play probability

@@ -251,11 +251,22 @@ def test_refused_model_serves_the_best_baseline_with_its_evaluated_pages(split_w
     state, pages = _engine_pages(w["past"], user_ids)
     assert state.scorer.name == f"{best}:2" and state.versions["ranker"] == 2
     m = rankers.page_metrics(pages, h.positives, n_items=catalog.n_items)
+    # the served scorer demotes what the user already played only where plays seldom repeat in the log
+    past = jobs.log_events(w["past"], catalog)  # the log the training saw
+    ev_play = np.asarray(past["type"]) == rankers.EVENT_TYPES.index("play")
+    share = rankers.repeat_share(np.asarray(past["user"])[ev_play], np.asarray(past["item"])[ev_play],
+                                 np.asarray(past["ts"])[ev_play], catalog.n_items)
+    demote = share < jobs.MAX_REPEAT_SHARE
+    assert served.metrics["served"]["demote_seen"] is demote
+    assert served.metrics["served"]["repeat_share"] == pytest.approx(share)
+    if not demote:  # judged as served: the scores as they are
+        ref = jobs.evaluate_pages(ref_state, h, jobs.baseline_scorers(h, ref_state.item_category), n_boot=10,
+                                  exclude_seen=False)
     assert np.mean(m["recall"]) == pytest.approx(ref.row(best)["recall"], abs=1e-12)
     assert np.mean(m["ndcg"]) == pytest.approx(ref.row(best)["ndcg"], abs=1e-12)
     seen = h.seen.toarray() > 0
     shown_seen = np.take_along_axis(seen, np.maximum(pages, 0), axis=1) & (pages >= 0)
-    assert not shown_seen.any()  # what the user already chose is never served back
+    assert shown_seen.any() != demote  # what the user already chose is served back only where plays repeat
 
 
 def test_baseline_served_with_live_events_scores_them_as_history(split_worlds):
