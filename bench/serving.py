@@ -298,15 +298,48 @@ def _parse_ms(text: str) -> float:
     return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
 
 
-def wrk_capacity(url: str, script: Path, duration: float) -> dict[str, float]:
-    """Closed loop: wrk -t2 -c4 for ``duration`` seconds."""
+def _cpu_by_role(root: int) -> dict[str, float]:
+    """CPU seconds used so far by the server's processes, by role: ``workers`` (the gunicorn workers:
+    children with the master's command line), ``loop`` (``homepage worker``) and ``master``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    own = Path(f"/proc/{root}/cmdline").read_bytes()
+    out = {"workers": 0.0, "loop": 0.0, "master": 0.0, "n_workers": 0.0}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+            ppid, cpu = int(fields[1]), (int(fields[11]) + int(fields[12])) / tick
+            cmd = (p / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if int(p.name) == root:
+            out["master"] += cpu
+        elif ppid == root and cmd == own:
+            out["workers"] += cpu
+            out["n_workers"] += 1
+        elif ppid == root and b"worker" in cmd:
+            out["loop"] += cpu
+    return out
+
+
+def wrk_capacity(url: str, script: Path, duration: float, server_pid: int | None = None) -> dict[str, float]:
+    """Closed loop: wrk -t2 -c4 for ``duration`` seconds; with ``server_pid``, also the server's CPU
+    time per request by role (what a request costs, whatever share of the cores the run got)."""
+    before = _cpu_by_role(server_pid) if server_pid else None
     out = subprocess.run(["wrk", "-t2", "-c4", f"-d{int(duration)}s", "--latency", "-s", str(script), url],
                          capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     lat = dict(re.findall(r"^\s+(\d+)%\s+(\S+)$", out, re.M))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"req_per_s": rps, "p50_ms": _parse_ms(lat.get("50", "")), "p99_ms": _parse_ms(lat.get("99", "")),
-            "non_2xx": int(errors.group(1)) if errors else 0}
+    n = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    got: dict[str, float] = {"req_per_s": rps, "p50_ms": _parse_ms(lat.get("50", "")),
+                             "p99_ms": _parse_ms(lat.get("99", "")), "non_2xx": int(errors.group(1)) if errors else 0}
+    if before is not None and server_pid is not None and n:
+        after = _cpu_by_role(server_pid)
+        for role in ("workers", "loop"):
+            got[f"cpu_ms_per_req_{role}"] = round((after[role] - before[role]) / n * 1e3, 3)
+    return got
 
 
 def fixed_rate(url: str, users: list[str], rate: float, duration: float) -> dict[str, float]:
@@ -356,8 +389,9 @@ def http_target(name: str, cmd: list[str], env: dict[str, str], url: str, users:
         script = d / f"{name}.lua"
         script.write_text(_LUA % ", ".join(f'"{u}"' for u in users))
         wrk_capacity(url, script, 3)  # warm-up
-        cap = wrk_capacity(url, script, duration)
-        emit(bench="http_capacity", target=name, tool="wrk -t2 -c4", duration_s=duration, workers=2, **cap)
+        cap = wrk_capacity(url, script, duration, proc.pid)
+        emit(bench="http_capacity", target=name, tool="wrk -t2 -c4", duration_s=duration, workers=2, **cap,
+             note_cpu="cpu_ms_per_req_*: the server's CPU time per request (workers summed; the loop beside them)")
         for rate in (200.0, round(0.8 * cap["req_per_s"])):
             got = fixed_rate(url, users, rate, duration)
             emit(bench="http_fixed_rate", target=name, workers=2, **{k: round(v, 2) for k, v in got.items()},

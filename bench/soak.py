@@ -53,8 +53,13 @@ def free_port() -> int:
 
 
 def workers_rss_mb(master: int) -> float:
+    return round(sum(per_worker_rss_mb(master)), 1)
+
+
+def per_worker_rss_mb(master: int) -> list[float]:
+    """RSS of each gunicorn worker of ``master`` (children with its command line), in MB."""
     own = Path(f"/proc/{master}/cmdline").read_bytes()
-    total = 0
+    out: list[float] = []
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
             continue
@@ -63,10 +68,10 @@ def workers_rss_mb(master: int) -> float:
             if ppid == master and (p / "cmdline").read_bytes() == own:
                 for line in (p / "status").read_text().splitlines():
                     if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
+                        out.append(round(int(line.split()[1]) / 1024, 1))
         except (OSError, ValueError, IndexError):
             continue
-    return total / 1024
+    return sorted(out)
 
 
 class Ledger:
@@ -216,7 +221,8 @@ def main() -> None:
                 fb = [r[2] for r in rec if r[1] == "feedback"]
                 emit(bench="soak_minute", minute=m + 1, offered_rounds_per_s=round(rate, 1), rounds=len(lay),
                      errors=sum(1 for r in rec if not r[3]), layout_p50_ms=pct(lay, 50), layout_p99_ms=pct(lay, 99),
-                     feedback_p99_ms=pct(fb, 99), workers_rss_mb=round(workers_rss_mb(proc.pid), 1))
+                     feedback_p99_ms=pct(fb, 99), workers_rss_mb=workers_rss_mb(proc.pid),
+                     per_worker_rss_mb=per_worker_rss_mb(proc.pid))
 
             stop = threading.Event()
             slow = [threading.Thread(target=slow_client, args=(port, stop), daemon=True) for _ in range(8)]

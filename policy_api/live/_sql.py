@@ -66,6 +66,9 @@ class SqlStateStore(DeadlineStore):
                          name="live-sql-read")
         self.engine = engine
         self._dialect = name
+        # built once: a statement object caches its compiled form, so a read does not rebuild the query
+        self._select_users = (sa.select(user_state.c.user_id, user_state.c.state)
+                              .where(user_state.c.user_id.in_(sa.bindparam("keys", expanding=True))))
 
     def _insert(self, table: sa.Table) -> Any:
         return postgresql.insert(table) if self._dialect == "postgresql" else sqlite.insert(table)
@@ -129,8 +132,7 @@ class SqlStateStore(DeadlineStore):
         found: dict[str, UserState | None] = {}
         with self.engine.connect() as conn:
             for chunk in _chunks(keys):
-                for r in conn.execute(sa.select(user_state.c.user_id, user_state.c.state)
-                                      .where(user_state.c.user_id.in_(chunk))):
+                for r in conn.execute(self._select_users, {"keys": list(chunk)}):
                     found[str(r.user_id)] = decode_state(r.state)
         return [found.get(u) for u in user_ids]
 

@@ -39,6 +39,9 @@ __all__ = ["BufferingWorker", "RequestScanner", "prepare_metrics_dir", "run_guni
 
 log = logging.getLogger("homepage.api")
 
+#: longest time a busy worker leaves new connections to the others (see ``BufferingWorker._busy``)
+_ACCEPT_HOLD_S = 0.02
+
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long",
             417: "Expectation Failed", 431: "Request Header Fields Too Large", 500: "Internal Server Error"}
 
@@ -256,6 +259,42 @@ class BufferingWorker(ThreadWorker):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self.limits = HttpLimits.from_env()
         self._reading: dict[int, _Reading] = {}
+        self._in_flight = 0  # requests handed to the request threads, not yet finished
+        self._fresh: dict[int, float] = {}  # connections accepted whose first request is still being read
+        self._held_since: float | None = None  # accepting withheld (busy) since
+
+    # Workers share one listening socket, and a kept-alive connection stays with the worker that
+    # accepted it: left alone, one worker can take every connection of a small client pool while the
+    # other idles. So a worker whose request threads are all taken (or promised to connections it
+    # accepted within the last ``_ACCEPT_HOLD_S``: a slow client does not count for longer) leaves new
+    # connections to a worker with a free thread, for at most ``_ACCEPT_HOLD_S``: then it accepts one
+    # anyway, so no connection waits long when every worker is busy.
+    def _busy(self) -> bool:
+        if self._in_flight >= self.cfg.threads:
+            return True
+        recent = time.monotonic() - _ACCEPT_HOLD_S
+        return self._in_flight + sum(1 for t in self._fresh.values() if t > recent) >= self.cfg.threads
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        if self._busy():
+            now = time.monotonic()
+            if self._held_since is None:
+                self._held_since = now
+            enabled = enabled and now - self._held_since >= _ACCEPT_HOLD_S
+        else:
+            self._held_since = None
+        super().set_accept_enabled(enabled)
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        if self._held_since is not None and not self._accepting:  # wake when the hold ends
+            timeout = max(0.0, min(timeout, self._held_since + _ACCEPT_HOLD_S - time.monotonic()))
+        super().wait_for_and_dispatch_events(timeout)
+
+    def enqueue_req(self, conn: TConn) -> None:
+        self._in_flight += 1
+        super().enqueue_req(conn)
+        if self._busy():
+            self.set_accept_enabled(False)
 
     # connections, new or kept alive, are read here first
     def accept(self, listener: socket.socket) -> None:
@@ -267,6 +306,10 @@ class BufferingWorker(ThreadWorker):  # type: ignore[misc]
             return
         self.nr_conns += 1
         conn = TConn(self.cfg, _Buffered(client), addr, listener.getsockname())
+        self._fresh[client.fileno()] = time.monotonic()
+        if self._busy():  # a hold starts now, even if this connection was taken after one
+            self._held_since = time.monotonic()
+            self.set_accept_enabled(False)
         self._start_reading(conn)
 
     def on_client_socket_readable(self, conn: TConn, client: Any) -> None:
@@ -275,12 +318,14 @@ class BufferingWorker(ThreadWorker):  # type: ignore[misc]
         self._start_reading(conn)
 
     def finish_request(self, conn: TConn, fs: Any) -> None:
+        self._in_flight -= 1
         super().finish_request(conn, fs)
         sock = conn.sock
         if isinstance(sock, _Buffered) and sock.prefix and conn in self.keepalived_conns:  # pipelined
             self.poller.unregister(sock)
             self.keepalived_conns.remove(conn)
             self._start_reading(conn)
+        self.set_accept_enabled(self.alive and self.nr_conns < self.worker_connections)
 
     def _start_reading(self, conn: TConn) -> None:
         sock = conn.sock
@@ -332,6 +377,7 @@ class BufferingWorker(ThreadWorker):  # type: ignore[misc]
         assert isinstance(sock, _Buffered)
         self.poller.unregister(sock)
         self._reading.pop(sock.fileno(), None)
+        self._fresh.pop(sock.fileno(), None)
         if sc.new_head is not None:
             assert sc.head_end is not None
             st.buf[:sc.head_end] = sc.new_head
@@ -357,11 +403,13 @@ class BufferingWorker(ThreadWorker):  # type: ignore[misc]
             pass
         # keep reading (and dropping) a little, so the client sees the answer rather than a reset
         st.draining, st.deadline = True, time.monotonic() + 2.0
+        self._fresh.pop(st.conn.sock.fileno(), None)
         st.buf.clear()
 
     def _drop(self, st: _Reading) -> None:
         sock = st.conn.sock
         self._reading.pop(sock.fileno(), None)
+        self._fresh.pop(sock.fileno(), None)
         try:
             self.poller.unregister(sock)
         except (KeyError, ValueError, OSError):

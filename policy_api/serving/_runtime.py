@@ -31,6 +31,11 @@ __all__ = ["Runtime"]
 
 log = logging.getLogger("homepage.runtime")
 
+#: event ids a worker remembers for its duplicate check (about 180 bytes each): a client's retries come
+#: within seconds; an older duplicate is found by the database check, or else kept once by the log's
+#: ``ON CONFLICT DO NOTHING``. A fixed count keeps the worker's memory flat under steady traffic.
+RECENT_EVENTS = 20_000
+
 
 @dataclass
 class Runtime:
@@ -179,7 +184,7 @@ class Runtime:
                     self._recent_events.move_to_end(e)
                 else:
                     self._recent_events[e] = None
-            while len(self._recent_events) > 200_000:
+            while len(self._recent_events) > RECENT_EVENTS:
                 self._recent_events.popitem(last=False)
         return seen
 
