@@ -218,21 +218,27 @@ def block_table(space: LayoutSpace, scores: np.ndarray, pool_category: np.ndarra
     # that runs out leaves its positions to the other); level 0 is the plain order by score
     sc = np.clip(scores, -1e300, 1e300)
     tail_f = is_tail.astype(np.int64)
-    by_group = np.lexsort((-tail, -sc, tail_f, cat), axis=-1)  # (U,P): category, head/tail, score desc
+    # every sort below is of distinct int keys: a user's items ranked once by score (ties: pool order;
+    # tail items: the deeper tail first among equal scores), then by category, group, block
+    ar = np.broadcast_to(np.arange(P), (U, P))
+    srank = np.empty((U, P), dtype=np.int64)
+    np.put_along_axis(srank, np.argsort(-sc, axis=-1, kind="stable"), ar, axis=-1)
+    trank = np.empty((U, P), dtype=np.int64)
+    np.put_along_axis(trank, np.lexsort((-tail, -sc), axis=-1), ar, axis=-1)
     gid = cat * 2 + tail_f
+    by_group = np.argsort(gid * P + np.where(is_tail, trank, srank), axis=-1)  # category, head/tail, score desc
     g_sorted = np.take_along_axis(gid, by_group, axis=-1)
     g_counts = np.zeros((U, 2 * C), dtype=np.int64)
     np.add.at(g_counts, (np.repeat(np.arange(U), P), gid.ravel()), 1)
     g_first = np.cumsum(g_counts, axis=1) - g_counts
     grank = np.empty((U, P), dtype=np.int64)  # rank among the user's items of the same category and group
-    np.put_along_axis(grank, by_group, np.arange(P)[None, :] - np.take_along_axis(g_first, g_sorted, axis=-1),
-                      axis=-1)
-    by_score = np.lexsort((-sc, cat), axis=-1)
+    np.put_along_axis(grank, by_group, ar - np.take_along_axis(g_first, g_sorted, axis=-1), axis=-1)
+    by_score = np.argsort(cat * P + srank, axis=-1)
     c_counts = np.zeros((U, C), dtype=np.int64)
     np.add.at(c_counts, (np.repeat(np.arange(U), P), cat.ravel()), 1)
     first = np.cumsum(c_counts, axis=1) - c_counts  # (U,C)
     crank = np.empty((U, P), dtype=np.int64)  # rank among the user's items of the same category
-    np.put_along_axis(crank, by_score, np.arange(P)[None, :] - np.take_along_axis(
+    np.put_along_axis(crank, by_score, ar - np.take_along_axis(
         first, np.take_along_axis(cat, by_score, axis=-1), axis=-1), axis=-1)
     quota = np.clip(np.floor(levels * K + 0.5), 0, K).astype(np.int64)[None, :, None]  # (1,B,1)
     g = grank[:, None, :]
@@ -243,8 +249,9 @@ def block_table(space: LayoutSpace, scores: np.ndarray, pool_category: np.ndarra
     tail_key = np.where(quota > 0, (g // tail_n) * K + (K - quota) + g % tail_n, big + g)
     key = np.where(is_tail[:, None, :], tail_key, head_key)
     key = np.where(quota == 0, crank[:, None, :], key)  # (U,B,P), distinct within a category
-    order = np.lexsort((key, np.broadcast_to(cat[:, None, :], (U, B, P))), axis=-1)  # (U,B,P)
-    cat_sorted = np.take_along_axis(np.broadcast_to(cat[:, None, :], (U, B, P)), order, axis=-1)
+    cat_b = np.broadcast_to(cat[:, None, :], (U, B, P))
+    order = np.argsort(cat_b * (big + P + 1) + key, axis=-1)  # (U,B,P)
+    cat_sorted = np.take_along_axis(cat_b, order, axis=-1)
     # rank within category = position - first position of the category in the sorted row
     rank = np.arange(P)[None, None, :] - np.take_along_axis(first[:, None, :].repeat(B, 1), cat_sorted,
                                                             axis=-1)
@@ -252,8 +259,8 @@ def block_table(space: LayoutSpace, scores: np.ndarray, pool_category: np.ndarra
     if (quota > 0).any():
         # inside each (category, block): best first by score; (category, block) runs are contiguous, so
         # only the order inside a block changes (rank and block stay valid)
-        rs_sorted = np.take_along_axis(np.broadcast_to(sc[:, None, :], (U, B, P)), order, axis=-1)
-        perm = np.lexsort((-rs_sorted, block, cat_sorted), axis=-1)
+        sr_sorted = np.take_along_axis(np.broadcast_to(srank[:, None, :], (U, B, P)), order, axis=-1)
+        perm = np.argsort((cat_sorted * (P + 1) + block) * P + sr_sorted, axis=-1)
         order = np.take_along_axis(order, perm, axis=-1)
     keep = block < R
     # flat index of (u, b, c, r)

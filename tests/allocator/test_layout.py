@@ -145,11 +145,14 @@ def slow_layout(space, scores, cat, is_tail, tail, cats, beta_idx):
     return items, value
 
 
-def test_candidates_value_exposure_and_items_match_slow_reference(seed):
+@pytest.mark.parametrize("ties", [False, True])
+def test_candidates_value_exposure_and_items_match_slow_reference(seed, ties):
     rng = np.random.default_rng(seed)
     space = tiny_space()
     cat, is_tail, tail = random_pool(rng)
     scores = rng.random((2, cat.size)) * 3
+    if ties:  # equal scores: pool order decides, inside a block and between tail items of equal tail score
+        scores = np.round(scores)
     tbl = block_table(space, scores, cat, is_tail, tail)
     prices = rng.normal(size=3)
     cand = build_candidates(space, tbl, prices)
