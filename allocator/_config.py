@@ -141,7 +141,7 @@ class Loop:
     #: the category calibration is measured on at most this many of the most recent feedback events
     #: (and at most the last 6 hours), and the loop plans again when it moves: a shift in what users
     #: engage with reaches the plan within about that many events
-    calibration_events: int = 50000
+    calibration_events: int = 20000
     learn_every_s: float = 15.0
     learn_min_decisions: int = 100
     settle_s: float = 5.0
