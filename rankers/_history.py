@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._simple import knn_similarity
+
 if TYPE_CHECKING:
     import scipy.sparse as sp
 
@@ -237,23 +239,8 @@ class HistoryScorer:
 
     def _similarity(self, x: sp.csr_array) -> sp.csr_array:
         """``S`` as :class:`rankers.ItemKNN` builds it (row = history item i, column = scored item j)."""
-        import scipy.sparse as sp
-
-        n = x.shape[1]
-        c = (x.T @ x).tocoo()
-        norm = np.sqrt(np.asarray(x.sum(axis=0)).ravel())
-        off = c.row != c.col
-        row, col = c.row[off].astype(np.int64), c.col[off].astype(np.int64)
-        sim = c.data[off] / (norm[row] * norm[col] + self.shrink)
-        if sim.size:
-            order = np.lexsort((row, -sim, col))
-            cs = col[order]
-            new = np.r_[True, cs[1:] != cs[:-1]]
-            start = np.flatnonzero(new)
-            rank = np.arange(cs.size) - start[np.cumsum(new) - 1]
-            top = order[rank < self.n_neighbors]
-            row, col, sim = row[top], col[top], sim[top]
-        return sp.csr_array((sim, (row, col)), shape=(n, n))
+        out: sp.csr_array = knn_similarity(x, self.shrink, self.n_neighbors)
+        return out
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "pop_"):

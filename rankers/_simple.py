@@ -285,6 +285,31 @@ class CategoryPopularity(_InteractionScorer):
         return pi[:, self.item_category] * self.item_share_
 
 
+def knn_similarity(x: Any, shrink: float, n_neighbors: int) -> Any:
+    """Item-item cosine similarity of the binary user x item matrix ``x`` (scipy sparse), shrunk:
+    ``S[i, j] = c_ij / (sqrt(n_i n_j) + shrink)``, no self-similarity, and for each scored item j only
+    its ``n_neighbors`` most similar items i (ties: lower i first). Row = history item, column = scored
+    item, as a ``(n_items, n_items)`` CSR array."""
+    import scipy.sparse as sp
+
+    n = x.shape[1]
+    c = (x.T @ x).tocoo()
+    norm = np.sqrt(np.asarray(x.sum(axis=0)).ravel())
+    off = c.row != c.col
+    row, col = c.row[off].astype(np.int64), c.col[off].astype(np.int64)
+    sim = c.data[off] / (norm[row] * norm[col] + shrink)
+    if sim.size:
+        # rank the candidate neighbours i of each scored item j: by j, then sim descending, then i
+        order = np.lexsort((row, -sim, col))
+        cs = col[order]
+        new = np.r_[True, cs[1:] != cs[:-1]]
+        start = np.flatnonzero(new)
+        rank = np.arange(cs.size) - start[np.cumsum(new) - 1]
+        top = order[rank < n_neighbors]
+        row, col, sim = row[top], col[top], sim[top]
+    return sp.csr_array((sim, (row, col)), shape=(n, n))
+
+
 class ItemKNN(_InteractionScorer):
     """Item-item collaborative filtering: cosine similarity with shrinkage between the items' user
     sets, pruned to each item's ``n_neighbors`` nearest items.
@@ -348,23 +373,9 @@ class ItemKNN(_InteractionScorer):
         x = sp.csr_array((np.ones(int(keep.sum())), (user[keep], item[keep])), shape=(n_users, n_items))
         x.sum_duplicates()
         x.data[:] = 1.0  # binary: repeated interactions count once
-        c = (x.T @ x).tocoo()
-        norm = np.sqrt(np.asarray(x.sum(axis=0)).ravel())
-        off = c.row != c.col
-        row, col = c.row[off].astype(np.int64), c.col[off].astype(np.int64)
-        sim = c.data[off] / (norm[row] * norm[col] + self.shrink)
-        if sim.size:
-            # rank the candidate neighbours i of each scored item j: by j, then sim descending, then i
-            order = np.lexsort((row, -sim, col))
-            cs = col[order]
-            new = np.r_[True, cs[1:] != cs[:-1]]
-            start = np.flatnonzero(new)
-            rank = np.arange(cs.size) - start[np.cumsum(new) - 1]
-            top = order[rank < self.n_neighbors]
-            row, col, sim = row[top], col[top], sim[top]
-        self.similarity_ = sp.csr_array((sim, (row, col)), shape=(n_items, n_items))
+        self.similarity_ = knn_similarity(x, self.shrink, self.n_neighbors)
         self.history_ = x
-        self.popularity_ = norm**2
+        self.popularity_ = np.asarray(x.sum(axis=0)).ravel().astype(np.float64)  # n_i: each item's users
 
     def _score(self, user_idx: np.ndarray) -> np.ndarray:
         known = user_idx >= 0
