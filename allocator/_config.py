@@ -104,7 +104,7 @@ class Exploration:
     #: layouts are exploited by a softmax of their priced value at ``temperature * max |value|`` (see
     #: :func:`allocator.exploit_pmf`): near-ties are mixed, so each share is a smooth function of its
     #: price and pacing can hold it; 0 serves the argmax
-    temperature: float = 0.1
+    temperature: float = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +150,9 @@ class Loop:
     train_max_epochs: int = 8
     state_store: str = "sql"
     state_half_life_s: float = 3600.0
+    #: a user's live state also fades with the user's own examined impressions: what the state held
+    #: halves every this many (a page is some tens), so a change of taste shows within a few pages
+    state_half_life_impressions: float = 300.0
     state_max_events: int = 50
     state_deadline_ms: float = 10.0
     lease_ttl_s: float = 10.0
@@ -517,7 +520,7 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> HomepageConf
                      allowed=EXPLORATION_ALGORITHMS)
     ncs = ck.number(ex, "new_category_share", "exploration.new_category_share", default=0.0,
                     low=0.0, high=1.0)
-    temp = ck.number(ex, "temperature", "exploration.temperature", default=0.1, low=0.0, high=1.0)
+    temp = ck.number(ex, "temperature", "exploration.temperature", default=0.02, low=0.0, high=1.0)
     exploration = Exploration(0.05 if budget is None else budget, mvl, algo or "epsilon", ncs or 0.0,
                               0.1 if temp is None else temp)
 
@@ -575,7 +578,8 @@ def _loop(ck: _Checker, raw: Mapping[str, Any]) -> Loop:
         if n is not None:
             out[k] = n
     for k in ("replan_every_s", "pace_every_s", "pace_gain", "pace_half_life", "max_price", "learn_every_s",
-              "train_every_s", "state_half_life_s", "state_deadline_ms", "lease_ttl_s"):
+              "train_every_s", "state_half_life_s", "state_half_life_impressions", "state_deadline_ms",
+              "lease_ttl_s"):
         v = ck.number(t, k, f"loop.{k}", default=getattr(d, k), low=0.0, low_open=True)
         if v is not None:
             out[k] = v

@@ -34,7 +34,11 @@ page = its ``r``-th block of ``items_per_module`` items, as the engine shows the
   baselines show no long tail at all.
 
 Usage: python bench/live_loop.py [--requests N] [--users N] [--items N] [--seed S] [--concurrency T]
-       [--drift-requests N] [--drift-kind permute|reseed] [--no-drift] [--quick] [--keep]
+       [--drift-requests N] [--drift-kind permute|reseed] [--no-drift] [--quick] [--keep] [--dump PREFIX]
+
+With ``--dump PREFIX`` each run's per-request figures (user, ground truth of the engine's page and of
+every baseline's, versions served, fallback flag, latency) are saved to ``PREFIX-main.npz`` and
+``PREFIX-drift.npz`` for analysis.
 """
 
 from __future__ import annotations
@@ -614,6 +618,20 @@ class Scorer:
                 self.variant_exposure.setdefault(name, np.full((n, J, K), np.nan))[sel] = exp_
         self.exposure = geo.exposure(st.cats, st.mods, st.tail_share)
 
+    def dump(self, path: str) -> None:
+        """Per-request figures to an ``.npz``: ``user``, ``world``, ``engine``, one array per baseline,
+        ``<part>_version`` (-1 = none) per versioned part, ``fallback``, ``ok``, ``latency_s``,
+        ``categories`` (n, slots; config category index, -1 = empty), ``tail_share`` and ``exposure``
+        (n, constraints)."""
+        st = self.st
+        parts = sorted({k for v in st.versions if v for k in v})
+        versions = {f"{k}_version": np.array([-1 if not v or v.get(k) is None else int(v[k]) for v in st.versions])
+                    for k in parts}
+        np.savez(path, user=st.users, world=st.world_id, engine=self.engine, fallback=st.fallback, ok=st.ok,
+                 latency_s=st.latency, categories=st.cats, tail_share=st.tail_share, exposure=self.exposure,
+                 **self.base, **versions)
+        note(f"per-request figures saved to {path}")
+
     def constrained(self, i: np.ndarray) -> dict[str, dict[str, Any]]:
         """The constrained baselines on requests ``i`` (see :func:`constrained_mix`)."""
         out = {}
@@ -673,6 +691,7 @@ def main() -> int:
                     help="permute: each category takes another's affinity column; reseed: another seed's affinities")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1200 requests, a 600-request drift run")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (database, server log)")
+    ap.add_argument("--dump", metavar="PREFIX", help="save per-request figures to PREFIX-main.npz and PREFIX-drift.npz")
     a = ap.parse_args()
     if a.quick:
         a.requests, a.drift_requests = 1200, 600
@@ -709,6 +728,8 @@ def main() -> int:
         h0 = layout_histogram(server)
         st = drive(server, [world], np.zeros(users.size, dtype=np.int64), users, geo, a.concurrency, a.seed, "main")
         sc = Scorer(st, [world], [base0], geo, salt=1)
+        if a.dump:
+            sc.dump(f"{a.dump}-main.npz")
         thirds = np.array_split(np.arange(users.size), 3)
         seg = []
         for k, idx in enumerate(thirds):
@@ -748,6 +769,8 @@ def main() -> int:
             h1 = layout_histogram(server)
             std = drive(server, [world, world1], wid, users_d, geo, a.concurrency, a.seed + 1, "drift")
             scd = Scorer(std, [world, world1], [base0, base1], geo, salt=2)
+            if a.dump:
+                scd.dump(f"{a.dump}-drift.npz")
             pre = scd.segment(np.arange(half)) if half else None
             if pre is not None:
                 emit(run="drift", part="before_drift", **{k: pre[k] for k in (

@@ -48,7 +48,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         res = jobs.train_ranker(db, cfg, model=args.model, interaction=args.interaction, max_epochs=args.max_epochs,
                                 threads=args.threads, force=args.force, on_epoch=on_epoch, seed=args.seed,
-                                max_ece=args.max_ece, sampled_negatives=args.sampled_negatives)
+                                max_ece=args.max_ece, min_gate_users=args.min_gate_users,
+                                sampled_negatives=args.sampled_negatives)
     finally:
         if bar is not None:
             bar.close()
@@ -76,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     db = db_engine()
     cfg = active_config(db, args)
-    n_scorers = len(jobs.BASELINE_SCORERS) + (0 if args.no_model else 1)
+    n_scorers = len(jobs.BASELINE_SCORERS) + 1 + (0 if args.no_model else 1)  # + the catalog's popularity
     bar = tqdm(total=n_scorers, desc="evaluate served pages", unit="scorer") if sys.stderr.isatty() else None
 
     def progress(name: str) -> None:
@@ -211,6 +212,8 @@ def add_commands(sub: Any) -> None:
                    help="publish even if its served pages do not beat the best baseline on the temporal holdout")
     p.add_argument("--max-ece", type=float, default=jobs.MAX_ECE,
                    help="publish gate: the largest validation ECE of the play probability allowed")
+    p.add_argument("--min-gate-users", type=int, default=jobs.MIN_GATE_USERS,
+                   help="publish gate: the fewest held-out users it decides on (fewer: nothing is published)")
     p.add_argument("--sampled-negatives", type=int, default=4,
                    help="imported history: unchosen catalog items drawn per chosen one as negatives")
     p.add_argument("--report-dir", default="homepage-data/report", help="where train.txt and train.png go")

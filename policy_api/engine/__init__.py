@@ -7,6 +7,7 @@ dry runs, replay checks). :func:`load_state` builds the immutable state from wha
 
 from ._engine import (
     CALIBRATION_PRIOR,
+    LIVE_PRIOR_IMPRESSIONS,
     SKIP_DEMOTION,
     Decision,
     DecisionEngine,
@@ -16,9 +17,12 @@ from ._engine import (
     ScorerHandle,
     build_state,
     calibrated,
+    calibration_predicted,
     calibration_rates,
     calibration_shift,
     category_calibration,
+    category_rates,
+    live_rate_factors,
 )
 from ._features import layout_features, shared_features
 from ._ids import RequestIds, load_secret, seed_of
@@ -27,9 +31,13 @@ from ._state import load_catalog, load_state, ranker_scorer, with_plan_calibrati
 __all__ = [
     "CALIBRATION_PRIOR",
     "calibrated",
+    "calibration_predicted",
     "calibration_rates",
     "calibration_shift",
     "category_calibration",
+    "category_rates",
+    "live_rate_factors",
+    "LIVE_PRIOR_IMPRESSIONS",
     "SKIP_DEMOTION",
     "LiveSignals",
     "Decision",

@@ -180,6 +180,8 @@ class LiveSignals:
     positive_types: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     n_positive: int = 0  # positive and negative events ever applied to the state
     n_negative: int = 0
+    #: (C,) decayed examined impressions by config category (None: the state counts none)
+    impressions: np.ndarray | None = None
 
     @classmethod
     def cold(cls, n_categories: int, status: str = "cold") -> LiveSignals:
@@ -204,7 +206,8 @@ def _top_means(scores: np.ndarray, group: np.ndarray, n_groups: int, top: int) -
 
 
 def category_calibration(scores: np.ndarray, item_category: np.ndarray, rates: np.ndarray, top: int,
-                         prior: float = CALIBRATION_PRIOR, base: np.ndarray | None = None) -> np.ndarray:
+                         prior: float = CALIBRATION_PRIOR, base: np.ndarray | None = None,
+                         shown: np.ndarray | None = None) -> np.ndarray:
     """Shape (C,): per-category multipliers that bring a scorer's predicted engagement of the items it
     would show in each category in line with the engagement observed there.
 
@@ -214,7 +217,9 @@ def category_calibration(scores: np.ndarray, item_category: np.ndarray, rates: n
     impressions. A category with no data keeps the common factor ``g`` (no change between categories);
     one with many impressions gets its own ratio ``U_c / (I_c p_c)``. With ``base`` (C,), category
     ``c`` is shrunk toward ``base[c]`` instead of ``g`` (and floored at ``base[c] / 100``): the head and
-    tail of one category are shrunk toward that category's own multiplier.
+    tail of one category are shrunk toward that category's own multiplier. With ``shown`` (C,), the
+    mean score of the items each category actually showed (per examined impression), ``p_c`` is that
+    instead, where it is positive.
 
     Examples
     --------
@@ -226,6 +231,8 @@ def category_calibration(scores: np.ndarray, item_category: np.ndarray, rates: n
     """
     C = rates.shape[0]
     p = _top_means(scores, item_category, C, top)
+    if shown is not None:
+        p = np.where(shown > 0, shown, p)
     units, imps = rates[:, 0].astype(np.float64), rates[:, 1].astype(np.float64)
     have = p > 0
     denom = float((imps * p)[have].sum())
@@ -260,6 +267,11 @@ class EngineState:
     # :func:`calibrated`); None: none
     score_multiplier: np.ndarray | None = None
     score_offset: np.ndarray | None = None  # (n_items,) added after the multiplier (net-negative groups)
+    # (C,) engagement units per examined impression of each category over the calibration's traffic, and
+    # (C,) the mean score a user the scorer knows nothing of gets on each category's top items (see
+    # :func:`live_rate_factors`); None: no calibration (or the torch ranker)
+    category_rate: np.ndarray | None = None
+    category_top: np.ndarray | None = None
 
 
 def calibration_rates(rates: Mapping[str, Any], names: tuple[str, ...]) -> np.ndarray:
@@ -275,6 +287,19 @@ def calibration_rates(rates: Mapping[str, Any], names: tuple[str, ...]) -> np.nd
     return out
 
 
+def calibration_predicted(rates: Mapping[str, Any], names: tuple[str, ...]) -> np.ndarray | None:
+    """(C, 2) ``[category, head | tail]``: the scorer's summed scores of the items shown, each times its
+    examined impressions, from a plan's ``calibration`` (None when it has none)."""
+    out = np.zeros((len(names), 2))
+    found = False
+    for k, c in enumerate(names):
+        r = rates.get(c)
+        if isinstance(r, Mapping) and r.get("predicted") is not None:
+            out[k] = r["predicted"]
+            found = True
+    return out if found else None
+
+
 def calibration_shift(old: np.ndarray, new: np.ndarray, min_impressions: float = 1000.0) -> float:
     """The largest relative change of a (category, head | tail) engagement rate between two
     :func:`calibration_rates` arrays, over the groups with ``min_impressions`` examined impressions in
@@ -288,7 +313,7 @@ def calibration_shift(old: np.ndarray, new: np.ndarray, min_impressions: float =
     return float((np.abs(r_new - r_old) / np.maximum(np.abs(r_old), floor)).max())
 
 
-def calibrated(state: EngineState, rates: np.ndarray | None) -> EngineState:
+def calibrated(state: EngineState, rates: np.ndarray | None, predicted: np.ndarray | None = None) -> EngineState:
     """``state`` calibrated by ``rates`` (C, 2, 2): engagement units and examined impressions per
     category, head and long tail apart, seen recently (:func:`calibration_rates`). A popularity scorer
     ranks items within a category well but knows nothing of how much a category is engaged with when
@@ -297,24 +322,104 @@ def calibrated(state: EngineState, rates: np.ndarray | None) -> EngineState:
     The same holds for the built-in baselines and the residual ranker a training may publish (their
     scores rank items; they are not engagement units per examined impression). The multi-task torch
     ranker predicts each event's probability, so it is calibrated by its training: it gets none.
+
+    ``predicted`` (C, 2), the scorer's scores of the items each group showed times their examined
+    impressions (:func:`calibration_predicted`, computed with this scorer), makes each group's
+    multiplier observed units over predicted units of what it showed; without it, the group's
+    best-scored items stand for what it showed.
     """
     if rates is None or state.scorer.name.startswith("ranker:"):
-        return replace(state, score_multiplier=None, score_offset=None)
+        return replace(state, score_multiplier=None, score_offset=None, category_rate=None, category_top=None)
     items = np.flatnonzero(state.item_category >= 0)
     cat = state.item_category[items]
     group = cat * 2 + state.is_tail[items].astype(np.int64)
     scores = state.scorer.score(-1, items)
     r = np.asarray(rates, dtype=np.float64)
     top = state.config.items_per_module
-    per_category = category_calibration(scores, cat, r.sum(axis=1), top)  # shrunk toward the common factor
-    mult, offset = group_calibration(scores, group, r.reshape(-1, 2), top, np.repeat(per_category, 2))
+    shown_c = shown_g = None
+    if predicted is not None:  # mean score per examined impression of what each group / category showed
+        pr = np.asarray(predicted, dtype=np.float64)
+        shown_g = np.divide(pr.ravel(), r[..., 1].ravel(), out=np.zeros(pr.size), where=r[..., 1].ravel() > 0)
+        shown_c = np.divide(pr.sum(axis=1), r[..., 1].sum(axis=1), out=np.zeros(pr.shape[0]),
+                            where=r[..., 1].sum(axis=1) > 0)
+    # shrunk toward the common factor
+    per_category = category_calibration(scores, cat, r.sum(axis=1), top, shown=shown_c)
+    mult, offset = group_calibration(scores, group, r.reshape(-1, 2), top, np.repeat(per_category, 2), shown=shown_g)
     m, o = np.ones(state.item_category.size), np.zeros(state.item_category.size)
     m[items], o[items] = mult[group], offset[group]
-    return replace(state, score_multiplier=m, score_offset=o)
+    C = r.shape[0]
+    return replace(state, score_multiplier=m, score_offset=o, category_rate=category_rates(r.sum(axis=1)),
+                   category_top=_top_means(scores, cat, C, top))
+
+
+def category_rates(rates: np.ndarray, prior: float = CALIBRATION_PRIOR) -> np.ndarray | None:
+    """Shape (C,): engagement units per examined impression of each category, ``(U_c + k g) / (I_c + k)``
+    with ``g = sum U / sum I`` and ``k`` = ``prior`` impressions; None when nothing was shown.
+
+    Examples
+    --------
+    >>> category_rates(np.array([[30.0, 100.0], [0.0, 0.0]]), prior=100.0).round(3).tolist()
+    [0.3, 0.3]
+    """
+    units, imps = rates[:, 0].astype(np.float64), rates[:, 1].astype(np.float64)
+    if not imps.sum() > 0:
+        return None
+    g = float(units.sum() / imps.sum())
+    return (units + prior * g) / (imps + prior)
+
+
+#: examined impressions of a user's own evidence that count as much as the scorer's belief about how the
+#: user engages with a category (the live rate's prior)
+LIVE_PRIOR_IMPRESSIONS = 20.0
+
+
+def live_rate_factors(raw_top: np.ndarray, category_top: np.ndarray, category_rate: np.ndarray,
+                      engagement: np.ndarray, impressions: np.ndarray,
+                      prior: float = LIVE_PRIOR_IMPRESSIONS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per category, the user's own engagement rate, and the factor and offset that bring the scorer's
+    category level for the user to it.
+
+    The user's evidence, ``U_c`` engagement units over ``I_c`` examined impressions of the live state,
+    shrunk toward the category's population rate ``r_c`` with ``k`` = ``prior`` impressions, is the
+    user's rate ``rho_c = (U_c + k r_c) / (I_c + k)``. It replaces the scorer's own category level for
+    the user, ``t_c = raw_top_c / category_top_c`` (its top items' mean score for this user over the
+    same for a user it knows nothing of): where ``r_c > 0`` the items are scaled by
+    ``m_c / t_c``, ``m_c = rho_c / r_c`` (at least 0.05), and a user who skips the category more than
+    taking it (``rho_c < 0``) gets ``rho_c`` added: showing it is that loss for this user. Where the
+    population's rate is not positive (a category skipped more than played, whose calibrated scores
+    sit near ``r_c``), ``rho_c - r_c`` is added instead.
+
+    A scorer fitted on the log learns a user's categories from engagement shares, which follow what
+    the user was shown (a category never shown is never played); a rate per examined impression does
+    not: a category the user was shown often and ignored falls, one shown little and taken rises. The
+    scorer still ranks the items inside each category.
+
+    Returns
+    -------
+    rho, factor, offset
+        Shapes (C,): the user's rate, the multiplier of the category's item scores and what is added
+        to them.
+
+    Examples
+    --------
+    >>> rho, f, o = live_rate_factors(np.array([1.0, 2.0, 1.0]), np.ones(3), np.array([0.1, 0.1, -0.05]),
+    ...                               np.array([6.0, -6.0, 4.0]), np.array([20.0, 40.0, 20.0]), prior=20.0)
+    >>> (rho.round(3).tolist(), f.round(3).tolist(), o.round(3).tolist())
+    ([0.2, -0.067, 0.075], [2.0, 0.025, 1.0], [0.0, -0.067, 0.125])
+    """
+    t = np.clip(np.divide(raw_top, category_top, out=np.ones_like(raw_top), where=category_top > 0), 0.1, 10.0)
+    r = category_rate
+    rho = (engagement + prior * r) / (impressions + prior)
+    ok = r > 0
+    m = np.clip(np.divide(rho, r, out=np.zeros_like(rho), where=ok), -20.0, 20.0)
+    factor = np.where(ok, np.maximum(m, 0.05) / t, 1.0)
+    offset = np.where(ok, np.minimum(m, 0.0) * r, rho - r)
+    return rho, factor, offset
 
 
 def group_calibration(scores: np.ndarray, group: np.ndarray, rates: np.ndarray, top: int, base: np.ndarray,
-                      prior: float = CALIBRATION_PRIOR) -> tuple[np.ndarray, np.ndarray]:
+                      prior: float = CALIBRATION_PRIOR, shown: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """Shapes (G,), (G,): an increasing affine map ``m_g * score + o_g`` per group that brings the
     predicted engagement of its ``top`` best-scored items (mean score ``p_g``) to the observed rate,
     shrunk toward the prior ``base_g * p_g``: ``r_g = (U_g + k base_g p_g) / (I_g + k)``.
@@ -322,7 +427,9 @@ def group_calibration(scores: np.ndarray, group: np.ndarray, rates: np.ndarray, 
     A group engaged with positively is scaled (``m_g = r_g / p_g``, ``o_g = 0``). A group whose rate is
     negative (skipped more than played: its engagement units are net negative) keeps a tiny slope
     ``base_g / 100`` (its items stay ranked as the scorer ranks them) and an offset that puts its mean
-    at ``r_g < 0``, so showing it is valued as the loss it is, not as zero.
+    at ``r_g < 0``, so showing it is valued as the loss it is, not as zero. With ``shown`` (G,), the
+    mean score per examined impression of the items each group actually showed, ``p_g`` is that
+    instead, where it is positive.
 
     Examples
     --------
@@ -332,6 +439,8 @@ def group_calibration(scores: np.ndarray, group: np.ndarray, rates: np.ndarray, 
     ([0.2, 0.01], [0.0, -0.11])
     """
     p = _top_means(scores, group, rates.shape[0], top)
+    if shown is not None:
+        p = np.where(shown > 0, shown, p)
     units, imps = rates[:, 0].astype(np.float64), rates[:, 1].astype(np.float64)
     b = np.maximum(np.asarray(base, dtype=np.float64), 1e-12)
     rate = (units + prior * b * p) / (imps + prior)
@@ -520,6 +629,7 @@ class DecisionEngine:
                              f"{pool.size} items")
         offset = None
         demote = None
+        raw = scores
         if live is not None and live.status == "hit" and live.negatives.size:
             demote = np.isin(pool, live.negatives)
         rank = scores if demote is None else np.where(demote, scores * SKIP_DEMOTION, scores)
@@ -527,7 +637,27 @@ class DecisionEngine:
             scores = scores * st.score_multiplier[pool]
             if st.score_offset is not None:
                 offset = st.score_offset[pool]  # net-negative groups: added last (see group_calibration)
-        if live is not None and live.status == "hit":
+        if (live is not None and live.status == "hit" and live.impressions is not None
+                and st.category_rate is not None and st.category_top is not None):
+            # the live state with impressions: the user's engagement per examined impression of each
+            # category updates the scorer's belief about it (see live_rate_factors)
+            cat = st.item_category[pool]
+            C = st.category_rate.size
+            raw_top = _top_means(raw, np.where(cat >= 0, cat, C), C + 1, st.config.items_per_module)[:C]
+            rho, factor, loss = live_rate_factors(raw_top, st.category_top, st.category_rate, live.engagement,
+                                                  live.impressions)
+            # the offset of a net-negative group (skipped more than played) stays: what a user who likes
+            # the category more takes from it is in the scaled scores, the skips' cost is not less for it
+            scores = scores * np.where(cat >= 0, factor[np.maximum(cat, 0)], 1.0)
+            if demote is not None:
+                scores = np.where(demote, scores * SKIP_DEMOTION, scores)
+            if (loss != 0).any():  # categories this user skips more than takes: a loss to show
+                lost = np.where(cat >= 0, loss[np.maximum(cat, 0)], 0.0)
+                offset = lost if offset is None else offset + lost
+            r = st.category_rate
+            pop = st.population_prefs * np.where(r > 0, np.maximum(rho, 0.0) / np.where(r > 0, r, 1.0), rho > 0)
+            prefs = pop / pop.sum() if pop.sum() > 0 else st.population_prefs
+        elif live is not None and live.status == "hit":
             # the live state: category preferences shrunk toward the population and the model's head;
             # item scores tilted toward the user's categories now (fully for a user the ranker knows
             # nothing of, half for one it knows or scored from the live sequences) and away from what

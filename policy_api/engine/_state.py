@@ -19,7 +19,14 @@ from .. import registry
 from ..errors import InvalidInput, NotReady
 from ..log import Catalog, load_items
 from ..registry import ConfigRecord, ModelRecord, PlanRecord
-from ._engine import EngineState, ScorerHandle, build_state, calibrated, calibration_rates
+from ._engine import (
+    EngineState,
+    ScorerHandle,
+    build_state,
+    calibrated,
+    calibration_predicted,
+    calibration_rates,
+)
 
 __all__ = ["load_catalog", "load_state", "ranker_scorer", "with_plan_calibration"]
 
@@ -84,7 +91,11 @@ def load_state(db: Engine, config: ConfigRecord | None = None, *, catalog: Catal
 
 def with_plan_calibration(state: EngineState, plan: PlanRecord | None) -> EngineState:
     """``state`` with the category calibration the plan carries (none without one)."""
-    got = None if plan is None else (plan.solver or {}).get("calibration")
+    solver = {} if plan is None else (plan.solver or {})
+    got = solver.get("calibration")
     if not got:
         return calibrated(state, None)
-    return calibrated(state, calibration_rates(got, state.config.category_names))
+    names = state.config.category_names
+    # the predicted units were summed with the scorer of the plan's time: used only with that scorer
+    predicted = calibration_predicted(got, names) if solver.get("calibration_scorer") == state.scorer.name else None
+    return calibrated(state, calibration_rates(got, names), predicted)

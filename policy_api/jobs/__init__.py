@@ -5,10 +5,12 @@ operator routes call the same functions.
 
 from ._evaluate import (
     BASELINE_SCORERS,
+    CATALOG_POPULARITY,
     EvaluationResult,
     Holdout,
     PageScorer,
     baseline_scorers,
+    catalog_page_scorer,
     evaluate_pages,
     evaluate_served,
     fit_baseline,
@@ -22,6 +24,7 @@ from ._importing import ImportResult, import_file, import_rows, read_interaction
 from ._learn import LearnResult, catalog_categories, learn, load_log, log_features, new_bandit
 from ._partitioned import PARTITION_TARGETS, ExportPartition, replay_partitioned
 from ._plan import (
+    UNPERSONALISED_PRIOR,
     ApplyResult,
     ConfigCheck,
     HeadRefresh,
@@ -52,6 +55,8 @@ from ._replay import (
 from ._train import (
     MAX_ECE,
     MAX_REPEAT_SHARE,
+    MIN_GATE_USERS,
+    MIN_PLAYS_TO_DEMOTE,
     POP_EXPONENTS,
     TrainResult,
     gate_holdout,
@@ -64,8 +69,11 @@ from ._valuation import Refit, refit_valuation, with_values
 
 __all__ = [
     "BASELINE_SCORERS",
+    "CATALOG_POPULARITY",
     "MAX_ECE",
     "MAX_REPEAT_SHARE",
+    "MIN_GATE_USERS",
+    "MIN_PLAYS_TO_DEMOTE",
     "POP_EXPONENTS",
     "TARGETS",
     "PARTITION_TARGETS",
@@ -81,11 +89,13 @@ __all__ = [
     "PageScorer",
     "PaceResult",
     "PlanResult",
+    "UNPERSONALISED_PRIOR",
     "Refit",
     "ReplayResult",
     "TrainResult",
     "apply_config",
     "baseline_scorers",
+    "catalog_page_scorer",
     "calibration",
     "catalog_categories",
     "check_config",

@@ -41,8 +41,8 @@ from ..registry import ConfigRecord
 if TYPE_CHECKING:
     import scipy.sparse as sp
 
-__all__ = ["BASELINE_SCORERS", "EvaluationResult", "Holdout", "PageScorer", "baseline_scorers", "evaluate_pages",
-           "evaluate_served", "fit_baseline", "history_page_scorer", "holdout_split", "log_events",
+__all__ = ["BASELINE_SCORERS", "CATALOG_POPULARITY", "EvaluationResult", "Holdout", "PageScorer", "baseline_scorers",
+           "catalog_page_scorer", "evaluate_pages", "evaluate_served", "fit_baseline", "history_page_scorer", "holdout_split", "log_events",
            "ranker_page_scorer", "served_pages"]
 
 #: ``f(user_rows (U,), pools (U, P)) -> scores (U, P)``: a scorer as the page builder calls it
@@ -50,6 +50,8 @@ PageScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 #: the built-in baselines, in the order the report lists them
 BASELINE_SCORERS: tuple[str, ...] = ("popularity", "recent_popularity", "category_popularity", "item_knn")
+#: the page scorer of the catalog's own popularity column: what the engine serves with no ranker published
+CATALOG_POPULARITY = "catalog_popularity"
 
 #: users scored per chunk by the dense baselines (bounds memory to chunk x n_items floats)
 _CHUNK = 512
@@ -230,18 +232,19 @@ def history_page_scorer(scorer: rankers.HistoryScorer) -> PageScorer:
 
 def fit_baseline(name: str, user: np.ndarray, item: np.ndarray, ts: np.ndarray, weight: np.ndarray, *,
                  item_category: np.ndarray, n_users: int, half_life_s: float = 14 * 86400.0,
-                 type_weights: np.ndarray | None = None) -> rankers.HistoryScorer:
+                 type_weights: np.ndarray | None = None, prior: np.ndarray | None = None) -> rankers.HistoryScorer:
     """One built-in baseline (a name of :data:`BASELINE_SCORERS`) fitted on positive events, as the
-    servable :class:`rankers.HistoryScorer` the evaluation judges and serving publishes."""
+    servable :class:`rankers.HistoryScorer` the evaluation judges and serving publishes. ``prior``: the
+    catalog's popularity, which the log's counts refine (see :class:`rankers.HistoryScorer`)."""
     if name not in BASELINE_SCORERS:
         raise InvalidInput(f"baseline must be one of {', '.join(BASELINE_SCORERS)}; got {name!r}", field="baselines")
     cat = np.where(item_category >= 0, item_category, 0).astype(np.int64)
-    return rankers.HistoryScorer(name, cat, half_life_s=half_life_s, type_weights=type_weights).fit(
+    return rankers.HistoryScorer(name, cat, half_life_s=half_life_s, type_weights=type_weights, prior=prior).fit(
         user, item, ts, weight, n_users=n_users)
 
 
 def baseline_scorers(h: Holdout, item_category: np.ndarray, *, half_life_s: float = 14 * 86400.0,
-                     names: Iterable[str] = BASELINE_SCORERS) -> dict[str, PageScorer]:
+                     names: Iterable[str] = BASELINE_SCORERS, prior: np.ndarray | None = None) -> dict[str, PageScorer]:
     """The built-in baselines fitted on the holdout's past positives.
 
     ``popularity``: past positive units per item; ``recent_popularity``: the same decayed with
@@ -254,8 +257,20 @@ def baseline_scorers(h: Holdout, item_category: np.ndarray, *, half_life_s: floa
     for name in names:
         out[name] = history_page_scorer(fit_baseline(
             name, h.train_user, h.train_item, h.train_ts, h.train_weight, item_category=item_category,
-            n_users=h.n_users, half_life_s=half_life_s))
+            n_users=h.n_users, half_life_s=half_life_s, prior=prior))
     return out
+
+
+def catalog_page_scorer(popularity: np.ndarray) -> PageScorer | None:
+    """The catalog's popularity column as a page scorer (the same score for every user), or None when
+    the catalog gives no popularity (all zero)."""
+    pop = np.asarray(popularity, dtype=np.float64)
+    if not (pop > 0).any():
+        return None
+
+    def score(users: np.ndarray, pools: np.ndarray) -> np.ndarray:
+        return pop[pools]
+    return score
 
 
 def ranker_page_scorer(handle: ScorerHandle, user_ids: list[str]) -> PageScorer:
@@ -335,7 +350,7 @@ def evaluate_pages(state: EngineState, h: Holdout, scorers: Mapping[str, PageSco
     """Build every scorer's served pages for the holdout's users and score them.
 
     ``baselines`` names the scorers among ``scorers`` the others are compared with: the one of highest
-    mean recall is the best baseline. ``progress(name)`` is called after each scorer.
+    mean recall (NDCG breaks a tie) is the best baseline. ``progress(name)`` is called after each scorer.
     """
     names = list(scorers)
     base = [b for b in baselines if b in scorers]
@@ -369,7 +384,8 @@ def evaluate_pages(state: EngineState, h: Holdout, scorers: Mapping[str, PageSco
                      "score_s": time.perf_counter() - t0})
         if progress is not None:
             progress(name)
-    best = max(base, key=lambda b: metrics[b]["recall"].mean())
+    # highest recall; a tie (a page that holds nearly every future positive) goes to the higher NDCG
+    best = max(base, key=lambda b: (float(metrics[b]["recall"].mean()), float(metrics[b]["ndcg"].mean())))
     diffs = []
     for name in names:
         if name == best:
@@ -387,8 +403,8 @@ def evaluate_served(db: Engine, config: ConfigRecord, *, train_share: float = 0.
                     half_life_days: float = 14.0, include_model: bool = True, exclude_seen: bool = True,
                     n_boot: int = 1000, seed: int = 0,
                     progress: Callable[[str], None] | None = None) -> EvaluationResult:
-    """``homepage evaluate``: the temporal holdout of the log, the built-in baselines and the published
-    ranker (if any), each scorer's served pages scored against the held-out users' future positives.
+    """``homepage evaluate``: the temporal holdout of the log, the built-in baselines (the catalog's
+    popularity column among them, when it has one) and the published ranker (if any), each scorer's served pages scored against the held-out users' future positives.
 
     The published ranker is judged as it is stored: if it was trained on events after the cutoff its
     figures are optimistic (the publish gate avoids this by judging a model trained before it).
@@ -408,7 +424,13 @@ def evaluate_served(db: Engine, config: ConfigRecord, *, train_share: float = 0.
                       n_users=max(ev["n_users"], 1), n_items=catalog.n_items, train_share=train_share,
                       max_users=max_users, seed=seed)
     state = build_state(cfg, catalog)
-    scorers = baseline_scorers(h, state.item_category, half_life_s=half_life_days * 86400.0)
+    scorers = baseline_scorers(h, state.item_category, half_life_s=half_life_days * 86400.0,
+                               prior=catalog.popularity)
+    base = list(BASELINE_SCORERS)
+    prior = catalog_page_scorer(catalog.popularity)
+    if prior is not None:
+        scorers[CATALOG_POPULARITY] = prior
+        base.append(CATALOG_POPULARITY)
     info: dict[str, Any] = {"train_share": train_share, "half_life_days": half_life_days,
                             "exclude_seen": exclude_seen, "config_version": config.version}
     if include_model:
@@ -419,7 +441,8 @@ def evaluate_served(db: Engine, config: ConfigRecord, *, train_share: float = 0.
             handle = ranker_scorer(rec, catalog)
             scorers[handle.name] = ranker_page_scorer(handle, ev["user_ids"])  # e.g. residual:3, ranker:2
             info["ranker_version"] = rec.version
-    res = evaluate_pages(state, h, scorers, exclude_seen=exclude_seen, n_boot=n_boot, seed=seed, progress=progress)
+    res = evaluate_pages(state, h, scorers, baselines=base, exclude_seen=exclude_seen, n_boot=n_boot, seed=seed,
+                         progress=progress)
     return EvaluationResult(res.rows, res.diffs, res.best_baseline, res.page_size, res.n_users, res.cutoff,
                             res.n_train_events, res.per_user, info)
 

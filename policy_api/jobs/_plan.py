@@ -7,6 +7,7 @@ with :mod:`allocator` and returns a frozen result; publishing is the last step a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -36,7 +37,15 @@ from allocator import (
 )
 
 from .. import registry
-from ..engine import DecisionEngine, EngineState, calibrated, calibration_rates, load_catalog, load_state
+from ..engine import (
+    DecisionEngine,
+    EngineState,
+    calibrated,
+    calibration_predicted,
+    calibration_rates,
+    load_catalog,
+    load_state,
+)
 from ..errors import InvalidInput, from_infeasible
 from ..log import decision_log, item_engagement, load_items, read_decisions, read_feedback, upsert_items
 from ..registry import ConfigRecord
@@ -48,6 +57,7 @@ __all__ = [
     "HeadRefresh",
     "PaceResult",
     "PlanResult",
+    "UNPERSONALISED_PRIOR",
     "apply_config",
     "calibration",
     "check_config",
@@ -204,37 +214,69 @@ CALIBRATION_WINDOW = timedelta(hours=6)
 MIN_CALIBRATION_IMPRESSIONS = 200
 
 
-def calibration(db: Engine, config: HomepageConfig) -> dict[str, dict[str, list[float]]] | None:
+#: examined impressions of all traffic's rate that a group's rate on unpersonalised decisions is shrunk
+#: toward (see :func:`calibration`)
+UNPERSONALISED_PRIOR = 500.0
+
+
+def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray], np.ndarray] | None = None
+                ) -> dict[str, dict[str, list[float]]] | None:
     """Recent engagement units and examined impressions (each weighted by its slot's position weight
     relative to the mean) per config category, for its head and its long tail apart, over the last
-    ``loop.calibration_events`` feedback events of the last 6 hours:
+    ``loop.calibration_events`` feedback events of the last 6 hours, measured on the decisions served
+    without a personal live state (each group shrunk toward its rate over all traffic by
+    ``UNPERSONALISED_PRIOR`` impressions: over all traffic, a niche category is shown mostly to users
+    who like it, which overstates what it earns from anyone else):
     ``{category: {"head": [units, impressions], "tail": [...]}}``, what serving calibrates a
     popularity scorer with (a popularity scorer's tail items are engaged with less than their scores
     say, so one multiplier per category would make a tail-heavy page look cheap); None while there are
-    fewer than ``MIN_CALIBRATION_IMPRESSIONS``."""
-    ids, units, imps = item_engagement(db, config.events, since=datetime.now(tz=UTC) - CALIBRATION_WINDOW,
-                                       position_weights=config.position_weights,
-                                       max_events=config.loop.calibration_events)
-    if float(imps.sum()) < MIN_CALIBRATION_IMPRESSIONS:
-        return None
+    fewer than ``MIN_CALIBRATION_IMPRESSIONS``.
+
+    With ``scorer`` (catalog rows -> the scores of a user it knows nothing of), each category also
+    gets ``"predicted": [head, tail]``: the scorer's scores of the items shown, each times its examined
+    impressions, summed (shrunk like the units): serving divides the units by these, so a group is
+    calibrated on the items it actually showed, not on its best items (a category shown mostly in its
+    second and third modules engages less per impression than its first module would)."""
+    since = datetime.now(tz=UTC) - CALIBRATION_WINDOW
     catalog = load_catalog(db)
     names = config.category_names
     item_cat = catalog.category_index(names)
     served = item_cat >= 0
     is_tail, _ = long_tail(catalog.popularity, np.where(served, item_cat, len(names)), config.tilt.head_share)
     index = catalog.index_of()
-    row = np.array([index.get(str(i), -1) for i in ids.tolist()], dtype=np.int64)  # items with feedback
-    known = row >= 0
-    cat = np.where(known, item_cat[np.maximum(row, 0)], -1)
-    ok = cat >= 0
-    group = cat[ok] * 2 + is_tail[row[ok]].astype(np.int64)
     C = len(names)
-    u = np.bincount(group, weights=units[ok], minlength=2 * C)
-    i = np.bincount(group, weights=imps[ok], minlength=2 * C)
-    if float(i.sum()) < MIN_CALIBRATION_IMPRESSIONS:
+
+    def groups(unpersonalised: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ids, units, imps = item_engagement(db, config.events, since=since, position_weights=config.position_weights,
+                                           max_events=config.loop.calibration_events, unpersonalised=unpersonalised)
+        row = np.array([index.get(str(i), -1) for i in ids.tolist()], dtype=np.int64)  # items with feedback
+        cat = np.where(row >= 0, item_cat[np.maximum(row, 0)], -1)
+        ok = cat >= 0
+        group = cat[ok] * 2 + is_tail[row[ok]].astype(np.int64)
+        pred = np.zeros(2 * C)
+        if scorer is not None and ok.any():
+            score = np.asarray(scorer(row[ok]), dtype=np.float64)
+            pred = np.bincount(group, weights=imps[ok] * score, minlength=2 * C).astype(np.float64)
+        return (np.bincount(group, weights=units[ok], minlength=2 * C),
+                np.bincount(group, weights=imps[ok], minlength=2 * C), pred)
+
+    u_all, i_all, p_all = groups(False)
+    if float(i_all.sum()) < MIN_CALIBRATION_IMPRESSIONS:
         return None
-    return {c: {"head": [float(u[2 * k]), float(i[2 * k])], "tail": [float(u[2 * k + 1]), float(i[2 * k + 1])]}
-            for k, c in enumerate(names)}
+    # the rate a user not chosen for liking the category gives it: measured on unpersonalised
+    # decisions, each group shrunk toward its rate over all traffic by UNPERSONALISED_PRIOR impressions
+    u_cold, i_cold, p_cold = groups(True)
+    rate_all = np.divide(u_all, i_all, out=np.zeros(2 * C), where=i_all > 0)
+    pred_all = np.divide(p_all, i_all, out=np.zeros(2 * C), where=i_all > 0)
+    prior = np.where(i_all > 0, UNPERSONALISED_PRIOR, 0.0)
+    u, i, p = u_cold + prior * rate_all, i_cold + prior, p_cold + prior * pred_all
+    out: dict[str, dict[str, list[float]]] = {
+        c: {"head": [float(u[2 * k]), float(i[2 * k])], "tail": [float(u[2 * k + 1]), float(i[2 * k + 1])]}
+        for k, c in enumerate(names)}
+    if scorer is not None:
+        for k, c in enumerate(names):
+            out[c]["predicted"] = [float(p[2 * k]), float(p[2 * k + 1])]
+    return out
 
 
 def plan(db: Engine, *, users: int = 2000, since: datetime | None = None, method: str = "auto", seed: int = 0,
@@ -249,14 +291,15 @@ def plan(db: Engine, *, users: int = 2000, since: datetime | None = None, method
     """
     cfg = registry.require_active_config(db)
     sampled, weight = sample_users(db, since=since, n=users, seed=seed)
-    rates = calibration(db, cfg.config)
     state = load_state(db, cfg)
+    rates = calibration(db, cfg.config, scorer=lambda rows: state.scorer.score(-1, rows))
     if rates is not None:
-        state = calibrated(state, calibration_rates(rates, cfg.config.category_names))
+        state = calibrated(state, calibration_rates(rates, cfg.config.category_names),
+                           calibration_predicted(rates, cfg.config.category_names))
     res = _solve(state, cfg.config, cfg.version, sampled, weight, method=method, seed=seed,
                  what=f"config version {cfg.version}", engine=engine, workers=workers)
     if rates is not None:
-        res = replace(res, solver={**res.solver, "calibration": rates})
+        res = replace(res, solver={**res.solver, "calibration": rates, "calibration_scorer": state.scorer.name})
     if not publish:
         return res
     v = registry.publish_plan(db, cfg.version, res.prices, projected=res.projected, solver=res.solver)
@@ -359,9 +402,10 @@ def pace(db: Engine, *, window_s: float = 300.0, step_size: float = 2.0, min_dec
     prices = dict(zip(names, map(float, new), strict=True))
     solver = {"method": "pacer", "window_s": window_s, "n_decisions": int(same.sum()), "realised": realised,
               "pacer": pacer.to_dict(), "base_plan": None if base is None else base.version}
-    kept = None if base is None else (base.solver or {}).get("calibration")
-    if kept:
-        solver["calibration"] = kept  # the prices move, the calibration stays
+    for key in ("calibration", "calibration_scorer"):  # the prices move, the calibration stays
+        kept = None if base is None else (base.solver or {}).get(key)
+        if kept:
+            solver[key] = kept
     v = registry.publish_plan(db, cfg.version, prices, projected=None if base is None else base.projected,
                               solver=solver)
     return PaceResult(v, prices, realised, int(same.sum()))

@@ -143,9 +143,15 @@ def gate_holdout(state: EngineState, data: Mapping[str, Any], cutoff: float, eve
                          n_items=state.catalog.n_items, cutoff=cutoff, max_users=max_users, seed=seed)
 
 
+#: the fewest held-out users the publish gate decides on: with fewer, chance ranks the scorers, and
+#: nothing is published (neither the trained model nor a baseline in place of the catalog's popularity)
+MIN_GATE_USERS = 200
+
+
 def served_gate(state: EngineState, data: Mapping[str, Any], candidates: Mapping[str, Any], cutoff: float,
                 event_weights: np.ndarray, *, max_users: int = 1000, n_boot: int = 1000, seed: int = 0,
-                half_life_s: float = 14 * 86400.0, require_ndcg: bool = False) -> tuple[str | None, dict[str, Any]]:
+                half_life_s: float = 14 * 86400.0, require_ndcg: bool = False,
+                min_users: int = MIN_GATE_USERS) -> tuple[str | None, dict[str, Any]]:
     """Does a candidate's served page beat every built-in baseline's on the temporal holdout?
 
     The baselines are fitted on the positive events before ``cutoff`` and every scorer's page is
@@ -153,34 +159,50 @@ def served_gate(state: EngineState, data: Mapping[str, Any], candidates: Mapping
     a :class:`rankers.HistoryScorer` fitted on the same past, or any scorer with ``score_pairs`` over
     the log's user rows holding the users' history as of ``cutoff``. The candidate of highest mean
     recall is chosen; it passes when the paired-bootstrap 95% CI of its recall minus the best
-    baseline's lies above 0 (and, with ``require_ndcg``, its NDCG's too).
+    baseline's lies above 0 (and, with ``require_ndcg``, its NDCG's too), on at least ``min_users``
+    held-out users.
 
     Returns (the chosen candidate's name if it passed, else None; the gate's table as a JSON-friendly
     dict, with ``best_baseline``: the baseline that is served when no candidate passes).
     """
-    from ._evaluate import baseline_scorers, evaluate_pages
+    from ._evaluate import (
+        BASELINE_SCORERS,
+        CATALOG_POPULARITY,
+        baseline_scorers,
+        catalog_page_scorer,
+        evaluate_pages,
+    )
 
     try:
         h = gate_holdout(state, data, cutoff, event_weights, max_users=max_users, seed=seed)
     except InvalidInput as e:
         return None, {"passed": False, "reason": f"no served-page holdout: {e.message}"}
-    scorers = baseline_scorers(h, state.item_category, half_life_s=half_life_s)
+    scorers = baseline_scorers(h, state.item_category, half_life_s=half_life_s, prior=state.catalog.popularity)
+    base = list(BASELINE_SCORERS)
+    prior = catalog_page_scorer(state.catalog.popularity)
+    if prior is not None:  # what the engine serves with nothing published: it must be beaten too
+        scorers[CATALOG_POPULARITY] = prior
+        base.append(CATALOG_POPULARITY)
     users = list(data["user_ids"])
     for name, sc in candidates.items():
         scorers[name] = _page_scorer(name, sc, users)
-    res = evaluate_pages(state, h, scorers, n_boot=n_boot, seed=seed)
+    res = evaluate_pages(state, h, scorers, baselines=base, n_boot=n_boot, seed=seed)
     chosen = max(candidates, key=lambda n: res.row(n)["recall"])
     d = res.diff(chosen, "recall")
     dn = res.diff(chosen, "ndcg")
-    passed = bool(d["ci_low"] > 0.0) and (not require_ndcg or bool(dn["ci_low"] > 0.0))
+    enough = res.n_users >= min_users
+    passed = enough and bool(d["ci_low"] > 0.0) and (not require_ndcg or bool(dn["ci_low"] > 0.0))
     reason = (f"served-page recall of {chosen} {res.row(chosen)['recall']:.4f} vs best baseline {res.best_baseline} "
               f"{res.row(res.best_baseline)['recall']:.4f}: difference {d['mean_diff']:+.4f}, 95% CI "
               f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" + ("" if d["ci_low"] > 0 else " (must lie above 0)"))
     if require_ndcg:
         reason += (f"; NDCG difference {dn['mean_diff']:+.4f}, 95% CI [{dn['ci_low']:+.4f}, {dn['ci_high']:+.4f}]"
                    + ("" if dn["ci_low"] > 0 else " (must lie above 0)"))
+    if not enough:
+        reason += f"; only {res.n_users} held-out users (need at least {min_users} to decide)"
     return (chosen if passed else None), {"passed": passed, "chosen": chosen, "reason": reason,
-                                          "half_life_days": half_life_s / 86400.0, **res.to_dict()}
+                                          "half_life_days": half_life_s / 86400.0, "min_users": min_users,
+                                          **res.to_dict()}
 
 
 def _positive_events(data: Mapping[str, Any], event_weights: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -195,6 +217,9 @@ def _positive_events(data: Mapping[str, Any], event_weights: np.ndarray) -> tupl
 #: serving demotes what a user already engaged with only where fewer plays than this come back to an item
 #: the same user played before (``rankers.repeat_share`` of the log's plays)
 MAX_REPEAT_SHARE = 0.1
+#: ... and only once the log holds this many plays: in a young log few users had the time to come back
+#: to anything, and the share of repeats looks low in any app
+MIN_PLAYS_TO_DEMOTE = 2000
 
 
 def _publish_scorer(db: Engine, scorer: rankers.HistoryScorer, data: Mapping[str, Any], catalog: Catalog,
@@ -203,14 +228,32 @@ def _publish_scorer(db: Engine, scorer: rankers.HistoryScorer, data: Mapping[str
     play = np.asarray(ev["type"], dtype=np.int64) == rankers.EVENT_TYPES.index("play")
     share = rankers.repeat_share(np.asarray(ev["user"])[play], np.asarray(ev["item"])[play], np.asarray(ev["ts"])[play],
                                  catalog.item_ids.size)
-    scorer.demote_seen = share < MAX_REPEAT_SHARE
+    scorer.demote_seen = bool(share < MAX_REPEAT_SHARE and int(play.sum()) >= MIN_PLAYS_TO_DEMOTE)
     served = metrics.get("served")
     if isinstance(served, dict):
-        served.update(repeat_share=share, demote_seen=scorer.demote_seen)
+        served.update(repeat_share=share, plays=int(play.sum()), demote_seen=scorer.demote_seen)
     artifact = registry.pack_ranker(RankerArtifact(
         scorer=scorer.save(), user_ids=list(data["user_ids"]), item_ids=[str(i) for i in catalog.item_ids.tolist()],
         categories=list(categories)))
     return registry.publish_model(db, "ranker", metrics, artifact)
+
+
+def beats_catalog_popularity(gate: Mapping[str, Any]) -> tuple[bool, str]:
+    """Whether the gate's best baseline is surely better than the catalog's popularity (which the
+    engine serves built in): the catalog's recall minus the baseline's has its 95% CI below 0, or is
+    not surely above 0 while its NDCG difference is surely below 0. A holdout of a few dozen users
+    ranks the baselines by chance. True when the gate did not judge the catalog's popularity."""
+    from ._evaluate import CATALOG_POPULARITY
+
+    diffs = {d["metric"]: d for d in gate.get("differences_vs_best_baseline", []) if d["scorer"] == CATALOG_POPULARITY}
+    r, n = diffs.get("recall"), diffs.get("ndcg")
+    if r is None or n is None or r["ci_high"] < 0 or (r["ci_low"] <= 0 and n["ci_high"] < 0):
+        return True, ""
+    best = gate.get("best_baseline")
+    return False, (f"the best baseline {best} is not surely better than the catalog's popularity, which the engine "
+                   f"serves built in (the catalog's recall minus {best}'s {r['mean_diff']:+.4f}, 95% CI "
+                   f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]; NDCG {n['mean_diff']:+.4f} [{n['ci_low']:+.4f}, "
+                   f"{n['ci_high']:+.4f}])")
 
 
 def _serve_baseline(db: Engine, gate: Mapping[str, Any], data: Mapping[str, Any], state: EngineState,
@@ -218,7 +261,7 @@ def _serve_baseline(db: Engine, gate: Mapping[str, Any], data: Mapping[str, Any]
                     why: str) -> tuple[int | None, dict[str, Any]]:
     """Publish the gate's best baseline, refitted on every positive event of the log, as the served
     scorer (when the gate had a holdout to name one); returns (its version, the ``served`` entry)."""
-    from ._evaluate import fit_baseline
+    from ._evaluate import CATALOG_POPULARITY, fit_baseline
 
     best = gate.get("best_baseline")
     if not best:
@@ -226,9 +269,22 @@ def _serve_baseline(db: Engine, gate: Mapping[str, Any], data: Mapping[str, Any]
                       "reason": f"{why}; no holdout to rank the baselines on, so nothing is published and the engine "
                                 "keeps what it serves (its built-in popularity scorer if nothing was ever published)"}
     row = next(r for r in gate["scorers"] if r["scorer"] == best)
+    if best == CATALOG_POPULARITY:
+        return None, {"kind": "unchanged", "scorer": "as before",
+                      "reason": f"{why}; the catalog's popularity, which the engine serves built in, is the best "
+                                f"baseline (served-page recall {row['recall']:.4f}, NDCG {row['ndcg']:.4f} on the "
+                                "temporal holdout): nothing is published and the engine keeps what it serves"}
+    surely, why_not = beats_catalog_popularity(gate)
+    if int(gate.get("n_users", 0)) < int(gate.get("min_users", 0)):
+        surely, why_not = False, (f"the gate held out only {gate.get('n_users')} users (at least "
+                                  f"{gate.get('min_users')} to replace what is served)")
+    if not surely:
+        return None, {"kind": "unchanged", "scorer": "as before",
+                      "reason": f"{why}; {why_not}: nothing is published and the engine keeps what it serves"}
     u, i, t, w = _positive_events(data, event_weights)
     scorer = fit_baseline(best, u, i, t, w, item_category=state.item_category, n_users=max(int(data["n_users"]), 1),
-                          half_life_s=float(gate.get("half_life_days", 14.0)) * 86400.0, type_weights=event_weights)
+                          half_life_s=float(gate.get("half_life_days", 14.0)) * 86400.0, type_weights=event_weights,
+                          prior=catalog.popularity)
     served = {"kind": "baseline", "scorer": best, "params": scorer.describe(),
               "gate_recall": row["recall"], "gate_ndcg": row["ndcg"],
               "reason": f"{why}; serving the best built-in baseline {best} (served-page recall {row['recall']:.4f}, "
@@ -263,7 +319,8 @@ def train_ranker(db: Engine, config: ConfigRecord, *, model: str = "residual", i
                  max_epochs: int = 20, threads: int = 1, force: bool = False,
                  true_relevance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
                  on_epoch: EpochCallback | None = None, seed: int = 0, require_test: bool = False,
-                 max_ece: float = MAX_ECE, gate_users: int = 1000, sampled_negatives: int = 4,
+                 max_ece: float = MAX_ECE, gate_users: int = 1000, min_gate_users: int = MIN_GATE_USERS,
+                 sampled_negatives: int = 4,
                  recency_half_life_days: float | None = None, half_life_days: float = 14.0) -> TrainResult:
     """Train a ranker on the log and publish what serves the best pages.
 
@@ -281,8 +338,10 @@ def train_ranker(db: Engine, config: ConfigRecord, *, model: str = "residual", i
     calibration (ECE) must be at most ``max_ece``; with ``require_test`` its NDCG must beat the best
     baseline's too. A model that passes is published (refitted on the whole log). One that fails is
     recorded as ``rejected`` with its gate table, and the gate's best baseline, refitted on the whole
-    log, is published in its place as the served scorer (``metrics["served"]`` says which and why);
-    ``force`` publishes the model anyway.
+    log, is published in its place as the served scorer (``metrics["served"]`` says which and why)
+    when it is surely better than the catalog's popularity the engine serves built in
+    (:func:`beats_catalog_popularity`). Nothing is published on fewer than ``min_gate_users``
+    held-out users. ``force`` publishes the model anyway.
     """
     if model not in ("residual", "torch"):
         raise InvalidInput(f"model must be 'residual' or 'torch'; got {model!r}", field="model")
@@ -301,10 +360,12 @@ def train_ranker(db: Engine, config: ConfigRecord, *, model: str = "residual", i
         return _train_torch(db, config, catalog, cats, interaction=interaction, max_epochs=max_epochs,
                             threads=threads, force=force, true_relevance=true_relevance, on_epoch=on_epoch, seed=seed,
                             require_test=require_test, max_ece=max_ece, gate_users=gate_users,
+                            min_gate_users=min_gate_users,
                             sampled_negatives=sampled_negatives, recency_half_life_days=recency_half_life_days,
                             half_life_days=half_life_days)
     return _train_residual(db, config, catalog, force=force, true_relevance=true_relevance, seed=seed,
                            require_test=require_test, max_ece=max_ece, gate_users=gate_users,
+                            min_gate_users=min_gate_users,
                            half_life_days=half_life_days)
 
 
@@ -314,7 +375,8 @@ POP_EXPONENTS: tuple[float, ...] = (0.0, 0.5, 0.75, 1.0, 1.25)
 
 def _train_residual(db: Engine, config: ConfigRecord, catalog: Catalog, *, force: bool,
                     true_relevance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None, seed: int,
-                    require_test: bool, max_ece: float, gate_users: int, half_life_days: float) -> TrainResult:
+                    require_test: bool, max_ece: float, gate_users: int, min_gate_users: int,
+                    half_life_days: float) -> TrainResult:
     from ._evaluate import _pools, evaluate_pages, history_page_scorer, holdout_split
 
     cfg = config.config
@@ -345,9 +407,11 @@ def _train_residual(db: Engine, config: ConfigRecord, catalog: Catalog, *, force
     def residual(user: np.ndarray, item: np.ndarray, ts: np.ndarray, weight: np.ndarray, coef: np.ndarray,
                  gamma: float) -> rankers.HistoryScorer:
         return rankers.HistoryScorer("residual", cat0, coef=coef, pop_exponent=gamma, type_weights=wv,
-                                     half_life_s=half_life_days * 86400.0).fit(user, item, ts, weight, n_users=n_users)
+                                     half_life_s=half_life_days * 86400.0, prior=catalog.popularity).fit(
+            user, item, ts, weight, n_users=n_users)
 
-    base = rankers.HistoryScorer("popularity", cat0, half_life_s=half_life_days * 86400.0).fit(
+    base = rankers.HistoryScorer("popularity", cat0, half_life_s=half_life_days * 86400.0,
+                                 prior=catalog.popularity).fit(
         inner.train_user, inner.train_item, inner.train_ts, inner.train_weight, n_users=n_users)
     grid_x, grid_y, grid_m = rankers.residual_grid(base, inner.users, _pools(state, inner.users.size, seed),
                                                    inner.positives)
@@ -369,7 +433,8 @@ def _train_residual(db: Engine, config: ConfigRecord, catalog: Catalog, *, force
         mu, mi, mt, mw = u[t < cutoff], i[t < cutoff], t[t < cutoff], w[t < cutoff]
         h = None
     candidate = residual(mu, mi, mt, mw, coef, gamma)
-    chosen, gate = served_gate(state, data, {"residual": candidate}, cutoff, wv, max_users=gate_users, seed=seed,
+    chosen, gate = served_gate(state, data, {"residual": candidate}, cutoff, wv, max_users=gate_users,
+                               min_users=min_gate_users, seed=seed,
                                half_life_s=half_life_days * 86400.0, require_ndcg=require_test)
     ece = float("nan")
     if h is not None:
@@ -452,6 +517,7 @@ def _train_torch(db: Engine, config: ConfigRecord, catalog: Catalog, cats: np.nd
                  max_epochs: int, threads: int, force: bool,
                  true_relevance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None,
                  on_epoch: EpochCallback | None, seed: int, require_test: bool, max_ece: float, gate_users: int,
+                 min_gate_users: int,
                  sampled_negatives: int, recency_half_life_days: float | None, half_life_days: float) -> TrainResult:
     cfg = config.config
     data = log_training_arrays(db, catalog, sampled_negatives=sampled_negatives, seed=seed)
@@ -499,7 +565,8 @@ def _train_torch(db: Engine, config: ConfigRecord, catalog: Catalog, cats: np.nd
     chosen, served = served_gate(
         build_state(cfg, catalog), data,
         {name: rankers.RankerScorer(model, dict(cfg.events), then, debias=d, threads=threads) for name, d in dial.items()},
-        cutoff, cfg.event_weight_vector(), max_users=gate_users, seed=seed, half_life_s=half_life_days * 86400.0)
+        cutoff, cfg.event_weight_vector(), max_users=gate_users, seed=seed, half_life_s=half_life_days * 86400.0,
+        min_users=min_gate_users)
     ece_ok = bool(np.isfinite(valid_ece) and valid_ece <= max_ece)
     served.update({"valid_play_ece": valid_ece, "max_ece": max_ece, "ece_passed": ece_ok})
     better = chosen is not None and ece_ok

@@ -1,5 +1,6 @@
 """The engine's real-time user state: each accepted feedback event updates its user's live state
-(recent positive and negative items, decayed engagement per category) and its item's trend.
+(recent positive and negative items, decayed engagement and examined impressions per category) and
+its item's trend.
 
 One writer (the background loop) calls ``write_batch``; every serving worker calls ``read`` at decision
 time with a deadline that holds whatever the backend does. One interface, :class:`UserStateStore`, with
@@ -12,6 +13,7 @@ from ._factory import make_state_store
 from ._redis import RedisStateStore
 from ._sql import SqlStateStore
 from ._state import (
+    IMPRESSION,
     NEGATIVE_TYPES,
     POSITIVE_TYPES,
     ItemStats,
@@ -24,6 +26,7 @@ from ._state import (
 from ._store import UserStateStore
 
 __all__ = [
+    "IMPRESSION",
     "NEGATIVE_TYPES",
     "POSITIVE_TYPES",
     "ItemStats",

@@ -16,7 +16,8 @@ __all__ = ["make_state_store"]
 _CREDENTIALS = re.compile(r"(//[^/:@]*:)[^/@]*@")
 
 
-def make_state_store(spec: str, db: Engine, *, half_life_s: float = 3600.0, max_events: int = 50) -> UserStateStore:
+def make_state_store(spec: str, db: Engine, *, half_life_s: float = 3600.0, max_events: int = 50,
+                     impression_half_life: float | None = None) -> UserStateStore:
     """The store named by the config's ``loop.state_store``.
 
     Parameters
@@ -31,8 +32,10 @@ def make_state_store(spec: str, db: Engine, *, half_life_s: float = 3600.0, max_
         For anything else (field ``state_store``).
     """
     if spec == "sql":
-        return SqlStateStore(db, half_life_s=half_life_s, max_events=max_events)
+        return SqlStateStore(db, half_life_s=half_life_s, max_events=max_events,
+                             impression_half_life=impression_half_life)
     if isinstance(spec, str) and spec.startswith(("redis://", "rediss://")):
-        return RedisStateStore(spec, half_life_s=half_life_s, max_events=max_events)
+        return RedisStateStore(spec, half_life_s=half_life_s, max_events=max_events,
+                               impression_half_life=impression_half_life)
     shown = _CREDENTIALS.sub(r"\1***@", spec) if isinstance(spec, str) else spec
     raise InvalidInput(f"state_store must be 'sql' or a redis:// URL; got {shown!r}", field="state_store")

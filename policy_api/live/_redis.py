@@ -50,7 +50,7 @@ class RedisStateStore(DeadlineStore):
     ----------
     url
         ``redis://[[user]:password@]host:port/N`` (or ``rediss://``).
-    half_life_s, max_events
+    half_life_s, max_events, impression_half_life
         See :func:`~policy_api.live.apply_events`.
     socket_timeout_s, connect_timeout_s
         redis-py's ``socket_timeout`` / ``socket_connect_timeout``: a Redis that stops answering frees a
@@ -64,9 +64,10 @@ class RedisStateStore(DeadlineStore):
 
     def __init__(self, url: str, *, half_life_s: float = 3600.0, max_events: int = 50,
                  socket_timeout_s: float = 1.0, connect_timeout_s: float = 1.0,
-                 key_prefix: str = "homepage:live:", read_threads: int = 4) -> None:
+                 key_prefix: str = "homepage:live:", read_threads: int = 4,
+                 impression_half_life: float | None = None) -> None:
         super().__init__(half_life_s=half_life_s, max_events=max_events, read_threads=read_threads,
-                         name="live-redis-read")
+                         name="live-redis-read", impression_half_life=impression_half_life)
         self.key_prefix = key_prefix
         self._items_key = f"{key_prefix}items"
         self.client: redis.Redis = redis.Redis.from_url(
@@ -93,7 +94,8 @@ class RedisStateStore(DeadlineStore):
                     old_items: list[Any] = pipe.hmget(self._items_key, items) if items else []
                     new_users = {
                         k: encode_state(apply_events(decode_state(raw), by_user[u], half_life_s=self.half_life_s,
-                                                     max_events=self.max_events))
+                                                     max_events=self.max_events,
+                                                     impression_half_life=self.impression_half_life))
                         for u, k, raw in zip(users, user_keys, old_users, strict=True)
                     }
                     new_items: list[str | bytes] = []  # hset(items=[field, value, ...])

@@ -43,7 +43,7 @@ class SqlStateStore(DeadlineStore):
         SQLite or PostgreSQL, migrated to a revision with ``user_state`` and ``item_stats``. Shared: the
         store never disposes it. Build it with :func:`policy_api.log.make_engine` so that connects and
         statements have timeouts of their own.
-    half_life_s, max_events
+    half_life_s, max_events, impression_half_life
         See :func:`~policy_api.live.apply_events`.
     read_threads
         Reads in flight at once (see :class:`~policy_api.live._store.DeadlinePool`); below the Engine's
@@ -58,12 +58,12 @@ class SqlStateStore(DeadlineStore):
     """
 
     def __init__(self, engine: Engine, *, half_life_s: float = 3600.0, max_events: int = 50,
-                 read_threads: int = 4) -> None:
+                 read_threads: int = 4, impression_half_life: float | None = None) -> None:
         name = engine.dialect.name
         if name not in ("sqlite", "postgresql"):
             raise ValueError(f"engine dialect must be 'sqlite' or 'postgresql'; got {name!r}")
         super().__init__(half_life_s=half_life_s, max_events=max_events, read_threads=read_threads,
-                         name="live-sql-read")
+                         name="live-sql-read", impression_half_life=impression_half_life)
         self.engine = engine
         self._dialect = name
         # built once: a statement object caches its compiled form, so a read does not rebuild the query
@@ -95,7 +95,8 @@ class SqlStateStore(DeadlineStore):
             old = {str(r.user_id): decode_state(r.state) for r in rows}
             new = [
                 {"user_id": u, "updated_at": now, "state": encode_state(apply_events(
-                    old.get(u), by_user[u], half_life_s=self.half_life_s, max_events=self.max_events)).decode()}
+                    old.get(u), by_user[u], half_life_s=self.half_life_s, max_events=self.max_events,
+                    impression_half_life=self.impression_half_life)).decode()}
                 for u in keys
             ]
             stmt = self._insert(user_state)

@@ -1,8 +1,9 @@
 """The live state's values and their pure update rules (no I/O).
 
 Engagement decays with a half-life ``h``: an event of ``units`` at time ``ts`` is worth
-``units * 2**(-(t - ts) / h)`` at time ``t``. A user's state keeps the decayed sum per category *as of*
-its newest event ``updated``, so bringing it to any later time is one multiplication, and an event that
+``units * 2**(-(t - ts) / h)`` at time ``t``; so do examined impressions (an impression of ``units``
+examination weight). A user's state keeps the decayed sums per category *as of* its newest event
+``updated``, so bringing it to any later time is one multiplication, and an event that
 arrives late (older than ``updated``) adds its exactly decayed term: the state after any sequence of
 batches equals the closed-form sum over all events, whatever their arrival order.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
 
@@ -23,6 +24,7 @@ from rankers import EVENT_TYPES
 from ..errors import InvalidInput
 
 __all__ = [
+    "IMPRESSION",
     "NEGATIVE_TYPES",
     "POSITIVE_TYPES",
     "ItemStats",
@@ -46,23 +48,27 @@ __all__ = [
 POSITIVE_TYPES: tuple[str, ...] = ("play", "full_play", "favorite", "share")
 #: event types that count against it (``n_negative``)
 NEGATIVE_TYPES: tuple[str, ...] = ("skip",)
-_TYPES = frozenset(POSITIVE_TYPES + NEGATIVE_TYPES)
+#: an item shown to the user: its ``units`` are the examination weight of where it was shown; it adds to
+#: the category's examined impressions only (not to the sequences, the counts or the engagement)
+IMPRESSION = "impression"
+_TYPES = frozenset((*POSITIVE_TYPES, *NEGATIVE_TYPES, IMPRESSION))
 _CODE = {t: k for k, t in enumerate(EVENT_TYPES)}  # the ranker's behaviour-type codes
-_FORMAT = 1  # version of the stored JSON; decode refuses others
+_FORMAT = 2  # version of the stored JSON; 1 (without impressions) still reads
 
 
 @dataclass(frozen=True, slots=True)
 class LiveEvent:
-    """One accepted feedback event of one user on one item (impressions are not live events).
+    """One accepted feedback event of one user on one item, or an impression (:data:`IMPRESSION`).
 
     Parameters
     ----------
     user_id, item_id, category
         Who, on what, and the item's category.
     type
-        One of :data:`POSITIVE_TYPES` or :data:`NEGATIVE_TYPES`.
+        One of :data:`POSITIVE_TYPES`, :data:`NEGATIVE_TYPES` or :data:`IMPRESSION`.
     units
-        The config's weight of this event type (a skip's is negative). Finite.
+        The config's weight of this event type (a skip's is negative); for an impression, its
+        examination weight (>= 0). Finite.
     ts
         Event time, epoch seconds. Finite.
     """
@@ -76,12 +82,15 @@ class LiveEvent:
 
     def __post_init__(self) -> None:
         if self.type not in _TYPES:
-            allowed = ", ".join(POSITIVE_TYPES + NEGATIVE_TYPES)
+            allowed = ", ".join((*POSITIVE_TYPES, *NEGATIVE_TYPES, IMPRESSION))
             raise InvalidInput(f"type must be one of {allowed}; got {self.type!r}", field="type")
         for name in ("units", "ts"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value)):
                 raise InvalidInput(f"{name} must be a finite number; got {value!r}", field=name)
+        if self.type == IMPRESSION and self.units < 0:
+            raise InvalidInput(f"units of an impression (its examination weight) must be >= 0; got {self.units!r}",
+                               field="units")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +104,8 @@ class UserState:
     category_engagement
         Per category, ``sum_e units_e * 2**(-(updated - ts_e) / half_life_s)`` over every event ever
         applied (skips subtract), as of ``updated``.
+    category_impressions
+        Per category, the same decayed sum of the examination weights of the user's impressions.
     n_positive, n_negative
         Counts of positive and negative events ever applied.
     updated
@@ -109,6 +120,7 @@ class UserState:
     n_positive: int
     n_negative: int
     updated: float
+    category_impressions: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not len(self.items) == len(self.types) == len(self.ts):
@@ -159,7 +171,7 @@ def decay(age_s: float, half_life_s: float) -> float:
 
 
 def apply_events(state: UserState | None, events: Sequence[LiveEvent], *, half_life_s: float,
-                 max_events: int) -> UserState:
+                 max_events: int, impression_half_life: float | None = None) -> UserState:
     """The state after ``events`` (all of one user), in any arrival order.
 
     ``updated' = max(updated, max ts)``; each category's engagement is brought to ``updated'`` and each
@@ -172,6 +184,13 @@ def apply_events(state: UserState | None, events: Sequence[LiveEvent], *, half_l
         The current state, or None for a user without one.
     events
         Events of ``state.user_id`` (of one user when ``state`` is None); may be empty when ``state`` is not.
+    impression_half_life
+        Examined impressions (> 0; ``inf`` or None: no fading). With it, what the state held before this batch also fades
+        with the user's own new impressions: its engagement and impressions are multiplied by
+        ``2**(-I / impression_half_life)``, ``I`` the examined impressions in ``events``. A user who
+        comes back often is judged on the last few pages, so a change of taste shows within pages,
+        not hours; the state then depends on how events were batched (the loop writes each user's
+        events of one tick as one batch).
 
     Raises
     ------
@@ -179,6 +198,9 @@ def apply_events(state: UserState | None, events: Sequence[LiveEvent], *, half_l
         For events of another user, no events and no state, or bad ``half_life_s`` / ``max_events``.
     """
     check_store_params(half_life_s, max_events)
+    if impression_half_life is not None and not impression_half_life > 0:  # inf: no fading
+        raise InvalidInput(f"impression_half_life must be a number > 0 (inf: none) or None; got "
+                           f"{impression_half_life!r}", field="impression_half_life")
     if state is None and not events:
         raise InvalidInput("events must not be empty when there is no state; got 0 events", field="events")
     user_id = state.user_id if state is not None else events[0].user_id
@@ -191,15 +213,22 @@ def apply_events(state: UserState | None, events: Sequence[LiveEvent], *, half_l
     if state is None:
         updated = times[-1]
         engagement: dict[str, float] = {}
+        shown: dict[str, float] = {}
         old: list[tuple[str, str, float]] = []
         n_pos = n_neg = 0
     else:
         updated = max([state.updated, *times[-1:]])
         factor = decay(updated - state.updated, half_life_s)
+        if impression_half_life is not None:
+            factor *= decay(sum(e.units for e in events if e.type == IMPRESSION), impression_half_life)
         engagement = {c: v * factor for c, v in state.category_engagement.items()}
+        shown = {c: v * factor for c, v in state.category_impressions.items()}
         old = list(zip(state.items, state.types, state.ts, strict=True))[::-1]  # oldest first
         n_pos, n_neg = state.n_positive, state.n_negative
     for e in ordered:
+        if e.type == IMPRESSION:
+            shown[e.category] = shown.get(e.category, 0.0) + e.units * decay(updated - e.ts, half_life_s)
+            continue
         engagement[e.category] = engagement.get(e.category, 0.0) + e.units * decay(updated - e.ts, half_life_s)
         if e.type in POSITIVE_TYPES:
             n_pos += 1
@@ -207,7 +236,7 @@ def apply_events(state: UserState | None, events: Sequence[LiveEvent], *, half_l
             n_neg += 1
     # the old sequence arrived first; a stable sort by time keeps arrival order among equal times, and the
     # newest max_events of (old kept + new) are the newest max_events of everything ever applied
-    merged = old + [(e.item_id, e.type, e.ts) for e in ordered]
+    merged = old + [(e.item_id, e.type, e.ts) for e in ordered if e.type != IMPRESSION]
     merged.sort(key=lambda r: r[2])
     recent = merged[::-1][:max_events]
     return UserState(
@@ -219,12 +248,14 @@ def apply_events(state: UserState | None, events: Sequence[LiveEvent], *, half_l
         n_positive=n_pos,
         n_negative=n_neg,
         updated=updated,
+        category_impressions=shown,
     )
 
 
 def category_vector(state: UserState | None, category_names: Sequence[str], now: float,
-                    half_life_s: float) -> np.ndarray:
-    """Decayed engagement per category at ``now``: ``engagement[c] * 2**(-(now - updated) / half_life_s)``.
+                    half_life_s: float, *, impressions: bool = False) -> np.ndarray:
+    """Decayed engagement per category at ``now``: ``engagement[c] * 2**(-(now - updated) / half_life_s)``
+    (with ``impressions``, the decayed examined impressions instead).
 
     Returns
     -------
@@ -237,8 +268,9 @@ def category_vector(state: UserState | None, category_names: Sequence[str], now:
     if state is None:
         return out
     factor = decay(max(0.0, now - state.updated), half_life_s)
+    values = state.category_impressions if impressions else state.category_engagement
     for j, c in enumerate(category_names):
-        out[j] = state.category_engagement.get(c, 0.0) * factor
+        out[j] = values.get(c, 0.0) * factor
     return out
 
 
@@ -326,6 +358,7 @@ def encode_state(state: UserState) -> bytes:
         "n_positive": state.n_positive,
         "n_negative": state.n_negative,
         "updated": state.updated,
+        "category_impressions": state.category_impressions,
     })
 
 
@@ -342,8 +375,8 @@ def decode_state(raw: str | bytes | None) -> UserState | None:
     d: Any = orjson.loads(raw)
     if d is None:
         return None
-    if d.get("v") != _FORMAT:
-        raise ValueError(f"live state format must be {_FORMAT}; got {d.get('v')!r}")
+    if d.get("v") not in (1, _FORMAT):
+        raise ValueError(f"live state format must be 1 or {_FORMAT}; got {d.get('v')!r}")
     return UserState(
         user_id=d["user_id"],
         items=tuple(d["items"]),
@@ -353,6 +386,7 @@ def decode_state(raw: str | bytes | None) -> UserState | None:
         n_positive=int(d["n_positive"]),
         n_negative=int(d["n_negative"]),
         updated=float(d["updated"]),
+        category_impressions={c: float(v) for c, v in d.get("category_impressions", {}).items()},
     )
 
 

@@ -135,10 +135,12 @@ class DeadlineStore(ABC):
     ItemStats | None``, ``_write(events)`` and ``_close()``; each may block or raise.
     """
 
-    def __init__(self, *, half_life_s: float, max_events: int, read_threads: int, name: str) -> None:
+    def __init__(self, *, half_life_s: float, max_events: int, read_threads: int, name: str,
+                 impression_half_life: float | None = None) -> None:
         check_store_params(half_life_s, max_events)
         self.half_life_s = float(half_life_s)
         self.max_events = max_events
+        self.impression_half_life = impression_half_life
         self._pool = DeadlinePool(read_threads, name)
         self._counts = dict.fromkeys(STAT_KEYS, 0)
         self._counts_lock = threading.Lock()

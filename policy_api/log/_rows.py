@@ -396,12 +396,26 @@ def load_items(bind: Bind) -> dict[str, Any]:
     }
 
 
-def recent_since(bind: Bind, n: int, since: datetime | None = None) -> datetime | None:
-    """The time from which the most recent ``n`` feedback events (after ``since``) start: ``since``
-    itself when there are no more than ``n`` of them. One indexed query."""
+def _unpersonalised() -> tuple[Any, Any]:
+    """(the feedback joined to its decision, the condition that the decision was served without a
+    personal live state): the page such a user saw was not chosen for that user's tastes. Feedback
+    without a decision row (imported history, a decision still in a worker's queue) counts too."""
+    live = decisions.c.context["live"].as_string()
+    return (feedback.outerjoin(decisions, decisions.c.request_id == feedback.c.request_id),
+            sa.or_(live.is_(None), live != "hit"))
+
+
+def recent_since(bind: Bind, n: int, since: datetime | None = None, *, unpersonalised: bool = False
+                 ) -> datetime | None:
+    """The time from which the most recent ``n`` feedback events (after ``since``; of unpersonalised
+    decisions only, with ``unpersonalised``) start: ``since`` itself when there are no more than ``n``
+    of them. One indexed query."""
     if n < 1:
         raise ValueError(f"n must be an int >= 1; got {n!r}")
     q = sa.select(feedback.c.ts).order_by(feedback.c.ts.desc()).limit(1).offset(n - 1)
+    if unpersonalised:
+        joined, cond = _unpersonalised()
+        q = q.select_from(joined).where(cond)
     if since is not None:
         q = q.where(feedback.c.ts >= since)
     with reading(bind) as conn:
@@ -412,16 +426,26 @@ def recent_since(bind: Bind, n: int, since: datetime | None = None) -> datetime 
 
 
 def item_engagement(bind: Bind, events: Mapping[str, float], since: datetime | None = None,
-                    position_weights: Sequence[float] | None = None, max_events: int | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    position_weights: Sequence[float] | None = None, max_events: int | None = None, *,
+                    unpersonalised: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per item with feedback since ``since`` (and among the last ``max_events`` feedback events, when
     given): item ids, engagement units and examined impressions (weighted by slot as in
-    :func:`category_engagement`). One aggregate query (by item, type, slot)."""
+    :func:`category_engagement`). One aggregate query (by item, type, slot).
+
+    With ``unpersonalised``, only the feedback of decisions served without a personal live state (the
+    user's first requests, users whose state could not be read): what a category earns when it is
+    shown to users not picked for liking it. Over all traffic, a niche category is shown mostly to
+    the users who like it, and its rate says far more than a new user would give it.
+    """
     if max_events is not None:
-        since = recent_since(bind, max_events, since)
+        since = recent_since(bind, max_events, since, unpersonalised=unpersonalised)
     where = [] if since is None else [feedback.c.ts >= since]
-    q = (sa.select(feedback.c.item_id, feedback.c.type, feedback.c.slot, sa.func.count())
-         .where(*where).group_by(feedback.c.item_id, feedback.c.type, feedback.c.slot))
+    q = sa.select(feedback.c.item_id, feedback.c.type, feedback.c.slot, sa.func.count())
+    if unpersonalised:
+        joined, cond = _unpersonalised()
+        q = q.select_from(joined)
+        where.append(cond)
+    q = q.where(*where).group_by(feedback.c.item_id, feedback.c.type, feedback.c.slot)
     with reading(bind) as conn:
         rows = conn.execute(q).all()
     if not rows:

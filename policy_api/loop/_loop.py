@@ -40,7 +40,7 @@ from allocator import ResolvePacer, ResolvePacerConfig, exploitable
 from .. import jobs, registry
 from ..engine import calibration_rates, calibration_shift
 from ..errors import HomepageError
-from ..live import LiveEvent, UserStateStore, make_state_store
+from ..live import IMPRESSION, LiveEvent, UserStateStore, make_state_store
 from ..log import decisions, feedback, load_items, read_decision_log
 from ..registry import ConfigRecord
 from ._lease import Lease
@@ -125,7 +125,7 @@ class BackgroundLoop:
         k: StepRecord() for k in ("state", "calibrate", "plan", "pace", "learn", "train")})
     _config: ConfigRecord | None = None
     _store: UserStateStore | None = None
-    _store_spec: str | None = None
+    _store_spec: tuple[Any, ...] | None = None
     _item_category: dict[str, str] = field(default_factory=dict)
     _last_feedback_id: int | None = None
     _pending: dict[int, tuple[float, Any]] = field(default_factory=dict)
@@ -241,12 +241,14 @@ class BackgroundLoop:
         items = load_items(self.db)
         self._item_category = dict(zip(map(str, items["item_ids"]), map(str, items["category"]), strict=True))
         loop = cfg.config.loop
-        if self._store is None or self._store_spec != loop.state_store:
+        spec = (loop.state_store, loop.state_half_life_s, loop.state_max_events, loop.state_half_life_impressions)
+        if self._store is None or self._store_spec != spec:  # a new store, or new update rules
             if self._store is not None:
                 self._store.close()
             self._store = make_state_store(loop.state_store, self.db, half_life_s=loop.state_half_life_s,
+                                           impression_half_life=loop.state_half_life_impressions,
                                            max_events=loop.state_max_events)
-            self._store_spec = loop.state_store
+            self._store_spec = spec
         self._next.pop("plan", None)
 
     # ---- live state ------------------------------------------------------------------------------
@@ -260,9 +262,9 @@ class BackgroundLoop:
                 return "idle", ""
             rows = conn.execute(
                 sa.select(feedback.c.id, feedback.c.request_id, decisions.c.user_id, feedback.c.item_id,
-                          feedback.c.type, feedback.c.ts)
+                          feedback.c.type, feedback.c.ts, feedback.c.slot)
                 .select_from(feedback.outerjoin(decisions, decisions.c.request_id == feedback.c.request_id))
-                .where(feedback.c.id > self._last_feedback_id, feedback.c.type != "impression")
+                .where(feedback.c.id > self._last_feedback_id)
                 .order_by(feedback.c.id).limit(20_000)).all()
             retry = [r for _, r in self._pending.values()]
             if retry:
@@ -274,10 +276,23 @@ class BackgroundLoop:
             self._last_feedback_id = int(rows[-1].id)
         now = time.time()
         events: list[LiveEvent] = []
+        # impressions count per (user, category) as examined impressions: each weighs its slot's
+        # examination weight relative to the mean (as the plan's calibration counts them)
+        w = np.asarray(config.position_weights, dtype=np.float64)
+        w = w / w.mean()
+        shown: dict[tuple[str, str], list[float]] = {}
 
         def add(user: str, r: Any) -> None:
             cat = self._item_category.get(str(r.item_id))
-            if cat is None or r.type not in config.events:
+            if cat is None:
+                return
+            if r.type == IMPRESSION:
+                weight = float(w[r.slot]) if r.slot is not None and 0 <= r.slot < w.size else 1.0
+                acc = shown.setdefault((user, cat), [0.0, 0.0])
+                acc[0] += weight
+                acc[1] = max(acc[1], r.ts.timestamp())
+                return
+            if r.type not in config.events:
                 return
             events.append(LiveEvent(user_id=user, item_id=str(r.item_id), category=cat, type=str(r.type),
                                     units=float(config.events[r.type]), ts=r.ts.timestamp()))
@@ -293,10 +308,14 @@ class BackgroundLoop:
                 self._pending[int(r.id)] = (now, r)
             else:
                 add(str(r.user_id), r)
+        n_behaviour = len(events)
+        events.extend(LiveEvent(user_id=u, item_id="", category=c, type=IMPRESSION, units=weight, ts=ts)
+                      for (u, c), (weight, ts) in shown.items())
         if not events:
             return "idle", ""
         self._store.write_batch(events)
-        return "ok", f"{len(events)} events, {len(self._pending)} waiting for their decision"
+        return "ok", (f"{n_behaviour} events and impressions of {len(shown)} (user, category) pairs, "
+                      f"{len(self._pending)} waiting for their decision")
 
     def _calibrate(self) -> tuple[str, str]:
         """Plan again as soon as there is feedback enough to calibrate the categories, each time the

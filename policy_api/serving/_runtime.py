@@ -93,9 +93,12 @@ class Runtime:
             return LiveSignals.cold(len(names), "timeout" if late else "cold")
         # the recent sequences feed the ranker's user side (catalog rows, newest first)
         pos, pos_types, skipped = live_sequences(got, st.catalog.index_of())
-        return LiveSignals("hit", category_vector(got, names, time.time(), loop.state_half_life_s),
+        now = time.time()
+        shown = (category_vector(got, names, now, loop.state_half_life_s, impressions=True)
+                 if got.category_impressions else None)
+        return LiveSignals("hit", category_vector(got, names, now, loop.state_half_life_s),
                            skipped, len(got.items), positives=pos, positive_types=pos_types,
-                           n_positive=got.n_positive, n_negative=got.n_negative)
+                           n_positive=got.n_positive, n_negative=got.n_negative, impressions=shown)
 
     def reload(self, force: bool = False) -> bool:
         """Swap in a new state if anything published changed. Returns True when it swapped."""

@@ -220,6 +220,18 @@ def test_feedback_limits_are_configurable_and_checked():
                                                     "learning.max_event_value"]
 
 
+def test_live_state_half_lives_are_configurable_and_checked():
+    d = raw()
+    loop = parse_config(d).loop
+    assert (loop.state_half_life_s, loop.state_half_life_impressions) == (3600.0, 300.0)
+    d["loop"] = {"state_half_life_impressions": 120}
+    assert parse_config(d).loop.state_half_life_impressions == 120.0
+    d["loop"] = {"state_half_life_impressions": 0}
+    with pytest.raises(ConfigError) as e:
+        parse_config(d)
+    assert dict(e.value.errors)["loop.state_half_life_impressions"] == "must be in (0, inf]; got 0"
+
+
 def test_input_not_mutated():
     d = raw()
     before = copy.deepcopy(d)

@@ -323,3 +323,72 @@ def test_without_a_long_tail_goal_tilted_layouts_get_only_the_exploration_budget
             assert max(tilted) > config.exploration.budget + 0.05
         else:
             assert max(tilted) <= config.exploration.budget + 1e-12
+
+
+def test_live_rate_factors_are_the_shrunk_rate_ratio(seed):
+    from policy_api.engine import LIVE_PRIOR_IMPRESSIONS, live_rate_factors
+
+    rng = np.random.default_rng(seed)
+    C = 5
+    raw_top, top = rng.uniform(0.5, 2.0, C), rng.uniform(0.5, 2.0, C)
+    rate = np.array([0.3, 0.1, 0.05, -0.02, 0.2])  # category 3 is net negative over the population
+    units, imps = rng.uniform(-1.0, 30.0, C), rng.uniform(0.0, 200.0, C)
+    units[1] = -40.0  # a category this user skips more than takes
+    rho, factor, offset = live_rate_factors(raw_top, top, rate, units, imps)
+    k = LIVE_PRIOR_IMPRESSIONS
+    for c in range(C):
+        t = min(max(raw_top[c] / top[c], 0.1), 10.0)
+        want_rho = (units[c] + k * rate[c]) / (imps[c] + k)
+        assert rho[c] == pytest.approx(want_rho)
+        if rate[c] > 0:  # scaled to the user's rate; a net loss added where the user's rate is negative
+            m = min(max(want_rho / rate[c], -20.0), 20.0)
+            assert factor[c] == pytest.approx(max(m, 0.05) / t) and offset[c] == pytest.approx(min(m, 0.0) * rate[c])
+        else:  # the population skips it more than it plays it: shifted by the user's difference
+            assert factor[c] == 1.0 and offset[c] == pytest.approx(want_rho - rate[c])
+    assert rho[1] < 0 and offset[1] < 0  # its items are a loss to show to this user
+    # no evidence: the population's rate (the scorer's own category tilt taken out, nothing added);
+    # much evidence: the user's own rate
+    rho0, f0, o0 = live_rate_factors(raw_top, top, rate, np.zeros(C), np.zeros(C))
+    assert rho0 == pytest.approx(rate) and (o0 == 0).all()
+    rho1, _, _ = live_rate_factors(raw_top, top, rate, 1e6 * 2 * rate, np.full(C, 1e6))
+    assert rho1 == pytest.approx(2 * rate, rel=1e-4)
+
+
+def test_a_user_who_ignores_a_category_is_shown_less_of_it(state, world):
+    """Impressions without engagement lower a category's value for that user, whatever share of the
+    user's plays it holds; engagement above the population's rate raises it."""
+    from policy_api.engine import LiveSignals, calibrated
+
+    C = len(state.config.categories)
+    rates = np.zeros((C, 2, 2))
+    rates[:, 0] = [[3000.0, 1e4], [2000.0, 1e4], [1000.0, 1e4], [1500.0, 1e4]][:C]
+    rates[:, 1] = rates[:, 0] * [0.5, 1.0]
+    st = calibrated(state, rates)
+    engine = DecisionEngine(st)
+    rng = np.random.default_rng(0)
+    pool = engine.pool(st, rng)
+    cold, _ = engine.item_scores(st, -1, pool, None)
+    # the user was shown plenty of category 0 and took none of it; of category 1 took 3x the population
+    units = np.zeros(C)
+    imps = np.zeros(C)
+    imps[0], imps[1], units[1] = 300.0, 100.0, 3 * 100.0 * st.category_rate[1]
+    live = LiveSignals("hit", units, np.zeros(0, dtype=np.int64), impressions=imps)
+    got, prefs = engine.item_scores(st, -1, pool, live)
+    cat = st.item_category[pool]
+    raw = st.scorer.score(-1, pool)
+    k = 20.0
+    for c in range(C):
+        sel = cat == c
+        t = np.sort(raw[sel])[::-1][:st.config.items_per_module].mean() / st.category_top[c]
+        m = (units[c] + k * st.category_rate[c]) / ((imps[c] + k) * st.category_rate[c])
+        np.testing.assert_allclose(got[sel], cold[sel] * max(m, 0.05) / t, rtol=1e-9)
+    assert prefs is not None and prefs[0] < st.population_prefs[0] and prefs[1] > st.population_prefs[1]
+    # the decisions follow: fewer modules of category 0, more of category 1, than for a cold user
+    name = [c.name for c in st.config.categories]
+    shown = np.zeros((2, C))
+    for k_req in range(150):
+        for row, signals in enumerate((None, live)):
+            d = engine.decide("u-new", f"rq{k_req}", live=signals)
+            for m_ in d.modules:
+                shown[row, name.index(m_["category"])] += 1
+    assert shown[1, 0] < shown[0, 0] and shown[1, 1] > shown[0, 1]

@@ -142,6 +142,11 @@ class _PairScorer:
         return 1e-3 + (hit if self.sign > 0 else 1.0 - hit)
 
 
+def table_users(h):
+    """Held-out users the gate judges: those of the holdout with a future positive."""
+    return int(h.users.size)
+
+
 def test_gate_passes_an_oracle_and_refuses_a_loser(logged):
     _, db, cfg, _ = logged
     catalog, ev, h = _holdout(db, cfg)
@@ -150,15 +155,23 @@ def test_gate_passes_an_oracle_and_refuses_a_loser(logged):
     full[h.users] = h.positives.toarray() > 0
     data = {"events": ev["events"], "n_users": ev["n_users"], "user_ids": ev["user_ids"]}
     w = cfg.config.event_weight_vector()
-    chosen, table = jobs._train.served_gate(state, data, {"oracle": _PairScorer(full, 1.0)}, h.cutoff, w, n_boot=200)
+    # too few held-out users to decide on: even the oracle is not published
+    chosen, table = jobs._train.served_gate(state, data, {"oracle": _PairScorer(full, 1.0)}, h.cutoff, w, n_boot=200,
+                                            min_users=table_users(h) + 1)
+    assert chosen is None and not table["passed"]
+    assert f"only {table_users(h)} held-out users (need at least {table_users(h) + 1} to decide)" in table["reason"]
+    chosen, table = jobs._train.served_gate(state, data, {"oracle": _PairScorer(full, 1.0)}, h.cutoff, w, n_boot=200,
+                                            min_users=1)
     assert chosen == "oracle" and table["passed"]
-    chosen, table = jobs._train.served_gate(state, data, {"loser": _PairScorer(full, -1.0)}, h.cutoff, w, n_boot=200)
+    chosen, table = jobs._train.served_gate(state, data, {"loser": _PairScorer(full, -1.0)}, h.cutoff, w, n_boot=200,
+                                            min_users=1)
     assert chosen is None and not table["passed"]
     rows = {r["scorer"]: r["recall"] for r in table["scorers"]}
     assert rows["loser"] < rows[table["best_baseline"]] == max(v for k, v in rows.items() if k != "loser")
     # two candidates: the better one is chosen (the debiasing dial)
     chosen, table = jobs._train.served_gate(state, data, {"loser": _PairScorer(full, -1.0),
-                                                          "oracle": _PairScorer(full, 1.0)}, h.cutoff, w, n_boot=200)
+                                                          "oracle": _PairScorer(full, 1.0)}, h.cutoff, w, n_boot=200,
+                                            min_users=1)
     assert chosen == "oracle"
 
 
@@ -226,7 +239,7 @@ def test_refused_model_serves_the_best_baseline_with_its_evaluated_pages(split_w
     _losing_residual(monkeypatch)
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{w['past_dir'] / 'h.db'}")
     monkeypatch.chdir(w["past_dir"])
-    assert cli.main(["train", "--report-dir", str(w["past_dir"] / "report")]) == 0
+    assert cli.main(["train", "--min-gate-users", "50", "--report-dir", str(w["past_dir"] / "report")]) == 0
     out = capsys.readouterr().out
     rows = registry.model_history(w["past"], "ranker")
     assert [(r.version, r.status) for r in rows] == [(2, "published"), (1, "rejected")]
@@ -244,7 +257,9 @@ def test_refused_model_serves_the_best_baseline_with_its_evaluated_pages(split_w
                            event_weights=w["cfg_full"].config.event_weight_vector(), n_users=ev["n_users"],
                            n_items=catalog.n_items, cutoff=w["cutoff"])
     ref_state = build_state(w["cfg_full"].config, catalog)
-    ref = jobs.evaluate_pages(ref_state, h, jobs.baseline_scorers(h, ref_state.item_category), n_boot=10)
+    # the baselines refine the catalog's popularity (their prior), as training fits them
+    ref = jobs.evaluate_pages(ref_state, h, jobs.baseline_scorers(h, ref_state.item_category, prior=catalog.popularity),
+                              n_boot=10)
     assert ref.best_baseline == best
     # the pages the serving engine builds with the published scorer, user by user
     user_ids = [ev["user_ids"][u] for u in h.users.tolist()]
@@ -256,12 +271,13 @@ def test_refused_model_serves_the_best_baseline_with_its_evaluated_pages(split_w
     ev_play = np.asarray(past["type"]) == rankers.EVENT_TYPES.index("play")
     share = rankers.repeat_share(np.asarray(past["user"])[ev_play], np.asarray(past["item"])[ev_play],
                                  np.asarray(past["ts"])[ev_play], catalog.n_items)
-    demote = share < jobs.MAX_REPEAT_SHARE
+    demote = share < jobs.MAX_REPEAT_SHARE and int(ev_play.sum()) >= jobs.MIN_PLAYS_TO_DEMOTE
     assert served.metrics["served"]["demote_seen"] is demote
     assert served.metrics["served"]["repeat_share"] == pytest.approx(share)
     if not demote:  # judged as served: the scores as they are
-        ref = jobs.evaluate_pages(ref_state, h, jobs.baseline_scorers(h, ref_state.item_category), n_boot=10,
-                                  exclude_seen=False)
+        ref = jobs.evaluate_pages(ref_state, h, jobs.baseline_scorers(h, ref_state.item_category,
+                                                                      prior=catalog.popularity),
+                                  n_boot=10, exclude_seen=False)
     assert np.mean(m["recall"]) == pytest.approx(ref.row(best)["recall"], abs=1e-12)
     assert np.mean(m["ndcg"]) == pytest.approx(ref.row(best)["ndcg"], abs=1e-12)
     seen = h.seen.toarray() > 0
@@ -306,7 +322,7 @@ def _handle(scorer, user_ids):
 def test_residual_ranker_is_gated_and_published_when_it_wins(split_worlds, monkeypatch):
     """The published residual model is what the gate judged; a loser is never published."""
     w = split_worlds
-    res = jobs.train_ranker(w["full"], w["cfg_full"], gate_users=200)
+    res = jobs.train_ranker(w["full"], w["cfg_full"], gate_users=200, min_gate_users=1)
     gate = res.metrics["gate"]
     rows = {r["scorer"]: r for r in gate["scorers"]}
     d = next(x for x in gate["differences_vs_best_baseline"] if x["scorer"] == "residual" and x["metric"] == "recall")
@@ -316,10 +332,12 @@ def test_residual_ranker_is_gated_and_published_when_it_wins(split_worlds, monke
     rec = registry.model(w["full"], "ranker")
     if gate["passed"] and gate["ece_passed"]:
         assert res.rejected is None and rec.metrics["served"]["kind"] == "model"
+    elif gate["best_baseline"] == jobs.CATALOG_POPULARITY:
+        assert res.rejected is not None and res.published is None and rec is None
     else:
         assert res.rejected is not None and rec.metrics["served"]["kind"] == "baseline"
         assert rec.metrics["served"]["scorer"] == gate["best_baseline"]
-    assert rec.version == res.published
+    assert rec is None or rec.version == res.published
 
 
 @pytest.mark.slow
@@ -328,7 +346,7 @@ def test_torch_model_that_loses_is_refused_and_the_baseline_served(logged, tmp_p
     shutil.copy(tmp / "h.db", tmp_path / "h.db")
     db = make_engine(f"sqlite:///{tmp_path / 'h.db'}")
     cfg = registry.require_active_config(db)
-    res = jobs.train_ranker(db, cfg, model="torch", max_epochs=1, interaction="cross")
+    res = jobs.train_ranker(db, cfg, model="torch", max_epochs=1, interaction="cross", min_gate_users=1)
     gate = res.metrics["gate"]
     rows = {r["scorer"]: r["recall"] for r in gate["scorers"]}
     chosen = gate["chosen"]
@@ -336,11 +354,19 @@ def test_torch_model_that_loses_is_refused_and_the_baseline_served(logged, tmp_p
     assert d["mean_diff"] == pytest.approx(rows[chosen] - rows[gate["best_baseline"]])
     # one epoch on a popularity-driven log: the model's pages lose to a baseline, so it is refused
     assert d["ci_low"] <= 0 and rows[chosen] < rows[gate["best_baseline"]]
-    assert res.rejected is not None and res.published == res.rejected + 1
-    served = registry.model(db, "ranker")
-    assert served.metrics["served"] == res.metrics["served"]
-    assert (served.metrics["served"]["kind"], served.metrics["served"]["scorer"]) == ("baseline", gate["best_baseline"])
     assert gate["passed"] == (d["ci_low"] > 0)
+    assert res.rejected is not None
+    served = registry.model(db, "ranker")
+    if gate["best_baseline"] == jobs.CATALOG_POPULARITY:
+        # the catalog's popularity column, which the engine serves built in, beats every baseline fitted
+        # on the log: nothing is published and the engine keeps serving it
+        assert res.published is None and served is None
+        assert res.metrics["served"]["kind"] == "unchanged"
+    else:
+        assert res.published == res.rejected + 1
+        assert served.metrics["served"] == res.metrics["served"]
+        assert (served.metrics["served"]["kind"], served.metrics["served"]["scorer"]) == ("baseline",
+                                                                                         gate["best_baseline"])
     db.dispose()
 
 
@@ -358,7 +384,7 @@ def test_cli_evaluate_prints_writes_json_and_report(logged, monkeypatch, capsys)
     assert cli.main(["evaluate", "--n-boot", "100", "--json", str(tmp / "e.json"), "--out", str(out)]) == 0
     text = capsys.readouterr().out
     res = json.loads((tmp / "e.json").read_text())
-    assert [r["scorer"] for r in res["scorers"]] == list(jobs.BASELINE_SCORERS)
+    assert [r["scorer"] for r in res["scorers"]] == [*jobs.BASELINE_SCORERS, jobs.CATALOG_POPULARITY]
     for r in res["scorers"]:
         assert f"{r['recall']:.4f}" in text and 0.0 <= r["recall"] <= r["hr"] <= 1.0
     assert (out / "index.html").is_file() and (out / "metrics.png").stat().st_size > 1000
@@ -404,3 +430,24 @@ def test_sampled_negatives_are_unlabelled_impressions_of_imported_decisions(logg
     assert per_dec.max() <= 3 * np.bincount(base["events"]["decision"]).max()
     with pytest.raises(InvalidInput, match=r"sampled_negatives must be an int >= 0; got -1"):
         jobs.log_training_arrays(db, catalog, sampled_negatives=-1)
+
+
+@pytest.mark.parametrize(("recall_ci", "ndcg_ci", "replaces"), [
+    ((-0.08, 0.01), (-0.09, 0.02), False),  # not surely better on either: the catalog's popularity stays
+    ((-0.08, -0.01), (-0.09, 0.02), True),  # surely more recall
+    ((-0.02, 0.03), (-0.09, -0.02), True),  # recall a tie, surely better NDCG
+    ((0.01, 0.05), (-0.09, -0.02), False),  # the catalog surely has more recall
+])
+def test_a_log_baseline_replaces_the_catalog_popularity_only_when_surely_better(recall_ci, ndcg_ci, replaces):
+    from policy_api.jobs._train import _serve_baseline, beats_catalog_popularity
+
+    diffs = [{"scorer": jobs.CATALOG_POPULARITY, "metric": m, "vs": "item_knn", "mean_diff": sum(ci) / 2,
+              "ci_low": ci[0], "ci_high": ci[1], "p_value": 0.5} for m, ci in (("recall", recall_ci), ("ndcg", ndcg_ci))]
+    gate = {"best_baseline": "item_knn", "differences_vs_best_baseline": diffs,
+            "scorers": [{"scorer": "item_knn", "recall": 0.9, "ndcg": 0.5}]}
+    ok, why = beats_catalog_popularity(gate)
+    assert ok is replaces
+    if not replaces:  # nothing is published: the engine keeps its built-in scorer
+        assert f"recall minus item_knn's {sum(recall_ci) / 2:+.4f}, 95% CI [{recall_ci[0]:+.4f}" in why
+        version, served = _serve_baseline(None, gate, {}, None, None, (), np.ones(5), {}, "refused")  # type: ignore[arg-type]
+        assert version is None and served["kind"] == "unchanged" and why in served["reason"]

@@ -159,7 +159,18 @@ def test_plan_carries_the_category_calibration_of_recent_feedback(db):
     names = cfg.category_names
     cat_idx = np.array([names.index(c) if c in names else len(names) for c in cat.category.tolist()])
     is_tail, _ = long_tail(cat.popularity, cat_idx, cfg.tilt.head_share)
-    want = {c: {"head": [0.0, 0.0], "tail": [0.0, 0.0]} for c in names}
+    # the rates are measured on decisions served without a personal live state (request r<j> for even
+    # j < 20) and on feedback without a decision row (j >= 20), shrunk toward all traffic's rate by
+    # UNPERSONALISED_PRIOR impressions; r<j> for odd j < 20 was personal ("hit"): all traffic only
+    engine = DecisionEngine(build_state(cfg, cat, versions={"config": version}))
+    decisions = []
+    for j in range(20):
+        row = engine.decide(f"u{j}", f"r{j}").row()
+        row["context"] = {**row["context"], "live": "hit" if j % 2 else "cold"}
+        decisions.append(row)
+    store.insert_decisions(eng, decisions)
+    every = {c: {"head": [0.0, 0.0], "tail": [0.0, 0.0]} for c in names}
+    cold = {c: {"head": [0.0, 0.0], "tail": [0.0, 0.0]} for c in names}
     pw = list(cfg.position_weights)
     mean_w = sum(pw) / len(pw)
     rows = []
@@ -168,20 +179,29 @@ def test_plan_carries_the_category_calibration_of_recent_feedback(db):
         typ = str(rng.choice(["impression", "impression", "play", "favorite", "skip"]))
         when = old if k % 10 == 0 else t
         slot = None if k % 7 == 0 else k % len(pw)
-        rows.append(fb_row("r", k, str(cat.item_ids[i]), typ, None, when, slot=slot))
+        j = k % 30
+        rows.append(fb_row(f"r{j}", k, str(cat.item_ids[i]), typ, None, when, slot=slot))
         if when is t and str(cat.category[i]) in names:
-            part = want[str(cat.category[i])]["tail" if is_tail[i] else "head"]
-            if typ == "impression":
-                part[1] += 1.0 if slot is None else pw[slot] / mean_w
-            else:
-                part[0] += cfg.events[typ]
+            for want, counted in ((every, True), (cold, j >= 20 or j % 2 == 0)):
+                if not counted:
+                    continue
+                part = want[str(cat.category[i])]["tail" if is_tail[i] else "head"]
+                if typ == "impression":
+                    part[1] += 1.0 if slot is None else pw[slot] / mean_w
+                else:
+                    part[0] += cfg.events[typ]
     store.insert_feedback(eng, rows)
     got = jobs.calibration(eng, cfg)
     assert got is not None and set(got) == set(names)
+    k = jobs.UNPERSONALISED_PRIOR
     for c in names:
         for part in ("head", "tail"):
-            assert got[c][part] == pytest.approx(want[c][part]), (c, part)
-    assert any(want[c]["tail"][1] > 0 for c in names) and any(want[c]["head"][1] > 0 for c in names)
+            u_all, i_all = every[c][part]
+            u_cold, i_cold = cold[c][part]
+            want_part = [u_cold + k * u_all / i_all, i_cold + k] if i_all > 0 else [u_cold, i_cold]
+            assert got[c][part] == pytest.approx(want_part), (c, part)
+    assert any(every[c]["tail"][1] > 0 for c in names) and any(every[c]["head"][1] > 0 for c in names)
+    assert any(0 < cold[c]["head"][1] < every[c]["head"][1] for c in names)
     res = jobs.plan(eng, users=20)
     plan = registry.latest_plan(eng, version)
     assert plan is not None and plan.version == res.plan_version and plan.solver["calibration"] == got

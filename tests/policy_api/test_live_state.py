@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 
 from policy_api.errors import InvalidInput
 from policy_api.live import (
+    IMPRESSION,
     NEGATIVE_TYPES,
     POSITIVE_TYPES,
     LiveEvent,
@@ -62,11 +63,14 @@ def closed_form(events: Sequence[LiveEvent], half_life_s: float, max_events: int
     """Everything a user's state must hold after ``events`` (in arrival order), from first principles."""
     updated = max(e.ts for e in events)
     engagement: dict[str, float] = {}
+    shown: dict[str, float] = {}
     for e in events:
-        engagement[e.category] = engagement.get(e.category, 0.0) + e.units * math.exp(
-            -math.log(2.0) * (updated - e.ts) / half_life_s)
+        into = shown if e.type == "impression" else engagement
+        into[e.category] = into.get(e.category, 0.0) + e.units * math.exp(-math.log(2.0) * (updated - e.ts) / half_life_s)
+    events = [e for e in events if e.type != "impression"]  # impressions join no sequence and no count
     order = sorted(range(len(events)), key=lambda k: (events[k].ts, k), reverse=True)[:max_events]
     return {
+        "impressions": shown,
         "items": tuple(events[k].item_id for k in order),
         "types": tuple(events[k].type for k in order),
         "ts": tuple(events[k].ts for k in order),
@@ -86,21 +90,26 @@ def assert_state(state: UserState | None, events: Sequence[LiveEvent], half_life
     assert set(state.category_engagement) == set(ref["engagement"])
     for c, v in ref["engagement"].items():
         assert state.category_engagement[c] == pytest.approx(v, rel=1e-9, abs=1e-12), c
+    assert set(state.category_impressions) == set(ref["impressions"])
+    for c, v in ref["impressions"].items():
+        assert state.category_impressions[c] == pytest.approx(v, rel=1e-9, abs=1e-12), c
 
 
 def random_events(rng: np.random.Generator, n: int, users: Sequence[str] = ("u0",), n_items: int = 30,
                   span_s: float = 6 * 3600.0) -> list[LiveEvent]:
-    """Events in a shuffled arrival order; half the times are whole seconds so that some tie."""
-    types = list(UNITS)
+    """Events in a shuffled arrival order (impressions among them, as the loop writes them: examined
+    weights of one user's category); half the times are whole seconds so that some tie."""
+    types = [*UNITS, "impression"]
     out = []
     for k in range(n):
         ts = T0 + float(rng.uniform(0, span_s))
         if k % 2:
             ts = float(round(ts / 60.0) * 60.0)
         t = types[int(rng.integers(len(types)))]
-        out.append(LiveEvent(user_id=users[int(rng.integers(len(users)))], item_id=f"i{int(rng.integers(n_items))}",
-                             category=CATEGORIES[int(rng.integers(len(CATEGORIES)))], type=t,
-                             units=UNITS[t] * float(rng.uniform(0.5, 1.5)), ts=ts))
+        units = float(rng.uniform(0.0, 30.0)) if t == "impression" else UNITS[t] * float(rng.uniform(0.5, 1.5))
+        out.append(LiveEvent(user_id=users[int(rng.integers(len(users)))],
+                             item_id="" if t == "impression" else f"i{int(rng.integers(n_items))}",
+                             category=CATEGORIES[int(rng.integers(len(CATEGORIES)))], type=t, units=units, ts=ts))
     return out
 
 
@@ -135,9 +144,12 @@ def test_apply_events_matches_the_closed_form(seed):
     # the category vector at a later time, against the closed form at that time
     now = state.updated + 2500.0
     names = [*CATEGORIES, "unseen"]
-    want = [sum(e.units * math.exp(-math.log(2.0) * (now - e.ts) / h) for e in events if e.category == c)
-            for c in names]
+    want = [sum(e.units * math.exp(-math.log(2.0) * (now - e.ts) / h) for e in events
+                if e.category == c and e.type != "impression") for c in names]
     np.testing.assert_allclose(category_vector(state, names, now, h), want, rtol=1e-9, atol=1e-12)
+    want = [sum(e.units * math.exp(-math.log(2.0) * (now - e.ts) / h) for e in events
+                if e.category == c and e.type == "impression") for c in names]
+    np.testing.assert_allclose(category_vector(state, names, now, h, impressions=True), want, rtol=1e-9, atol=1e-12)
     assert category_vector(None, names, now, h).tolist() == [0.0] * 5
     # a reader's clock behind the writer's reads the state as of `updated`, never an extrapolation
     np.testing.assert_array_equal(category_vector(state, names, state.updated - 100.0, h),
@@ -172,10 +184,14 @@ def test_apply_events_refuses_what_breaks_its_contract():
         apply_events(None, [e], half_life_s=0, max_events=5)
     with pytest.raises(InvalidInput, match=r"max_events must be an integer >= 1; got 0"):
         apply_events(None, [e], half_life_s=60.0, max_events=0)
-    with pytest.raises(InvalidInput, match=r"type must be one of play, full_play, favorite, share, skip; "
-                                           r"got 'impression'") as err:
-        LiveEvent("u1", "i1", "music", "impression", 0.0, T0)
+    with pytest.raises(InvalidInput, match=r"type must be one of play, full_play, favorite, share, skip, "
+                                           r"impression; got 'click'") as err:
+        LiveEvent("u1", "i1", "music", "click", 0.0, T0)
     assert err.value.field == "type"
+    with pytest.raises(InvalidInput, match=r"units of an impression \(its examination weight\) must be >= 0; "
+                                           r"got -1.0") as err:
+        LiveEvent("u1", "", "music", IMPRESSION, -1.0, T0)
+    assert err.value.field == "units"
     with pytest.raises(InvalidInput, match=r"ts must be a finite number; got nan"):
         LiveEvent("u1", "i1", "music", "play", 1.0, math.nan)
     state = apply_events(None, [e], half_life_s=60.0, max_events=5)
@@ -471,7 +487,7 @@ def test_item_stats_are_decayed_positive_units(backend, seed):
     for batch in split(rng, events, 5):
         store.write_batch(batch)
     got = store.read_items(deadline_s=5.0)
-    positive = [e for e in events if e.type != "skip"]
+    positive = [e for e in events if e.type not in ("skip", "impression")]  # impressions add no trend either
     updated = max(e.ts for e in positive)
     want: dict[str, float] = {}
     for e in positive:
@@ -502,3 +518,41 @@ def test_concurrent_writers_lose_no_event(backend):
     items = a.read_items(deadline_s=5.0)
     assert items is not None and len(items.item_ids) == 2 * 8 * 12
     assert a.stats()["errors"] == b.stats()["errors"] == 0
+
+
+def test_a_state_written_before_impressions_were_kept_still_reads():
+    from policy_api.live._state import decode_state, encode_state
+
+    old = (b'{"v":1,"user_id":"u","items":["i1"],"types":["play"],"ts":[5.0],"category_engagement":{"music":1.5},'
+           b'"n_positive":1,"n_negative":0,"updated":5.0}')
+    got = decode_state(old)
+    assert got is not None and got.category_engagement == {"music": 1.5} and got.category_impressions == {}
+    assert decode_state(encode_state(got)) == got
+    with pytest.raises(ValueError, match=r"live state format must be 1 or 2; got 9"):
+        decode_state(old.replace(b'"v":1', b'"v":9'))
+
+
+def test_the_state_fades_with_the_users_own_impressions():
+    """With ``impression_half_life``, what the state held before a batch is multiplied by
+    ``2**(-I / h_imp)`` (``I``: the batch's examined impressions) on top of the time decay; the batch
+    itself is not."""
+    h, h_imp = 600.0, 50.0
+    first = [LiveEvent("u", "i1", "music", "play", 3.0, T0), LiveEvent("u", "", "music", IMPRESSION, 10.0, T0),
+             LiveEvent("u", "", "news", IMPRESSION, 4.0, T0)]
+    s1 = apply_events(None, first, half_life_s=h, max_events=5, impression_half_life=h_imp)
+    assert s1.category_engagement == {"music": 3.0}  # nothing was there before the first batch
+    assert s1.category_impressions == pytest.approx({"music": 10.0, "news": 4.0})
+    second = [LiveEvent("u", "", "news", IMPRESSION, 20.0, T0 + 120), LiveEvent("u", "", "news", IMPRESSION, 5.0, T0 + 60),
+              LiveEvent("u", "i2", "news", "skip", -0.5, T0 + 90)]
+    s2 = apply_events(s1, second, half_life_s=h, max_events=5, impression_half_life=h_imp)
+    fade = 0.5 ** (25.0 / h_imp) * 0.5 ** (120.0 / h)  # 25 examined impressions, 120 s
+    assert s2.category_engagement == pytest.approx({"music": 3.0 * fade, "news": -0.5 * 0.5 ** (30.0 / h)})
+    assert s2.category_impressions == pytest.approx({"music": 10.0 * fade,
+                                                     "news": 4.0 * fade + 20.0 + 5.0 * 0.5 ** (60.0 / h)})
+    # without it, only time decays the state
+    s3 = apply_events(s1, second, half_life_s=h, max_events=5)
+    assert s3.category_engagement["music"] == pytest.approx(3.0 * 0.5 ** (120.0 / h))
+    s4 = apply_events(s1, second, half_life_s=h, max_events=5, impression_half_life=math.inf)
+    assert s4.category_engagement["music"] == pytest.approx(s3.category_engagement["music"])
+    with pytest.raises(InvalidInput, match=r"impression_half_life must be a number > 0 \(inf: none\) or None; got 0"):
+        apply_events(s1, second, half_life_s=h, max_events=5, impression_half_life=0)

@@ -84,8 +84,8 @@ def _decision(rid: str, user: str, t: datetime) -> dict:
             "candidates": [], "pmf": [1.0], "chosen": 0, "propensity": 1.0, "layout": [], "fallback_reason": None}
 
 
-def _event(eid: str, rid: str, item: str, kind: str, t: datetime) -> dict:
-    return {"event_id": eid, "request_id": rid, "slot": 0, "item_id": item, "type": kind, "value": None, "ts": t}
+def _event(eid: str, rid: str, item: str, kind: str, t: datetime, slot: int | None = 0) -> dict:
+    return {"event_id": eid, "request_id": rid, "slot": slot, "item_id": item, "type": kind, "value": None, "ts": t}
 
 
 def test_live_state_joins_feedback_as_it_arrives(db, tmp_path):
@@ -103,12 +103,15 @@ def test_live_state_joins_feedback_as_it_arrives(db, tmp_path):
     t = datetime.now(tz=UTC)
     insert_decisions(db, [_decision("r1", "u1", t)])
     # feedback for r2 arrives before r2's decision row (another worker's queue); skips are negatives;
-    # an event id sent twice is stored once (ON CONFLICT), impressions carry no units
+    # an event id sent twice is stored once (ON CONFLICT); impressions count as examined impressions of
+    # their category (their slot's position weight over the mean weight; 1 without a slot)
     insert_feedback(db, [_event("e1", "r1", items[0], "play", t), _event("e2", "r1", items[1], "skip", t),
-                         _event("e3", "r2", items[2], "favorite", t), _event("e4", "r1", items[3], "impression", t)])
+                         _event("e3", "r2", items[2], "favorite", t), _event("e4", "r1", items[3], "impression", t),
+                         _event("e5", "r1", items[0], "impression", t, slot=2),
+                         _event("e6", "r1", items[1], "impression", t, slot=None)])
     insert_feedback(db, [_event("e1", "r1", items[0], "play", t)])
     outcome, detail = loop._live_state()
-    assert outcome == "ok" and "2 events, 1 waiting" in detail
+    assert outcome == "ok" and "2 events and impressions of" in detail and "1 waiting" in detail
     store = make_state_store("sql", db)
     u1 = store.read(["u1"], deadline_s=1.0)[0]
     assert u1 is not None and set(u1.items) == {items[0], items[1]} and u1.n_positive == 1 and u1.n_negative == 1
@@ -118,6 +121,12 @@ def test_live_state_joins_feedback_as_it_arrives(db, tmp_path):
     for i, k in ((items[0], "play"), (items[1], "skip")):
         want[category[i]] = want.get(category[i], 0.0) + units[k]
     assert u1.category_engagement == pytest.approx(want, abs=1e-6)
+    pw = list(cfg.config.position_weights)
+    shown: dict[str, float] = {}
+    for i, w in ((items[3], pw[0]), (items[0], pw[2]), (items[1], sum(pw) / len(pw))):
+        shown[category[i]] = shown.get(category[i], 0.0) + w / (sum(pw) / len(pw))
+    assert u1.category_impressions == pytest.approx(shown, abs=1e-9)
+    assert set(u1.items) == {items[0], items[1]}  # impressions join no sequence
     insert_decisions(db, [_decision("r2", "u2", t)])
     assert loop._live_state()[0] == "ok"
     u2 = store.read(["u2"], deadline_s=1.0)[0]
@@ -164,11 +173,17 @@ def test_calibration_follows_a_shift_in_engagement_and_plans_again(db, tmp_path)
     loop = BackgroundLoop(db, holder="t")
     loop._on_config(cfg)
     first = jobs.plan(db, users=20)
-    assert first.solver["calibration"][names[0]]["head"] == pytest.approx([600.0, 2000.0 * f])
+    # no decision rows: all of it is unpersonalised feedback, shrunk toward its own rate (the rate stays)
+    k = jobs.UNPERSONALISED_PRIOR
+
+    def shrunk(units: float, imps: float) -> list[float]:
+        return [units + k * units / imps, imps + k]
+
+    assert first.solver["calibration"][names[0]]["head"] == pytest.approx(shrunk(600.0, 2000.0 * f))
     assert loop._calibrate()[0] == "idle"
     phase(3080, 920, t0 + timedelta(minutes=5))  # 4,000 more at 0.2987: the window holds these only
     got = jobs.calibration(db, cfg.config)
-    assert got is not None and got[names[0]]["head"] == pytest.approx([920.0, 3080.0 * f])
+    assert got is not None and got[names[0]]["head"] == pytest.approx(shrunk(920.0, 3080.0 * f))
     assert loop._calibrate()[0] == "idle"  # moved by 0.4 %, and 3,080 < 2 x 2,000 impressions
     phase(2800, 1200, t0 + timedelta(minutes=10))  # now 0.4286: moved by 43 %
     outcome, detail = loop._calibrate()
