@@ -169,8 +169,10 @@ def test_plan_carries_the_category_calibration_of_recent_feedback(db):
         row["context"] = {**row["context"], "live": "hit" if j % 2 else "cold"}
         decisions.append(row)
     store.insert_decisions(eng, decisions)
-    every = {c: {"head": [0.0, 0.0], "tail": [0.0, 0.0]} for c in names}
-    cold = {c: {"head": [0.0, 0.0], "tail": [0.0, 0.0]} for c in names}
+    # [units, examined impressions, the popularity scorer's score of the shown item times its weight]
+    every = {c: {"head": [0.0, 0.0, 0.0], "tail": [0.0, 0.0, 0.0]} for c in names}
+    cold = {c: {"head": [0.0, 0.0, 0.0], "tail": [0.0, 0.0, 0.0]} for c in names}
+    score = engine.state.scorer.score(-1, np.arange(cat.n_items))
     pw = list(cfg.position_weights)
     mean_w = sum(pw) / len(pw)
     rows = []
@@ -187,7 +189,9 @@ def test_plan_carries_the_category_calibration_of_recent_feedback(db):
                     continue
                 part = want[str(cat.category[i])]["tail" if is_tail[i] else "head"]
                 if typ == "impression":
-                    part[1] += 1.0 if slot is None else pw[slot] / mean_w
+                    weight = 1.0 if slot is None else pw[slot] / mean_w
+                    part[1] += weight
+                    part[2] += weight * score[i]
                 else:
                     part[0] += cfg.events[typ]
     store.insert_feedback(eng, rows)
@@ -196,12 +200,22 @@ def test_plan_carries_the_category_calibration_of_recent_feedback(db):
     k = jobs.UNPERSONALISED_PRIOR
     for c in names:
         for part in ("head", "tail"):
-            u_all, i_all = every[c][part]
-            u_cold, i_cold = cold[c][part]
+            u_all, i_all, _ = every[c][part]
+            u_cold, i_cold, _ = cold[c][part]
             want_part = [u_cold + k * u_all / i_all, i_cold + k] if i_all > 0 else [u_cold, i_cold]
             assert got[c][part] == pytest.approx(want_part), (c, part)
+    assert all("predicted" not in got[c] for c in names)  # without a scorer
     assert any(every[c]["tail"][1] > 0 for c in names) and any(every[c]["head"][1] > 0 for c in names)
     assert any(0 < cold[c]["head"][1] < every[c]["head"][1] for c in names)
     res = jobs.plan(eng, users=20)
     plan = registry.latest_plan(eng, version)
-    assert plan is not None and plan.version == res.plan_version and plan.solver["calibration"] == got
+    assert plan is not None and plan.version == res.plan_version
+    # the plan adds what its scorer predicted for the items shown (shrunk the same way)
+    assert plan.solver["calibration_scorer"] == "popularity"
+    for c in names:
+        assert {p: plan.solver["calibration"][c][p] for p in ("head", "tail")} == got[c]
+        want_pred = []
+        for part in ("head", "tail"):
+            _, i_all, p_all = every[c][part]
+            want_pred.append(cold[c][part][2] + k * p_all / i_all if i_all > 0 else cold[c][part][2])
+        assert plan.solver["calibration"][c]["predicted"] == pytest.approx(want_pred), c
