@@ -267,8 +267,8 @@ class EngineState:
     # :func:`calibrated`); None: none
     score_multiplier: np.ndarray | None = None
     score_offset: np.ndarray | None = None  # (n_items,) added after the multiplier (net-negative groups)
-    # (C,) engagement units per examined impression of each category over the calibration's traffic, and
-    # (C,) the mean score a user the scorer knows nothing of gets on each category's top items (see
+    # (C,) engagement units per examined impression of each category's head over the calibration's traffic,
+    # and (C,) the mean score a user the scorer knows nothing of gets on each category's top items (see
     # :func:`live_rate_factors`); None: no calibration (or the torch ranker)
     category_rate: np.ndarray | None = None
     category_top: np.ndarray | None = None
@@ -348,7 +348,8 @@ def calibrated(state: EngineState, rates: np.ndarray | None, predicted: np.ndarr
     m, o = np.ones(state.item_category.size), np.zeros(state.item_category.size)
     m[items], o[items] = mult[group], offset[group]
     C = r.shape[0]
-    return replace(state, score_multiplier=m, score_offset=o, category_rate=category_rates(r.sum(axis=1)),
+    # the live state's per-user rates count head items only: compared with the heads' rates
+    return replace(state, score_multiplier=m, score_offset=o, category_rate=category_rates(r[:, 0]),
                    category_top=_top_means(scores, cat, C, top))
 
 

@@ -71,6 +71,11 @@ class LiveEvent:
         examination weight (>= 0). Finite.
     ts
         Event time, epoch seconds. Finite.
+    head
+        Whether the item is in its category's head. Only head items count in the state's category
+        sums: every user skips most long-tail items, so a rate over whatever mix of head and tail a
+        user was shown would say more about the mix (a page tilted to meet a long-tail floor) than
+        about the user. The sequences and counts take every event.
     """
 
     user_id: str
@@ -79,6 +84,7 @@ class LiveEvent:
     type: str
     units: float
     ts: float
+    head: bool = True
 
     def __post_init__(self) -> None:
         if self.type not in _TYPES:
@@ -220,16 +226,18 @@ def apply_events(state: UserState | None, events: Sequence[LiveEvent], *, half_l
         updated = max([state.updated, *times[-1:]])
         factor = decay(updated - state.updated, half_life_s)
         if impression_half_life is not None:
-            factor *= decay(sum(e.units for e in events if e.type == IMPRESSION), impression_half_life)
+            factor *= decay(sum(e.units for e in events if e.type == IMPRESSION and e.head), impression_half_life)
         engagement = {c: v * factor for c, v in state.category_engagement.items()}
         shown = {c: v * factor for c, v in state.category_impressions.items()}
         old = list(zip(state.items, state.types, state.ts, strict=True))[::-1]  # oldest first
         n_pos, n_neg = state.n_positive, state.n_negative
     for e in ordered:
         if e.type == IMPRESSION:
-            shown[e.category] = shown.get(e.category, 0.0) + e.units * decay(updated - e.ts, half_life_s)
+            if e.head:
+                shown[e.category] = shown.get(e.category, 0.0) + e.units * decay(updated - e.ts, half_life_s)
             continue
-        engagement[e.category] = engagement.get(e.category, 0.0) + e.units * decay(updated - e.ts, half_life_s)
+        if e.head:
+            engagement[e.category] = engagement.get(e.category, 0.0) + e.units * decay(updated - e.ts, half_life_s)
         if e.type in POSITIVE_TYPES:
             n_pos += 1
         else:

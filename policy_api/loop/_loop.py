@@ -35,7 +35,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from allocator import ResolvePacer, ResolvePacerConfig, exploitable
+from allocator import ResolvePacer, ResolvePacerConfig, exploitable, long_tail
 
 from .. import jobs, registry
 from ..engine import calibration_rates, calibration_shift
@@ -239,7 +239,14 @@ class BackgroundLoop:
         self._config = cfg
         self._pacing = None
         items = load_items(self.db)
-        self._item_category = dict(zip(map(str, items["item_ids"]), map(str, items["category"]), strict=True))
+        ids = [str(i) for i in items["item_ids"]]
+        self._item_category = dict(zip(ids, map(str, items["category"]), strict=True))
+        # the category sums of the live state count the head items only (see LiveEvent.head)
+        names = cfg.config.category_names
+        cat = np.array([names.index(c) if c in names else len(names) for c in map(str, items["category"])],
+                       dtype=np.int64)
+        is_tail, _ = long_tail(np.asarray(items["popularity"], dtype=np.float64), cat, cfg.config.tilt.head_share)
+        self._item_head = dict(zip(ids, (~is_tail).tolist(), strict=True))
         loop = cfg.config.loop
         spec = (loop.state_store, loop.state_half_life_s, loop.state_max_events, loop.state_half_life_impressions)
         if self._store is None or self._store_spec != spec:  # a new store, or new update rules
@@ -286,16 +293,18 @@ class BackgroundLoop:
             cat = self._item_category.get(str(r.item_id))
             if cat is None:
                 return
+            head = self._item_head.get(str(r.item_id), True)
             if r.type == IMPRESSION:
-                weight = float(w[r.slot]) if r.slot is not None and 0 <= r.slot < w.size else 1.0
-                acc = shown.setdefault((user, cat), [0.0, 0.0])
-                acc[0] += weight
-                acc[1] = max(acc[1], r.ts.timestamp())
+                if head:
+                    weight = float(w[r.slot]) if r.slot is not None and 0 <= r.slot < w.size else 1.0
+                    acc = shown.setdefault((user, cat), [0.0, 0.0])
+                    acc[0] += weight
+                    acc[1] = max(acc[1], r.ts.timestamp())
                 return
             if r.type not in config.events:
                 return
             events.append(LiveEvent(user_id=user, item_id=str(r.item_id), category=cat, type=str(r.type),
-                                    units=float(config.events[r.type]), ts=r.ts.timestamp()))
+                                    units=float(config.events[r.type]), ts=r.ts.timestamp(), head=head))
 
         for fid, (t_first, r) in list(self._pending.items()):
             if r.request_id in found:

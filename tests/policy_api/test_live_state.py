@@ -556,3 +556,17 @@ def test_the_state_fades_with_the_users_own_impressions():
     assert s4.category_engagement["music"] == pytest.approx(s3.category_engagement["music"])
     with pytest.raises(InvalidInput, match=r"impression_half_life must be a number > 0 \(inf: none\) or None; got 0"):
         apply_events(s1, second, half_life_s=h, max_events=5, impression_half_life=0)
+
+
+def test_long_tail_items_join_the_sequences_but_not_the_category_sums():
+    events = [LiveEvent("u", "i1", "music", "play", 1.0, T0), LiveEvent("u", "i2", "music", "skip", -0.5, T0 + 1, head=False),
+              LiveEvent("u", "", "music", IMPRESSION, 4.0, T0 + 2), LiveEvent("u", "", "music", IMPRESSION, 3.0, T0 + 2,
+                                                                              head=False)]
+    s = apply_events(None, events, half_life_s=1e9, max_events=5, impression_half_life=10.0)
+    assert s.items == ("i2", "i1") and s.n_negative == 1 and s.negatives() == ["i2"]
+    assert s.category_engagement == pytest.approx({"music": 1.0}) and s.category_impressions == pytest.approx({"music": 4.0})
+    # the fading counts the head's impressions too: 4 of them against a half-life of 10
+    s2 = apply_events(s, [LiveEvent("u", "", "music", IMPRESSION, 4.0, T0 + 3),
+                          LiveEvent("u", "", "music", IMPRESSION, 9.0, T0 + 3, head=False)],
+                      half_life_s=1e9, max_events=5, impression_half_life=10.0)
+    assert s2.category_impressions["music"] == pytest.approx(4.0 * 0.5 ** 0.4 + 4.0, rel=1e-6)

@@ -116,16 +116,28 @@ def test_live_state_joins_feedback_as_it_arrives(db, tmp_path):
     u1 = store.read(["u1"], deadline_s=1.0)[0]
     assert u1 is not None and set(u1.items) == {items[0], items[1]} and u1.n_positive == 1 and u1.n_negative == 1
     assert list(u1.negatives()) == [items[1]]
+    # the category sums count the items of each category's head only (the config's head_share split)
+    import numpy as np
+
+    from allocator import long_tail
+
+    names = cfg.config.category_names
+    tail_of = dict(zip(map(str, cat.item_ids), long_tail(
+        cat.popularity, np.array([names.index(c) for c in cat.category.tolist()]), cfg.config.tilt.head_share)[0].tolist(),
+        strict=True))
     units = cfg.config.events
     want = {}
     for i, k in ((items[0], "play"), (items[1], "skip")):
-        want[category[i]] = want.get(category[i], 0.0) + units[k]
+        if not tail_of[i]:
+            want[category[i]] = want.get(category[i], 0.0) + units[k]
     assert u1.category_engagement == pytest.approx(want, abs=1e-6)
     pw = list(cfg.config.position_weights)
     shown: dict[str, float] = {}
     for i, w in ((items[3], pw[0]), (items[0], pw[2]), (items[1], sum(pw) / len(pw))):
-        shown[category[i]] = shown.get(category[i], 0.0) + w / (sum(pw) / len(pw))
+        if not tail_of[i]:
+            shown[category[i]] = shown.get(category[i], 0.0) + w / (sum(pw) / len(pw))
     assert u1.category_impressions == pytest.approx(shown, abs=1e-9)
+    assert any(tail_of[i] for i in items[:4]) and not all(tail_of[i] for i in items[:4])  # both kinds here
     assert set(u1.items) == {items[0], items[1]}  # impressions join no sequence
     insert_decisions(db, [_decision("r2", "u2", t)])
     assert loop._live_state()[0] == "ok"
