@@ -122,7 +122,8 @@ def in_process(url: str, world: Any, n: int) -> dict[str, float]:
     cat = state.catalog
     rng = np.random.default_rng(1)
     C = len(state.config.category_names)
-    # half the requests carry a live state (recent plays and skips, as the loop writes it)
+    # half the requests carry a live state (recent plays and skips, examined impressions per category, as
+    # the loop writes it)
     lives: list[LiveSignals | None] = []
     for k in range(64):
         if k % 2:
@@ -130,7 +131,8 @@ def in_process(url: str, world: Any, n: int) -> dict[str, float]:
             continue
         pos = rng.choice(cat.n_items, 8, replace=False)
         lives.append(LiveSignals("hit", rng.gamma(1.0, 2.0, C), rng.choice(cat.n_items, 4, replace=False),
-                                 12, positives=pos, positive_types=rng.integers(0, 4, 8), n_positive=8, n_negative=4))
+                                 12, positives=pos, positive_types=rng.integers(0, 4, 8), n_positive=8, n_negative=4,
+                                 impressions=rng.gamma(2.0, 20.0, C)))
     users = [str(u) for u in world.user_ids[:400]] + [f"new-{k}" for k in range(100)]
     for k in range(300):
         eng.decide(users[k % 500], ids.issue(), live=lives[k % 64])
