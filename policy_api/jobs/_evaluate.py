@@ -232,19 +232,18 @@ def history_page_scorer(scorer: rankers.HistoryScorer) -> PageScorer:
 
 def fit_baseline(name: str, user: np.ndarray, item: np.ndarray, ts: np.ndarray, weight: np.ndarray, *,
                  item_category: np.ndarray, n_users: int, half_life_s: float = 14 * 86400.0,
-                 type_weights: np.ndarray | None = None, prior: np.ndarray | None = None) -> rankers.HistoryScorer:
+                 type_weights: np.ndarray | None = None) -> rankers.HistoryScorer:
     """One built-in baseline (a name of :data:`BASELINE_SCORERS`) fitted on positive events, as the
-    servable :class:`rankers.HistoryScorer` the evaluation judges and serving publishes. ``prior``: the
-    catalog's popularity, which the log's counts refine (see :class:`rankers.HistoryScorer`)."""
+    servable :class:`rankers.HistoryScorer` the evaluation judges and serving publishes."""
     if name not in BASELINE_SCORERS:
         raise InvalidInput(f"baseline must be one of {', '.join(BASELINE_SCORERS)}; got {name!r}", field="baselines")
     cat = np.where(item_category >= 0, item_category, 0).astype(np.int64)
-    return rankers.HistoryScorer(name, cat, half_life_s=half_life_s, type_weights=type_weights, prior=prior).fit(
+    return rankers.HistoryScorer(name, cat, half_life_s=half_life_s, type_weights=type_weights).fit(
         user, item, ts, weight, n_users=n_users)
 
 
 def baseline_scorers(h: Holdout, item_category: np.ndarray, *, half_life_s: float = 14 * 86400.0,
-                     names: Iterable[str] = BASELINE_SCORERS, prior: np.ndarray | None = None) -> dict[str, PageScorer]:
+                     names: Iterable[str] = BASELINE_SCORERS) -> dict[str, PageScorer]:
     """The built-in baselines fitted on the holdout's past positives.
 
     ``popularity``: past positive units per item; ``recent_popularity``: the same decayed with
@@ -257,7 +256,7 @@ def baseline_scorers(h: Holdout, item_category: np.ndarray, *, half_life_s: floa
     for name in names:
         out[name] = history_page_scorer(fit_baseline(
             name, h.train_user, h.train_item, h.train_ts, h.train_weight, item_category=item_category,
-            n_users=h.n_users, half_life_s=half_life_s, prior=prior))
+            n_users=h.n_users, half_life_s=half_life_s))
     return out
 
 
@@ -424,8 +423,7 @@ def evaluate_served(db: Engine, config: ConfigRecord, *, train_share: float = 0.
                       n_users=max(ev["n_users"], 1), n_items=catalog.n_items, train_share=train_share,
                       max_users=max_users, seed=seed)
     state = build_state(cfg, catalog)
-    scorers = baseline_scorers(h, state.item_category, half_life_s=half_life_days * 86400.0,
-                               prior=catalog.popularity)
+    scorers = baseline_scorers(h, state.item_category, half_life_s=half_life_days * 86400.0)
     base = list(BASELINE_SCORERS)
     prior = catalog_page_scorer(catalog.popularity)
     if prior is not None:

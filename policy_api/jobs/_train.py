@@ -177,7 +177,7 @@ def served_gate(state: EngineState, data: Mapping[str, Any], candidates: Mapping
         h = gate_holdout(state, data, cutoff, event_weights, max_users=max_users, seed=seed)
     except InvalidInput as e:
         return None, {"passed": False, "reason": f"no served-page holdout: {e.message}"}
-    scorers = baseline_scorers(h, state.item_category, half_life_s=half_life_s, prior=state.catalog.popularity)
+    scorers = baseline_scorers(h, state.item_category, half_life_s=half_life_s)
     base = list(BASELINE_SCORERS)
     prior = catalog_page_scorer(state.catalog.popularity)
     if prior is not None:  # what the engine serves with nothing published: it must be beaten too
@@ -283,8 +283,7 @@ def _serve_baseline(db: Engine, gate: Mapping[str, Any], data: Mapping[str, Any]
                       "reason": f"{why}; {why_not}: nothing is published and the engine keeps what it serves"}
     u, i, t, w = _positive_events(data, event_weights)
     scorer = fit_baseline(best, u, i, t, w, item_category=state.item_category, n_users=max(int(data["n_users"]), 1),
-                          half_life_s=float(gate.get("half_life_days", 14.0)) * 86400.0, type_weights=event_weights,
-                          prior=catalog.popularity)
+                          half_life_s=float(gate.get("half_life_days", 14.0)) * 86400.0, type_weights=event_weights)
     served = {"kind": "baseline", "scorer": best, "params": scorer.describe(),
               "gate_recall": row["recall"], "gate_ndcg": row["ndcg"],
               "reason": f"{why}; serving the best built-in baseline {best} (served-page recall {row['recall']:.4f}, "
@@ -407,11 +406,9 @@ def _train_residual(db: Engine, config: ConfigRecord, catalog: Catalog, *, force
     def residual(user: np.ndarray, item: np.ndarray, ts: np.ndarray, weight: np.ndarray, coef: np.ndarray,
                  gamma: float) -> rankers.HistoryScorer:
         return rankers.HistoryScorer("residual", cat0, coef=coef, pop_exponent=gamma, type_weights=wv,
-                                     half_life_s=half_life_days * 86400.0, prior=catalog.popularity).fit(
-            user, item, ts, weight, n_users=n_users)
+                                     half_life_s=half_life_days * 86400.0).fit(user, item, ts, weight, n_users=n_users)
 
-    base = rankers.HistoryScorer("popularity", cat0, half_life_s=half_life_days * 86400.0,
-                                 prior=catalog.popularity).fit(
+    base = rankers.HistoryScorer("popularity", cat0, half_life_s=half_life_days * 86400.0).fit(
         inner.train_user, inner.train_item, inner.train_ts, inner.train_weight, n_users=n_users)
     grid_x, grid_y, grid_m = rankers.residual_grid(base, inner.users, _pools(state, inner.users.size, seed),
                                                    inner.positives)

@@ -257,9 +257,7 @@ def test_refused_model_serves_the_best_baseline_with_its_evaluated_pages(split_w
                            event_weights=w["cfg_full"].config.event_weight_vector(), n_users=ev["n_users"],
                            n_items=catalog.n_items, cutoff=w["cutoff"])
     ref_state = build_state(w["cfg_full"].config, catalog)
-    # the baselines refine the catalog's popularity (their prior), as training fits them
-    ref = jobs.evaluate_pages(ref_state, h, jobs.baseline_scorers(h, ref_state.item_category, prior=catalog.popularity),
-                              n_boot=10)
+    ref = jobs.evaluate_pages(ref_state, h, jobs.baseline_scorers(h, ref_state.item_category), n_boot=10)
     assert ref.best_baseline == best
     # the pages the serving engine builds with the published scorer, user by user
     user_ids = [ev["user_ids"][u] for u in h.users.tolist()]
@@ -275,9 +273,8 @@ def test_refused_model_serves_the_best_baseline_with_its_evaluated_pages(split_w
     assert served.metrics["served"]["demote_seen"] is demote
     assert served.metrics["served"]["repeat_share"] == pytest.approx(share)
     if not demote:  # judged as served: the scores as they are
-        ref = jobs.evaluate_pages(ref_state, h, jobs.baseline_scorers(h, ref_state.item_category,
-                                                                      prior=catalog.popularity),
-                                  n_boot=10, exclude_seen=False)
+        ref = jobs.evaluate_pages(ref_state, h, jobs.baseline_scorers(h, ref_state.item_category), n_boot=10,
+                                  exclude_seen=False)
     assert np.mean(m["recall"]) == pytest.approx(ref.row(best)["recall"], abs=1e-12)
     assert np.mean(m["ndcg"]) == pytest.approx(ref.row(best)["ndcg"], abs=1e-12)
     seen = h.seen.toarray() > 0
