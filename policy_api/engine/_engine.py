@@ -287,6 +287,33 @@ def calibration_rates(rates: Mapping[str, Any], names: tuple[str, ...]) -> np.nd
     return out
 
 
+def catalog_prior_rates(state: EngineState, impressions: float = 1e6) -> np.ndarray | None:
+    """(C, 2, 2) pseudo calibration rates from the catalog alone, for before any feedback: each (category,
+    head | tail) group engages in proportion to the mean popularity of its best ``items_per_module``
+    items, the best group at the scorer's own mean score of its top items (its multiplier 1), each group
+    counted as ``impressions`` examined impressions so that the prior binds. The popularity scorer
+    ranks by popularity rank, which squeezes a category whose best items have a third of another's
+    plays to nearly the same score; before the first calibration, the category values alone decided.
+    None when the catalog gives no popularity.
+    """
+    items = np.flatnonzero(state.item_category >= 0)
+    pop = state.catalog.popularity[items]
+    if not (pop > 0).any():
+        return None
+    C = int(state.item_category.max()) + 1 if items.size else 0
+    C = max(C, len(state.config.category_names))
+    group = state.item_category[items] * 2 + state.is_tail[items].astype(np.int64)
+    top = state.config.items_per_module
+    popular = _top_means(pop, group, 2 * C, top)
+    scores = _top_means(state.scorer.score(-1, items), group, 2 * C, top)
+    best = int(np.argmax(popular))
+    rate = scores[best] * popular / popular[best]
+    out = np.zeros((C, 2, 2))
+    out[..., 0] = (rate * impressions).reshape(C, 2)
+    out[..., 1] = np.where(popular > 0, impressions, 0.0).reshape(C, 2)
+    return out
+
+
 def calibration_predicted(rates: Mapping[str, Any], names: tuple[str, ...]) -> np.ndarray | None:
     """(C, 2) ``[category, head | tail]``: the scorer's summed scores of the items shown, each times its
     examined impressions, from a plan's ``calibration`` (None when it has none)."""

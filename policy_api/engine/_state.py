@@ -26,6 +26,7 @@ from ._engine import (
     calibrated,
     calibration_predicted,
     calibration_rates,
+    catalog_prior_rates,
 )
 
 __all__ = ["load_catalog", "load_state", "ranker_scorer", "with_plan_calibration"]
@@ -90,11 +91,14 @@ def load_state(db: Engine, config: ConfigRecord | None = None, *, catalog: Catal
 
 
 def with_plan_calibration(state: EngineState, plan: PlanRecord | None) -> EngineState:
-    """``state`` with the category calibration the plan carries (none without one)."""
+    """``state`` with the category calibration the plan carries; without one (no feedback yet), the
+    built-in popularity scorer gets the catalog's prior (:func:`~policy_api.engine.catalog_prior_rates`:
+    its popularity ranks squeeze the categories together) and a published scorer none (its scores are
+    the pages its gate judged)."""
     solver = {} if plan is None else (plan.solver or {})
     got = solver.get("calibration")
     if not got:
-        return calibrated(state, None)
+        return calibrated(state, catalog_prior_rates(state) if state.scorer.name == "popularity" else None)
     names = state.config.category_names
     # the predicted units were summed with the scorer of the plan's time: used only with that scorer
     predicted = calibration_predicted(got, names) if solver.get("calibration_scorer") == state.scorer.name else None

@@ -392,3 +392,31 @@ def test_a_user_who_ignores_a_category_is_shown_less_of_it(state, world):
             for m_ in d.modules:
                 shown[row, name.index(m_["category"])] += 1
     assert shown[1, 0] < shown[0, 0] and shown[1, 1] > shown[0, 1]
+
+
+def test_before_any_feedback_categories_engage_as_their_best_items_are_popular(state):
+    """The catalog's prior: each (category, head | tail) group's top items score, after calibration, in
+    proportion to their mean popularity (computed here from the catalog), the most popular group
+    keeping the scorer's own level."""
+    from policy_api.engine import calibrated, catalog_prior_rates
+
+    rates = catalog_prior_rates(state)
+    assert rates is not None
+    st = calibrated(state, rates)
+    items = np.flatnonzero(st.item_category >= 0)
+    pop = st.catalog.popularity[items]
+    raw = st.scorer.score(-1, items)
+    cal = raw * st.score_multiplier[items] + st.score_offset[items]
+    top = st.config.items_per_module
+    groups = {}
+    for c in range(len(st.config.categories)):
+        for t in (False, True):
+            sel = (st.item_category[items] == c) & (st.is_tail[items] == t)
+            best = np.argsort(-pop[sel], kind="stable")[:top]
+            groups[c, t] = (pop[sel][best].mean(), cal[sel][best].mean(), raw[sel][best].mean())
+    p_best = max(g[0] for g in groups.values())
+    (c0, t0), g0 = max(groups.items(), key=lambda kv: kv[1][0])
+    assert g0[1] == pytest.approx(g0[2], rel=1e-3)  # the most popular group keeps its level
+    for g in groups.values():  # the others in proportion to their popularity (the prior binds: 10^6 impressions)
+        assert g[1] == pytest.approx(g0[2] * g[0] / p_best, rel=2e-3)
+    assert catalog_prior_rates(replace(state, catalog=replace(state.catalog, popularity=np.zeros(state.catalog.n_items)))) is None
