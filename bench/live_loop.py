@@ -618,6 +618,27 @@ class Scorer:
                 self.variant_exposure.setdefault(name, np.full((n, J, K), np.nan))[sel] = exp_
         self.exposure = geo.exposure(st.cats, st.mods, st.tail_share)
 
+    def windows(self, i: np.ndarray, size: int = WINDOW) -> dict[str, dict[str, Any]]:
+        """Per constraint, the realised share over every run of ``size`` consecutive served requests
+        among ``i`` (step ``size // 5``): the lowest, the highest and the share of windows within 1 pp
+        of the bounds (the issue asks for every window of a few hundred requests)."""
+        out: dict[str, dict[str, Any]] = {}
+        if i.size < size:
+            return out
+        starts = np.arange(0, i.size - size + 1, max(size // 5, 1))
+        csum = np.vstack([np.zeros((1, self.exposure.shape[1])), np.cumsum(self.exposure[i], axis=0)])
+        shares = (csum[starts + size] - csum[starts]) / size  # (n_windows, K)
+        for k, c in enumerate(self.geo.cfg.constraints):
+            x = shares[:, k]
+            ok = np.ones(x.size, dtype=bool)
+            if c.min is not None:
+                ok &= x >= c.min - TOLERANCE
+            if c.max is not None:
+                ok &= x <= c.max + TOLERANCE
+            out[c.name] = {"window": size, "lowest": round(float(x.min()), 4), "highest": round(float(x.max()), 4),
+                           "share_within_1pp": round(float(ok.mean()), 3)}
+        return out
+
     def dump(self, path: str) -> None:
         """Per-request figures to an ``.npz``: ``user``, ``world``, ``engine``, one array per baseline,
         ``<part>_version`` (-1 = none) per versioned part, ``fallback``, ``ok``, ``latency_s``,
@@ -659,6 +680,7 @@ class Scorer:
             "engine_minus_constrained": {k: round(float(eng.mean()) - v["mean"], 5)
                                          for k, v in base.items() if k.endswith("_constrained")},
             "constraints": constraint_rows(self.geo.cfg, self.exposure[i].mean(0)),
+            "constraint_windows": self.windows(i),
             "baseline_exposure": {k: {c.name: round(float(v[i, j].mean()), 4) for j, c in enumerate(self.geo.cfg.constraints)}
                                   for k, v in self.base_exposure.items()},
             "fallback_rate": round(float(st.fallback[i].mean()), 4),
