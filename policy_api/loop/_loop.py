@@ -95,7 +95,7 @@ class _Pacing:
     pacer: ResolvePacer
     since: datetime
     plan_version: int
-
+    fresh: int = 0  # decisions served under plan_version that the pacer has re-solved on
 
 @dataclass
 class _Training:
@@ -356,9 +356,21 @@ class BackgroundLoop:
         assert self._config is not None
         loop = self._config.config.loop
         # a new plan brings a new calibration: the pacer starts again from its prices (see _pace), as the
-        # served candidates it kept were valued under the old one
-        res = jobs.plan(self.db, users=loop.plan_users, since=datetime.now(tz=UTC) - timedelta(hours=24))
-        return "ok", f"plan version {res.plan_version} over {res.users} users; prices {res.prices}"
+        # served candidates it kept were valued under the old one. Once the pacer has re-solved on a full
+        # window served under the current plan, the new plan keeps the pacer's prices: the planner's come
+        # from sampled users scored without their live state, and jumping to them every time the
+        # calibration moved set the shares swinging
+        cfg = self._config
+        res = jobs.plan(self.db, users=loop.plan_users, since=datetime.now(tz=UTC) - timedelta(hours=24),
+                        publish=False)
+        prices, source = res.prices, "planner"
+        p = self._pacing
+        if p is not None and p.config_version == cfg.version and p.fresh >= loop.pace_window:
+            names = cfg.config.constraint_names
+            prices, source = dict(zip(names, map(float, p.pacer.prices_), strict=True)), "pacer"
+        v = registry.publish_plan(self.db, cfg.version, prices, projected=res.projected,
+                                  solver={**res.solver, "prices_from": source, "planner_prices": res.prices})
+        return "ok", f"plan version {v} over {res.users} users; prices {prices} (from the {source})"
 
     def _pace(self) -> tuple[str, str]:
         assert self._config is not None
@@ -386,6 +398,7 @@ class BackgroundLoop:
         if base != p.plan_version:  # planned again (a new calibration, `homepage plan`): start from its prices
             p.pacer.rebase(np.clip(start, -loop.max_price, loop.max_price))
             p.plan_version = base
+            p.fresh = 0
         until = now - timedelta(seconds=_SETTLE_LAG_S)
         dlog = read_decision_log(self.db, config, p.since, until, cfg.version)
         if len(dlog) == 0:
@@ -398,6 +411,7 @@ class BackgroundLoop:
         fresh = plan_of >= p.plan_version
         ok = exploitable(dlog.tilt[fresh], dlog.mask[fresh], any(c.kind == "long_tail_share" for c in config.constraints))
         new = p.pacer.update(dlog.value[fresh], dlog.exposure[fresh], ok, dlog.chosen_exposure)
+        p.fresh += int(fresh.sum())
         names = config.constraint_names
         solver = {"method": "resolve-pacer", "n_decisions": n, "base_plan": base,
                   "realised": dict(zip(names, map(float, p.pacer.shares_), strict=True)),

@@ -201,3 +201,40 @@ def test_calibration_follows_a_shift_in_engagement_and_plans_again(db, tmp_path)
     outcome, detail = loop._calibrate()
     assert 1200 / 2800 / 0.3 - 1 > CALIBRATION_SHIFT
     assert outcome == "ok" and "moved by 43%" in detail, detail
+
+
+def test_a_new_plan_keeps_the_pacers_prices_once_it_has_a_window_of_its_own(db, tmp_path):
+    """The planner prices sampled users without their live state; once the pacer has re-solved on a
+    full window served under the current plan, a re-plan (a new calibration) publishes the pacer's
+    prices with the new calibration instead of jumping to the planner's."""
+    from datetime import timedelta
+
+    import numpy as np
+
+    from allocator import ResolvePacer, ResolvePacerConfig
+    from policy_api import jobs
+    from policy_api.loop._loop import _Pacing
+
+    world = make_world(n_users=30, n_items=200, seed=0)
+    world.to_catalog_csv(tmp_path / "items.csv")
+    registry.activate_config(db, _config(tmp_path, world), author="test")
+    upsert_items(db, read_catalog_csv(tmp_path / "items.csv").rows())
+    cfg = registry.active_config(db)
+    names = cfg.config.constraint_names
+    lo, hi = cfg.config.bounds()
+    loop = BackgroundLoop(db, holder="t")
+    loop._on_config(cfg)
+    mine = np.array([0.123, 0.456])[:len(names)]
+    pacer = ResolvePacer(ResolvePacerConfig(lower=tuple(lo), upper=tuple(hi), temperature=0.02, names=names),
+                         prices=mine)
+    window = cfg.config.loop.pace_window
+    for fresh, source in ((window - 1, "planner"), (window, "pacer")):
+        # the reference: what the planner alone says, on the same database, as the loop calls it
+        planner = jobs.plan(db, users=cfg.config.loop.plan_users, since=datetime.now(tz=UTC) - timedelta(hours=24),
+                            publish=False).prices
+        want = planner if source == "planner" else dict(zip(names, mine.tolist(), strict=True))
+        loop._pacing = _Pacing(cfg.version, pacer, datetime.now(tz=UTC), 0, fresh=fresh)
+        assert loop._plan()[0] == "ok"
+        plan = registry.latest_plan(db, cfg.version)
+        assert plan is not None and plan.prices == pytest.approx(want), source
+        assert plan.solver["prices_from"] == source and plan.solver["planner_prices"] == pytest.approx(planner)
