@@ -18,6 +18,8 @@ def test_demo_small(tmp_path):
                        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert r.returncode in (0, 1), r.stderr[-3000:]
     report = tmp_path / "report"
+    # rc 1 is also what an uncaught exception gives: then there is no summary, and its traceback says why
+    assert (report / "summary.json").is_file(), r.stderr[-3000:]
     s = json.loads((report / "summary.json").read_text())
     for name in ("index.html", "rewards.png", "exposure.png", "latency.png"):
         assert (report / name).stat().st_size > 1000, name
