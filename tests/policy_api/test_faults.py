@@ -29,6 +29,9 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 DB_DEADLINE_MS = 200  # HOMEPAGE_DB_DEADLINE_MS given to the server
 STALL_S = 1.0  # HOMEPAGE_WRITER_STALL_S
+#: a connection broken by a killed worker: before the answer, or in the middle of its body (a worker
+#: killed after its headers went out); either way nothing reached the client, so nothing was acknowledged
+BROKEN = (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)
 
 
 @dataclass
@@ -136,7 +139,7 @@ def one_round(sess: requests.Session, base: str, tag: str, k: int, acked: Acked,
 
     try:
         r = timed(sess.get, base + "/layout", params={"user_id": f"{tag}{k % 9}"}, timeout=timeout)
-    except requests.ConnectionError:
+    except BROKEN:
         with acked.lock:
             acked.failed += 1
         return
@@ -151,7 +154,7 @@ def one_round(sess: requests.Session, base: str, tag: str, k: int, acked: Acked,
     try:
         f = timed(sess.post, base + "/feedback", json={"request_id": body["request_id"], "events": ev},
                   timeout=timeout)
-    except requests.ConnectionError:
+    except BROKEN:
         with acked.lock:
             acked.failed += 1
         return
