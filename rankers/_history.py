@@ -132,14 +132,6 @@ class HistoryScorer:
         ``residual`` only: the debiasing dial multiplying the popularity coefficients (>= 0).
     n_neighbors, shrink
         Item-kNN pruning and shrinkage (``item_knn`` and ``residual``).
-    prior
-        Shape (n_items,), >= 0, or None: a popularity known before the log (the catalog's popularity
-        column). It joins every popularity count as ``prior_events`` pseudo positive units spread in
-        proportion to it, so a small log refines the catalog's popularity instead of replacing it
-        (an item nobody was shown yet is not scored as if nobody wanted it).
-    prior_events
-        The prior's weight in positive units (> 0); default the number of items (one per item on
-        average).
 
     Attributes
     ----------
@@ -149,8 +141,7 @@ class HistoryScorer:
 
     def __init__(self, kind: str, item_category: np.ndarray, *, half_life_s: float = 14 * _DAY,
                  type_weights: np.ndarray | None = None, coef: np.ndarray | None = None, pop_exponent: float = 1.0,
-                 n_neighbors: int = 100, shrink: float = 10.0, prior: np.ndarray | None = None,
-                 prior_events: float | None = None) -> None:
+                 n_neighbors: int = 100, shrink: float = 10.0) -> None:
         if kind not in HISTORY_KINDS:
             raise ValueError(f"kind must be one of {', '.join(HISTORY_KINDS)}; got {kind!r}")
         cat = np.asarray(item_category)
@@ -177,17 +168,6 @@ class HistoryScorer:
         self.demote_seen = True
         self.n_neighbors = int(n_neighbors)
         self.shrink = float(shrink)
-        self.prior: np.ndarray | None = None
-        self.prior_events = 0.0
-        if prior is not None:
-            pr = np.asarray(prior, dtype=np.float64)
-            if pr.shape != cat.shape or not np.isfinite(pr).all() or (pr < 0).any():
-                raise ValueError(f"prior must be a finite, non-negative ({cat.size},) array; got shape {pr.shape}")
-            m = float(cat.size if prior_events is None else prior_events)
-            if not (np.isfinite(m) and m > 0):
-                raise ValueError(f"prior_events must be a finite number > 0; got {prior_events!r}")
-            if pr.sum() > 0:
-                self.prior, self.prior_events = pr / pr.sum() * m, m
 
     # -- fitting -------------------------------------------------------------------------------------
     def fit(self, user: np.ndarray, item: np.ndarray, ts: np.ndarray, weight: np.ndarray, *, n_users: int,
@@ -222,10 +202,6 @@ class HistoryScorer:
         self.recent_ = _decayed(i, t, w, n_items, self.t_ref_, self.half_life_s)
         self.pops_ = np.stack([_decayed(i, t, w, n_items, self.t_ref_, None if h is None else h * _DAY)
                                for h in POP_HALF_LIVES_DAYS])  # (H, n_items)
-        if self.prior is not None:  # the catalog's popularity as pseudo events (timeless: no decay)
-            self.pop_ += self.prior
-            self.recent_ += self.prior
-            self.pops_ += self.prior
         tot = np.bincount(self.item_category, weights=self.pop_, minlength=C)
         self.category_share_ = tot / tot.sum() if tot.sum() > 0 else np.full(C, 1.0 / C)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -463,7 +439,7 @@ class HistoryScorer:
         self._check_fitted()
         meta = {"kind": self.kind, "half_life_s": self.half_life_s, "pop_exponent": self.pop_exponent,
                 "n_neighbors": self.n_neighbors, "shrink": self.shrink, "n_users": self.n_users_,
-                "t_ref": self.t_ref_, "demote_seen": self.demote_seen, "prior_events": self.prior_events}
+                "t_ref": self.t_ref_, "demote_seen": self.demote_seen}
         h, s = self.history_, self.similarity_
         buf = io.BytesIO()
         np.savez(buf, meta=np.array(json.dumps(meta)), item_category=self.item_category,
@@ -489,7 +465,6 @@ class HistoryScorer:
                        type_weights=z["type_weights"], coef=coef if coef.size else None,
                        pop_exponent=meta["pop_exponent"], n_neighbors=meta["n_neighbors"], shrink=meta["shrink"])
             self.demote_seen = bool(meta.get("demote_seen", True))
-            self.prior_events = float(meta.get("prior_events", 0.0))  # folded into the counts below
             n_users, n_items = int(meta["n_users"]), self.item_category.size
             self.n_users_, self.n_items_, self.t_ref_ = n_users, n_items, float(meta["t_ref"])
             self.pop_, self.recent_, self.pops_ = z["pop"], z["recent"], z["pops"]
@@ -514,8 +489,6 @@ class HistoryScorer:
     def describe(self) -> dict[str, Any]:
         """The parameters that define the served scores, for the registry row and reports."""
         out: dict[str, Any] = {"kind": self.kind}
-        if self.prior_events > 0:
-            out["prior_events"] = self.prior_events
         if self.kind == "recent_popularity":
             out["half_life_days"] = self.half_life_s / _DAY
         if self.kind in ("item_knn", "residual"):

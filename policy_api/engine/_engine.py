@@ -300,8 +300,7 @@ def catalog_prior_rates(state: EngineState, impressions: float = 1e6) -> np.ndar
     pop = state.catalog.popularity[items]
     if not (pop > 0).any():
         return None
-    C = int(state.item_category.max()) + 1 if items.size else 0
-    C = max(C, len(state.config.category_names))
+    C = len(state.config.category_names)
     group = state.item_category[items] * 2 + state.is_tail[items].astype(np.int64)
     top = state.config.items_per_module
     popular = _top_means(pop, group, 2 * C, top)
@@ -534,6 +533,14 @@ class Decision:
         }
 
 
+def catalog_long_tail(catalog: Catalog, config: HomepageConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(is_tail, tail) of every catalog item (:func:`allocator.long_tail` by the config's categories and
+    ``[tilt] head_share``; items of other categories form one group of their own)."""
+    names = config.category_names
+    item_cat = catalog.category_index(names)
+    return long_tail(catalog.popularity, np.where(item_cat >= 0, item_cat, len(names)), config.tilt.head_share)
+
+
 def build_state(config: HomepageConfig, catalog: Catalog, *, scorer: ScorerHandle | None = None,
                 prices: np.ndarray | None = None, bandit: VWLayoutBandit | None = None,
                 versions: dict[str, Any] | None = None) -> EngineState:
@@ -545,7 +552,7 @@ def build_state(config: HomepageConfig, catalog: Catalog, *, scorer: ScorerHandl
     if not served.any():
         raise ValueError(f"catalog has no item in the config's categories {cats}; load a catalog first")
     pop = catalog.popularity
-    is_tail, tail = long_tail(pop, np.where(served, item_cat, len(cats)), config.tilt.head_share)
+    is_tail, tail = catalog_long_tail(catalog, config)
     by_cat = []
     C = len(cats)
     for c in range(C):

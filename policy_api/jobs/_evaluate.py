@@ -42,8 +42,8 @@ if TYPE_CHECKING:
     import scipy.sparse as sp
 
 __all__ = ["BASELINE_SCORERS", "CATALOG_POPULARITY", "EvaluationResult", "Holdout", "PageScorer", "baseline_scorers",
-           "catalog_page_scorer", "evaluate_pages", "evaluate_served", "fit_baseline", "history_page_scorer", "holdout_split", "log_events",
-           "ranker_page_scorer", "served_pages"]
+           "catalog_page_scorer", "evaluate_pages", "evaluate_served", "fit_baseline", "history_page_scorer",
+           "holdout_split", "log_events", "ranker_page_scorer", "served_pages", "with_catalog_popularity"]
 
 #: ``f(user_rows (U,), pools (U, P)) -> scores (U, P)``: a scorer as the page builder calls it
 PageScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -272,6 +272,16 @@ def catalog_page_scorer(popularity: np.ndarray) -> PageScorer | None:
     return score
 
 
+def with_catalog_popularity(scorers: dict[str, PageScorer], popularity: np.ndarray) -> list[str]:
+    """Add the catalog's popularity column to ``scorers`` as :data:`CATALOG_POPULARITY` (what the engine
+    serves with nothing published), when the catalog has one; returns the baselines' names."""
+    prior = catalog_page_scorer(popularity)
+    if prior is None:
+        return list(BASELINE_SCORERS)
+    scorers[CATALOG_POPULARITY] = prior
+    return [*BASELINE_SCORERS, CATALOG_POPULARITY]
+
+
 def ranker_page_scorer(handle: ScorerHandle, user_ids: list[str]) -> PageScorer:
     """A ranker (published, or a candidate) as a page scorer: log user rows are mapped to the model's
     user index by id (unknown users score as cold starts)."""
@@ -403,7 +413,8 @@ def evaluate_served(db: Engine, config: ConfigRecord, *, train_share: float = 0.
                     n_boot: int = 1000, seed: int = 0,
                     progress: Callable[[str], None] | None = None) -> EvaluationResult:
     """``homepage evaluate``: the temporal holdout of the log, the built-in baselines (the catalog's
-    popularity column among them, when it has one) and the published ranker (if any), each scorer's served pages scored against the held-out users' future positives.
+    popularity column among them, when it has one) and the published ranker (if any), each scorer's
+    served pages scored against the held-out users' future positives.
 
     The published ranker is judged as it is stored: if it was trained on events after the cutoff its
     figures are optimistic (the publish gate avoids this by judging a model trained before it).
@@ -424,11 +435,7 @@ def evaluate_served(db: Engine, config: ConfigRecord, *, train_share: float = 0.
                       max_users=max_users, seed=seed)
     state = build_state(cfg, catalog)
     scorers = baseline_scorers(h, state.item_category, half_life_s=half_life_days * 86400.0)
-    base = list(BASELINE_SCORERS)
-    prior = catalog_page_scorer(catalog.popularity)
-    if prior is not None:
-        scorers[CATALOG_POPULARITY] = prior
-        base.append(CATALOG_POPULARITY)
+    base = with_catalog_popularity(scorers, catalog.popularity)
     info: dict[str, Any] = {"train_share": train_share, "half_life_days": half_life_days,
                             "exclude_seen": exclude_seen, "config_version": config.version}
     if include_model:

@@ -29,7 +29,6 @@ from allocator import (
     build_candidates,
     exploit_pmf,
     exploitable,
-    long_tail,
     plan_dual_sharded,
     softmax_prices,
     softmax_response,
@@ -43,6 +42,7 @@ from ..engine import (
     calibrated,
     calibration_predicted,
     calibration_rates,
+    catalog_long_tail,
     load_catalog,
     load_state,
 )
@@ -241,8 +241,7 @@ def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray
     catalog = load_catalog(db)
     names = config.category_names
     item_cat = catalog.category_index(names)
-    served = item_cat >= 0
-    is_tail, _ = long_tail(catalog.popularity, np.where(served, item_cat, len(names)), config.tilt.head_share)
+    is_tail, _ = catalog_long_tail(catalog, config)
     index = catalog.index_of()
     C = len(names)
 

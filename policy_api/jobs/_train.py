@@ -165,24 +165,14 @@ def served_gate(state: EngineState, data: Mapping[str, Any], candidates: Mapping
     Returns (the chosen candidate's name if it passed, else None; the gate's table as a JSON-friendly
     dict, with ``best_baseline``: the baseline that is served when no candidate passes).
     """
-    from ._evaluate import (
-        BASELINE_SCORERS,
-        CATALOG_POPULARITY,
-        baseline_scorers,
-        catalog_page_scorer,
-        evaluate_pages,
-    )
+    from ._evaluate import baseline_scorers, evaluate_pages, with_catalog_popularity
 
     try:
         h = gate_holdout(state, data, cutoff, event_weights, max_users=max_users, seed=seed)
     except InvalidInput as e:
         return None, {"passed": False, "reason": f"no served-page holdout: {e.message}"}
     scorers = baseline_scorers(h, state.item_category, half_life_s=half_life_s)
-    base = list(BASELINE_SCORERS)
-    prior = catalog_page_scorer(state.catalog.popularity)
-    if prior is not None:  # what the engine serves with nothing published: it must be beaten too
-        scorers[CATALOG_POPULARITY] = prior
-        base.append(CATALOG_POPULARITY)
+    base = with_catalog_popularity(scorers, state.catalog.popularity)  # what is served built in: beat it too
     users = list(data["user_ids"])
     for name, sc in candidates.items():
         scorers[name] = _page_scorer(name, sc, users)

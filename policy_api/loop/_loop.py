@@ -35,13 +35,13 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from allocator import ResolvePacer, ResolvePacerConfig, exploitable, long_tail
+from allocator import ResolvePacer, ResolvePacerConfig, exploitable
 
 from .. import jobs, registry
-from ..engine import calibration_rates, calibration_shift
+from ..engine import calibration_rates, calibration_shift, catalog_long_tail
 from ..errors import HomepageError
 from ..live import IMPRESSION, LiveEvent, UserStateStore, make_state_store
-from ..log import decisions, feedback, load_items, read_decision_log
+from ..log import Catalog, decisions, feedback, load_items, read_decision_log
 from ..registry import ConfigRecord
 from ._lease import Lease
 
@@ -97,6 +97,7 @@ class _Pacing:
     plan_version: int
     fresh: int = 0  # decisions served under plan_version that the pacer has re-solved on
 
+
 @dataclass
 class _Training:
     thread: threading.Thread | None = None
@@ -127,6 +128,7 @@ class BackgroundLoop:
     _store: UserStateStore | None = None
     _store_spec: tuple[Any, ...] | None = None
     _item_category: dict[str, str] = field(default_factory=dict)
+    _item_head: dict[str, bool] = field(default_factory=dict)  # item id -> in its category's head
     _last_feedback_id: int | None = None
     _pending: dict[int, tuple[float, Any]] = field(default_factory=dict)
     _pacing: _Pacing | None = None
@@ -238,14 +240,11 @@ class BackgroundLoop:
     def _on_config(self, cfg: ConfigRecord) -> None:
         self._config = cfg
         self._pacing = None
-        items = load_items(self.db)
-        ids = [str(i) for i in items["item_ids"]]
-        self._item_category = dict(zip(ids, map(str, items["category"]), strict=True))
+        catalog = Catalog.from_arrays(load_items(self.db))
+        ids = [str(i) for i in catalog.item_ids.tolist()]
+        self._item_category = dict(zip(ids, map(str, catalog.category.tolist()), strict=True))
         # the category sums of the live state count the head items only (see LiveEvent.head)
-        names = cfg.config.category_names
-        cat = np.array([names.index(c) if c in names else len(names) for c in map(str, items["category"])],
-                       dtype=np.int64)
-        is_tail, _ = long_tail(np.asarray(items["popularity"], dtype=np.float64), cat, cfg.config.tilt.head_share)
+        is_tail, _ = catalog_long_tail(catalog, cfg.config)
         self._item_head = dict(zip(ids, (~is_tail).tolist(), strict=True))
         loop = cfg.config.loop
         spec = (loop.state_store, loop.state_half_life_s, loop.state_max_events, loop.state_half_life_impressions)

@@ -222,9 +222,6 @@ def test_save_load_round_trip_and_inputs_untouched(seed, kind):
     (lambda cat: HistoryScorer("recent_popularity", cat, half_life_s=0.0), r"half_life_s must be a finite number > 0"),
     (lambda cat: HistoryScorer("residual", cat), r"coef must have shape \(21,\) for a residual scorer; got None"),
     (lambda cat: HistoryScorer("popularity", cat, pop_exponent=-1.0), r"pop_exponent must be a finite number >= 0"),
-    (lambda cat: HistoryScorer("popularity", cat, prior=-np.ones(cat.size)), r"prior must be a finite, non-negative"),
-    (lambda cat: HistoryScorer("popularity", cat, prior=np.ones(cat.size), prior_events=0.0),
-     r"prior_events must be a finite number > 0; got 0.0"),
 ])
 def test_constructor_errors_name_the_parameter(make, message):
     with pytest.raises(ValueError, match=message):
@@ -300,45 +297,3 @@ def test_repeat_share_and_the_seen_items_switch(seed):
     back = HistoryScorer.load(sc.save())
     assert back.demote_seen is False
     np.testing.assert_array_equal(back.score_live(u, pool), kept)
-
-
-@pytest.mark.parametrize("kind", ["popularity", "recent_popularity", "category_popularity"])
-def test_the_catalog_prior_joins_every_popularity_count(seed, kind):
-    """A prior popularity joins the log's counts as ``prior_events`` pseudo units spread in proportion
-    to it: the reference scorers fitted on the log plus those pseudo events (timeless: at ``t_ref``)."""
-    rng = np.random.default_rng(seed)
-    cat = rng.integers(0, N_CAT, size=N_ITEMS)
-    cat[:N_CAT] = np.arange(N_CAT)
-    user, item, ts, weight = _log(rng)
-    prior = rng.pareto(1.5, size=N_ITEMS)
-    M = 120.0
-    got = HistoryScorer(kind, cat, half_life_s=7 * DAY, prior=prior, prior_events=M).fit(
-        user, item, ts, weight, n_users=N_USERS)
-    pos = weight > 0
-    pseudo = prior / prior.sum() * M
-    t_ref = ts[pos].max()
-    users = np.r_[np.arange(N_USERS), -1]
-    pools = _grid(rng, users.size)
-    if kind == "popularity":
-        want = np.tile(np.bincount(item[pos], weights=weight[pos], minlength=N_ITEMS) + pseudo, (users.size, 1))
-    elif kind == "recent_popularity":
-        want = np.tile(np.bincount(item[pos], weights=weight[pos] * 0.5 ** ((t_ref - ts[pos]) / (7 * DAY)),
-                                   minlength=N_ITEMS) + pseudo, (users.size, 1))
-    else:  # the user's smoothed category share times the item's share of its category, prior included
-        pop = np.bincount(item[pos], weights=weight[pos], minlength=N_ITEMS) + pseudo
-        tot = np.bincount(cat, weights=pop, minlength=N_CAT)
-        n_uc = np.zeros((N_USERS + 1, N_CAT))
-        np.add.at(n_uc, (user[pos], cat[item[pos]]), weight[pos])
-        n_uc[-1] = 0.0
-        pi = (n_uc + tot / tot.sum()) / (n_uc.sum(axis=1, keepdims=True) + 1.0)
-        want = pi[:, cat] * (pop / tot[cat])
-    want = np.take_along_axis(want, pools, axis=1)
-    np.testing.assert_allclose(got.score_pools(users, pools), want, rtol=1e-10, atol=1e-12)
-    back = HistoryScorer.load(got.save())
-    np.testing.assert_array_equal(back.score_pools(users, pools), got.score_pools(users, pools))
-    assert back.describe()["prior_events"] == M == got.describe()["prior_events"]
-    # an item nobody engaged with yet still ranks by the prior (not all tied at zero)
-    unseen = np.setdiff1d(np.arange(N_ITEMS), item[pos])
-    if unseen.size > 1 and kind != "category_popularity":
-        s = got.score_pools(np.array([-1]), unseen[None, :])[0]
-        assert (np.argsort(-s, kind="stable") == np.argsort(-prior[unseen], kind="stable")).all()
