@@ -583,8 +583,11 @@ def constraint_rows(cfg: HomepageConfig, realised: np.ndarray) -> list[dict[str,
     for k, c in enumerate(cfg.constraints):
         share = float(realised[k]) if realised.size else float("nan")
         holds = (c.min is None or share >= c.min - TOLERANCE) and (c.max is None or share <= c.max + TOLERANCE)
+        # beyond the bound by more than 1 pp on the side it does not guard: a floor exceeded, a cap
+        # undershot (value given up, when the pacing forced it)
+        over = max(share - c.min if c.min is not None else 0.0, c.max - share if c.max is not None else 0.0)
         rows.append({"name": c.name, "kind": c.kind, "min": c.min, "max": c.max, "realised": round(share, 4),
-                     "holds_within_1pp": bool(holds)})
+                     "holds_within_1pp": bool(holds), "overshoot_pp": round(100 * max(over - TOLERANCE, 0.0), 2)})
     return rows
 
 
@@ -776,6 +779,7 @@ def main() -> int:
             "last_third_beats_best_fixed_constrained": bool(
                 last["engine"]["mean"] > last["baselines"]["best_fixed_constrained"]["mean"]),
             "last_third_every_constraint_within_1pp": all(c["holds_within_1pp"] for c in last["constraints"]),
+            "last_third_no_overshoot_beyond_1pp": all(c["overshoot_pp"] == 0 for c in last["constraints"]),
             "constraints_hold_in_first_500": all(c["holds_within_1pp"] for c in first500),
         }
 

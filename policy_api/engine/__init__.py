@@ -25,6 +25,7 @@ from ._engine import (
     category_calibration,
     category_rates,
     live_rate_factors,
+    repeat_lift,
 )
 from ._features import layout_features, shared_features
 from ._ids import RequestIds, load_secret, seed_of
@@ -41,6 +42,7 @@ __all__ = [
     "category_calibration",
     "category_rates",
     "live_rate_factors",
+    "repeat_lift",
     "LIVE_PRIOR_IMPRESSIONS",
     "SKIP_DEMOTION",
     "LiveSignals",

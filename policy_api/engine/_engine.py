@@ -41,7 +41,7 @@ from ..log import Catalog
 from ._features import layout_features, shared_features
 from ._ids import seed_of
 
-__all__ = ["CALIBRATION_PRIOR", "SKIP_DEMOTION", "calibrated", "calibration_rates", "category_calibration", "group_calibration", "Decision", "DecisionEngine", "EngineState", "LiveSignals", "Scorer", "ScorerHandle",
+__all__ = ["CALIBRATION_PRIOR", "REPEAT_LIFT_RANGE", "repeat_lift", "SKIP_DEMOTION", "calibrated", "calibration_rates", "category_calibration", "group_calibration", "Decision", "DecisionEngine", "EngineState", "LiveSignals", "Scorer", "ScorerHandle",
            "build_state"]
 
 log = logging.getLogger("homepage.engine")
@@ -272,6 +272,11 @@ class EngineState:
     # :func:`live_rate_factors`); None: no calibration (or the torch ranker)
     category_rate: np.ndarray | None = None
     category_top: np.ndarray | None = None
+    # (C,) what a user's recent positives earn when shown to that user again, over what the items earn
+    # from anyone (see :func:`repeat_lift`); None: not measured (serving leaves them as scored)
+    repeat_lift: np.ndarray | None = None
+    # (n_items,) each item's rank in its category by popularity (0 = the most popular); -1 = not served
+    category_rank: np.ndarray | None = None
 
 
 def calibration_rates(rates: Mapping[str, Any], names: tuple[str, ...]) -> np.ndarray:
@@ -324,6 +329,42 @@ def calibration_predicted(rates: Mapping[str, Any], names: tuple[str, ...]) -> n
             out[k] = r["predicted"]
             found = True
     return out if found else None
+
+
+#: examined impressions of the items' own expectation that a category's repeat lift is shrunk toward 1 with
+REPEAT_PRIOR_IMPRESSIONS = 200.0
+#: the repeat lift is kept within these bounds
+REPEAT_LIFT_RANGE = (0.1, 10.0)
+
+
+def repeat_lift(rates: Mapping[str, Any], names: tuple[str, ...], prior: float = REPEAT_PRIOR_IMPRESSIONS
+                ) -> np.ndarray | None:
+    """(C,) the repeat lift of each category from a plan's ``calibration`` (``"repeat": [units, expected,
+    impressions]``, see ``jobs.repeat_rates``): ``(U + k e) / (E + k e)`` with ``e = E / I`` the expected
+    units per examined impression and ``k`` = ``prior`` impressions, so a few repeats move it little; 1
+    where the items' expectation is not positive (a category skipped more than played), bounded to
+    :data:`REPEAT_LIFT_RANGE`. None when the calibration measured no repeats at all.
+
+    Examples
+    --------
+    >>> repeat_lift({"a": {"repeat": [30.0, 10.0, 100.0]}, "b": {"repeat": [0.0, 0.0, 0.0]}}, ("a", "b"),
+    ...             prior=100.0).round(3).tolist()
+    [2.0, 1.0]
+    """
+    rep = np.zeros((len(names), 3))
+    found = False
+    for k, c in enumerate(names):
+        r = rates.get(c)
+        if isinstance(r, Mapping) and r.get("repeat") is not None:
+            rep[k] = r["repeat"]
+            found = True
+    if not found or not (rep[:, 2] > 0).any():
+        return None
+    units, expected, imps = rep[:, 0], rep[:, 1], rep[:, 2]
+    e = np.divide(expected, imps, out=np.zeros(len(names)), where=imps > 0)
+    ok = (expected > 0) & (e > 0)
+    lift = np.divide(units + prior * e, expected + prior * e, out=np.ones(len(names)), where=ok)
+    return np.clip(np.where(ok, lift, 1.0), *REPEAT_LIFT_RANGE)
 
 
 def calibration_shift(old: np.ndarray, new: np.ndarray, min_impressions: float = 1000.0) -> float:
@@ -581,8 +622,12 @@ def build_state(config: HomepageConfig, catalog: Catalog, *, scorer: ScorerHandl
         fb.append({"slot": s, "module_id": m.id, "category": m.category, "tilt": 0.0,
                    "items": [{"item_id": str(catalog.item_ids[i]), "long_tail": bool(is_tail[i])}
                              for i in items]})
+    rank = np.full(item_cat.size, -1, dtype=np.int64)
+    for idx in by_cat:
+        rank[idx] = np.arange(idx.size)
     return EngineState(
         config=config, catalog=catalog, space=space, item_category=item_cat, is_tail=is_tail, tail=tail,
+        category_rank=rank,
         by_category=tuple(by_cat), head_quota=head, rest_quota=rest, scorer=scorer, prices=pr,
         bandit=bandit, versions=dict(versions or {}), fallback_modules=fb,
         new_categories=np.array([k for k, c in enumerate(config.categories) if c.new], dtype=np.int64),
@@ -628,15 +673,28 @@ class DecisionEngine:
         return d
 
     # -- the request path ------------------------------------------------------------------------
-    def pool(self, st: EngineState, rng: np.random.Generator) -> np.ndarray:
+    def pool(self, st: EngineState, rng: np.random.Generator, recent: np.ndarray | None = None) -> np.ndarray:
         """Candidate items for one request: each category's most popular items plus a draw from its
-        rest, so the long tail gets a chance to be scored."""
+        rest, so the long tail gets a chance to be scored. ``recent``: catalog rows the user engaged
+        with lately (newest first); those outside their category's head take the first places of its
+        draw, so a liked long-tail item can come back (when the repeat lift says that pays)."""
+        mine = None
+        if recent is not None and recent.size and st.category_rank is not None:
+            _, first = np.unique(recent, return_index=True)
+            mine = recent[np.sort(first)]  # distinct, newest first
+            mine = mine[(st.category_rank[mine] >= st.head_quota[np.maximum(st.item_category[mine], 0)])
+                        & (st.item_category[mine] >= 0)]
         parts = []
         for c, items in enumerate(st.by_category):
             h, r = int(st.head_quota[c]), int(st.rest_quota[c])
             parts.append(items[:h])
             if r:
-                parts.append(items[h + np.sort(rng.choice(items.size - h, size=r, replace=False))])
+                drawn = items[h + np.sort(rng.choice(items.size - h, size=r, replace=False))]
+                if mine is not None and mine.size:
+                    own = mine[st.item_category[mine] == c][:r]
+                    if own.size:
+                        drawn = np.concatenate([own, drawn[~np.isin(drawn, own)][: r - own.size]])
+                parts.append(drawn)
         return np.concatenate(parts)
 
     def item_scores(self, st: EngineState, u: int, pool: np.ndarray, live: LiveSignals | None = None
@@ -709,6 +767,14 @@ class DecisionEngine:
                 offset = offset / tilt
             if demote is not None:
                 scores = np.where(demote, scores * SKIP_DEMOTION, scores)
+        if (live is not None and live.status == "hit" and live.positives.size and st.repeat_lift is not None):
+            # what the user engaged with lately, shown again, earns the repeat lift the log measured
+            again = np.isin(pool, live.positives)
+            if again.any():
+                cat = st.item_category[pool]
+                lift = np.where(again & (cat >= 0), st.repeat_lift[np.maximum(cat, 0)], 1.0)
+                scores = np.where(scores > 0, scores * lift, scores / lift)
+                rank = np.where(rank > 0, rank * lift, rank / lift)
         if offset is not None:
             scores = scores + offset
         return scores, rank, prefs
@@ -719,7 +785,8 @@ class DecisionEngine:
         t0 = clock()
         rng = np.random.default_rng(seed_of(request_id))
         u = st.scorer.user_idx(user_id)
-        pool = self.pool(st, rng)
+        recent = live.positives if (live is not None and live.status == "hit" and st.repeat_lift is not None) else None
+        pool = self.pool(st, rng, recent)
         t1 = clock()
         scores, rank, prefs = self._scores(st, u, pool, live)
         t2 = clock()

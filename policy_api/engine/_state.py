@@ -8,6 +8,7 @@ to epsilon-greedy exploration and logs why.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 from sqlalchemy.engine import Engine
@@ -27,6 +28,7 @@ from ._engine import (
     calibration_predicted,
     calibration_rates,
     catalog_prior_rates,
+    repeat_lift,
 )
 
 __all__ = ["load_catalog", "load_state", "ranker_scorer", "with_plan_calibration"]
@@ -102,4 +104,4 @@ def with_plan_calibration(state: EngineState, plan: PlanRecord | None) -> Engine
     names = state.config.category_names
     # the predicted units were summed with the scorer of the plan's time: used only with that scorer
     predicted = calibration_predicted(got, names) if solver.get("calibration_scorer") == state.scorer.name else None
-    return calibrated(state, calibration_rates(got, names), predicted)
+    return replace(calibrated(state, calibration_rates(got, names), predicted), repeat_lift=repeat_lift(got, names))

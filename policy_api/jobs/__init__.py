@@ -38,6 +38,8 @@ from ._plan import (
     pace,
     plan,
     refresh_head,
+    repeat_engagement,
+    repeat_rates,
     sample_users,
     user_candidates,
 )
@@ -97,6 +99,8 @@ __all__ = [
     "baseline_scorers",
     "catalog_page_scorer",
     "calibration",
+    "repeat_engagement",
+    "repeat_rates",
     "catalog_categories",
     "check_config",
     "config_candidates",

@@ -96,6 +96,8 @@ class _Pacing:
     since: datetime
     plan_version: int
     fresh: int = 0  # decisions served under plan_version that the pacer has re-solved on
+    solved: int = 0  # decisions served under this config that the pacer has re-solved on, over all plans
+    ranker: int = 0  # the newest ranker version served: candidate sets scored by an older one are not re-solved on
 
 
 @dataclass
@@ -335,7 +337,7 @@ class BackgroundLoop:
         plan = registry.latest_plan(self.db, self._config.version)
         if plan is None:
             return "idle", ""
-        rates = jobs.calibration(self.db, self._config.config)
+        rates = jobs.calibration(self.db, self._config.config, repeat=False)
         if rates is None:
             return "idle", ""
         names = self._config.config.category_names
@@ -356,15 +358,16 @@ class BackgroundLoop:
         loop = self._config.config.loop
         # a new plan brings a new calibration: the pacer starts again from its prices (see _pace), as the
         # served candidates it kept were valued under the old one. Once the pacer has re-solved on a full
-        # window served under the current plan, the new plan keeps the pacer's prices: the planner's come
-        # from sampled users scored without their live state, and jumping to them every time the
-        # calibration moved set the shares swinging
+        # window of decisions under this config (over any plans), a new plan keeps the pacer's prices: the
+        # planner's come from sampled users scored without their live state, and jumping to them every
+        # time the calibration moved set the shares swinging (with re-plans every few hundred decisions,
+        # a pacer that had to see a full window under each plan never got to keep its prices)
         cfg = self._config
         res = jobs.plan(self.db, users=loop.plan_users, since=datetime.now(tz=UTC) - timedelta(hours=24),
                         publish=False)
         prices, source = res.prices, "planner"
         p = self._pacing
-        if p is not None and p.config_version == cfg.version and p.fresh >= loop.pace_window:
+        if p is not None and p.config_version == cfg.version and p.solved >= loop.pace_window:
             names = cfg.config.constraint_names
             prices, source = dict(zip(names, map(float, p.pacer.prices_), strict=True)), "pacer"
         v = registry.publish_plan(self.db, cfg.version, prices, projected=res.projected,
@@ -407,10 +410,18 @@ class BackgroundLoop:
         # candidate sets served before the workers took up the current plan were valued under an older
         # calibration: they count as realised exposure, not as the model the prices are re-solved on
         plan_of = np.array([int((v or {}).get("plan") or 0) for v in dlog.versions], dtype=np.int64)
-        fresh = plan_of >= p.plan_version
+        # ... and so were those a ranker scored before a new one was published: its scores (the
+        # candidates' values and their long-tail blocks) can differ from the old one's by a lot
+        ranker_of = np.array([int((v or {}).get("ranker") or 0) for v in dlog.versions], dtype=np.int64)
+        newest = int(ranker_of.max(initial=0))
+        if newest > p.ranker:
+            p.pacer.rebase(p.pacer.prices_)
+            p.ranker, p.fresh = newest, 0
+        fresh = (plan_of >= p.plan_version) & (ranker_of == p.ranker)
         ok = exploitable(dlog.tilt[fresh], dlog.mask[fresh], any(c.kind == "long_tail_share" for c in config.constraints))
         new = p.pacer.update(dlog.value[fresh], dlog.exposure[fresh], ok, dlog.chosen_exposure)
         p.fresh += int(fresh.sum())
+        p.solved += int(fresh.sum())
         names = config.constraint_names
         solver = {"method": "resolve-pacer", "n_decisions": n, "base_plan": base,
                   "realised": dict(zip(names, map(float, p.pacer.shares_), strict=True)),

@@ -213,7 +213,7 @@ def test_plan_carries_the_category_calibration_of_recent_feedback(db):
     # the plan adds what its scorer predicted for the items shown (shrunk the same way)
     assert plan.solver["calibration_scorer"] == "popularity"
     for c in names:
-        assert {p: plan.solver["calibration"][c][p] for p in ("head", "tail")} == got[c]
+        assert {p: plan.solver["calibration"][c][p] for p in ("head", "tail")} == {p: got[c][p] for p in ("head", "tail")}
         want_pred = []
         for part in ("head", "tail"):
             _, i_all, p_all = every[c][part]

@@ -203,7 +203,7 @@ def test_calibration_follows_a_shift_in_engagement_and_plans_again(db, tmp_path)
     assert outcome == "ok" and "moved by 43%" in detail, detail
 
 
-def test_a_new_plan_keeps_the_pacers_prices_once_it_has_a_window_of_its_own(db, tmp_path):
+def test_a_new_plan_keeps_the_pacers_prices_once_it_has_solved_a_window(db, tmp_path):
     """The planner prices sampled users without their live state; once the pacer has re-solved on a
     full window served under the current plan, a re-plan (a new calibration) publishes the pacer's
     prices with the new calibration instead of jumping to the planner's."""
@@ -228,13 +228,58 @@ def test_a_new_plan_keeps_the_pacers_prices_once_it_has_a_window_of_its_own(db, 
     pacer = ResolvePacer(ResolvePacerConfig(lower=tuple(lo), upper=tuple(hi), temperature=0.02, names=names),
                          prices=mine)
     window = cfg.config.loop.pace_window
-    for fresh, source in ((window - 1, "planner"), (window, "pacer")):
+    # what counts is the decisions re-solved on under this config over all plans (``solved``), not under
+    # the newest plan (``fresh``), which each re-plan starts again
+    for solved, source in ((window - 1, "planner"), (window, "pacer")):
         # the reference: what the planner alone says, on the same database, as the loop calls it
         planner = jobs.plan(db, users=cfg.config.loop.plan_users, since=datetime.now(tz=UTC) - timedelta(hours=24),
                             publish=False).prices
         want = planner if source == "planner" else dict(zip(names, mine.tolist(), strict=True))
-        loop._pacing = _Pacing(cfg.version, pacer, datetime.now(tz=UTC), 0, fresh=fresh)
+        loop._pacing = _Pacing(cfg.version, pacer, datetime.now(tz=UTC), 0, fresh=0, solved=solved)
         assert loop._plan()[0] == "ok"
         plan = registry.latest_plan(db, cfg.version)
         assert plan is not None and plan.prices == pytest.approx(want), source
         assert plan.solver["prices_from"] == source and plan.solver["planner_prices"] == pytest.approx(planner)
+
+
+def test_the_pacer_re_solves_only_on_candidates_the_newest_ranker_scored(db, tmp_path):
+    """Candidate sets a ranker scored before a newer one was published are dropped from the pacer's
+    window (as those served under an older plan are): the pacer's window and its count of fresh
+    decisions are those of the newest ranker's decisions, counted here from the rows written."""
+    from policy_api.engine import DecisionEngine, load_state
+    from policy_api.log import insert_decisions
+
+    world = make_world(n_users=30, n_items=200, seed=0)
+    world.to_catalog_csv(tmp_path / "items.csv")
+    registry.activate_config(db, _config(tmp_path, world), author="test")
+    upsert_items(db, read_catalog_csv(tmp_path / "items.csv").rows())
+    cfg = registry.active_config(db)
+    loop = BackgroundLoop(db, holder="t")
+    loop._on_config(cfg)
+    assert loop._plan()[0] == "ok"
+    plan = registry.latest_plan(db, cfg.version)
+    engine = DecisionEngine(load_state(db))
+    assert loop._pace() == ("ok", "pacer started from the plan's prices")
+    p = loop._pacing
+    n = [0]
+
+    def serve(count: int, ranker: int | None) -> None:
+        rows = []
+        for _ in range(count):
+            d = engine.decide(f"u{n[0] % 7}", f"r{n[0]}").row()
+            d["versions"] = {**d["versions"], "plan": plan.version, "ranker": ranker}
+            rows.append(d)
+            n[0] += 1
+        insert_decisions(db, rows)
+        time.sleep(0.6)  # the pacer reads decisions older than half a second (a worker's log queue)
+
+    serve(40, None)  # the built-in scorer
+    assert loop._pace()[0] == "ok"
+    assert p.fresh == 40 and p.pacer._value.shape[0] == 40 and p.ranker == 0
+    serve(25, 1)  # a ranker is published: the 40 built-in decisions leave the window
+    assert loop._pace()[0] == "ok"
+    assert p.ranker == 1 and p.fresh == 25 and p.pacer._value.shape[0] == 25 and p.solved == 65
+    serve(10, 1)
+    serve(5, None)  # a worker that has not swapped yet: counted as exposure, not re-solved on
+    assert loop._pace()[0] == "ok"
+    assert p.fresh == 35 and p.pacer._value.shape[0] == 35 and p.solved == 75
