@@ -33,7 +33,7 @@ from ._layout import (
 )
 from ._pacing import DualPacer, PacerConfig
 from ._plan import InfeasibilityDiagnosis, InfeasiblePlan, Plan, Relaxation, choose, choose_batch, plan_lp
-from ._resolve import ResolvePacer, ResolvePacerConfig
+from ._resolve import ResolvePacer, ResolvePacerConfig, window_correction
 from ._sharded import LocalShards, PlanShard, ShardedPlan, ShardMap, plan_dual_sharded
 from ._softmax import exploit_pmf, exploitable, serving_pmf, softmax_prices, softmax_response
 from ._solve import LP_MAX_VARS, PLAN_METHODS, solve_plan
@@ -42,6 +42,7 @@ from ._valuation import ValueRefit, refit_values
 __all__ = [
     "ResolvePacer",
     "ResolvePacerConfig",
+    "window_correction",
     "exploit_pmf",
     "exploitable",
     "serving_pmf",

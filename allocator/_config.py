@@ -156,6 +156,12 @@ class Loop:
     state_max_events: int = 50
     state_deadline_ms: float = 10.0
     lease_ttl_s: float = 10.0
+    #: each worker steers its own last ``serve_window`` decisions' shares back to the pacer's aims: a
+    #: price offset of ``serve_gain`` times the miss over the shares' sensitivity to their prices (the
+    #: pacer's); a window of a few hundred requests then holds its bounds far more often than independent
+    #: draws do. ``serve_gain = 0`` turns it off
+    serve_window: int = 100
+    serve_gain: float = 1.0
 
 
 LOOP_KEYS = tuple(Loop.__dataclass_fields__)
@@ -573,7 +579,7 @@ def _loop(ck: _Checker, raw: Mapping[str, Any]) -> Loop:
         else:
             out["enabled"] = t["enabled"]
     for k in ("plan_users", "learn_min_decisions", "train_min_events", "train_max_epochs", "state_max_events",
-              "pace_window", "calibration_events"):
+              "pace_window", "calibration_events", "serve_window"):
         n = ck.integer(t, k, f"loop.{k}", default=getattr(d, k), low=1)
         if n is not None:
             out[k] = n
@@ -583,7 +589,7 @@ def _loop(ck: _Checker, raw: Mapping[str, Any]) -> Loop:
         v = ck.number(t, k, f"loop.{k}", default=getattr(d, k), low=0.0, low_open=True)
         if v is not None:
             out[k] = v
-    for k, hi in (("pace_margin", 0.5), ("settle_s", math.inf)):
+    for k, hi in (("pace_margin", 0.5), ("settle_s", math.inf), ("serve_gain", 10.0)):
         v = ck.number(t, k, f"loop.{k}", default=getattr(d, k), low=0.0, high=hi)
         if v is not None:
             out[k] = v

@@ -22,9 +22,44 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._softmax import softmax_prices
+from ._softmax import softmax_prices, softmax_response
 
-__all__ = ["ResolvePacer", "ResolvePacerConfig"]
+__all__ = ["ResolvePacer", "ResolvePacerConfig", "window_correction"]
+
+
+def window_correction(shares: np.ndarray, lower: np.ndarray, upper: np.ndarray, prices: np.ndarray,
+                      slope: np.ndarray, *, margin: float = 0.005, gain: float = 1.0, limit: float = 10.0
+                      ) -> np.ndarray:
+    """Price offsets (K,) that steer one server's recent shares back to the aims (each bound ``margin``
+    inside): ``gain * miss / slope``, the price move that takes the expected share ``gain`` of the way
+    back by the linear response ``slope`` (d share / d price, the pacer's :meth:`ResolvePacer.slope`).
+    Only a bound that binds (its price nonzero) or is missed acts; a floor's price plus its offset stays
+    >= 0 and a cap's <= 0, and an offset is at most ``limit`` times the price's own size (or the miss
+    over the slope when the price is 0): a window's noise moves the next requests, never a bound that
+    is slack. Independent draws at fixed prices leave a window of a few hundred requests a percentage
+    point or more off its share by chance alone; steering each server's recent record makes the
+    requests' draws correct one another.
+
+    Examples
+    --------
+    >>> window_correction(np.array([0.20, 0.5]), np.array([0.25, -np.inf]), np.array([np.inf, 0.4]),
+    ...                   np.array([1.0, -0.2]), np.array([0.1, 0.5]), margin=0.0, gain=0.5, limit=1.0
+    ...                   ).round(3).tolist()
+    [0.25, -0.1]
+    """
+    s = np.asarray(shares, dtype=np.float64)
+    lo, hi = np.asarray(lower, dtype=np.float64), np.asarray(upper, dtype=np.float64)
+    p, d = np.asarray(prices, dtype=np.float64), np.asarray(slope, dtype=np.float64)
+    ok = np.isfinite(s) & (d > 0)
+    inv = np.divide(gain, d, out=np.zeros_like(d), where=ok)
+    floor = np.isfinite(lo) & ((p > 0) | (s < lo + margin))
+    cap = np.isfinite(hi) & ~floor & ((p < 0) | (s > hi - margin))
+    miss = np.where(floor, lo + margin - s, 0.0) + np.where(cap, hi - margin - s, 0.0)
+    delta = np.where(ok, inv * miss, 0.0)
+    size = np.where(p != 0, limit * np.abs(p), np.abs(delta))
+    delta = np.clip(delta, -size, size)
+    delta = np.where(floor, np.maximum(delta, -p), delta)  # a floor's price stays >= 0
+    return np.where(cap, np.minimum(delta, -p), delta)  # a cap's <= 0
 
 
 @dataclass(frozen=True)
@@ -75,6 +110,14 @@ class ResolvePacer:
         self._value = np.zeros((0, 1))
         self._exposure = np.zeros((0, 1, K))
         self._mask = np.zeros((0, 1), dtype=bool)
+
+    def slope(self) -> np.ndarray:
+        """(K,) d share_k / d price_k of softmax serving at the current prices over the window of served
+        candidate sets (:func:`~allocator.softmax_response`); zeros while the window is empty."""
+        if not self._mask.any():
+            return np.zeros_like(self.prices_)
+        return softmax_response(self._value, self._exposure, self.prices_, self.config.temperature,
+                                mask=self._mask)[1]
 
     @property
     def aims(self) -> tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,7 @@ marked ``fallback`` with the reason, never an error.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -33,6 +34,7 @@ from allocator import (
     layout_items,
     long_tail,
     serving_pmf,
+    window_correction,
 )
 from bandits import VWLayoutBandit, sample
 from rankers import PopularityScorer, live_category_preferences, live_score_multiplier
@@ -277,6 +279,9 @@ class EngineState:
     repeat_lift: np.ndarray | None = None
     # (n_items,) each item's rank in its category by popularity (0 = the most popular); -1 = not served
     category_rank: np.ndarray | None = None
+    # (K,) d share / d price of each constraint under the served softmax (the pacer's, see
+    # allocator.window_correction); None: the plan carries none, and serving does not steer its window
+    price_slope: np.ndarray | None = None
 
 
 def calibration_rates(rates: Mapping[str, Any], names: tuple[str, ...]) -> np.ndarray:
@@ -649,6 +654,11 @@ class DecisionEngine:
 
     def __init__(self, state: EngineState) -> None:
         self._state = state
+        # the exposure of this engine's last ``[loop] serve_window`` layouts (a ring), which it steers
+        # toward the pacer's aims (see allocator.window_correction)
+        self._recent = np.full((state.config.loop.serve_window, state.space.n_constraints), np.nan)
+        self._served = 0
+        self._lock = threading.Lock()
         _one_blas_thread()
 
     @property
@@ -656,7 +666,35 @@ class DecisionEngine:
         return self._state
 
     def swap(self, state: EngineState) -> None:
+        old = self._state
         self._state = state
+        if (state.config is not old.config or state.space.n_constraints != old.space.n_constraints
+                or state.config.loop.serve_window != self._recent.shape[0]):
+            with self._lock:  # a new config: its bounds (and window) start a new record
+                self._recent = np.full((state.config.loop.serve_window, state.space.n_constraints), np.nan)
+                self._served = 0
+
+    def window_offset(self, st: EngineState) -> np.ndarray | None:
+        """(K,) the price offsets that steer this engine's recent shares back to the pacer's aims
+        (:func:`allocator.window_correction`); None while it has no slope or too short a record."""
+        loop = st.config.loop
+        if st.price_slope is None or loop.serve_gain <= 0 or not st.space.n_constraints:
+            return None
+        with self._lock:
+            n = min(self._served, self._recent.shape[0])
+            if n < max(10, self._recent.shape[0] // 4):
+                return None
+            shares = np.nanmean(self._recent, axis=0) if n == self._recent.shape[0] else \
+                self._recent[:n].mean(axis=0)
+        lo, hi = st.config.bounds()
+        return window_correction(shares, lo, hi, st.prices, st.price_slope, margin=loop.pace_margin,
+                                 gain=loop.serve_gain)
+
+    def _record(self, exposure: np.ndarray) -> None:
+        with self._lock:
+            if self._recent.shape[1] == exposure.size and self._recent.shape[0]:
+                self._recent[self._served % self._recent.shape[0]] = exposure
+                self._served += 1
 
     def decide(self, user_id: str, request_id: str, context: dict[str, Any] | None = None,
                live: LiveSignals | None = None) -> Decision:
@@ -800,7 +838,8 @@ class DecisionEngine:
         real = np.flatnonzero(cand.mask[0])
         if real.size == 0:
             raise ValueError("no feasible candidate layout (catalog too small for the modules?)")
-        priced = cand.scores(st.prices)[0, real]
+        offset = self.window_offset(st)
+        priced = cand.scores(st.prices if offset is None else st.prices + offset)[0, real]
         t4 = clock()
         greedy = int(np.argmax(priced))
         value = cand.value[0, real]
@@ -833,6 +872,7 @@ class DecisionEngine:
         chosen = int(sample(pmf, seed_of(request_id + "/draw")))
         t6 = clock()
         lc = int(real[chosen])
+        self._record(cand.exposure[0, lc])
         shown = layout_items(st.space, tbl, 0, cand.categories[0, lc], cand.blocks[0, lc], int(cand.tilt[0, lc]))
         cfg = st.config
         beta = float(st.space.tilt_levels[cand.tilt[0, lc]])
@@ -866,6 +906,8 @@ class DecisionEngine:
         ctx = dict(context)
         ctx.update({"known_user": u >= 0, "shared": shared.tolist(), "greedy": greedy,
                     "live": "none" if live is None else live.status})
+        if offset is not None and offset.any():
+            ctx["price_offset"] = r6(offset)
         t7 = clock()
         return Decision(request_id, user_id, time.time(), policy, dict(st.versions), ctx, candidates,
                         pmf.tolist(), chosen, float(pmf[chosen]), modules,

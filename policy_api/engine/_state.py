@@ -98,6 +98,11 @@ def with_plan_calibration(state: EngineState, plan: PlanRecord | None) -> Engine
     its popularity ranks squeeze the categories together) and a published scorer none (its scores are
     the pages its gate judged)."""
     solver = {} if plan is None else (plan.solver or {})
+    slope = solver.get("price_slope")
+    if isinstance(slope, dict) and all(isinstance(slope.get(n), int | float) for n in state.config.constraint_names):
+        state = replace(state, price_slope=np.array([float(slope[n]) for n in state.config.constraint_names]))
+    else:
+        state = replace(state, price_slope=None)
     got = solver.get("calibration")
     if not got:
         return calibrated(state, catalog_prior_rates(state) if state.scorer.name == "popularity" else None)

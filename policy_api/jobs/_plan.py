@@ -66,7 +66,10 @@ __all__ = [
     "exposure_report",
     "pace",
     "plan",
+    "plan_calibration",
     "refresh_head",
+    "repeat_engagement",
+    "repeat_rates",
     "sample_users",
     "user_candidates",
 ]
@@ -311,12 +314,13 @@ def repeat_engagement(db: Engine, config: HomepageConfig, since: datetime | None
     _, user = np.unique(np.array(user_s, dtype=object).astype(str), return_inverse=True)
     _, request = np.unique(np.array(req_s, dtype=object).astype(str), return_inverse=True)
     index = catalog.index_of()
-    item = np.array([index.get(str(i), -1) for i in item_s], dtype=np.int64)
+    ids, at = np.unique(np.array(item_s, dtype=object).astype(str), return_inverse=True)
+    item = np.array([index.get(i, -1) for i in ids.tolist()], dtype=np.int64)[at]  # per distinct item
     kinds, kind = np.unique(np.array(kind_s, dtype=object).astype(str), return_inverse=True)
     kind_units = np.array([float(config.events.get(k, 0.0)) for k in kinds.tolist()])
     impression = kinds[kind] == "impression"
-    ts = np.array([t.timestamp() for t in ts_s], dtype=np.float64)
-    slot = np.array([-1 if s is None else int(s) for s in slot_s], dtype=np.int64)
+    ts = np.fromiter((t.timestamp() for t in ts_s), dtype=np.float64, count=len(ts_s))
+    slot = np.array([-1 if s is None else s for s in slot_s], dtype=np.int64)
     pw = np.asarray(config.position_weights, dtype=np.float64)
     pw = pw / pw.mean()
     in_range = (slot >= 0) & (slot < pw.size)
@@ -404,7 +408,7 @@ def plan(db: Engine, *, users: int = 2000, since: datetime | None = None, method
     cfg = registry.require_active_config(db)
     sampled, weight = sample_users(db, since=since, n=users, seed=seed)
     state = load_state(db, cfg)
-    rates = calibration(db, cfg.config, scorer=lambda rows: state.scorer.score(-1, rows))
+    rates, _ = plan_calibration(db, cfg, state)
     if rates is not None:
         state = calibrated(state, calibration_rates(rates, cfg.config.category_names),
                            calibration_predicted(rates, cfg.config.category_names))
@@ -416,6 +420,16 @@ def plan(db: Engine, *, users: int = 2000, since: datetime | None = None, method
         return res
     v = registry.publish_plan(db, cfg.version, res.prices, projected=res.projected, solver=res.solver)
     return replace(res, plan_version=v)
+
+
+def plan_calibration(db: Engine, cfg: ConfigRecord, state: EngineState | None = None
+                     ) -> tuple[dict[str, dict[str, list[float]]] | None, str]:
+    """The calibration a plan of ``cfg`` carries (:func:`calibration` with the served scorer's
+    predictions) and that scorer's name, without solving the plan: what the loop publishes beside the
+    pacer's own prices once it has them (scoring a plan's sampled users with a history scorer takes
+    tens of seconds, during which the loop would neither pace nor learn)."""
+    st = state if state is not None else load_state(db, cfg)
+    return calibration(db, cfg.config, scorer=lambda rows: st.scorer.score(-1, rows)), st.scorer.name
 
 
 def dry_run(db: Engine, config: HomepageConfig, users: np.ndarray, weight: np.ndarray,

@@ -363,16 +363,28 @@ class BackgroundLoop:
         # time the calibration moved set the shares swinging (with re-plans every few hundred decisions,
         # a pacer that had to see a full window under each plan never got to keep its prices)
         cfg = self._config
-        res = jobs.plan(self.db, users=loop.plan_users, since=datetime.now(tz=UTC) - timedelta(hours=24),
-                        publish=False)
-        prices, source = res.prices, "planner"
         p = self._pacing
         if p is not None and p.config_version == cfg.version and p.solved >= loop.pace_window:
+            # the pacer owns the prices: a re-plan only brings the new calibration (solving the plan
+            # scores thousands of sampled users, which with a history scorer holds the loop, and so
+            # the pacing, for tens of seconds)
+            last = registry.latest_plan(self.db, cfg.version)
+            rates, scorer = jobs.plan_calibration(self.db, cfg)
             names = cfg.config.constraint_names
-            prices, source = dict(zip(names, map(float, p.pacer.prices_), strict=True)), "pacer"
-        v = registry.publish_plan(self.db, cfg.version, prices, projected=res.projected,
-                                  solver={**res.solver, "prices_from": source, "planner_prices": res.prices})
-        return "ok", f"plan version {v} over {res.users} users; prices {prices} (from the {source})"
+            prices = dict(zip(names, map(float, p.pacer.prices_), strict=True))
+            solver: dict[str, Any] = {"method": "recalibrate", "prices_from": "pacer",
+                                      "projected_from": None if last is None else last.version,
+                                      "price_slope": dict(zip(names, map(float, p.pacer.slope()), strict=True))}
+            if rates is not None:
+                solver.update(calibration=rates, calibration_scorer=scorer)
+            v = registry.publish_plan(self.db, cfg.version, prices,
+                                      projected=last.projected if last is not None else {}, solver=solver)
+            return "ok", f"plan version {v}: a new calibration beside the pacer's prices {prices}"
+        res = jobs.plan(self.db, users=loop.plan_users, since=datetime.now(tz=UTC) - timedelta(hours=24),
+                        publish=False)
+        v = registry.publish_plan(self.db, cfg.version, res.prices, projected=res.projected,
+                                  solver={**res.solver, "prices_from": "planner", "planner_prices": res.prices})
+        return "ok", f"plan version {v} over {res.users} users; prices {res.prices} (from the planner)"
 
     def _pace(self) -> tuple[str, str]:
         assert self._config is not None
@@ -429,8 +441,12 @@ class BackgroundLoop:
                   "correction": dict(zip(names, map(float, p.pacer.correction_), strict=True))}
         if np.allclose(new, start, rtol=0, atol=1e-9):
             return "ok", f"{n} decisions; prices unchanged"
+        # each worker steers its own recent shares with the shares' sensitivity to their prices (see
+        # allocator.window_correction)
+        slope = dict(zip(names, map(float, p.pacer.slope()), strict=True))
         v = registry.publish_plan(self.db, cfg.version, dict(zip(names, map(float, new), strict=True)),
-                                  projected=plan.projected, solver={**(plan.solver or {}), "pacer": solver})
+                                  projected=plan.projected,
+                                  solver={**(plan.solver or {}), "pacer": solver, "price_slope": slope})
         return "ok", f"{n} decisions; plan version {v}"
 
     # ---- learn and train -------------------------------------------------------------------------

@@ -205,8 +205,8 @@ def test_calibration_follows_a_shift_in_engagement_and_plans_again(db, tmp_path)
 
 def test_a_new_plan_keeps_the_pacers_prices_once_it_has_solved_a_window(db, tmp_path):
     """The planner prices sampled users without their live state; once the pacer has re-solved on a
-    full window served under the current plan, a re-plan (a new calibration) publishes the pacer's
-    prices with the new calibration instead of jumping to the planner's."""
+    full window served under the config, a re-plan (a new calibration) publishes the pacer's prices
+    with the new calibration instead of jumping to the planner's, and does not solve the plan."""
     from datetime import timedelta
 
     import numpy as np
@@ -239,7 +239,13 @@ def test_a_new_plan_keeps_the_pacers_prices_once_it_has_solved_a_window(db, tmp_
         assert loop._plan()[0] == "ok"
         plan = registry.latest_plan(db, cfg.version)
         assert plan is not None and plan.prices == pytest.approx(want), source
-        assert plan.solver["prices_from"] == source and plan.solver["planner_prices"] == pytest.approx(planner)
+        assert plan.solver["prices_from"] == source
+        if source == "planner":
+            assert plan.solver["planner_prices"] == pytest.approx(planner)
+        else:  # no solve: the plan brings the calibration and the pacer's price sensitivity (an empty window: 0)
+            assert plan.solver["method"] == "recalibrate" and "planner_prices" not in plan.solver
+            assert plan.solver["price_slope"] == dict.fromkeys(names, 0.0)
+            assert plan.solver.get("calibration") == jobs.plan_calibration(db, cfg)[0]
 
 
 def test_the_pacer_re_solves_only_on_candidates_the_newest_ranker_scored(db, tmp_path):
