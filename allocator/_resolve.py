@@ -104,6 +104,9 @@ class ResolvePacer:
         if self.prices_.shape != (K,):
             raise ValueError(f"prices must have shape ({K},); got {self.prices_.shape}")
         self.correction_ = np.zeros(K)
+        #: (K,) what serving adds to the exploit softmax's shares (exploration budget, new-category share),
+        #: averaged like the shares: the re-solve aims that much below (see :meth:`update`'s ``bias``)
+        self.bias_ = np.zeros(K)
         self.shares_ = np.full(K, np.nan)
         self.overshoot_ = np.zeros(K)
         self.decisions_ = 0
@@ -121,10 +124,11 @@ class ResolvePacer:
 
     @property
     def aims(self) -> tuple[np.ndarray, np.ndarray]:
-        """(lower, upper) aims: each bound moved ``margin`` inside, plus the correction."""
+        """(lower, upper) aims of the exploit softmax: each bound moved ``margin`` inside, plus the
+        correction, less what serving adds beyond the softmax (``bias_``)."""
         m = self.config.margin
-        lo = np.clip(self.lower + m + self.correction_, 0.0, 1.0)
-        hi = np.clip(self.upper - m + self.correction_, 0.0, 1.0)
+        lo = np.clip(self.lower + m + self.correction_ - self.bias_, 0.0, 1.0)
+        hi = np.clip(self.upper - m + self.correction_ - self.bias_, 0.0, 1.0)
         return np.where(np.isfinite(self.lower), lo, -np.inf), np.where(np.isfinite(self.upper), hi, np.inf)
 
     def rebase(self, prices: np.ndarray) -> None:
@@ -151,16 +155,22 @@ class ResolvePacer:
         self._mask = np.concatenate([pad(self._mask, False), pad(mask, False)])[-w:]
 
     def update(self, value: np.ndarray, exposure: np.ndarray, mask: np.ndarray,
-               chosen_exposure: np.ndarray) -> np.ndarray:
+               chosen_exposure: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
         """One batch: ``value`` (m, L), ``exposure`` (m, L, K), ``mask`` (m, L) of the served candidate
         sets the prices are re-solved on, ``chosen_exposure`` (n, K) of the layouts served (``m <= n``:
         sets valued under an older model may be left out of the former, never out of the latter).
-        Returns the new prices (K,)."""
+        ``bias`` (b, K), per decision: the expected exposure of the served pmf minus the exploit
+        softmax's on the same scores (both known exactly from the log, no sampling noise): what the
+        exploration budget adds; the re-solve aims that much the other way. Returns the new prices (K,)."""
         cfg = self.config
         a = np.asarray(chosen_exposure, dtype=np.float64)
         n = a.shape[0]
         if n == 0:
             return self.prices_.copy()
+        if bias is not None and np.shape(bias)[0]:
+            b = np.asarray(bias, dtype=np.float64)
+            g = 2.0 ** (-b.shape[0] / cfg.half_life) if self.decisions_ else 0.0
+            self.bias_ = g * self.bias_ + (1.0 - g) * b.mean(axis=0)
         m = np.asarray(mask, dtype=bool)
         real = m.any(axis=1)  # a fallback decision had no candidates: it counts as served, not as a model
         self._keep(np.asarray(value, dtype=np.float64)[real], np.asarray(exposure, dtype=np.float64)[real],

@@ -35,7 +35,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from allocator import ResolvePacer, ResolvePacerConfig, exploitable
+from allocator import ResolvePacer, ResolvePacerConfig, exploit_pmf, exploitable
 
 from .. import jobs, registry
 from ..engine import calibration_rates, calibration_shift, catalog_long_tail
@@ -431,11 +431,18 @@ class BackgroundLoop:
             p.ranker, p.fresh = newest, 0
         fresh = (plan_of >= p.plan_version) & (ranker_of == p.ranker)
         ok = exploitable(dlog.tilt[fresh], dlog.mask[fresh], any(c.kind == "long_tail_share" for c in config.constraints))
-        new = p.pacer.update(dlog.value[fresh], dlog.exposure[fresh], ok, dlog.chosen_exposure)
+        # what serving adds beyond the exploit softmax (the exploration budget): the served pmf's expected
+        # exposure minus the softmax's on the same logged scores, exactly, per decision
+        rows = ok.any(axis=1)
+        q = exploit_pmf(dlog.score[fresh][rows], dlog.value[fresh][rows], config.exploration.temperature, ok[rows])
+        a_f = dlog.exposure[fresh][rows]
+        bias = np.einsum("nj,njk->nk", np.where(dlog.mask[fresh][rows], dlog.pmf[fresh][rows], 0.0) - q, a_f)
+        new = p.pacer.update(dlog.value[fresh], dlog.exposure[fresh], ok, dlog.chosen_exposure, bias=bias)
         p.fresh += int(fresh.sum())
         p.solved += int(fresh.sum())
         names = config.constraint_names
         solver = {"method": "resolve-pacer", "n_decisions": n, "base_plan": base,
+                  "exploration_bias": dict(zip(names, map(float, p.pacer.bias_), strict=True)),
                   "realised": dict(zip(names, map(float, p.pacer.shares_), strict=True)),
                   "overshoot": dict(zip(names, map(float, p.pacer.overshoot_), strict=True)),
                   "correction": dict(zip(names, map(float, p.pacer.correction_), strict=True))}
