@@ -656,7 +656,8 @@ class DecisionEngine:
         self._state = state
         # the exposure of this engine's last ``[loop] serve_window`` layouts (a ring), which it steers
         # toward the pacer's aims (see allocator.window_correction)
-        self._recent = np.full((state.config.loop.serve_window, state.space.n_constraints), np.nan)
+        self._recent = np.zeros((state.config.loop.serve_window, state.space.n_constraints))
+        self._recent_sum = np.zeros(state.space.n_constraints)
         self._served = 0
         self._lock = threading.Lock()
         _one_blas_thread()
@@ -671,7 +672,8 @@ class DecisionEngine:
         if (state.config is not old.config or state.space.n_constraints != old.space.n_constraints
                 or state.config.loop.serve_window != self._recent.shape[0]):
             with self._lock:  # a new config: its bounds (and window) start a new record
-                self._recent = np.full((state.config.loop.serve_window, state.space.n_constraints), np.nan)
+                self._recent = np.zeros((state.config.loop.serve_window, state.space.n_constraints))
+                self._recent_sum = np.zeros(state.space.n_constraints)
                 self._served = 0
 
     def window_offset(self, st: EngineState) -> np.ndarray | None:
@@ -684,8 +686,7 @@ class DecisionEngine:
             n = min(self._served, self._recent.shape[0])
             if n < max(10, self._recent.shape[0] // 4):
                 return None
-            shares = np.nanmean(self._recent, axis=0) if n == self._recent.shape[0] else \
-                self._recent[:n].mean(axis=0)
+            shares = self._recent_sum / n
         lo, hi = st.config.bounds()
         return window_correction(shares, lo, hi, st.prices, st.price_slope, margin=loop.pace_margin,
                                  gain=loop.serve_gain)
@@ -693,7 +694,9 @@ class DecisionEngine:
     def _record(self, exposure: np.ndarray) -> None:
         with self._lock:
             if self._recent.shape[1] == exposure.size and self._recent.shape[0]:
-                self._recent[self._served % self._recent.shape[0]] = exposure
+                k = self._served % self._recent.shape[0]
+                self._recent_sum += exposure - self._recent[k]  # the ring's running sum
+                self._recent[k] = exposure
                 self._served += 1
 
     def decide(self, user_id: str, request_id: str, context: dict[str, Any] | None = None,
