@@ -1,7 +1,10 @@
 """The learner end to end: read the decision log from SQL, parse it, join rewards in the window, build
 features and learn the VW bandit. Prints JSON lines (decisions/s per stage and in total).
 
-Target (issue: bandit): learner >= 10,000 decisions/s including parsing.
+Target: learner >= 10,000 decisions/s including parsing. Measured in one run on the same log, twice
+in alternation: the path before the columnar encoding (decisions stored one object per candidate,
+every behaviour event read and joined in numpy) and the learner's path now (columnar candidates, the
+reward join in SQL: one row per decision).
 Usage: python bench/learn.py [--decisions N]
 """
 
@@ -65,38 +68,75 @@ def build_log(url: str, n: int) -> None:
     insert_feedback(db, feedback)
 
 
+def old_form_copy(url: str, path: Path) -> str:
+    """The same log with its decisions stored as before the columnar encoding (one object per
+    candidate), for the same-run comparison."""
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    from policy_api.log import DECISION_COLUMNS, decisions, make_engine, read_decisions
+
+    with sqlite3.connect(str(sa.make_url(url).database)) as src, sqlite3.connect(path) as dst:
+        src.backup(dst)  # a snapshot with what is still in the write-ahead log
+    copy = f"sqlite:///{path}"
+    db = make_engine(copy)
+    cols = read_decisions(db)
+    plain = {c: (cols[c].tolist() if hasattr(cols[c], "tolist") else cols[c]) for c in DECISION_COLUMNS}
+    plain["ts"] = [t.replace(tzinfo=UTC) for t in cols["ts"].astype("datetime64[us]").tolist()]
+    plain["chosen"] = [int(v) for v in plain["chosen"]]
+    rows = [{c: plain[c][i] for c in DECISION_COLUMNS} for i in range(len(plain["request_id"]))]
+    with db.begin() as conn:
+        conn.execute(sa.delete(decisions))
+        conn.execute(sa.insert(decisions), rows)  # the table's JSON type writes the list as is
+    db.dispose()
+    return copy
+
+
+def measure(url: str, sql_join: bool, label: str) -> dict:
+    from policy_api.jobs import load_log, log_features, new_bandit
+    from policy_api.log import make_engine
+    from policy_api.registry import require_active_config
+
+    db = make_engine(url)
+    active = require_active_config(db)
+    version, cfg = active.version, active.config
+    # the learner's read: without each candidate's module ids (homepage learn does the same)
+    load_log(db, cfg, None, None, version, with_modules=False, sql_join=sql_join)  # warm imports and caches
+    t0 = time.perf_counter()
+    dlog, rw = load_log(db, cfg, None, None, version, with_modules=False, sql_join=sql_join)
+    t1 = time.perf_counter()
+    shared, actions = log_features(dlog, cfg)
+    t2 = time.perf_counter()
+    bandit = new_bandit(cfg)
+    bandit.learn_batch(shared, actions, dlog.action, -rw.reward, dlog.pscore, dlog.n_cand)
+    t3 = time.perf_counter()
+    db.dispose()
+    n = len(dlog)
+    return {"bench": "learn_end_to_end", "path": label, "decisions": n, "events": rw.n_events,
+            "mean_reward": round(float(rw.reward.mean()), 9), "candidates_mean": float(dlog.n_cand.mean()),
+            "read_parse_join_s": round(t1 - t0, 3), "features_s": round(t2 - t1, 3), "vw_learn_s": round(t3 - t2, 3),
+            "decisions_per_s": round(n / (t3 - t0)), "target_decisions_per_s": 10000,
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--decisions", type=int, default=20000)
     a = ap.parse_args()
-    from policy_api.jobs import load_log, log_features, new_bandit
-    from policy_api.log import make_engine
-    from policy_api.registry import require_active_config
 
     with tempfile.TemporaryDirectory() as d:
         url = f"sqlite:///{Path(d) / 'log.db'}"
         t = time.perf_counter()
         build_log(url, a.decisions)
-        build_s = time.perf_counter() - t
-        db = make_engine(url)
-        active = require_active_config(db)
-        version, cfg = active.version, active.config
-        # the learner's read: without each candidate's module ids (homepage learn does the same)
-        load_log(db, cfg, None, None, version, with_modules=False)  # warm imports and caches
-        t0 = time.perf_counter()
-        dlog, rw = load_log(db, cfg, None, None, version, with_modules=False)
-        t1 = time.perf_counter()
-        shared, actions = log_features(dlog, cfg)
-        t2 = time.perf_counter()
-        bandit = new_bandit(cfg)
-        bandit.learn_batch(shared, actions, dlog.action, -rw.reward, dlog.pscore, dlog.n_cand)
-        t3 = time.perf_counter()
-        n = len(dlog)
-        print(json.dumps({"bench": "learn_end_to_end", "decisions": n, "events": rw.n_events,
-                          "candidates_mean": float(dlog.n_cand.mean()), "fixture_build_s": round(build_s, 1),
-                          "read_parse_join_s": round(t1 - t0, 3), "features_s": round(t2 - t1, 3),
-                          "vw_learn_s": round(t3 - t2, 3), "decisions_per_s": round(n / (t3 - t0)),
-                          "target_decisions_per_s": 10000, "load_avg_1m": os.getloadavg()[0]}), flush=True)
+        old = old_form_copy(url, Path(d) / "old.db")
+        print(json.dumps({"bench": "learn_end_to_end", "fixture_build_s": round(time.perf_counter() - t, 1),
+                          "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
+        for _ in range(2):  # alternate, so that a change of the machine's load shows
+            # before: decisions stored one object per candidate, every behaviour event read and joined here
+            print(json.dumps(measure(old, False, "before: object candidates, events joined in numpy")), flush=True)
+            # now: columnar candidates, the reward join in SQL (one row per decision)
+            print(json.dumps(measure(url, True, "columnar candidates, reward join in SQL")), flush=True)
 
 
 if __name__ == "__main__":

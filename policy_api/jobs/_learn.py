@@ -26,6 +26,7 @@ from ..log import (
     load_items,
     read_decision_log,
     read_feedback,
+    read_rewards,
 )
 
 __all__ = ["LearnResult", "catalog_categories", "learn", "load_log", "log_features", "new_bandit"]
@@ -38,13 +39,19 @@ def catalog_categories(db: Engine) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_log(db: Engine, config: HomepageConfig, since: datetime | None, until: datetime | None,
-             config_version: int | None = None, *, with_modules: bool = True) -> tuple[DecisionLog, Rewards]:
+             config_version: int | None = None, *, with_modules: bool = True,
+             sql_join: bool = False) -> tuple[DecisionLog, Rewards]:
     """Decisions in [since, until) made under ``config_version`` (all if None) and their rewards.
 
     ``with_modules`` keeps each candidate's module ids (replay of configs with module constraints
-    needs them; the learner does not).
+    needs them; the learner does not). ``sql_join`` joins the rewards in the database
+    (:func:`~policy_api.log.read_rewards`: one row per decision, the learner's path) instead of
+    reading the behaviour events and joining them here (:func:`~policy_api.log.join_rewards`, the
+    reference; replay uses it, so its estimates do not move with the order of additions).
     """
     dlog = read_decision_log(db, config, since, until, config_version, with_modules=with_modules)
+    if sql_join:
+        return dlog, read_rewards(db, dlog, config, since, until)
     # impressions carry no units: fetch behaviour events only, and which decisions saw any event
     fb = read_feedback(db, since=since, columns=["request_id", "item_id", "type", "ts"],
                        exclude_types=("impression",))
@@ -96,7 +103,7 @@ def learn(db: Engine, *, until: datetime | None = None, min_decisions: int = 100
         learned = latest.metrics.get("learned_until")
         since = None if learned is None else datetime.fromisoformat(str(learned))
     t0 = time.perf_counter()
-    dlog, rw = load_log(db, config, since, closed, config_version=cfg.version, with_modules=False)
+    dlog, rw = load_log(db, config, since, closed, config_version=cfg.version, with_modules=False, sql_join=True)
     if len(dlog) < min_decisions:
         return None
     bandit = bandit or new_bandit(config)

@@ -7,7 +7,7 @@ and returns columns or dataclasses; nothing here decides or learns.
 """
 
 from ._arrays import DecisionLog, Rewards, decision_log, join_rewards, pad_candidates, to_epoch
-from ._bulk import read_decision_log
+from ._bulk import read_decision_log, read_rewards
 from ._catalog import Catalog, CatalogError, read_catalog_csv
 from ._export import EXPORT_COLUMNS, export_parquet, read_parquet
 from ._journal import Journal, JournalUnavailable
@@ -15,6 +15,8 @@ from ._rows import (
     DECISION_COLUMNS,
     FEEDBACK_COLUMNS,
     category_engagement,
+    decode_candidates,
+    encode_candidates,
     existing_event_ids,
     feedback_first_seen,
     insert_decisions,
@@ -57,7 +59,7 @@ from ._schema import (
     user_state,
     utcnow,
 )
-from ._writer import LogWriter, decode_spill_line, encode_spill_line
+from ._writer import SQLITE_BATCHES_PER_TRANSACTION, LogWriter, decode_spill_line, encode_spill_line
 
 __all__ = [
     "CONFIG_JOB_KINDS",
@@ -66,6 +68,7 @@ __all__ = [
     "DECISION_COLUMNS",
     "MODEL_STATUSES",
     "PLAN_STATUSES",
+    "SQLITE_BATCHES_PER_TRANSACTION",
     "EXPORT_COLUMNS",
     "FEEDBACK_COLUMNS",
     "Bind",
@@ -85,8 +88,10 @@ __all__ = [
     "configs",
     "decision_log",
     "decisions",
+    "decode_candidates",
     "decode_spill_line",
     "downgrade",
+    "encode_candidates",
     "encode_spill_line",
     "existing_event_ids",
     "export_parquet",
@@ -111,6 +116,7 @@ __all__ = [
     "plans",
     "read_catalog_csv",
     "read_decision_log",
+    "read_rewards",
     "read_decisions",
     "read_feedback",
     "read_parquet",

@@ -70,6 +70,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 from sqlalchemy.engine import Connection, Engine
 
+from ._bulk import candidate_lists
 from ._rows import iter_decisions, read_feedback
 
 __all__ = ["EXPORT_COLUMNS", "OPTIONAL_EXPORT_COLUMNS", "export_parquet", "read_parquet"]
@@ -134,17 +135,23 @@ def _with_optional(schema: pa.Schema, rewards: bool, exposure_names: Sequence[st
 def _module_type(candidates_text: list[str]) -> pa.DataType | None:
     """int64 or string, from the first logged module id; None when no candidate has modules."""
     for text in candidates_text:
-        for cand in json.loads(text):
-            modules = cand.get("modules") if isinstance(cand, dict) else None
+        for modules in _modules_of(json.loads(text)):
             if modules:
                 return pa.int64() if isinstance(modules[0], int) else pa.string()
     return None
 
 
-def _parse_candidates(cand_text: list[str], pmf_text: list[str], module_type: pa.DataType) -> pa.Table:
-    """Parse candidates and pmf JSON text in Arrow's C++ JSON reader (no Python object per value).
+def _modules_of(stored: Any) -> list[Any]:
+    """Each candidate's module list, from either stored form of ``decisions.candidates``."""
+    if isinstance(stored, dict):  # columnar: {"$n": n, "modules": [[...], ...], ...}
+        modules = stored.get("modules")
+        return modules if isinstance(modules, list) else []
+    return [c.get("modules") if isinstance(c, dict) else None for c in stored or []]
 
-    Candidate fields other than those exported are ignored.
+
+def _parse_candidates(cand_text: list[str], pmf_text: list[str], module_type: pa.DataType) -> pa.Table:
+    """Parse candidates (either stored form) and pmf JSON text in Arrow's C++ JSON reader (no Python
+    object per value). Candidate fields other than those exported are ignored.
     """
     cand = pa.struct(
         [
@@ -156,15 +163,15 @@ def _parse_candidates(cand_text: list[str], pmf_text: list[str], module_type: pa
             *_OPTIONAL_FIELDS.items(),
         ]
     )
-    schema = pa.schema([("c", pa.list_(cand)), ("p", pa.list_(_F64))])
-    lines = [f'{{"c":{c},"p":{p}}}' for c, p in zip(cand_text, pmf_text, strict=True)]
+    lines = [f'{{"p":{p}}}' for p in pmf_text]
     data = "\n".join(lines).encode("utf-8")
     longest = max((len(x) for x in lines), default=0)
-    return pajson.read_json(
+    pmf = pajson.read_json(
         io.BytesIO(data),
         read_options=pajson.ReadOptions(block_size=max(1 << 22, 4 * longest)),
-        parse_options=pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
+        parse_options=pajson.ParseOptions(explicit_schema=pa.schema([("p", pa.list_(_F64))])),
     )
+    return pa.table({"c": candidate_lists(cand_text, cand), "p": pmf.column("p")})
 
 
 def _ts(values: np.ndarray) -> pa.Array:

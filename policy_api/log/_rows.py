@@ -14,20 +14,24 @@ what the driver returns.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from ._schema import Bind, UTCDateTime, begin, decisions, feedback, items, reading, utcnow
+from ._schema import Bind, UTCDateTime, _json_default, begin, decisions, feedback, items, reading, utcnow
 
 __all__ = [
     "DECISION_COLUMNS",
     "FEEDBACK_COLUMNS",
+    "N_CANDIDATES_KEY",
     "category_engagement",
+    "decode_candidates",
+    "encode_candidates",
     "item_engagement",
     "existing_event_ids",
     "feedback_first_seen",
@@ -38,12 +42,13 @@ __all__ = [
     "read_decisions",
     "read_feedback",
     "upsert_items",
+    "write_decisions",
+    "write_feedback",
 ]
 
 
 DECISION_COLUMNS: tuple[str, ...] = tuple(c.name for c in decisions.columns)
 FEEDBACK_COLUMNS: tuple[str, ...] = tuple(c.name for c in feedback.columns)
-_FEEDBACK_INSERT = tuple(c for c in FEEDBACK_COLUMNS if c != "id")
 _IN_CHUNK = 900  # bound parameters per IN (...) query; far below SQLite's and psycopg's limits
 
 
@@ -56,37 +61,229 @@ def _insert(conn: Connection, table: sa.Table) -> Any:
     raise ValueError(f"dialect must be 'sqlite' or 'postgresql'; got {name!r}")
 
 
-# --------------------------------------------------------------------------------- decisions/feedback
+# ------------------------------------------------------------------------------- candidate encoding
+
+#: key of the candidate count in the columnar form of ``decisions.candidates``
+N_CANDIDATES_KEY = "$n"
 
 
-def _decision_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    # executemany needs the same keys in every row; unknown keys are dropped
-    return [{c: r.get(c) for c in DECISION_COLUMNS} for r in rows]
+def encode_candidates(candidates: Any) -> Any:
+    """The stored form of ``decisions.candidates``: columnar when every candidate is a dict with the
+    same keys, as given otherwise.
 
+    The columnar form is one JSON object with one list per candidate field (``{"$n": n_cand,
+    "modules": [[...], ...], "tilt": [...], ...}``, fields in the candidates' key order) instead of
+    one object per candidate: the field names are written once, not once per candidate, and the
+    database parses fewer objects. :func:`decode_candidates` restores the list of dicts exactly.
+    An empty list, candidates with different keys, or a candidate with a ``"$n"`` field are stored
+    as given (the original form, which every reader also takes).
 
-def _feedback_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    now = utcnow()
-    out = []
-    for r in rows:
-        row = {c: r.get(c) for c in _FEEDBACK_INSERT}
-        if row["received_at"] is None:
-            row["received_at"] = now
-        if row["ts"] is None:
-            row["ts"] = row["received_at"]
-        out.append(row)
+    Examples
+    --------
+    >>> encode_candidates([{"modules": ["a", "b"], "value": 1.5}, {"modules": ["c", "a"], "value": 0.5}])
+    {'$n': 2, 'modules': [['a', 'b'], ['c', 'a']], 'value': [1.5, 0.5]}
+    >>> decode_candidates(encode_candidates([{"tilt": 0.0}, {"tilt": 1.0}]))
+    [{'tilt': 0.0}, {'tilt': 1.0}]
+    """
+    if type(candidates) is not list or not candidates:
+        return candidates
+    if set(map(type, candidates)) != {dict}:
+        return candidates
+    keys = set(map(tuple, candidates))  # key tuples, in order: one when every candidate has the same
+    if len(keys) != 1:
+        return candidates
+    names = keys.pop()
+    if N_CANDIDATES_KEY in names:
+        return candidates
+    out: dict[str, Any] = {N_CANDIDATES_KEY: len(candidates)}
+    out.update(zip(names, map(list, zip(*map(dict.values, candidates), strict=True)), strict=True))
     return out
 
 
-def insert_decisions(bind: Bind, rows: Iterable[Mapping[str, Any]]) -> int:
-    """Insert decision rows (dicts keyed by column name) in one executemany; duplicates are skipped.
+def decode_candidates(stored: Any) -> Any:
+    """Inverse of :func:`encode_candidates`: the list of candidate dicts from either stored form.
 
-    Returns the number of rows sent (duplicates by ``request_id`` included).
+    Raises
+    ------
+    ValueError
+        When a field of a columnar value does not hold one entry per candidate.
     """
-    batch = _decision_rows(rows)
+    if type(stored) is not dict or N_CANDIDATES_KEY not in stored:
+        return stored
+    n = stored[N_CANDIDATES_KEY]
+    names = [k for k in stored if k != N_CANDIDATES_KEY]
+    for name in names:
+        value = stored[name]
+        if not isinstance(value, list) or len(value) != n:
+            found = f"{len(value)} entries" if isinstance(value, list) else type(value).__name__
+            raise ValueError(f"decisions.candidates field {name!r} must be a list of {n} entries (one per "
+                             f"candidate); got {found}")
+    if not names:
+        return [{} for _ in range(n)]
+    return [dict(zip(names, values, strict=True)) for values in zip(*(stored[k] for k in names), strict=True)]
+
+
+# --------------------------------------------------------------------------------- decisions/feedback
+
+_JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
+_DECISION_INSERT = DECISION_COLUMNS
+_JSON_DECISION = frozenset(c.name for c in decisions.columns if isinstance(c.type, sa.JSON))
+COPY_MIN_ROWS = 16  # PostgreSQL batches at least this large go through COPY
+
+
+def _json_value(value: Any, table: str, column: str) -> str | None:
+    if value is None:
+        return None  # SQL NULL (none_as_null), as the JSON columns store None
+    try:
+        return orjson.dumps(value, default=_json_default, option=_JSON_OPTS).decode()
+    except TypeError as exc:
+        raise TypeError(f"{table}.{column} must be JSON-serialisable; got {exc}") from None
+
+
+def _timestamp(value: Any, table: str, column: str, sqlite_text: bool) -> Any:
+    """An aware datetime as the backend stores it: UTC wall-clock text on SQLite (the form
+    :class:`UTCDateTime` writes), the datetime itself for PostgreSQL."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise ValueError(f"{table}.{column} must be a timezone-aware datetime; got {value!r}")
+    if not sqlite_text:
+        return value
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def _scalar(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _decision_values(row: Mapping[str, Any], sqlite_text: bool) -> tuple[Any, ...]:
+    """One ``decisions`` row as the tuple of its column values, JSON encoded (candidates columnar)."""
+    get = row.get
+    return (
+        get("request_id"),
+        _timestamp(get("ts"), "decisions", "ts", sqlite_text),
+        get("user_id"),
+        _json_value(get("context"), "decisions", "context"),
+        _json_value(get("versions"), "decisions", "versions"),
+        get("policy"),
+        _json_value(encode_candidates(get("candidates")), "decisions", "candidates"),
+        _json_value(get("pmf"), "decisions", "pmf"),
+        _scalar(get("chosen")),
+        _scalar(get("propensity")),
+        _json_value(get("layout"), "decisions", "layout"),
+        get("fallback_reason"),
+    )
+
+
+_FEEDBACK_INSERT = tuple(c for c in FEEDBACK_COLUMNS if c != "id")
+
+
+def _feedback_values(row: Mapping[str, Any], now: datetime, sqlite_text: bool) -> tuple[Any, ...]:
+    get = row.get
+    received = get("received_at")
+    if received is None:
+        received = now
+    ts = get("ts")
+    if ts is None:
+        ts = received
+    return (get("event_id"), get("request_id"), _scalar(get("slot")), get("item_id"), get("type"),
+            _scalar(get("value")), _timestamp(ts, "feedback", "ts", sqlite_text),
+            _timestamp(received, "feedback", "received_at", sqlite_text))
+
+
+_UNIQUE_VIOLATION = "23505"
+
+
+def _copy_insert(conn: Connection, table: sa.Table, columns: Sequence[str], values: list[tuple[Any, ...]],
+                 key: str) -> None:
+    """PostgreSQL: ``COPY`` the rows straight into ``table`` inside a savepoint; when one of them is
+    already stored (a replayed batch: COPY cannot skip duplicates), roll back to the savepoint and
+    ``COPY`` into a temporary table shaped like ``table`` (emptied at commit), then ``INSERT ...
+    SELECT ... ON CONFLICT (key) DO NOTHING``. Several times fewer round trips and less parsing than
+    an executemany of INSERTs; the rows are written once unless the batch holds a duplicate."""
+    names = ", ".join(f'"{c}"' for c in columns)
+    dbapi = conn.connection.driver_connection
+    assert dbapi is not None
+    with dbapi.cursor() as cur:
+        try:
+            with dbapi.transaction(), cur.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
+                for row in values:
+                    copy.write_row(row)
+            return
+        except Exception as exc:
+            if getattr(exc, "sqlstate", None) != _UNIQUE_VIOLATION:
+                raise
+        tmp = f"_copy_{table.name}"
+        cur.execute(f'CREATE TEMP TABLE IF NOT EXISTS "{tmp}" ON COMMIT DELETE ROWS AS '
+                    f'SELECT {names} FROM "{table.name}" WITH NO DATA')
+        with cur.copy(f'COPY "{tmp}" ({names}) FROM STDIN') as copy:
+            for row in values:
+                copy.write_row(row)
+        cur.execute(f'INSERT INTO "{table.name}" ({names}) SELECT {names} FROM "{tmp}" '
+                    f'ON CONFLICT ("{key}") DO NOTHING')
+        cur.execute(f'TRUNCATE "{tmp}"')  # several batches may share one transaction
+
+
+def _write(conn: Connection, table: sa.Table, columns: Sequence[str], values: list[tuple[Any, ...]],
+           key: str) -> None:
+    name = conn.dialect.name
+    if name == "postgresql" and len(values) >= COPY_MIN_ROWS:
+        _copy_insert(conn, table, columns, values, key)
+        return
+    if name not in ("sqlite", "postgresql"):
+        raise ValueError(f"dialect must be 'sqlite' or 'postgresql'; got {name!r}")
+    mark = "?" if name == "sqlite" else "%s"
+    names = ", ".join(f'"{c}"' for c in columns)
+    conn.exec_driver_sql(f'INSERT INTO "{table.name}" ({names}) VALUES ({", ".join([mark] * len(columns))}) '
+                         f'ON CONFLICT ("{key}") DO NOTHING', values)
+
+
+def write_decisions(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Insert decision rows on an open connection (the caller's transaction), idempotently.
+
+    The JSON columns are encoded here, once per row (orjson; ``candidates`` in the columnar form of
+    :func:`encode_candidates`), and the rows go to the driver as tuples: an executemany on SQLite,
+    ``COPY`` on PostgreSQL for batches of ``COPY_MIN_ROWS`` or more. Keys other than the columns are
+    ignored. Returns the number of rows sent.
+
+    Raises
+    ------
+    ValueError, TypeError
+        For a value that cannot be stored (a naive timestamp, a value JSON cannot hold), naming the
+        column; the database raises for a missing required column.
+    """
+    if not rows:
+        return 0
+    sqlite_text = conn.dialect.name == "sqlite"
+    _write(conn, decisions, _DECISION_INSERT, [_decision_values(r, sqlite_text) for r in rows], "request_id")
+    return len(rows)
+
+
+def write_feedback(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Insert feedback rows on an open connection, idempotently (as :func:`write_decisions`).
+
+    Missing ``received_at`` is now; missing ``ts`` (event time) is ``received_at``.
+    """
+    if not rows:
+        return 0
+    now = utcnow()
+    sqlite_text = conn.dialect.name == "sqlite"
+    _write(conn, feedback, _FEEDBACK_INSERT, [_feedback_values(r, now, sqlite_text) for r in rows], "event_id")
+    return len(rows)
+
+
+def insert_decisions(bind: Bind, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Insert decision rows (dicts keyed by column name) in one transaction; duplicates (by
+    ``request_id``) are skipped. See :func:`write_decisions`.
+
+    Returns the number of rows sent (duplicates included).
+    """
+    batch = list(rows)
     if batch:
         with begin(bind) as conn:
-            stmt = _insert(conn, decisions).on_conflict_do_nothing(index_elements=["request_id"])
-            conn.execute(stmt, batch)
+            write_decisions(conn, batch)
     return len(batch)
 
 
@@ -96,11 +293,10 @@ def insert_feedback(bind: Bind, rows: Iterable[Mapping[str, Any]]) -> int:
     Missing ``received_at`` is now; missing ``ts`` (event time) is ``received_at``.
     Returns the number of rows sent (duplicates included).
     """
-    batch = _feedback_rows(rows)
+    batch = list(rows)
     if batch:
         with begin(bind) as conn:
-            stmt = _insert(conn, feedback).on_conflict_do_nothing(index_elements=["event_id"])
-            conn.execute(stmt, batch)
+            write_feedback(conn, batch)
     return len(batch)
 
 
@@ -169,7 +365,10 @@ def _iter_columns(
     try:
         for part in result.partitions():
             transposed = list(zip(*part, strict=True))
-            yield {c.name: _to_column(list(transposed[j]), c) for j, c in enumerate(cols)}
+            chunk = {c.name: _to_column(list(transposed[j]), c) for j, c in enumerate(cols)}
+            if table is decisions and not raw_json and "candidates" in chunk:
+                chunk["candidates"] = [decode_candidates(v) for v in chunk["candidates"]]
+            yield chunk
     finally:
         result.close()
 
@@ -231,7 +430,8 @@ def iter_decisions(
 ) -> Iterator[dict[str, Any]]:
     """:func:`read_decisions` one chunk (at most ``chunk_size`` rows) at a time, on an open connection.
 
-    With ``raw_json`` the JSON columns come back as their JSON text (``str`` or None), unparsed.
+    With ``raw_json`` the JSON columns come back as their JSON text (``str`` or None), unparsed
+    (``candidates`` then in either stored form: see :func:`encode_candidates`).
     """
     cols = _check_columns(columns, DECISION_COLUMNS, "decisions")
     _check_chunk(chunk_size)
@@ -255,7 +455,8 @@ def read_decisions(
         One entry per requested column (default: all, in table order), each of length ``n_rounds``:
         ``ts`` -> ``datetime64[us]`` (UTC); ``chosen`` -> int64; ``propensity`` -> float64;
         strings -> object arrays (``None`` where NULL); JSON columns (``context``, ``versions``,
-        ``candidates``, ``pmf``, ``layout``) -> lists of the parsed values.
+        ``candidates``, ``pmf``, ``layout``) -> lists of the parsed values (``candidates`` as one
+        dict per candidate, whichever form it is stored in).
         Rows are fetched ``chunk_size`` at a time (a server-side cursor on PostgreSQL).
     """
     cols = _check_columns(columns, DECISION_COLUMNS, "decisions")

@@ -6,7 +6,8 @@ index and constraint a deterministic name, so that the hand-written Alembic revi
 
 Timestamps are timezone-aware UTC everywhere (:class:`UTCDateTime`): PostgreSQL stores
 ``timestamptz``; SQLite stores the UTC wall clock as text and the UTC zone is re-attached on read.
-JSON columns are ``JSON`` on SQLite and ``JSONB`` on PostgreSQL.
+JSON columns are ``JSON`` on SQLite and ``JSONB`` on PostgreSQL, except ``decisions.candidates`` and
+``decisions.pmf``: ``JSON`` there too (stored as sent; migration 0005).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ CONFIG_JOB_STATUSES = ("queued", "running", "done", "failed", "lost")
 DEFAULT_CONNECT_TIMEOUT_S = 2.0
 DEFAULT_STATEMENT_TIMEOUT_S = 5.0
 DEFAULT_BUSY_TIMEOUT_S = 5.0
+SQLITE_PAGE_SIZE = 16384
 CONNECT_TIMEOUT_ENV = "HOMEPAGE_DB_CONNECT_TIMEOUT"
 STATEMENT_TIMEOUT_ENV = "HOMEPAGE_DB_STATEMENT_TIMEOUT"
 
@@ -148,6 +150,12 @@ def _json() -> sa.types.TypeEngine[Any]:
     return sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
 
 
+def _json_text() -> sa.types.TypeEngine[Any]:
+    # json, not jsonb, on PostgreSQL: stored as sent, not parsed and re-encoded by the server on
+    # every insert; for the bulky columns written once and read whole (migration 0005)
+    return sa.JSON(none_as_null=True).with_variant(postgresql.JSON(none_as_null=True), "postgresql")
+
+
 metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
 
@@ -165,9 +173,11 @@ decisions = sa.Table(
     sa.Column("context", _json(), nullable=True),
     sa.Column("versions", _json(), nullable=True),
     sa.Column("policy", sa.String(), nullable=False),
-    # list of {"modules": [module_id, ...], "tilt": f, "value": f, "exposure": [f, ...], "score": f}
-    sa.Column("candidates", _json(), nullable=False),
-    sa.Column("pmf", _json(), nullable=False),
+    # list of {"modules": [module_id, ...], "tilt": f, "value": f, "exposure": [f, ...], "score": f},
+    # stored columnar ({"$n": n, "modules": [[...], ...], "tilt": [...], ...}; policy_api.log's
+    # encode_candidates / decode_candidates); rows written before that as the list itself
+    sa.Column("candidates", _json_text(), nullable=False),
+    sa.Column("pmf", _json_text(), nullable=False),
     sa.Column("chosen", sa.Integer(), nullable=False),
     sa.Column("propensity", sa.Double(), nullable=False),
     sa.Column("layout", _json(), nullable=True),
@@ -368,7 +378,8 @@ def make_engine(
 
     Notes
     -----
-    SQLite connections run ``journal_mode=WAL`` (readers never block the writer),
+    SQLite connections run ``journal_mode=WAL`` (readers never block the writer), a new file gets
+    16 KiB pages (``page_size``),
     ``synchronous=NORMAL`` (durable at checkpoints, safe with WAL) and ``busy_timeout``.
     PostgreSQL uses ``pool_pre_ping`` so a restarted server costs one reconnect, not an error.
     """
@@ -395,6 +406,9 @@ def make_engine(
             try:
                 cur.execute(f"PRAGMA busy_timeout={busy_ms}")
                 if not memory:
+                    # a new file only (no effect on an existing one): a decision row of several KB
+                    # fits a 16 KiB page instead of a chain of overflow pages
+                    cur.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")
                     cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA synchronous=NORMAL")
             finally:

@@ -3,8 +3,10 @@
 Request threads call :meth:`LogWriter.submit_decision` / :meth:`LogWriter.submit_feedback`, which
 append to an in-memory queue under a lock held for a few microseconds and return. A daemon thread
 drains the queue every ``flush_interval_s`` (or as soon as ``batch_size`` rows wait) and inserts each
-batch with one executemany per table in one transaction, idempotently
-(``ON CONFLICT DO NOTHING`` on ``request_id`` / ``event_id``).
+batch in one transaction, idempotently (``ON CONFLICT DO NOTHING`` on ``request_id`` / ``event_id``):
+the rows are encoded in the writer thread (JSON by orjson, the candidates in their columnar form),
+then go to the driver as tuples, an executemany on SQLite (a backlog in transactions of up to
+``SQLITE_BATCHES_PER_TRANSACTION`` batches) and ``COPY`` on PostgreSQL.
 
 Nothing is dropped:
 
@@ -48,7 +50,7 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -59,65 +61,28 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ._journal import Journal, JournalUnavailable, _fsync_dir, _write_all
-from ._rows import _decision_rows, _feedback_rows, insert_decisions, insert_feedback
-from ._schema import UTCDateTime, decisions, feedback, json_dumps, utcnow
+from ._rows import write_decisions, write_feedback
+from ._schema import utcnow
 
-__all__ = ["LogWriter", "decode_spill_line", "encode_spill_line"]
+__all__ = ["SQLITE_BATCHES_PER_TRANSACTION", "LogWriter", "decode_spill_line", "encode_spill_line"]
 
 log = logging.getLogger("homepage.log.writer")
 
 DECISIONS = "decisions"
 FEEDBACK = "feedback"
-_INSERTERS: dict[str, Callable[[Connection, Iterable[Mapping[str, Any]]], int]] = {
-    DECISIONS: insert_decisions,
-    FEEDBACK: insert_feedback,
+_WRITERS: dict[str, Callable[[Connection, Sequence[Mapping[str, Any]]], int]] = {
+    DECISIONS: write_decisions,
+    FEEDBACK: write_feedback,
 }
-COPY_MIN_ROWS = 16  # PostgreSQL batches at least this large go through COPY
+#: on SQLite, a backlog is written in transactions of up to this many batches: a commit (and the
+#: WAL checkpoint it may trigger) per ``batch_size`` rows costs more than the rows themselves
+SQLITE_BATCHES_PER_TRANSACTION = 8
 
 
-def _copy_value(value: Any, kind: str) -> Any:
-    if value is None:
-        return None
-    if kind == "json":
-        return json_dumps(value)
-    if kind == "ts":
-        if not isinstance(value, datetime) or value.utcoffset() is None:
-            raise ValueError(f"timestamp must be a timezone-aware datetime; got {value!r}")
-        return value
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _copy_insert(conn: Connection, table: sa.Table, rows: list[dict[str, Any]], key: str) -> int:
-    """PostgreSQL: ``COPY`` the rows into a temporary table shaped like ``table`` (emptied at commit),
-    then ``INSERT ... SELECT ... ON CONFLICT (key) DO NOTHING``: COPY itself cannot skip duplicates.
-    Several times fewer round trips and less parsing than an executemany of INSERTs."""
-    cols = list(rows[0])
-    kinds = ["json" if isinstance(table.c[c].type, sa.JSON) else "ts" if isinstance(table.c[c].type, UTCDateTime)
-             else "plain" for c in cols]  # fmt: skip
-    tmp = f"_copy_{table.name}"
-    names = ", ".join(f'"{c}"' for c in cols)
-    dbapi = conn.connection.driver_connection
-    assert dbapi is not None
-    with dbapi.cursor() as cur:
-        cur.execute(f'CREATE TEMP TABLE IF NOT EXISTS "{tmp}" ON COMMIT DELETE ROWS AS '
-                    f'SELECT {names} FROM "{table.name}" WITH NO DATA')
-        with cur.copy(f'COPY "{tmp}" ({names}) FROM STDIN') as copy:
-            for row in rows:
-                copy.write_row([_copy_value(row[c], k) for c, k in zip(cols, kinds, strict=True)])
-        cur.execute(f'INSERT INTO "{table.name}" ({names}) SELECT {names} FROM "{tmp}" '
-                    f'ON CONFLICT ("{key}") DO NOTHING')
-        cur.execute(f'TRUNCATE "{tmp}"')  # a replay inserts several batches in one transaction
-    return len(rows)
-
-
-def _insert_rows(conn: Connection, table: str, rows: list[Mapping[str, Any]]) -> int:
-    """The writer's insert: COPY on PostgreSQL for batches of ``COPY_MIN_ROWS`` or more, else the
-    executemany of :func:`insert_decisions` / :func:`insert_feedback` (same rows, same idempotence)."""
-    if conn.dialect.name == "postgresql" and len(rows) >= COPY_MIN_ROWS:
-        if table == DECISIONS:
-            return _copy_insert(conn, decisions, _decision_rows(rows), "request_id")
-        return _copy_insert(conn, feedback, _feedback_rows(rows), "event_id")
-    return _INSERTERS[table](conn, rows)
+def _insert_rows(conn: Connection, table: str, rows: Sequence[Mapping[str, Any]]) -> int:
+    """The writer's insert (:func:`write_decisions` / :func:`write_feedback`): rows encoded here, in
+    the writer thread, then an executemany on SQLite or ``COPY`` on PostgreSQL, idempotently."""
+    return _WRITERS[table](conn, rows)
 
 
 _Entry = tuple[int, str, Mapping[str, Any], int]  # (submission seq, table, row, journal segment or -1)
@@ -177,7 +142,7 @@ def decode_spill_line(line: bytes) -> tuple[str, list[dict[str, Any]]]:
         For a line that is not a complete spill record (e.g. cut short by a crash).
     """
     obj = json.loads(line, object_hook=_spill_hook)
-    if not isinstance(obj, dict) or obj.get("table") not in _INSERTERS or not isinstance(obj.get("rows"), list):
+    if not isinstance(obj, dict) or obj.get("table") not in _WRITERS or not isinstance(obj.get("rows"), list):
         raise ValueError(f"spill line must be {{'table': 'decisions'|'feedback', 'rows': [...]}}; got {line[:80]!r}")
     return obj["table"], obj["rows"]
 
@@ -235,7 +200,8 @@ class LogWriter:
     max_queue
         Rows held in memory at most; more go straight to the spill file.
     batch_size
-        Rows per insert transaction (also the queue depth that wakes the writer early).
+        Rows per insert (also the queue depth that wakes the writer early); on SQLite a backlog is
+        written up to ``SQLITE_BATCHES_PER_TRANSACTION`` batches per transaction.
     flush_interval_s
         Longest time a row waits in the queue when the database is healthy.
     max_backoff_s
@@ -574,7 +540,8 @@ class LogWriter:
                     self._done_seq = self._seq
                     self._done_cv.notify_all()
                     break
-                n = min(self._batch_size, len(self._queue))
+                per_tx = SQLITE_BATCHES_PER_TRANSACTION if self._engine.dialect.name == "sqlite" else 1
+                n = min(self._batch_size * per_tx, len(self._queue))
                 batch = [self._queue.popleft() for _ in range(n)]
             self._process(batch)
             self._sync_spill()  # callers' queue-full spills, even while the queue never empties

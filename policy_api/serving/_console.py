@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from .. import registry
-from ..log import decisions, iter_decisions, json_loads, plans, reading, to_epoch
+from ..log import decisions, decode_candidates, iter_decisions, json_loads, plans, reading, to_epoch
 
 __all__ = ["ExposureSeries", "OpsAggregate"]
 
@@ -150,8 +150,8 @@ class OpsAggregate:
             return 0
         cands: list[Any] = list(cols["candidates"])
         vers: list[Any] = list(cols["versions"])
-        if not parsed:  # rows straight from SQL: JSON columns may come back as text
-            cands = [json_loads(c) if isinstance(c, str) else c for c in cands]
+        if not parsed:  # rows straight from SQL: JSON columns may come back as text, candidates columnar
+            cands = [decode_candidates(json_loads(c) if isinstance(c, str) else c) for c in cands]
             vers = [json_loads(v) if isinstance(v, str) else v for v in vers]
         ts = to_epoch(np.asarray(cols["ts"], dtype="datetime64[us]")) if parsed else np.array(
             [t.timestamp() for t in cols["ts"]], dtype=np.float64)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
+import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass, replace
@@ -178,7 +178,8 @@ def homepage(lg: Log, *args: str, env: dict[str, str] | None = None) -> subproce
 def copy_db(lg: Log, tmp_path: Path) -> tuple[str, Any]:
     """A private copy of the log's database (for jobs that publish into it)."""
     path = tmp_path / "copy.db"
-    shutil.copy(lg.dir / "homepage.db", path)
+    with sqlite3.connect(lg.dir / "homepage.db") as src, sqlite3.connect(path) as dst:
+        src.backup(dst)  # a snapshot with what is still in the write-ahead log (a file copy misses it)
     url = f"sqlite:///{path}"
     return url, make_engine(url)
 
@@ -607,3 +608,131 @@ def test_bulk_reader_equals_the_reference_reader(log):
             assert a == b, name
     # and with a config filter: only the decisions made under that version
     assert len(read_decision_log(log.db, log.cfg, config_version=10**6)) == 0
+
+
+# ---- the stored form of the candidates ----------------------------------------------------------------
+def old_form_copy(lg: Log, tmp_path: Path) -> tuple[str, Any]:
+    """A copy of the log's database whose decisions are stored as before the columnar encoding: the
+    candidates as the engine's list of dicts, through the executemany of the SQLAlchemy table."""
+    import sqlalchemy as sa
+
+    url, db = copy_db(lg, tmp_path)
+    with db.begin() as conn:
+        conn.execute(sa.delete(store.decisions))
+        conn.execute(sa.insert(store.decisions), [{c: r.get(c) for c in store.DECISION_COLUMNS} for r in lg.rows])
+        stored = conn.execute(sa.select(sa.type_coerce(store.decisions.c.candidates, sa.Text()))).scalars().all()
+    assert all(t.startswith("[") for t in stored)  # the old form, really
+    return url, db
+
+
+def test_columnar_candidates_round_trip_the_engine_rows(log):
+    import sqlalchemy as sa
+
+    for r in log.rows:
+        enc = store.encode_candidates(r["candidates"])
+        assert store.decode_candidates(enc) == r["candidates"]
+        if r["candidates"]:
+            assert list(enc) == ["$n", *r["candidates"][0]] and enc["$n"] == len(r["candidates"])
+            assert enc["value"] == [c["value"] for c in r["candidates"]]
+    with log.db.connect() as conn:
+        stored = conn.execute(sa.select(sa.type_coerce(store.decisions.c.candidates, sa.Text()))).scalars().all()
+    assert sum(t.startswith('{"$n":') for t in stored) == len(log.serving)  # fallbacks: [] as before
+    assert sum(len(t) for t in stored) < 0.8 * sum(len(store.json_dumps(r["candidates"])) for r in log.rows)
+    got = store.read_decisions(log.db)
+    assert got["candidates"] == [r["candidates"] for r in log.rows]
+    assert got["pmf"] == [r["pmf"] for r in log.rows]
+    # candidates of different shapes stay as given; a columnar value with a short field names it
+    mixed = [{"modules": ["a"], "value": 1.0}, {"modules": ["b"]}]
+    assert store.encode_candidates(mixed) is mixed and store.decode_candidates(mixed) is mixed
+    with pytest.raises(ValueError, match=r"decisions.candidates field 'value' must be a list of 2 entries "
+                                         r"\(one per candidate\); got 1 entries"):
+        store.decode_candidates({"$n": 2, "modules": [["a"], ["b"]], "value": [1.0]})
+
+
+def test_old_form_rows_read_export_and_replay_identically(log, logged, tmp_path):
+    """A database written before the columnar encoding gives the same arrays, rewards, replay
+    estimates and exports as the same decisions stored columnar."""
+    from policy_api.jobs import export_dsjson
+    from policy_api.log import export_parquet, read_decision_log
+
+    _, old = old_form_copy(log, tmp_path)
+    a_cols, b_cols = store.read_decisions(old), store.read_decisions(log.db)
+    for name in store.DECISION_COLUMNS:
+        assert repr(list(a_cols[name])) == repr(list(b_cols[name])), name
+    a, b = read_decision_log(old, log.cfg, with_modules=True), read_decision_log(log.db, log.cfg, with_modules=True)
+    for name in b.__dataclass_fields__:
+        x, y = getattr(a, name), getattr(b, name)
+        if isinstance(y, np.ndarray):
+            assert x.dtype == y.dtype and x.shape == y.shape, name
+            assert (x.astype(str) == y.astype(str)).all() if y.dtype.kind not in "fcb" else \
+                np.array_equal(x, y), name
+        else:
+            assert x == y, name
+    dlog_old, rw_old = load_log(old, log.cfg, None, None, config_version=1)
+    dlog, rw = logged
+    np.testing.assert_array_equal(rw_old.reward, rw.reward)
+    for target in ("logged", "uniform", "greedy"):
+        got = replay(dlog_old, rw_old.reward, target, log.cfg, old, n_boot=0)
+        ref = replay(dlog, rw.reward, target, log.cfg, log.db, n_boot=0)
+        assert got.rows == ref.rows, target
+    import pyarrow.parquet as pq
+
+    export_parquet(old, tmp_path / "old.parquet")
+    export_parquet(log.db, tmp_path / "new.parquet")
+    assert pq.read_table(tmp_path / "old.parquet").equals(pq.read_table(tmp_path / "new.parquet"))
+    assert export_dsjson(old, tmp_path / "old.dsjson") == export_dsjson(log.db, tmp_path / "new.dsjson") > 0
+    assert (tmp_path / "old.dsjson").read_bytes() == (tmp_path / "new.dsjson").read_bytes()
+
+
+def test_mixed_old_and_columnar_rows_read_in_order(log, tmp_path):
+    """Rows written before and after the change, interleaved in one database, read as one log."""
+    import sqlalchemy as sa
+
+    from policy_api.log import read_decision_log
+
+    _, db = copy_db(log, tmp_path)
+    old_ids = [r["request_id"] for r in log.rows[::3]]
+    with db.begin() as conn:  # every third decision back in the old form
+        conn.execute(sa.delete(store.decisions).where(store.decisions.c.request_id.in_(old_ids)))
+        conn.execute(sa.insert(store.decisions),
+                     [{c: r.get(c) for c in store.DECISION_COLUMNS} for r in log.rows[::3]])
+    a, b = read_decision_log(db, log.cfg, with_modules=True), read_decision_log(log.db, log.cfg, with_modules=True)
+    for name in ("request_id", "n_cand", "pmf", "value", "score", "exposure", "engagement", "tail", "categories",
+                 "tilt", "shared", "action", "pscore"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert a.modules == b.modules
+
+
+# ---- the learner's reward join in SQL -----------------------------------------------------------------
+def test_sql_reward_join_equals_the_reference_join(log, logged):
+    from policy_api.log import read_decision_log, read_rewards
+
+    dlog, rw = logged
+    got = read_rewards(log.db, dlog, log.cfg)
+    np.testing.assert_allclose(got.reward, rw.reward, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(got.has_feedback, rw.has_feedback)
+    assert (got.n_events, got.n_late, got.n_orphan) == (rw.n_events, rw.n_late, rw.n_orphan)
+    ref, late = slow_rewards(log, log.serving)
+    np.testing.assert_allclose(got.reward, ref, rtol=1e-12, atol=1e-12)
+    assert got.n_late == late > 0
+    # a time slice, as the learner reads one: decisions in [since, until), feedback since `since`
+    since = datetime.fromtimestamp(T0 + STEP_S * 200, tz=UTC)
+    until = datetime.fromtimestamp(T0 + STEP_S * 600, tz=UTC)
+    part = read_decision_log(log.db, log.cfg, since, until, config_version=1)
+    ref_rw = load_log(log.db, log.cfg, since, until, config_version=1)[1]
+    got = read_rewards(log.db, part, log.cfg, since, until)
+    np.testing.assert_allclose(got.reward, ref_rw.reward, rtol=1e-12, atol=1e-12)
+    assert (got.n_events, got.n_late, got.n_orphan) == (ref_rw.n_events, ref_rw.n_late, ref_rw.n_orphan)
+    assert got.n_orphan > 0  # events of decisions after `until`
+    # another window and default: the boundary is the reference's
+    for window in (1.0, 60.0, WINDOW_S):
+        a = read_rewards(log.db, dlog, log.cfg, window_s=window, default_reward=-9.0)
+        b = load_log(log.db, log.cfg, None, None, config_version=1)[0]
+        from policy_api.jobs import catalog_categories
+
+        ids, cats = catalog_categories(log.db)
+        fb = store.read_feedback(log.db, columns=["request_id", "item_id", "type", "ts"], exclude_types=("impression",))
+        ref_w = join_rewards(b, fb, log.cfg, ids, cats, window_s=window, default_reward=-9.0,
+                             first_seen=store.feedback_first_seen(log.db))
+        np.testing.assert_allclose(a.reward, ref_w.reward, rtol=1e-12, atol=1e-12)
+        assert (a.n_events, a.n_late) == (ref_w.n_events, ref_w.n_late), window
