@@ -207,6 +207,9 @@ def block_table(space: LayoutSpace, scores: np.ndarray, pool_category: np.ndarra
         scores = np.atleast_2d(np.asarray(rank_scores, dtype=np.float64))
         if scores.shape != value_scores.shape:
             raise ValueError(f"rank_scores must have the shape of scores {value_scores.shape}; got {scores.shape}")
+    if U == 1:  # one request: the same table from 1-d arrays (a fraction of the small numpy calls)
+        return _block_table_one(space, value_scores[0], scores[0], np.broadcast_to(pool_category, (1, P))[0],
+                                np.broadcast_to(pool_is_tail, (1, P))[0], np.broadcast_to(pool_tail, (1, P))[0])
     cat = np.broadcast_to(pool_category, (U, P)).astype(np.int64, copy=False)
     is_tail = np.broadcast_to(pool_is_tail, (U, P))
     tail = np.broadcast_to(pool_tail, (U, P))
@@ -270,16 +273,72 @@ def block_table(space: LayoutSpace, scores: np.ndarray, pool_category: np.ndarra
     tl_sorted = np.take_along_axis(np.broadcast_to(is_tail[:, None, :], (U, B, P)), order, axis=-1)
     size = U * B * C * R
     n_shown = np.bincount(flat, minlength=size).reshape(U, B, C, R)
-    w_pos = np.ones(K) if space.item_weights is None else np.asarray(space.item_weights, dtype=np.float64)
-    if w_pos.shape != (K,) or not (w_pos > 0).all():
-        raise ValueError(f"space.item_weights must be {K} positive numbers; got {w_pos!r}")
-    w_item = w_pos[rank % K][keep]  # the weight of the position each item is shown at
+    w_item = _item_weights(space)[rank % K][keep]  # the weight of the position each item is shown at
     w_sum = np.bincount(flat, weights=w_item, minlength=size).reshape(U, B, C, R)
     s_sum = np.bincount(flat, weights=sc_sorted[keep] * w_item, minlength=size).reshape(U, B, C, R)
     n_tail = np.bincount(flat, weights=tl_sorted[keep].astype(np.float64), minlength=size).reshape(U, B, C, R)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(n_shown > 0, s_sum / np.where(w_sum > 0, w_sum, 1.0), np.nan)
     return BlockTable(mean, n_tail, n_shown.astype(np.float64), order, rank, cat_sorted)
+
+
+def _item_weights(space: LayoutSpace) -> np.ndarray:
+    K = space.items_per_module
+    w_pos = np.ones(K) if space.item_weights is None else np.asarray(space.item_weights, dtype=np.float64)
+    if w_pos.shape != (K,) or not (w_pos > 0).all():
+        raise ValueError(f"space.item_weights must be {K} positive numbers; got {w_pos!r}")
+    return w_pos
+
+
+def _block_table_one(space: LayoutSpace, value_scores: np.ndarray, scores: np.ndarray, cat: np.ndarray,
+                     is_tail: np.ndarray, tail: np.ndarray) -> BlockTable:
+    """:func:`block_table` for one user, step for step on (P,) and (B, P) arrays (equal results)."""
+    P = scores.size
+    cat = cat.astype(np.int64, copy=False)
+    levels = space.tilt_levels
+    B, C, K = levels.size, space.category_value.size, space.items_per_module
+    R = max(int(space.n_blocks.max(initial=1)), 1)
+    sc = np.clip(scores, -1e300, 1e300)
+    ar = np.arange(P)
+    srank = np.empty(P, dtype=np.int64)
+    srank[np.argsort(-sc, kind="stable")] = ar
+    trank = np.empty(P, dtype=np.int64)
+    trank[np.lexsort((-tail, -sc))] = ar
+    gid = cat * 2 + is_tail
+    by_group = np.argsort(gid * P + np.where(is_tail, trank, srank))
+    g_counts = np.bincount(gid, minlength=2 * C)
+    grank = np.empty(P, dtype=np.int64)
+    grank[by_group] = ar - (np.cumsum(g_counts) - g_counts)[gid[by_group]]
+    first = np.bincount(cat, minlength=C)
+    first = np.cumsum(first) - first
+    by_score = np.argsort(cat * P + srank)
+    crank = np.empty(P, dtype=np.int64)
+    crank[by_score] = ar - first[cat[by_score]]
+    quota = np.clip(np.floor(levels * K + 0.5), 0, K).astype(np.int64)[:, None]  # (B,1)
+    head_n = np.maximum(K - quota, 1)
+    tail_n = np.maximum(quota, 1)
+    big = P * K + 1
+    head_key = np.where(quota < K, (grank // head_n) * K + grank % head_n, big + grank)
+    tail_key = np.where(quota > 0, (grank // tail_n) * K + (K - quota) + grank % tail_n, big + grank)
+    key = np.where(quota == 0, crank, np.where(is_tail, tail_key, head_key))  # (B,P)
+    order = np.argsort(cat * (big + P + 1) + key, axis=-1)
+    cat_sorted = cat[order]
+    rank = ar - first[cat_sorted]
+    block = rank // K
+    if (quota > 0).any():
+        perm = np.argsort((cat_sorted * (P + 1) + block) * P + srank[order], axis=-1)
+        order = np.take_along_axis(order, perm, axis=-1)
+    keep = block < R
+    flat = ((np.arange(B)[:, None] * C + cat_sorted) * R + np.minimum(block, R - 1))[keep]
+    size = B * C * R
+    n_shown = np.bincount(flat, minlength=size).reshape(1, B, C, R)
+    w_item = _item_weights(space)[rank % K][keep]
+    w_sum = np.bincount(flat, weights=w_item, minlength=size).reshape(1, B, C, R)
+    s_sum = np.bincount(flat, weights=value_scores[order][keep] * w_item, minlength=size).reshape(1, B, C, R)
+    n_tail = np.bincount(flat, weights=is_tail[order][keep].astype(np.float64), minlength=size).reshape(1, B, C, R)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n_shown > 0, s_sum / np.where(w_sum > 0, w_sum, 1.0), np.nan)
+    return BlockTable(mean, n_tail, n_shown.astype(np.float64), order[None], rank[None], cat_sorted[None])
 
 
 @dataclass(frozen=True)
@@ -391,22 +450,26 @@ def build_candidates(space: LayoutSpace, tbl: BlockTable, prices: np.ndarray | N
     blks = np.zeros((U, n_var, B, S), dtype=np.int64)
     value = np.zeros((U, n_var, B))
     ok = np.ones((U, n_var, B), dtype=bool)
-    # (u, b, c) index grids broadcast against the per-state block index (U, var, B, C): one gather per
-    # table and slot, no copies of the tables per variant
-    ug = np.arange(U)[:, None, None, None]
-    bg = np.arange(B)[None, None, :, None]
-    cg = np.arange(C)[None, None, None, :]
-    ui, vi, bi = np.ogrid[:U, :n_var, :B]  # (u, variant, tilt) grids for picking one category per state
+    # the tables gathered by flat index ((u*B + b)*C + c)*R + r against the per-state block index
+    # (U, var, B, C), and one category per state picked by flat index too: one take per table and slot,
+    # no copies of the tables per variant (fancy indexing with four index grids costs several times more)
+    base = ((np.arange(U)[:, None, None, None] * B + np.arange(B)[None, None, :, None]) * C
+            + np.arange(C)[None, None, None, :]) * R
+    bv_flat, av_flat, nt_flat = np.ravel(block_val), np.ravel(avail), np.ravel(tbl.n_tail)
+    mp_flat, mp_base = np.ravel(mod_p_cr), np.arange(C) * R
+    state_base = np.arange(U * n_var * B) * C
+    used_flat = used.reshape(-1)  # a view: writes go to used
     for s in range(S):
         # next block of each category for each state: used[..., c]
         r_next = used  # (U,var,B,C)
         in_range = r_next < R
         r_idx = np.minimum(r_next, R - 1)
-        bv = block_val[ug, bg, cg, r_idx]
-        av = avail[ug, bg, cg, r_idx]
+        at_table = base + r_idx
+        bv = bv_flat[at_table]
+        av = av_flat[at_table]
         av &= in_range
-        nt = tbl.n_tail[ug, bg, cg, r_idx]
-        mp = mod_p_cr[cg, r_idx]
+        nt = nt_flat[at_table]
+        mp = mp_flat[mp_base + r_idx]
         gain_val = w[s] * bv
         gain_price = w[s] * cat_p[None, None, None, :] + tail_p * nt + w[s] * mp
         gain = gain_val + price_on[None, :, None, None] * gain_price
@@ -415,12 +478,14 @@ def build_candidates(space: LayoutSpace, tbl: BlockTable, prices: np.ndarray | N
         if s == 0:
             f = forced[:, :, None].repeat(B, 2)
             pick = np.where(f >= 0, f, pick)
-        got_av = av[ui, vi, bi, pick]
+        at = state_base + pick.reshape(-1)
+        got_av = av.reshape(-1)[at].reshape(U, n_var, B)
         ok &= got_av
-        value += np.where(got_av, gain_val[ui, vi, bi, pick], 0.0)
+        value += np.where(got_av, gain_val.reshape(-1)[at].reshape(U, n_var, B), 0.0)
         cats[..., s] = pick
-        blks[..., s] = r_next[ui, vi, bi, pick]
-        used[ui, vi, bi, pick] = blks[..., s] + 1
+        r_at = used_flat[at]
+        blks[..., s] = r_at.reshape(U, n_var, B)
+        used_flat[at] = r_at + 1
 
     cats = cats.reshape(U, V, S)
     blks = blks.reshape(U, V, S)
@@ -449,8 +514,20 @@ def build_candidates(space: LayoutSpace, tbl: BlockTable, prices: np.ndarray | N
 def _first_occurrence(cats: np.ndarray, tilt: np.ndarray) -> np.ndarray:
     """Shape (U, L): False for a candidate identical to an earlier one of the same user."""
     U, L, S = cats.shape
-    key = np.concatenate([cats, tilt[..., None]], axis=-1)  # (U,L,S+1)
-    same = (key[:, :, None, :] == key[:, None, :, :]).all(-1)  # (U,L,L)
+    radix = int(max(cats.max(initial=0), tilt.max(initial=0))) + 1
+    if S * np.log2(radix) + np.log2(radix) < 62:  # each candidate as one int: a sort finds the repeats
+        key = tilt.astype(np.int64)
+        for s in range(S):
+            key = key * radix + cats[..., s]
+        order = np.argsort(key, axis=1, kind="stable")
+        sk = np.take_along_axis(key, order, axis=1)
+        first = np.ones((U, L), dtype=bool)
+        first[:, 1:] = sk[:, 1:] != sk[:, :-1]
+        out = np.empty((U, L), dtype=bool)
+        np.put_along_axis(out, order, first, axis=1)
+        return out
+    key3 = np.concatenate([cats, tilt[..., None]], axis=-1)  # (U,L,S+1)
+    same = (key3[:, :, None, :] == key3[:, None, :, :]).all(-1)  # (U,L,L)
     earlier = np.tril(np.ones((L, L), dtype=bool), k=-1)
     return ~(same & earlier[None]).any(-1)
 
@@ -465,11 +542,10 @@ def _exposure(space: LayoutSpace, tbl: BlockTable, cats: np.ndarray, blks: np.nd
         return out
     wn = space.position_weights / space.position_weights.sum()
     R = tbl.mean_score.shape[-1]
-    u = np.arange(U)[:, None, None]
-    b = tilt[:, :, None]
-    r = np.minimum(blks, R - 1)
-    n_tail = tbl.n_tail[u, b, cats, r].sum(-1)
-    n_shown = tbl.n_shown[u, b, cats, r].sum(-1)
+    B, C = tbl.mean_score.shape[1:3]
+    at = ((np.arange(U)[:, None, None] * B + tilt[:, :, None]) * C + cats) * R + np.minimum(blks, R - 1)
+    n_tail = np.ravel(tbl.n_tail)[at].sum(-1)
+    n_shown = np.ravel(tbl.n_shown)[at].sum(-1)
     for k in range(K):
         kind, tgt = space.kind[k], space.target[k]
         if kind == 0:

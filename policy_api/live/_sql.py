@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -27,6 +30,7 @@ __all__ = ["SqlStateStore"]
 
 _CHUNK = 300  # rows per statement: 3 bound parameters each, far below SQLite's and psycopg's limits
 _NO_STATE = "null"  # a row's placeholder inside a write transaction; never committed as such
+_SQLITE_BUSY_S = 1.0  # a read thread's busy timeout: a stuck read frees its thread after this
 
 
 def _chunks(keys: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -51,6 +55,13 @@ class SqlStateStore(DeadlineStore):
 
     Notes
     -----
+    Reads run on the store's read threads (see :class:`~policy_api.live._store.DeadlineStore`). On an
+    SQLite file each read thread queries through a connection of its own, without SQLAlchemy (a user's
+    state is one primary-key lookup: the Engine's checkout and statement machinery cost ten times the
+    query). They stay off the caller's thread even there: a reader of a WAL database can wait far past
+    any busy timeout (about 10 s, in SQLite's own retry loop) while another process holds the WAL
+    index's read locks, and a read of the caller's own would hold its request that long.
+
     ``write_batch`` is one transaction: it inserts a placeholder for every user and item it lacks
     (``ON CONFLICT DO NOTHING``), reads the rows back (``FOR UPDATE`` on PostgreSQL; on SQLite the insert
     already holds the database's write lock), applies the events and upserts. Rows are touched in key
@@ -69,6 +80,13 @@ class SqlStateStore(DeadlineStore):
         # built once: a statement object caches its compiled form, so a read does not rebuild the query
         self._select_users = (sa.select(user_state.c.user_id, user_state.c.state)
                               .where(user_state.c.user_id.in_(sa.bindparam("keys", expanding=True))))
+        url = engine.url
+        db = url.database or ""
+        local = name == "sqlite" and bool(db) and db != ":memory:" and not db.startswith("file:") and not url.query
+        self._sqlite_path: str | None = db if local else None
+        # per read thread: (pid, connection); closed when its thread ends (close() ends them), never from
+        # another thread, which could close it under a read still running
+        self._own = threading.local()
 
     def _insert(self, table: sa.Table) -> Any:
         return postgresql.insert(table) if self._dialect == "postgresql" else sqlite.insert(table)
@@ -131,11 +149,30 @@ class SqlStateStore(DeadlineStore):
     def _read_users(self, user_ids: Sequence[str]) -> list[UserState | None]:
         keys = sorted(set(user_ids))
         found: dict[str, UserState | None] = {}
-        with self.engine.connect() as conn:
+        if self._sqlite_path is not None:
+            own = self._connection()
             for chunk in _chunks(keys):
-                for r in conn.execute(self._select_users, {"keys": list(chunk)}):
-                    found[str(r.user_id)] = decode_state(r.state)
+                marks = ",".join("?" * len(chunk))
+                for uid, raw in own.execute(f'SELECT user_id, state FROM "{user_state.name}" WHERE user_id IN '
+                                             f'({marks})', list(chunk)).fetchall():
+                    found[str(uid)] = decode_state(raw)
+        else:
+            with self.engine.connect() as conn:
+                for chunk in _chunks(keys):
+                    for r in conn.execute(self._select_users, {"keys": list(chunk)}):
+                        found[str(r.user_id)] = decode_state(r.state)
         return [found.get(u) for u in user_ids]
+
+    def _connection(self) -> sqlite3.Connection:
+        """The calling read thread's own SQLite connection (a thread started after a fork opens its own)."""
+        own: tuple[int, sqlite3.Connection] | None = getattr(self._own, "conn", None)
+        if own is None or own[0] != os.getpid():
+            assert self._sqlite_path is not None
+            # autocommit: no read transaction outlives its read (it would hold the WAL's checkpoints back)
+            own = (os.getpid(), sqlite3.connect(self._sqlite_path, timeout=_SQLITE_BUSY_S, isolation_level=None,
+                                                check_same_thread=False))
+            self._own.conn = own
+        return own[1]
 
     def _read_item_rows(self) -> ItemStats | None:
         with self.engine.connect() as conn:
@@ -144,4 +181,4 @@ class SqlStateStore(DeadlineStore):
                              self.half_life_s)
 
     def _close(self) -> None:
-        pass  # the Engine belongs to the caller
+        pass  # the Engine belongs to the caller; each read thread's connection goes with its thread

@@ -8,6 +8,7 @@ imported, so it is imported, and the metrics created, on first use — never at 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -28,8 +29,25 @@ class _Metrics:
     feedback: Any
 
 
-@cache
+_CREATE = threading.Lock()
+
+
 def _metrics() -> _Metrics:
+    # created once per process; with several request threads the first requests race here, and a
+    # second registration of the same names raises (DuplicateTimeseries)
+    got = _created
+    if got:
+        return got[0]
+    with _CREATE:
+        if not _created:
+            _created.append(_new_metrics())
+    return _created[0]
+
+
+_created: list[_Metrics] = []
+
+
+def _new_metrics() -> _Metrics:
     from prometheus_client import Counter, Histogram
 
     return _Metrics(
@@ -40,7 +58,7 @@ def _metrics() -> _Metrics:
     )
 
 
-@cache
+@cache  # racing threads may both compute it: labels() returns the same child
 def _layout_counter(policy: str, fallback: bool) -> Any:
     # the labelled child once per (policy, fallback): ``labels()`` costs more than the increment
     return _metrics().layouts.labels(policy=policy, fallback=str(fallback).lower())

@@ -26,6 +26,12 @@ __all__ = ["ServedPages"]
 _BITS = 2048
 _HASHES = 7
 _WORDS = 3 + _BITS // 64  # key, slot count, checksum, filter
+#: filter bit b as a bit of the filter's little-endian integer (the table stores ``np.packbits`` order:
+#: bit b is bit 7 - b % 8 of byte b // 8)
+_BIT_OF = [1 << (8 * (b // 8) + 7 - b % 8) for b in range(_BITS)]
+#: (slot, item) filters kept per table: a page's 60 pairs are then a few dictionary lookups, not 60
+#: digests; a catalog of 3,000 items in 6 slots needs 18k (about 5 MB)
+_MAX_CACHED = 1 << 16
 
 
 def _h64(data: bytes) -> int:
@@ -72,6 +78,7 @@ class ServedPages:
         buf: Any = self._mm if self._mm is not None else bytearray(size)
         self._table = np.frombuffer(buf, dtype=np.uint64).reshape(capacity, _WORDS)
         self._lock = threading.Lock()
+        self._masks: dict[tuple[int, str], int] = {}
 
     @staticmethod
     def _checksum(row: np.ndarray) -> np.uint64:
@@ -83,18 +90,24 @@ class ServedPages:
 
     def add(self, request_id: str, modules: list[dict[str, Any]]) -> None:
         """Record a served page (``modules`` as the layout response has them)."""
-        slots = [int(m["slot"]) for m in modules for _ in m["items"]]
-        items = [str(it["item_id"]) for m in modules for it in m["items"]]
-        bits = np.zeros(_BITS, dtype=bool)
-        bits[_positions(slots, items).ravel()] = True
+        pairs = [(int(m["slot"]), str(it["item_id"])) for m in modules for it in m["items"]]
+        masks = self._masks
+        new = [p for p in dict.fromkeys(pairs) if p not in masks]
+        if new:
+            if len(masks) + len(new) > _MAX_CACHED:
+                masks.clear()
+            for p, pos in zip(new, _positions([s for s, _ in new], [i for _, i in new]).tolist(), strict=True):
+                masks[p] = sum({_BIT_OF[b] for b in pos})
+        bits = 0
+        for p in pairs:
+            bits |= masks[p]
         key, at = self._key(request_id)
-        row = np.empty(_WORDS, dtype=np.uint64)
-        row[0], row[1] = key, len(modules)
-        row[3:] = np.frombuffer(np.packbits(bits).tobytes(), dtype=np.uint64)
-        row[2] = self._checksum(row)
+        head = int(key).to_bytes(8, "little") + len(modules).to_bytes(8, "little")
+        body = bits.to_bytes(_BITS // 8, "little")
+        row = np.frombuffer(head[8:] + _h64(head + body).to_bytes(8, "little") + body, dtype="<u8")
         with self._lock:  # other processes may write the same record: the checksum catches that
             self._table[at, 0] = 0
-            self._table[at, 1:] = row[1:]
+            self._table[at, 1:] = row
             self._table[at, 0] = key
 
     def check(self, request_id: str, slots: list[int], items: list[str]) -> tuple[int | None, np.ndarray | None]:

@@ -174,6 +174,35 @@ def test_candidates_value_exposure_and_items_match_slow_reference(seed, ties):
                 assert mods[s] == space.modules_of[cats[s]][cand.blocks[u, c, s]]
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_one_user_table_equals_the_batched_rows_and_the_slow_reference(seed, ties):
+    # a request decides for one user: block_table takes a 1-d path for U = 1, which must give the
+    # batched path's row exactly (ties included), and candidates the slow reference's items and values
+    rng = np.random.default_rng(seed)
+    space = tiny_space(levels=(0.0, 0.5, 1.0))
+    cat, is_tail, tail = random_pool(rng)
+    scores = rng.random((3, cat.size)) * 3
+    if ties:
+        scores = np.round(scores)
+    rank = scores + np.round(rng.normal(size=scores.shape)) if seed % 2 else None
+    batched = block_table(space, scores, cat, is_tail, tail, rank_scores=rank)
+    for u in range(3):
+        one = block_table(space, scores[u:u + 1], cat, is_tail, tail,
+                          rank_scores=None if rank is None else rank[u:u + 1])
+        for f in ("mean_score", "n_tail", "n_shown", "order", "rank", "cat_sorted"):
+            got, want = getattr(one, f), getattr(batched, f)[u:u + 1]
+            assert got.dtype == want.dtype and np.array_equal(got, want, equal_nan=True), f
+        if rank is not None:
+            continue
+        cand = build_candidates(space, one, rng.normal(size=3))
+        for c in np.flatnonzero(cand.mask[0]):
+            cats = cand.categories[0, c]
+            items, value = slow_layout(space, scores[u], cat, is_tail, tail, cats.tolist(), cand.tilt[0, c])
+            assert cand.value[0, c] == pytest.approx(value)
+            got_items = layout_items(space, one, 0, cats, cand.blocks[0, c], int(cand.tilt[0, c]))
+            assert [g.tolist() for g in got_items] == items
+
+
 def all_layouts(space, n_items_per_cat):
     C = space.category_value.size
     K = space.items_per_module

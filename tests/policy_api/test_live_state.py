@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -301,6 +303,30 @@ class FreezableRelay:
                     pass
 
 
+class WalReadLock:
+    """Freezes an SQLite WAL database for readers as a stuck process would: a child process holds the
+    WAL index's five read-mark locks (bytes 123-127 of the ``-shm`` file, SQLite's unix VFS), so a
+    reader can start no read transaction; SQLite retries for about 10 s, past any busy timeout."""
+
+    def __init__(self, url: str) -> None:
+        self.shm = f"{sa.make_url(url).database}-shm"
+        self.proc: subprocess.Popen[str] | None = None
+
+    def hold(self) -> None:
+        code = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+                "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 5, 123); print('held', flush=True); sys.stdin.read()")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, self.shm], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "held"
+
+    def release(self) -> None:
+        if self.proc is not None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()  # the child exits: the kernel drops its locks
+            self.proc.wait(10)
+            self.proc = None
+
+
 @dataclass
 class Backend:
     """One backend of the shared suite: builds stores on it (each a separate "worker")."""
@@ -322,14 +348,11 @@ class Backend:
 
     def slow_store(self, **kw: Any) -> tuple[UserStateStore, Callable[[], None], Callable[[], None]]:
         """A store whose backend can be frozen: (store, freeze, thaw)."""
-        if self.kind == "sqlite":  # no socket to cut: every statement of this engine waits at a gate
-            gate = threading.Event()
-            gate.set()
-            eng = make_engine(self.url)
-            sa.event.listen(eng, "before_cursor_execute", lambda *a: gate.wait(30))
-            s = SqlStateStore(eng, **kw)
-            self.closers += [eng.dispose, s.close, gate.set]
-            return s, gate.clear, gate.set
+        if self.kind == "sqlite":  # no socket to cut: another process holds the WAL index's read locks
+            s = self.store(**kw)
+            lock = WalReadLock(self.url)
+            self.closers.append(lock.release)
+            return s, lock.hold, lock.release
         if self.kind == "postgres":
             parsed = sa.make_url(self.url)
             relay = FreezableRelay((parsed.host or "127.0.0.1", parsed.port or 5432))
