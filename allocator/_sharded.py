@@ -54,7 +54,7 @@ from allocator._plan import (
     _violation,
 )
 
-__all__ = ["LocalShards", "PlanShard", "ShardMap", "ShardedPlan", "plan_dual_sharded"]
+__all__ = ["ChunkedShard", "LocalShards", "PlanShard", "ShardMap", "ShardedPlan", "plan_dual_sharded"]
 
 
 class PlanShard:
@@ -165,12 +165,112 @@ class PlanShard:
                              p.weight[gu], p.value[gu, li].astype(np.float64),
                              p.exposure[gu, li].astype(np.float64))
 
+    def crossover_count(self, prices: np.ndarray, delta: float) -> int:
+        """How many near-best pairs :meth:`crossover_part` would send at ``(prices, delta)``: the driver
+        asks first, so that a band too wide for the reduced LP ships nothing."""
+        return int(np.count_nonzero(_split_marginal(self.p, prices, delta)[4]))
+
     def choose(self, prices: np.ndarray) -> np.ndarray:
         """Shape (n_users,): each user's priced argmax (what serving takes at these prices)."""
         p = self.p
         pc = np.asarray(prices, dtype=np.float64)
         return np.concatenate([_scores(p, i0, i1, pc, exact=True).argmax(axis=1)
                                for i0, i1 in _chunks(p.n_users)])
+
+
+class ChunkedShard:
+    """A shard that keeps no candidate arrays: every pass rebuilds its users chunk by chunk.
+
+    ``make_chunk(i)`` returns chunk ``i`` as a :class:`PlanShard` (e.g. generated from a seed and
+    ``i``, or read from a file); it must return the same users every time it is called. Each method
+    answers like one :class:`PlanShard` over the concatenated chunks, holding one chunk in memory at
+    a time, so a worker's memory does not grow with its users and the time per pass is the chunks'
+    build time plus the pass itself. Sums over chunks are taken in chunk order, so the shard equals
+    :class:`LocalShards` over the same chunks (one shard each) up to floating-point summation order.
+
+    Parameters
+    ----------
+    make_chunk
+        ``i -> PlanShard`` for ``i`` in ``range(n_chunks)``; it must pickle to travel to a Ray actor
+        (``functools.partial`` of a module-level function or class).
+    n_chunks
+        Number of chunks, >= 1.
+
+    Examples
+    --------
+    >>> from functools import partial
+    >>> def chunk(i: int) -> PlanShard:
+    ...     return PlanShard(np.array([[3.0, 1.0]]), np.array([[[0.0], [1.0]]]), np.array([0.5]))
+    >>> s = ChunkedShard(chunk, 2)
+    >>> s.sizes(), s.summary()[:2].tolist()
+    ((2, 1), [1.0, 4.0])
+    """
+
+    def __init__(self, make_chunk: Callable[[int], PlanShard], n_chunks: int) -> None:
+        if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
+            raise ValueError(f"n_chunks must be an integer >= 1; got {n_chunks!r}")
+        self.make_chunk = make_chunk
+        self.n_chunks = n_chunks
+        # one pass here gives what the driver asks before the first dual pass
+        parts = self._map("summary", with_sizes=True)
+        self._sizes = (sum(n for n, _ in parts[1]), parts[1][0][1])
+        ks = {k for _, k in parts[1]}
+        if len(ks) != 1:
+            raise ValueError(f"every chunk must have the same number of constraints K; got {sorted(ks)}")
+        self._summary = _add(parts[0])
+        self._float32 = any(parts[2])
+        self._offsets = np.cumsum([0] + [n for n, _ in parts[1]])
+
+    def _map(self, method: str, *args: Any, with_sizes: bool = False) -> tuple[list[Any], list[Any], list[Any]]:
+        out, sizes, f32 = [], [], []
+        for i in range(self.n_chunks):
+            ch = self.make_chunk(i)
+            out.append(getattr(ch, method)(*args))
+            if with_sizes:
+                sizes.append(ch.sizes())
+                f32.append(ch.float32())
+            del ch
+        return out, sizes, f32
+
+    def sizes(self) -> tuple[int, int]:
+        """``(n_users, K)`` over all chunks."""
+        return self._sizes
+
+    def summary(self) -> np.ndarray:
+        """As :meth:`PlanShard.summary`, over all chunks (computed once, when the shard is built)."""
+        return self._summary.copy()
+
+    def float32(self) -> bool:
+        return self._float32
+
+    def smoothed(self, prices: np.ndarray, tau: float) -> np.ndarray:
+        return _add(self._map("smoothed", prices, tau)[0])
+
+    def bound(self, prices: np.ndarray) -> float:
+        total = 0.0
+        for b in self._map("bound", prices)[0]:
+            total += b
+        return total
+
+    def softmax_totals(self, prices: np.ndarray, tau: float) -> np.ndarray:
+        return _add(self._map("softmax_totals", prices, tau)[0])
+
+    def crossover_part(self, prices: np.ndarray, delta: float) -> CrossoverPart:
+        parts: list[CrossoverPart] = self._map("crossover_part", prices, delta)[0]
+        offsets = np.cumsum([0] + [pt.n_marginal for pt in parts[:-1]])
+        k = self._sizes[1]
+        return CrossoverPart(
+            float(sum(pt.fixed_obj for pt in parts)), _add([pt.fixed_shares for pt in parts]),
+            int(sum(pt.n_marginal for pt in parts)), float(sum(pt.marginal_weight for pt in parts)),
+            np.concatenate([pt.row + o for pt, o in zip(parts, offsets, strict=True)]),
+            np.concatenate([pt.weight for pt in parts]), np.concatenate([pt.value for pt in parts]),
+            np.concatenate([pt.exposure.reshape(-1, k) for pt in parts]))
+
+    def crossover_count(self, prices: np.ndarray, delta: float) -> int:
+        return int(sum(self._map("crossover_count", prices, delta)[0]))
+
+    def choose(self, prices: np.ndarray) -> np.ndarray:
+        return np.concatenate(self._map("choose", prices)[0])
 
 
 class CrossoverPart(NamedTuple):
@@ -201,13 +301,14 @@ class LocalShards:
     Parameters
     ----------
     shards
-        The shards, or callables that build one (called once, here).
+        The shards (:class:`PlanShard` or :class:`ChunkedShard`), or callables that build one
+        (called once, here).
     """
 
-    def __init__(self, shards: Sequence[PlanShard | Callable[[], PlanShard]]) -> None:
+    def __init__(self, shards: Sequence[PlanShard | ChunkedShard | Callable[[], PlanShard | ChunkedShard]]) -> None:
         if len(shards) == 0:
             raise ValueError("shards must hold at least one shard; got none")
-        self.shards = [s if isinstance(s, PlanShard) else s() for s in shards]
+        self.shards = [s if isinstance(s, (PlanShard, ChunkedShard)) else s() for s in shards]
 
     @property
     def n_shards(self) -> int:
@@ -320,7 +421,9 @@ def plan_dual_sharded(
     -------
     ShardedPlan
         Equal to ``plan_dual`` on the concatenated users (shards in order) up to floating-point
-        summation order; ``x`` is not gathered.
+        summation order; ``x`` is not gathered. When no crossover at the last temperature certifies
+        the plan (with many users the band can hold more pairs than the reduced LP takes), up to two
+        colder temperatures are tried before falling back to the softmax plan.
 
     Raises
     ------
@@ -390,15 +493,37 @@ def plan_dual_sharded(
         return softmax(exact=False)
 
     def cross(center: np.ndarray, delta: float) -> _Cross | None:
+        dp.n_passes += 1  # the count pass before the gather
         return _crossover(bp, shards, center, delta, time_limit)
 
     best, bound = _crossover_rounds(bp, dp, prices, tau, tol, cross, lagrangian)
+    for _ in range(_COLDER_DECADES):
+        if best is not None and best[0] <= tol and best[1] <= tol:
+            break
+        # many users: the crossover band at this temperature can hold more pairs than the reduced LP
+        # takes; a colder temperature narrows the band (and shrinks the softmax plan's gap with it)
+        tau /= 10.0
+        try:
+            y = dp.minimise(_multipliers(dp, prices), tau, gtol=1e-6, max_iter=max_iter)
+        except _Infeasible:
+            refuse()
+        prices = dp.prices(y)
+        best, bound = _crossover_rounds(bp, dp, prices, tau, tol, cross, lagrangian)
     if best is not None and best[1] <= tol:
         gap, viol, cx = best
         return done(cx.prices if cx.prices is not None else prices, cx.objective, cx.shares,
                     "optimal" if gap <= tol else "iteration_limit", gap, viol, bound,
                     "sharded-dual-lbfgs+crossover")
     return softmax(exact=True)
+
+
+#: Colder temperatures (each a tenth of the last) tried when no crossover certifies the plan.
+_COLDER_DECADES = 2
+
+
+def _multipliers(dp: _ShardedDual, prices: np.ndarray) -> np.ndarray:
+    """Multipliers ``y`` (floors, then caps; all >= 0) whose prices are ``prices``."""
+    return np.concatenate([np.maximum(prices[dp.floors], 0.0), np.maximum(-prices[dp.caps], 0.0)])
 
 
 class _Cross(NamedTuple):
@@ -409,7 +534,12 @@ class _Cross(NamedTuple):
 
 def _crossover(bp: _Problem, shards: ShardMap, prices: np.ndarray, delta: float,
                time_limit: float | None) -> _Cross | None:
-    """The single-machine crossover's reduced LP over the marginal users gathered from the shards."""
+    """The single-machine crossover's reduced LP over the marginal users gathered from the shards.
+
+    The shards first count their near-best pairs; past the reduced LP's size nothing is gathered (a
+    wide band over many users would otherwise ship most of their candidates)."""
+    if sum(shards.map("crossover_count", prices, delta)) > _MAX_CROSSOVER_VARS:
+        return None
     parts: list[CrossoverPart] = shards.map("crossover_part", prices, delta)
     k = bp.n_constraints
     fixed_obj = float(sum(pt.fixed_obj for pt in parts))

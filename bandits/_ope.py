@@ -14,6 +14,11 @@ With importance weights ``w_i = pi_e(a_i | x_i) / pscore_i`` and ``q_i(pi) = sum
 every estimator here is a sum of ratios ``sum_i num_i / sum_i den_i`` (``den = 1`` for the unbiased
 ones). That one form gives the point estimate, the influence terms behind the normal CI (delta method)
 and a bootstrap that is a matrix product of resampling counts with a few columns.
+
+Validation reads what the estimator reads: IPS and SNIPS gather only ``pi_e(a_i | x_i)`` (checked to
+lie in [0, 1]) and check the row sums of :data:`N_ROWS_CHECKED` rows spread over the log (all of a
+short log); the estimators with a reward model read every row of ``action_dist`` anyway, and check
+every row's sum (at every position) in the same pass.
 """
 
 from __future__ import annotations
@@ -112,15 +117,10 @@ def _check_position(position: object, action_dist: np.ndarray, n: int) -> np.nda
     return pos.astype(np.intp, copy=False)
 
 
-def _at_position(x: np.ndarray, pos: np.ndarray | None) -> np.ndarray:
-    """(n, A, len_list) -> (n, A): each round's slice at its logged position."""
-    if pos is None:
-        return x
-    return x[np.arange(x.shape[0]), :, pos]
-
-
-def _check_log(action: object, pscore: object, action_dist: object,
-               n: int | None, position: object = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _check_log(action: object, pscore: object, action_dist: object, n: int | None, position: object = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Checked ``(action, pscore, action_dist, position)``: ``action_dist`` as given, 2-D or 3-D
+    (nothing copied), ``position`` the indices into its last axis (None for 2-D)."""
     p = _as_1d("pscore", pscore, n).astype(np.float64, copy=False)
     n = p.shape[0]
     if n < 2:
@@ -132,53 +132,104 @@ def _check_log(action: object, pscore: object, action_dist: object,
     if a.dtype.kind not in "iu":
         raise ValueError(f"action must be integer indices into the logged candidates; got dtype {a.dtype}")
     pi = np.asarray(action_dist)
-    pi = _at_position(pi, _check_position(position, pi, n))
-    if pi.ndim != 2 or pi.shape[0] != n or pi.shape[1] == 0:
+    pos = _check_position(position, pi, n)
+    if pi.ndim == 2 and (pi.shape[0] != n or pi.shape[1] == 0) or pi.ndim not in (2, 3):
         raise ValueError(f"action_dist must have shape ({n}, n_cand); got {pi.shape}")
     if pi.dtype.kind != "f":
         pi = pi.astype(np.float64)
     if a.min() < 0 or a.max() >= pi.shape[1]:
         raise ValueError(f"action must be in [0, {pi.shape[1]}); got values in [{int(a.min())}, {int(a.max())}]")
-    return a.astype(np.intp, copy=False), p, pi
+    return a.astype(np.intp, copy=False), p, pi, pos
 
 
-def _scan(a: np.ndarray, pi: np.ndarray, q: np.ndarray | None
+#: IPS and SNIPS read only each round's probability of the logged action; beyond those, the row sums
+#: of this many rows spread evenly over the log are checked (every row when the log is this short).
+N_ROWS_CHECKED = 1024
+
+
+def _check_rows(sums: np.ndarray, row0: int) -> None:
+    off = ~(np.abs(sums - 1.0) <= ROW_SUM_ATOL)  # a NaN or inf makes its row sum miss 1
+    if off.any():
+        bad = np.unravel_index(int(np.flatnonzero(off)[0]), sums.shape)
+        where = f"row {row0 + int(bad[0])}" + (f" at position {int(bad[1])}" if sums.ndim == 2 else "")
+        raise ValueError(f"action_dist rows must sum to 1 (within {ROW_SUM_ATOL}); {where} sums to "
+                         f"{float(sums[bad])!r}")
+
+
+def _gather(x: np.ndarray, rows: np.ndarray, a: np.ndarray, pos: np.ndarray | None) -> np.ndarray:
+    return x[rows, a] if pos is None else x[rows, a, pos]
+
+
+def _scan(a: np.ndarray, pi: np.ndarray, q: np.ndarray | None, pos: np.ndarray | None
           ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Blockwise: check action_dist (and q), gather pi(a_i | x_i) and q(x_i, a_i), and q_i(pi)."""
-    n, k = pi.shape
-    step = max(1, _BLOCK_ENTRIES // k)
+    """Check action_dist (and q), gather pi(a_i | x_i) and q(x_i, a_i), and q_i(pi) = sum_a pi q.
+
+    Without ``q`` only the logged actions' probabilities are read (checked to lie in [0, 1]), plus
+    :data:`N_ROWS_CHECKED` rows' sums. With ``q`` every row is read anyway, in blocks that stay in
+    cache, so every row (at every position) is checked. With positions (3-D arrays) the block's
+    ``sum_a pi q`` is taken at every position, contiguously, and read at the logged one.
+    """
+    n = pi.shape[0]
+    if q is None:
+        rows = np.arange(n)
+        pi_a = np.asarray(_gather(pi, rows, a, pos), dtype=np.float64)
+        ok = (pi_a >= 0) & (pi_a <= 1)  # NaN fails both
+        if not ok.all():
+            bad = int(np.flatnonzero(~ok)[0])
+            raise ValueError(f"action_dist must be in [0, 1]; got {float(pi_a[bad])!r} at round {bad}, the "
+                             f"logged action{'' if pos is None else ' and position'}")
+        some = np.unique(np.linspace(0, n - 1, min(n, N_ROWS_CHECKED)).astype(np.intp))
+        blk = pi[some] if pos is None else pi[some, :, pos[some]]
+        _check_rows_at(blk, some)
+        return pi_a, None, None
+    per_row = int(np.prod(pi.shape[1:]))
+    step = max(1, _BLOCK_ENTRIES // per_row)
     pi_a = np.empty(n)
-    q_pi = np.empty(n) if q is not None else None
-    q_a = np.empty(n) if q is not None else None
+    q_pi = np.empty(n)
+    q_a = np.empty(n)
     rows = np.arange(min(step, n))
+    # with positions, sums over actions are products with a 0/1 (A * len_list, len_list) matrix: the
+    # block is read contiguously as (b, A * len_list) rows (an einsum over the strided axis is slower)
+    per_pos = None if pi.ndim == 2 else np.kron(np.ones((pi.shape[1], 1)), np.eye(pi.shape[2]))
     for s in range(0, n, step):
         e = min(n, s + step)
-        blk, ab, r = pi[s:e], a[s:e], rows[: e - s]
-        sums = np.einsum("ij->i", blk)  # a NaN or inf makes its row sum miss 1
-        off = ~(np.abs(sums - 1.0) <= ROW_SUM_ATOL)
-        if off.any():
-            bad = int(np.flatnonzero(off)[0])
-            raise ValueError(f"action_dist rows must sum to 1 (within {ROW_SUM_ATOL}); row {s + bad} sums to "
-                             f"{float(sums[bad])!r}")
+        blk, qb, ab, r = pi[s:e], q[s:e], a[s:e], rows[: e - s]
+        pb = None if pos is None else pos[s:e]
+        if per_pos is None:
+            sums, qp = np.einsum("ij->i", blk), np.einsum("ij,ij->i", blk, qb)
+        else:
+            flat = blk.reshape(e - s, per_row)
+            sums, qp = flat @ per_pos, (flat * qb.reshape(e - s, per_row)) @ per_pos
+        _check_rows(sums, s)
         if blk.min() < 0:
             raise ValueError(f"action_dist must be >= 0; got min {float(blk.min())!r}")
-        pi_a[s:e] = blk[r, ab]
-        if q is not None and q_pi is not None and q_a is not None:
-            qb = q[s:e]
-            q_pi[s:e] = np.einsum("ij,ij->i", blk, qb)
-            # pi is finite and >= 0 here, so a NaN or inf anywhere in q (even where pi is 0: 0 * inf
-            # is NaN) makes q_pi non-finite
-            if not np.isfinite(q_pi[s:e]).all():
-                raise ValueError("estimated_rewards must be finite; got non-finite entries")
-            q_a[s:e] = qb[r, ab]
+        q_pi[s:e] = qp if pb is None else qp[r, pb]
+        # pi is finite and >= 0 here, so a NaN or inf anywhere in q (even where pi is 0: 0 * inf
+        # is NaN) makes q_pi non-finite
+        if not np.isfinite(qp).all():
+            raise ValueError("estimated_rewards must be finite; got non-finite entries")
+        pi_a[s:e] = _gather(blk, r, ab, pb)
+        q_a[s:e] = _gather(qb, r, ab, pb)
     return pi_a, q_pi, q_a
+
+
+def _check_rows_at(blk: np.ndarray, rows: np.ndarray) -> None:
+    """Row sums and signs of ``blk`` (rows ``rows`` of action_dist at their logged position)."""
+    sums = np.einsum("ij->i", blk)
+    off = ~(np.abs(sums - 1.0) <= ROW_SUM_ATOL)
+    if off.any():
+        bad = int(np.flatnonzero(off)[0])
+        raise ValueError(f"action_dist rows must sum to 1 (within {ROW_SUM_ATOL}); row {int(rows[bad])} sums to "
+                         f"{float(sums[bad])!r}")
+    if blk.min() < 0:
+        raise ValueError(f"action_dist must be >= 0; got min {float(blk.min())!r}")
 
 
 def _weights(action: object, pscore: object, action_dist: object, n: int | None,
              position: object = None) -> np.ndarray:
     """Checked importance weights ``w_i = action_dist[i, action_i(, position_i)] / pscore_i``."""
-    a, p, pi = _check_log(action, pscore, action_dist, n, position)
-    return _scan(a, pi, None)[0] / p
+    a, p, pi, pos = _check_log(action, pscore, action_dist, n, position)
+    return _scan(a, pi, None, pos)[0] / p
 
 
 def _prepare(reward: object, action: object, pscore: object, action_dist: object,
@@ -186,23 +237,18 @@ def _prepare(reward: object, action: object, pscore: object, action_dist: object
     r = _as_1d("reward", reward, None).astype(np.float64, copy=False)
     if not np.isfinite(r).all():
         raise ValueError("reward must be finite; got non-finite entries")
-    a, p, pi = _check_log(action, pscore, action_dist, r.shape[0], position)
+    a, p, pi, pos = _check_log(action, pscore, action_dist, r.shape[0], position)
     q = None
     if estimated_rewards is not None:
         q = np.asarray(estimated_rewards)
-        full = np.asarray(action_dist).shape
-        if len(full) == 3:
-            if q.shape != full:
-                raise ValueError(f"estimated_rewards must have the shape of action_dist {full} (a reward model "
-                                 f"per position); got {q.shape}")
-            q = _at_position(q, _check_position(position, np.asarray(action_dist), r.shape[0]))
         if q.shape != pi.shape:
-            raise ValueError(f"estimated_rewards must have the shape of action_dist {pi.shape}; got {q.shape}")
+            per = " (a reward model per position)" if pi.ndim == 3 else ""
+            raise ValueError(f"estimated_rewards must have the shape of action_dist {pi.shape}{per}; got {q.shape}")
         if q.dtype.kind != "f":
             q = q.astype(np.float64)
     elif need_model:
         raise ValueError("estimated_rewards is required by this estimator (DM/DR/SNDR/Switch-DR); got None")
-    pi_a, q_pi, q_a = _scan(a, pi, q)
+    pi_a, q_pi, q_a = _scan(a, pi, q, pos)
     return _Log(reward=r, w=pi_a / p, q_pi=q_pi, q_a=q_a)
 
 
@@ -853,17 +899,32 @@ def ope_partial_sums(reward: np.ndarray, action: np.ndarray, pscore: np.ndarray,
 
     term_sets = [e._terms(log) for e in ests]
     plan = tuple(tuple((col(num), col(den)) for num, den in terms) for terms in term_sets)
-    t = np.column_stack([np.ones(log.n), *cols])  # (n, m+1)
     boot = None
     if n_boot:
+        t = np.empty((len(cols) + 1, log.n))  # rows [1, cols]: one resample is one matrix-vector product
+        t[0] = 1.0
+        for j, c in enumerate(cols):
+            t[j + 1] = c
         rng = np.random.default_rng([int(seed), int(partition)])
-        boot = np.empty((int(n_boot), t.shape[1]))
+        boot = np.empty((int(n_boot), t.shape[0]))
         for b in range(int(n_boot)):  # one resample at a time: its counts stay in cache
-            boot[b] = rng.poisson(1.0, size=log.n).astype(np.float64) @ t
+            boot[b] = t @ rng.poisson(1.0, size=log.n).astype(np.float64)
     w = log.w
-    return OPEPartialSums(estimators=tuple(e.name for e in ests), plan=plan, n=log.n, gram=t.T @ t,
+    return OPEPartialSums(estimators=tuple(e.name for e in ests), plan=plan, n=log.n, gram=_gram(cols, log.n),
                           w_sum=float(w.sum()), w_sq=float(w @ w), w_max=float(w.max()),
                           w_hist=np.histogram(w, _W_EDGES)[0], boot=boot)
+
+
+def _gram(cols: list[np.ndarray], n: int) -> np.ndarray:
+    """Gram matrix of ``[1, cols]`` from dot products of the columns in place (no (n, m+1) copy)."""
+    m = len(cols)
+    g = np.empty((m + 1, m + 1))
+    g[0, 0] = n
+    for i, ci in enumerate(cols):
+        g[0, i + 1] = g[i + 1, 0] = float(np.sum(ci))
+        for j in range(i, m):
+            g[i + 1, j + 1] = g[j + 1, i + 1] = float(ci @ cols[j])
+    return g
 
 
 def combine_partial_sums(parts: list[OPEPartialSums], *, alpha: float = 0.05) -> list[dict[str, Any]]:

@@ -5,6 +5,18 @@ Prints one JSON line per measurement. Not a test: figures only.
     .venv/bin/python bench/ope.py                  # 10^7 rows x 16 candidates, bootstrap on 10^6
     .venv/bin/python bench/ope.py --rows 1000000   # smaller
     .venv/bin/python bench/ope.py --partitions 4 --rows 1000000   # only: Parquet partitions, local vs Ray
+    .venv/bin/python bench/ope.py --partitions 4 --rows 2500000 --passes 100 --workers 1 2   # 10^9 rows
+    .venv/bin/python bench/ope.py --obp /path/to/obp-venv/bin/python   # only: obp 0.4.1 beside ours
+
+``--passes P`` replays the generated partitions ``P`` times over (each pass's partitions get their own
+indices, so their bootstrap streams differ), to reach 10^9 logged decisions from a few GB of files;
+the report says how many distinct rows and files were read, and how often.
+
+``--obp PYTHON`` runs obp 0.4.1's public calls (IPS, SNIPS, DR, DR-os with ``position``) in another
+Python (a throwaway virtual environment: obp 0.4.1 needs numpy < 1.24 and pandas < 2) on the same
+saved arrays as ours: the Open Bandit Dataset sample that obp ships ('random' policy, 'all' campaign:
+80 actions, 3 positions) tiled to ``--obp-rows`` rows, with a seeded target ``action_dist`` and reward
+model of shape (n_rounds, 80, 3).
 
 Each ``estimate`` call includes input validation (row sums, ranges), the weights, the influence
 terms and the overlap diagnostics (weight quantiles). Targets: >= 5e6 rows/s for IPS/SNIPS/DR, and
@@ -44,39 +56,150 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
-def bench_partitions(n_parts: int, rows: int, n_cand: int, n_boot: int) -> None:
-    """Replay over a time-partitioned Parquet log generated here: in this process, then on 2 Ray actors."""
+def bench_partitions(n_parts: int, rows: int, n_cand: int, n_boot: int, passes: int = 1,
+                     workers: tuple[int, ...] = (2,)) -> None:
+    """Replay over a time-partitioned Parquet log generated here: in this process (``passes == 1``),
+    then on Ray with each worker count; the same files are read ``passes`` times."""
     import tempfile
     from pathlib import Path
 
     import ray
 
-    from policy_api.scale import RayShards, replay_partitions, write_ope_partition
+    from bandits import ope_partial_sums
+    from policy_api.scale import RayShards, read_ope_partition, replay_partitions, write_ope_partition
+
+    def load() -> list[float]:
+        return [round(x, 2) for x in os.getloadavg()]
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        paths = []
+        files = []
         for i in range(n_parts):
             p = Path(tmp) / f"2026-11-30T{i:02d}.parquet"
             write_ope_partition(p, *make_log(rows, n_cand, seed=10 + i))
-            paths.append(str(p))
-        print(json.dumps({"bench": "ope.partitions.write", "partitions": n_parts, "rows": n_parts * rows,
-                          "n_cand": n_cand, "seconds": round(time.perf_counter() - t0, 2)}), flush=True)
+            files.append(str(p))
+        size = sum(os.path.getsize(f) for f in files)
+        print(json.dumps({"bench": "ope.partitions.write", "files": n_parts, "rows": n_parts * rows,
+                          "n_cand": n_cand, "bytes": size, "seconds": round(time.perf_counter() - t0, 2)}), flush=True)
+        # where one partition's time goes, on this thread: Parquet read + decode, then the estimator pass
+        read_ope_partition(files[0])  # page cache warm
+        t0 = time.perf_counter()
+        d = read_ope_partition(files[0])
+        t1 = time.perf_counter()
+        ope_partial_sums(d["reward"], d["action"], d["pscore"], d["action_dist"], d["estimated_rewards"])
+        t2 = time.perf_counter()
+        del d
+        print(json.dumps({"bench": "ope.partitions.one", "rows": rows, "read_decode_s": round(t1 - t0, 3),
+                          "estimators_s": round(t2 - t1, 3), "rows_per_s": round(rows / (t2 - t0)),
+                          "load": load()}), flush=True)
+        paths = files * passes
+        total = len(paths) * rows
         out = {}
-        for engine in ("local", "ray"):
-            if engine == "ray":
-                ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-                RayShards([lambda: 0], n_workers=1).close()  # cluster and worker start-up, not timed below
+        if passes == 1:
             t0 = time.perf_counter()
-            out[engine] = replay_partitions(paths, engine=engine, workers=2, n_boot=n_boot, seed=0)
+            out["local"] = replay_partitions(paths, n_boot=n_boot, seed=0)
             s = time.perf_counter() - t0
-            print(json.dumps({"bench": "ope.partitions.replay", "engine": engine, "workers": 1 if engine == "local"
-                              else 2, "rows": n_parts * rows, "n_cand": n_cand, "n_boot": n_boot,
-                              "seconds_incl_read": round(s, 2), "rows_per_s": round(n_parts * rows / s)}), flush=True)
-            if engine == "ray":
-                ray.shutdown()
-        diff = max(abs(a["value"] - b["value"]) for a, b in zip(out["local"], out["ray"], strict=True))
-        print(json.dumps({"bench": "ope.partitions.agreement", "max_value_abs_diff": diff}), flush=True)
+            print(json.dumps({"bench": "ope.partitions.replay", "engine": "local", "workers": 1, "rows": total,
+                              "n_boot": n_boot, "seconds_incl_read": round(s, 2), "rows_per_s": round(total / s),
+                              "load": load()}), flush=True)
+        ray.init(num_cpus=max(workers), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        try:
+            for nw in workers:
+                t0 = time.perf_counter()
+                RayShards([lambda: 0] * nw, n_workers=nw).close()  # worker processes up, not timed below
+                start = time.perf_counter() - t0
+                load0 = load()
+                t0 = time.perf_counter()
+                out[f"ray{nw}"] = replay_partitions(paths, engine="ray", workers=nw, n_boot=n_boot, seed=0)
+                s = time.perf_counter() - t0
+                print(json.dumps({"bench": "ope.partitions.replay", "engine": "ray", "workers": nw, "rows": total,
+                                  "distinct_rows": n_parts * rows, "files": n_parts, "passes": passes,
+                                  "bytes_read": size * passes, "n_boot": n_boot, "actor_start_s": round(start, 2),
+                                  "seconds_incl_read": round(s, 2), "rows_per_s": round(total / s),
+                                  "load_before": load0, "load_after": load()}), flush=True)
+        finally:
+            ray.shutdown()
+        ref = next(iter(out.values()))
+        diff = max(abs(a["value"] - b["value"]) for res in out.values() for a, b in zip(ref, res, strict=True))
+        print(json.dumps({"bench": "ope.partitions.agreement", "runs": list(out), "max_value_abs_diff": diff}),
+              flush=True)
+
+
+#: run by ``--obp PYTHON``: ``data DIR N`` saves the tiled Open Bandit Dataset sample, ``time DIR`` times obp
+OBP_SCRIPT = r"""
+import json, sys, time, warnings
+import numpy as np
+warnings.simplefilter("ignore")
+import obp
+from obp.dataset import OpenBanditDataset
+from obp.ope import (DoublyRobust, DoublyRobustWithShrinkage, InverseProbabilityWeighting,
+                     SelfNormalizedInverseProbabilityWeighting)
+mode, folder = sys.argv[1], sys.argv[2]
+if mode == "data":
+    n = int(sys.argv[3])
+    fb = OpenBanditDataset(behavior_policy="random", campaign="all").obtain_batch_bandit_feedback()
+    reps = -(-n // fb["n_rounds"])
+    for k in ("reward", "action", "position", "pscore"):
+        np.save(f"{folder}/{k}.npy", np.tile(fb[k], reps)[:n])
+    print(json.dumps({"obp": obp.__version__, "numpy": np.__version__, "n_rounds_sample": int(fb["n_rounds"]),
+                      "n_actions": int(fb["n_actions"]), "len_list": int(fb["position"].max() + 1)}))
+else:
+    d = {k: np.load(f"{folder}/{k}.npy") for k in ("reward", "action", "position", "pscore", "action_dist",
+                                                  "estimated_rewards")}
+    lam = float(sys.argv[3])
+    base = dict(reward=d["reward"], action=d["action"], position=d["position"], pscore=d["pscore"],
+                action_dist=d["action_dist"])
+    model = dict(base, estimated_rewards_by_reg_model=d["estimated_rewards"])
+    for name, est, kw in (("IPS", InverseProbabilityWeighting(), base),
+                          ("SNIPS", SelfNormalizedInverseProbabilityWeighting(), base),
+                          ("DR", DoublyRobust(), model), ("DR-os", DoublyRobustWithShrinkage(lambda_=lam), model)):
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            v = est.estimate_policy_value(**kw)
+            times.append(time.perf_counter() - t0)
+        print(json.dumps({"estimator": name, "value": float(v), "seconds": min(times)}), flush=True)
+"""
+
+
+def bench_obp(python: str, rows: int, seed: int = 0, lam: float = 100.0, repeats: int = 3) -> None:
+    """obp 0.4.1's public calls in ``python`` beside ours, on the same saved arrays (see the module docstring)."""
+    import subprocess
+    import tempfile
+
+    from bandits import DRos
+
+    with tempfile.TemporaryDirectory() as tmp:
+        info = json.loads(subprocess.run([python, "-c", OBP_SCRIPT, "data", tmp, str(rows)], check=True,
+                                         capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        r, a, pos, p = (np.load(f"{tmp}/{k}.npy") for k in ("reward", "action", "position", "pscore"))
+        n_actions, len_list = info["n_actions"], info["len_list"]
+        rng = np.random.default_rng(seed)
+        pi = rng.random((rows, n_actions, len_list))
+        pi /= pi.sum(axis=1, keepdims=True)
+        q = rng.uniform(0.0, 0.02, (rows, n_actions, len_list))  # click rates of the order of the sample's 0.4 %
+        np.save(f"{tmp}/action_dist.npy", pi)
+        np.save(f"{tmp}/estimated_rewards.npy", q)
+        print(json.dumps({"bench": "ope.obp.input", "rows": rows, **info, "action_dist_shape": list(pi.shape)}),
+              flush=True)
+        ours = {}
+        for est in (IPS(), SNIPS(), DR(), DRos(lam=lam)):
+            model = q if est.needs_model else None
+
+            def call(est: object = est, model: np.ndarray | None = model) -> float:
+                return est.estimate(r, a, p, pi, model, position=pos).value  # type: ignore[attr-defined]
+
+            ours[est.name] = (call(), best_of(call, repeats))
+        del q
+        res = subprocess.run([python, "-c", OBP_SCRIPT, "time", tmp, str(lam)], check=True, capture_output=True,
+                             text=True).stdout.strip().splitlines()
+        for line in res:
+            o = json.loads(line)
+            value, s = ours[o["estimator"]]
+            print(json.dumps({"bench": "ope.obp", "estimator": o["estimator"], "rows": rows, "ours_s": round(s, 4),
+                              "obp_s": round(o["seconds"], 4), "speedup": round(o["seconds"] / s, 1),
+                              "abs_diff": abs(value - o["value"]), "value": value,
+                              "load": [round(x, 2) for x in os.getloadavg()]}), flush=True)
 
 
 def main() -> None:
@@ -88,9 +211,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--partitions", type=int, default=0,
                     help="only: replay over this many Parquet partitions of --rows rows, local vs Ray")
+    ap.add_argument("--passes", type=int, default=1, help="with --partitions: read the files this many times")
+    ap.add_argument("--workers", type=int, nargs="+", default=[2], help="with --partitions: Ray worker counts")
+    ap.add_argument("--obp", metavar="PYTHON", help="only: obp 0.4.1 (installed for PYTHON) beside ours")
+    ap.add_argument("--obp-rows", type=int, default=1_000_000)
     args = ap.parse_args()
     if args.partitions:
-        bench_partitions(args.partitions, args.rows, args.n_cand, 0)
+        bench_partitions(args.partitions, args.rows, args.n_cand, 0, args.passes, tuple(args.workers))
+        return
+    if args.obp:
+        bench_obp(args.obp, args.obp_rows)
         return
 
     t0 = time.perf_counter()

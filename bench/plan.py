@@ -5,6 +5,16 @@ Prints one JSON line per measurement. Not a test: figures only.
     .venv/bin/python bench/plan.py                 # the full run (~2 minutes on 2 cores)
     .venv/bin/python bench/plan.py --quick         # 1e4 and 1e5 only
     .venv/bin/python bench/plan.py --sharded 1000000   # only: sharded dual, in-process vs Ray (2 workers)
+    .venv/bin/python bench/plan.py --scale 10000000    # only: Ray, 2 workers, users held in memory (float32)
+    .venv/bin/python bench/plan.py --scale 100000000 --regenerate --passes 2   # chunks rebuilt every pass
+
+``--scale`` users are generated in chunks of 62,500 inside the workers from ``(seed, chunk)``
+(``fast_chunk``: the same kind of instance as ``make_instance``, with cheaper distributions), so no
+user data crosses the network. Held in memory, a worker keeps its chunks as float32 arrays (512 bytes
+of exposure per user); with ``--regenerate`` each worker is one :class:`allocator.ChunkedShard` that
+rebuilds its chunks on every pass and holds one chunk at a time. ``--passes P`` times P dual passes
+instead of solving (for sizes whose solve would take too long here); the full solve's pass count
+comes from a smaller size.
 
 Instances: ``n_cand = 16`` candidates per user, K = 8 constraints (4 category shares, a long-tail
 share, a new-category share, two module shares), of which 5 bind; traffic weights are lognormal.
@@ -24,7 +34,16 @@ import time
 
 import numpy as np
 
-from allocator import LocalShards, PlanShard, choose, choose_batch, plan_dual, plan_dual_sharded, plan_lp
+from allocator import (
+    ChunkedShard,
+    LocalShards,
+    PlanShard,
+    choose,
+    choose_batch,
+    plan_dual,
+    plan_dual_sharded,
+    plan_lp,
+)
 
 NAMES = ("songs", "videos", "audio", "live", "long_tail", "new_category", "module_a", "module_b")
 
@@ -177,6 +196,99 @@ class BenchShard(PlanShard):
         return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
+#: users per generated chunk (--scale)
+CHUNK = 62_500
+
+
+def fast_chunk(seed: int, n_users: int, n_total: int, chunk: int) -> BenchChunk:
+    """Chunk ``chunk`` of a generated instance: ``n_users`` users x 16 candidates x 8 constraints,
+    float32, weights ``1 / n_total``; the same arrays for the same ``(seed, chunk)``."""
+    rng = np.random.default_rng([seed, chunk])
+    # whole-array operations where possible: the build is the cost of a pass with --regenerate
+    a = rng.random((n_users, 16, 8), dtype=np.float32)
+    a *= a
+    cat = a[:, :, :4]  # category mix u^2 / sum u^2, concentrated like a Dirichlet(0.5)
+    cat /= np.einsum("ulc->ul", cat)[:, :, None]
+    a *= np.array([1, 1, 1, 1, 0.6, 0.5**0.5, 3, 3], dtype=np.float32)
+    a[:, :, 5] *= a[:, :, 5]  # new-category share 0.5 u^4, mostly small; long-tail share 0.6 u^2
+    np.floor(a[:, :, 6:], out=a[:, :, 6:])  # two module shares in {0, 0.25, 0.5}
+    a[:, :, 6:] *= 0.25
+    affinity = np.zeros((n_users, 8), dtype=np.float32)
+    affinity[:, :4] = np.exp(0.5 * rng.standard_normal((n_users, 4), dtype=np.float32))
+    value = np.einsum("ulk,uk->ul", a, affinity)
+    value *= 1.0 - 0.5 * a[:, :, 4]
+    value += 0.1 * rng.standard_normal((n_users, 16), dtype=np.float32)
+    return BenchChunk(value, a, np.full(n_users, 1.0 / n_total))
+
+
+class BenchChunk(PlanShard):
+    def rss_mb(self) -> int:
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+class ChunkRange:
+    """``i -> fast_chunk(seed, CHUNK, n_total, first + i)``: a worker's run of chunks."""
+
+    def __init__(self, seed: int, n_total: int, first: int) -> None:
+        self.seed, self.n_total, self.first = seed, n_total, first
+
+    def __call__(self, i: int) -> BenchChunk:
+        return fast_chunk(self.seed, CHUNK, self.n_total, self.first + i)
+
+
+class BenchChunked(ChunkedShard):
+    def rss_mb(self) -> int:
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def bench_scale(n_users: int, workers: int, regenerate: bool, passes: int | None, seed: int = 7) -> None:
+    """The sharded dual on ``workers`` Ray actors over ``n_users`` generated users (see the docstring)."""
+    from functools import partial
+
+    import ray
+
+    from policy_api.scale import RayShards
+
+    if n_users % CHUNK:
+        raise SystemExit(f"--scale must be a multiple of {CHUNK}; got {n_users}")
+    n_chunks = n_users // CHUNK
+    if regenerate:
+        edges = [round(i * n_chunks / workers) for i in range(workers + 1)]
+        builders = [partial(BenchChunked, ChunkRange(seed, n_users, edges[i]), edges[i + 1] - edges[i])
+                    for i in range(workers)]
+    else:
+        builders = [partial(fast_chunk, seed, CHUNK, n_users, c) for c in range(n_chunks)]
+    ray.init(num_cpus=workers, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        t0 = time.perf_counter()
+        shards = RayShards(builders, n_workers=workers)
+        build = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        lo, hi = sharded_bounds(shards)
+        first_pass = time.perf_counter() - t0
+        row: dict[str, object] = dict(what="plan_dual_scale", n_users=n_users, n_vars=16 * n_users, workers=workers,
+                                      storage="regenerated per pass" if regenerate else "float32 in memory",
+                                      build_s=round(build, 1), one_pass_s=round(first_pass, 2))
+        if passes:
+            t0 = time.perf_counter()
+            for i in range(passes):
+                shards.map("smoothed", np.linspace(-0.2, 0.2, 8) * (i + 1), 0.01)
+            row.update(timed_passes=passes, s_per_pass=round((time.perf_counter() - t0) / passes, 2))
+        else:
+            t0 = time.perf_counter()
+            plan = plan_dual_sharded(shards, lo, hi, names=NAMES)  # type: ignore[arg-type]
+            total = time.perf_counter() - t0
+            row.update(solve_s=round(total, 1), passes=plan.iterations, s_per_pass=round(total / plan.iterations, 2),
+                       status=plan.status, gap=plan.gap, violation=plan.violation, objective=plan.objective,
+                       method=plan.method)
+        rss = shards.map("rss_mb")
+        row.update(peak_rss_mb_per_worker=max(rss), uptime=os.popen("uptime").read().strip())
+        emit(**row)
+        shards.close()
+    finally:
+        ray.shutdown()
+
+
 def sharded_bounds(shards: object) -> tuple[np.ndarray, np.ndarray]:
     """make_instance's bounds, from the shards' unconstrained (argmax) shares."""
     tot = np.sum(shards.map("softmax_totals", np.zeros(8), 1e-9), axis=0)  # type: ignore[attr-defined]
@@ -233,8 +345,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1e4 and 1e5 only")
     ap.add_argument("--lp-1e6", action="store_true", help="also run PuLP+HiGHS at 1e6 (~8 min here)")
     ap.add_argument("--sharded", type=int, metavar="N_USERS", help="only the sharded dual over N_USERS users")
+    ap.add_argument("--scale", type=int, metavar="N_USERS", help="only: the sharded dual on Ray over N_USERS users")
+    ap.add_argument("--workers", type=int, default=2, help="with --scale: Ray workers")
+    ap.add_argument("--regenerate", action="store_true", help="with --scale: rebuild the chunks on every pass")
+    ap.add_argument("--passes", type=int, help="with --scale: time this many passes instead of solving")
     args = ap.parse_args()
     emit(what="machine", uptime=os.popen("uptime").read().strip(), cpus=os.cpu_count())
+    if args.scale:
+        bench_scale(args.scale, args.workers, args.regenerate, args.passes)
+        return
     if args.sharded:
         bench_sharded(args.sharded)
         return

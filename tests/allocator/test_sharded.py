@@ -7,10 +7,20 @@ same reference in ``tests/policy_api/test_ray.py``.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
-from allocator import InfeasiblePlan, LocalShards, PlanShard, plan_dual, plan_dual_sharded, plan_lp
+from allocator import (
+    ChunkedShard,
+    InfeasiblePlan,
+    LocalShards,
+    PlanShard,
+    plan_dual,
+    plan_dual_sharded,
+    plan_lp,
+)
 from tests.allocator.test_plan import random_instance
 
 
@@ -53,6 +63,52 @@ def test_sharded_softmax_plan_equals_single_machine_dual(seed):
     # the shards' users choose what serving would at the plan's prices
     choice = np.concatenate(split(v, a, w, None, [450]).map("choose", sharded.prices))
     assert np.array_equal(choice, np.argmax(v + a @ sharded.prices, axis=1))
+
+
+class Chunks:
+    """Chunk ``i`` of an instance, rebuilt on every call (what a seeded generator does), counting builds."""
+
+    def __init__(self, v, a, w, m, edges):
+        self.arrays, self.edges, self.builds = (v, a, w, m), edges, 0
+
+    def __call__(self, i):
+        self.builds += 1
+        v, a, w, m = self.arrays
+        j, k = self.edges[i], self.edges[i + 1]
+        # copies: nothing of the previous build is kept or shared
+        return PlanShard(v[j:k].copy(), a[j:k].copy(), w[j:k].copy(), None if m is None else m[j:k].copy())
+
+
+@pytest.mark.parametrize("variant", ["plain", "mask", "float32"])
+def test_chunked_shards_rebuilt_every_pass_equal_single_machine_dual(seed, variant):
+    rng = np.random.default_rng(seed)
+    dtype = np.float32 if variant == "float32" else np.float64
+    v, a, w, lo, hi, m = random_instance(rng, 1200, 6, 4, mask=variant == "mask", dtype=dtype)
+    single = plan_dual(v, a, w, lo, hi, m)
+    # two shards of 3 and 2 chunks (uneven sizes, one single-user chunk)
+    first, second = Chunks(v, a, w, m, [0, 250, 251, 700]), Chunks(v, a, w, m, [700, 1000, 1200])
+    shards = LocalShards([ChunkedShard(first, 3), ChunkedShard(second, 2)])
+    sharded = plan_dual_sharded(shards, lo, hi)
+    assert sharded.status == single.status == "optimal"
+    assert sharded.objective == pytest.approx(single.objective, abs=1e-9, rel=1e-9)
+    np.testing.assert_allclose(sharded.prices, single.prices, atol=1e-9, rtol=0)
+    np.testing.assert_allclose(sharded.shares, single.shares, atol=1e-9, rtol=0)
+    assert (sharded.n_users, sharded.n_vars) == (1200, single.n_vars)
+    # every pass rebuilt every chunk: one build per chunk per pass, and one when the shard was built
+    assert first.builds == 3 * (1 + sharded.iterations)
+    assert second.builds == 2 * (1 + sharded.iterations)
+    scores = v.astype(np.float64) + a.astype(np.float64) @ sharded.prices
+    if m is not None:
+        scores[~m] = -np.inf
+    assert np.array_equal(np.concatenate(shards.map("choose", sharded.prices)), scores.argmax(axis=1))
+
+
+def test_chunked_shard_errors_are_named():
+    with pytest.raises(ValueError, match=r"n_chunks must be an integer >= 1; got 0"):
+        ChunkedShard(partial(PlanShard, np.ones((1, 2)), np.ones((1, 2, 1)), np.ones(1)), 0)
+    shapes = [np.ones((1, 2, 1)), np.ones((1, 2, 2))]
+    with pytest.raises(ValueError, match=r"every chunk must have the same number of constraints K; got \[1, 2\]"):
+        ChunkedShard(lambda i: PlanShard(np.ones((1, 2)), shapes[i], np.full(1, 0.5)), 2)
 
 
 def test_hand_solved_plan_over_two_shards():

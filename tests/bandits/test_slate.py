@@ -245,3 +245,54 @@ def test_bootstrap_takes_a_seed():
     assert (a.low, a.high, a.se) == (b.low, b.high, b.se)
     with pytest.raises(ValueError, match=r"seed must be an integer >= 0; got -2"):
         bootstrap_ci(IPS(), REWARD, ACTION, PSCORE, ACTION_DIST, position=POSITION, seed=-2)
+
+
+def obp_formulas(reward, action, pscore, action_dist, q, position, lam):
+    """obp 0.4.1's estimators with positions, written out (``ope/estimators.py``): weights and the
+    reward model are read at each round's logged position."""
+    n = reward.shape[0]
+    rows = np.arange(n)
+    iw = action_dist[rows, action, position] / pscore
+    q_pos = q[rows, :, position]
+    dm = np.average(q_pos, weights=action_dist[rows, :, position], axis=1)
+    resid = reward - q[rows, action, position]
+    shrunk = lam * iw / (iw**2 + lam)
+    return {"IPS": np.mean(iw * reward), "SNIPS": np.mean(iw * reward) / np.mean(iw),
+            "DR": np.mean(dm + iw * resid), "DR-os": np.mean(dm + shrunk * resid)}
+
+
+def test_position_estimators_equal_obp_formulas_over_several_blocks(seed):
+    # 12,000 rounds x 4 actions x 3 positions span two of the scan's blocks
+    rng = np.random.default_rng(seed)
+    n, n_actions, len_list = 12_000, 4, 3
+    pi = rng.random((n, n_actions, len_list))
+    pi /= pi.sum(axis=1, keepdims=True)
+    q = rng.random((n, n_actions, len_list))
+    action, position = rng.integers(0, n_actions, n), rng.integers(0, len_list, n)
+    pscore = rng.uniform(0.1, 0.5, n)
+    reward = rng.binomial(1, 0.3, n).astype(float)
+    want = obp_formulas(reward, action, pscore, pi, q, position, lam=5.0)
+    for est in (IPS(), SNIPS(), DR(), DRos(lam=5.0)):
+        got = est.estimate(reward, action, pscore, pi, q if est.needs_model else None, position=position).value
+        assert got == pytest.approx(want[est.name], abs=1e-12, rel=1e-12), est.name
+
+
+def test_validation_reads_what_each_estimator_needs():
+    # IPS reads the logged action's probability at the logged position, and checks it
+    bad = ACTION_DIST.copy()
+    bad[1, 2, 0] = 1.5
+    with pytest.raises(ValueError, match=r"action_dist must be in \[0, 1\]; got 1.5 at round 1, the logged action "
+                                         r"and position"):
+        IPS().estimate(REWARD, ACTION, PSCORE, bad, position=POSITION)
+    # a short log has every row's sum at its logged position checked by IPS too
+    bad = ACTION_DIST.copy()
+    bad[2, 0, 1] = 0.4
+    with pytest.raises(ValueError, match=r"action_dist rows must sum to 1 \(within 1e-05\); row 2 sums to 0.89999"):
+        SNIPS().estimate(REWARD, ACTION, PSCORE, bad, position=POSITION)
+    # a model-based estimator reads every row, and checks every position (here one never logged)
+    bad = ACTION_DIST.copy()
+    bad[3, 0, 1] = 0.2
+    q = np.zeros((4, 3, 2))
+    assert IPS().estimate(REWARD, ACTION, PSCORE, bad, position=POSITION).value == pytest.approx(0.55)
+    with pytest.raises(ValueError, match=r"row 3 at position 1 sums to 1.2"):
+        DR().estimate(REWARD, ACTION, PSCORE, bad, q, position=POSITION)

@@ -12,10 +12,10 @@ from functools import partial
 import numpy as np
 import pytest
 
-from allocator import LocalShards, PlanShard, plan_dual, plan_dual_sharded
+from allocator import ChunkedShard, LocalShards, PlanShard, plan_dual, plan_dual_sharded
 from bandits import combine_partial_sums, estimate_all, ope_partial_sums
 from policy_api.errors import InvalidInput
-from policy_api.scale import RayShards, replay_partitions, write_ope_partition
+from policy_api.scale import RayShards, read_ope_partition, replay_partitions, write_ope_partition
 
 ray = pytest.importorskip("ray")  # the dev extra carries ray, so CI runs these
 
@@ -54,6 +54,28 @@ def test_plan_on_ray_equals_single_machine_dual(cluster, seed):
     assert on_ray.objective == pytest.approx(single.objective, abs=1e-9, rel=1e-9)
     np.testing.assert_allclose(on_ray.prices, single.prices, atol=1e-9, rtol=0)
     assert on_ray.prices[0] > 0 and on_ray.prices[1] < 0  # both bounds bind
+
+
+def chunk_of(seed: int, first: int, n_users: int, n_total: int, i: int) -> PlanShard:
+    return make_shard(seed, first + i, n_users, n_total)
+
+
+@pytest.mark.slow
+def test_chunked_shards_rebuilt_in_ray_workers_equal_single_machine_dual(cluster, seed):
+    # 5 chunks of 250 users; worker 0 rebuilds chunks 0-2 on every pass, worker 1 chunks 3-4
+    chunks = [make_shard(seed, i, 250, 1250) for i in range(5)]
+    v, a, w = (np.concatenate([getattr(c.p, f) for c in chunks]) for f in ("value", "exposure", "weight"))
+    s_best = w @ a[np.arange(v.shape[0]), v.argmax(1)]
+    lo = np.array([s_best[0] + 0.05, -np.inf, -np.inf])
+    hi = np.array([np.inf, s_best[1] - 0.05, np.inf])
+    single = plan_dual(v, a, w, lo, hi)
+    builders = [partial(ChunkedShard, partial(chunk_of, seed, 0, 250, 1250), 3),
+                partial(ChunkedShard, partial(chunk_of, seed, 3, 250, 1250), 2)]
+    with RayShards(builders, n_workers=2) as shards:
+        on_ray = plan_dual_sharded(shards, lo, hi)
+    assert on_ray.status == single.status == "optimal" and on_ray.n_users == 1250
+    assert on_ray.objective == pytest.approx(single.objective, abs=1e-9, rel=1e-9)
+    np.testing.assert_allclose(on_ray.prices, single.prices, atol=1e-9, rtol=0)
 
 
 def ope_log(rng, n, L=4, model=True):
@@ -128,6 +150,42 @@ def test_core_runs_without_ray_and_the_engine_names_the_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert "InvalidInput engine 'ray' needs Ray, which is not installed" in out.stdout
     assert "pip install 'homepage-engine[ray]'" in out.stdout
+
+
+@pytest.mark.parametrize("compression", ["lz4", "zstd", "snappy", "none"])
+def test_partition_files_read_back_bit_for_bit(tmp_path, seed, compression):
+    rng = np.random.default_rng(seed)
+    log = ope_log(rng, 257)
+    path = tmp_path / "p.parquet"
+    write_ope_partition(path, *log, compression=compression)
+    got = read_ope_partition(path)
+    for name, want in zip(("reward", "action", "pscore", "action_dist", "estimated_rewards"), log, strict=True):
+        assert got[name].dtype == np.asarray(want).dtype and np.array_equal(got[name], want), name
+    assert "estimated_rewards" not in read_ope_partition(path, with_model=False)
+
+
+def test_nested_list_partitions_are_read_too(tmp_path, seed):
+    # Arrow's fixed_size_list<double>, as other writers produce it
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    r, a, p, pi, q = ope_log(np.random.default_rng(seed), 100)
+    nested = {"reward": r, "action": a, "pscore": p,
+              "action_dist": pa.FixedSizeListArray.from_arrays(pa.array(pi.reshape(-1)), pi.shape[1]),
+              "estimated_rewards": pa.FixedSizeListArray.from_arrays(pa.array(q.reshape(-1)), q.shape[1])}
+    pq.write_table(pa.table(nested), tmp_path / "nested.parquet", row_group_size=40)  # 3 chunks
+    got = read_ope_partition(tmp_path / "nested.parquet")
+    assert np.array_equal(got["action_dist"], pi) and np.array_equal(got["estimated_rewards"], q)
+    pq.write_table(pa.table({**nested, "action_dist": pa.array(r)}), tmp_path / "bad.parquet")
+    with pytest.raises(InvalidInput, match=r"column action_dist must be fixed_size_binary \(n_cand float64 per "
+                                           r"row\) or fixed_size_list<double>; got double"):
+        read_ope_partition(tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"compression must be one of lz4, zstd, snappy, none; got 'gzip'"):
+        write_ope_partition(tmp_path / "x.parquet", r, a, p, pi, compression="gzip")
+    with pytest.raises(InvalidInput, match=r"columns \['pscore'\] are missing"):
+        pq.write_table(pa.table({"reward": r, "action": a, "action_dist": nested["action_dist"]}),
+                       tmp_path / "missing.parquet")
+        read_ope_partition(tmp_path / "missing.parquet")
 
 
 @pytest.mark.parametrize(
