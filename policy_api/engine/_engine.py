@@ -669,7 +669,8 @@ class DecisionEngine:
     def swap(self, state: EngineState) -> None:
         old = self._state
         self._state = state
-        if (state.config is not old.config or state.space.n_constraints != old.space.n_constraints
+        if (state.versions.get("config") != old.versions.get("config")
+                or state.space.n_constraints != self._recent.shape[1]
                 or state.config.loop.serve_window != self._recent.shape[0]):
             with self._lock:  # a new config: its bounds (and window) start a new record
                 self._recent = np.zeros((state.config.loop.serve_window, state.space.n_constraints))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
+import sqlite3
 
 import numpy as np
 import pytest
@@ -340,7 +340,8 @@ def test_residual_ranker_is_gated_and_published_when_it_wins(split_worlds, monke
 @pytest.mark.slow
 def test_torch_model_that_loses_is_refused_and_the_baseline_served(logged, tmp_path):
     tmp, _, _, _ = logged
-    shutil.copy(tmp / "h.db", tmp_path / "h.db")
+    with sqlite3.connect(tmp / "h.db") as src, sqlite3.connect(tmp_path / "h.db") as dst:
+        src.backup(dst)  # a snapshot with what is still in the write-ahead log (a file copy misses it)
     db = make_engine(f"sqlite:///{tmp_path / 'h.db'}")
     cfg = registry.require_active_config(db)
     res = jobs.train_ranker(db, cfg, model="torch", max_epochs=1, interaction="cross", min_gate_users=1)
