@@ -751,3 +751,14 @@ def test_round_trip_predicts_identically(case, how, seed):
 def test_outputs_match_the_reference(case, seed):
     _, data, query, out = run(case, seed)
     case.check(data, query, out, seed)
+
+
+def world_catalog(world: Any) -> Any:
+    """The catalog of a simulator world (``simulator.World``), as ``homepage catalog load`` reads its CSV."""
+    from policy_api.log import Catalog
+
+    return Catalog(item_ids=np.asarray(world.item_ids, dtype=object),
+                   category=np.array([world.categories[c] for c in world.item_category], dtype=object),
+                   popularity=np.asarray(world.popularity, dtype=float),
+                   features=np.asarray(world.item_features, dtype=float),
+                   feature_names=tuple(world.item_feature_names))

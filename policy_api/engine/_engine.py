@@ -323,17 +323,23 @@ def catalog_prior_rates(state: EngineState, impressions: float = 1e6) -> np.ndar
     return out
 
 
-def calibration_predicted(rates: Mapping[str, Any], names: tuple[str, ...]) -> np.ndarray | None:
-    """(C, 2) ``[category, head | tail]``: the scorer's summed scores of the items shown, each times its
-    examined impressions, from a plan's ``calibration`` (None when it has none)."""
-    out = np.zeros((len(names), 2))
+def _calibration_field(rates: Mapping[str, Any], names: tuple[str, ...], key: str, width: int) -> np.ndarray | None:
+    """(C, width): each category's ``key`` entry of a plan's ``calibration`` (zeros where a category lacks
+    it); None when no category has it."""
+    out = np.zeros((len(names), width))
     found = False
     for k, c in enumerate(names):
         r = rates.get(c)
-        if isinstance(r, Mapping) and r.get("predicted") is not None:
-            out[k] = r["predicted"]
+        if isinstance(r, Mapping) and r.get(key) is not None:
+            out[k] = r[key]
             found = True
     return out if found else None
+
+
+def calibration_predicted(rates: Mapping[str, Any], names: tuple[str, ...]) -> np.ndarray | None:
+    """(C, 2) ``[category, head | tail]``: the scorer's summed scores of the items shown, each times its
+    examined impressions, from a plan's ``calibration`` (None when it has none)."""
+    return _calibration_field(rates, names, "predicted", 2)
 
 
 #: examined impressions of the items' own expectation that a category's repeat lift is shrunk toward 1 with
@@ -356,14 +362,8 @@ def repeat_lift(rates: Mapping[str, Any], names: tuple[str, ...], prior: float =
     ...             prior=100.0).round(3).tolist()
     [2.0, 1.0]
     """
-    rep = np.zeros((len(names), 3))
-    found = False
-    for k, c in enumerate(names):
-        r = rates.get(c)
-        if isinstance(r, Mapping) and r.get("repeat") is not None:
-            rep[k] = r["repeat"]
-            found = True
-    if not found or not (rep[:, 2] > 0).any():
+    rep = _calibration_field(rates, names, "repeat", 3)
+    if rep is None or not (rep[:, 2] > 0).any():
         return None
     units, expected, imps = rep[:, 0], rep[:, 1], rep[:, 2]
     e = np.divide(expected, imps, out=np.zeros(len(names)), where=imps > 0)

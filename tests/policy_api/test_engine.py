@@ -10,8 +10,8 @@ import pytest
 from allocator import parse_config_text
 from bandits import budget_pmf
 from policy_api.engine import DecisionEngine, RequestIds, ScorerHandle, build_state
-from policy_api.log import Catalog
 from simulator import make_world
+from tests.test_common import world_catalog
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +22,7 @@ def world():
 @pytest.fixture(scope="module")
 def state(world):
     cfg = parse_config_text(world.default_config_toml())
-    cat = Catalog(item_ids=np.asarray(world.item_ids, dtype=object),
-                  category=np.array([world.categories[c] for c in world.item_category], dtype=object),
-                  popularity=np.asarray(world.popularity, dtype=float),
-                  features=np.asarray(world.item_features, dtype=float),
-                  feature_names=tuple(world.item_feature_names))
+    cat = world_catalog(world)
     return build_state(cfg, cat, prices=np.array([0.5, 0.3]))
 
 
@@ -123,10 +119,7 @@ def test_new_categories_get_their_own_exploration_share(world):
     text = text.replace("budget = 0.05", "budget = 0.05\nnew_category_share = 0.2")
     cfg = parse_config_text(text)
     assert cfg.categories[2].new and cfg.exploration.new_category_share == 0.2
-    cat = Catalog(item_ids=np.asarray(world.item_ids, dtype=object),
-                  category=np.array([world.categories[c] for c in world.item_category], dtype=object),
-                  popularity=np.asarray(world.popularity, dtype=float),
-                  features=np.asarray(world.item_features, dtype=float), feature_names=tuple(world.item_feature_names))
+    cat = world_catalog(world)
     # a price that pushes the greedy layout away from audio, so the share must come from exploration
     eng = DecisionEngine(build_state(cfg, cat, prices=np.array([0.5, 0.3])))
     n, shown, expected = 1500, 0, 0.0
@@ -305,11 +298,7 @@ def test_without_a_long_tail_goal_tilted_layouts_get_only_the_exploration_budget
     text = world.default_config_toml()
     cfg = parse_config_text(text)
     assert any(c.kind == "long_tail_share" for c in cfg.constraints)
-    cat = Catalog(item_ids=np.asarray(world.item_ids, dtype=object),
-                  category=np.array([world.categories[c] for c in world.item_category], dtype=object),
-                  popularity=np.asarray(world.popularity, dtype=float),
-                  features=np.asarray(world.item_features, dtype=float),
-                  feature_names=tuple(world.item_feature_names))
+    cat = world_catalog(world)
     no_tail = replace(cfg, constraints=tuple(c for c in cfg.constraints if c.kind != "long_tail_share"))
     ids = RequestIds(b"k")
     for config, prices, goal in ((cfg, np.array([0.5, 0.3]), True), (no_tail, np.array([0.5]), False)):

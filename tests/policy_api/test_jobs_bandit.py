@@ -36,8 +36,9 @@ from policy_api.jobs import (
     replay,
     target_distribution,
 )
-from policy_api.log import Catalog, join_rewards, make_engine, read_parquet, upgrade
+from policy_api.log import join_rewards, make_engine, read_parquet, upgrade
 from simulator import make_world
+from tests.test_common import world_catalog
 
 WINDOW_S = 600.0
 DEFAULT_REWARD = -0.25
@@ -116,11 +117,7 @@ def log(tmp_path_factory: pytest.TempPathFactory) -> Log:
     text = world.default_config_toml() + (f"\n[learning]\nreward_window_s = {WINDOW_S!r}\n"
                                           f"default_reward = {DEFAULT_REWARD!r}\n")
     cfg = parse_config_text(text)
-    cat = Catalog(item_ids=np.asarray(world.item_ids, dtype=object),
-                  category=np.array([world.categories[c] for c in world.item_category], dtype=object),
-                  popularity=np.asarray(world.popularity, dtype=float),
-                  features=np.asarray(world.item_features, dtype=float),
-                  feature_names=tuple(world.item_feature_names))
+    cat = world_catalog(world)
     known = {u: k for k, u in enumerate(world.user_ids.tolist()[:45])}  # the last 15 users are unknown
     prices = np.array([PRICES[n] for n in cfg.constraint_names])
     state = build_state(cfg, cat, scorer=ScorerHandle(TrueScorer(world), user_index=known, name="truth"),

@@ -16,8 +16,9 @@ from policy_api import jobs, registry
 from policy_api import log as store
 from policy_api.engine import DecisionEngine, RequestIds, build_state
 from policy_api.jobs import pace, refit_valuation
-from policy_api.log import Catalog, make_engine, upgrade
+from policy_api.log import make_engine, upgrade
 from simulator import make_world
+from tests.test_common import world_catalog
 
 
 @pytest.fixture()
@@ -28,10 +29,7 @@ def db(tmp_path):
     url = f"sqlite:///{tmp_path / 'h.db'}"
     upgrade(url)
     eng = make_engine(url)
-    cat = Catalog(np.asarray(world.item_ids, dtype=object),
-                  np.array([world.categories[c] for c in world.item_category], dtype=object),
-                  np.asarray(world.popularity, float), np.asarray(world.item_features, float),
-                  tuple(world.item_feature_names))
+    cat = world_catalog(world)
     store.upsert_items(eng, cat.rows())
     version = registry.activate_config(eng, text, author="test")
     return eng, world, cfg, cat, version, url, tmp_path

@@ -21,8 +21,9 @@ from policy_api.engine import (
     repeat_lift,
 )
 from policy_api.jobs import repeat_rates
-from policy_api.log import Catalog, make_engine, upgrade
+from policy_api.log import make_engine, upgrade
 from simulator import make_world
+from tests.test_common import world_catalog
 
 
 def _brute(user, request, item, ts, units, impression, weight, item_category, is_tail, C, prior=10.0):
@@ -119,11 +120,7 @@ def test_repeat_lift_is_shrunk_toward_one_and_bounded():
 def world_state():
     world = make_world(n_users=60, n_items=600, seed=2)
     cfg = parse_config_text(world.default_config_toml())
-    cat = Catalog(item_ids=np.asarray(world.item_ids, dtype=object),
-                  category=np.array([world.categories[c] for c in world.item_category], dtype=object),
-                  popularity=np.asarray(world.popularity, dtype=float),
-                  features=np.asarray(world.item_features, dtype=float),
-                  feature_names=tuple(world.item_feature_names))
+    cat = world_catalog(world)
     return world, cfg, cat, build_state(cfg, cat, prices=np.zeros(2))
 
 

@@ -10,19 +10,15 @@ import pytest
 
 from allocator import parse_config_text, window_correction
 from policy_api.engine import DecisionEngine, build_state
-from policy_api.log import Catalog
 from simulator import make_world
+from tests.test_common import world_catalog
 
 
 @pytest.fixture(scope="module")
 def state():
     world = make_world(n_users=50, n_items=600, seed=3)
     cfg = parse_config_text(world.default_config_toml() + "\n[loop]\nserve_window = 40\n")
-    cat = Catalog(item_ids=np.asarray(world.item_ids, dtype=object),
-                  category=np.array([world.categories[c] for c in world.item_category], dtype=object),
-                  popularity=np.asarray(world.popularity, dtype=float),
-                  features=np.asarray(world.item_features, dtype=float),
-                  feature_names=tuple(world.item_feature_names))
+    cat = world_catalog(world)
     return build_state(cfg, cat, prices=np.array([0.3, 0.2]))
 
 
