@@ -161,7 +161,7 @@ class Loop:
     #: pacer's); a window of a few hundred requests then holds its bounds far more often than independent
     #: draws do. ``serve_gain = 0`` turns it off
     serve_window: int = 100
-    serve_gain: float = 1.0
+    serve_gain: float = 2.0
 
 
 LOOP_KEYS = tuple(Loop.__dataclass_fields__)

@@ -28,7 +28,7 @@ __all__ = ["ResolvePacer", "ResolvePacerConfig", "window_correction"]
 
 
 def window_correction(shares: np.ndarray, lower: np.ndarray, upper: np.ndarray, prices: np.ndarray,
-                      slope: np.ndarray, *, margin: float = 0.005, gain: float = 1.0, limit: float = 10.0
+                      slope: np.ndarray, *, margin: float = 0.005, gain: float = 2.0, limit: float = 10.0
                       ) -> np.ndarray:
     """Price offsets (K,) that steer one server's recent shares back to the aims (each bound ``margin``
     inside): ``gain * miss / slope``, the price move that takes the expected share ``gain`` of the way
