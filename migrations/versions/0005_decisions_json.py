@@ -26,20 +26,18 @@ depends_on: str | Sequence[str] | None = None
 _COLUMNS = (("candidates", False), ("pmf", False))
 
 
-def upgrade() -> None:
+def _retype(to: type[postgresql.JSON] | type[postgresql.JSONB], was: type[postgresql.JSON] | type[postgresql.JSONB],
+            cast: str) -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
     for name, nullable in _COLUMNS:
-        op.alter_column("decisions", name, type_=postgresql.JSON(none_as_null=True),
-                        existing_type=postgresql.JSONB(none_as_null=True), existing_nullable=nullable,
-                        postgresql_using=f"{name}::json")
+        op.alter_column("decisions", name, type_=to(none_as_null=True), existing_type=was(none_as_null=True),
+                        existing_nullable=nullable, postgresql_using=f"{name}::{cast}")
+
+
+def upgrade() -> None:
+    _retype(postgresql.JSON, postgresql.JSONB, "json")
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name != "postgresql":
-        return
-    for name, nullable in _COLUMNS:
-        op.alter_column("decisions", name, type_=postgresql.JSONB(none_as_null=True),
-                        existing_type=postgresql.JSON(none_as_null=True), existing_nullable=nullable,
-                        postgresql_using=f"{name}::jsonb")
-
+    _retype(postgresql.JSONB, postgresql.JSON, "jsonb")

@@ -48,7 +48,15 @@ from ..engine import (
     load_state,
 )
 from ..errors import InvalidInput, from_infeasible
-from ..log import decision_log, item_engagement, load_items, read_decisions, read_feedback, upsert_items
+from ..log import (
+    Catalog,
+    decision_log,
+    item_engagement,
+    load_items,
+    read_decisions,
+    read_feedback,
+    upsert_items,
+)
 from ..registry import ConfigRecord
 from ..scale import RayShards, cluster_cpus
 
@@ -289,13 +297,14 @@ def repeat_rates(user: np.ndarray, request: np.ndarray, item: np.ndarray, ts: np
     return out
 
 
-def repeat_engagement(db: Engine, config: HomepageConfig, since: datetime | None = None) -> np.ndarray:
+def repeat_engagement(db: Engine, config: HomepageConfig, since: datetime | None = None, *,
+                      catalog: Catalog | None = None) -> np.ndarray:
     """:func:`repeat_rates` over the calibration's window (the last ``loop.calibration_events`` feedback
     events since ``since``), read in one query of the feedback joined to its decisions."""
     from ..log import decisions, feedback, reading
     from ..log._rows import recent_since
 
-    catalog = load_catalog(db)
+    catalog = catalog if catalog is not None else load_catalog(db)
     names = config.category_names
     item_cat = catalog.category_index(names)
     is_tail, _ = catalog_long_tail(catalog, config)
@@ -389,7 +398,7 @@ def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray
         for k, c in enumerate(names):
             out[c]["predicted"] = [float(p[2 * k]), float(p[2 * k + 1])]
     if repeat:
-        rep = repeat_engagement(db, config, since)
+        rep = repeat_engagement(db, config, since, catalog=catalog)
         for k, c in enumerate(names):
             out[c]["repeat"] = [float(x) for x in rep[k]]
     return out

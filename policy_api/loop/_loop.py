@@ -89,6 +89,11 @@ class StepRecord:
     detail: str | None = None
 
 
+def _by_name(names: tuple[str, ...], values: Any) -> dict[str, float]:
+    """One float per constraint, keyed by its name (as plans store prices and pacer figures)."""
+    return dict(zip(names, map(float, values), strict=True))
+
+
 @dataclass
 class _Pacing:
     config_version: int
@@ -371,10 +376,10 @@ class BackgroundLoop:
             last = registry.latest_plan(self.db, cfg.version)
             rates, scorer = jobs.plan_calibration(self.db, cfg)
             names = cfg.config.constraint_names
-            prices = dict(zip(names, map(float, p.pacer.prices_), strict=True))
+            prices = _by_name(names, p.pacer.prices_)
             solver: dict[str, Any] = {"method": "recalibrate", "prices_from": "pacer",
                                       "projected_from": None if last is None else last.version,
-                                      "price_slope": dict(zip(names, map(float, p.pacer.slope()), strict=True))}
+                                      "price_slope": _by_name(names, p.pacer.slope())}
             if rates is not None:
                 solver.update(calibration=rates, calibration_scorer=scorer)
             v = registry.publish_plan(self.db, cfg.version, prices,
@@ -433,25 +438,26 @@ class BackgroundLoop:
         ok = exploitable(dlog.tilt[fresh], dlog.mask[fresh], any(c.kind == "long_tail_share" for c in config.constraints))
         # what serving adds beyond the exploit softmax (the exploration budget): the served pmf's expected
         # exposure minus the softmax's on the same logged scores, exactly, per decision
+        value, exposure = dlog.value[fresh], dlog.exposure[fresh]
         rows = ok.any(axis=1)
-        q = exploit_pmf(dlog.score[fresh][rows], dlog.value[fresh][rows], config.exploration.temperature, ok[rows])
-        a_f = dlog.exposure[fresh][rows]
-        bias = np.einsum("nj,njk->nk", np.where(dlog.mask[fresh][rows], dlog.pmf[fresh][rows], 0.0) - q, a_f)
-        new = p.pacer.update(dlog.value[fresh], dlog.exposure[fresh], ok, dlog.chosen_exposure, bias=bias)
+        q = exploit_pmf(dlog.score[fresh][rows], value[rows], config.exploration.temperature, ok[rows])
+        served = np.where(dlog.mask[fresh][rows], dlog.pmf[fresh][rows], 0.0)
+        bias = np.einsum("nj,njk->nk", served - q, exposure[rows])
+        new = p.pacer.update(value, exposure, ok, dlog.chosen_exposure, bias=bias)
         p.fresh += int(fresh.sum())
         p.solved += int(fresh.sum())
         names = config.constraint_names
         solver = {"method": "resolve-pacer", "n_decisions": n, "base_plan": base,
-                  "exploration_bias": dict(zip(names, map(float, p.pacer.bias_), strict=True)),
-                  "realised": dict(zip(names, map(float, p.pacer.shares_), strict=True)),
-                  "overshoot": dict(zip(names, map(float, p.pacer.overshoot_), strict=True)),
-                  "correction": dict(zip(names, map(float, p.pacer.correction_), strict=True))}
+                  "exploration_bias": _by_name(names, p.pacer.bias_),
+                  "realised": _by_name(names, p.pacer.shares_),
+                  "overshoot": _by_name(names, p.pacer.overshoot_),
+                  "correction": _by_name(names, p.pacer.correction_)}
         if np.allclose(new, start, rtol=0, atol=1e-9):
             return "ok", f"{n} decisions; prices unchanged"
         # each worker steers its own recent shares with the shares' sensitivity to their prices (see
         # allocator.window_correction)
-        slope = dict(zip(names, map(float, p.pacer.slope()), strict=True))
-        v = registry.publish_plan(self.db, cfg.version, dict(zip(names, map(float, new), strict=True)),
+        slope = _by_name(names, p.pacer.slope())
+        v = registry.publish_plan(self.db, cfg.version, _by_name(names, new),
                                   projected=plan.projected,
                                   solver={**(plan.solver or {}), "pacer": solver, "price_slope": slope})
         return "ok", f"{n} decisions; plan version {v}"
