@@ -142,6 +142,10 @@ class Loop:
     #: (and at most the last 6 hours), and the loop plans again when it moves: a shift in what users
     #: engage with reaches the plan within about that many events
     calibration_events: int = 20000
+    #: each item's own engagement rate (over what its group's rate and its score predict) is measured on
+    #: at most this many of the most recent feedback events (and at most the last 6 hours); serving
+    #: multiplies the item's score by it, shrunk toward 1 (``engine.item_lift``). 0 turns it off
+    item_events: int = 200000
     learn_every_s: float = 15.0
     learn_min_decisions: int = 100
     settle_s: float = 5.0
@@ -589,6 +593,9 @@ def _loop(ck: _Checker, raw: Mapping[str, Any]) -> Loop:
         v = ck.number(t, k, f"loop.{k}", default=getattr(d, k), low=0.0, low_open=True)
         if v is not None:
             out[k] = v
+    n = ck.integer(t, "item_events", "loop.item_events", default=d.item_events, low=0)
+    if n is not None:
+        out["item_events"] = n
     for k, hi in (("pace_margin", 0.5), ("settle_s", math.inf), ("serve_gain", 10.0)):
         v = ck.number(t, k, f"loop.{k}", default=getattr(d, k), low=0.0, high=hi)
         if v is not None:

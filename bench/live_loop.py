@@ -645,14 +645,15 @@ class Scorer:
     def dump(self, path: str) -> None:
         """Per-request figures to an ``.npz``: ``user``, ``world``, ``engine``, one array per baseline,
         ``<part>_version`` (-1 = none) per versioned part, ``fallback``, ``ok``, ``latency_s``,
-        ``categories`` (n, slots; config category index, -1 = empty), ``tail_share`` and ``exposure``
-        (n, constraints)."""
+        ``categories`` and ``modules`` (n, slots; config index, -1 = empty), ``slot_items`` (n, slots,
+        items per module; world item index, -1 = empty), ``tail_share`` and ``exposure`` (n, constraints)."""
         st = self.st
         parts = sorted({k for v in st.versions if v for k in v})
         versions = {f"{k}_version": np.array([-1 if not v or v.get(k) is None else int(v[k]) for v in st.versions])
                     for k in parts}
         np.savez(path, user=st.users, world=st.world_id, engine=self.engine, fallback=st.fallback, ok=st.ok,
-                 latency_s=st.latency, categories=st.cats, tail_share=st.tail_share, exposure=self.exposure,
+                 latency_s=st.latency, categories=st.cats, modules=st.mods, slot_items=st.slot_items,
+                 tail_share=st.tail_share, exposure=self.exposure,
                  **self.base, **versions)
         note(f"per-request figures saved to {path}")
 

@@ -7,6 +7,7 @@ dry runs, replay checks). :func:`load_state` builds the immutable state from wha
 
 from ._engine import (
     CALIBRATION_PRIOR,
+    ITEM_LIFT_PRIOR,
     LIVE_PRIOR_IMPRESSIONS,
     SKIP_DEMOTION,
     Decision,
@@ -24,8 +25,12 @@ from ._engine import (
     catalog_prior_rates,
     category_calibration,
     category_rates,
+    curve_rate,
+    item_lift,
+    item_lift_of,
     live_rate_factors,
     repeat_lift,
+    with_item_lift,
 )
 from ._features import layout_features, shared_features
 from ._ids import RequestIds, load_secret, seed_of
@@ -43,6 +48,11 @@ __all__ = [
     "category_rates",
     "live_rate_factors",
     "repeat_lift",
+    "item_lift",
+    "curve_rate",
+    "item_lift_of",
+    "with_item_lift",
+    "ITEM_LIFT_PRIOR",
     "LIVE_PRIOR_IMPRESSIONS",
     "SKIP_DEMOTION",
     "LiveSignals",

@@ -43,7 +43,7 @@ from ..log import Catalog
 from ._features import layout_features, shared_features
 from ._ids import seed_of
 
-__all__ = ["CALIBRATION_PRIOR", "REPEAT_LIFT_RANGE", "repeat_lift", "SKIP_DEMOTION", "calibrated", "calibration_rates", "category_calibration", "group_calibration", "Decision", "DecisionEngine", "EngineState", "LiveSignals", "Scorer", "ScorerHandle",
+__all__ = ["CALIBRATION_PRIOR", "ITEM_LIFT_PRIOR", "ITEM_LIFT_RANGE", "curve_rate", "item_lift", "item_lift_of", "with_item_lift", "REPEAT_LIFT_RANGE", "repeat_lift", "SKIP_DEMOTION", "calibrated", "calibration_rates", "category_calibration", "group_calibration", "Decision", "DecisionEngine", "EngineState", "LiveSignals", "Scorer", "ScorerHandle",
            "build_state"]
 
 log = logging.getLogger("homepage.engine")
@@ -282,6 +282,12 @@ class EngineState:
     # (K,) d share / d price of each constraint under the served softmax (the pacer's, see
     # allocator.window_correction); None: the plan carries none, and serving does not steer its window
     price_slope: np.ndarray | None = None
+    # (n_items,) each item's own engagement over what its score and group predict (see :func:`item_lift`;
+    # 1 = no evidence); None: not measured
+    item_lift: np.ndarray | None = None
+    # per category, its best long-tail items outside its pool head, best first: the first places of the
+    # category's pool draw (see :func:`with_item_lift`)
+    proven: tuple[np.ndarray, ...] = ()
 
 
 def calibration_rates(rates: Mapping[str, Any], names: tuple[str, ...]) -> np.ndarray:
@@ -372,6 +378,116 @@ def repeat_lift(rates: Mapping[str, Any], names: tuple[str, ...], prior: float =
     return np.clip(np.where(ok, lift, 1.0), *REPEAT_LIFT_RANGE)
 
 
+#: examined impressions of an item's own that count as much as its category's curve (see :func:`item_lift`)
+ITEM_LIFT_PRIOR = 50.0
+#: the item lift is kept within these bounds
+ITEM_LIFT_RANGE = (0.01, 100.0)
+
+
+def curve_rate(x: np.ndarray, knots_x: np.ndarray, knots_rate: np.ndarray) -> np.ndarray:
+    """A category's curve of item rates over log popularity ``x = log(1 + popularity)`` at ``x``: linear
+    between the knots, flat above the last, and below the first in proportion to popularity (``rate_0
+    (1 + p) / (1 + p_0)``): an item less popular than every item measured is assumed the worse for it,
+    as a popularity prior would, until it is measured itself.
+
+    Examples
+    --------
+    >>> curve_rate(np.array([np.log(2.0), np.log(3.0), 5.0]), np.array([np.log(4.0), 4.0]), np.array([0.4, 0.6]))
+    array([0.2, 0.3, 0.6])
+    """
+    kx, ky = np.asarray(knots_x, dtype=np.float64), np.asarray(knots_rate, dtype=np.float64)
+    out = np.interp(x, kx, ky)
+    low = x < kx[0]
+    return np.where(low, ky[0] * np.exp(np.minimum(x - kx[0], 0.0)), out)
+
+
+def item_lift(rates: Mapping[str, Any], state: EngineState, prior: float = ITEM_LIFT_PRIOR) -> np.ndarray | None:
+    """:func:`item_lift_of` for ``state``'s catalog and scorer."""
+    items = np.flatnonzero(state.item_category >= 0)
+    score = np.zeros(state.item_category.size)
+    score[items] = np.asarray(state.scorer.score(-1, items), dtype=np.float64)
+    return item_lift_of(rates, state.config.category_names, state.catalog.index_of(), state.item_category,
+                        state.is_tail, state.catalog.popularity, score, prior)
+
+
+def item_lift_of(rates: Mapping[str, Any], names: tuple[str, ...], index: Mapping[str, int],
+                 item_category: np.ndarray, is_tail: np.ndarray, popularity: np.ndarray, score: np.ndarray,
+                 prior: float = ITEM_LIFT_PRIOR) -> np.ndarray | None:
+    """(n_items,) what each catalog item earns over what a scorer says (``score``: its scores for a user
+    it knows nothing of), from a plan's calibration (per category, ``"items": {"ids", "units",
+    "exposure", "curve", "floor", "scale"}``, see ``jobs.item_rates``).
+
+    An item's rate is ``r = (y + k f) / (A + k)``: its positive units ``y`` over its exposure ``A`` (its
+    viewers' factors summed over its impressions), shrunk toward its category's curve ``f`` over log
+    popularity (knots ``{"x", "rate"}``, :func:`curve_rate`) with ``k`` = ``prior``
+    impressions; an item never shown has its curve. Its lift is ``r / (scale * score)``, ``scale`` its (category, head
+    | tail) group's ratio of the two over the group's impressions (so lifts are about 1 on the items a
+    group shows). Serving multiplies the scorer's scores by it, before anything else: the plan's
+    calibration of the groups is measured on the lifted scores. Bounded to :data:`ITEM_LIFT_RANGE`; 1
+    where the score is not positive or the category carries no rates. None when no category does.
+
+    Examples
+    --------
+    >>> r = {"a": {"items": {"ids": ["x"], "units": [30.0], "exposure": [50.0],
+    ...                      "curve": {"x": [0.0], "rate": [0.1]}, "scale": [1.0, 1.0]}}}
+    >>> item_lift_of(r, ("a",), {"x": 0, "y": 1}, np.array([0, 0]), np.zeros(2, bool), np.ones(2),
+    ...              np.array([0.5, 0.5]), prior=50.0).round(3).tolist()
+    [0.7, 0.2]
+    """
+    out = np.ones(item_category.size)
+    x = np.log1p(popularity)
+    found = False
+    for k, c in enumerate(names):
+        r = rates.get(c)
+        got = r.get("items") if isinstance(r, Mapping) else None
+        if not isinstance(got, Mapping) or not isinstance(got.get("curve"), Mapping):
+            continue
+        found = True
+        mine = np.flatnonzero(item_category == k)
+        rate = np.zeros(item_category.size)
+        rate[mine] = curve_rate(x[mine], got["curve"]["x"], got["curve"]["rate"])
+        row = np.array([index.get(str(i), -1) for i in got["ids"]], dtype=np.int64)
+        fine = row >= 0
+        fine[fine] = item_category[row[fine]] == k
+        row = row[fine]
+        units = np.asarray(got["units"], dtype=np.float64)[fine]
+        exposure = np.asarray(got["exposure"], dtype=np.float64)[fine]
+        rate[row] = (units + prior * rate[row]) / (exposure + prior)
+        scale = np.asarray(got["scale"], dtype=np.float64)[is_tail[mine].astype(np.int64)]
+        den = scale * score[mine]
+        lift = np.divide(rate[mine], den, out=np.ones(mine.size), where=den > 0)
+        out[mine] = np.clip(np.where(den > 0, lift, 1.0), *ITEM_LIFT_RANGE)
+    return out if found else None
+
+
+def with_item_lift(state: EngineState, lift: np.ndarray | None) -> EngineState:
+    """``state`` with item lifts (:func:`item_lift`): serving multiplies each item's score by its lift,
+    and each category's pool is ordered by the lifted value (its head is the best items by what they
+    earn, not by popularity alone). The best long-tail items outside the pool head take the first
+    half of the category's pool draw (the rest stays random, so every item keeps a chance to be
+    measured): a long-tail item that proved itself keeps coming back to the tilted modules. ``None``
+    takes the lifts off."""
+    if lift is None:
+        return state if state.item_lift is None else replace(state, item_lift=None, proven=())
+    items = np.flatnonzero(state.item_category >= 0)
+    value = np.zeros(state.item_category.size)
+    s = np.asarray(state.scorer.score(-1, items), dtype=np.float64)
+    s = np.where(s > 0, s * lift[items], s / lift[items])
+    if state.score_multiplier is not None:
+        s = s * state.score_multiplier[items]
+    value[items] = s if state.score_offset is None else s + state.score_offset[items]
+    by_cat, proven = [], []
+    rank = np.full(state.item_category.size, -1, dtype=np.int64)
+    for c, idx in enumerate(state.by_category):
+        # by lifted value; ties (items of equal value, none measured) keep their popularity order
+        order = idx[np.lexsort((np.arange(idx.size), -value[idx]))]
+        by_cat.append(order)
+        rank[order] = np.arange(order.size)
+        rest = order[int(state.head_quota[c]):]
+        proven.append(rest[state.is_tail[rest]][: int(state.rest_quota[c]) // 2])
+    return replace(state, item_lift=lift, by_category=tuple(by_cat), category_rank=rank, proven=tuple(proven))
+
+
 def calibration_shift(old: np.ndarray, new: np.ndarray, min_impressions: float = 1000.0) -> float:
     """The largest relative change of a (category, head | tail) engagement rate between two
     :func:`calibration_rates` arrays, over the groups with ``min_impressions`` examined impressions in
@@ -406,6 +522,8 @@ def calibrated(state: EngineState, rates: np.ndarray | None, predicted: np.ndarr
     cat = state.item_category[items]
     group = cat * 2 + state.is_tail[items].astype(np.int64)
     scores = state.scorer.score(-1, items)
+    if state.item_lift is not None:  # the lift is part of the scorer (see item_lift_of)
+        scores = scores * state.item_lift[items]
     r = np.asarray(rates, dtype=np.float64)
     top = state.config.items_per_module
     shown_c = shown_g = None
@@ -719,7 +837,8 @@ class DecisionEngine:
         """Candidate items for one request: each category's most popular items plus a draw from its
         rest, so the long tail gets a chance to be scored. ``recent``: catalog rows the user engaged
         with lately (newest first); those outside their category's head take the first places of its
-        draw, so a liked long-tail item can come back (when the repeat lift says that pays)."""
+        draw, so a liked long-tail item can come back (when the repeat lift says that pays); the
+        category's proven items (:func:`with_item_lift`) come next."""
         mine = None
         if recent is not None and recent.size and st.category_rank is not None:
             _, first = np.unique(recent, return_index=True)
@@ -732,10 +851,14 @@ class DecisionEngine:
             parts.append(items[:h])
             if r:
                 drawn = items[h + np.sort(rng.choice(items.size - h, size=r, replace=False))]
+                first = st.proven[c] if st.proven else None
                 if mine is not None and mine.size:
                     own = mine[st.item_category[mine] == c][:r]
                     if own.size:
-                        drawn = np.concatenate([own, drawn[~np.isin(drawn, own)][: r - own.size]])
+                        first = own if first is None or not first.size else np.concatenate(
+                            [own, first[~np.isin(first, own)]])[:r]
+                if first is not None and first.size:
+                    drawn = np.concatenate([first, drawn[~np.isin(drawn, first)][: r - first.size]])
                 parts.append(drawn)
         return np.concatenate(parts)
 
@@ -762,6 +885,9 @@ class DecisionEngine:
         if scores.shape != pool.shape or not np.isfinite(scores).all():
             raise ValueError(f"scorer returned {scores.shape} scores with non-finite values for "
                              f"{pool.size} items")
+        if st.item_lift is not None:  # what each item earned over what its score says: part of the scorer
+            lift = st.item_lift[pool]
+            scores = np.where(scores > 0, scores * lift, scores / lift)
         offset = None
         demote = None
         raw = scores

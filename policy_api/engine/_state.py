@@ -28,7 +28,9 @@ from ._engine import (
     calibration_predicted,
     calibration_rates,
     catalog_prior_rates,
+    item_lift,
     repeat_lift,
+    with_item_lift,
 )
 
 __all__ = ["load_catalog", "load_state", "ranker_scorer", "with_plan_calibration"]
@@ -109,4 +111,9 @@ def with_plan_calibration(state: EngineState, plan: PlanRecord | None) -> Engine
     names = state.config.category_names
     # the predicted units were summed with the scorer of the plan's time: used only with that scorer
     predicted = calibration_predicted(got, names) if solver.get("calibration_scorer") == state.scorer.name else None
-    return replace(calibrated(state, calibration_rates(got, names), predicted), repeat_lift=repeat_lift(got, names))
+    # each item's lift is over the scores of the plan's scorer, and the groups were calibrated on the
+    # lifted scores: both used only with that scorer
+    lift = item_lift(got, state) if predicted is not None else None
+    state = replace(state, item_lift=lift)
+    state = replace(calibrated(state, calibration_rates(got, names), predicted), repeat_lift=repeat_lift(got, names))
+    return with_item_lift(state, lift)

@@ -53,6 +53,10 @@ _SETTLE_LAG_S = 0.5  # decisions younger than this may still sit in a worker's l
 _PENDING_S = 30.0  # how long feedback waits for its decision row before it is dropped from the live state
 #: the loop plans again when a calibrated engagement rate moved by more than this (relative) since the plan
 CALIBRATION_SHIFT = 0.2
+#: ... and when the feedback since the plan's calibration has grown by this share of the item rates'
+#: window (``[loop] item_events``; at least ``_MIN_NEW_EVENTS``): each item's own rate needs its evidence
+ITEM_EVIDENCE_GROWTH = 0.25
+_MIN_NEW_EVENTS = 2000
 
 
 @cache
@@ -350,11 +354,17 @@ class BackgroundLoop:
         seen = float(calibration_rates(have, names)[:, :, 1].sum())
         now = float(calibration_rates(rates, names)[:, :, 1].sum())
         shift = calibration_shift(calibration_rates(have, names), calibration_rates(rates, names))
-        if have and now < 2.0 * seen and shift < CALIBRATION_SHIFT:
+        items = self._config.config.loop.item_events
+        was = (plan.solver or {}).get("feedback_seen")
+        total = jobs.feedback_seen(self.db)
+        grown = (items > 0 and isinstance(was, int)
+                 and total - was >= max(ITEM_EVIDENCE_GROWTH * min(max(was, 1), items), _MIN_NEW_EVENTS))
+        if have and now < 2.0 * seen and shift < CALIBRATION_SHIFT and not grown:
             return "idle", ""
         self._next["plan"] = 0.0
         why = (f"{now:.0f} examined impressions (the plan's calibration had {seen:.0f})" if now >= 2.0 * seen or not have
-               else f"an engagement rate moved by {shift:.0%} since the plan's calibration")
+               else f"an engagement rate moved by {shift:.0%} since the plan's calibration" if shift >= CALIBRATION_SHIFT
+               else f"{total - (was or 0)} feedback events since the plan's item rates")
         return "ok", f"{why}: planning again"
 
     # ---- plan and pace ---------------------------------------------------------------------------
@@ -374,12 +384,13 @@ class BackgroundLoop:
             # scores thousands of sampled users, which with a history scorer holds the loop, and so
             # the pacing, for tens of seconds)
             last = registry.latest_plan(self.db, cfg.version)
+            seen = jobs.feedback_seen(self.db)
             rates, scorer = jobs.plan_calibration(self.db, cfg)
             names = cfg.config.constraint_names
             prices = _by_name(names, p.pacer.prices_)
             solver: dict[str, Any] = {"method": "recalibrate", "prices_from": "pacer",
                                       "projected_from": None if last is None else last.version,
-                                      "price_slope": _by_name(names, p.pacer.slope())}
+                                      "price_slope": _by_name(names, p.pacer.slope()), "feedback_seen": seen}
             if rates is not None:
                 solver.update(calibration=rates, calibration_scorer=scorer)
             v = registry.publish_plan(self.db, cfg.version, prices,
