@@ -419,20 +419,21 @@ def item_lift_of(rates: Mapping[str, Any], names: tuple[str, ...], index: Mappin
 
     An item's rate is ``r = (y + k f) / (A + k)``: its positive units ``y`` over its exposure ``A`` (its
     viewers' factors summed over its impressions), shrunk toward its category's curve ``f`` over log
-    popularity (knots ``{"x", "rate"}``, :func:`curve_rate`) with ``k`` = ``prior``
-    impressions; an item never shown has its curve. Its lift is ``r / (scale * score)``, ``scale`` its (category, head
+    popularity (knots ``{"x", "rate"}``, :func:`curve_rate`) with ``k`` = ``prior`` impressions; an
+    item never shown has its curve. Its lift is ``r / (scale * score)``, ``scale`` its (category, head
     | tail) group's ratio of the two over the group's impressions (so lifts are about 1 on the items a
     group shows). Serving multiplies the scorer's scores by it, before anything else: the plan's
     calibration of the groups is measured on the lifted scores. Bounded to :data:`ITEM_LIFT_RANGE`; 1
-    where the score is not positive or the category carries no rates. None when no category does.
+    for long-tail items, where the score is not positive and where the category carries no rates.
+    None when no category does.
 
     Examples
     --------
     >>> r = {"a": {"items": {"ids": ["x"], "units": [30.0], "exposure": [50.0],
     ...                      "curve": {"x": [0.0], "rate": [0.1]}, "scale": [1.0, 1.0]}}}
-    >>> item_lift_of(r, ("a",), {"x": 0, "y": 1}, np.array([0, 0]), np.zeros(2, bool), np.ones(2),
-    ...              np.array([0.5, 0.5]), prior=50.0).round(3).tolist()
-    [0.7, 0.2]
+    >>> item_lift_of(r, ("a",), {"x": 0, "y": 1, "z": 2}, np.array([0, 0, 0]), np.array([False, False, True]),
+    ...              np.ones(3), np.array([0.5, 0.5, 0.5]), prior=50.0).round(3).tolist()
+    [0.7, 0.2, 1.0]
     """
     out = np.ones(item_category.size)
     x = np.log1p(popularity)
@@ -457,6 +458,10 @@ def item_lift_of(rates: Mapping[str, Any], names: tuple[str, ...], index: Mappin
         den = scale * score[mine]
         lift = np.divide(rate[mine], den, out=np.ones(mine.size), where=den > 0)
         out[mine] = np.clip(np.where(den > 0, lift, 1.0), *ITEM_LIFT_RANGE)
+    # the long tail keeps its scores: its items' rates rest on a few impressions each and on a curve
+    # drawn through the head, and lifted they were worth 2-4 times what they earned (the long-tail
+    # share went far past its floor, each tail item displacing a better head item)
+    out[is_tail] = 1.0
     return out if found else None
 
 

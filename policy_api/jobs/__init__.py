@@ -24,10 +24,12 @@ from ._importing import ImportResult, import_file, import_rows, read_interaction
 from ._learn import LearnResult, catalog_categories, learn, load_log, log_features, new_bandit
 from ._partitioned import PARTITION_TARGETS, ExportPartition, replay_partitioned
 from ._plan import (
+    CURVE_KNOTS,
     UNPERSONALISED_PRIOR,
     ApplyResult,
     ConfigCheck,
     HeadRefresh,
+    ItemRates,
     PaceResult,
     PlanResult,
     apply_config,
@@ -36,6 +38,7 @@ from ._plan import (
     dry_run,
     exposure_report,
     feedback_seen,
+    item_engagement_rates,
     item_rates,
     pace,
     plan,
@@ -102,7 +105,10 @@ __all__ = [
     "baseline_scorers",
     "catalog_page_scorer",
     "calibration",
+    "CURVE_KNOTS",
+    "ItemRates",
     "feedback_seen",
+    "item_engagement_rates",
     "item_rates",
     "repeat_engagement",
     "repeat_rates",

@@ -161,7 +161,9 @@ def test_calibration_follows_a_shift_in_engagement_and_plans_again(db, tmp_path)
 
     world = make_world(n_users=30, n_items=200, seed=0)
     world.to_catalog_csv(tmp_path / "items.csv")
-    registry.activate_config(db, _config(tmp_path, world) + "calibration_events = 4000\n", author="test")
+    # item_events = 0: the items' own rates (and the replan on their evidence) are another test's
+    registry.activate_config(db, _config(tmp_path, world) + "calibration_events = 4000\nitem_events = 0\n",
+                             author="test")
     cat = read_catalog_csv(tmp_path / "items.csv")
     upsert_items(db, cat.rows())
     cfg = registry.active_config(db)
@@ -201,6 +203,53 @@ def test_calibration_follows_a_shift_in_engagement_and_plans_again(db, tmp_path)
     outcome, detail = loop._calibrate()
     assert 1200 / 2800 / 0.3 - 1 > CALIBRATION_SHIFT
     assert outcome == "ok" and "moved by 43%" in detail, detail
+
+
+def test_the_loop_plans_again_as_the_items_evidence_grows(db, tmp_path):
+    """With item rates on, the loop recalibrates once the feedback since the plan's calibration has grown
+    by a quarter of the item window (at least 2,000 events), though no category's rate moved; the plan
+    records the log's newest feedback row, and item_events = 0 turns this off."""
+    from datetime import timedelta
+
+    from policy_api import jobs
+    from policy_api.loop._loop import _MIN_NEW_EVENTS, ITEM_EVIDENCE_GROWTH
+
+    world = make_world(n_users=30, n_items=200, seed=0)
+    world.to_catalog_csv(tmp_path / "items.csv")
+    body = _config(tmp_path, world) + "item_events = 16000\n"
+    registry.activate_config(db, body, author="test")
+    cat = read_catalog_csv(tmp_path / "items.csv")
+    upsert_items(db, cat.rows())
+    items = [str(i) for i in cat.item_ids[:50]]
+    t0 = datetime.now(tz=UTC) - timedelta(minutes=30)
+    n = [0]
+
+    def phase(events: int) -> None:  # one play per two impressions: the rates never move
+        kinds = (["impression", "impression", "play"] * (events // 3 + 1))[:events]
+        rows = [_event(f"e{n[0] + k}", f"r{n[0] + k}", items[k % 50], kind, t0 + timedelta(milliseconds=n[0] + k))
+                for k, kind in enumerate(kinds)]
+        n[0] += len(rows)
+        insert_feedback(db, rows)
+
+    phase(6000)
+    cfg = registry.active_config(db)
+    loop = BackgroundLoop(db, holder="t")
+    loop._on_config(cfg)
+    first = jobs.plan(db, users=20)
+    was = jobs.feedback_seen(db)  # the newest feedback row's id (6,000 rows in a fresh database)
+    assert first.solver["feedback_seen"] == was >= 6000
+    step = int(max(ITEM_EVIDENCE_GROWTH * min(was, 16000), _MIN_NEW_EVENTS))
+    phase(step - 1)
+    assert loop._calibrate()[0] == "idle"
+    phase(1)
+    outcome, detail = loop._calibrate()
+    assert outcome == "ok" and f"{step} feedback events since the plan's item rates" in detail, detail
+    registry.activate_config(db, _config(tmp_path, world) + "item_events = 0\n", author="test")
+    cfg = registry.active_config(db)
+    loop._on_config(cfg)
+    jobs.plan(db, users=20)
+    phase(9000)
+    assert loop._calibrate()[0] == "idle"
 
 
 def test_a_new_plan_keeps_the_pacers_prices_once_it_has_solved_a_window(db, tmp_path):

@@ -1,0 +1,311 @@
+"""Each item's own rate, measured on the log: what it earns per examined impression from an average user
+(against a loop over the impressions, and against the simulator's truth), carried by the plan, and used
+by serving to order and price the head of each category."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from allocator import parse_config_text
+from policy_api import jobs, registry
+from policy_api import log as store
+from policy_api.engine import (
+    DecisionEngine,
+    LiveSignals,
+    build_state,
+    curve_rate,
+    item_lift,
+    item_lift_of,
+    load_state,
+    with_item_lift,
+)
+from policy_api.jobs import item_rates
+from policy_api.log import make_engine, upgrade
+from simulator import make_world
+from tests.test_common import world_catalog
+
+
+def _brute_curve(x, units, exposure, prior, knots):
+    """A category's knots by plain loops: measured items sorted by x, cut into equal-count bins."""
+    rows = sorted((x[i], units[i], exposure[i]) for i in range(len(x)) if exposure[i] > 0)
+    if not rows:
+        return [0.0], [0.0]
+    n_bins = min(knots, max(1, len(rows) // 10))
+    edges = [round(b * len(rows) / n_bins) for b in range(n_bins + 1)]
+    kx, ky = [], []
+    for b in range(n_bins):
+        sw = sx = sy = 0.0
+        for xi, yi, ai in rows[edges[b]:edges[b + 1]]:
+            w = ai / (ai + prior)
+            sw, sx, sy = sw + w, sx + w * xi, sy + w * yi / ai
+        if sw > 0 and (not kx or sx / sw > kx[-1]):
+            kx.append(sx / sw)
+            ky.append(sy / sw)
+    return kx, ky
+
+
+def _brute(user, request, item, units, impression, x, category, user_prior, item_prior, iterations, knots):
+    """item_rates by a plain loop over the impressions."""
+    n_items = len(x)
+    ok = [0 <= item[k] < n_items and category[item[k]] >= 0 for k in range(len(user))]
+    pair: dict[tuple[int, int], float] = {}
+    for k in range(len(user)):
+        if ok[k] and not impression[k]:
+            pair[(request[k], item[k])] = pair.get((request[k], item[k]), 0.0) + max(units[k], 0.0)
+    imps = [(user[k], item[k], int(category[item[k]]), pair.get((request[k], item[k]), 0.0))
+            for k in range(len(user)) if ok[k] and impression[k]]
+    items = sorted({i for _, i, _, _ in imps})
+    C = max(category) + 1
+    y = {i: 0.0 for i in items}
+    for _, i, _, v in imps:
+        y[i] += v
+    a: dict[tuple[int, int], float] = {}
+    exposure = {i: float(sum(1 for _, j, _, _ in imps if j == i)) for i in items}
+    for _ in range(iterations):
+        curves = []
+        for c in range(C):
+            mine = [i for i in items if category[i] == c]
+            curves.append(_brute_curve([x[i] for i in mine], [y[i] for i in mine], [exposure[i] for i in mine],
+                                       item_prior, jobs.CURVE_KNOTS))
+        rate = {}
+        for i in items:
+            kx, ky = curves[int(category[i])]
+            f = float(curve_rate(np.array([x[i]]), np.array(kx), np.array(ky))[0])
+            rate[i] = (y[i] + item_prior * f) / (exposure[i] + item_prior)
+        keys = sorted({(u, c) for u, _, c, _ in imps})
+        for key in keys:
+            yy = sum(v for u, i, c, v in imps if (u, c) == key)
+            ee = sum(rate[i] for u, i, c, _ in imps if (u, c) == key)
+            nn = sum(1 for u, _, c, _ in imps if (u, c) == key)
+            per = ee / nn
+            a[key] = (yy + user_prior * per) / (ee + user_prior * per) if ee > 0 else 1.0
+        for c in range(C):
+            on = [a[(u, cc)] for u, _, cc, _ in imps if cc == c]
+            level = sum(on) / len(on) if on else 1.0
+            for key in keys:
+                if key[1] == c and level > 0:
+                    a[key] /= level
+        exposure = {i: sum(a[(u, c)] for u, j, c, _ in imps if j == i) for i in items}
+    return items, [y[i] for i in items], [exposure[i] for i in items], curves
+
+
+def test_item_rates_equal_a_loop_over_the_impressions():
+    rng = np.random.default_rng(7)
+    n_items, C, n_req = 60, 2, 150
+    category = rng.integers(-1, C, size=n_items)
+    x = np.log1p(rng.pareto(1.0, size=n_items) * 100)
+    quality = rng.random(n_items)
+    rows = []
+    for r in range(n_req):
+        u = int(rng.integers(0, 15))
+        for i in rng.choice(n_items + 1, size=8, replace=False):
+            i = int(i) if i < n_items else -1
+            rows.append((u, r, i, 0.0, True))
+            if i >= 0 and rng.random() < quality[i] * (0.5 + u / 30):
+                rows.append((u, r, i, 1.0, False))
+                if rng.random() < 0.3:
+                    rows.append((u, r, i, 4.0, False))
+            elif rng.random() < 0.2:
+                rows.append((u, r, i, -0.5, False))  # a skip: not a positive unit
+    rows = [rows[k] for k in rng.permutation(len(rows))]
+    user, request, item, units, impression = (np.array(c) for c in zip(*rows, strict=True))
+    got = item_rates(user, request, item, units, impression, x, category, user_prior=5.0, item_prior=20.0,
+                     iterations=3)
+    items, y, exposure, curves = _brute(user.tolist(), request.tolist(), item.tolist(), units.tolist(),
+                                        impression.tolist(), x.tolist(), category.tolist(), 5.0, 20.0, 3, jobs.CURVE_KNOTS)
+    assert got.items.tolist() == items
+    np.testing.assert_allclose(got.units, y, rtol=1e-12)
+    np.testing.assert_allclose(got.exposure, exposure, rtol=1e-10)
+    for c in range(C):
+        np.testing.assert_allclose(got.curve[c][0], curves[c][0], rtol=1e-12)
+        np.testing.assert_allclose(got.curve[c][1], curves[c][1], rtol=1e-10)
+
+
+def test_the_users_factors_undo_who_an_item_was_shown_to():
+    """Two items of equal quality: one shown to everyone, the other only to the category's fans (who
+    engage three times as much). Per impression the second looks 2.5 times better; with the users'
+    factors the two come out equal."""
+    rng = np.random.default_rng(0)
+    rows = []
+    fan = np.arange(200) < 50
+    r = 0
+    for _ in range(40):
+        for u in range(200):
+            shown = [0, 1] if fan[u] else [0]
+            for i in shown:
+                rows.append((u, r, i, 0.0, True))
+                if rng.random() < (0.6 if fan[u] else 0.2):
+                    rows.append((u, r, i, 1.0, False))
+            r += 1
+    user, request, item, units, impression = (np.array(c) for c in zip(*rows, strict=True))
+    x, category = np.array([5.0, 5.0]), np.zeros(2, dtype=np.int64)
+    raw = item_rates(user, request, item, units, impression, x, category, user_prior=1e12, item_prior=1e-9)
+    naive = raw.units / raw.exposure
+    assert naive[1] / naive[0] == pytest.approx(0.6 / 0.3, rel=0.1)  # 0.6 against 0.25 * 0.6 + 0.75 * 0.2
+    got = item_rates(user, request, item, units, impression, x, category, user_prior=1.0, item_prior=1e-9,
+                     iterations=30)
+    rate = got.units / got.exposure
+    assert rate[1] / rate[0] == pytest.approx(1.0, abs=0.05)
+    # the default prior (20 impressions a user, against 40-80 here) takes away most of the difference
+    dflt = item_rates(user, request, item, units, impression, x, category, item_prior=1e-9)
+    rate = dflt.units / dflt.exposure
+    assert rate[1] / rate[0] - 1.0 < 0.25 * (naive[1] / naive[0] - 1.0)
+
+
+def test_measured_rates_find_the_better_head_items_of_a_simulated_world():
+    """From an exposure log of popularity-ordered pages with random items mixed in, the items the rates
+    put first in each category's head earn more, by the simulator's truth, than the most popular ones,
+    and the rates rank the measured items closer to the truth than popularity does."""
+    world = make_world(n_users=400, n_items=600, seed=4)
+    rng = np.random.default_rng(1)
+    n_req, S, K = 1500, world.n_slots, world.items_per_module
+    users = world.sample_users(n_req, rng)
+    pages = np.full((n_req, S, K), -1, dtype=np.int64)
+    by_cat = [np.flatnonzero(world.item_category == c) for c in range(world.n_categories)]
+    by_cat = [c[np.argsort(-world.popularity[c])] for c in by_cat]
+    for r in range(n_req):  # each slot: a category's 40 most popular items, 10 drawn at random
+        for s in range(S):
+            head = by_cat[(r + s) % world.n_categories][:40]
+            pages[r, s] = rng.choice(head, size=K, replace=False)
+    fb = world.sample_feedback_batch(users, pages, rng)
+    units = np.array([world.event_weights.get(e, 0.0) for e in fb.event])
+    x = np.log1p(world.popularity)
+    got = item_rates(users[fb.row], fb.row, fb.item_idx, np.where(fb.event == "impression", 0.0, units),
+                     fb.event == "impression", x, world.item_category)
+    rate = got.rates(x, world.item_category)
+    truth = np.zeros(world.n_items)
+    weight = world.user_activity / world.user_activity.sum()
+    truth = weight @ world.expected_units_matrix(np.arange(world.n_users))
+    seen = got.items[got.impressions >= 30]
+    assert seen.size > 60
+    assert spearmanr(rate[seen], truth[seen])[0] > spearmanr(world.popularity[seen], truth[seen])[0] + 0.1
+    better = 0
+    for c in range(world.n_categories):
+        head = by_cat[c][:40]
+        mine = truth[head[np.argsort(-rate[head])[:10]]].mean()
+        popular = truth[head[:10]].mean()
+        better += mine > popular
+    assert better == world.n_categories
+
+
+def test_item_lift_is_the_rate_over_the_score_and_leaves_the_tail():
+    names = ("a", "b")
+    index = {"h1": 0, "h2": 1, "h3": 2, "t1": 3, "b1": 4}
+    cat = np.array([0, 0, 0, 0, 1])
+    is_tail = np.array([False, False, False, True, False])
+    pop = np.array([1000.0, 100.0, 10.0, 1.0, 50.0])
+    score = np.array([1.0, 0.8, 0.6, 0.2, 0.5])
+    kx, ky = [np.log1p(10.0), np.log1p(1000.0)], [0.1, 0.5]
+    rates = {"a": {"items": {"ids": ["h1", "h2", "zz", "t1"], "units": [20.0, 60.0, 5.0, 90.0],
+                             "exposure": [100.0, 100.0, 10.0, 100.0], "curve": {"x": kx, "rate": ky},
+                             "scale": [0.5, 2.0]}},
+             "b": {"head": [1.0, 2.0]}}  # no item rates for b
+    got = item_lift_of(rates, names, index, cat, is_tail, pop, score, prior=50.0)
+    f = curve_rate(np.log1p(pop[:3]), np.array(kx), np.array(ky))
+    r = np.array([(20.0 + 50 * f[0]) / 150.0, (60.0 + 50 * f[1]) / 150.0, f[2]])  # h3 never shown: its curve
+    assert got is not None
+    np.testing.assert_allclose(got[:3], r / (0.5 * score[:3]), rtol=1e-12)
+    assert got[3] == 1.0 and got[4] == 1.0  # the long tail, and a category without item rates
+    assert item_lift_of({"a": {"head": [1.0, 2.0]}}, names, index, cat, is_tail, pop, score) is None
+
+
+@pytest.fixture()
+def world_state():
+    world = make_world(n_users=60, n_items=600, seed=2)
+    cfg = parse_config_text(world.default_config_toml())
+    cat = world_catalog(world)
+    return world, cfg, cat, build_state(cfg, cat, prices=np.zeros(2))
+
+
+def test_serving_multiplies_the_scores_by_the_lift_and_orders_each_pool_by_lifted_value(world_state):
+    _, _, _, state = world_state
+    rng = np.random.default_rng(3)
+    lift = np.where(state.is_tail, 1.0, np.exp(rng.normal(0.0, 0.7, size=state.item_category.size)))
+    st = with_item_lift(replace(state, item_lift=lift), lift)
+    engine, plain = DecisionEngine(st), DecisionEngine(state)
+    C = len(st.config.categories)
+    pool = plain.pool(state, np.random.default_rng(0))
+    cold = LiveSignals("hit", np.zeros(C), np.zeros(0, dtype=np.int64))
+    base, _ = plain.item_scores(state, -1, pool, cold)
+    got, _ = engine.item_scores(st, -1, pool, cold)
+    np.testing.assert_allclose(got, base * lift[pool], rtol=1e-12)
+    items = np.flatnonzero(st.item_category >= 0)
+    value = np.zeros(st.item_category.size)
+    value[items] = st.scorer.score(-1, items) * lift[items] * st.score_multiplier[items] if st.score_multiplier is not None \
+        else st.scorer.score(-1, items) * lift[items]
+    for c, order in enumerate(st.by_category):
+        assert sorted(order.tolist()) == sorted(state.by_category[c].tolist())
+        assert (np.diff(value[order]) <= 1e-15).all()  # best lifted value first
+        head = order[: st.head_quota[c]]
+        want_head = state.by_category[c][np.argsort(-value[state.by_category[c]], kind="stable")][: st.head_quota[c]]
+        assert set(head.tolist()) == set(want_head.tolist())
+        rest = order[st.head_quota[c]:]
+        assert st.proven[c].tolist() == rest[st.is_tail[rest]][: st.rest_quota[c] // 2].tolist()
+        # the draw starts with the category's best long-tail items outside the head
+        drawn = engine.pool(st, np.random.default_rng(9))
+        assert set(st.proven[c].tolist()) <= set(drawn.tolist())
+    assert with_item_lift(st, None).item_lift is None
+
+
+def test_the_plan_carries_item_rates_measured_on_the_log_and_serving_uses_them(tmp_path, world_state):
+    world, cfg, cat, _ = world_state
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    upgrade(url)
+    eng = make_engine(url)
+    store.upsert_items(eng, cat.rows())
+    registry.activate_config(eng, world.default_config_toml(), author="test")
+    engine = DecisionEngine(build_state(cfg, cat))
+    rng = np.random.default_rng(5)
+    t0 = datetime.now(tz=UTC) - timedelta(minutes=30)
+    decisions, rows = [], []
+    index = cat.index_of()
+    for r in range(300):
+        user = f"u{r % 20}"
+        d = engine.decide(user, f"r{r}")
+        decisions.append(d.row())
+        ts = t0 + timedelta(seconds=5 * r)
+        slot_items = np.array([[index[it["item_id"]] for it in m["items"]] for m in d.modules])
+        fb = world.sample_feedback(r % 20, slot_items, rng)
+        for k, (s, i, e) in enumerate(fb):
+            rows.append({"event_id": f"r{r}:{k}", "request_id": f"r{r}", "slot": int(s),
+                         "item_id": str(world.item_ids[i]), "type": str(e), "value": None, "ts": ts, "received_at": ts})
+    store.insert_decisions(eng, decisions)
+    store.insert_feedback(eng, rows)
+    # the same rates from the rows as written (users by their id, requests in order)
+    names = cfg.category_names
+    item_cat = cat.category_index(names)
+    users = {d["request_id"]: int(d["user_id"][1:]) for d in decisions}
+    want = item_rates(np.array([users[x["request_id"]] for x in rows]), np.array([int(x["request_id"][1:]) for x in rows]),
+                      np.array([index[x["item_id"]] for x in rows]),
+                      np.array([0.0 if x["type"] == "impression" else cfg.events[x["type"]] for x in rows]),
+                      np.array([x["type"] == "impression" for x in rows]), np.log1p(cat.popularity), item_cat)
+    res = jobs.plan(eng, users=20)
+    plan = registry.latest_plan(eng, registry.require_active_config(eng).version)
+    assert plan is not None and plan.version == res.plan_version
+    cal = plan.solver["calibration"]
+    assert isinstance(plan.solver.get("feedback_seen"), int) and plan.solver["feedback_seen"] >= len(rows)
+    for k, c in enumerate(names):
+        got = cal[c]["items"]
+        mine = item_cat[want.items] == k
+        assert sorted(got["ids"]) == sorted(str(cat.item_ids[i]) for i in want.items[mine])
+        order = {i: j for j, i in enumerate(got["ids"])}
+        at = [order[str(cat.item_ids[i])] for i in want.items[mine]]
+        np.testing.assert_allclose(np.array(got["units"])[at], want.units[mine], rtol=1e-9)
+        np.testing.assert_allclose(np.array(got["exposure"])[at], want.exposure[mine], rtol=1e-9)
+        np.testing.assert_allclose(got["curve"]["rate"], want.curve[k][1], rtol=1e-9)
+    served = load_state(eng)
+    assert served.item_lift is not None
+    np.testing.assert_allclose(served.item_lift, item_lift(cal, served), rtol=1e-12)
+    assert (served.item_lift[served.is_tail] == 1.0).all() and np.ptp(served.item_lift[~served.is_tail]) > 0.1
+    # the lifts reorder the head of the categories' pools away from the popularity order
+    moved = 0
+    for c, order in enumerate(served.by_category):
+        mine = np.flatnonzero(item_cat == c)
+        popular = mine[np.argsort(-cat.popularity[mine], kind="stable")]
+        moved += order[: served.head_quota[c]].tolist() != popular[: served.head_quota[c]].tolist()
+    assert moved > 0
