@@ -856,14 +856,14 @@ class DecisionEngine:
             parts.append(items[:h])
             if r:
                 drawn = items[h + np.sort(rng.choice(items.size - h, size=r, replace=False))]
-                first = st.proven[c] if st.proven else None
+                lead: np.ndarray | None = st.proven[c] if st.proven else None
                 if mine is not None and mine.size:
                     own = mine[st.item_category[mine] == c][:r]
                     if own.size:
-                        first = own if first is None or not first.size else np.concatenate(
-                            [own, first[~np.isin(first, own)]])[:r]
-                if first is not None and first.size:
-                    drawn = np.concatenate([first, drawn[~np.isin(drawn, first)][: r - first.size]])
+                        lead = own if lead is None or not lead.size else np.concatenate(
+                            [own, lead[~np.isin(lead, own)]])[:r]
+                if lead is not None and lead.size:
+                    drawn = np.concatenate([lead, drawn[~np.isin(drawn, lead)][: r - lead.size]])
                 parts.append(drawn)
         return np.concatenate(parts)
 

@@ -271,7 +271,7 @@ def repeat_rates(user: np.ndarray, request: np.ndarray, item: np.ndarray, ts: np
     # each (request, item) pair's units, summed over its events, reach its impressions
     pair_key = request.astype(np.int64) * n_items + item
     pairs, pair = np.unique(pair_key, return_inverse=True)
-    pair_units = np.bincount(pair, weights=np.where(impression, 0.0, np.maximum(units, 0.0)), minlength=pairs.size)
+    pair_units = np.bincount(pair, weights=np.where(impression, 0.0, units), minlength=pairs.size)
     # the first positive event of each (user, item), and its request
     ui_key = user.astype(np.int64) * n_items + item
     pos = ~impression & (units > 0)
@@ -366,7 +366,7 @@ def item_rates(user: np.ndarray, request: np.ndarray, item: np.ndarray, units: n
     n_uc = np.bincount(uc, minlength=uc_keys.size).astype(np.float64)
     n_c = np.bincount(cat, minlength=C).astype(np.float64)
     a = np.ones(uc_keys.size)
-    a_i = np.bincount(i_of, minlength=items.size).astype(np.float64)
+    a_i: np.ndarray = np.bincount(i_of, minlength=items.size).astype(np.float64)
     curve: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
     for _ in range(max(int(iterations), 1)):
         curve = tuple(_rate_curve(ix[icat == c], y_i[icat == c], a_i[icat == c], item_prior) for c in range(C))
@@ -510,7 +510,7 @@ def repeat_engagement(db: Engine, config: HomepageConfig, since: datetime | None
 
 
 def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray], np.ndarray] | None = None, *,
-                repeat: bool = True) -> dict[str, dict[str, list[float]]] | None:
+                repeat: bool = True) -> dict[str, dict[str, Any]] | None:
     """Recent engagement units and examined impressions (each weighted by its slot's position weight
     relative to the mean) per config category, for its head and its long tail apart, over the last
     ``loop.calibration_events`` feedback events of the last 6 hours, measured on the decisions served
@@ -595,7 +595,7 @@ def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray
     pred_all = np.divide(p_all, i_all, out=np.zeros(2 * C), where=i_all > 0)
     prior = np.where(i_all > 0, UNPERSONALISED_PRIOR, 0.0)
     u, i, p = u_cold + prior * rate_all, i_cold + prior, p_cold + prior * pred_all
-    out: dict[str, dict[str, list[float]]] = {
+    out: dict[str, dict[str, Any]] = {
         c: {"head": [float(u[2 * k]), float(i[2 * k])], "tail": [float(u[2 * k + 1]), float(i[2 * k + 1])]}
         for k, c in enumerate(names)}
     if scorer is not None:
