@@ -950,6 +950,12 @@ class DecisionEngine:
                 rank = np.where(rank > 0, rank * lift, rank / lift)
         if offset is not None:
             scores = scores + offset
+        tail = st.is_tail[pool]
+        if tail.any() and (~tail).any():
+            # long-tail items are shown through the tilt's quota: at level 0 a module shows its
+            # category's head (its tail only where the head runs out), so the long-tail share is what
+            # the allocator chose, not what happened to outscore the head
+            rank = np.where(tail, rank - (np.ptp(rank) + 1.0), rank)
         return scores, rank, prefs
 
     def _decide(self, st: EngineState, user_id: str, request_id: str, context: dict[str, Any],
