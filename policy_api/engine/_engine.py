@@ -43,7 +43,7 @@ from ..log import Catalog
 from ._features import layout_features, shared_features
 from ._ids import seed_of
 
-__all__ = ["CALIBRATION_PRIOR", "ITEM_LIFT_PRIOR", "ITEM_LIFT_RANGE", "curve_rate", "item_lift", "item_lift_of", "with_item_lift", "REPEAT_LIFT_RANGE", "repeat_lift", "SKIP_DEMOTION", "calibrated", "calibration_rates", "category_calibration", "group_calibration", "Decision", "DecisionEngine", "EngineState", "LiveSignals", "Scorer", "ScorerHandle",
+__all__ = ["CALIBRATION_PRIOR", "ITEM_LIFT_PRIOR", "ITEM_LIFT_RANGE", "curve_rate", "head_first", "item_lift", "item_lift_of", "with_item_lift", "REPEAT_LIFT_RANGE", "repeat_lift", "SKIP_DEMOTION", "calibrated", "calibration_rates", "category_calibration", "group_calibration", "Decision", "DecisionEngine", "EngineState", "LiveSignals", "Scorer", "ScorerHandle",
            "build_state"]
 
 log = logging.getLogger("homepage.engine")
@@ -382,6 +382,22 @@ def repeat_lift(rates: Mapping[str, Any], names: tuple[str, ...], prior: float =
 ITEM_LIFT_PRIOR = 50.0
 #: the item lift is kept within these bounds
 ITEM_LIFT_RANGE = (0.01, 100.0)
+
+
+def head_first(rank: np.ndarray, is_tail: np.ndarray) -> np.ndarray:
+    """Rank scores (last axis: a pool) with every long-tail item below every head item, the order within
+    each kept: long-tail items reach a module through the tilt's quota only, and at level 0 a module
+    shows its category's head (its tail only where the head runs out). The long-tail share is then what
+    the allocator chose, not what happened to outscore the head (an item lift, a live tilt).
+
+    Examples
+    --------
+    >>> head_first(np.array([0.5, 1.0, 0.0]), np.array([False, True, False])).tolist()
+    [0.5, -1.0, 0.0]
+    """
+    rank = np.asarray(rank, dtype=np.float64)
+    span = np.ptp(rank, axis=-1, keepdims=True) + 1.0
+    return np.where(is_tail, rank - span, rank)
 
 
 def curve_rate(x: np.ndarray, knots_x: np.ndarray, knots_rate: np.ndarray) -> np.ndarray:
@@ -950,13 +966,7 @@ class DecisionEngine:
                 rank = np.where(rank > 0, rank * lift, rank / lift)
         if offset is not None:
             scores = scores + offset
-        tail = st.is_tail[pool]
-        if tail.any() and (~tail).any():
-            # long-tail items are shown through the tilt's quota: at level 0 a module shows its
-            # category's head (its tail only where the head runs out), so the long-tail share is what
-            # the allocator chose, not what happened to outscore the head
-            rank = np.where(tail, rank - (np.ptp(rank) + 1.0), rank)
-        return scores, rank, prefs
+        return scores, head_first(rank, st.is_tail[pool]), prefs
 
     def _decide(self, st: EngineState, user_id: str, request_id: str, context: dict[str, Any],
                 live: LiveSignals | None) -> Decision:

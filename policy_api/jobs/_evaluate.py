@@ -33,7 +33,7 @@ import rankers
 from allocator import block_table, build_candidates
 
 from .. import registry
-from ..engine import EngineState, ScorerHandle, build_state
+from ..engine import EngineState, ScorerHandle, build_state, head_first
 from ..errors import InvalidInput
 from ..log import Catalog, load_items
 from ..registry import ConfigRecord
@@ -172,7 +172,8 @@ def _pools(state: EngineState, n_users: int, seed: int) -> np.ndarray:
     return np.concatenate(parts, axis=1).astype(np.int64)
 
 
-def served_pages(state: EngineState, scores: np.ndarray, pools: np.ndarray) -> np.ndarray:
+def served_pages(state: EngineState, scores: np.ndarray, pools: np.ndarray, last: np.ndarray | None = None
+                 ) -> np.ndarray:
     """The page the engine would serve for each user: the tilt-0 candidate of highest expected value.
 
     Parameters
@@ -181,6 +182,8 @@ def served_pages(state: EngineState, scores: np.ndarray, pools: np.ndarray) -> n
         Shape (U, P): the scorer's units for each user's pool items.
     pools
         Shape (U, P): catalog rows of each user's pool.
+    last
+        Shape (U, P) bool or None: items ranked below every other of the pool (the user's seen items).
 
     Returns
     -------
@@ -190,7 +193,11 @@ def served_pages(state: EngineState, scores: np.ndarray, pools: np.ndarray) -> n
     space = state.space
     U, P = pools.shape
     cat = state.item_category[pools]
-    tbl = block_table(space, scores, cat, state.is_tail[pools], state.tail[pools])
+    # the head first at level 0, as serving orders it (engine.head_first)
+    rank = head_first(scores, state.is_tail[pools])
+    if last is not None:
+        rank = np.where(last, rank.min(axis=1, keepdims=True) - 1.0 - np.ptp(rank, axis=1, keepdims=True), rank)
+    tbl = block_table(space, scores, cat, state.is_tail[pools], state.tail[pools], rank_scores=rank)
     cand = build_candidates(space, tbl, np.zeros(space.n_constraints))
     b0 = int(np.argmin(np.abs(space.tilt_levels)))  # the untilted level (0 in every config's default)
     ok = cand.mask & (cand.tilt == b0)
@@ -384,7 +391,7 @@ def evaluate_pages(state: EngineState, h: Holdout, scorers: Mapping[str, PageSco
         if seen_pool is not None:  # below every unseen item of the user's pool
             sc = np.where(seen_pool, sc.min(axis=1, keepdims=True) - 1.0 - np.abs(sc).max(axis=1, keepdims=True),
                           sc)
-        pages = served_pages(state, sc, pools)
+        pages = served_pages(state, sc, pools, last=seen_pool)
         m = rankers.page_metrics(pages, h.positives, n_items=h.n_items, is_tail=state.is_tail)
         metrics[name] = m
         rows.append({"scorer": name, "hr": float(np.mean(m["hit"])), "recall": float(np.mean(m["recall"])),

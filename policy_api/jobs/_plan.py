@@ -46,6 +46,7 @@ from ..engine import (
     calibration_rates,
     catalog_long_tail,
     curve_rate,
+    head_first,
     item_lift,
     item_lift_of,
     load_catalog,
@@ -150,7 +151,11 @@ def user_candidates(state: EngineState, user_ids: np.ndarray, seed: int = 0) -> 
     sc = state.scorer
     u_idx = np.array([sc.user_idx(str(u)) for u in user_ids.tolist()], dtype=np.int64)
     scores = sc.score_pairs(np.repeat(u_idx, P), pools.ravel()).reshape(U, P)
-    rank = scores  # order within a category and the tilt's reach: the scorer's own (see block_table)
+    if state.item_lift is not None:  # part of the scorer, as serving applies it
+        lift = state.item_lift[pools]
+        scores = np.where(scores > 0, scores * lift, scores / lift)
+    # order within a category and the tilt's reach: the scorer's own, the head first (see block_table)
+    rank = head_first(scores, state.is_tail[pools])
     cat = state.item_category[pools]
     if state.score_multiplier is not None:  # as serving calibrates it
         scores = scores * state.score_multiplier[pools]

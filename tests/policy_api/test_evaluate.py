@@ -17,7 +17,7 @@ import pytest
 import rankers
 from allocator import block_table, build_candidates, layout_items
 from policy_api import cli, jobs, registry
-from policy_api.engine import DecisionEngine, LiveSignals, ScorerHandle, build_state, load_state
+from policy_api.engine import DecisionEngine, LiveSignals, ScorerHandle, build_state, head_first, load_state
 from policy_api.errors import InvalidInput
 from policy_api.log import Catalog, load_items, make_engine, read_catalog_csv, upgrade, upsert_items
 from simulator import EVENT_TYPES, exposure_log, make_world
@@ -68,7 +68,8 @@ def test_served_pages_match_the_engine_layout_user_by_user(logged, seed):
     b0 = int(np.flatnonzero(space.tilt_levels == 0)[0])
     for u in range(pools.shape[0]):  # the reference: one user at a time, the engine's own helpers
         cat = state.item_category[pools[u]]
-        tbl = block_table(space, scores[u][None], cat, state.is_tail[pools[u]], state.tail[pools[u]])
+        tbl = block_table(space, scores[u][None], cat, state.is_tail[pools[u]], state.tail[pools[u]],
+                          rank_scores=head_first(scores[u], state.is_tail[pools[u]])[None])
         cand = build_candidates(space, tbl, np.zeros(space.n_constraints))
         ok = np.flatnonzero(cand.mask[0] & (cand.tilt[0] == b0))
         best = ok[np.argmax(cand.value[0, ok])]
@@ -121,7 +122,11 @@ def test_metrics_match_a_per_user_loop_and_oracle_beats_popularity(logged):
     res = jobs.evaluate_pages(state, h, scorers, baselines=("popularity",), n_boot=200)
     assert res.best_baseline == "popularity" and res.n_users == h.users.size
     pools = jobs._evaluate._pools(state, h.users.size, 0)
-    pages = jobs.served_pages(state, oracle(h.users, pools), pools)
+    # the user's seen items below every other of the pool, as the evaluation excludes them
+    seen = h.seen.toarray()[np.arange(h.users.size)[:, None], pools] > 0
+    sc = oracle(h.users, pools)
+    sc = np.where(seen, sc.min(axis=1, keepdims=True) - 1.0 - np.abs(sc).max(axis=1, keepdims=True), sc)
+    pages = jobs.served_pages(state, sc, pools, last=seen)
     k = pages.shape[1]
     rec = [len(set(p[p >= 0].tolist()) & set(np.flatnonzero(q).tolist())) / min(q.sum(), k)
            for p, q in zip(pages, pos, strict=True)]
