@@ -288,6 +288,8 @@ class EngineState:
     # per category, its best long-tail items outside its pool head, best first: the first places of the
     # category's pool draw (see :func:`with_item_lift`)
     proven: tuple[np.ndarray, ...] = ()
+    # per category, a flag per position of its pool's rest (past its head): the item there is proven
+    proven_rest: tuple[np.ndarray, ...] = ()
 
 
 def calibration_rates(rates: Mapping[str, Any], names: tuple[str, ...]) -> np.ndarray:
@@ -489,7 +491,7 @@ def with_item_lift(state: EngineState, lift: np.ndarray | None) -> EngineState:
     measured): a long-tail item that proved itself keeps coming back to the tilted modules. ``None``
     takes the lifts off."""
     if lift is None:
-        return state if state.item_lift is None else replace(state, item_lift=None, proven=())
+        return state if state.item_lift is None else replace(state, item_lift=None, proven=(), proven_rest=())
     items = np.flatnonzero(state.item_category >= 0)
     value = np.zeros(state.item_category.size)
     s = np.asarray(state.scorer.score(-1, items), dtype=np.float64)
@@ -497,7 +499,7 @@ def with_item_lift(state: EngineState, lift: np.ndarray | None) -> EngineState:
     if state.score_multiplier is not None:
         s = s * state.score_multiplier[items]
     value[items] = s if state.score_offset is None else s + state.score_offset[items]
-    by_cat, proven = [], []
+    by_cat, proven, flags = [], [], []
     rank = np.full(state.item_category.size, -1, dtype=np.int64)
     for c, idx in enumerate(state.by_category):
         # by lifted value; ties (items of equal value, none measured) keep their popularity order
@@ -505,8 +507,13 @@ def with_item_lift(state: EngineState, lift: np.ndarray | None) -> EngineState:
         by_cat.append(order)
         rank[order] = np.arange(order.size)
         rest = order[int(state.head_quota[c]):]
-        proven.append(rest[state.is_tail[rest]][: int(state.rest_quota[c]) // 2])
-    return replace(state, item_lift=lift, by_category=tuple(by_cat), category_rank=rank, proven=tuple(proven))
+        best = np.flatnonzero(state.is_tail[rest])[: int(state.rest_quota[c]) // 2]
+        proven.append(rest[best])
+        flag = np.zeros(rest.size, dtype=bool)
+        flag[best] = True
+        flags.append(flag)
+    return replace(state, item_lift=lift, by_category=tuple(by_cat), category_rank=rank, proven=tuple(proven),
+                   proven_rest=tuple(flags))
 
 
 def calibration_shift(old: np.ndarray, new: np.ndarray, min_impressions: float = 1000.0) -> float:
@@ -871,16 +878,19 @@ class DecisionEngine:
             h, r = int(st.head_quota[c]), int(st.rest_quota[c])
             parts.append(items[:h])
             if r:
-                drawn = items[h + np.sort(rng.choice(items.size - h, size=r, replace=False))]
+                at = np.sort(rng.choice(items.size - h, size=r, replace=False))
+                own = mine[st.item_category[mine] == c][:r] if mine is not None and mine.size else None
                 lead: np.ndarray | None = st.proven[c] if st.proven else None
-                if mine is not None and mine.size:
-                    own = mine[st.item_category[mine] == c][:r]
-                    if own.size:
-                        lead = own if lead is None or not lead.size else np.concatenate(
-                            [own, lead[~np.isin(lead, own)]])[:r]
-                if lead is not None and lead.size:
-                    drawn = np.concatenate([lead, drawn[~np.isin(drawn, lead)][: r - lead.size]])
-                parts.append(drawn)
+                if own is None or not own.size:
+                    if lead is not None and lead.size:  # the proven first, then the draw's others
+                        at = at[~st.proven_rest[c][at]][: r - lead.size]
+                        parts.extend((lead, items[h + at]))
+                    else:
+                        parts.append(items[h + at])
+                    continue
+                drawn = items[h + at]
+                lead = own if lead is None or not lead.size else np.concatenate([own, lead[~np.isin(lead, own)]])[:r]
+                parts.append(np.concatenate([lead, drawn[~np.isin(drawn, lead)][: r - lead.size]]))
         return np.concatenate(parts)
 
     def item_scores(self, st: EngineState, u: int, pool: np.ndarray, live: LiveSignals | None = None

@@ -250,6 +250,21 @@ def test_serving_multiplies_the_scores_by_the_lift_and_orders_each_pool_by_lifte
         drawn = engine.pool(st, np.random.default_rng(9))
         assert set(st.proven[c].tolist()) <= set(drawn.tolist())
     assert with_item_lift(st, None).item_lift is None
+    # the pool against a plain reference: per category its head, then the user's liked items outside
+    # it, then the proven long-tail items, then the seeded draw's other items (the same draw)
+    liked = np.array([st.by_category[0][-1], st.by_category[1][-3]], dtype=np.int64)
+    for recent in (None, liked):
+        got = engine.pool(st, np.random.default_rng(11), recent)
+        rng_ref = np.random.default_rng(11)
+        want = []
+        for c, items in enumerate(st.by_category):
+            h, r = int(st.head_quota[c]), int(st.rest_quota[c])
+            want += items[:h].tolist()
+            drawn = items[h + np.sort(rng_ref.choice(items.size - h, size=r, replace=False))].tolist()
+            own = [] if recent is None else [i for i in recent.tolist() if st.item_category[i] == c][:r]
+            lead = (own + [i for i in st.proven[c].tolist() if i not in own])[:r]
+            want += lead + [i for i in drawn if i not in lead][: r - len(lead)]
+        assert got.tolist() == want
 
 
 def test_the_plan_carries_item_rates_measured_on_the_log_and_serving_uses_them(tmp_path, world_state):
