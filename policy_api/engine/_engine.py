@@ -287,9 +287,9 @@ class EngineState:
     item_lift: np.ndarray | None = None
     # per category, its best long-tail items outside its pool head, best first: the first places of the
     # category's pool draw (see :func:`with_item_lift`)
-    proven: tuple[np.ndarray, ...] = ()
-    # per category, a flag per position of its pool's rest (past its head): the item there is proven
-    proven_rest: tuple[np.ndarray, ...] = ()
+    tail_lead: tuple[np.ndarray, ...] = ()
+    # per category, a flag per position of its pool's rest (past its head): the item there leads the draw
+    tail_lead_rest: tuple[np.ndarray, ...] = ()
 
 
 def calibration_rates(rates: Mapping[str, Any], names: tuple[str, ...]) -> np.ndarray:
@@ -433,7 +433,7 @@ def item_lift_of(rates: Mapping[str, Any], names: tuple[str, ...], index: Mappin
                  prior: float = ITEM_LIFT_PRIOR) -> np.ndarray | None:
     """(n_items,) what each catalog item earns over what a scorer says (``score``: its scores for a user
     it knows nothing of), from a plan's calibration (per category, ``"items": {"ids", "units",
-    "exposure", "curve", "floor", "scale"}``, see ``jobs.item_rates``).
+    "exposure", "curve", "scale"}``, see ``jobs.item_rates``).
 
     An item's rate is ``r = (y + k f) / (A + k)``: its positive units ``y`` over its exposure ``A`` (its
     viewers' factors summed over its impressions), shrunk toward its category's curve ``f`` over log
@@ -486,12 +486,12 @@ def item_lift_of(rates: Mapping[str, Any], names: tuple[str, ...], index: Mappin
 def with_item_lift(state: EngineState, lift: np.ndarray | None) -> EngineState:
     """``state`` with item lifts (:func:`item_lift`): serving multiplies each item's score by its lift,
     and each category's pool is ordered by the lifted value (its head is the best items by what they
-    earn, not by popularity alone). The best long-tail items outside the pool head take the first
-    half of the category's pool draw (the rest stays random, so every item keeps a chance to be
-    measured): a long-tail item that proved itself keeps coming back to the tilted modules. ``None``
+    earn, not by popularity alone). The category's best long-tail items by value outside the pool head
+    take the first half of its pool draw (the rest stays random, so every item keeps a chance to be
+    measured), so that the tilted modules show them rather than the draw's chance picks. ``None``
     takes the lifts off."""
     if lift is None:
-        return state if state.item_lift is None else replace(state, item_lift=None, proven=(), proven_rest=())
+        return state if state.item_lift is None else replace(state, item_lift=None, tail_lead=(), tail_lead_rest=())
     items = np.flatnonzero(state.item_category >= 0)
     value = np.zeros(state.item_category.size)
     s = np.asarray(state.scorer.score(-1, items), dtype=np.float64)
@@ -499,7 +499,7 @@ def with_item_lift(state: EngineState, lift: np.ndarray | None) -> EngineState:
     if state.score_multiplier is not None:
         s = s * state.score_multiplier[items]
     value[items] = s if state.score_offset is None else s + state.score_offset[items]
-    by_cat, proven, flags = [], [], []
+    by_cat, lead, flags = [], [], []
     rank = np.full(state.item_category.size, -1, dtype=np.int64)
     for c, idx in enumerate(state.by_category):
         # by lifted value; ties (items of equal value, none measured) keep their popularity order
@@ -508,12 +508,12 @@ def with_item_lift(state: EngineState, lift: np.ndarray | None) -> EngineState:
         rank[order] = np.arange(order.size)
         rest = order[int(state.head_quota[c]):]
         best = np.flatnonzero(state.is_tail[rest])[: int(state.rest_quota[c]) // 2]
-        proven.append(rest[best])
+        lead.append(rest[best])
         flag = np.zeros(rest.size, dtype=bool)
         flag[best] = True
         flags.append(flag)
-    return replace(state, item_lift=lift, by_category=tuple(by_cat), category_rank=rank, proven=tuple(proven),
-                   proven_rest=tuple(flags))
+    return replace(state, item_lift=lift, by_category=tuple(by_cat), category_rank=rank, tail_lead=tuple(lead),
+                   tail_lead_rest=tuple(flags))
 
 
 def calibration_shift(old: np.ndarray, new: np.ndarray, min_impressions: float = 1000.0) -> float:
@@ -551,7 +551,8 @@ def calibrated(state: EngineState, rates: np.ndarray | None, predicted: np.ndarr
     group = cat * 2 + state.is_tail[items].astype(np.int64)
     scores = state.scorer.score(-1, items)
     if state.item_lift is not None:  # the lift is part of the scorer (see item_lift_of)
-        scores = scores * state.item_lift[items]
+        lift = state.item_lift[items]
+        scores = np.where(scores > 0, scores * lift, scores / lift)
     r = np.asarray(rates, dtype=np.float64)
     top = state.config.items_per_module
     shown_c = shown_g = None
@@ -866,7 +867,7 @@ class DecisionEngine:
         rest, so the long tail gets a chance to be scored. ``recent``: catalog rows the user engaged
         with lately (newest first); those outside their category's head take the first places of its
         draw, so a liked long-tail item can come back (when the repeat lift says that pays); the
-        category's proven items (:func:`with_item_lift`) come next."""
+        category's best long-tail items by value (:func:`with_item_lift`) come next."""
         mine = None
         if recent is not None and recent.size and st.category_rank is not None:
             _, first = np.unique(recent, return_index=True)
@@ -880,10 +881,10 @@ class DecisionEngine:
             if r:
                 at = np.sort(rng.choice(items.size - h, size=r, replace=False))
                 own = mine[st.item_category[mine] == c][:r] if mine is not None and mine.size else None
-                lead: np.ndarray | None = st.proven[c] if st.proven else None
+                lead: np.ndarray | None = st.tail_lead[c] if st.tail_lead else None
                 if own is None or not own.size:
-                    if lead is not None and lead.size:  # the proven first, then the draw's others
-                        at = at[~st.proven_rest[c][at]][: r - lead.size]
+                    if lead is not None and lead.size:  # the tail's best first, then the draw's others
+                        at = at[~st.tail_lead_rest[c][at]][: r - lead.size]
                         parts.extend((lead, items[h + at]))
                     else:
                         parts.append(items[h + at])

@@ -330,11 +330,10 @@ def item_rates(user: np.ndarray, request: np.ndarray, item: np.ndarray, units: n
     item's rate for an average user, ``r[i] = (y[i] + k f[i]) / (A[i] + k)`` with ``y`` its units,
     ``A`` the sum of its viewers' factors over its impressions and ``k = item_prior``, shrunk toward
     the category's curve ``f`` of item rates over ``x`` (:func:`_rate_curve`); ``iterations`` rounds
-    of alternating closed-form updates. An item
-    never shown gets its curve. The user factor matters: once serving personalises, an item deep in a
-    category (its second and third modules) is shown mostly to users who like the category, and would
-    look better than the category's first items for that alone. Each impression counts once.
-    Vectorised (bincounts), no loop over rows.
+    of alternating closed-form updates. An item never shown gets its curve. The user factor matters:
+    once serving personalises, an item deep in a category (its second and third modules) is shown
+    mostly to users who like the category, and would look better than the category's first items for
+    that alone. Each impression counts once. Vectorised (bincounts), no loop over rows.
 
     Examples
     --------

@@ -245,13 +245,13 @@ def test_serving_multiplies_the_scores_by_the_lift_and_orders_each_pool_by_lifte
         want_head = state.by_category[c][np.argsort(-value[state.by_category[c]], kind="stable")][: st.head_quota[c]]
         assert set(head.tolist()) == set(want_head.tolist())
         rest = order[st.head_quota[c]:]
-        assert st.proven[c].tolist() == rest[st.is_tail[rest]][: st.rest_quota[c] // 2].tolist()
+        assert st.tail_lead[c].tolist() == rest[st.is_tail[rest]][: st.rest_quota[c] // 2].tolist()
         # the draw starts with the category's best long-tail items outside the head
         drawn = engine.pool(st, np.random.default_rng(9))
-        assert set(st.proven[c].tolist()) <= set(drawn.tolist())
+        assert set(st.tail_lead[c].tolist()) <= set(drawn.tolist())
     assert with_item_lift(st, None).item_lift is None
     # the pool against a plain reference: per category its head, then the user's liked items outside
-    # it, then the proven long-tail items, then the seeded draw's other items (the same draw)
+    # it, then the category's best long-tail items, then the seeded draw's other items (the same draw)
     liked = np.array([st.by_category[0][-1], st.by_category[1][-3]], dtype=np.int64)
     for recent in (None, liked):
         got = engine.pool(st, np.random.default_rng(11), recent)
@@ -262,7 +262,7 @@ def test_serving_multiplies_the_scores_by_the_lift_and_orders_each_pool_by_lifte
             want += items[:h].tolist()
             drawn = items[h + np.sort(rng_ref.choice(items.size - h, size=r, replace=False))].tolist()
             own = [] if recent is None else [i for i in recent.tolist() if st.item_category[i] == c][:r]
-            lead = (own + [i for i in st.proven[c].tolist() if i not in own])[:r]
+            lead = (own + [i for i in st.tail_lead[c].tolist() if i not in own])[:r]
             want += lead + [i for i in drawn if i not in lead][: r - len(lead)]
         assert got.tolist() == want
 
