@@ -25,6 +25,7 @@ from ._learn import LearnResult, catalog_categories, learn, load_log, log_featur
 from ._partitioned import PARTITION_TARGETS, ExportPartition, replay_partitioned
 from ._plan import (
     CURVE_KNOTS,
+    MIN_MEASURED_ITEMS,
     UNPERSONALISED_PRIOR,
     ApplyResult,
     ConfigCheck,
@@ -106,6 +107,7 @@ __all__ = [
     "catalog_page_scorer",
     "calibration",
     "CURVE_KNOTS",
+    "MIN_MEASURED_ITEMS",
     "ItemRates",
     "feedback_seen",
     "item_engagement_rates",

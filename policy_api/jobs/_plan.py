@@ -309,6 +309,8 @@ def repeat_rates(user: np.ndarray, request: np.ndarray, item: np.ndarray, ts: np
 
 #: at most this many items (the most impressed) carry their own rate in a plan's calibration
 MAX_ITEM_RATES = 20000
+#: a category carries item rates once this many of its head items have ``ITEM_LIFT_PRIOR`` impressions each
+MIN_MEASURED_ITEMS = 20
 #: examined impressions of a user's own in a category that count as much as the population's rate, when
 #: :func:`item_rates` separates what users bring from what items bring
 ITEM_USER_PRIOR = 20.0
@@ -557,7 +559,14 @@ def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray
             scale = np.divide(num, den, out=np.zeros(2 * C), where=den > 0)
             keep = np.argsort(-got.impressions, kind="stable")[:MAX_ITEM_RATES]
             cat = item_cat[got.items[keep]]
+            # a category carries item rates once enough of its head items are well measured: on a
+            # handful, the lifts and the groups' calibration on them swung the first few hundred
+            # requests (the long-tail share fell 4 pp under its floor)
+            head = ~is_tail[got.items]
+            well = np.bincount(item_cat[got.items], weights=head & (got.impressions >= ITEM_LIFT_PRIOR), minlength=C)
             for k, c in enumerate(names):
+                if well[k] < MIN_MEASURED_ITEMS:
+                    continue
                 mine = keep[cat == k]
                 item_block[c] = {"ids": [str(catalog.item_ids[r]) for r in got.items[mine].tolist()],
                                  "units": got.units[mine].tolist(), "exposure": got.exposure[mine].tolist(),

@@ -15,6 +15,7 @@ from allocator import parse_config_text
 from policy_api import jobs, registry
 from policy_api import log as store
 from policy_api.engine import (
+    ITEM_LIFT_PRIOR,
     DecisionEngine,
     LiveSignals,
     build_state,
@@ -279,7 +280,7 @@ def test_the_plan_carries_item_rates_measured_on_the_log_and_serving_uses_them(t
     t0 = datetime.now(tz=UTC) - timedelta(minutes=30)
     decisions, rows = [], []
     index = cat.index_of()
-    for r in range(300):
+    for r in range(1200):
         user = f"u{r % 20}"
         d = engine.decide(user, f"r{r}")
         decisions.append(d.row())
@@ -304,7 +305,14 @@ def test_the_plan_carries_item_rates_measured_on_the_log_and_serving_uses_them(t
     assert plan is not None and plan.version == res.plan_version
     cal = plan.solver["calibration"]
     assert isinstance(plan.solver.get("feedback_seen"), int) and plan.solver["feedback_seen"] >= len(rows)
+    is_tail = load_state(eng).is_tail
+    well = np.bincount(item_cat[want.items], weights=~is_tail[want.items] & (want.impressions >= ITEM_LIFT_PRIOR),
+                       minlength=len(names))
+    assert (well >= jobs.MIN_MEASURED_ITEMS).any()
     for k, c in enumerate(names):
+        if well[k] < jobs.MIN_MEASURED_ITEMS:  # too few well-measured head items: no rates yet
+            assert "items" not in cal[c]
+            continue
         got = cal[c]["items"]
         mine = item_cat[want.items] == k
         assert sorted(got["ids"]) == sorted(str(cat.item_ids[i]) for i in want.items[mine])
