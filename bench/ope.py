@@ -18,6 +18,12 @@ saved arrays as ours: the Open Bandit Dataset sample that obp ships ('random' po
 80 actions, 3 positions) tiled to ``--obp-rows`` rows, with a seeded target ``action_dist`` and reward
 model of shape (n_rounds, 80, 3).
 
+``--boot-only`` runs only the bootstrap part: on ``--boot-rows`` rows, each estimator's
+``bootstrap_ci`` with the multinomial bootstrap (the method and code of before the Poisson default,
+same draws) and the Poisson bootstrap (the default) alternately, best of ``--repeats``, their ratio,
+and where the time goes (drawing the counts alone vs the whole call); with the load average and the
+time of day, since the machine is shared.
+
 Each ``estimate`` call includes input validation (row sums, ranges), the weights, the influence
 terms and the overlap diagnostics (weight quantiles). Targets: >= 5e6 rows/s for IPS/SNIPS/DR, and
 <= 10 s for 200 bootstrap resamples over 10^6 rows.
@@ -29,6 +35,7 @@ import argparse
 import json
 import os
 import time
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -215,7 +222,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[2], help="with --partitions: Ray worker counts")
     ap.add_argument("--obp", metavar="PYTHON", help="only: obp 0.4.1 (installed for PYTHON) beside ours")
     ap.add_argument("--obp-rows", type=int, default=1_000_000)
+    ap.add_argument("--boot-only", action="store_true", help="only: the bootstrap, multinomial vs Poisson")
     args = ap.parse_args()
+    if args.boot_only:
+        bench_bootstrap(args.boot_rows, args.n_cand, args.n_boot, args.repeats)
+        return
     if args.partitions:
         bench_partitions(args.partitions, args.rows, args.n_cand, 0, args.passes, tuple(args.workers))
         return
@@ -223,38 +234,89 @@ def main() -> None:
         bench_obp(args.obp, args.obp_rows)
         return
 
+    bench_estimates(args.rows, args.n_cand, args.repeats)
+    bench_bootstrap(args.boot_rows, args.n_cand, args.n_boot, args.repeats)
+
+
+def bench_estimates(rows: int, n_cand: int, repeats: int) -> None:
+    """Each estimator's ``estimate`` and ``estimate_all`` on ``rows`` rows (no bootstrap)."""
     t0 = time.perf_counter()
-    r, a, p, pi, q = make_log(args.rows, args.n_cand)
-    print(json.dumps({"bench": "ope.make_log", "rows": args.rows, "n_cand": args.n_cand,
+    r, a, p, pi, q = make_log(rows, n_cand)
+    print(json.dumps({"bench": "ope.make_log", "rows": rows, "n_cand": n_cand,
                       "seconds": round(time.perf_counter() - t0, 2)}), flush=True)
     for est in (IPS(), SNIPS(), DR(), SNDR()):
         needs = est.needs_model
-        s = best_of(lambda est=est, needs=needs: est.estimate(r, a, p, pi, q if needs else None), args.repeats)
-        print(json.dumps({"bench": "ope.estimate", "estimator": est.name, "rows": args.rows,
-                          "n_cand": args.n_cand, "seconds": round(s, 3), "rows_per_s": round(args.rows / s),
+        s = best_of(lambda est=est, needs=needs: est.estimate(r, a, p, pi, q if needs else None), repeats)
+        print(json.dumps({"bench": "ope.estimate", "estimator": est.name, "rows": rows,
+                          "n_cand": n_cand, "seconds": round(s, 3), "rows_per_s": round(rows / s),
                           "target_rows_per_s": 5_000_000}), flush=True)
     s = best_of(lambda: estimate_all(r, a, p, pi, q), 1)
-    print(json.dumps({"bench": "ope.estimate_all", "estimators": 6, "rows": args.rows, "seconds": round(s, 3),
-                      "rows_per_s": round(args.rows / s)}), flush=True)
-    del r, a, p, pi, q
+    print(json.dumps({"bench": "ope.estimate_all", "estimators": 6, "rows": rows, "seconds": round(s, 3),
+                      "rows_per_s": round(rows / s)}), flush=True)
 
-    n = args.boot_rows
-    r, a, p, pi, q = make_log(n, args.n_cand, seed=1)
+
+def bench_bootstrap(n: int, n_cand: int, n_boot: int, repeats: int) -> None:
+    """Multinomial (before) and Poisson (now) bootstrap on the same log, alternately in one run."""
+    from bandits import _ope
+
+    def load() -> list[float]:
+        return [round(x, 2) for x in os.getloadavg()]
+
+    def now() -> str:
+        return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+    print(json.dumps({"bench": "ope.bootstrap.start", "time": now(), "load": load(), "cpus": os.cpu_count()}),
+          flush=True)
+    r, a, p, pi, q = make_log(n, n_cand, seed=1)
+    methods = ("multinomial", "poisson")
     for est in (IPS(), SNIPS(), DR()):
-        needs = est.needs_model
-        t0 = time.perf_counter()
-        ci = bootstrap_ci(est, r, a, p, pi, q if needs else None, n_boot=args.n_boot,
-                          rng=np.random.default_rng(0))
-        s = time.perf_counter() - t0
-        print(json.dumps({"bench": "ope.bootstrap", "estimator": est.name, "rows": n, "n_boot": args.n_boot,
-                          "seconds": round(s, 2), "target_seconds": 10.0, "ci": [round(ci.low, 5), round(ci.high, 5)]}),
-              flush=True)
-    t0 = time.perf_counter()
-    estimate_all(r, a, p, pi, q, n_boot=args.n_boot, rng=np.random.default_rng(0))
-    print(json.dumps({"bench": "ope.bootstrap_all", "estimators": 6, "rows": n, "n_boot": args.n_boot,
-                      "seconds": round(time.perf_counter() - t0, 2)}), flush=True)
-    print(json.dumps({"bench": "ope.uptime", "loadavg": [round(x, 2) for x in os.getloadavg()],
-                      "cpus": os.cpu_count()}), flush=True)
+        model = q if est.needs_model else None
+        times: dict[str, list[float]] = {m: [] for m in methods}
+        cis = {}
+        for _ in range(repeats):
+            for m in methods:
+                t0 = time.perf_counter()
+                ci = bootstrap_ci(est, r, a, p, pi, model, n_boot=n_boot, seed=0, method=m)
+                times[m].append(time.perf_counter() - t0)
+                cis[m] = [round(ci.low, 5), round(ci.high, 5), round(ci.se, 6)]
+        best = {m: min(times[m]) for m in methods}
+        print(json.dumps({"bench": "ope.bootstrap", "estimator": est.name, "rows": n, "n_boot": n_boot,
+                          "multinomial_s": round(best["multinomial"], 3), "poisson_s": round(best["poisson"], 3),
+                          "speedup": round(best["multinomial"] / best["poisson"], 2),
+                          "ms_per_resample": {m: round(1e3 * best[m] / n_boot, 2) for m in methods},
+                          "ci_low_high_se": cis, "target_seconds": 10.0, "load": load()}), flush=True)
+    times = {m: [] for m in methods}
+    for _ in range(repeats):
+        for m in methods:
+            t0 = time.perf_counter()
+            estimate_all(r, a, p, pi, q, n_boot=n_boot, seed=0, method=m)
+            times[m].append(time.perf_counter() - t0)
+    best = {m: min(times[m]) for m in methods}
+    print(json.dumps({"bench": "ope.bootstrap_all", "estimators": 6, "rows": n, "n_boot": n_boot,
+                      "multinomial_s": round(best["multinomial"], 3), "poisson_s": round(best["poisson"], 3),
+                      "speedup": round(best["multinomial"] / best["poisson"], 2), "load": load()}), flush=True)
+
+    # where the time goes: drawing the counts alone (what the old path does per resample: n uniform
+    # row indices, then their bincount; the new: the blocks of Poisson counts), best of `repeats`
+    def multinomial_draws() -> None:
+        g = np.random.default_rng(0)
+        for _ in range(n_boot):
+            np.bincount(g.integers(0, n, size=n), minlength=n)
+
+    def multinomial_indices() -> None:
+        g = np.random.default_rng(0)
+        for _ in range(n_boot):
+            g.integers(0, n, size=n)
+
+    def poisson_draws() -> None:
+        for _ in _ope._poisson_blocks(n, n_boot, np.random.default_rng(0)):
+            pass
+
+    parts = {"multinomial_indices_s": multinomial_indices, "multinomial_indices_and_bincount_s": multinomial_draws,
+             "poisson_counts_s": poisson_draws}
+    print(json.dumps({"bench": "ope.bootstrap.draws", "rows": n, "n_boot": n_boot,
+                      **{k: round(best_of(f, repeats), 3) for k, f in parts.items()}, "load": load(),
+                      "time": now()}), flush=True)
 
 
 if __name__ == "__main__":

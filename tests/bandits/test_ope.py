@@ -154,14 +154,14 @@ def test_identities_between_estimators(seed: int) -> None:
 
 
 def test_bootstrap_matches_slow_loop(seed: int) -> None:
-    """The vectorised bootstrap equals re-running the estimator on explicitly resampled logs drawn
-    from the same random stream."""
+    """The vectorised multinomial bootstrap equals re-running the estimator on explicitly resampled
+    logs drawn from the same random stream (the Poisson default: test_ope_bootstrap.py)."""
     rng = np.random.default_rng(seed)
     _, log = synthetic_world(rng)
     data = log(300, model_bias=0.2)
     n = 300
     for est in (IPS(), SNIPS(), SNDR(), SwitchDR(tau=3.0)):
-        ci = bootstrap_ci(est, *data, n_boot=40, alpha=0.1, rng=np.random.default_rng(seed))
+        ci = bootstrap_ci(est, *data, n_boot=40, alpha=0.1, rng=np.random.default_rng(seed), method="multinomial")
         ref_rng = np.random.default_rng(seed)
         values = []
         for _ in range(40):
@@ -273,5 +273,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
         bootstrap_ci(IPS(), r, a, p, pi)
     with pytest.raises(ValueError, match=r"n_boot must be an integer >= 2; got 1"):
         bootstrap_ci(IPS(), r, a, p, pi, n_boot=1, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"method must be one of \('poisson', 'multinomial'\); got 'efron'"):
+        bootstrap_ci(IPS(), r, a, p, pi, seed=0, method="efron")
     with pytest.raises(ValueError, match=r"RidgeRewardModel is not fitted"):
         RidgeRewardModel().predict(np.ones((2, 2, 1)))
