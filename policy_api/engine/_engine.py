@@ -490,8 +490,18 @@ def with_item_lift(state: EngineState, lift: np.ndarray | None) -> EngineState:
     take the first half of its pool draw (the rest stays random, so every item keeps a chance to be
     measured), so that the tilted modules show them rather than the draw's chance picks. ``None``
     takes the lifts off."""
+    pop = state.catalog.popularity
+    # each category by popularity, as build_state orders it (a state that carried lifts before starts
+    # from it again)
+    popular = [idx[np.lexsort((idx, -pop[idx]))] for idx in state.by_category]
     if lift is None:
-        return state if state.item_lift is None else replace(state, item_lift=None, tail_lead=(), tail_lead_rest=())
+        if state.item_lift is None:
+            return state
+        rank = np.full(state.item_category.size, -1, dtype=np.int64)
+        for order in popular:
+            rank[order] = np.arange(order.size)
+        return replace(state, item_lift=None, by_category=tuple(popular), category_rank=rank, tail_lead=(),
+                       tail_lead_rest=())
     items = np.flatnonzero(state.item_category >= 0)
     value = np.zeros(state.item_category.size)
     s = np.asarray(state.scorer.score(-1, items), dtype=np.float64)
@@ -501,7 +511,7 @@ def with_item_lift(state: EngineState, lift: np.ndarray | None) -> EngineState:
     value[items] = s if state.score_offset is None else s + state.score_offset[items]
     by_cat, lead, flags = [], [], []
     rank = np.full(state.item_category.size, -1, dtype=np.int64)
-    for c, idx in enumerate(state.by_category):
+    for c, idx in enumerate(popular):
         # by lifted value; ties (items of equal value, none measured) keep their popularity order
         order = idx[np.lexsort((np.arange(idx.size), -value[idx]))]
         by_cat.append(order)

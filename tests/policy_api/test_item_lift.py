@@ -250,7 +250,15 @@ def test_serving_multiplies_the_scores_by_the_lift_and_orders_each_pool_by_lifte
         # the draw starts with the category's best long-tail items outside the head
         drawn = engine.pool(st, np.random.default_rng(9))
         assert set(st.tail_lead[c].tolist()) <= set(drawn.tolist())
-    assert with_item_lift(st, None).item_lift is None
+    # taking the lifts off (a plan without item rates, a new scorer) brings back the popularity order
+    off = with_item_lift(st, None)
+    assert off.item_lift is None and off.tail_lead == ()
+    assert all(a.tolist() == b.tolist() for a, b in zip(off.by_category, state.by_category, strict=True))
+    assert off.category_rank is not None and state.category_rank is not None
+    assert off.category_rank.tolist() == state.category_rank.tolist()
+    # a second set of lifts orders from the popularity order, not from the first lifts' order
+    again = with_item_lift(replace(st, item_lift=lift), lift)
+    assert all(a.tolist() == b.tolist() for a, b in zip(again.by_category, st.by_category, strict=True))
     # the pool against a plain reference: per category its head, then the user's liked items outside
     # it, then the category's best long-tail items, then the seeded draw's other items (the same draw)
     liked = np.array([st.by_category[0][-1], st.by_category[1][-3]], dtype=np.int64)
