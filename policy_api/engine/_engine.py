@@ -383,7 +383,7 @@ def repeat_lift(rates: Mapping[str, Any], names: tuple[str, ...], prior: float =
 #: examined impressions of an item's own that count as much as its category's curve (see :func:`item_lift`)
 ITEM_LIFT_PRIOR = 50.0
 #: the item lift is kept within these bounds
-ITEM_LIFT_RANGE = (0.01, 100.0)
+ITEM_LIFT_RANGE = (0.25, 4.0)
 
 
 def head_first(rank: np.ndarray, is_tail: np.ndarray) -> np.ndarray:
@@ -439,19 +439,23 @@ def item_lift_of(rates: Mapping[str, Any], names: tuple[str, ...], index: Mappin
     viewers' factors summed over its impressions), shrunk toward its category's curve ``f`` over log
     popularity (knots ``{"x", "rate"}``, :func:`curve_rate`) with ``k`` = ``prior`` impressions; an
     item never shown has its curve. Its lift is ``r / (scale * score)``, ``scale`` its (category, head
-    | tail) group's ratio of the two over the group's impressions (so lifts are about 1 on the items a
-    group shows). Serving multiplies the scorer's scores by it, before anything else: the plan's
-    calibration of the groups is measured on the lifted scores. Bounded to :data:`ITEM_LIFT_RANGE`; 1
-    for long-tail items, where the score is not positive and where the category carries no rates.
-    None when no category does.
+    | tail) group's ratio of the two over the group's impressions; the head's lifts are then divided by
+    their mean over its measured items (weighted by exposure), so that they average 1 on what the head
+    showed and move items within it, leaving its level to the groups' calibration. Serving multiplies
+    the scorer's scores by it, before anything else: the plan's calibration of the groups is measured
+    on the lifted scores. Bounded to :data:`ITEM_LIFT_RANGE` (an item earns at most 4 times, at least a
+    quarter of, what its score says); 1 for long-tail items, where the score is not positive and
+    where the category carries no rates. None when no category does.
 
     Examples
     --------
+    Item x shown 50 times earned 30 units, y never shown has the curve's 0.1, z is in the long tail:
+
     >>> r = {"a": {"items": {"ids": ["x"], "units": [30.0], "exposure": [50.0],
     ...                      "curve": {"x": [0.0], "rate": [0.1]}, "scale": [1.0, 1.0]}}}
     >>> item_lift_of(r, ("a",), {"x": 0, "y": 1, "z": 2}, np.array([0, 0, 0]), np.array([False, False, True]),
     ...              np.ones(3), np.array([0.5, 0.5, 0.5]), prior=50.0).round(3).tolist()
-    [0.7, 0.2, 1.0]
+    [1.0, 0.286, 1.0]
     """
     out = np.ones(item_category.size)
     x = np.log1p(popularity)
@@ -474,8 +478,17 @@ def item_lift_of(rates: Mapping[str, Any], names: tuple[str, ...], index: Mappin
         rate[row] = (units + prior * rate[row]) / (exposure + prior)
         scale = np.asarray(got["scale"], dtype=np.float64)[is_tail[mine].astype(np.int64)]
         den = scale * score[mine]
-        lift = np.divide(rate[mine], den, out=np.ones(mine.size), where=den > 0)
-        out[mine] = np.clip(np.where(den > 0, lift, 1.0), *ITEM_LIFT_RANGE)
+        lift = np.zeros(item_category.size)
+        lift[mine] = np.where(den > 0, np.divide(rate[mine], den, out=np.ones(mine.size), where=den > 0), 1.0)
+        # the head's lifts average 1 over what it showed (its measured items, by exposure), so that they
+        # move items within the head and leave its level to the groups' calibration
+        shown = row[~is_tail[row]]
+        w = exposure[~is_tail[row]]
+        if shown.size and w.sum() > 0:
+            level = float(np.average(lift[shown], weights=w))
+            if level > 0:
+                lift[mine] = np.where(is_tail[mine], lift[mine], lift[mine] / level)
+        out[mine] = np.clip(lift[mine], *ITEM_LIFT_RANGE)
     # the long tail keeps its scores: its items' rates rest on a few impressions each and on a curve
     # drawn through the head, and lifted they were worth 2-4 times what they earned (the long-tail
     # share went far past its floor, each tail item displacing a better head item)

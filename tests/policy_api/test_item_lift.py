@@ -210,8 +210,19 @@ def test_item_lift_is_the_rate_over_the_score_and_leaves_the_tail():
     f = curve_rate(np.log1p(pop[:3]), np.array(kx), np.array(ky))
     r = np.array([(20.0 + 50 * f[0]) / 150.0, (60.0 + 50 * f[1]) / 150.0, f[2]])  # h3 never shown: its curve
     assert got is not None
-    np.testing.assert_allclose(got[:3], r / (0.5 * score[:3]), rtol=1e-12)
+    raw = r / (0.5 * score[:3])
+    level = (100.0 * raw[0] + 100.0 * raw[1]) / 200.0  # the head's measured items, by exposure
+    np.testing.assert_allclose(got[:3], np.clip(raw / level, 0.25, 4.0), rtol=1e-12)
     assert got[3] == 1.0 and got[4] == 1.0  # the long tail, and a category without item rates
+    # bounded: an item earns at most 4 times, at least a quarter of, what its score says
+    big = {"a": {"items": {**rates["a"]["items"], "units": [0.0, 6000.0, 5.0, 90.0], "exposure": [1000.0, 100.0, 10.0, 100.0]}}}
+    got = item_lift_of(big, names, index, cat, is_tail, pop, score, prior=50.0)
+    r = np.array([(0.0 + 50 * f[0]) / 1050.0, (6000.0 + 50 * f[1]) / 150.0, f[2]])
+    raw = r / (0.5 * score[:3])
+    level = (1000.0 * raw[0] + 100.0 * raw[1]) / 1100.0
+    assert raw[1] / level > 4.0 and raw[0] / level < 0.25  # beyond the bounds either way
+    assert got is not None and got[:3].tolist() == pytest.approx(np.clip(raw / level, 0.25, 4.0).tolist())
+    assert got[0] == 0.25 and got[1] == 4.0
     assert item_lift_of({"a": {"head": [1.0, 2.0]}}, names, index, cat, is_tail, pop, score) is None
 
 
