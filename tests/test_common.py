@@ -762,3 +762,16 @@ def world_catalog(world: Any) -> Any:
                    popularity=np.asarray(world.popularity, dtype=float),
                    features=np.asarray(world.item_features, dtype=float),
                    feature_names=tuple(world.item_feature_names))
+
+
+def world_database(path: Any, world: Any, catalog: Any) -> Any:
+    """A migrated SQLite log at ``path`` holding a world's catalog and its default config, active."""
+    from policy_api import registry
+    from policy_api.log import make_engine, upgrade, upsert_items
+
+    url = f"sqlite:///{path}"
+    upgrade(url)
+    eng = make_engine(url)
+    upsert_items(eng, catalog.rows())
+    registry.activate_config(eng, world.default_config_toml(), author="test")
+    return eng

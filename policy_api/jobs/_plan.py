@@ -445,12 +445,13 @@ class ItemRates:
         return out
 
 
-def _window_events(db: Engine, config: HomepageConfig, catalog: Catalog, start: datetime | None
-                   ) -> dict[str, np.ndarray] | None:
+def _window_events(db: Engine, config: HomepageConfig, catalog: Catalog, start: datetime | None, *,
+                   times: bool = True) -> dict[str, np.ndarray] | None:
     """The feedback events since ``start`` joined to their decisions, as int codes: ``user``,
     ``request``, ``item`` (catalog row, -1 = not in the catalog), ``ts`` (s), ``units`` (the event
     type's weight; impressions 0), ``impression`` (bool) and ``weight`` (the slot's position weight
-    over the mean; 1 without a slot). None when there are none. One query."""
+    over the mean; 1 without a slot). None when there are none. One query. ``times=False`` leaves
+    ``ts`` out (its conversion is the one step per row that is not vectorised)."""
     from ..log import decisions, feedback, reading
 
     q = (sa.select(decisions.c.user_id, feedback.c.request_id, feedback.c.item_id, feedback.c.type, feedback.c.ts,
@@ -471,14 +472,17 @@ def _window_events(db: Engine, config: HomepageConfig, catalog: Catalog, start: 
     kinds, kind = np.unique(np.array(kind_s, dtype=object).astype(str), return_inverse=True)
     kind_units = np.array([float(config.events.get(k, 0.0)) for k in kinds.tolist()])
     impression = kinds[kind] == "impression"
-    ts = np.fromiter((t.timestamp() for t in ts_s), dtype=np.float64, count=len(ts_s))
-    slot = np.array([-1 if s is None else s for s in slot_s], dtype=np.int64)
+    ts = np.fromiter((t.timestamp() for t in ts_s), dtype=np.float64, count=len(ts_s)) if times else None
+    slot = np.nan_to_num(np.array(slot_s, dtype=np.float64), nan=-1.0).astype(np.int64)  # None: no slot
     pw = np.asarray(config.position_weights, dtype=np.float64)
     pw = pw / pw.mean()
     in_range = (slot >= 0) & (slot < pw.size)
     weight = np.where(in_range, pw[np.clip(slot, 0, pw.size - 1)], 1.0)
-    return {"user": user, "request": request, "item": item, "ts": ts,
-            "units": np.where(impression, 0.0, kind_units[kind]), "impression": impression, "weight": weight}
+    out = {"user": user, "request": request, "item": item,
+           "units": np.where(impression, 0.0, kind_units[kind]), "impression": impression, "weight": weight}
+    if ts is not None:
+        out["ts"] = ts
+    return out
 
 
 def item_engagement_rates(db: Engine, config: HomepageConfig, since: datetime | None = None, *,
@@ -489,7 +493,7 @@ def item_engagement_rates(db: Engine, config: HomepageConfig, since: datetime | 
 
     catalog = catalog if catalog is not None else load_catalog(db)
     item_cat = catalog.category_index(config.category_names)
-    ev = _window_events(db, config, catalog, recent_since(db, config.loop.item_events, since))
+    ev = _window_events(db, config, catalog, recent_since(db, config.loop.item_events, since), times=False)
     if ev is None:
         return None
     return item_rates(ev["user"], ev["request"], ev["item"], ev["units"], ev["impression"],

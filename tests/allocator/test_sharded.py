@@ -31,12 +31,17 @@ def split(v, a, w, m, cuts):
                         for i, j in zip(edges[:-1], edges[1:], strict=True)])
 
 
-@pytest.mark.parametrize("variant", ["plain", "mask", "float32"])
-def test_sharded_exact_plan_equals_single_machine_dual(seed, variant):
+def _variant_instance(seed, variant):
+    """A 1,200-user instance of the parametrized variant and its single-machine dual plan."""
     rng = np.random.default_rng(seed)
     dtype = np.float32 if variant == "float32" else np.float64
     v, a, w, lo, hi, m = random_instance(rng, 1200, 6, 4, mask=variant == "mask", dtype=dtype)
-    single = plan_dual(v, a, w, lo, hi, m)
+    return v, a, w, lo, hi, m, plan_dual(v, a, w, lo, hi, m)
+
+
+@pytest.mark.parametrize("variant", ["plain", "mask", "float32"])
+def test_sharded_exact_plan_equals_single_machine_dual(seed, variant):
+    v, a, w, lo, hi, m, single = _variant_instance(seed, variant)
     sharded = plan_dual_sharded(split(v, a, w, m, [300, 301, 800]), lo, hi)
     assert sharded.status == single.status == "optimal"
     assert sharded.method == "sharded-dual-lbfgs+crossover"
@@ -81,10 +86,7 @@ class Chunks:
 
 @pytest.mark.parametrize("variant", ["plain", "mask", "float32"])
 def test_chunked_shards_rebuilt_every_pass_equal_single_machine_dual(seed, variant):
-    rng = np.random.default_rng(seed)
-    dtype = np.float32 if variant == "float32" else np.float64
-    v, a, w, lo, hi, m = random_instance(rng, 1200, 6, 4, mask=variant == "mask", dtype=dtype)
-    single = plan_dual(v, a, w, lo, hi, m)
+    v, a, w, lo, hi, m, single = _variant_instance(seed, variant)
     # two shards of 3 and 2 chunks (uneven sizes, one single-user chunk)
     first, second = Chunks(v, a, w, m, [0, 250, 251, 700]), Chunks(v, a, w, m, [700, 1000, 1200])
     shards = LocalShards([ChunkedShard(first, 3), ChunkedShard(second, 2)])

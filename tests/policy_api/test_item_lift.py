@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from allocator import parse_config_text
 from policy_api import jobs, registry
 from policy_api import log as store
 from policy_api.engine import (
@@ -26,9 +25,8 @@ from policy_api.engine import (
     with_item_lift,
 )
 from policy_api.jobs import item_rates
-from policy_api.log import make_engine, upgrade
 from simulator import make_world
-from tests.test_common import world_catalog
+from tests.test_common import world_database
 
 
 def _brute_curve(x, units, exposure, prior, knots):
@@ -226,14 +224,6 @@ def test_item_lift_is_the_rate_over_the_score_and_leaves_the_tail():
     assert item_lift_of({"a": {"head": [1.0, 2.0]}}, names, index, cat, is_tail, pop, score) is None
 
 
-@pytest.fixture()
-def world_state():
-    world = make_world(n_users=60, n_items=600, seed=2)
-    cfg = parse_config_text(world.default_config_toml())
-    cat = world_catalog(world)
-    return world, cfg, cat, build_state(cfg, cat, prices=np.zeros(2))
-
-
 def test_serving_multiplies_the_scores_by_the_lift_and_orders_each_pool_by_lifted_value(world_state):
     _, _, _, state = world_state
     rng = np.random.default_rng(3)
@@ -289,11 +279,7 @@ def test_serving_multiplies_the_scores_by_the_lift_and_orders_each_pool_by_lifte
 
 def test_the_plan_carries_item_rates_measured_on_the_log_and_serving_uses_them(tmp_path, world_state):
     world, cfg, cat, _ = world_state
-    url = f"sqlite:///{tmp_path / 'h.db'}"
-    upgrade(url)
-    eng = make_engine(url)
-    store.upsert_items(eng, cat.rows())
-    registry.activate_config(eng, world.default_config_toml(), author="test")
+    eng = world_database(tmp_path / "h.db", world, cat)
     engine = DecisionEngine(build_state(cfg, cat))
     rng = np.random.default_rng(5)
     t0 = datetime.now(tz=UTC) - timedelta(minutes=30)

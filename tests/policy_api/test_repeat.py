@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from allocator import parse_config_text
 from policy_api import jobs, registry
 from policy_api import log as store
 from policy_api.engine import (
@@ -21,9 +20,7 @@ from policy_api.engine import (
     repeat_lift,
 )
 from policy_api.jobs import repeat_rates
-from policy_api.log import make_engine, upgrade
-from simulator import make_world
-from tests.test_common import world_catalog
+from tests.test_common import world_database
 
 
 def _brute(user, request, item, ts, units, impression, weight, item_category, is_tail, C, prior=10.0):
@@ -116,14 +113,6 @@ def test_repeat_lift_is_shrunk_toward_one_and_bounded():
     assert repeat_lift({"a": {"head": [1.0, 2.0]}}, ("a",)) is None  # an older plan: nothing measured
 
 
-@pytest.fixture()
-def world_state():
-    world = make_world(n_users=60, n_items=600, seed=2)
-    cfg = parse_config_text(world.default_config_toml())
-    cat = world_catalog(world)
-    return world, cfg, cat, build_state(cfg, cat, prices=np.zeros(2))
-
-
 def test_serving_lifts_the_users_recent_positives_and_brings_back_a_liked_tail_item(world_state):
     _, _, _, state = world_state
     C = len(state.config.categories)
@@ -156,11 +145,7 @@ def test_serving_lifts_the_users_recent_positives_and_brings_back_a_liked_tail_i
 
 def test_the_plan_carries_the_repeat_lift_measured_on_the_log(tmp_path, world_state):
     world, cfg, cat, _ = world_state
-    url = f"sqlite:///{tmp_path / 'h.db'}"
-    upgrade(url)
-    eng = make_engine(url)
-    store.upsert_items(eng, cat.rows())
-    registry.activate_config(eng, world.default_config_toml(), author="test")
+    eng = world_database(tmp_path / "h.db", world, cat)
     state = build_state(cfg, cat)
     engine = DecisionEngine(state)
     rng = np.random.default_rng(5)
