@@ -21,6 +21,7 @@ from ._ope import (
     cross_fit_rewards,
     estimate_all,
     ope_partial_sums,
+    ope_partial_sums_blocks,
     overlap_diagnostics,
 )
 from ._slate import (
@@ -63,6 +64,7 @@ __all__ = [
     "cross_fit_rewards",
     "estimate_all",
     "ope_partial_sums",
+    "ope_partial_sums_blocks",
     "overlap_diagnostics",
     "parse_dsjson_line",
     "sample",

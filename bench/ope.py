@@ -64,72 +64,102 @@ def best_of(fn, repeats: int) -> float:
 
 
 def bench_partitions(n_parts: int, rows: int, n_cand: int, n_boot: int, passes: int = 1,
-                     workers: tuple[int, ...] = (2,)) -> None:
-    """Replay over a time-partitioned Parquet log generated here: in this process (``passes == 1``),
-    then on Ray with each worker count; the same files are read ``passes`` times."""
+                     workers: tuple[int, ...] = (2,), compression: str = "none") -> None:
+    """Replay over a time-partitioned Parquet log generated here: one partition in this process (where
+    its time goes), all of them in this process (``passes == 1``), then on a Ray pool with each worker
+    count; the same files are read ``passes`` times. CPU seconds are the processes' own (user +
+    system), which do not depend on other jobs' load the way wall time does."""
     import tempfile
     from pathlib import Path
 
     import ray
 
-    from bandits import ope_partial_sums
-    from policy_api.scale import RayShards, read_ope_partition, replay_partitions, write_ope_partition
+    from policy_api.scale import (
+        RayPool,
+        iter_ope_batches,
+        partition_sums,
+        replay_partitions,
+        write_ope_partition,
+    )
 
     def load() -> list[float]:
         return [round(x, 2) for x in os.getloadavg()]
 
+    def now() -> str:
+        return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+    def cpu() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    print(json.dumps({"bench": "ope.partitions.start", "time": now(), "load": load(), "cpus": os.cpu_count(),
+                      "niceness": os.nice(0)}), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         files = []
         for i in range(n_parts):
             p = Path(tmp) / f"2026-11-30T{i:02d}.parquet"
-            write_ope_partition(p, *make_log(rows, n_cand, seed=10 + i))
+            write_ope_partition(p, *make_log(rows, n_cand, seed=10 + i), compression=compression)
             files.append(str(p))
         size = sum(os.path.getsize(f) for f in files)
         print(json.dumps({"bench": "ope.partitions.write", "files": n_parts, "rows": n_parts * rows,
-                          "n_cand": n_cand, "bytes": size, "seconds": round(time.perf_counter() - t0, 2)}), flush=True)
-        # where one partition's time goes, on this thread: Parquet read + decode, then the estimator pass
-        read_ope_partition(files[0])  # page cache warm
-        t0 = time.perf_counter()
-        d = read_ope_partition(files[0])
-        t1 = time.perf_counter()
-        ope_partial_sums(d["reward"], d["action"], d["pscore"], d["action_dist"], d["estimated_rewards"])
-        t2 = time.perf_counter()
-        del d
-        print(json.dumps({"bench": "ope.partitions.one", "rows": rows, "read_decode_s": round(t1 - t0, 3),
-                          "estimators_s": round(t2 - t1, 3), "rows_per_s": round(rows / (t2 - t0)),
-                          "load": load()}), flush=True)
+                          "n_cand": n_cand, "compression": compression, "bytes": size,
+                          "seconds": round(time.perf_counter() - t0, 2)}), flush=True)
+        # where one partition's time goes, on this thread (page cache warm): reading and decoding its
+        # batches alone, then reading and reducing them (the replay's per-partition work); best of 3
+        partition_sums(files[0], 0)
+        best: dict[str, tuple[float, float]] = {}
+        for _ in range(3):
+            for name in ("read", "read_and_sums"):
+                t0, c0 = time.perf_counter(), cpu()
+                if name == "read":
+                    for _batch in iter_ope_batches(files[0])[1]:
+                        pass
+                else:
+                    partition_sums(files[0], 0)
+                got = (time.perf_counter() - t0, cpu() - c0)
+                best[name] = min(best.get(name, got), got)
+        (rs, rc), (ts, tc) = best["read"], best["read_and_sums"]
+        print(json.dumps({"bench": "ope.partitions.one", "rows": rows, "read_s": round(rs, 3),
+                          "estimators_s": round(ts - rs, 3), "total_s": round(ts, 3), "rows_per_s": round(rows / ts),
+                          "cpu_ns_per_row": {"read": round(1e9 * rc / rows), "estimators": round(1e9 * (tc - rc) / rows),
+                                             "total": round(1e9 * tc / rows)},
+                          "rows_per_cpu_s": round(rows / tc), "load": load(), "time": now()}), flush=True)
         paths = files * passes
         total = len(paths) * rows
         out = {}
         if passes == 1:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu()
             out["local"] = replay_partitions(paths, n_boot=n_boot, seed=0)
-            s = time.perf_counter() - t0
+            s, c = time.perf_counter() - t0, cpu() - c0
             print(json.dumps({"bench": "ope.partitions.replay", "engine": "local", "workers": 1, "rows": total,
                               "n_boot": n_boot, "seconds_incl_read": round(s, 2), "rows_per_s": round(total / s),
-                              "load": load()}), flush=True)
+                              "cpu_ns_per_row": round(1e9 * c / total), "load": load()}), flush=True)
         ray.init(num_cpus=max(workers), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         try:
             for nw in workers:
                 t0 = time.perf_counter()
-                RayShards([lambda: 0] * nw, n_workers=nw).close()  # worker processes up, not timed below
-                start = time.perf_counter() - t0
-                load0 = load()
-                t0 = time.perf_counter()
-                out[f"ray{nw}"] = replay_partitions(paths, engine="ray", workers=nw, n_boot=n_boot, seed=0)
-                s = time.perf_counter() - t0
-                print(json.dumps({"bench": "ope.partitions.replay", "engine": "ray", "workers": nw, "rows": total,
-                                  "distinct_rows": n_parts * rows, "files": n_parts, "passes": passes,
-                                  "bytes_read": size * passes, "n_boot": n_boot, "actor_start_s": round(start, 2),
-                                  "seconds_incl_read": round(s, 2), "rows_per_s": round(total / s),
-                                  "load_before": load0, "load_after": load()}), flush=True)
+                with RayPool(nw) as pool:
+                    start = time.perf_counter() - t0
+                    load0, time0 = load(), now()
+                    c0 = pool.cpu_seconds()
+                    t0 = time.perf_counter()
+                    out[f"ray{nw}"] = replay_partitions(paths, engine="ray", n_boot=n_boot, seed=0, pool=pool)
+                    s = time.perf_counter() - t0
+                    c = sum(pool.cpu_seconds()) - sum(c0)
+                    print(json.dumps({"bench": "ope.partitions.replay", "engine": "ray", "workers": nw, "rows": total,
+                                      "distinct_rows": n_parts * rows, "files": n_parts, "passes": passes,
+                                      "bytes_read": size * passes, "n_boot": n_boot, "actor_start_s": round(start, 2),
+                                      "worker_niceness": pool.worker_niceness, "seconds_incl_read": round(s, 2),
+                                      "rows_per_s": round(total / s), "worker_cpu_s": round(c, 1),
+                                      "cpu_ns_per_row": round(1e9 * c / total), "rows_per_cpu_s": round(total / c),
+                                      "load_before": load0, "load_after": load(), "time": time0}), flush=True)
         finally:
             ray.shutdown()
         ref = next(iter(out.values()))
         diff = max(abs(a["value"] - b["value"]) for res in out.values() for a, b in zip(ref, res, strict=True))
-        print(json.dumps({"bench": "ope.partitions.agreement", "runs": list(out), "max_value_abs_diff": diff}),
-              flush=True)
+        print(json.dumps({"bench": "ope.partitions.agreement", "runs": list(out), "max_value_abs_diff": diff,
+                          "time": now()}), flush=True)
 
 
 #: run by ``--obp PYTHON``: ``data DIR N`` saves the tiled Open Bandit Dataset sample, ``time DIR`` times obp
@@ -220,6 +250,8 @@ def main() -> None:
                     help="only: replay over this many Parquet partitions of --rows rows, local vs Ray")
     ap.add_argument("--passes", type=int, default=1, help="with --partitions: read the files this many times")
     ap.add_argument("--workers", type=int, nargs="+", default=[2], help="with --partitions: Ray worker counts")
+    ap.add_argument("--compression", default="none", help="with --partitions: the files' codec (random floats "
+                    "do not compress, so none by default)")
     ap.add_argument("--obp", metavar="PYTHON", help="only: obp 0.4.1 (installed for PYTHON) beside ours")
     ap.add_argument("--obp-rows", type=int, default=1_000_000)
     ap.add_argument("--boot-only", action="store_true", help="only: the bootstrap, multinomial vs Poisson")
@@ -228,7 +260,8 @@ def main() -> None:
         bench_bootstrap(args.boot_rows, args.n_cand, args.n_boot, args.repeats)
         return
     if args.partitions:
-        bench_partitions(args.partitions, args.rows, args.n_cand, 0, args.passes, tuple(args.workers))
+        bench_partitions(args.partitions, args.rows, args.n_cand, 0, args.passes, tuple(args.workers),
+                         args.compression)
         return
     if args.obp:
         bench_obp(args.obp, args.obp_rows)

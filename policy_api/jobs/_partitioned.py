@@ -1,5 +1,6 @@
 """Replay of a log exported in time partitions (``homepage log export`` files, one per period), each
-partition reduced where it is held (this process or a Ray actor) to the estimators' partial sums.
+partition reduced where it is read (this process, or whichever worker of a Ray pool is free) to the
+estimators' partial sums.
 
 Per partition: its decisions and feedback are read (:func:`log_from_parquet`), rewards joined inside the
 reward window, the target's distribution recomputed on the logged candidates, and a reward model
@@ -24,7 +25,7 @@ from bandits import OPEPartialSums, combine_partial_sums, cross_fit_rewards, ope
 
 from ..errors import InvalidInput
 from ..log import join_rewards
-from ..scale import ENGINES, RayShards
+from ..scale import ENGINES, RayPool
 from ._learn import log_features
 from ._replay import log_from_parquet, target_distribution
 
@@ -35,7 +36,7 @@ PARTITION_TARGETS = ("logged", "greedy", "uniform")
 
 
 class ExportPartition:
-    """One exported file, read once where it is held; :meth:`sums` reduces it to partial sums."""
+    """One exported file, read once where it is processed; :meth:`sums` reduces it to partial sums."""
 
     def __init__(self, path: str, index: int, config: HomepageConfig, item_ids: np.ndarray,
                  item_category: np.ndarray, target: str) -> None:
@@ -57,13 +58,21 @@ class ExportPartition:
                                 partition=self.index)
 
 
+def _export_sums(args: tuple[HomepageConfig, np.ndarray, np.ndarray, str, int, int], item: tuple[str, int]
+                 ) -> OPEPartialSums:
+    config, item_ids, item_category, target, n_boot, seed = args
+    return ExportPartition(item[0], item[1], config, item_ids, item_category, target).sums(n_boot, seed)
+
+
 def replay_partitioned(paths: Sequence[str], config: HomepageConfig, item_ids: np.ndarray,
                        item_category: np.ndarray, target: str, *, engine: str = "local", workers: int | None = None,
                        n_boot: int = 0, seed: int = 0) -> list[dict[str, Any]]:
     """Every estimator of ``target`` over exported partitions (in the order given), combined exactly.
 
-    ``engine="ray"`` holds the partitions in ``workers`` Ray actors (the ``ray`` extra); the rows equal
-    ``engine="local"``'s. Targets: ``logged``, ``greedy``, ``uniform`` (a bandit or config target needs
+    ``engine="ray"`` reads and reduces the partitions in ``workers`` Ray actors (a
+    :class:`~policy_api.scale.RayPool`, the ``ray`` extra; the config and catalog are shipped once),
+    each partition on whichever worker is free; the sums are added in partition order, so the rows
+    equal ``engine="local"``'s. Targets: ``logged``, ``greedy``, ``uniform`` (a bandit or config target needs
     the whole log or the registry: use :func:`replay`).
     """
     if engine not in ENGINES:
@@ -73,11 +82,13 @@ def replay_partitioned(paths: Sequence[str], config: HomepageConfig, item_ids: n
                            f"{target!r}", field="policy")
     if not paths:
         raise InvalidInput("partitions: at least one exported file is needed; got none", field="partitions")
-    builders = [partial(ExportPartition, str(p), i, config, item_ids, item_category, target)
-                for i, p in enumerate(paths)]
+    items = [(str(p), i) for i, p in enumerate(paths)]
+    fn = partial(_export_sums, (config, item_ids, item_category, target, n_boot, seed))
     if engine == "local":
-        parts = [b().sums(n_boot, seed) for b in builders]
+        parts = [fn(it) for it in items]
     else:
-        with RayShards(builders, n_workers=workers) as shards:
-            parts = shards.map("sums", n_boot, seed)
+        if isinstance(workers, int) and not isinstance(workers, bool) and workers > len(items):
+            workers = len(items)  # no idle actors
+        with RayPool(workers) as pool:
+            parts = pool.map(fn, items)
     return combine_partial_sums(parts)
