@@ -113,6 +113,61 @@ def cli(env: dict[str, str], *args: str) -> str:
     return p.stdout
 
 
+def cli_env(tmp: Path) -> dict[str, str]:
+    """The environment of the CLI runs on the database and config in ``tmp``."""
+    return dict(os.environ, DATABASE_URL=f"sqlite:///{tmp / 'h.db'}", HOMEPAGE_DATA_DIR=str(tmp),
+                HOMEPAGE_CONFIG=str(tmp / "homepage.toml"), PYTHONPATH=str(ROOT))
+
+
+def _rounded(row: dict[str, object]) -> dict[str, object]:
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def trained_model(env: dict[str, str]) -> tuple[str, dict[str, object]]:
+    """(status, metrics) of the model `homepage train` trained last (its registry row: the newest one
+    that is not a baseline served in its place), with ``served`` = what the newest row serves."""
+    eng = sa.create_engine(env["DATABASE_URL"])
+    with eng.connect() as c:
+        found = c.execute(sa.text("SELECT status, metrics FROM models WHERE name = 'ranker' "
+                                  "ORDER BY version DESC")).all()
+    eng.dispose()
+    decoded = [(st, json.loads(m) if isinstance(m, str) else m) for st, m in found]
+    status, metrics = next((st, m) for st, m in decoded if (m.get("served") or {}).get("kind") != "baseline")
+    return status, {**metrics, "served": decoded[0][1].get("served", {})}
+
+
+def print_training(bench: str, out: str, metrics: dict[str, object]) -> None:
+    """JSON lines of a `homepage train` run: its last line, the publish gate (its table and every
+    difference with the best baseline), the served scorer and the residual ranker's dial and
+    coefficients."""
+    print(json.dumps({"bench": bench, "part": "train_output", "text": out.splitlines()[-1]}))
+    gate = metrics.get("gate", {})
+    assert isinstance(gate, dict)
+    print(json.dumps({"bench": bench, "part": "gate", "passed": gate.get("passed"), "chosen": gate.get("chosen"),
+                      "reason": gate.get("reason"), "valid_play_ece": gate.get("valid_play_ece"),
+                      "n_users": gate.get("n_users"), "page_size": gate.get("page_size")}))
+    for r in gate.get("scorers", []):
+        print(json.dumps({"bench": bench, "part": "gate_scorer", **_rounded(r)}))
+    for d in gate.get("differences_vs_best_baseline", []):
+        print(json.dumps({"bench": bench, "part": "gate_diff", **_rounded(d)}))
+    print(json.dumps({"bench": bench, "part": "served_scorer", **metrics.get("served", {})}, default=str))
+    if metrics.get("model") == "residual":
+        print(json.dumps({"bench": bench, "part": "residual", "pop_exponent": metrics["pop_exponent"],
+                          "inner_split": metrics["inner_split"], "coef": metrics["coef"]}))
+
+
+def print_evaluation(bench: str, env: dict[str, str], tmp: Path, n_boot: int) -> dict[str, object]:
+    """`homepage evaluate` (JSON into ``tmp``) and its rows as JSON lines; returns its result."""
+    cli(env, "evaluate", "--n-boot", str(n_boot), "--json", str(tmp / "eval.json"), "--out", str(tmp / "ev"))
+    res = json.loads((tmp / "eval.json").read_text())
+    for r in res["scorers"]:
+        print(json.dumps({"bench": bench, "part": "evaluate", "n_users": res["n_users"], "page_size": res["page_size"],
+                          "best_baseline": res["best_baseline"], **_rounded(r)}))
+    for d in res["differences_vs_best_baseline"]:
+        print(json.dumps({"bench": bench, "part": "evaluate_diff", **_rounded(d)}))
+    return dict(res)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="folder with ml-100k.inter/.item or u.data/u.item (default: from the recbole wheel)")
@@ -152,8 +207,7 @@ def main() -> None:
             w.writerows(zip(ratings[:, 0].tolist(), ratings[:, 1].tolist(), event.tolist(), ratings[:, 3].tolist(),
                             strict=True))
         (tmp / "homepage.toml").write_text(CONFIG)
-        env = dict(os.environ, DATABASE_URL=f"sqlite:///{tmp / 'h.db'}", HOMEPAGE_DATA_DIR=str(tmp),
-                   HOMEPAGE_CONFIG=str(tmp / "homepage.toml"), PYTHONPATH=str(ROOT))
+        env = cli_env(tmp)
         cli(env, "catalog", "load", str(tmp / "items.csv"))
         cli(env, "config", "apply", str(tmp / "homepage.toml"))
         t0 = time.perf_counter()
@@ -165,44 +219,13 @@ def main() -> None:
         out = cli(env, "train", "--max-epochs", str(args.max_epochs), "--interaction", args.interaction,
                   "--report-dir", str(tmp / "report"), *(["--model", args.model] if args.model != "residual" else []))
         train_s = time.perf_counter() - t0
-        eng = sa.create_engine(env["DATABASE_URL"])
-        with eng.connect() as c:
-            # the trained model's row: the newest one that is not a baseline served in its place
-            found = c.execute(sa.text("SELECT status, metrics FROM models WHERE name = 'ranker' "
-                                      "ORDER BY version DESC")).all()
-        eng.dispose()
-        decoded = [(st, json.loads(m) if isinstance(m, str) else m) for st, m in found]
-        status, metrics = next((st, m) for st, m in decoded if (m.get("served") or {}).get("kind") != "baseline")
-        metrics = {**metrics, "served": decoded[0][1].get("served", {})}
+        status, metrics = trained_model(env)
         print(json.dumps({"bench": "real_data", "ratings": int(ts.size), "users": int(np.unique(ratings[:, 0]).size),
                           "items": len(ids), "import_s": round(import_s, 2), "train_cli_s": round(train_s, 2),
                           "train_fit_s": round(float(metrics["train_s"]), 2), "model_status": status,
                           "best_epoch": metrics.get("best_epoch"), "load_1m": os.getloadavg()[0]}))
-        print(json.dumps({"bench": "real_data", "part": "train_output", "text": out.splitlines()[-1]}))
-        gate = metrics.get("gate", {})
-        print(json.dumps({"bench": "real_data", "part": "gate", "passed": gate.get("passed"),
-                          "chosen": gate.get("chosen"), "reason": gate.get("reason"),
-                          "valid_play_ece": gate.get("valid_play_ece"), "n_users": gate.get("n_users"),
-                          "page_size": gate.get("page_size")}))
-        for r in gate.get("scorers", []):
-            print(json.dumps({"bench": "real_data", "part": "gate_scorer", **{k: (round(v, 4) if isinstance(v, float)
-                                                                                 else v) for k, v in r.items()}}))
-        for d in gate.get("differences_vs_best_baseline", []):
-            print(json.dumps({"bench": "real_data", "part": "gate_diff", **{k: (round(v, 4) if isinstance(v, float)
-                                                                               else v) for k, v in d.items()}}))
-        print(json.dumps({"bench": "real_data", "part": "served_scorer", **metrics.get("served", {})}, default=str))
-        if metrics.get("model") == "residual":
-            print(json.dumps({"bench": "real_data", "part": "residual", "pop_exponent": metrics["pop_exponent"],
-                              "inner_split": metrics["inner_split"], "coef": metrics["coef"]}))
-        cli(env, "evaluate", "--n-boot", str(args.n_boot), "--json", str(tmp / "eval.json"), "--out", str(tmp / "ev"))
-        res = json.loads((tmp / "eval.json").read_text())
-        for r in res["scorers"]:
-            print(json.dumps({"bench": "real_data", "part": "evaluate", "n_users": res["n_users"],
-                              "page_size": res["page_size"], "best_baseline": res["best_baseline"],
-                              **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}}))
-        for d in res["differences_vs_best_baseline"]:
-            print(json.dumps({"bench": "real_data", "part": "evaluate_diff",
-                              **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}}))
+        print_training("real_data", out, metrics)
+        print_evaluation("real_data", env, tmp, args.n_boot)
         if not args.skip_served:
             served_check(tmp, ratings, cutoff, args)
 
@@ -230,8 +253,7 @@ def served_check(tmp: Path, ratings: np.ndarray, cutoff: float, args: argparse.N
     for name in ("items.csv", "homepage.toml"):
         (past_dir / name).write_bytes((tmp / name).read_bytes())
     (past_dir / "h.db").unlink(missing_ok=True)
-    env = dict(os.environ, DATABASE_URL=f"sqlite:///{past_dir / 'h.db'}", HOMEPAGE_DATA_DIR=str(past_dir),
-               HOMEPAGE_CONFIG=str(past_dir / "homepage.toml"), PYTHONPATH=str(ROOT))
+    env = cli_env(past_dir)
     cli(env, "catalog", "load", str(past_dir / "items.csv"))
     cli(env, "config", "apply", str(past_dir / "homepage.toml"))
     cli(env, "import", str(past_dir / "ratings.csv"))

@@ -26,11 +26,14 @@ Kinds (``kind``):
     score ``log(recent_j + 0.01)``, log(1 + item popularity) at several half-lives
     (multi-granularity recency), the item-kNN score of the user's history (plain, and weighted by
     recency from the user's own newest positive: the last session first), the user's smoothed
-    category share, one-hot buckets of the time since the user's last positive event in the item's
-    category (1 day, 1 week, 1 month, 6 months, older, never: RoTE-style multi-granularity time gaps)
-    and the category. ``pop_exponent`` is a PDA-style debiasing dial: it multiplies the popularity
-    columns' coefficients (0 = no popularity at all, 1 = as fitted), the intercept refitted for it
-    (:func:`with_dial`).
+    category share, the log-odds of the item's own positive rate per exposure (:func:`item_rates`:
+    what it earned each time it was shown, shrunk toward the rate of its category's items of like
+    exposure; fitted once per snapshot, so a request reads one number per candidate), one-hot buckets
+    of the time since the user's last positive event in the item's category (1 day, 1 week, 1 month,
+    6 months, older, never: RoTE-style multi-granularity time gaps) and the category.
+    ``pop_exponent`` is a PDA-style debiasing dial: it multiplies the popularity columns'
+    coefficients (0 = no popularity at all, 1 = as fitted; not the item rate's), the intercept
+    refitted for it (:func:`with_dial`).
 
 References
 ----------
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,8 +56,9 @@ from ._simple import knn_similarity
 if TYPE_CHECKING:
     import scipy.sparse as sp
 
-__all__ = ["BASE", "FEATURES", "HISTORY_KINDS", "HISTORY_MAGIC", "POP_HALF_LIVES_DAYS", "HistoryScorer", "fit_residual",
-           "is_history_scorer", "repeat_share", "residual_grid", "with_dial"]
+__all__ = ["BASE", "FEATURES", "HISTORY_KINDS", "HISTORY_MAGIC", "ITEM_RATE_PRIOR", "POP_HALF_LIVES_DAYS", "RATE_COLUMN",
+           "RATE_FEATURES", "HistoryScorer", "fit_residual", "is_history_scorer", "item_rates", "repeat_share",
+           "residual_grid", "with_dial"]
 
 #: the kinds of :class:`HistoryScorer`, baselines first
 HISTORY_KINDS: tuple[str, ...] = ("popularity", "recent_popularity", "category_popularity", "item_knn", "residual")
@@ -67,13 +72,87 @@ SESSION_HALF_LIFE_DAYS = 1.0
 #: upper edges (days) of the time-gap buckets; one more bucket for older, one for never
 GAP_EDGES_DAYS: tuple[float, ...] = (1.0, 7.0, 30.0, 180.0)
 _DAY = 86400.0
+#: pseudo-exposures of the item-rate prior: an item shown this often weighs its own rate as much as the
+#: prior's (see :func:`item_rates`)
+ITEM_RATE_PRIOR = 5.0
+#: bins of log exposure per category in the item-rate prior
+RATE_BINS = 8
+#: the item-rate feature: the log-odds of the item's smoothed positive rate per exposure
+RATE_FEATURES: tuple[str, ...] = ("logit_item_rate",)
+
+
+def item_rates(shown_item: np.ndarray, shown_positive: np.ndarray, item_category: np.ndarray, *,
+               prior: float = ITEM_RATE_PRIOR, n_bins: int = RATE_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's smoothed positive rate per exposure and its exposures, both shape (n_items,).
+
+    ``r_j = (y_j + k f_j) / (n_j + k)``, with ``n_j`` the item's exposures, ``y_j`` those that earned a
+    positive event and ``k = prior``. The prior ``f_j`` follows popularity: the items of ``j``'s
+    category in ``n_bins`` bins by ``log(1 + n_j)`` (edges at the category's quantiles, so that items
+    of equal exposure share a bin), ``f_j`` the pooled rate ``sum y / sum n`` of ``j``'s bin (of the
+    category when the bin has no exposure, of all items when the category has none; 1/2 on an empty
+    log), kept within [1e-3, 1 - 1e-3]. In a log with impressions an exposure is an impression; in a
+    log of ratings it is a rated event (positives are the ratings mapped to positive events, the
+    others count against the item).
+
+    Parameters
+    ----------
+    shown_item
+        Shape (m,): the item row of each exposure, in [0, n_items).
+    shown_positive
+        Shape (m,) bool: whether the exposure earned a positive event.
+    item_category
+        Shape (n_items,): ints in [0, n_categories).
+    prior, n_bins
+        The pseudo-exposures ``k`` (> 0) and the bins per category (>= 1).
+
+    Examples
+    --------
+    One category, one bin, prior 1: item 0 shown 3 times with 2 positives, item 1 shown once without;
+    the prior is the pooled rate 2/4.
+
+    >>> r, n = item_rates(np.array([0, 0, 0, 1]), np.array([True, True, False, False]), np.zeros(2, int),
+    ...                   prior=1.0, n_bins=1)
+    >>> r.tolist(), n.tolist()
+    ([0.625, 0.25], [3.0, 1.0])
+    """
+    if not (np.isfinite(prior) and prior > 0):
+        raise ValueError(f"prior must be a finite number > 0; got {prior!r}")
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be an int >= 1; got {n_bins!r}")
+    cat = np.asarray(item_category, dtype=np.int64)
+    item = np.asarray(shown_item, dtype=np.int64)
+    positive = np.asarray(shown_positive, dtype=bool)
+    if item.shape != positive.shape or item.ndim != 1:
+        raise ValueError(f"shown_item and shown_positive must be 1-D of one shape; got {item.shape} and "
+                         f"{positive.shape}")
+    n_items = cat.size
+    if item.size and (item.min() < 0 or item.max() >= n_items):
+        raise ValueError(f"shown_item must be in [0, {n_items}); got {item.min()}..{item.max()}")
+    n = np.bincount(item, minlength=n_items).astype(np.float64)
+    y = np.bincount(item[positive], minlength=n_items).astype(np.float64)
+    x = np.log1p(n)
+    overall = y.sum() / n.sum() if n.sum() > 0 else 0.5
+    f = np.empty(n_items)
+    for c in range(int(cat.max(initial=-1)) + 1):  # a handful of categories
+        idx = np.flatnonzero(cat == c)
+        if idx.size == 0:
+            continue
+        nc, yc = n[idx].sum(), y[idx].sum()
+        level = yc / nc if nc > 0 else overall
+        edges = np.quantile(x[idx], np.linspace(0.0, 1.0, n_bins + 1)[1:-1])
+        b = np.searchsorted(edges, x[idx], side="right")
+        bn = np.bincount(b, weights=n[idx], minlength=n_bins)
+        by = np.bincount(b, weights=y[idx], minlength=n_bins)
+        f[idx] = np.where(bn[b] > 0, by[b] / np.where(bn[b] > 0, bn[b], 1.0), level)
+    f = np.clip(f, 1e-3, 1.0 - 1e-3)
+    return (y + prior * f) / (n + prior), n
 
 
 def _feature_names(n_categories: int) -> tuple[str, ...]:
     pop = tuple(f"log1p_pop_{'all' if h is None else f'{h:g}d'}" for h in POP_HALF_LIVES_DAYS)
     gaps = tuple(f"gap_le_{e:g}d" for e in GAP_EDGES_DAYS) + ("gap_older", "gap_never")
-    return ("bias", "log_recent_pop", *pop, "log1p_knn", "knn_share", "log1p_session_knn", "session_knn_share", "log_category_share", *gaps,
-            *(f"category_{c}" for c in range(n_categories)))
+    return ("bias", "log_recent_pop", *pop, "log1p_knn", "knn_share", "log1p_session_knn", "session_knn_share", "log_category_share",
+            *RATE_FEATURES, *gaps, *(f"category_{c}" for c in range(n_categories)))
 
 
 #: the residual ranker's features for 4 categories (the category one-hots grow with the catalog)
@@ -86,6 +165,9 @@ BASE = 1
 RECENT_FLOOR = 0.01
 #: the popularity columns (the base and the multi-granularity popularities): the dial scales them
 POP_COLUMNS = np.arange(BASE, 2 + _N_POP)
+#: the item-rate column (after the kNN and category-share columns; outside the dial: a rate is what an
+#: item earns per exposure, not how often it was shown)
+RATE_COLUMN = 2 + _N_POP + 5
 
 
 def repeat_share(user: np.ndarray, item: np.ndarray, ts: np.ndarray, n_items: int) -> float:
@@ -132,6 +214,8 @@ class HistoryScorer:
         ``residual`` only: the debiasing dial multiplying the popularity coefficients (>= 0).
     n_neighbors, shrink
         Item-kNN pruning and shrinkage (``item_knn`` and ``residual``).
+    item_rate_prior
+        Pseudo-exposures of the item rates' prior (> 0; :func:`item_rates`).
 
     Attributes
     ----------
@@ -141,7 +225,7 @@ class HistoryScorer:
 
     def __init__(self, kind: str, item_category: np.ndarray, *, half_life_s: float = 14 * _DAY,
                  type_weights: np.ndarray | None = None, coef: np.ndarray | None = None, pop_exponent: float = 1.0,
-                 n_neighbors: int = 100, shrink: float = 10.0) -> None:
+                 n_neighbors: int = 100, shrink: float = 10.0, item_rate_prior: float = ITEM_RATE_PRIOR) -> None:
         if kind not in HISTORY_KINDS:
             raise ValueError(f"kind must be one of {', '.join(HISTORY_KINDS)}; got {kind!r}")
         cat = np.asarray(item_category)
@@ -151,6 +235,8 @@ class HistoryScorer:
             raise ValueError(f"half_life_s must be a finite number > 0; got {half_life_s!r}")
         if not (np.isfinite(pop_exponent) and pop_exponent >= 0):
             raise ValueError(f"pop_exponent must be a finite number >= 0; got {pop_exponent!r}")
+        if not (np.isfinite(item_rate_prior) and item_rate_prior > 0):
+            raise ValueError(f"item_rate_prior must be a finite number > 0; got {item_rate_prior!r}")
         self.kind = kind
         self.item_category = cat.astype(np.int64)
         self.n_categories = int(cat.max()) + 1
@@ -168,17 +254,24 @@ class HistoryScorer:
         self.demote_seen = True
         self.n_neighbors = int(n_neighbors)
         self.shrink = float(shrink)
+        self.item_rate_prior = float(item_rate_prior)
 
     # -- fitting -------------------------------------------------------------------------------------
     def fit(self, user: np.ndarray, item: np.ndarray, ts: np.ndarray, weight: np.ndarray, *, n_users: int,
-            t_ref: float | None = None) -> HistoryScorer:
-        """Fit on positive events (``weight`` > 0; others are ignored), the snapshot as of ``t_ref``
-        (default: the newest event).
+            t_ref: float | None = None, shown_item: np.ndarray | None = None,
+            shown_positive: np.ndarray | None = None) -> HistoryScorer:
+        """Fit on positive events (``weight`` > 0; others are ignored but by the item rates), the
+        snapshot as of ``t_ref`` (default: the newest event).
 
         Parameters
         ----------
         user, item, ts, weight
             Shape (n,): user rows in [0, n_users), item rows in [0, n_items), epoch seconds, units.
+        shown_item, shown_positive
+            Shape (m,): the exposures before the snapshot (item rows, and whether each earned a
+            positive event before it), for the item rates (:func:`item_rates`, with
+            ``item_rate_prior``). None: each event given is one exposure, positive when its weight is
+            > 0 (a log of ratings: the item's positives over all its rated events).
         """
         import scipy.sparse as sp
 
@@ -189,9 +282,16 @@ class HistoryScorer:
         if not (u.shape == i.shape == t.shape == w.shape) or u.ndim != 1:
             raise ValueError(f"user, item, ts and weight must be 1-D of one shape; got {u.shape}, {i.shape}, "
                              f"{t.shape}, {w.shape}")
+        if (shown_item is None) != (shown_positive is None):
+            raise ValueError("shown_item and shown_positive must be given together; got one of them")
+        n_items = self.item_category.size
+        if shown_item is None:
+            shown_item, shown_positive = i, w > 0
+        rate, self.exposures_ = item_rates(np.asarray(shown_item, dtype=np.int64), np.asarray(shown_positive),
+                                           self.item_category, prior=self.item_rate_prior)
+        self.rate_logit_ = np.log(rate) - np.log1p(-rate)
         keep = w > 0
         u, i, t, w = u[keep], i[keep], t[keep], w[keep]
-        n_items = self.item_category.size
         if u.size and (u.min() < 0 or u.max() >= n_users or i.min() < 0 or i.max() >= n_items):
             raise ValueError(f"user must be in [0, {n_users}) and item in [0, {n_items}); got "
                              f"{u.min()}..{u.max()} and {i.min()}..{i.max()}")
@@ -287,7 +387,8 @@ class HistoryScorer:
         bucket = np.searchsorted(np.asarray(GAP_EDGES_DAYS) * _DAY, gap, side="left")
         bucket = np.where(np.isinf(gap), len(GAP_EDGES_DAYS) + 1, bucket)
         n_gap = len(GAP_EDGES_DAYS) + 2
-        x = np.empty((U, P, 2 + _N_POP + 5 + n_gap + C))
+        n_rate = len(RATE_FEATURES)
+        x = np.empty((U, P, 2 + _N_POP + 5 + n_rate + n_gap + C))
         x[..., 0] = 1.0
         x[..., BASE] = np.log(self.recent_[items] + RECENT_FLOOR)
         x[..., 2:2 + _N_POP] = np.moveaxis(logpop[:, items], 0, -1)
@@ -298,6 +399,8 @@ class HistoryScorer:
         x[..., k + 3] = knn[..., 1] / kmax[..., 1]
         x[..., k + 4] = np.log(share + 1e-9)  # a category without any engagement has share 0
         k += 5
+        x[..., k] = self.rate_logit_[items]
+        k += n_rate
         x[..., k:k + n_gap] = bucket[..., None] == np.arange(n_gap)
         x[..., k + n_gap:] = cat[..., None] == np.arange(C)
         return x
@@ -439,7 +542,7 @@ class HistoryScorer:
         self._check_fitted()
         meta = {"kind": self.kind, "half_life_s": self.half_life_s, "pop_exponent": self.pop_exponent,
                 "n_neighbors": self.n_neighbors, "shrink": self.shrink, "n_users": self.n_users_,
-                "t_ref": self.t_ref_, "demote_seen": self.demote_seen}
+                "t_ref": self.t_ref_, "demote_seen": self.demote_seen, "item_rate_prior": self.item_rate_prior}
         h, s = self.history_, self.similarity_
         buf = io.BytesIO()
         np.savez(buf, meta=np.array(json.dumps(meta)), item_category=self.item_category,
@@ -447,7 +550,7 @@ class HistoryScorer:
                  h_indptr=h.indptr, h_indices=h.indices, r_indptr=self.recency_.indptr,
                  r_indices=self.recency_.indices, r_data=self.recency_.data, s_indptr=s.indptr, s_indices=s.indices, s_data=s.data,
                  pop=self.pop_, recent=self.recent_, pops=self.pops_, user_category=self.user_category_,
-                 last=self.last_)
+                 last=self.last_, rate_logit=self.rate_logit_, exposures=self.exposures_)
         return HISTORY_MAGIC + buf.getvalue()
 
     @classmethod
@@ -461,11 +564,19 @@ class HistoryScorer:
         with np.load(io.BytesIO(data[len(HISTORY_MAGIC):]), allow_pickle=False) as z:
             meta: dict[str, Any] = json.loads(str(z["meta"]))
             coef = z["coef"]
+            n_items = z["item_category"].size
+            has_rates = "rate_logit" in z.files
+            if coef.size and not has_rates:
+                # saved before the item-rate features: their coefficients are 0, its scores unchanged
+                coef = np.insert(coef, RATE_COLUMN, np.zeros(len(RATE_FEATURES)))
             self = cls(meta["kind"], z["item_category"], half_life_s=meta["half_life_s"],
                        type_weights=z["type_weights"], coef=coef if coef.size else None,
-                       pop_exponent=meta["pop_exponent"], n_neighbors=meta["n_neighbors"], shrink=meta["shrink"])
+                       pop_exponent=meta["pop_exponent"], n_neighbors=meta["n_neighbors"], shrink=meta["shrink"],
+                       item_rate_prior=meta.get("item_rate_prior", ITEM_RATE_PRIOR))
+            self.rate_logit_ = z["rate_logit"] if has_rates else np.zeros(n_items)
+            self.exposures_ = z["exposures"] if has_rates else np.zeros(n_items)
             self.demote_seen = bool(meta.get("demote_seen", True))
-            n_users, n_items = int(meta["n_users"]), self.item_category.size
+            n_users = int(meta["n_users"])
             self.n_users_, self.n_items_, self.t_ref_ = n_users, n_items, float(meta["t_ref"])
             self.pop_, self.recent_, self.pops_ = z["pop"], z["recent"], z["pops"]
             self.user_category_, self.last_ = z["user_category"], z["last"]
@@ -495,6 +606,14 @@ class HistoryScorer:
             out.update(n_neighbors=self.n_neighbors, shrink=self.shrink)
         if self.kind == "residual" and self.coef is not None:
             out["pop_exponent"] = self.pop_exponent
+            out["item_rate_prior"] = self.item_rate_prior
+            if hasattr(self, "rate_logit_"):
+                rate = 1.0 / (1.0 + np.exp(-self.rate_logit_))
+                out["item_rates"] = {"items_exposed": int((self.exposures_ > 0).sum()),
+                                     "exposures": float(self.exposures_.sum()),
+                                     "rate_quantiles": dict(zip(("p10", "p50", "p90"),
+                                                                np.round(np.quantile(rate, [0.1, 0.5, 0.9]), 4).tolist(),
+                                                                strict=True))}
             out["coef"] = dict(zip(self.feature_names(), np.round(self.coef, 4).tolist(), strict=True))
         return out
 
@@ -536,15 +655,24 @@ def residual_grid(base: HistoryScorer, users: np.ndarray, pools: np.ndarray, pos
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(ms)
 
 
-def fit_residual(X: np.ndarray, Y: np.ndarray, mask: np.ndarray, *, l2: float = 1.0, n_iter: int = 50) -> np.ndarray:
+def fit_residual(X: np.ndarray, Y: np.ndarray, mask: np.ndarray, *, l2: float = 1.0, n_iter: int = 50,
+                 nonnegative: Sequence[int] = ()) -> np.ndarray:
     """The residual ranker's coefficients: L2-regularised logistic regression (damped Newton) of
     ``1[j in P_u]`` on the features of every eligible candidate j of every user u.
 
-    ``coef = argmin sum_{u, j in M_u} BCE(y_uj, sigmoid(x_uj . coef)) + l2 / 2 |coef[1:]|^2``
+    ``coef = argmin sum_{u, j in M_u} BCE(y_uj, sigmoid(x_uj . coef)) + l2 / 2 |coef[1:]|^2``,
+    subject to ``coef[k] >= 0`` for ``k`` in ``nonnegative``.
 
     The features include the baselines' own signals (log recent popularity, the popularity at several
     half-lives, item-kNN), so the model starts from what they know and learns how the user's own
-    signals move it.
+    signals move it. ``homepage train`` keeps the item rate's coefficient (:data:`RATE_COLUMN`)
+    non-negative: the rate enters as what an item earns per exposure. Fitted freely to what users go on
+    to choose in a log whose exposure follows popularity, it turned negative (at equal past
+    engagement, a better rate means fewer exposures, so fewer future positives: -0.19 in the
+    simulator), which ranked the simulator's items further from their true preference and did not
+    recall more. A constrained coefficient that the free fit makes negative is fixed at 0 and the
+    others are refitted (the penalised loss is convex, so for one such column this is the
+    constrained optimum).
 
     Parameters
     ----------
@@ -552,6 +680,8 @@ def fit_residual(X: np.ndarray, Y: np.ndarray, mask: np.ndarray, *, l2: float = 
         Shape (U, P, n_features): :func:`residual_grid`'s features.
     Y, mask
         Shape (U, P) bool: chosen, and eligible (``mask``: not already in the user's history).
+    nonnegative
+        Columns (in [1, n_features)) whose coefficient must be >= 0.
     """
     m = np.asarray(mask, dtype=bool)
     Xf = np.asarray(X, dtype=np.float64)[m]
@@ -559,10 +689,28 @@ def fit_residual(X: np.ndarray, Y: np.ndarray, mask: np.ndarray, *, l2: float = 
         raise ValueError("X must be finite on the eligible candidates; got NaN or inf")
     y = (np.asarray(Y, dtype=bool) & m)[m].astype(np.float64)
     F = Xf.shape[1]
+    bounded = sorted({int(k) for k in nonnegative})
+    if bounded and (bounded[0] < 1 or bounded[-1] >= F):
+        raise ValueError(f"nonnegative must hold columns in [1, {F}); got {list(nonnegative)!r}")
     reg = np.full(F, float(l2))
     reg[0] = 1e-6  # the intercept is barely penalised
+    free = np.ones(F, dtype=bool)
     w = np.zeros(F)
+    for _ in range(len(bounded) + 1):  # active set: a bounded coefficient that goes negative is fixed at 0
+        w = np.zeros(F)
+        w[free] = _newton(Xf[:, free], y, reg[free], n_iter)
+        neg = [k for k in bounded if w[k] < 0.0]
+        if not neg:
+            break
+        free[neg] = False
+    return w
+
+
+def _newton(Xf: np.ndarray, y: np.ndarray, reg: np.ndarray, n_iter: int) -> np.ndarray:
+    """Damped Newton on the penalised logistic loss of rows ``Xf`` (n, F), labels ``y`` (n,)."""
+    w = np.zeros(Xf.shape[1])
     w[0] = np.log((y.mean() + 1e-9) / (1.0 - y.mean() + 1e-9)) if y.size else 0.0
+
     def loss(v: np.ndarray) -> float:
         z = Xf @ v
         return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * reg @ (v * v))

@@ -71,7 +71,9 @@ from ._train import (
     gate_holdout,
     log_training_arrays,
     recent_item_popularity,
+    residual_scorer,
     served_gate,
+    shown_items,
     train_ranker,
 )
 from ._valuation import Refit, refit_valuation, with_values
@@ -144,7 +146,9 @@ __all__ = [
     "refresh_head",
     "replay",
     "sample_users",
+    "residual_scorer",
     "served_gate",
+    "shown_items",
     "fit_baseline",
     "gate_holdout",
     "history_page_scorer",

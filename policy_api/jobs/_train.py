@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # torch-backed types: serving imports this module and must no
     from ._evaluate import Holdout, PageScorer
 
 __all__ = ["MAX_ECE", "MAX_REPEAT_SHARE", "POP_EXPONENTS", "TrainResult", "gate_holdout", "log_training_arrays", "recent_item_popularity",
-           "served_gate", "train_ranker"]
+           "residual_scorer", "served_gate", "shown_items", "train_ranker"]
 
 #: the publish gate's bound on the validation expected calibration error of the play probability
 MAX_ECE = 0.05
@@ -195,6 +195,46 @@ def served_gate(state: EngineState, data: Mapping[str, Any], candidates: Mapping
                                           **res.to_dict()}
 
 
+def shown_items(data: Mapping[str, Any], event_weights: np.ndarray, before: float | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The exposures of :func:`log_training_arrays`' ``data`` before ``before`` (epoch seconds; None =
+    all), for the residual ranker's item rates (:func:`rankers.item_rates`): the item row of each
+    impression whose decision came before it, and whether it earned a positive event (event-type
+    weight > 0) before it. An impression is a (decision, item) pair with any event: the client's
+    ``impression`` events where the log has them, else the behaviour events themselves (an imported
+    log of ratings: each rated item)."""
+    imp, ev = data["impressions"], data["events"]
+    dec = np.asarray(imp["decision"], dtype=np.int64)
+    item = np.asarray(imp["item"], dtype=np.int64)
+    ets = np.asarray(ev["ts"], dtype=np.float64)
+    pos = np.asarray(event_weights, dtype=np.float64)[np.asarray(ev["type"], dtype=np.int64)] > 0
+    keep = np.ones(item.size, dtype=bool)
+    if before is not None:
+        keep = np.asarray(imp["ts"], dtype=np.float64) < before
+        pos &= ets < before
+    n = np.int64(max(int(item.max(initial=-1)), int(np.max(ev["item"], initial=-1))) + 1)
+    key = np.asarray(ev["decision"], dtype=np.int64)[pos] * n + np.asarray(ev["item"], dtype=np.int64)[pos]
+    return item[keep], np.isin(dec[keep] * n + item[keep], key)
+
+
+def residual_scorer(data: Mapping[str, Any], item_category: np.ndarray, coef: np.ndarray, pop_exponent: float,
+                    event_weights: np.ndarray, *, before: float | None = None,
+                    half_life_days: float = 14.0) -> rankers.HistoryScorer:
+    """The residual ranker of coefficients ``coef`` and popularity dial ``pop_exponent`` on the snapshot
+    of :func:`log_training_arrays`' ``data`` before ``before`` (epoch seconds; None = all of it): its
+    positive events and its exposures (:func:`shown_items`) before then. ``homepage train`` judges it
+    as of the holdout's cutoff and publishes it on the whole log."""
+    u, i, t, w = _positive_events(data, event_weights)
+    if before is not None:
+        keep = t < before
+        u, i, t, w = u[keep], i[keep], t[keep], w[keep]
+    shown, positive = shown_items(data, event_weights, before)
+    cat = np.where(np.asarray(item_category) >= 0, item_category, 0).astype(np.int64)
+    return rankers.HistoryScorer("residual", cat, coef=coef, pop_exponent=pop_exponent, type_weights=event_weights,
+                                 half_life_s=half_life_days * 86400.0).fit(
+        u, i, t, w, n_users=max(int(data["n_users"]), 1), shown_item=shown, shown_positive=positive)
+
+
 def _positive_events(data: Mapping[str, Any], event_weights: np.ndarray) -> tuple[np.ndarray, ...]:
     """(user, item, ts, weight) of the log's positive events (event-type weight > 0)."""
     ev = data["events"]
@@ -316,7 +356,8 @@ def train_ranker(db: Engine, config: ConfigRecord, *, model: str = "residual", i
     ``model="residual"`` (the default): the residual ranker of :class:`rankers.HistoryScorer` — a
     logistic model over the baselines' own signals (multi-granularity recent popularity, item-kNN of
     the user's history, the user's category shares, time since the user's last positive in the
-    category) whose coefficients are fitted on an inner split of the past (features before it,
+    category) and each item's positive rate per exposure (:func:`shown_items`; its coefficient kept
+    >= 0) whose coefficients are fitted on an inner split of the past (features before it,
     labels after it) and whose popularity dial (a PDA-style exponent) is chosen on that inner split's
     served pages. ``model="torch"``: the multi-task torch ranker (:func:`rankers.fit`).
 
@@ -393,20 +434,19 @@ def _train_residual(db: Engine, config: ConfigRecord, catalog: Catalog, *, force
         raise InvalidInput(f"too little history before the holdout to fit the ranker: {e.message}",
                            field="log") from None
 
-    def residual(user: np.ndarray, item: np.ndarray, ts: np.ndarray, weight: np.ndarray, coef: np.ndarray,
-                 gamma: float) -> rankers.HistoryScorer:
-        return rankers.HistoryScorer("residual", cat0, coef=coef, pop_exponent=gamma, type_weights=wv,
-                                     half_life_s=half_life_days * 86400.0).fit(user, item, ts, weight, n_users=n_users)
+    def residual(coef: np.ndarray, gamma: float, before: float | None) -> rankers.HistoryScorer:
+        return residual_scorer(data, cat0, coef, gamma, wv, before=before, half_life_days=half_life_days)
 
+    shown, positive = shown_items(data, wv, inner.cutoff)
     base = rankers.HistoryScorer("popularity", cat0, half_life_s=half_life_days * 86400.0).fit(
-        inner.train_user, inner.train_item, inner.train_ts, inner.train_weight, n_users=n_users)
+        inner.train_user, inner.train_item, inner.train_ts, inner.train_weight, n_users=n_users,
+        shown_item=shown, shown_positive=positive)
     grid_x, grid_y, grid_m = rankers.residual_grid(base, inner.users, _pools(state, inner.users.size, seed),
                                                    inner.positives)
-    fitted = rankers.fit_residual(grid_x, grid_y, grid_m)
+    fitted = rankers.fit_residual(grid_x, grid_y, grid_m, nonnegative=(rankers.RATE_COLUMN,))
     coefs = {g: rankers.with_dial(grid_x, grid_y, grid_m, fitted, g) for g in POP_EXPONENTS}
     dial = {f"residual(pop^{g:g})": g for g in POP_EXPONENTS}
-    inner_scorers = {name: history_page_scorer(residual(inner.train_user, inner.train_item, inner.train_ts,
-                                                        inner.train_weight, coefs[g], g)) for name, g in dial.items()}
+    inner_scorers = {name: history_page_scorer(residual(coefs[g], g, inner.cutoff)) for name, g in dial.items()}
     inner_res = evaluate_pages(state, inner, inner_scorers, baselines=list(dial), n_boot=1, seed=seed)
     chosen_name = max(dial, key=lambda n: (inner_res.row(n)["recall"], inner_res.row(n)["ndcg"]))
     gamma = dial[chosen_name]
@@ -419,7 +459,7 @@ def _train_residual(db: Engine, config: ConfigRecord, catalog: Catalog, *, force
     except InvalidInput:
         mu, mi, mt, mw = u[t < cutoff], i[t < cutoff], t[t < cutoff], w[t < cutoff]
         h = None
-    candidate = residual(mu, mi, mt, mw, coef, gamma)
+    candidate = residual(coef, gamma, cutoff)
     chosen, gate = served_gate(state, data, {"residual": candidate}, cutoff, wv, max_users=gate_users,
                                min_users=min_gate_users, seed=seed,
                                half_life_s=half_life_days * 86400.0, require_ndcg=require_test)
@@ -450,7 +490,7 @@ def _train_residual(db: Engine, config: ConfigRecord, catalog: Catalog, *, force
     published = rejected = None
     names = tuple(cfg.category_names)
     if passed or force:
-        scorer = residual(u, i, t, w, coef, gamma)
+        scorer = residual(coef, gamma, None)
         row: dict[str, Any] = next((r for r in gate.get("scorers", []) if r["scorer"] == "residual"), {})
         served = {"kind": "model", "scorer": "residual", "params": scorer.describe(),
                   "gate_recall": row.get("recall"), "gate_ndcg": row.get("ndcg"),

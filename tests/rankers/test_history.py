@@ -136,8 +136,9 @@ def test_residual_features_match_their_definitions(seed):
             mine = pos & (user == u) & (cat[item] == cat[j])
             gap = (ts[pos].max() - ts[mine].max()) / DAY if mine.any() else None
             bucket = 5 if gap is None else int(np.searchsorted([1.0, 7.0, 30.0, 180.0], gap, side="left"))
-            assert f[11:17].tolist() == [1.0 * (b == bucket) for b in range(6)]
-            assert f[17:].tolist() == [1.0 * (c2 == cat[j]) for c2 in range(N_CAT)]
+            assert f[12:18].tolist() == [1.0 * (b == bucket) for b in range(6)]
+            assert f[18:].tolist() == [1.0 * (c2 == cat[j]) for c2 in range(N_CAT)]
+            assert f[11] == sc.rate_logit_[j]  # the item rate (tests/rankers/test_item_rates.py)
             n_uc = np.bincount(cat[item[pos & (user == u)]], weights=weight[pos & (user == u)], minlength=N_CAT)
             share = (n_uc[cat[j]] + sc.category_share_[cat[j]]) / (n_uc.sum() + 1.0)
             assert f[10] == pytest.approx(np.log(share + 1e-9))
@@ -220,7 +221,7 @@ def test_save_load_round_trip_and_inputs_untouched(seed, kind):
     (lambda cat: HistoryScorer("nope", cat), r"kind must be one of popularity, recent_popularity"),
     (lambda cat: HistoryScorer("popularity", cat.astype(float)), r"item_category must be a non-empty 1-D array"),
     (lambda cat: HistoryScorer("recent_popularity", cat, half_life_s=0.0), r"half_life_s must be a finite number > 0"),
-    (lambda cat: HistoryScorer("residual", cat), r"coef must have shape \(21,\) for a residual scorer; got None"),
+    (lambda cat: HistoryScorer("residual", cat), r"coef must have shape \(22,\) for a residual scorer; got None"),
     (lambda cat: HistoryScorer("popularity", cat, pop_exponent=-1.0), r"pop_exponent must be a finite number >= 0"),
 ])
 def test_constructor_errors_name_the_parameter(make, message):
