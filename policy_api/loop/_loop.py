@@ -478,7 +478,8 @@ class BackgroundLoop:
         self._store.forget = self._forget
         self._shift.reset()
         self._next["plan"] = 0.0
-        moved = ", ".join(f"{names[c]} x{shift.ratio[c]:.2f} (z {shift.z[c]:+.1f})" for c in shift.categories)
+        moved = ", ".join([f"{names[c]} x{shift.ratio[c]:.2f} (z {shift.z[c]:+.1f})" for c in shift.categories]
+                          + [f"the whole page x{shift.page_ratio:.2f} (z {shift.page_z:+.1f})"])
         at = datetime.fromtimestamp(shift.at, tz=UTC).isoformat(timespec="seconds")
         log.warning("population shift since %s: %s", at, moved)
         return "ok", (f"population shift since {at}: observed over predicted units {moved}; live states keep "

@@ -13,7 +13,11 @@ together; one user learns it from a few pages, the population shows it in a few 
 with the ones before them: a category whose ratio moved by at least ``ratio`` times (either way),
 with a z-score of at least ``z`` for the recent slots' residuals under the reference ratio, is a
 shift, if the reference itself was steady (its two halves' ratios within ``steady`` times of each
-other: while the engine is still learning its calibration, the ratios move on their own). The loop then forgets most of every user's category evidence (the live state's ``epoch``) and
+other: while the engine is still learning its calibration, the ratios move on their own). The same
+test over every slot together (the whole page's units against its prediction) finds a shift that
+moves several categories a little each sooner: its sums are far less noisy than one category's, so it
+needs a ratio of ``page_ratio`` and a z-score of ``page_z``. A false alarm costs little: the map the
+loop fits after it (:class:`~policy_api.live.ShiftMap`) then says that users' tastes did not move. The loop then forgets most of every user's category evidence (the live state's ``epoch``) and
 recalibrates on what came after it.
 """
 
@@ -143,12 +147,15 @@ def category_shift(ref: SlotOutcomes, recent: SlotOutcomes, n_categories: int
 
 @dataclass(frozen=True)
 class Shift:
-    """A detected shift: when the recent window began (``at``), per category the ratio and z-score."""
+    """A detected shift: when the recent window began (``at``), per category the ratio and z-score,
+    the categories that moved on their own, and the whole page's ratio and z-score."""
 
     at: float
     ratio: np.ndarray
     z: np.ndarray
     categories: tuple[int, ...]
+    page_ratio: float = float("nan")
+    page_z: float = float("nan")
 
 
 @dataclass
@@ -169,6 +176,8 @@ class ShiftDetector:
         Predicted units a category needs in the recent window to be tested.
     steady
         How far apart (times) the reference's two halves' ratios may be for the category to be tested.
+    page_ratio, page_z
+        The same two thresholds for the whole page (every slot together).
     """
 
     recent: int = 200
@@ -178,6 +187,8 @@ class ShiftDetector:
     z: float = 5.0
     min_predicted: float = 100.0
     steady: float = 1.25
+    page_ratio: float = 1.25
+    page_z: float = 4.5
     slots: int = 1
     outcomes: SlotOutcomes = field(init=False)
 
@@ -196,13 +207,20 @@ class ShiftDetector:
         if n < self.recent + self.min_reference:
             return None
         o = self.outcomes
-        ref, new = o.part(0, n - self.recent), o.part(n - self.recent, n)
         half = (n - self.recent) // 2
-        steady, _, _ = category_shift(o.part(0, half), o.part(half, n - self.recent), n_categories)
-        ratio, z, p = category_shift(ref, new, n_categories)
-        big = np.isfinite(ratio) & ((ratio >= self.ratio) | (ratio <= 1.0 / self.ratio))
-        calm = np.isfinite(steady) & (steady <= self.steady) & (steady >= 1.0 / self.steady)
-        hit = big & calm & (np.abs(np.nan_to_num(z)) >= self.z) & (p >= self.min_predicted)
-        if not hit.any():
+
+        def test(o: SlotOutcomes, k: int, ratio_at: float, z_at: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            steady, _, _ = category_shift(o.part(0, half), o.part(half, n - self.recent), k)
+            ratio, z, p = category_shift(o.part(0, n - self.recent), o.part(n - self.recent, n), k)
+            big = np.isfinite(ratio) & ((ratio >= ratio_at) | (ratio <= 1.0 / ratio_at))
+            calm = np.isfinite(steady) & (steady <= self.steady) & (steady >= 1.0 / self.steady)
+            return big & calm & (np.abs(np.nan_to_num(z)) >= z_at) & (p >= self.min_predicted), ratio, z
+
+        o = self.outcomes
+        hit, ratio, z = test(o, n_categories, self.ratio, self.z)
+        page = SlotOutcomes(o.ts, np.where((o.category >= 0) & (o.category < n_categories), 0, -1), o.units, o.predicted)
+        page_hit, page_ratio, page_z = test(page, 1, self.page_ratio, self.page_z)
+        if not (hit.any() or page_hit[0]):
             return None
-        return Shift(float(new.ts[0]), ratio, z, tuple(np.flatnonzero(hit).tolist()))
+        return Shift(float(o.ts[n - self.recent]), ratio, z, tuple(np.flatnonzero(hit).tolist()),
+                     float(page_ratio[0]), float(page_z[0]))

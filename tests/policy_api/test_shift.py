@@ -85,6 +85,18 @@ def test_no_false_alarm_on_steady_streams_and_a_halved_category_is_found_within_
     assert np.median(delays) <= 150
 
 
+def test_a_small_move_of_every_category_is_found_by_the_whole_page():
+    """Every category's ratio falls to 0.75 from page 2,000: no category moves 1.5 times, but the whole
+    page's units, far less noisy, do: found within the window plus a batch, by the page test alone."""
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        rate = np.tile([1.2, 0.9, 1.0, 1.1], (3000, 1))
+        rate[2000:] *= 0.75
+        det = ShiftDetector(recent=150, slots=S)
+        hits = _run(det, _stream(rng, 3000, rate))
+        assert hits and 2000 < hits[0][0] <= 2000 + 150 + 25 and hits[0][1] == ()
+
+
 def test_a_reference_that_is_still_moving_is_not_judged():
     """While the calibration is still being learned, the ratios move on their own (here category 0's
     doubles over the first 1,500 pages, then holds): the detector waits for a steady reference. Without
