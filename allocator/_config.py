@@ -166,6 +166,12 @@ class Loop:
     #: draws do. ``serve_gain = 0`` turns it off
     serve_window: int = 100
     serve_gain: float = 2.0
+    #: when what users take from a category departs at once from what the engine predicted (the
+    #: observed-to-predicted units of the last ``shift_window`` pages against the pages before, see
+    #: ``policy_api.loop.ShiftDetector``), every user's live category sums keep this share of their weight
+    #: and the calibration restarts from the shift. 1 turns the detection off
+    shift_keep: float = 0.0
+    shift_window: int = 150
 
 
 LOOP_KEYS = tuple(Loop.__dataclass_fields__)
@@ -583,7 +589,7 @@ def _loop(ck: _Checker, raw: Mapping[str, Any]) -> Loop:
         else:
             out["enabled"] = t["enabled"]
     for k in ("plan_users", "learn_min_decisions", "train_min_events", "train_max_epochs", "state_max_events",
-              "pace_window", "calibration_events", "serve_window"):
+              "pace_window", "calibration_events", "serve_window", "shift_window"):
         n = ck.integer(t, k, f"loop.{k}", default=getattr(d, k), low=1)
         if n is not None:
             out[k] = n
@@ -596,7 +602,7 @@ def _loop(ck: _Checker, raw: Mapping[str, Any]) -> Loop:
     n = ck.integer(t, "item_events", "loop.item_events", default=d.item_events, low=0)
     if n is not None:
         out["item_events"] = n
-    for k, hi in (("pace_margin", 0.5), ("settle_s", math.inf), ("serve_gain", 10.0)):
+    for k, hi in (("pace_margin", 0.5), ("settle_s", math.inf), ("serve_gain", 10.0), ("shift_keep", 1.0)):
         v = ck.number(t, k, f"loop.{k}", default=getattr(d, k), low=0.0, high=hi)
         if v is not None:
             out[k] = v

@@ -39,6 +39,8 @@ from allocator import (
 from bandits import VWLayoutBandit, sample
 from rankers import PopularityScorer, live_category_preferences, live_score_multiplier
 
+from ..live._state import Forget
+from ..live._transfer import ShiftMap
 from ..log import Catalog
 from ._features import layout_features, shared_features
 from ._ids import seed_of
@@ -184,6 +186,8 @@ class LiveSignals:
     n_negative: int = 0
     #: (C,) decayed examined impressions by config category (None: the state counts none)
     impressions: np.ndarray | None = None
+    #: (C,) engagement and examined impressions before the last population shift (None: none)
+    before: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def cold(cls, n_categories: int, status: str = "cold") -> LiveSignals:
@@ -290,6 +294,12 @@ class EngineState:
     tail_lead: tuple[np.ndarray, ...] = ()
     # per category, a flag per position of its pool's rest (past its head): the item there leads the draw
     tail_lead_rest: tuple[np.ndarray, ...] = ()
+    # the population shift the loop detected last: live states older than it keep part of their category
+    # sums (see policy_api.live.Forget); None: none detected
+    forget: Forget | None = None
+    # what a user's category rates before that shift say about them now (fitted by the loop on the users
+    # seen since); None: not fitted, the user's new evidence is shrunk toward the population's rates
+    shift_map: ShiftMap | None = None
 
 
 def calibration_rates(rates: Mapping[str, Any], names: tuple[str, ...]) -> np.ndarray:
@@ -618,7 +628,8 @@ LIVE_PRIOR_IMPRESSIONS = 20.0
 
 def live_rate_factors(raw_top: np.ndarray, category_top: np.ndarray, category_rate: np.ndarray,
                       engagement: np.ndarray, impressions: np.ndarray,
-                      prior: float = LIVE_PRIOR_IMPRESSIONS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      prior: float = LIVE_PRIOR_IMPRESSIONS, toward: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per category, the user's own engagement rate, and the factor and offset that bring the scorer's
     category level for the user to it.
 
@@ -637,6 +648,9 @@ def live_rate_factors(raw_top: np.ndarray, category_top: np.ndarray, category_ra
     not: a category the user was shown often and ignored falls, one shown little and taken rises. The
     scorer still ranks the items inside each category.
 
+    ``toward`` (C,), when given, is what the evidence is shrunk toward instead of ``r_c`` (the user's
+    expected rate from before a population shift, :class:`~policy_api.live.ShiftMap`).
+
     Returns
     -------
     rho, factor, offset
@@ -652,7 +666,7 @@ def live_rate_factors(raw_top: np.ndarray, category_top: np.ndarray, category_ra
     """
     t = np.clip(np.divide(raw_top, category_top, out=np.ones_like(raw_top), where=category_top > 0), 0.1, 10.0)
     r = category_rate
-    rho = (engagement + prior * r) / (impressions + prior)
+    rho = (engagement + prior * (r if toward is None else toward)) / (impressions + prior)
     ok = r > 0
     m = np.clip(np.divide(rho, r, out=np.zeros_like(rho), where=ok), -20.0, 20.0)
     factor = np.where(ok, np.maximum(m, 0.05) / t, 1.0)
@@ -960,8 +974,11 @@ class DecisionEngine:
             cat = st.item_category[pool]
             C = st.category_rate.size
             raw_top = _top_means(raw, np.where(cat >= 0, cat, C), C + 1, st.config.items_per_module)[:C]
+            toward = None
+            if st.shift_map is not None and live.before is not None:  # the user's taste before the shift, moved
+                toward = st.shift_map.prior(live.before[0], live.before[1], st.category_rate)
             rho, factor, loss = live_rate_factors(raw_top, st.category_top, st.category_rate, live.engagement,
-                                                  live.impressions)
+                                                  live.impressions, toward=toward)
             # the offset of a net-negative group (skipped more than played) stays: what a user who likes
             # the category more takes from it is in the scaled scores, the skips' cost is not less for it
             scores = scores * np.where(cat >= 0, factor[np.maximum(cat, 0)], 1.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 from sqlalchemy.engine import Engine
@@ -18,6 +19,8 @@ from bandits import VWLayoutBandit
 
 from .. import registry
 from ..errors import InvalidInput, NotReady
+from ..live._state import Forget
+from ..live._transfer import ShiftMap
 from ..log import Catalog, load_items
 from ..registry import ConfigRecord, ModelRecord, PlanRecord
 from ._engine import (
@@ -94,6 +97,32 @@ def load_state(db: Engine, config: ConfigRecord | None = None, *, catalog: Catal
     return with_plan_calibration(state, plan)
 
 
+def plan_forget(solver: dict[str, Any]) -> Forget | None:
+    """The population shift a plan carries (``solver["forget"]``: ``{"epoch", "keep"}``), or None."""
+    got = solver.get("forget")
+    if not isinstance(got, dict):
+        return None
+    try:
+        return Forget(float(got["epoch"]), float(got["keep"]))
+    except (KeyError, TypeError, ValueError, InvalidInput):
+        log.warning("plan's forget ignored (not {epoch, keep}): %r", got)
+        return None
+
+
+def plan_shift_map(solver: dict[str, Any], n_categories: int) -> ShiftMap | None:
+    """The shift map a plan carries (``solver["forget"]["map"]``, :meth:`ShiftMap.to_dict`), or None."""
+    got = solver.get("forget")
+    got = got.get("map") if isinstance(got, dict) else None
+    if not isinstance(got, dict):
+        return None
+    try:
+        m = ShiftMap.from_dict(got)
+    except InvalidInput:
+        log.warning("plan's shift map ignored: %r", got)
+        return None
+    return m if m.before_rate.size == n_categories else None
+
+
 def with_plan_calibration(state: EngineState, plan: PlanRecord | None) -> EngineState:
     """``state`` with the category calibration the plan carries; without one (no feedback yet), the
     built-in popularity scorer gets the catalog's prior (:func:`~policy_api.engine.catalog_prior_rates`:
@@ -105,6 +134,7 @@ def with_plan_calibration(state: EngineState, plan: PlanRecord | None) -> Engine
         state = replace(state, price_slope=np.array([float(slope[n]) for n in state.config.constraint_names]))
     else:
         state = replace(state, price_slope=None)
+    state = replace(state, forget=plan_forget(solver), shift_map=plan_shift_map(solver, len(state.config.categories)))
     got = solver.get("calibration")
     if not got:
         return calibrated(state, catalog_prior_rates(state) if state.scorer.name == "popularity" else None)

@@ -7,7 +7,7 @@ with :mod:`allocator` and returns a frozen result; publishing is the last step a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -454,16 +454,17 @@ def _window_events(db: Engine, config: HomepageConfig, catalog: Catalog, start: 
     ``ts`` out (its conversion is the one step per row that is not vectorised)."""
     from ..log import decisions, feedback, reading
 
-    q = (sa.select(decisions.c.user_id, feedback.c.request_id, feedback.c.item_id, feedback.c.type, feedback.c.ts,
-                   feedback.c.slot)
-         .select_from(feedback.join(decisions, decisions.c.request_id == feedback.c.request_id)))
+    cols = [decisions.c.user_id, feedback.c.request_id, feedback.c.item_id, feedback.c.type, feedback.c.slot]
+    if times:  # the timestamps' conversion is the costly part of the read: only when asked for
+        cols.append(feedback.c.ts)
+    q = sa.select(*cols).select_from(feedback.join(decisions, decisions.c.request_id == feedback.c.request_id))
     if start is not None:
         q = q.where(feedback.c.ts >= start)
     with reading(db) as conn:
         rows = conn.execute(q).all()
     if not rows:
         return None
-    user_s, req_s, item_s, kind_s, ts_s, slot_s = zip(*rows, strict=True)
+    user_s, req_s, item_s, kind_s, slot_s, *rest = zip(*rows, strict=True)
     _, user = np.unique(np.array(user_s, dtype=object).astype(str), return_inverse=True)
     _, request = np.unique(np.array(req_s, dtype=object).astype(str), return_inverse=True)
     index = catalog.index_of()
@@ -472,7 +473,7 @@ def _window_events(db: Engine, config: HomepageConfig, catalog: Catalog, start: 
     kinds, kind = np.unique(np.array(kind_s, dtype=object).astype(str), return_inverse=True)
     kind_units = np.array([float(config.events.get(k, 0.0)) for k in kinds.tolist()])
     impression = kinds[kind] == "impression"
-    ts = np.fromiter((t.timestamp() for t in ts_s), dtype=np.float64, count=len(ts_s)) if times else None
+    ts = np.fromiter((t.timestamp() for t in rest[0]), dtype=np.float64, count=len(rows)) if times else None
     slot = np.nan_to_num(np.array(slot_s, dtype=np.float64), nan=-1.0).astype(np.int64)  # None: no slot
     pw = np.asarray(config.position_weights, dtype=np.float64)
     pw = pw / pw.mean()
@@ -520,7 +521,8 @@ def repeat_engagement(db: Engine, config: HomepageConfig, since: datetime | None
 
 
 def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray], np.ndarray] | None = None, *,
-                repeat: bool = True) -> dict[str, dict[str, Any]] | None:
+                repeat: bool = True, since: datetime | None = None,
+                items: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]] | None:
     """Recent engagement units and examined impressions (each weighted by its slot's position weight
     relative to the mean) per config category, for its head and its long tail apart, over the last
     ``loop.calibration_events`` feedback events of the last 6 hours, measured on the decisions served
@@ -539,8 +541,13 @@ def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray
     second and third modules engages less per impression than its first module would).
 
     With ``repeat``, each category also gets ``"repeat": [units, expected, impressions]`` of its items
-    shown again to users who engaged with them before (:func:`repeat_engagement`)."""
-    since = datetime.now(tz=UTC) - CALIBRATION_WINDOW
+    shown again to users who engaged with them before (:func:`repeat_engagement`).
+
+    ``since`` starts every window there at the earliest (the loop's last population shift: what users
+    engaged with before it is not what they engage with now). ``items`` (category -> ``"items"`` block
+    of an earlier calibration) reuses those item rates instead of measuring them again."""
+    start = datetime.now(tz=UTC) - CALIBRATION_WINDOW
+    since = start if since is None else max(start, since)
     catalog = load_catalog(db)
     names = config.category_names
     item_cat = catalog.category_index(names)
@@ -551,9 +558,13 @@ def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray
     item_block: dict[str, dict[str, Any]] = {}
     if scorer is not None and config.loop.item_events > 0:
         # each item's own rate (engine.item_lift_of), on a longer window than the groups': an item needs
-        # tens of impressions of its own; the groups are then calibrated on the lifted scores
-        got = item_engagement_rates(db, config, since, catalog=catalog)
-        if got is not None and got.items.size:
+        # tens of impressions of its own; the groups are then calibrated on the lifted scores. Not cut
+        # at a population shift: the lifts move items within their category's head (they average 1
+        # over it), and what moved at once is the categories' level, which the groups measure anew
+        got = None if items is not None else item_engagement_rates(db, config, start, catalog=catalog)
+        if items is not None:  # measured before (a plan's): reused as they are
+            item_block = {c: v for c, v in items.items() if c in names}
+        elif got is not None and got.items.size:
             x = np.log1p(catalog.popularity)
             rate = got.rates(x, item_cat)
             score = np.asarray(scorer(got.items), dtype=np.float64)
@@ -576,6 +587,7 @@ def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray
                                  "units": got.units[mine].tolist(), "exposure": got.exposure[mine].tolist(),
                                  "curve": {"x": got.curve[k][0].tolist(), "rate": got.curve[k][1].tolist()},
                                  "scale": [float(scale[2 * k]), float(scale[2 * k + 1])]}
+        if item_block:
             served = np.flatnonzero(item_cat >= 0)
             all_scores = np.zeros(item_cat.size)
             all_scores[served] = np.asarray(scorer(served), dtype=np.float64)
@@ -637,20 +649,22 @@ def feedback_seen(db: Engine) -> int:
 
 
 def plan(db: Engine, *, users: int = 2000, since: datetime | None = None, method: str = "auto", seed: int = 0,
-         publish: bool = True, engine: str = "local", workers: int | None = None) -> PlanResult:
+         publish: bool = True, engine: str = "local", workers: int | None = None,
+         calibration_since: datetime | None = None) -> PlanResult:
     """Plan the active config on ``users`` users sampled from traffic since ``since``; publish its prices.
 
     Raises :class:`~policy_api.errors.Infeasible` (nothing published) when the constraints cannot hold.
     ``engine="ray"`` solves the same plan with the users in ``workers`` Ray actors (the sharded dual,
     :func:`allocator.plan_dual_sharded`; the ``ray`` extra).
     The plan carries the category calibration measured on recent feedback (:func:`calibration`):
-    serving uses it with the plan's prices, and the plan is solved on the same calibrated values.
+    serving uses it with the plan's prices, and the plan is solved on the same calibrated values
+    (measured from ``calibration_since`` on, when given).
     """
     cfg = registry.require_active_config(db)
     sampled, weight = sample_users(db, since=since, n=users, seed=seed)
     state = load_state(db, cfg)
     seen = feedback_seen(db)
-    rates, _ = plan_calibration(db, cfg, state)
+    rates, _ = plan_calibration(db, cfg, state, since=calibration_since)
     if rates is not None:
         names = cfg.config.category_names
         lift = item_lift(rates, state)
@@ -668,14 +682,16 @@ def plan(db: Engine, *, users: int = 2000, since: datetime | None = None, method
     return replace(res, plan_version=v)
 
 
-def plan_calibration(db: Engine, cfg: ConfigRecord, state: EngineState | None = None
+def plan_calibration(db: Engine, cfg: ConfigRecord, state: EngineState | None = None, *,
+                     since: datetime | None = None, items: Mapping[str, Any] | None = None
                      ) -> tuple[dict[str, dict[str, list[float]]] | None, str]:
     """The calibration a plan of ``cfg`` carries (:func:`calibration` with the served scorer's
     predictions) and that scorer's name, without solving the plan: what the loop publishes beside the
     pacer's own prices once it has them (scoring a plan's sampled users with a history scorer takes
     tens of seconds, during which the loop would neither pace nor learn)."""
     st = state if state is not None else load_state(db, cfg)
-    return calibration(db, cfg.config, scorer=lambda rows: st.scorer.score(-1, rows)), st.scorer.name
+    return (calibration(db, cfg.config, scorer=lambda rows: st.scorer.score(-1, rows), since=since, items=items),
+            st.scorer.name)
 
 
 def dry_run(db: Engine, config: HomepageConfig, users: np.ndarray, weight: np.ndarray,

@@ -16,27 +16,36 @@ from ._state import (
     IMPRESSION,
     NEGATIVE_TYPES,
     POSITIVE_TYPES,
+    Forget,
     ItemStats,
     LiveEvent,
     UserState,
     apply_events,
+    before_vectors,
     category_vector,
+    forget_factor,
     live_sequences,
 )
 from ._store import UserStateStore
+from ._transfer import ShiftMap, fit_shift_map
 
 __all__ = [
     "IMPRESSION",
     "NEGATIVE_TYPES",
     "POSITIVE_TYPES",
+    "Forget",
     "ItemStats",
     "LiveEvent",
     "RedisStateStore",
     "SqlStateStore",
     "UserState",
     "UserStateStore",
+    "ShiftMap",
     "apply_events",
+    "before_vectors",
     "category_vector",
+    "fit_shift_map",
+    "forget_factor",
     "live_sequences",
     "make_state_store",
 ]

@@ -95,7 +95,7 @@ class RedisStateStore(DeadlineStore):
                     new_users = {
                         k: encode_state(apply_events(decode_state(raw), by_user[u], half_life_s=self.half_life_s,
                                                      max_events=self.max_events,
-                                                     impression_half_life=self.impression_half_life))
+                                                     impression_half_life=self.impression_half_life, forget=self.forget))
                         for u, k, raw in zip(users, user_keys, old_users, strict=True)
                     }
                     new_items: list[str | bytes] = []  # hset(items=[field, value, ...])

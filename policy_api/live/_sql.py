@@ -114,7 +114,7 @@ class SqlStateStore(DeadlineStore):
             new = [
                 {"user_id": u, "updated_at": now, "state": encode_state(apply_events(
                     old.get(u), by_user[u], half_life_s=self.half_life_s, max_events=self.max_events,
-                    impression_half_life=self.impression_half_life)).decode()}
+                    impression_half_life=self.impression_half_life, forget=self.forget)).decode()}
                 for u in keys
             ]
             stmt = self._insert(user_state)

@@ -27,10 +27,12 @@ __all__ = [
     "IMPRESSION",
     "NEGATIVE_TYPES",
     "POSITIVE_TYPES",
+    "Forget",
     "ItemStats",
     "LiveEvent",
     "UserState",
     "apply_events",
+    "before_vectors",
     "category_vector",
     "check_store_params",
     "decay",
@@ -38,6 +40,7 @@ __all__ = [
     "decode_state",
     "encode_item",
     "encode_state",
+    "forget_factor",
     "item_increments",
     "item_stats_at",
     "live_sequences",
@@ -116,6 +119,12 @@ class UserState:
         Counts of positive and negative events ever applied.
     updated
         Time of the newest event applied, epoch seconds.
+    epoch
+        The newest population shift the category sums have forgotten (its time, epoch seconds; 0:
+        none): see :func:`forget_factor`.
+    before_engagement, before_impressions
+        The category sums as they stood when the state forgot that shift (empty before any): what the
+        user took before it, which the plan's :class:`ShiftMap` turns into a prior for now.
     """
 
     user_id: str
@@ -127,6 +136,9 @@ class UserState:
     n_negative: int
     updated: float
     category_impressions: dict[str, float] = field(default_factory=dict)
+    epoch: float = 0.0
+    before_engagement: dict[str, float] = field(default_factory=dict)
+    before_impressions: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not len(self.items) == len(self.types) == len(self.ts):
@@ -176,8 +188,32 @@ def decay(age_s: float, half_life_s: float) -> float:
     return float(2.0 ** (-age_s / half_life_s))
 
 
+@dataclass(frozen=True, slots=True)
+class Forget:
+    """A population shift the live states forget: each state's category sums from before ``epoch``
+    (epoch seconds, the shift's detection) keep ``keep`` (in [0, 1]) of their weight, once. A user's
+    own evidence says what the user took from each category; when what everyone takes changed at
+    once, that evidence misleads the engine until the user's new pages outweigh it."""
+
+    epoch: float
+    keep: float
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.epoch, int | float) and math.isfinite(self.epoch)):
+            raise InvalidInput(f"epoch must be a finite number; got {self.epoch!r}", field="epoch")
+        if not (isinstance(self.keep, int | float) and 0.0 <= self.keep <= 1.0):
+            raise InvalidInput(f"keep must be a number in [0, 1]; got {self.keep!r}", field="keep")
+
+
+def forget_factor(state: UserState, forget: Forget | None) -> float:
+    """What ``state``'s category sums keep under ``forget``: ``forget.keep`` when they predate its epoch
+    (``state.epoch < forget.epoch``), else 1."""
+    return forget.keep if forget is not None and state.epoch < forget.epoch else 1.0
+
+
 def apply_events(state: UserState | None, events: Sequence[LiveEvent], *, half_life_s: float,
-                 max_events: int, impression_half_life: float | None = None) -> UserState:
+                 max_events: int, impression_half_life: float | None = None,
+                 forget: Forget | None = None) -> UserState:
     """The state after ``events`` (all of one user), in any arrival order.
 
     ``updated' = max(updated, max ts)``; each category's engagement is brought to ``updated'`` and each
@@ -197,6 +233,10 @@ def apply_events(state: UserState | None, events: Sequence[LiveEvent], *, half_l
         comes back often is judged on the last few pages, so a change of taste shows within pages,
         not hours; the state then depends on how events were batched (the loop writes each user's
         events of one tick as one batch).
+    forget
+        A population shift (:class:`Forget`): a state whose sums predate it moves them, brought to
+        ``updated``, to ``before_*`` and keeps ``forget.keep`` of them before the events are added; the
+        result carries the shift's epoch (forgotten once).
 
     Raises
     ------
@@ -220,11 +260,18 @@ def apply_events(state: UserState | None, events: Sequence[LiveEvent], *, half_l
         updated = times[-1]
         engagement: dict[str, float] = {}
         shown: dict[str, float] = {}
+        before_eng: dict[str, float] = {}
+        before_imp: dict[str, float] = {}
         old: list[tuple[str, str, float]] = []
         n_pos = n_neg = 0
     else:
         updated = max([state.updated, *times[-1:]])
-        factor = decay(updated - state.updated, half_life_s)
+        aged = decay(updated - state.updated, half_life_s)
+        before_eng, before_imp = state.before_engagement, state.before_impressions
+        if forget is not None and state.epoch < forget.epoch:  # this shift is new to the state
+            before_eng = {c: v * aged for c, v in state.category_engagement.items()}
+            before_imp = {c: v * aged for c, v in state.category_impressions.items()}
+        factor = aged * forget_factor(state, forget)
         if impression_half_life is not None:
             factor *= decay(sum(e.units for e in events if e.type == IMPRESSION and e.head), impression_half_life)
         engagement = {c: v * factor for c, v in state.category_engagement.items()}
@@ -257,13 +304,16 @@ def apply_events(state: UserState | None, events: Sequence[LiveEvent], *, half_l
         n_negative=n_neg,
         updated=updated,
         category_impressions=shown,
+        epoch=max(0.0 if state is None else state.epoch, 0.0 if forget is None else forget.epoch),
+        before_engagement=before_eng,
+        before_impressions=before_imp,
     )
 
 
 def category_vector(state: UserState | None, category_names: Sequence[str], now: float,
-                    half_life_s: float, *, impressions: bool = False) -> np.ndarray:
+                    half_life_s: float, *, impressions: bool = False, forget: Forget | None = None) -> np.ndarray:
     """Decayed engagement per category at ``now``: ``engagement[c] * 2**(-(now - updated) / half_life_s)``
-    (with ``impressions``, the decayed examined impressions instead).
+    (with ``impressions``, the decayed examined impressions instead), times :func:`forget_factor`.
 
     Returns
     -------
@@ -275,11 +325,27 @@ def category_vector(state: UserState | None, category_names: Sequence[str], now:
     out = np.zeros(len(category_names), dtype=np.float64)
     if state is None:
         return out
-    factor = decay(max(0.0, now - state.updated), half_life_s)
+    factor = decay(max(0.0, now - state.updated), half_life_s) * forget_factor(state, forget)
     values = state.category_impressions if impressions else state.category_engagement
     for j, c in enumerate(category_names):
         out[j] = values.get(c, 0.0) * factor
     return out
+
+
+def before_vectors(state: UserState, category_names: Sequence[str], now: float, half_life_s: float,
+                   forget: Forget | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The user's category sums before the last population shift, engagement and examined impressions
+    (shapes (C,)): the sums the state forgot (``before_*``), or, for a state that predates ``forget``,
+    its sums now (its next write moves them there). None when there are none."""
+    if forget is not None and state.epoch < forget.epoch:
+        eng = category_vector(state, category_names, now, half_life_s)
+        imp = category_vector(state, category_names, now, half_life_s, impressions=True)
+    elif state.before_impressions:
+        eng = np.array([state.before_engagement.get(c, 0.0) for c in category_names], dtype=np.float64)
+        imp = np.array([state.before_impressions.get(c, 0.0) for c in category_names], dtype=np.float64)
+    else:
+        return None
+    return (eng, imp) if imp.sum() > 0 else None
 
 
 def live_sequences(state: UserState, index: Mapping[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -367,6 +433,9 @@ def encode_state(state: UserState) -> bytes:
         "n_negative": state.n_negative,
         "updated": state.updated,
         "category_impressions": state.category_impressions,
+        "epoch": state.epoch,
+        "before_engagement": state.before_engagement,
+        "before_impressions": state.before_impressions,
     })
 
 
@@ -395,6 +464,9 @@ def decode_state(raw: str | bytes | None) -> UserState | None:
         n_negative=int(d["n_negative"]),
         updated=float(d["updated"]),
         category_impressions={c: float(v) for c, v in d.get("category_impressions", {}).items()},
+        epoch=float(d.get("epoch", 0.0)),
+        before_engagement={c: float(v) for c, v in d.get("before_engagement", {}).items()},
+        before_impressions={c: float(v) for c, v in d.get("before_impressions", {}).items()},
     )
 
 

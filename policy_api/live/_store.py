@@ -23,7 +23,7 @@ from queue import SimpleQueue
 from typing import Protocol, TypeVar, runtime_checkable
 
 from ..errors import InvalidInput
-from ._state import ItemStats, LiveEvent, UserState, check_store_params
+from ._state import Forget, ItemStats, LiveEvent, UserState, check_store_params
 
 __all__ = ["DeadlinePool", "DeadlineStore", "UserStateStore"]
 
@@ -34,7 +34,12 @@ STAT_KEYS = ("reads", "timeouts", "shed", "errors", "writes", "events_written")
 
 @runtime_checkable
 class UserStateStore(Protocol):
-    """Where the live state lives: one writer (the background loop), many readers (serving workers)."""
+    """Where the live state lives: one writer (the background loop), many readers (serving workers).
+
+    The writer's ``forget`` (a :class:`~policy_api.live.Forget` or None) is the population shift its
+    writes apply (:func:`~policy_api.live.apply_events`)."""
+
+    forget: Forget | None
 
     def write_batch(self, events: Sequence[LiveEvent]) -> None:
         """Apply events (any users, items, order) to the users' states and the items' stats.
@@ -141,6 +146,8 @@ class DeadlineStore(ABC):
         self.half_life_s = float(half_life_s)
         self.max_events = max_events
         self.impression_half_life = impression_half_life
+        #: the population shift the writer forgets (set by the loop when it detects one)
+        self.forget: Forget | None = None
         self._pool = DeadlinePool(read_threads, name)
         self._counts = dict.fromkeys(STAT_KEYS, 0)
         self._counts_lock = threading.Lock()

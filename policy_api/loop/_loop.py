@@ -12,6 +12,11 @@ beside its request workers and ``homepage worker`` runs one on its own. Each tic
   :class:`allocator.ResolvePacer`, which re-solves the prices on the candidate sets actually served
   (the last ``pace_window``) for aims inside each bound, corrected by an integral of the realised
   shares' misses (so the shares hold their bounds without overshooting);
+* **shift** — every second, the pages served since are judged against what the engine predicted
+  for them (:class:`ShiftDetector`): when what users take from a category departs at once from the
+  predictions, every user's live category sums keep ``shift_keep`` of their weight
+  (:class:`~policy_api.live.Forget`, carried by the plans), and the calibration restarts from the
+  shift in a plan published at once;
 * **learn** — every ``learn_every_s``, decisions older than ``settle_s`` are joined to the feedback
   that arrived for them and the bandit learns from them (:func:`policy_api.jobs.learn`);
 * **train** — when ``train_min_events`` new behaviour events have arrived (and ``train_every_s``
@@ -39,11 +44,14 @@ from allocator import ResolvePacer, ResolvePacerConfig, exploit_pmf, exploitable
 
 from .. import jobs, registry
 from ..engine import calibration_rates, calibration_shift, catalog_long_tail
+from ..engine._engine import LIVE_PRIOR_IMPRESSIONS
+from ..engine._state import plan_forget, plan_shift_map
 from ..errors import HomepageError
-from ..live import IMPRESSION, LiveEvent, UserStateStore, make_state_store
+from ..live import IMPRESSION, Forget, LiveEvent, ShiftMap, UserStateStore, fit_shift_map, make_state_store
 from ..log import Catalog, decisions, feedback, load_items, read_decision_log
 from ..registry import ConfigRecord
 from ._lease import Lease
+from ._shift import ShiftDetector, slot_outcomes
 
 __all__ = ["BackgroundLoop", "StepRecord"]
 
@@ -57,6 +65,13 @@ CALIBRATION_SHIFT = 0.2
 #: window (``[loop] item_events``; at least ``_MIN_NEW_EVENTS``): each item's own rate needs its evidence
 ITEM_EVIDENCE_GROWTH = 0.25
 _MIN_NEW_EVENTS = 2000
+#: the shift step judges decisions this many seconds old (their page's impressions and first plays in)
+_SHIFT_SETTLE_S = 1.0
+#: after a shift, the loop recalibrates and refits the shift map this often (seconds) until the
+#: calibration's window holds only feedback from after it
+_SHIFT_REFIT_S = 2.0
+#: the most users (those seen last since the shift) whose states the shift map is fitted on
+_SHIFT_MAP_USERS = 5000
 
 
 @cache
@@ -134,7 +149,7 @@ class BackgroundLoop:
     holder: str | None = None
     tick_s: float = 0.05
     steps: dict[str, StepRecord] = field(default_factory=lambda: {
-        k: StepRecord() for k in ("state", "calibrate", "plan", "pace", "learn", "train")})
+        k: StepRecord() for k in ("state", "shift", "calibrate", "plan", "pace", "learn", "train")})
     _config: ConfigRecord | None = None
     _store: UserStateStore | None = None
     _store_spec: tuple[Any, ...] | None = None
@@ -146,6 +161,11 @@ class BackgroundLoop:
     _next: dict[str, float] = field(default_factory=dict)
     _training: _Training = field(default_factory=_Training)
     _lease: Lease | None = None
+    _shift: ShiftDetector | None = None
+    _shift_read: datetime | None = None  # the newest decision the shift step has judged
+    _forget: Forget | None = None  # the last population shift detected (carried by every plan after it)
+    _shift_map: ShiftMap | None = None  # what users' tastes before it say now (refitted with each plan)
+    _shift_feedback: int = 0  # the newest feedback id when it was detected
     role: str = "starting"
 
     # ---- the driver ------------------------------------------------------------------------------
@@ -210,12 +230,15 @@ class BackgroundLoop:
             self._on_config(cfg)
         self._step("state", self._live_state)
         loop = cfg.config.loop
+        if now >= self._next.get("shift", 0.0):
+            self._step("shift", self._detect_shift)
+            self._next["shift"] = now + 1.0
         if registry.latest_plan(self.db, cfg.version) is None or now >= self._next.get("plan", np.inf):
             self._step("plan", self._plan)
             self._next["plan"] = now + loop.replan_every_s
         if now >= self._next.get("calibrate", 0.0):
             self._step("calibrate", self._calibrate)
-            self._next["calibrate"] = now + 10.0
+            self._next["calibrate"] = now + (_SHIFT_REFIT_S if self._settling() else 10.0)
         if now >= self._next.get("pace", 0.0):
             self._step("pace", self._pace)
             self._next["pace"] = now + loop.pace_every_s
@@ -266,6 +289,13 @@ class BackgroundLoop:
                                            impression_half_life=loop.state_half_life_impressions,
                                            max_events=loop.state_max_events)
             self._store_spec = spec
+        if self._forget is None:  # a loop taking over: the shift the plans carry
+            plan = registry.latest_plan(self.db, cfg.version)
+            self._forget = None if plan is None else plan_forget(plan.solver or {})
+            self._shift_map = None if plan is None else plan_shift_map(plan.solver or {}, len(cfg.config.categories))
+        self._store.forget = self._forget
+        self._shift = ShiftDetector(recent=loop.shift_window, slots=cfg.config.slots)
+        self._shift_read = None
         self._next.pop("plan", None)
 
     # ---- live state ------------------------------------------------------------------------------
@@ -346,7 +376,10 @@ class BackgroundLoop:
         plan = registry.latest_plan(self.db, self._config.version)
         if plan is None:
             return "idle", ""
-        rates = jobs.calibration(self.db, self._config.config, repeat=False)
+        if self._settling():
+            self._next["plan"] = 0.0
+            return "ok", "after a population shift: recalibrating and refitting the shift map"
+        rates = jobs.calibration(self.db, self._config.config, repeat=False, since=self._calibration_since())
         if rates is None:
             return "idle", ""
         names = self._config.config.category_names
@@ -367,6 +400,91 @@ class BackgroundLoop:
                else f"{total - (was or 0)} feedback events since the plan's item rates")
         return "ok", f"{why}: planning again"
 
+    # ---- population shift ------------------------------------------------------------------------
+    def _calibration_since(self) -> datetime | None:
+        """Where the calibration starts: the last population shift (None: its own window)."""
+        return None if self._forget is None else datetime.fromtimestamp(self._forget.epoch, tz=UTC)
+
+    def _forget_field(self) -> dict[str, Any]:
+        f = self._forget
+        if f is None:
+            return {}
+        out: dict[str, Any] = {"epoch": f.epoch, "keep": f.keep}
+        self._shift_map = self._fit_shift_map()
+        if self._shift_map is not None:
+            out["map"] = self._shift_map.to_dict()
+        return {"forget": out}
+
+    def _settling(self) -> bool:
+        """Whether the calibration's window still reaches back before the last shift."""
+        if self._forget is None or self._config is None or not self._shift_feedback:
+            return False
+        return jobs.feedback_seen(self.db) - self._shift_feedback < self._config.config.loop.calibration_events
+
+    def _fit_shift_map(self) -> ShiftMap | None:
+        """The shift map fitted on the live states of the users served since the shift (the newest
+        ``_SHIFT_MAP_USERS``): their sums from before it against their new ones."""
+        assert self._config is not None and self._store is not None and self._forget is not None
+        f = self._forget
+        since = datetime.fromtimestamp(f.epoch, tz=UTC)
+        with self.db.connect() as conn:
+            users = [str(u) for u in conn.execute(
+                sa.select(decisions.c.user_id).where(decisions.c.ts >= since).group_by(decisions.c.user_id)
+                .order_by(sa.func.max(decisions.c.ts).desc()).limit(_SHIFT_MAP_USERS)).scalars()]
+        names = self._config.config.category_names
+        rows = []
+        for st in self._store.read(users, deadline_s=5.0):  # the loop's read: not under a request's deadline
+            if st is None or st.epoch < f.epoch or not st.before_impressions:
+                continue
+            rows.append([[d.get(c, 0.0) for c in names] for d in (st.before_engagement, st.before_impressions,
+                                                                 st.category_engagement, st.category_impressions)])
+        if not rows:
+            return None
+        a = np.asarray(rows, dtype=np.float64)  # (n, 4, C)
+        eng = a[:, 2] - f.keep * a[:, 0]  # what is new: the sums less what the state kept from before
+        imp = np.maximum(a[:, 3] - f.keep * a[:, 1], 0.0)
+        # the population's rates before the shift, over these users' sums (the old rates' shrinkage target)
+        u, i = a[:, 0].sum(axis=0), a[:, 1].sum(axis=0)
+        g = float(u.sum() / i.sum()) if i.sum() > 0 else 0.0
+        before_rate = (u + LIVE_PRIOR_IMPRESSIONS * g) / (i + LIVE_PRIOR_IMPRESSIONS)
+        m = fit_shift_map(a[:, 0], a[:, 1], eng, imp, before_rate, k=LIVE_PRIOR_IMPRESSIONS)
+        return m if np.isfinite(m.intercept).any() else None
+
+    def _detect_shift(self) -> tuple[str, str]:
+        """Judge the pages served since the last run against what the engine predicted for them; on a
+        shift, forget most of every user's category evidence and plan again from the shift on."""
+        assert self._config is not None and self._store is not None and self._shift is not None
+        cfg = self._config
+        keep = cfg.config.loop.shift_keep
+        if keep >= 1.0:
+            return "idle", ""
+        until = datetime.now(tz=UTC) - timedelta(seconds=_SHIFT_SETTLE_S)
+        if self._shift_read is None:  # from now on: the pages this loop sees served
+            self._shift_read = until
+            return "idle", ""
+        got = slot_outcomes(self.db, cfg.config, self._shift_read, until, cfg.version)
+        got = got.part(int(np.searchsorted(got.ts, self._shift_read.timestamp(), side="right")), len(got))
+        if not len(got):
+            return "idle", ""
+        self._shift_read = datetime.fromtimestamp(float(got.ts[-1]), tz=UTC)  # the newest page judged
+        self._shift.add(got)
+        names = cfg.config.category_names
+        shift = self._shift.check(len(names))
+        if shift is None:
+            return "ok", f"{len(got)} pages judged, {len(self._shift.outcomes)} in the windows: no shift"
+        self._forget = Forget(shift.at, keep)
+        self._shift_map = None
+        self._shift_feedback = jobs.feedback_seen(self.db)
+        self._store.forget = self._forget
+        self._shift.reset()
+        self._next["plan"] = 0.0
+        moved = ", ".join([f"{names[c]} x{shift.ratio[c]:.2f} (z {shift.z[c]:+.1f})" for c in shift.categories]
+                          + [f"the whole page x{shift.page_ratio:.2f} (z {shift.page_z:+.1f})"])
+        at = datetime.fromtimestamp(shift.at, tz=UTC).isoformat(timespec="seconds")
+        log.warning("population shift since %s: %s", at, moved)
+        return "ok", (f"population shift since {at}: observed over predicted units {moved}; live states keep "
+                      f"{keep:.0%} of their category sums, the calibration restarts there")
+
     # ---- plan and pace ---------------------------------------------------------------------------
     def _plan(self) -> tuple[str, str]:
         assert self._config is not None
@@ -385,21 +503,27 @@ class BackgroundLoop:
             # the pacing, for tens of seconds)
             last = registry.latest_plan(self.db, cfg.version)
             seen = jobs.feedback_seen(self.db)
-            rates, scorer = jobs.plan_calibration(self.db, cfg)
+            items = None
+            if self._settling() and last is not None:  # the items' rates stand: only the groups are measured
+                have = (last.solver or {}).get("calibration") or {}
+                items = {c: v["items"] for c, v in have.items() if isinstance(v, dict) and "items" in v}
+            rates, scorer = jobs.plan_calibration(self.db, cfg, since=self._calibration_since(), items=items)
             names = cfg.config.constraint_names
             prices = _by_name(names, p.pacer.prices_)
             solver: dict[str, Any] = {"method": "recalibrate", "prices_from": "pacer",
                                       "projected_from": None if last is None else last.version,
-                                      "price_slope": _by_name(names, p.pacer.slope()), "feedback_seen": seen}
+                                      "price_slope": _by_name(names, p.pacer.slope()), "feedback_seen": seen,
+                                      **self._forget_field()}
             if rates is not None:
                 solver.update(calibration=rates, calibration_scorer=scorer)
             v = registry.publish_plan(self.db, cfg.version, prices,
                                       projected=last.projected if last is not None else {}, solver=solver)
             return "ok", f"plan version {v}: a new calibration beside the pacer's prices {prices}"
         res = jobs.plan(self.db, users=loop.plan_users, since=datetime.now(tz=UTC) - timedelta(hours=24),
-                        publish=False)
+                        publish=False, calibration_since=self._calibration_since())
         v = registry.publish_plan(self.db, cfg.version, res.prices, projected=res.projected,
-                                  solver={**res.solver, "prices_from": "planner", "planner_prices": res.prices})
+                                  solver={**res.solver, "prices_from": "planner", "planner_prices": res.prices,
+                                          **self._forget_field()})
         return "ok", f"plan version {v} over {res.users} users; prices {res.prices} (from the planner)"
 
     def _pace(self) -> tuple[str, str]:

@@ -20,14 +20,22 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from .. import registry
-from ..engine import DecisionEngine, LiveSignals, RequestIds, load_secret, load_state, with_plan_calibration
-from ..live import UserStateStore, category_vector, live_sequences, make_state_store
+from ..engine import (
+    DecisionEngine,
+    EngineState,
+    LiveSignals,
+    RequestIds,
+    load_secret,
+    load_state,
+    with_plan_calibration,
+)
+from ..live import UserStateStore, before_vectors, category_vector, live_sequences, make_state_store
 from ..log import LogWriter, existing_event_ids, make_engine
 from ..loop import lease_info
 from ..registry import Versions
 from ..settings import Settings
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "live_signals_of"]
 
 log = logging.getLogger("homepage.runtime")
 
@@ -83,22 +91,7 @@ class Runtime:
         that cannot be read in time is cold, and the decision says ``timeout``)."""
         if self.engine is None or self.store is None:
             return None
-        st = self.engine.state
-        loop = st.config.loop
-        names = st.config.category_names
-        t0 = time.perf_counter()
-        got = self.store.read([user_id], deadline_s=loop.state_deadline_ms / 1000.0)[0]
-        if got is None:
-            late = time.perf_counter() - t0 >= loop.state_deadline_ms / 1000.0
-            return LiveSignals.cold(len(names), "timeout" if late else "cold")
-        # the recent sequences feed the ranker's user side (catalog rows, newest first)
-        pos, pos_types, skipped = live_sequences(got, st.catalog.index_of())
-        now = time.time()
-        shown = (category_vector(got, names, now, loop.state_half_life_s, impressions=True)
-                 if got.category_impressions else None)
-        return LiveSignals("hit", category_vector(got, names, now, loop.state_half_life_s),
-                           skipped, len(got.items), positives=pos, positive_types=pos_types,
-                           n_positive=got.n_positive, n_negative=got.n_negative, impressions=shown)
+        return live_signals_of(self.store, self.engine.state, user_id)
 
     def reload(self, force: bool = False) -> bool:
         """Swap in a new state if anything published changed. Returns True when it swapped."""
@@ -240,3 +233,25 @@ class _DeadlineCall:
             finally:
                 with self._lock:
                     self._busy = False
+
+
+def live_signals_of(store: UserStateStore, st: EngineState, user_id: str, now: float | None = None) -> LiveSignals:
+    """What ``store`` holds on ``user_id``, as ``st``'s engine takes it at ``now`` (default: the clock),
+    read within the config's deadline (a state that cannot be read in time is cold, and the decision
+    says ``timeout``)."""
+    loop = st.config.loop
+    names = st.config.category_names
+    t0 = time.perf_counter()
+    got = store.read([user_id], deadline_s=loop.state_deadline_ms / 1000.0)[0]
+    if got is None:
+        late = time.perf_counter() - t0 >= loop.state_deadline_ms / 1000.0
+        return LiveSignals.cold(len(names), "timeout" if late else "cold")
+    # the recent sequences feed the ranker's user side (catalog rows, newest first)
+    pos, pos_types, skipped = live_sequences(got, st.catalog.index_of())
+    now = time.time() if now is None else now
+    shown = (category_vector(got, names, now, loop.state_half_life_s, impressions=True, forget=st.forget)
+             if got.category_impressions else None)
+    before = before_vectors(got, names, now, loop.state_half_life_s, st.forget) if st.shift_map is not None else None
+    return LiveSignals("hit", category_vector(got, names, now, loop.state_half_life_s, forget=st.forget),
+                       skipped, len(got.items), positives=pos, positive_types=pos_types,
+                       n_positive=got.n_positive, n_negative=got.n_negative, impressions=shown, before=before)
