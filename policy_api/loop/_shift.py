@@ -99,10 +99,10 @@ def slot_outcomes(db: Engine, config: HomepageConfig, since: datetime, until: da
         pw = np.asarray(config.position_weights, dtype=np.float64)
         pw = pw / pw.mean()
         flat = d[ok] * S + slot[ok]
-        units = np.bincount(flat, weights=np.where(impression[ok], 0.0, weight[kind[ok]]),
-                            minlength=n * S).reshape(n, S)
-        shown = np.bincount(flat, weights=impression[ok] * pw[np.minimum(slot[ok], pw.size - 1)],
-                            minlength=n * S).reshape(n, S)
+        units = np.asarray(np.bincount(flat, weights=np.where(impression[ok], 0.0, weight[kind[ok]]),
+                                       minlength=n * S), dtype=np.float64).reshape(n, S)
+        shown = np.asarray(np.bincount(flat, weights=impression[ok] * pw[np.minimum(slot[ok], pw.size - 1)],
+                                       minlength=n * S), dtype=np.float64).reshape(n, S)
     by_time = np.argsort(dl.ts, kind="stable")
     return SlotOutcomes(np.asarray(dl.ts, dtype=np.float64)[by_time], category[by_time], units[by_time],
                         (np.nan_to_num(engagement) * shown)[by_time])
