@@ -13,10 +13,13 @@ beside its request workers and ``homepage worker`` runs one on its own. Each tic
   (the last ``pace_window``) for aims inside each bound, corrected by an integral of the realised
   shares' misses (so the shares hold their bounds without overshooting);
 * **shift** — every second, the pages served since are judged against what the engine predicted
-  for them (:class:`ShiftDetector`): when what users take from a category departs at once from the
-  predictions, every user's live category sums keep ``shift_keep`` of their weight
-  (:class:`~policy_api.live.Forget`, carried by the plans), and the calibration restarts from the
-  shift in a plan published at once;
+  for them (:class:`ShiftDetector`): when what users take from a category (or from the whole page)
+  departs at once from the predictions, every user's live category sums are set aside as what the
+  user took before the shift (``shift_keep`` of them stay current; :class:`~policy_api.live.Forget`,
+  carried by the plans), the calibration restarts from the shift, and until its window holds only
+  newer feedback the loop recalibrates every ``_SHIFT_REFIT_S`` seconds, each plan carrying a
+  :class:`~policy_api.live.ShiftMap` fitted on the users served since (their tastes before the shift
+  against now), which serving turns into each user's prior;
 * **learn** — every ``learn_every_s``, decisions older than ``settle_s`` are joined to the feedback
   that arrived for them and the bandit learns from them (:func:`policy_api.jobs.learn`);
 * **train** — when ``train_min_events`` new behaviour events have arrived (and ``train_every_s``
