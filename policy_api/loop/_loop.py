@@ -408,12 +408,16 @@ class BackgroundLoop:
         """Where the calibration starts: the last population shift (None: its own window)."""
         return None if self._forget is None else datetime.fromtimestamp(self._forget.epoch, tz=UTC)
 
-    def _forget_field(self) -> dict[str, Any]:
+    def _forget_field(self, refit: bool = True) -> dict[str, Any]:
+        """What a plan carries of the last shift (``{"forget": ...}``; empty without one): its epoch and
+        keep, and the shift map, refitted unless ``refit`` is False (the pacer's plans carry the last
+        one, so that a plan published by hand in between does not make the workers forget it)."""
         f = self._forget
         if f is None:
             return {}
         out: dict[str, Any] = {"epoch": f.epoch, "keep": f.keep}
-        self._shift_map = self._fit_shift_map()
+        if refit:
+            self._shift_map = self._fit_shift_map()
         if self._shift_map is not None:
             out["map"] = self._shift_map.to_dict()
         return {"forget": out}
@@ -597,7 +601,8 @@ class BackgroundLoop:
         slope = _by_name(names, p.pacer.slope())
         v = registry.publish_plan(self.db, cfg.version, _by_name(names, new),
                                   projected=plan.projected,
-                                  solver={**(plan.solver or {}), "pacer": solver, "price_slope": slope})
+                                  solver={**(plan.solver or {}), "pacer": solver, "price_slope": slope,
+                                          **self._forget_field(refit=False)})
         return "ok", f"{n} decisions; plan version {v}"
 
     # ---- learn and train -------------------------------------------------------------------------

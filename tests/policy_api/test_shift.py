@@ -333,6 +333,10 @@ def test_the_loop_finds_a_shift_forgets_and_serving_takes_the_map(tmp_path):
     st = load_state(db)
     assert st.forget is not None and st.shift_map is not None and np.isfinite(st.shift_map.intercept).all()
     assert (np.argmax(st.shift_map.coef, axis=1) == perm).all()
+    # the pacer's plans carry the shift and the last map as they are (a plan published by hand in
+    # between, without them, would otherwise make the workers forget the shift)
+    carried = loop._forget_field(refit=False)["forget"]
+    assert carried["epoch"] == forget["epoch"] and carried["map"] == forget["map"]
     # serving: a user's stored sums from before the shift go through the map
     uid = moved[0].user_id
     live = live_signals_of(store, st, uid, now=t)
