@@ -46,8 +46,7 @@ from sqlalchemy.engine import Engine
 from allocator import ResolvePacer, ResolvePacerConfig, exploit_pmf, exploitable
 
 from .. import jobs, registry
-from ..engine import calibration_rates, calibration_shift, catalog_long_tail
-from ..engine._engine import LIVE_PRIOR_IMPRESSIONS
+from ..engine import LIVE_PRIOR_IMPRESSIONS, calibration_rates, calibration_shift, catalog_long_tail
 from ..engine._state import plan_forget, plan_shift_map
 from ..errors import HomepageError
 from ..live import IMPRESSION, Forget, LiveEvent, ShiftMap, UserStateStore, fit_shift_map, make_state_store
