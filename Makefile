@@ -25,8 +25,12 @@ install: $(STAMP) $(CHROMIUM)
 demo: $(STAMP)
 	$(BIN)/homepage demo
 
+# test processes: one per core, at most 4 (the API tests each start a server with its own workers);
+# a test file runs whole in one process, so its module-scoped server starts once
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: $(STAMP) $(CHROMIUM)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/mypy

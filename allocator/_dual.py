@@ -38,8 +38,6 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol, TypeVar
 
 import numpy as np
-import scipy.sparse as sp
-from scipy.optimize import linprog, minimize
 
 from allocator._plan import (
     InfeasibilityDiagnosis,
@@ -160,6 +158,8 @@ class _DualProblem:
         return r.smooth + lin, grad
 
     def minimise(self, y0: np.ndarray, tau: float, gtol: float, max_iter: int) -> np.ndarray:
+        from scipy.optimize import minimize  # here, not at import: serving processes never plan
+
         self.tau = tau
         hi = self.mult_cap
         res = minimize(
@@ -264,6 +264,9 @@ def _reduced_lp(p: _Problem, ui: np.ndarray, n_users: int, w: np.ndarray, val: n
     marginal user ``ui[j]`` (of ``n_users``), with traffic weight ``w[j]``, value ``val[j]`` and
     exposure ``expo[j]`` (K,); the bounds less ``fixed_shares``, what the fixed users contribute.
     Returns the solution ``z`` and its row duals as prices, or None when HiGHS finds no solution."""
+    import scipy.sparse as sp
+    from scipy.optimize import linprog
+
     k = p.n_constraints
     n_p = ui.size
     # scale rows and objective alike (duals unchanged) so that coefficients are O(1)

@@ -25,8 +25,6 @@ from statistics import NormalDist
 from typing import ClassVar, NamedTuple
 
 import numpy as np
-from scipy.optimize import minimize
-from scipy.special import expit, log_expit
 
 from ._num import is_real
 from ._ope import Estimate, _as_1d, _check_alpha, _overlap, _r
@@ -283,6 +281,9 @@ class LogisticRewardModel:
             Shape (n_rounds,): the logged position in ``[0, len_list)`` (default ``len_list``:
             ``max(position) + 1``); None fits no position offsets.
         """
+        from scipy.optimize import minimize
+        from scipy.special import expit, log_expit
+
         x, f = self._arrays(context, action_features)
         n = x.shape[0]
         a = _as_1d("action", action, n)
@@ -323,6 +324,8 @@ class LogisticRewardModel:
     def predict(self, context: np.ndarray, action_features: np.ndarray) -> np.ndarray:
         """``P(r = 1)`` for every round and action: shape (n_rounds, n_actions), or with positions
         (n_rounds, n_actions, len_list) (obp's ``estimated_rewards_by_reg_model`` layout)."""
+        from scipy.special import expit
+
         if not hasattr(self, "coef_"):
             raise ValueError("LogisticRewardModel is not fitted; call fit() first")
         x, f = self._arrays(context, action_features)

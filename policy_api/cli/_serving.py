@@ -13,9 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from .. import registry
-from ..demo import DemoSettings, run_demo, summary_lines
-from ..loop import BackgroundLoop
-from ..serving import prepare_metrics_dir, run_gunicorn
 from ._common import config_arg, db_engine, load_cfg
 
 __all__ = ["add_commands"]
@@ -62,6 +59,8 @@ class _Supervisor:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from ..loop import BackgroundLoop  # each command imports what it runs: the others start faster
+
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -90,6 +89,8 @@ def _apply_in_child(path: Path, note: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from ..serving import prepare_metrics_dir, run_gunicorn
+
     db = db_engine()
     active = registry.active_config(db)
     given = args.config or os.environ.get("HOMEPAGE_CONFIG")
@@ -135,6 +136,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo import DemoSettings, run_demo, summary_lines
+
     s = DemoSettings(n_users=args.users, n_items=args.items, requests=args.requests, out_dir=Path(args.out),
                      seed=args.seed, workers=args.workers, concurrency=args.concurrency)
     summary = run_demo(s)

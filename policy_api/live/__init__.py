@@ -10,7 +10,6 @@ a backend per file: :class:`SqlStateStore` (the log's database, the default) and
 """
 
 from ._factory import make_state_store
-from ._redis import RedisStateStore
 from ._sql import SqlStateStore
 from ._state import (
     IMPRESSION,
@@ -49,3 +48,12 @@ __all__ = [
     "live_sequences",
     "make_state_store",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # RedisStateStore on first use: importing redis-py costs every process ~0.2 s
+    if name == "RedisStateStore":
+        from ._redis import RedisStateStore
+
+        return RedisStateStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

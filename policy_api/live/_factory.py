@@ -7,7 +7,6 @@ import re
 from sqlalchemy.engine import Engine
 
 from ..errors import InvalidInput
-from ._redis import RedisStateStore
 from ._sql import SqlStateStore
 from ._store import UserStateStore
 
@@ -35,6 +34,8 @@ def make_state_store(spec: str, db: Engine, *, half_life_s: float = 3600.0, max_
         return SqlStateStore(db, half_life_s=half_life_s, max_events=max_events,
                              impression_half_life=impression_half_life)
     if isinstance(spec, str) and spec.startswith(("redis://", "rediss://")):
+        from ._redis import RedisStateStore  # redis-py is imported only where Redis is used
+
         return RedisStateStore(spec, half_life_s=half_life_s, max_events=max_events,
                                impression_half_life=impression_half_life)
     shown = _CREDENTIALS.sub(r"\1***@", spec) if isinstance(spec, str) else spec

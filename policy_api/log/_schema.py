@@ -23,8 +23,6 @@ from typing import Any
 import numpy as np
 import orjson
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL, Connection, Engine
@@ -491,6 +489,8 @@ def migrations_dir() -> Path:
 
 def alembic_config(url: str | URL | None = None) -> Any:
     """An :class:`alembic.config.Config` pointing at the installed migrations (no ini file needed)."""
+    from alembic.config import Config  # here: only migrations need Alembic
+
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_dir()))
     if url is not None:
@@ -513,9 +513,13 @@ def upgrade(bind: Engine | Connection | str | URL, revision: str = "head") -> No
 
     ``bind`` is a URL, an Engine, or a Connection whose transaction the caller commits.
     """
+    from alembic import command
+
     _run_alembic(bind, lambda cfg: command.upgrade(cfg, revision))
 
 
 def downgrade(bind: Engine | Connection | str | URL, revision: str = "base") -> None:
     """Run Alembic ``downgrade`` programmatically; ``base`` drops every log table."""
+    from alembic import command
+
     _run_alembic(bind, lambda cfg: command.downgrade(cfg, revision))
