@@ -89,7 +89,8 @@ def _discount(k: int) -> np.ndarray:
 
 
 def page_metrics(
-    pages: np.ndarray, positives: Any, *, n_items: int, is_tail: np.ndarray | None = None
+    pages: np.ndarray, positives: Any, *, n_items: int, is_tail: np.ndarray | None = None,
+    item_weight: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-user HR, recall and NDCG of served pages against each user's future positives.
 
@@ -106,6 +107,13 @@ def page_metrics(
 
     Empty slots (-1) keep their rank and count towards ``k``; a repeated item counts once.
 
+    With ``item_weight`` (``w``, e.g. inverse exposure propensities, which turn a positive into an
+    estimate of the user's preference where exposure was uneven) each positive counts ``w_i`` instead
+    of 1: ``recall_u = sum_{i in S_u ∩ P_u} w_i / W_u`` and ``DCG_u = sum_{i in S_u ∩ P_u} w_i /
+    log2(r_u(i) + 1)``, where ``W_u`` and ``IDCG_u`` take the ``min(|P_u|, k)`` heaviest positives
+    (in descending weight for the IDCG), so a perfect page still scores 1; ``w = 1`` gives the
+    unweighted figures. HR does not depend on the weights.
+
     Parameters
     ----------
     pages
@@ -117,6 +125,8 @@ def page_metrics(
         Catalog size.
     is_tail
         Shape (n_items,) bool, the long-tail items.
+    item_weight
+        Shape (n_items,), finite and > 0 on every positive; None weighs every positive 1.
 
     Returns
     -------
@@ -168,12 +178,19 @@ def page_metrics(
     n_rel = relevant.sum(axis=1)
     disc = _discount(k)
     ideal_n = np.minimum(n_pos, k)
-    idcg = np.r_[0.0, np.cumsum(disc)][ideal_n]
+    if item_weight is None:
+        gain = relevant.astype(np.float64)
+        ideal_mass = ideal_n.astype(np.float64)
+        idcg = np.r_[0.0, np.cumsum(disc)][ideal_n]
+    else:
+        w = _check_item_weight(item_weight, n_items, pos.indices)
+        gain = np.where(relevant, w[np.maximum(pages, 0)], 0.0)
+        ideal_mass, idcg = _ideal_weights(w[pos.indices], n_pos, k, disc)
     with np.errstate(invalid="ignore", divide="ignore"):
         out: dict[str, np.ndarray] = {
             "hit": np.where(has, (n_rel > 0).astype(np.float64), np.nan),
-            "recall": np.where(has, n_rel / ideal_n, np.nan),
-            "ndcg": np.where(has, (relevant @ disc) / idcg, np.nan),
+            "recall": np.where(has, gain.sum(axis=1) / ideal_mass, np.nan),
+            "ndcg": np.where(has, (gain @ disc) / idcg, np.nan),
             "has_positives": has,
             "n_positives": n_pos,
         }
@@ -183,6 +200,31 @@ def page_metrics(
         with np.errstate(invalid="ignore", divide="ignore"):
             out["long_tail_share"] = np.where(n_shown > 0, n_tail / n_shown, np.nan)
     return out
+
+
+def _check_item_weight(item_weight: Any, n_items: int, positive_items: np.ndarray) -> np.ndarray:
+    w = np.asarray(item_weight, dtype=np.float64)
+    if w.shape != (n_items,):
+        raise ValueError(f"item_weight must have shape ({n_items},); got {w.shape}")
+    on = w[positive_items]
+    if on.size and not (np.isfinite(on).all() and (on > 0).all()):
+        raise ValueError(f"item_weight must be finite and > 0 on every positive item; got min {float(on.min())!r}")
+    return w
+
+
+def _ideal_weights(w_pos: np.ndarray, n_pos: np.ndarray, k: int, disc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per user: the sum of the ``min(|P_u|, k)`` heaviest positive weights, and their DCG in
+    descending order. ``w_pos`` holds the positives' weights row by row (CSR order)."""
+    n_users = n_pos.size
+    row = np.repeat(np.arange(n_users, dtype=np.int64), n_pos)
+    order = np.lexsort((-w_pos, row))  # by user, heaviest first
+    start = np.r_[0, np.cumsum(n_pos)[:-1]]
+    rank = np.arange(w_pos.size, dtype=np.int64) - np.repeat(start, n_pos)
+    top = rank < k
+    ws, rs, us = w_pos[order][top], rank[top], row[top]
+    mass = np.bincount(us, weights=ws, minlength=n_users)
+    idcg = np.bincount(us, weights=ws * disc[rs], minlength=n_users)
+    return mass, idcg
 
 
 def coverage(pages: np.ndarray, n_items: int) -> float:

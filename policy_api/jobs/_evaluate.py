@@ -16,6 +16,16 @@ positive event with in the past; those items are the user's future positives. Wi
 (the default) the items of the user's past positive events go to the bottom of their category's
 ranking for every scorer alike (a page that repeats what the user already chose cannot recall a new
 positive); ``exclude_seen=False`` judges the scores exactly as they are.
+
+Exposure: in a log where the client reports what it showed (``impression`` events), a future positive
+needs the item to have been shown, and popularity-led exposure shows some items far more than others:
+counted as they are, the positives reward a page for what was shown as well as for what users prefer.
+There the report adds recall and NDCG with each positive weighted by the inverse of its item's exposure
+propensity over the held-out period (``recall_ipw``, ``ndcg_ipw``; :class:`Exposure`), the
+inverse-propensity estimate of Yang et al., "Unbiased offline recommender evaluation for
+missing-not-at-random implicit feedback" (RecSys 2018). The propensity is per item: right for a log
+whose exposure does not depend on the user (e.g. popularity-led), biased for the engine's own
+personalised pages, which is why the publish gate does not use it.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,9 +51,10 @@ from ..registry import ConfigRecord
 if TYPE_CHECKING:
     import scipy.sparse as sp
 
-__all__ = ["BASELINE_SCORERS", "CATALOG_POPULARITY", "EvaluationResult", "Holdout", "PageScorer", "baseline_scorers",
-           "catalog_page_scorer", "evaluate_pages", "evaluate_served", "fit_baseline", "history_page_scorer",
-           "holdout_split", "log_events", "ranker_page_scorer", "served_pages", "with_catalog_popularity"]
+__all__ = ["BASELINE_SCORERS", "CATALOG_POPULARITY", "MIN_EXPOSURES", "EvaluationResult", "Exposure", "Holdout",
+           "PageScorer", "baseline_scorers", "catalog_page_scorer", "evaluate_pages", "evaluate_served",
+           "exposure_of", "fit_baseline", "history_page_scorer", "holdout_split", "log_events", "ranker_page_scorer",
+           "served_pages", "with_catalog_popularity"]
 
 #: ``f(user_rows (U,), pools (U, P)) -> scores (U, P)``: a scorer as the page builder calls it
 PageScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -55,6 +66,13 @@ CATALOG_POPULARITY = "catalog_popularity"
 
 #: users scored per chunk by the dense baselines (bounds memory to chunk x n_items floats)
 _CHUNK = 512
+
+#: an item's exposure propensity is taken as at least this many of the period's pages: one positive on
+#: an item shown once would otherwise outweigh hundreds on the items shown most
+MIN_EXPOSURES = 10
+#: the least share of a period's positive (page, item) pairs that must carry an explicit impression for
+#: the period to count as exposure-logged
+MIN_EXPLICIT_SHARE = 0.5
 
 
 def log_events(db: Engine, catalog: Catalog) -> dict[str, Any]:
@@ -68,6 +86,82 @@ def log_events(db: Engine, catalog: Catalog) -> dict[str, Any]:
             "ts": np.asarray(ev["ts"], dtype=np.float64), "type": np.asarray(ev["type"], dtype=np.int64),
             "user_ids": list(data["user_ids"]), "n_users": int(data["n_users"]),
             "impressions": data["impressions"], "events": ev}
+
+
+@dataclass(frozen=True, eq=False)
+class Exposure:
+    """What a period of the log showed, from the client's ``impression`` events.
+
+    Attributes
+    ----------
+    start, end
+        Epoch seconds: the period ``[start, end)`` (by the decision's time).
+    n_pages
+        Decisions in the period with at least one explicit impression.
+    pages_per_user
+        Shape (n_users,): those decisions per user row.
+    propensity
+        Shape (n_items,): the share of those pages that showed each item (0 for one never shown).
+    explicit_share
+        The share of the period's positive (decision, item) pairs that carry an explicit impression.
+    """
+
+    start: float
+    end: float
+    n_pages: int
+    pages_per_user: np.ndarray
+    propensity: np.ndarray
+    explicit_share: float
+
+    def item_weight(self) -> np.ndarray:
+        """Shape (n_items,): ``1 / max(propensity, MIN_EXPOSURES / n_pages)``, the weight of a positive
+        on each item (:func:`rankers.page_metrics`' ``item_weight``)."""
+        return 1.0 / np.maximum(self.propensity, MIN_EXPOSURES / max(self.n_pages, 1))
+
+    def summary(self) -> dict[str, Any]:
+        shown = self.propensity > 0
+        return {"pages": self.n_pages, "items_shown": int(shown.sum()),
+                "explicit_share": round(self.explicit_share, 4), "min_exposures": MIN_EXPOSURES,
+                "propensity_p50": float(np.median(self.propensity[shown])) if shown.any() else 0.0,
+                "propensity_max": float(self.propensity.max(initial=0.0))}
+
+
+def exposure_of(data: Mapping[str, Any], event_weights: np.ndarray, start: float, end: float, *,
+                n_items: int) -> Exposure | None:
+    """The period's :class:`Exposure` from :func:`log_training_arrays`' ``data``, or None when it is
+    not exposure-logged: fewer than :data:`MIN_EXPLICIT_SHARE` of its positive (decision, item) pairs
+    carry an explicit ``impression`` event (an imported history of choices has none)."""
+    imp, ev = data.get("impressions"), data["events"]
+    if imp is None or "explicit" not in imp:
+        return None
+    explicit = np.asarray(imp["explicit"], dtype=bool)
+    its = np.asarray(imp["ts"], dtype=np.float64)
+    inside = explicit & (its >= start) & (its < end)
+    if not inside.any():
+        return None
+    dec = np.asarray(imp["decision"], dtype=np.int64)[inside]
+    item = np.asarray(imp["item"], dtype=np.int64)[inside]
+    user = np.asarray(imp["user"], dtype=np.int64)[inside]
+    pages, first = np.unique(dec, return_index=True)
+    n_users = max(int(data["n_users"]), 1)
+    pos = np.asarray(event_weights, dtype=np.float64)[np.asarray(ev["type"], dtype=np.int64)] > 0
+    # a behaviour event belongs to the page it came from, in the period by the page's time (every such
+    # page has an impression row: an impression is a (page, item) pair with any event)
+    e_dec, e_item = np.asarray(ev["decision"], dtype=np.int64)[pos], np.asarray(ev["item"], dtype=np.int64)[pos]
+    all_dec = np.asarray(imp["decision"], dtype=np.int64)
+    page_ts = np.full(int(max(all_dec.max(initial=-1), e_dec.max(initial=-1))) + 1, np.nan)
+    page_ts[all_dec] = its
+    in_period = (page_ts[e_dec] >= start) & (page_ts[e_dec] < end)
+    key_pos = np.unique(e_dec[in_period] * np.int64(n_items + 1) + e_item[in_period])
+    if key_pos.size == 0:
+        return None
+    share = float(np.isin(key_pos, dec * np.int64(n_items + 1) + item).mean())
+    if share < MIN_EXPLICIT_SHARE:
+        return None
+    return Exposure(start=float(start), end=float(end), n_pages=int(pages.size),
+                    pages_per_user=np.bincount(user[first], minlength=n_users).astype(np.int64),
+                    propensity=np.bincount(item, minlength=n_items)[:n_items] / pages.size,
+                    explicit_share=share)
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,6 +182,10 @@ class Holdout:
         ``scipy.sparse.csr_array`` (U, n_items): each held-out user's past positives.
     n_users, n_items
         Sizes of the user and item index spaces.
+    item_weight
+        Shape (n_items,): where the future is exposure-logged, the weight of a future positive on each
+        item (:meth:`Exposure.item_weight`) for the exposure-weighted figures reported beside the
+        plain ones (``recall_ipw``, ``ndcg_ipw``); None reports the plain ones only.
     """
 
     cutoff: float
@@ -100,6 +198,7 @@ class Holdout:
     seen: sp.csr_array
     n_users: int
     n_items: int
+    item_weight: np.ndarray | None = None
 
 
 def holdout_split(user: np.ndarray, item: np.ndarray, ts: np.ndarray, event_type: np.ndarray, *,
@@ -343,11 +442,13 @@ class EvaluationResult:
 
     def table(self) -> str:
         k = self.page_size
+        ipw = all("recall_ipw" in r for r in self.rows)
         lines = [f"served-page evaluation: {self.n_users} held-out users, page of {k} items, "
                  f"cutoff {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(self.cutoff))} UTC, "
                  f"{self.n_train_events} past positive events",
                  f"{'scorer':<22} {'HR@' + str(k):>8} {'Recall@' + str(k):>10} {'NDCG@' + str(k):>9} "
-                 f"{'coverage':>9} {'tail':>6}   recall vs {self.best_baseline} [95% CI]"]
+                 f"{'coverage':>9} {'tail':>6}   recall vs {self.best_baseline} [95% CI]"
+                 + ("   IPW recall / NDCG" if ipw else "")]
         for r in self.rows:
             s = r["scorer"]
             if s == self.best_baseline:
@@ -356,7 +457,8 @@ class EvaluationResult:
                 d = self.diff(s, "recall")
                 vs = f"{d['mean_diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
             lines.append(f"{s:<22} {r['hr']:>8.4f} {r['recall']:>10.4f} {r['ndcg']:>9.4f} {r['coverage']:>9.4f} "
-                         f"{r['long_tail_share']:>6.3f}   {vs}")
+                         f"{r['long_tail_share']:>6.3f}   {vs}"
+                         + (f"   {r['recall_ipw']:.4f} / {r['ndcg_ipw']:.4f}" if ipw else ""))
         return "\n".join(lines)
 
 
@@ -394,10 +496,13 @@ def evaluate_pages(state: EngineState, h: Holdout, scorers: Mapping[str, PageSco
         pages = served_pages(state, sc, pools, last=seen_pool)
         m = rankers.page_metrics(pages, h.positives, n_items=h.n_items, is_tail=state.is_tail)
         metrics[name] = m
-        rows.append({"scorer": name, "hr": float(np.mean(m["hit"])), "recall": float(np.mean(m["recall"])),
-                     "ndcg": float(np.mean(m["ndcg"])), "coverage": rankers.coverage(pages, h.n_items),
-                     "long_tail_share": float(np.nanmean(m["long_tail_share"])),
-                     "score_s": time.perf_counter() - t0})
+        row = {"scorer": name, "hr": float(np.mean(m["hit"])), "recall": float(np.mean(m["recall"])),
+               "ndcg": float(np.mean(m["ndcg"])), "coverage": rankers.coverage(pages, h.n_items),
+               "long_tail_share": float(np.nanmean(m["long_tail_share"]))}
+        if h.item_weight is not None:
+            mw = rankers.page_metrics(pages, h.positives, n_items=h.n_items, item_weight=h.item_weight)
+            row.update(recall_ipw=float(np.mean(mw["recall"])), ndcg_ipw=float(np.mean(mw["ndcg"])))
+        rows.append({**row, "score_s": time.perf_counter() - t0})
         if progress is not None:
             progress(name)
     # highest recall; a tie (a page that holds nearly every future positive) goes to the higher NDCG
@@ -411,8 +516,10 @@ def evaluate_pages(state: EngineState, h: Holdout, scorers: Mapping[str, PageSco
             diffs.append({"scorer": name, "metric": "hr" if metric == "hit" else metric, "vs": best,
                           **{k: d[k] for k in ("mean_diff", "ci_low", "ci_high", "p_value")}})
     per_user = {n: {"recall": metrics[n]["recall"], "ndcg": metrics[n]["ndcg"]} for n in names}
+    info = {"recall_ipw": "recall and NDCG with each positive weighted by the inverse of its item's exposure "
+                          "propensity over the held-out period"} if h.item_weight is not None else {}
     return EvaluationResult(rows=rows, diffs=diffs, best_baseline=best, page_size=state.space.n_slots * state.space.items_per_module, n_users=int(U),
-                            cutoff=h.cutoff, n_train_events=int(h.train_item.size), per_user=per_user)
+                            cutoff=h.cutoff, n_train_events=int(h.train_item.size), per_user=per_user, info=info)
 
 
 def evaluate_served(db: Engine, config: ConfigRecord, *, train_share: float = 0.8, max_users: int | None = 5000,
@@ -440,11 +547,15 @@ def evaluate_served(db: Engine, config: ConfigRecord, *, train_share: float = 0.
     h = holdout_split(ev["user"], ev["item"], ev["ts"], ev["type"], event_weights=cfg.event_weight_vector(),
                       n_users=max(ev["n_users"], 1), n_items=catalog.n_items, train_share=train_share,
                       max_users=max_users, seed=seed)
+    exposure = exposure_of(ev, cfg.event_weight_vector(), h.cutoff, np.inf, n_items=catalog.n_items)
+    if exposure is not None:
+        h = replace(h, item_weight=exposure.item_weight())
     state = build_state(cfg, catalog)
     scorers = baseline_scorers(h, state.item_category, half_life_s=half_life_days * 86400.0)
     base = with_catalog_popularity(scorers, catalog.popularity)
     info: dict[str, Any] = {"train_share": train_share, "half_life_days": half_life_days,
-                            "exclude_seen": exclude_seen, "config_version": config.version}
+                            "exclude_seen": exclude_seen, "config_version": config.version,
+                            "exposure": None if exposure is None else exposure.summary()}
     if include_model:
         rec = registry.model(db, "ranker")
         if rec is not None and rec.artifact is not None:
@@ -456,5 +567,5 @@ def evaluate_served(db: Engine, config: ConfigRecord, *, train_share: float = 0.
     res = evaluate_pages(state, h, scorers, baselines=base, exclude_seen=exclude_seen, n_boot=n_boot, seed=seed,
                          progress=progress)
     return EvaluationResult(res.rows, res.diffs, res.best_baseline, res.page_size, res.n_users, res.cutoff,
-                            res.n_train_events, res.per_user, info)
+                            res.n_train_events, res.per_user, {**res.info, **info})
 

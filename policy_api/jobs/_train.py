@@ -90,7 +90,11 @@ def log_training_arrays(db: Engine, catalog: Catalog, *, sampled_negatives: int 
     imp_dec = uk // (ids.size + 1)
     imp_item = uk % (ids.size + 1)
     dec_ts = to_epoch(dec["ts"])
-    impressions = {"decision": imp_dec, "user": user_idx[imp_dec], "item": imp_item, "ts": dec_ts[imp_dec]}
+    # explicit: the client reported the exposure itself (an `impression` event), so the pair is known to
+    # have been shown whether or not the user acted on it (`jobs.exposure_of`)
+    explicit = np.isin(uk, key[types[ok] == "impression"])
+    impressions = {"decision": imp_dec, "user": user_idx[imp_dec], "item": imp_item, "ts": dec_ts[imp_dec],
+                   "explicit": explicit}
     beh = ok & (types != "impression") & np.isin(types, EVENT_TYPES)
     events = {"decision": d_idx[beh], "user": user_idx[d_idx[beh]], "item": item[beh], "ts": ts[beh],
               "type": np.array([_EVENT_CODE[t] for t in types[beh].tolist()], dtype=np.int64)}

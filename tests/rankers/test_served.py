@@ -150,6 +150,51 @@ def test_page_metrics_matches_slow_loop(seed):
     assert np.array_equal(got["has_positives"], dense.any(axis=1))
 
 
+def slow_weighted_metrics(pages, pos_sets, w):
+    """Per-user loop of the weighted definitions: each positive counts w[item]; the ideal page holds
+    the heaviest min(|P|, k) positives, heaviest first."""
+    k = len(pages[0])
+    recall, ndcg = [], []
+    for page, pos in zip(pages, pos_sets, strict=True):
+        if not pos:
+            recall.append(math.nan)
+            ndcg.append(math.nan)
+            continue
+        seen, mass, dcg = set(), 0.0, 0.0
+        for r, item in enumerate(page):
+            item = int(item)
+            if item < 0 or item in seen:
+                continue
+            seen.add(item)
+            if item in pos:
+                mass += w[item]
+                dcg += w[item] / LOG2(r + 2)
+        best = sorted((w[i] for i in pos), reverse=True)[:k]
+        recall.append(mass / sum(best))
+        ndcg.append(dcg / sum(b / LOG2(r + 2) for r, b in enumerate(best)))
+    return np.array(recall), np.array(ndcg)
+
+
+def test_weighted_page_metrics_match_the_slow_loop_and_weights_of_one_change_nothing(seed):
+    rng = np.random.default_rng(seed)
+    pages, dense = random_instance(rng)
+    n_items = dense.shape[1]
+    w = rng.lognormal(0.0, 1.5, size=n_items)
+    got = page_metrics(pages, sp.csr_matrix(dense), n_items=n_items, item_weight=w)
+    recall, ndcg = slow_weighted_metrics(pages, pos_sets_of(dense), w)
+    np.testing.assert_allclose(got["recall"], recall, rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(got["ndcg"], ndcg, rtol=1e-12, equal_nan=True)
+    plain = page_metrics(pages, sp.csr_matrix(dense), n_items=n_items)
+    ones = page_metrics(pages, sp.csr_matrix(dense), n_items=n_items, item_weight=np.ones(n_items))
+    for name in ("hit", "recall", "ndcg"):
+        np.testing.assert_allclose(ones[name], plain[name], rtol=1e-12, equal_nan=True)
+    np.testing.assert_array_equal(got["hit"], plain["hit"])  # HR does not depend on the weights
+    with pytest.raises(ValueError, match=r"item_weight must be finite and > 0 on every positive item"):
+        page_metrics(pages, sp.csr_matrix(dense), n_items=n_items, item_weight=np.zeros(n_items))
+    with pytest.raises(ValueError, match=rf"item_weight must have shape \({n_items},\); got \(3,\)"):
+        page_metrics(pages, sp.csr_matrix(dense), n_items=n_items, item_weight=np.ones(3))
+
+
 @st.composite
 def instances(draw):
     n_users = draw(st.integers(1, 4))
