@@ -128,6 +128,7 @@ def charts(page: Page) -> dict[str, dict]:
             s.querySelectorAll('polyline.series'), p => [p.dataset.series, p.dataset.y.split(' ').map(Number)]))}]))""")
 
 
+@pytest.mark.slow
 def test_ops_charts_plot_what_the_api_reports(server, page):
     # the aggregate has read every decision of the traffic (the API's reference count)
     e = wait_for(lambda: (x := exposure(server))["decisions"] == N_LAYOUTS - server.fallbacks and x)

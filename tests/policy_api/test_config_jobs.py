@@ -160,6 +160,7 @@ def _approx_plan(got: dict[str, Any], want: dict[str, Any]) -> None:
     assert got["shares"] == pytest.approx(want["shares"], rel=1e-6, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_put_answers_202_at_once_and_its_job_matches_a_direct_apply(srv):
     body = srv.body(0.3)
     before = srv.active_version()

@@ -8,8 +8,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 
+@pytest.mark.slow
 def test_demo_small(tmp_path):
     env = dict(os.environ)
     env.pop("DATABASE_URL", None)

@@ -482,6 +482,7 @@ def test_learn_cli_reports_what_it_published(log, tmp_path):
 
 
 # ---- log export -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_parquet_export_replays_like_the_database(log, logged):
     dlog, rw = logged
     out = log.dir / "log.parquet"

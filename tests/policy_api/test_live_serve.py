@@ -7,12 +7,14 @@ import json
 import time
 
 import numpy as np
+import pytest
 import requests
 import sqlalchemy as sa
 
 from .test_api import Server
 
 
+@pytest.mark.slow
 def test_serve_plans_first_and_personalises_from_live_feedback(tmp_path):
     srv = Server(tmp_path)
     try:

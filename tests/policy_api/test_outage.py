@@ -143,6 +143,7 @@ def relayed_postgres(tmp_path: Path, prefix: str, **env_extra: str
         admin.dispose()
 
 
+@pytest.mark.slow
 def test_an_outage_loses_nothing_and_fails_no_request(tmp_path):
     with relayed_postgres(tmp_path, "outage") as (admin, schema, relay, env):
         _outage(tmp_path, admin, schema, relay, env)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 CODE = r"""
 import threading
 from policy_api.engine import Decision
@@ -33,6 +35,7 @@ print(len(errors), count, errors[:1])
 """
 
 
+@pytest.mark.slow
 def test_the_first_requests_of_several_threads_register_the_metrics_once():
     # before: each racing thread registered the metrics anew and all but one failed with a 500
     # (DuplicateTimeseries); a fresh interpreter, so the metrics do not exist yet

@@ -229,6 +229,7 @@ def test_the_live_rate_is_shrunk_toward_the_maps_prior():
     assert rho0.tolist() == pytest.approx([(2.0 + 20 * 0.2) / 30.0, 0.4])
 
 
+@pytest.mark.slow
 def test_the_loop_finds_a_shift_forgets_and_serving_takes_the_map(tmp_path):
     """The loop's own steps on a real log: 300 users with their own rate per category (the truth) are
     served pages of random categories whose logged engagement is the population's rate; their plays

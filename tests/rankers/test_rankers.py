@@ -738,6 +738,7 @@ def test_evaluate_baselines_and_verdict_agree_with_direct_computation(trained):
 # debiasing against the simulator's ground truth
 
 
+@pytest.mark.slow
 def test_debiasing_removes_a_planted_popularity_effect():
     from simulator import make_world
 
