@@ -24,14 +24,6 @@ POSTGRES_ENV = "HOMEPAGE_TEST_POSTGRES_URL"
 SEEDS = range(100) if os.environ.get("SEEDS") == "all" else [42]
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Test files holding a test marked ``slow`` run first (in their order, the rest after them):
-    ``make test`` runs whole files on one process per core, and a long file started last would leave
-    the other processes idle at the end."""
-    slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow)  # stable
-
-
 @pytest.fixture(params=SEEDS)
 def seed(request: pytest.FixtureRequest) -> int:
     """The one seed fixture every seeded test uses (house style: each test passes for seeds 0..99)."""
