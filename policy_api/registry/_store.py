@@ -174,15 +174,27 @@ def publish_plan(bind: Bind, config_version: int | None, prices: Mapping[str, fl
                  status: str = "active") -> int:
     """Store a plan (constraint name -> price) for ``config_version`` and return its version.
 
-    An active plan supersedes the active one.
+    An active plan supersedes the active one, unless it was made for a config that is no longer the
+    active one: then it is stored as ``superseded`` and the active plan stays (a pacer that finished a
+    step for the old config after a config change would otherwise leave the new config without a plan,
+    its constraints unpriced until the next re-plan). The check is part of the same statements as the
+    write, so a config applied meanwhile is seen.
     """
     _check_status(status, PLAN_STATUSES)
+    values: dict[str, Any] = {"config_version": config_version, "status": status,
+                              "prices": {str(k): float(v) for k, v in prices.items()},
+                              "projected": None if projected is None else dict(projected),
+                              "solver": None if solver is None else dict(solver)}
     with begin(bind) as conn:
-        return _publish(conn, plans, {"config_version": config_version, "status": status,
-                                      "prices": {str(k): float(v) for k, v in prices.items()},
-                                      "projected": None if projected is None else dict(projected),
-                                      "solver": None if solver is None else dict(solver)},
-                        supersede=status == "active")
+        if status != "active" or config_version is None:
+            return _publish(conn, plans, values, supersede=status == "active")
+        _lock(conn, plans)
+        current = sa.select(configs.c.version).where(configs.c.status == "active").scalar_subquery()
+        fresh = sa.or_(current.is_(None), current == config_version)
+        conn.execute(plans.update().where(plans.c.status == "active", fresh).values(status="superseded"))
+        values["status"] = sa.case((fresh, "active"), else_="superseded")
+        res = conn.execute(plans.insert().values(created_at=utcnow(), **values).returning(plans.c.version))
+        return int(res.scalar_one())
 
 
 def latest_plan(bind: Bind, config_version: int | None = None) -> PlanRecord | None:

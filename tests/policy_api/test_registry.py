@@ -99,6 +99,27 @@ def test_config_and_plan_registry(engine):
     assert got is not None and got.artifact == b"b1" and got.metrics == {"loss": 0.2}
 
 
+def test_a_plan_for_a_config_no_longer_active_never_replaces_the_active_configs_plan(engine):
+    # a pacer that started a step under config 1 publishes after config 2 and its plan were applied
+    v1 = activate_config(engine, _cfg(0.05), author="ops")
+    publish_plan(engine, v1, {"live_floor": 0.1})
+    v2 = activate_config(engine, _cfg(0.2), author="ops")
+    p2 = publish_plan(engine, v2, {"live_floor": 0.5})
+    late = publish_plan(engine, v1, {"live_floor": 0.2})
+    plan = latest_plan(engine, config_version=v2)
+    assert plan is not None and plan.version == p2 and plan.prices == {"live_floor": 0.5}
+    np.testing.assert_array_equal(prices(engine, active_config(engine))[0], [0.5, 0.0])
+    with engine.connect() as conn:
+        status = dict(conn.execute(sa.text("SELECT version, status FROM plans")).all())
+    assert status == {1: "superseded", p2: "active", late: "superseded"}  # recorded, not in force
+    assert latest_versions(engine).plan == p2
+    # a plan for the active config still supersedes, and one for no config in particular too
+    p4 = publish_plan(engine, v2, {"live_floor": 0.6})
+    assert latest_plan(engine, config_version=v2).version == p4
+    p5 = publish_plan(engine, None, {"live_floor": 0.7})
+    assert latest_plan(engine).version == p5
+
+
 def test_ranker_artifact_round_trip():
     art = RankerArtifact(scorer=b"\x00torch bytes\xff", user_ids=["u1", "u2"], item_ids=["i9"],
                          categories=["songs", "live"])
