@@ -98,8 +98,6 @@ class Exposure:
         Epoch seconds: the period ``[start, end)`` (by the decision's time).
     n_pages
         Decisions in the period with at least one explicit impression.
-    pages_per_user
-        Shape (n_users,): those decisions per user row.
     propensity
         Shape (n_items,): the share of those pages that showed each item (0 for one never shown).
     explicit_share
@@ -109,7 +107,6 @@ class Exposure:
     start: float
     end: float
     n_pages: int
-    pages_per_user: np.ndarray
     propensity: np.ndarray
     explicit_share: float
 
@@ -141,9 +138,7 @@ def exposure_of(data: Mapping[str, Any], event_weights: np.ndarray, start: float
         return None
     dec = np.asarray(imp["decision"], dtype=np.int64)[inside]
     item = np.asarray(imp["item"], dtype=np.int64)[inside]
-    user = np.asarray(imp["user"], dtype=np.int64)[inside]
-    pages, first = np.unique(dec, return_index=True)
-    n_users = max(int(data["n_users"]), 1)
+    pages = np.unique(dec)
     pos = np.asarray(event_weights, dtype=np.float64)[np.asarray(ev["type"], dtype=np.int64)] > 0
     # a behaviour event belongs to the page it came from, in the period by the page's time (every such
     # page has an impression row: an impression is a (page, item) pair with any event)
@@ -159,7 +154,6 @@ def exposure_of(data: Mapping[str, Any], event_weights: np.ndarray, start: float
     if share < MIN_EXPLICIT_SHARE:
         return None
     return Exposure(start=float(start), end=float(end), n_pages=int(pages.size),
-                    pages_per_user=np.bincount(user[first], minlength=n_users).astype(np.int64),
                     propensity=np.bincount(item, minlength=n_items)[:n_items] / pages.size,
                     explicit_share=share)
 

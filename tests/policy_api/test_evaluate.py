@@ -482,8 +482,6 @@ def test_exposure_counts_the_pages_that_showed_each_item_and_needs_explicit_impr
     want = np.array([sum(i in s for s in pages.values()) for i in range(n_items)]) / len(pages)
     assert ex is not None and ex.n_pages == len(pages)
     np.testing.assert_allclose(ex.propensity, want, rtol=1e-12)
-    per_user = np.bincount([int(dec_user[d]) for d in pages], minlength=n_users)
-    np.testing.assert_array_equal(ex.pages_per_user, per_user)
     pos_pairs = [(d, i) for d, i, c in zip(d_imp.tolist(), i_imp.tolist(), chosen.tolist(), strict=True)
                  if c and start <= dec_ts[d] < end]
     assert ex.explicit_share == pytest.approx(np.mean([i in pages.get(d, ()) for d, i in pos_pairs]))
