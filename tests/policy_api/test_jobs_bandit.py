@@ -437,16 +437,19 @@ def test_learn_publishes_versions_from_closed_windows_only(log, tmp_path):
     assert learn(db, until=until) is None
     assert learn(db, until=until + timedelta(seconds=1)) is None
     assert registry.model(db, "bandit").version == 1
-    # later decisions land (and a plan for another config becomes active: its prices do not apply)
+    # later decisions land (and a plan for a config that is not the active one is published: it is
+    # recorded, not put in force, so the active config's prices still make the cost)
     store.insert_decisions(db, log.extra)
-    registry.publish_plan(db, 99, {"live_floor": 5.0, "long_tail": 5.0})
+    stale = registry.publish_plan(db, 99, {"live_floor": 5.0, "long_tail": 5.0})
+    assert registry.latest_plan(db).version != stale
     far = datetime.fromtimestamp(T0 + STEP_S * (N_MAIN + N_EXTRA) + WINDOW_S, tz=UTC)
     out2 = learn(db, until=far)
     second = [r for r in log.rows[n1:] + log.extra if r["candidates"]]  # decision n1 sat on the boundary
     assert out2.bandit_version == 2 and out2.previous == 1 and out2.decisions == len(second)
     ref2, _ = slow_rewards(log, second)
     assert out2.mean_reward == pytest.approx(ref2.mean(), rel=1e-12)
-    assert out2.mean_lagrangian == pytest.approx(ref2.mean(), rel=1e-12)
+    assert out2.mean_lagrangian == pytest.approx((ref2 + chosen_exposure(second) @ price_vector(log)).mean(),
+                                                 rel=1e-12)
     assert VWLayoutBandit.load(registry.model(db, "bandit").artifact).n_learned_ == len(first) + len(second)
     assert learn(db, until=far + timedelta(days=1)) is None
 
