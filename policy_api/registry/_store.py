@@ -68,11 +68,19 @@ def _lock(conn: Connection, table: sa.Table) -> None:
 
 
 def _publish(conn: Connection, table: sa.Table, values: dict[str, Any], *, supersede: bool,
-             version: sa.ScalarSelect[Any] | None = None) -> int:
-    """Lock, supersede the active row (when ``supersede``), insert; the new row's version."""
+             version: sa.ScalarSelect[Any] | None = None, only_if: sa.ColumnElement[bool] | None = None) -> int:
+    """Lock, supersede the active row (when ``supersede``), insert; the new row's version.
+
+    With ``only_if`` (an SQL condition, evaluated by the same statements as the write) the active row is
+    superseded and the new row inserted as active only where it holds; otherwise the new row is
+    inserted as ``superseded`` and the active one stays."""
     _lock(conn, table)
     if supersede:
-        conn.execute(table.update().where(table.c.status == "active").values(status="superseded"))
+        active = table.c.status == "active"
+        conn.execute(table.update().where(active if only_if is None else sa.and_(active, only_if))
+                     .values(status="superseded"))
+        if only_if is not None:
+            values = {**values, "status": sa.case((only_if, "active"), else_="superseded")}
     if version is not None:
         values = {**values, "version": version}
     res = conn.execute(table.insert().values(created_at=utcnow(), **values).returning(table.c.version))
@@ -185,16 +193,12 @@ def publish_plan(bind: Bind, config_version: int | None, prices: Mapping[str, fl
                               "prices": {str(k): float(v) for k, v in prices.items()},
                               "projected": None if projected is None else dict(projected),
                               "solver": None if solver is None else dict(solver)}
-    with begin(bind) as conn:
-        if status != "active" or config_version is None:
-            return _publish(conn, plans, values, supersede=status == "active")
-        _lock(conn, plans)
+    fresh = None
+    if config_version is not None:
         current = sa.select(configs.c.version).where(configs.c.status == "active").scalar_subquery()
         fresh = sa.or_(current.is_(None), current == config_version)
-        conn.execute(plans.update().where(plans.c.status == "active", fresh).values(status="superseded"))
-        values["status"] = sa.case((fresh, "active"), else_="superseded")
-        res = conn.execute(plans.insert().values(created_at=utcnow(), **values).returning(plans.c.version))
-        return int(res.scalar_one())
+    with begin(bind) as conn:
+        return _publish(conn, plans, values, supersede=status == "active", only_if=fresh)
 
 
 def latest_plan(bind: Bind, config_version: int | None = None) -> PlanRecord | None:
