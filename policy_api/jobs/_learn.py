@@ -26,7 +26,7 @@ from ..log import (
     load_items,
     read_decision_log,
     read_feedback,
-    read_rewards,
+    read_log_rewards,
 )
 
 __all__ = ["LearnResult", "catalog_categories", "learn", "load_log", "log_features", "new_bandit"]
@@ -44,14 +44,15 @@ def load_log(db: Engine, config: HomepageConfig, since: datetime | None, until: 
     """Decisions in [since, until) made under ``config_version`` (all if None) and their rewards.
 
     ``with_modules`` keeps each candidate's module ids (replay of configs with module constraints
-    needs them; the learner does not). ``sql_join`` joins the rewards in the database
-    (:func:`~policy_api.log.read_rewards`: one row per decision, the learner's path) instead of
-    reading the behaviour events and joining them here (:func:`~policy_api.log.join_rewards`, the
-    reference; replay uses it, so its estimates do not move with the order of additions).
+    needs them; the learner does not). ``sql_join`` joins the rewards in the database while the
+    decisions are read (:func:`~policy_api.log.read_log_rewards`: one row per decision, the
+    learner's path) instead of reading the behaviour events and joining them here
+    (:func:`~policy_api.log.join_rewards`, the reference; replay uses it, so its estimates do not
+    move with the order of additions).
     """
-    dlog = read_decision_log(db, config, since, until, config_version, with_modules=with_modules)
     if sql_join:
-        return dlog, read_rewards(db, dlog, config, since, until)
+        return read_log_rewards(db, config, since, until, config_version, with_modules=with_modules)
+    dlog = read_decision_log(db, config, since, until, config_version, with_modules=with_modules)
     # impressions carry no units: fetch behaviour events only, and which decisions saw any event
     fb = read_feedback(db, since=since, columns=["request_id", "item_id", "type", "ts"],
                        exclude_types=("impression",))

@@ -7,7 +7,7 @@ and returns columns or dataclasses; nothing here decides or learns.
 """
 
 from ._arrays import DecisionLog, Rewards, decision_log, join_rewards, pad_candidates, to_epoch
-from ._bulk import read_decision_log, read_rewards
+from ._bulk import read_decision_log, read_log_rewards, read_rewards
 from ._catalog import Catalog, CatalogError, read_catalog_csv
 from ._export import EXPORT_COLUMNS, export_parquet, read_parquet
 from ._journal import Journal, JournalUnavailable
@@ -116,6 +116,7 @@ __all__ = [
     "plans",
     "read_catalog_csv",
     "read_decision_log",
+    "read_log_rewards",
     "read_rewards",
     "read_decisions",
     "read_feedback",

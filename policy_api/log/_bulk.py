@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -23,7 +25,7 @@ from ._arrays import DecisionLog, Rewards, pad_candidates, to_epoch
 from ._rows import N_CANDIDATES_KEY, iter_decisions
 from ._schema import UTCDateTime
 
-__all__ = ["candidate_lists", "read_decision_log", "read_rewards"]
+__all__ = ["candidate_lists", "read_decision_log", "read_log_rewards", "read_rewards"]
 
 _F64 = pa.float64()
 _CAND = pa.struct([("modules", pa.list_(pa.string())), ("categories", pa.list_(pa.string())), ("tilt", _F64),
@@ -234,6 +236,42 @@ def _cutoff(dialect: str) -> str:
     return f"datetime({end} / 1000000, 'unixepoch') || '.' || printf('%06d', {end} % 1000000)"
 
 
+@dataclass(frozen=True, slots=True)
+class _RewardRows:
+    """What the reward query returned: per decision id with behaviour events, (reward, in-window
+    count, behaviour count); the ids whose first impression fell in their window; and the behaviour
+    events since ``since`` in all (orphans included)."""
+
+    ids: np.ndarray
+    agg: np.ndarray
+    seen: np.ndarray
+    total: int
+
+    def rewards(self, dlog: DecisionLog, default: float) -> Rewards:
+        """The :class:`Rewards` of ``dlog``'s decisions (ids not among them are orphans)."""
+        n = len(dlog)
+        reward, has = np.zeros(n), np.zeros(n, dtype=bool)
+        n_events = n_behaviour = 0
+        if n:
+            order = np.argsort(dlog.request_id, kind="stable")
+            sorted_ids = dlog.request_id[order]
+
+            def at(found: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                """(rows of ``dlog`` holding the ids in ``found``, which of ``found`` are there)."""
+                pos = np.minimum(np.searchsorted(sorted_ids, found), n - 1)
+                hit = sorted_ids[pos] == found
+                return order[pos[hit]], hit
+
+            rows, hit = at(self.ids)
+            reward[rows] = self.agg[hit, 0]
+            has[rows] = self.agg[hit, 1] > 0
+            n_events = int(self.agg[hit, 1].sum())
+            n_behaviour = int(self.agg[hit, 2].sum())
+            has[at(self.seen)[0]] = True
+        return Rewards(np.where(has, reward, default), has, n_events, n_behaviour - n_events,
+                       self.total - n_behaviour)
+
+
 def read_rewards(db: Engine, dlog: DecisionLog, config: HomepageConfig, since: datetime | None = None,
                  until: datetime | None = None, *, window_s: float | None = None,
                  default_reward: float | None = None) -> Rewards:
@@ -248,9 +286,26 @@ def read_rewards(db: Engine, dlog: DecisionLog, config: HomepageConfig, since: d
     ``reward`` is ``default_reward`` where none did. Events of decisions not in ``dlog`` are orphans.
     Equal to the reference join up to the order of floating-point additions.
     """
-    window = config.learning.reward_window_s if window_s is None else window_s
     default = config.learning.default_reward if default_reward is None else default_reward
-    n = len(dlog)
+    return _reward_rows(db, config, since, until, window_s).rewards(dlog, default)
+
+
+def read_log_rewards(db: Engine, config: HomepageConfig, since: datetime | None = None,
+                     until: datetime | None = None, config_version: int | None = None, *,
+                     with_modules: bool = False) -> tuple[DecisionLog, Rewards]:
+    """:func:`read_decision_log` and :func:`read_rewards` of the same decisions, the reward query
+    running in the database while the decisions are read and parsed (both wait mostly outside
+    Python: SQLite and Arrow's parser release the interpreter)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="reward-join") as pool:
+        rows = pool.submit(_reward_rows, db, config, since, until, None)
+        dlog = read_decision_log(db, config, since, until, config_version, with_modules=with_modules)
+        return dlog, rows.result().rewards(dlog, config.learning.default_reward)
+
+
+def _reward_rows(db: Engine, config: HomepageConfig, since: datetime | None, until: datetime | None,
+                 window_s: float | None) -> _RewardRows:
+    """The reward join's queries (see :func:`read_rewards`); the decisions are only needed after."""
+    window = config.learning.reward_window_s if window_s is None else window_s
     params: dict[str, Any] = {"window_us": int(round(window * 1e6))}
     units = [(t, float(config.events.get(t, 0.0))) for t in sorted(EVENT_TYPES) if t != "impression"]
     values = [(c.name, float(c.value_per_engagement)) for c in config.categories]
@@ -270,47 +325,40 @@ def read_rewards(db: Engine, dlog: DecisionLog, config: HomepageConfig, since: d
     if until is not None:
         params["until"] = until
         where.append("d0.ts < :until")
+    fb_filter = "".join(f" AND {w}" for w in fb_where)
     with db.connect() as conn:
         dialect = conn.dialect.name
-        in_window = "(f.ts <= d.cutoff)"
-        behaviour = "f.type <> 'impression'"
-        # the window ends once per decision (MATERIALIZED: not once per event), then one aggregate
-        # row per decision over its events
-        sql = (f"WITH d AS MATERIALIZED (SELECT d0.request_id, {_cutoff(dialect)} AS cutoff FROM decisions d0"
-               f"{' WHERE ' + ' AND '.join(where) if where else ''}) "
-               f"SELECT f.request_id, "
-               f"SUM(CASE WHEN {in_window} AND {behaviour} THEN {case('f.type', units, 'u')} * "
-               f"{case('i.category', values, 'c')} ELSE 0.0 END), "
-               f"MAX(CASE WHEN {in_window} THEN 1 ELSE 0 END), "
-               f"SUM(CASE WHEN {in_window} AND {behaviour} THEN 1 ELSE 0 END), "
-               f"SUM(CASE WHEN {behaviour} THEN 1 ELSE 0 END) "
-               f"FROM feedback f JOIN d ON d.request_id = f.request_id "
-               f"LEFT JOIN items i ON i.item_id = f.item_id "
-               f"{' WHERE ' + ' AND '.join(fb_where) if fb_where else ''} GROUP BY f.request_id")
+        # the window ends once per decision (MATERIALIZED: not once per event)
+        d = (f"WITH d AS MATERIALIZED (SELECT d0.request_id, {_cutoff(dialect)} AS cutoff FROM decisions d0"
+             f"{' WHERE ' + ' AND '.join(where) if where else ''}) ")
+        # one aggregate row per decision over its behaviour events (impressions carry no units and
+        # are most of the table: they are neither joined to the items nor summed)
+        behaviour_sql = (f"{d}SELECT f.request_id, "
+                         f"SUM(CASE WHEN f.ts <= d.cutoff THEN {case('f.type', units, 'u')} * "
+                         f"{case('i.category', values, 'c')} ELSE 0.0 END), "
+                         f"SUM(CASE WHEN f.ts <= d.cutoff THEN 1 ELSE 0 END), COUNT(*) "
+                         f"FROM feedback f JOIN d ON d.request_id = f.request_id "
+                         f"LEFT JOIN items i ON i.item_id = f.item_id "
+                         f"WHERE f.type <> 'impression'{fb_filter} GROUP BY f.request_id")
+        # a decision whose only in-window events are impressions has feedback too: its first
+        # impression, grouped before the join (one row per decision instead of one per impression)
+        seen_sql = (f"{d}SELECT g.request_id FROM (SELECT f.request_id, MIN(f.ts) AS first FROM feedback f "
+                    f"WHERE f.type = 'impression'{fb_filter} GROUP BY f.request_id) g "
+                    f"JOIN d ON d.request_id = g.request_id WHERE g.first <= d.cutoff")
         binds: list[sa.BindParameter[Any]] = [sa.bindparam(k, type_=UTCDateTime()) for k in ("since", "until")
                                               if k in params]
         if dialect == "postgresql":
             params["window"] = timedelta(microseconds=params.pop("window_us"))
             binds.append(sa.bindparam("window", type_=sa.Interval()))
-        rows = conn.execute(sa.text(sql).bindparams(*binds), params).all()
+        rows = conn.execute(sa.text(behaviour_sql).bindparams(*binds), params).all()
+        seen_params = {k: v for k, v in params.items() if k in ("since", "until", "window", "window_us")}
+        seen = np.asarray(conn.execute(sa.text(seen_sql).bindparams(*binds), seen_params).scalars().all(), dtype=str)
         total_sql = " AND ".join(["SELECT COUNT(*) FROM feedback f WHERE f.type <> 'impression'", *fb_where])
         since_only = {k: v for k, v in params.items() if k == "since"}
         total = int(conn.execute(sa.text(total_sql).bindparams(*binds[:len(since_only)]), since_only).scalar_one())
     ids = np.asarray([r[0] for r in rows], dtype=str)
-    agg = np.array([r[1:] for r in rows], dtype=np.float64).reshape(len(rows), 4)
-    reward, has = np.zeros(n), np.zeros(n, dtype=bool)
-    n_events = n_behaviour = 0
-    if n and ids.size:
-        order = np.argsort(dlog.request_id, kind="stable")
-        sorted_ids = dlog.request_id[order]
-        pos = np.minimum(np.searchsorted(sorted_ids, ids), n - 1)
-        hit = sorted_ids[pos] == ids
-        at = order[pos[hit]]
-        reward[at] = agg[hit, 0]
-        has[at] = agg[hit, 1] > 0
-        n_events = int(agg[hit, 2].sum())
-        n_behaviour = int(agg[hit, 3].sum())
-    return Rewards(np.where(has, reward, default), has, n_events, n_behaviour - n_events, total - n_behaviour)
+    agg = np.array([r[1:] for r in rows], dtype=np.float64).reshape(len(rows), 3)
+    return _RewardRows(ids, agg, seen, total)
 
 
 def _empty(config: HomepageConfig) -> DecisionLog:

@@ -1012,6 +1012,12 @@ def test_sql_reward_join_equals_the_reference_join(engine, seed):
     np.testing.assert_array_equal(got.has_feedback, ref.has_feedback)
     assert (got.n_events, got.n_late, got.n_orphan) == (ref.n_events, ref.n_late, ref.n_orphan)
     assert got.n_late > 0 and got.n_orphan >= 0 and (~got.has_feedback).any()
+    # read with the decisions, the query running beside their parse: the same join
+    from policy_api.log import read_log_rewards
+
+    both_log, both = read_log_rewards(engine, cfg)
+    np.testing.assert_array_equal(both_log.request_id, dlog.request_id)
+    np.testing.assert_array_equal(both.reward, read_rewards(engine, dlog, cfg).reward)
     # the window's end: an event exactly at it is in, one microsecond later is late
     edge = rows[0]["ts"] + timedelta(seconds=window)
     first = rows[0]["request_id"]
@@ -1025,6 +1031,21 @@ def test_sql_reward_join_equals_the_reference_join(engine, seed):
     base_reward = got.reward[i] if got.has_feedback[i] else 0.0
     assert after.reward[i] == pytest.approx(base_reward + value, rel=1e-12, abs=1e-12)
     assert (after.n_events, after.n_late) == (got.n_events + 1, got.n_late + 1)
+    # impressions alone: inside the window the decision has feedback (reward 0, not the default),
+    # an impression after the window does not give it any
+    imp_in, imp_late = rows[n - 2], rows[n - 1]
+    insert_feedback(engine, [
+        {"event_id": f"imp-{k}", "request_id": r["request_id"], "item_id": str(world.item_ids[0]),
+         "type": "impression", "ts": r["ts"] + timedelta(seconds=window * f)}
+        for k, (r, f) in enumerate([(imp_in, 1.0), (imp_late, 1.5)])])
+    # ... on decisions left with these events only
+    with engine.begin() as conn:
+        conn.execute(sa.delete(feedback).where(feedback.c.request_id.in_([imp_in["request_id"], imp_late["request_id"]]),
+                                               ~feedback.c.event_id.like("imp-%")))
+    imp = read_rewards(engine, dlog, cfg, default_reward=-3.0)
+    i_in, i_late = (int(np.flatnonzero(dlog.request_id == r["request_id"])[0]) for r in (imp_in, imp_late))
+    assert (imp.has_feedback[i_in], imp.reward[i_in]) == (True, 0.0)
+    assert (imp.has_feedback[i_late], imp.reward[i_late]) == (False, -3.0)
 
 
 def test_new_sqlite_file_gets_large_pages_and_an_old_one_keeps_its_own(tmp_path):
