@@ -41,7 +41,7 @@ from rankers import PopularityScorer, live_category_preferences, live_score_mult
 
 from ..live._state import Forget
 from ..live._transfer import ShiftMap
-from ..log import Catalog
+from ..log import N_CANDIDATES_KEY, Catalog, decode_candidates
 from ._features import layout_features, shared_features
 from ._ids import seed_of
 
@@ -269,6 +269,9 @@ class EngineState:
     fallback_modules: list[dict[str, Any]]
     new_categories: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # config indices
     population_prefs: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (C,) category shares of popularity
+    # the config's module ids and category names as object arrays (the logged candidates name them)
+    module_id_array: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
+    category_name_array: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
     # (n_items,) score multipliers from the plan's calibration, per category head and tail (see
     # :func:`calibrated`); None: none
     score_multiplier: np.ndarray | None = None
@@ -716,7 +719,9 @@ class Decision:
     policy: str
     versions: dict[str, Any]
     context: dict[str, Any]
-    candidates: list[dict[str, Any]]
+    #: the candidates in their stored, columnar form (``{"$n": n, field: [one entry per candidate]}``,
+    #: :func:`~policy_api.log.encode_candidates`), built so from the engine's arrays; [] for a fallback
+    stored_candidates: dict[str, Any] | list[Any]
     pmf: list[float]
     chosen: int
     propensity: float
@@ -729,6 +734,11 @@ class Decision:
     @property
     def fallback(self) -> bool:
         return self.fallback_reason is not None
+
+    @property
+    def candidates(self) -> list[dict[str, Any]]:
+        """One dict per candidate (modules, categories, tilt, value, exposure, score, engagement, tail)."""
+        return decode_candidates(self.stored_candidates)
 
     def response(self) -> dict[str, Any]:
         return {
@@ -754,7 +764,7 @@ class Decision:
             "context": self.context,
             "versions": self.versions,
             "policy": self.policy,
-            "candidates": self.candidates,
+            "candidates": self.stored_candidates,
             "pmf": self.pmf,
             "chosen": self.chosen,
             "propensity": self.propensity,
@@ -821,6 +831,8 @@ def build_state(config: HomepageConfig, catalog: Catalog, *, scorer: ScorerHandl
         bandit=bandit, versions=dict(versions or {}), fallback_modules=fb,
         new_categories=np.array([k for k, c in enumerate(config.categories) if c.new], dtype=np.int64),
         population_prefs=np.bincount(item_cat[served], weights=pop[served], minlength=C) / max(pop[served].sum(), 1e-12),
+        module_id_array=np.array(config.module_ids, dtype=object),
+        category_name_array=np.array(config.category_names, dtype=object),
     )
 
 
@@ -1086,7 +1098,6 @@ class DecisionEngine:
             modules.append({"slot": s, "module_id": m.id, "category": m.category, "tilt": beta,
                             "items": [{"item_id": item_ids[i], "long_tail": t}
                                       for i, t in zip(items.tolist(), st.is_tail[items].tolist(), strict=True)]})
-        mod_ids, cat_names = cfg.module_ids, cfg.category_names
         R = tbl.mean_score.shape[-1]
         cc, bb, tt = cand.categories[0, real], np.minimum(cand.blocks[0, real], R - 1), cand.tilt[0, real]
         eng = np.nan_to_num(tbl.mean_score[0, tt[:, None], cc, bb])  # (n_real, S) slot engagement
@@ -1096,15 +1107,11 @@ class DecisionEngine:
         def r6(a: np.ndarray) -> list[Any]:
             return np.round(a, 6).tolist()
 
-        values, scores_, exps, engs, tails = (r6(cand.value[0, real]), r6(priced), r6(cand.exposure[0, real]),
-                                              r6(eng), r6(tail_share))
-        candidates = [
-            {"modules": [mod_ids[j] for j in cand.modules[0, i].tolist()],
-             "categories": [cat_names[c] for c in cc[k].tolist()],
-             "tilt": float(st.space.tilt_levels[cand.tilt[0, i]]),
-             "value": values[k], "exposure": exps[k], "score": scores_[k], "engagement": engs[k], "tail": tails[k]}
-            for k, i in enumerate(real.tolist())
-        ]
+        candidates = {N_CANDIDATES_KEY: int(real.size), "modules": st.module_id_array[cand.modules[0, real]].tolist(),
+                      "categories": st.category_name_array[cc].tolist(),
+                      "tilt": st.space.tilt_levels[cand.tilt[0, real]].tolist(), "value": r6(cand.value[0, real]),
+                      "exposure": r6(cand.exposure[0, real]), "score": r6(priced), "engagement": r6(eng),
+                      "tail": r6(tail_share)}
         ctx = dict(context)
         ctx.update({"known_user": u >= 0, "shared": shared.tolist(), "greedy": greedy,
                     "live": "none" if live is None else live.status})

@@ -14,6 +14,7 @@ from ._journal import Journal, JournalUnavailable
 from ._rows import (
     DECISION_COLUMNS,
     FEEDBACK_COLUMNS,
+    N_CANDIDATES_KEY,
     category_engagement,
     decode_candidates,
     encode_candidates,
@@ -71,6 +72,7 @@ __all__ = [
     "SQLITE_BATCHES_PER_TRANSACTION",
     "EXPORT_COLUMNS",
     "FEEDBACK_COLUMNS",
+    "N_CANDIDATES_KEY",
     "Bind",
     "Catalog",
     "CatalogError",

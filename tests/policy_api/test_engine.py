@@ -86,6 +86,12 @@ def test_every_page_respects_the_layout_model(state, world):
     live = sum(w[m["slot"]] for m in d.modules if m["category"] == "live") / w.sum()
     tail = np.mean([it["long_tail"] for m in d.modules for it in m["items"]])
     assert chosen["exposure"] == pytest.approx([live, tail], abs=1e-6)  # logged rounded to 1e-6
+    # ... and names the page's modules, categories and tilt (logged columnar, one list per field)
+    assert chosen["modules"] == [m["module_id"] for m in d.modules]
+    assert chosen["categories"] == [m["category"] for m in d.modules]
+    assert chosen["tilt"] == d.modules[0]["tilt"]
+    stored = d.row()["candidates"]
+    assert stored["$n"] == len(d.pmf) and all(len(v) == len(d.pmf) for k, v in stored.items() if k != "$n")
 
 
 class Broken:

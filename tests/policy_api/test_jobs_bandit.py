@@ -132,7 +132,9 @@ def log(tmp_path_factory: pytest.TempPathFactory) -> Log:
         eng = broken if k % FALLBACK_EVERY == FALLBACK_EVERY - 1 else good
         d = eng.decide(str(world.user_ids[u]), ids.issue())
         d.ts = T0 + STEP_S * k
-        row = d.row()
+        # the references below read the candidates one dict each (the store encodes them back to the
+        # engine's columnar form)
+        row = {**d.row(), "candidates": d.candidates}
         rows.append(row)
         mode = rng.random()
         if mode < 0.06:  # the client never reported

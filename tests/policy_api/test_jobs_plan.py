@@ -102,18 +102,19 @@ def test_pace_once_takes_one_dual_step(db):
     engine = DecisionEngine(state)
     ids = RequestIds(b"k")
     now = datetime.now(tz=UTC)
-    rows = []
+    rows, served = [], []
     for k in range(120):
         d = engine.decide(f"u{k % 9}", ids.issue())
         row = d.row()
         row["ts"] = now - timedelta(seconds=30)
         rows.append(row)
+        served.append(d.candidates[d.chosen]["exposure"])
     store.insert_decisions(eng, rows)
     registry.publish_plan(eng, version, {"live_floor": 0.0, "long_tail": 0.4})
     step = 0.7
     out = pace(eng, window_s=300, step_size=step, min_decisions=50)
     assert out is not None and out.n_decisions == 120
-    realised = np.array([r["candidates"][r["chosen"]]["exposure"] for r in rows]).mean(0)
+    realised = np.array(served).mean(0)
     lo, _ = cfg.bounds()
     # floors: alpha <- max(0, alpha - step * (share - min)); the starting prices were the plan's
     want = np.maximum(0.0, np.array([0.0, 0.4]) - step * (realised - lo))

@@ -51,12 +51,16 @@ def test_serve_plans_first_and_personalises_from_live_feedback(tmp_path):
                 seen = time.time() - t_post
         assert seen is not None, "the live state never reached the workers"
         assert seen < 1.0  # the loop tails the log every 50 ms; the writer flushes every 50 ms
-        time.sleep(0.3)  # the decision rows reach the log
+        # the decision rows reach the log (the writer's batches: a loaded machine may take a while)
         eng = sa.create_engine(f"sqlite:///{srv.db_path}")
-        with eng.connect() as c:
-            rows = c.execute(sa.text("SELECT context FROM decisions WHERE user_id = 'newcomer' ORDER BY ts")).all()
+        ctx: list[dict] = []
+        t_log = time.time()
+        while time.time() - t_log < 10.0 and not (ctx and ctx[-1]["live"] == "hit"):
+            with eng.connect() as c:
+                rows = c.execute(sa.text("SELECT context FROM decisions WHERE user_id = 'newcomer' ORDER BY ts")).all()
+            ctx = [json.loads(r[0]) for r in rows]
+            time.sleep(0.1)
         eng.dispose()
-        ctx = [json.loads(r[0]) for r in rows]
         names = [c for c in world.categories]
         cfg_names = [line.split('"')[1] for line in srv.config.read_text().splitlines()
                      if line.startswith("name = ") and '"' in line][: len(names)]
