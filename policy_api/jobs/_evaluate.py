@@ -382,6 +382,27 @@ def with_catalog_popularity(scorers: dict[str, PageScorer], popularity: np.ndarr
     return [*BASELINE_SCORERS, CATALOG_POPULARITY]
 
 
+def _as_of_cutoff(scorer: Any, ev: Mapping[str, Any], h: Holdout, item_category: np.ndarray,
+                  event_weights: np.ndarray) -> rankers.HistoryScorer | None:
+    """A published :class:`rankers.HistoryScorer` refitted on the log before the holdout's cutoff
+    (None for another scorer, one whose snapshot is not newer than the cutoff, or one whose
+    coefficients do not fit this catalog's categories)."""
+    if not isinstance(scorer, rankers.HistoryScorer) or scorer.t_ref_ < h.cutoff:
+        return None
+    if scorer.kind != "residual":
+        if scorer.kind not in BASELINE_SCORERS:
+            return None
+        return fit_baseline(scorer.kind, h.train_user, h.train_item, h.train_ts, h.train_weight,
+                            item_category=item_category, n_users=h.n_users, half_life_s=scorer.half_life_s)
+    from ._train import residual_scorer
+
+    try:
+        return residual_scorer(ev, item_category, scorer.coef, scorer.pop_exponent, event_weights, before=h.cutoff,
+                               half_life_days=scorer.half_life_s / 86400.0)
+    except ValueError:  # coefficients of another set of categories: judged as stored
+        return None
+
+
 def ranker_page_scorer(handle: ScorerHandle, user_ids: list[str]) -> PageScorer:
     """A ranker (published, or a candidate) as a page scorer: log user rows are mapped to the model's
     user index by id (unknown users score as cold starts)."""
@@ -524,8 +545,12 @@ def evaluate_served(db: Engine, config: ConfigRecord, *, train_share: float = 0.
     popularity column among them, when it has one) and the published ranker (if any), each scorer's
     served pages scored against the held-out users' future positives.
 
-    The published ranker is judged as it is stored: if it was trained on events after the cutoff its
-    figures are optimistic (the publish gate avoids this by judging a model trained before it).
+    A published history scorer (the residual ranker, or a baseline published in its place) whose
+    snapshot is newer than the cutoff is judged as of the cutoff: its parameters (the residual's
+    coefficients and dial, a baseline's kind) on the history before it, as the publish gate judges a
+    candidate; its own snapshot holds the held-out events, which would count as already seen. The
+    torch ranker is judged as it is stored: if it was trained on events after the cutoff its figures
+    are optimistic (the publish gate avoids this by judging a model trained before it).
     """
     if not half_life_days > 0:
         raise InvalidInput(f"half_life_days must be > 0; got {half_life_days!r}", field="half_life_days")
@@ -556,7 +581,13 @@ def evaluate_served(db: Engine, config: ConfigRecord, *, train_share: float = 0.
             from ..engine import ranker_scorer
 
             handle = ranker_scorer(rec, catalog)
-            scorers[handle.name] = ranker_page_scorer(handle, ev["user_ids"])  # e.g. residual:3, ranker:2
+            as_of = _as_of_cutoff(handle.scorer, ev, h, state.item_category, cfg.event_weight_vector())
+            if as_of is not None:
+                scorers[handle.name] = history_page_scorer(as_of)
+                info["ranker_judged"] = "as of the cutoff (its parameters on the history before it)"
+            else:
+                scorers[handle.name] = ranker_page_scorer(handle, ev["user_ids"])  # e.g. residual:3, ranker:2
+                info["ranker_judged"] = "as stored"
             info["ranker_version"] = rec.version
     res = evaluate_pages(state, h, scorers, baselines=base, exclude_seen=exclude_seen, n_boot=n_boot, seed=seed,
                          progress=progress)

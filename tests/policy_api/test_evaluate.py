@@ -342,6 +342,49 @@ def test_residual_ranker_is_gated_and_published_when_it_wins(split_worlds, monke
     assert rec is None or rec.version == res.published
 
 
+def test_evaluate_judges_a_published_history_scorer_as_of_the_cutoff(split_worlds, monkeypatch):
+    """A scorer published from the whole log holds the held-out events in its snapshot (judged as
+    stored, they would count as already seen): `homepage evaluate` judges its parameters on the
+    history before the cutoff. A baseline published in place of a refused model then scores exactly
+    as that baseline's own row; the residual ranker as the same coefficients fitted on a log that
+    ends at the cutoff."""
+    from policy_api.jobs._evaluate import _as_of_cutoff
+
+    w = split_worlds
+    _losing_residual(monkeypatch)
+    jobs.train_ranker(w["full"], w["cfg_full"], gate_users=200, min_gate_users=1)
+    rec = registry.model(w["full"], "ranker")
+    assert rec.metrics["served"]["kind"] == "baseline"
+    base = rec.metrics["served"]["scorer"]
+    got = jobs.evaluate_served(w["full"], w["cfg_full"], n_boot=10)
+    published = got.row(f"{base}:{rec.version}")
+    assert (published["recall"], published["ndcg"]) == (got.row(base)["recall"], got.row(base)["ndcg"])
+    assert got.info["ranker_judged"].startswith("as of the cutoff")
+    # the residual ranker: any coefficients, the whole log's snapshot moved back to the cutoff
+    catalog = Catalog.from_arrays(load_items(w["full"]))
+    cfg = w["cfg_full"].config
+    wv = cfg.event_weight_vector()
+    full = jobs.log_events(w["full"], catalog)
+    h = jobs.holdout_split(full["user"], full["item"], full["ts"], full["type"], event_weights=wv,
+                           n_users=full["n_users"], n_items=catalog.n_items, cutoff=w["cutoff"])
+    cat = np.maximum(build_state(cfg, catalog).item_category, 0)
+    n_feat = len(rankers.HistoryScorer("popularity", cat).feature_names())
+    coef = np.random.default_rng(5).normal(size=n_feat)
+    stored = jobs.residual_scorer(full, cat, coef, 0.5, wv)
+    as_of = _as_of_cutoff(stored, full, h, cat, wv)
+    past = jobs.log_events(w["past"], catalog)  # the reference: a log that ends at the cutoff
+    ref = jobs.residual_scorer(past, cat, coef, 0.5, wv)
+    row_in_past = {u: k for k, u in enumerate(past["user_ids"])}
+    users = h.users[[full["user_ids"][u] in row_in_past for u in h.users.tolist()]]
+    pools = np.tile(np.arange(catalog.n_items), (users.size, 1))
+    np.testing.assert_allclose(as_of.score_pools(users, pools),
+                               ref.score_pools(np.array([row_in_past[full["user_ids"][u]] for u in users.tolist()]),
+                                               pools), rtol=1e-9, atol=1e-12)
+    assert not np.allclose(stored.score_pools(users, pools), ref.score_pools(
+        np.array([row_in_past[full["user_ids"][u]] for u in users.tolist()]), pools))
+    assert users.size > 50
+
+
 @pytest.mark.slow
 def test_torch_model_that_loses_is_refused_and_the_baseline_served(logged, tmp_path):
     tmp, _, _, _ = logged
