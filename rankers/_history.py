@@ -336,6 +336,7 @@ class HistoryScorer:
 
         self.similarity_t_ = sp.csr_array(self.similarity_.T)
         self.neighbour_count_ = np.diff(self.similarity_.indptr)
+        self._item_terms_cache: tuple[bytes, np.ndarray, np.ndarray] | None = None  # of the new snapshot
 
     def _similarity(self, x: sp.csr_array) -> sp.csr_array:
         """``S`` as :class:`rankers.ItemKNN` builds it (row = history item i, column = scored item j)."""
@@ -518,23 +519,65 @@ class HistoryScorer:
             hist = np.union1d(hist, live)
             recency[live] = 1.0  # the newest the scorer knows of
         if self.kind in ("item_knn", "residual") and items.size:
-            ones = np.zeros(self.n_items_)
-            ones[hist] = 1.0
-            knn = np.stack([self._knn_of(ones, items), self._knn_of(recency, items)], axis=-1)[None]
+            knn = self._knn_of(hist, recency[hist], items)[None]
             has = np.array([bool(self.neighbour_count_[hist].sum() > 0)])
         else:
             knn, has = np.zeros((1, items.size, 2)), np.zeros(1, dtype=bool)
-        out = self._scores(knn, has, n_uc[None, :], last[None, :], items[None, :])[0]
+        if self.kind == "residual" and items.size:
+            out = self._residual_one(knn[0], n_uc, last, items)
+        else:
+            out = self._scores(knn, has, n_uc[None, :], last[None, :], items[None, :])[0]
         if (self.demote_seen if demote_seen is None else demote_seen) and hist.size and items.size:
             seen = np.isin(items, hist)
             if seen.any():
                 out = np.where(seen, out.min() - 1.0 - np.abs(out).max(), out)
         return out
 
-    def _knn_of(self, weight: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """``sum_i weight_i S[i, j]`` for ``items`` j: the rows of ``S^T`` of the candidates times the
-        history weights (n_items,) (each row holds at most ``n_neighbors`` entries)."""
-        return np.asarray(self.similarity_t_[items] @ weight, dtype=np.float64)
+    def _item_terms(self) -> tuple[np.ndarray, np.ndarray]:
+        """The residual score's terms that depend on the item alone, once per model and dial: (the sum of
+        the bias, popularity, item-rate and category terms per item (n_items,), the coefficients with
+        the dial applied)."""
+        coef = self.coef.copy() if self.coef is not None else np.zeros(len(self.feature_names()))
+        coef[POP_COLUMNS] *= self.pop_exponent
+        key = coef.tobytes()
+        cached = self._item_terms_cache
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        k = 2 + _N_POP + 5  # the item-rate columns, then the gap buckets, then the categories
+        n_gap = len(GAP_EDGES_DAYS) + 2
+        base = (coef[0] + coef[BASE] * np.log(self.recent_ + RECENT_FLOOR)
+                + coef[2:2 + _N_POP] @ np.log1p(self.pops_) + coef[k:k + len(RATE_FEATURES)] @ self.rate_logit_[None, :]
+                + coef[k + len(RATE_FEATURES) + n_gap:][self.item_category])
+        self._item_terms_cache = (key, base, coef)
+        return base, coef
+
+    def _residual_one(self, knn: np.ndarray, n_uc: np.ndarray, last: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """One user's residual scores (n,) of ``items`` from the kNN sums ``knn`` (n, 2), category weights
+        ``n_uc`` (C,) and last positive times ``last`` (C,): :meth:`_scores` without its (n, n_features)
+        matrix: the item terms come precomputed (:meth:`_item_terms`), the category terms once per
+        category, the kNN terms per item."""
+        base, coef = self._item_terms()
+        k = 2 + _N_POP
+        gap = self.t_ref_ - last
+        bucket = np.where(np.isinf(gap), len(GAP_EDGES_DAYS) + 1,
+                          np.searchsorted(np.asarray(GAP_EDGES_DAYS) * _DAY, gap, side="left"))
+        pi = (n_uc + self.category_share_) / (n_uc.sum() + 1.0)
+        per_cat = coef[k + 4] * np.log(pi + 1e-9) + coef[k + 5 + len(RATE_FEATURES) + bucket]
+        kmax = np.maximum(knn.max(axis=0), 1e-12)
+        z = (base[items] + per_cat[self.item_category[items]] + coef[k] * np.log1p(knn[:, 0])
+             + coef[k + 1] * (knn[:, 0] / kmax[0]) + coef[k + 2] * np.log1p(knn[:, 1])
+             + coef[k + 3] * (knn[:, 1] / kmax[1]))
+        return np.exp(-np.logaddexp(0.0, -z))
+
+    def _knn_of(self, hist: np.ndarray, recency: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """kNN sums (n, 2) of ``items``: ``sum_i w_i S[i, j]`` over the history items ``hist`` with
+        weights 1 and their ``recency``: the candidates' rows of ``S^T`` read once for both (nothing
+        for a user without history)."""
+        if not hist.size:
+            return np.zeros((items.size, 2))
+        w = np.zeros((self.n_items_, 2))
+        w[hist, 0], w[hist, 1] = 1.0, recency
+        return np.asarray(self.similarity_t_[items] @ w, dtype=np.float64)
 
     # -- persistence ---------------------------------------------------------------------------------
     def save(self) -> bytes:

@@ -157,6 +157,28 @@ def test_pop_exponent_is_the_popularity_dial(seed):
     np.testing.assert_allclose(full.score_pools(users, pools), no_pop.score_pools(users, pools), rtol=1e-12)
 
 
+def test_served_residual_scores_follow_the_dial_and_a_refit(seed):
+    """A request's residual scores (item terms precomputed per model) equal the feature matrix's after
+    the dial moves and after a refit on another log."""
+    rng = np.random.default_rng(seed)
+    cat = rng.integers(0, N_CAT, size=N_ITEMS)
+    sc = _residual(rng, cat, *_log(rng))
+    users, pools = np.r_[np.arange(6), -1], _grid(rng, 7)
+
+    def served() -> np.ndarray:
+        return np.stack([sc.score_live(int(u), p, demote_seen=False) for u, p in zip(users, pools, strict=True)])
+
+    before = served()
+    np.testing.assert_allclose(before, sc.score_pools(users, pools), rtol=1e-12)
+    sc.pop_exponent = 0.25
+    dialled = served()
+    np.testing.assert_allclose(dialled, sc.score_pools(users, pools), rtol=1e-12)
+    assert not np.allclose(dialled, before)
+    sc.fit(*_log(rng), n_users=N_USERS)
+    np.testing.assert_allclose(served(), sc.score_pools(users, pools), rtol=1e-12)
+    assert not np.allclose(served(), dialled)
+
+
 def test_fit_residual_matches_a_second_optimiser(seed):
     rng = np.random.default_rng(seed)
     cat = rng.integers(0, N_CAT, size=N_ITEMS)
