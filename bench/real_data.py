@@ -97,6 +97,42 @@ def read(data: Path) -> tuple[np.ndarray, dict[str, tuple[list[str], str]]]:
     return r, items
 
 
+def synthetic(out: Path, n_ratings: int, n_users: int = 6040, n_items: int = 3706, seed: int = 0) -> Path:
+    """A synthetic log in GroupLens' ``u.data`` / ``u.item`` form, the size of MovieLens-1M by default,
+    for checking the pipeline's scale (not its quality): Zipf popularity, one to four genres per movie,
+    each user's genre taste a Dirichlet draw and activity log-normal; a rating picks a genre by the
+    user's taste, then the best of 10 popularity-drawn movies for it; ratings from the movie's quality
+    and the genre match; one rating per (user, movie), timestamps spread over three years."""
+    rng = np.random.default_rng(seed)
+    G = len(GENRES)
+    genres = rng.random((n_items, G)) < 0.12
+    genres[np.arange(n_items), rng.integers(1, G, n_items)] = True
+    genres[:, 0] = False  # "unknown"
+    quality = rng.normal(0.0, 1.0, n_items)
+    pop = np.minimum(rng.zipf(1.6, n_items), 5000).astype(np.float64)
+    taste = rng.dirichlet(np.full(G, 0.3), n_users)
+    activity = rng.lognormal(0.0, 1.2, n_users)
+    n_draw = int(n_ratings * 6)  # draws repeat (user, movie) pairs; about n_ratings stay distinct
+    user = rng.choice(n_users, n_draw, p=activity / activity.sum())
+    g = (taste[user].cumsum(axis=1) > rng.random((n_draw, 1))).argmax(axis=1)
+    cand = rng.choice(n_items, (n_draw, 10), p=pop / pop.sum())
+    fit = 2.0 * genres[cand, g[:, None]] + 0.5 * quality[cand] + rng.normal(0.0, 1.0, cand.shape)
+    item = cand[np.arange(n_draw), fit.argmax(axis=1)]
+    rating = np.clip(np.round(3.3 + 0.8 * quality[item] + 0.6 * genres[item, g] + rng.normal(0.0, 0.9, n_draw)), 1, 5)
+    ts = np.sort(rng.uniform(956703932, 956703932 + 3 * 365 * 86400, n_draw)).astype(np.int64)
+    _, first = np.unique(user * n_items + item, return_index=True)
+    first = np.sort(first)[:n_ratings]
+    out.mkdir(parents=True, exist_ok=True)
+    np.savetxt(out / "u.data", np.c_[user[first] + 1, item[first] + 1, rating[first], ts[first]], fmt="%d",
+               delimiter="\t")
+    year = 1930 + rng.integers(0, 70, n_items)
+    with (out / "u.item").open("w", encoding="latin-1") as fh:
+        for i in range(n_items):  # writing the fixture file, not a measured path
+            flags = "|".join(str(int(v)) for v in genres[i])
+            fh.write(f"{i + 1}|Movie {i + 1} ({year[i]})|01-Jan-{year[i]}||http://example.org|{flags}\n")
+    return out
+
+
 def category(genres: list[str]) -> str:
     if ACTION & set(genres):
         return "action"
@@ -171,6 +207,8 @@ def print_evaluation(bench: str, env: dict[str, str], tmp: Path, n_boot: int) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="folder with ml-100k.inter/.item or u.data/u.item (default: from the recbole wheel)")
+    ap.add_argument("--synthetic", type=int, metavar="N_RATINGS",
+                    help="a synthetic MovieLens-1M-sized log of about N_RATINGS ratings instead (a scale check)")
     ap.add_argument("--max-epochs", type=int, default=10)
     ap.add_argument("--interaction", choices=("cin", "cross"), default="cross", help="torch ranker only")
     ap.add_argument("--model", choices=("residual", "torch"), default="residual")
@@ -183,7 +221,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(args.work or t)
         tmp.mkdir(parents=True, exist_ok=True)
-        ratings, meta = read(Path(args.data) if args.data else fetch(Path(t)))
+        data = (synthetic(Path(t) / "synthetic", args.synthetic) if args.synthetic else
+                Path(args.data) if args.data else fetch(Path(t)))
+        ratings, meta = read(data)
         ts = ratings[:, 3].astype(np.float64)
         cutoff = np.sort(ts)[int(ts.size * 0.8)]
         past = ts < cutoff

@@ -136,8 +136,29 @@ def _page_scorer(name: str, candidate: Any, user_ids: list[str]) -> PageScorer:
     return ranker_page_scorer(ScorerHandle(candidate, index, name=name), user_ids)
 
 
+#: the fewest held-out users the publish gate decides on: with fewer, chance ranks the scorers, and
+#: nothing is published (neither the trained model nor a baseline in place of the catalog's popularity)
+MIN_GATE_USERS = 200
+#: the most held-out users the publish gate judges (a sample beyond): the CI of a difference narrows
+#: as 1/sqrt(users), and a model that is better by a little is refused on a small sample
+GATE_USERS = 5000
+#: the most users of the inner split the residual ranker's coefficients are fitted on (its grid is
+#: users x pool x features)
+FIT_USERS = 1000
+
+
+def _held(m: Any, pools: np.ndarray) -> np.ndarray:
+    """(U, P) whether ``m`` (a sparse (U, n_items) matrix) holds each pool item of its user's row,
+    without a dense (U, n_items) copy."""
+    c = m.tocsr()
+    n = np.int64(c.shape[1])
+    key = np.repeat(np.arange(c.shape[0], dtype=np.int64), np.diff(c.indptr)) * n + c.indices
+    held = key[c.data != 0]
+    return np.isin(np.arange(pools.shape[0], dtype=np.int64)[:, None] * n + pools, held)
+
+
 def gate_holdout(state: EngineState, data: Mapping[str, Any], cutoff: float, event_weights: np.ndarray, *,
-                 max_users: int = 1000, seed: int = 0) -> Holdout:
+                 max_users: int = GATE_USERS, seed: int = 0) -> Holdout:
     """The publish gate's temporal holdout: the log's events split at ``cutoff``."""
     from ._evaluate import holdout_split
 
@@ -147,13 +168,8 @@ def gate_holdout(state: EngineState, data: Mapping[str, Any], cutoff: float, eve
                          n_items=state.catalog.n_items, cutoff=cutoff, max_users=max_users, seed=seed)
 
 
-#: the fewest held-out users the publish gate decides on: with fewer, chance ranks the scorers, and
-#: nothing is published (neither the trained model nor a baseline in place of the catalog's popularity)
-MIN_GATE_USERS = 200
-
-
 def served_gate(state: EngineState, data: Mapping[str, Any], candidates: Mapping[str, Any], cutoff: float,
-                event_weights: np.ndarray, *, max_users: int = 1000, n_boot: int = 1000, seed: int = 0,
+                event_weights: np.ndarray, *, max_users: int = GATE_USERS, n_boot: int = 1000, seed: int = 0,
                 half_life_s: float = 14 * 86400.0, require_ndcg: bool = False,
                 min_users: int = MIN_GATE_USERS) -> tuple[str | None, dict[str, Any]]:
     """Does a candidate's served page beat every built-in baseline's on the temporal holdout?
@@ -352,8 +368,8 @@ def train_ranker(db: Engine, config: ConfigRecord, *, model: str = "residual", i
                  max_epochs: int = 20, threads: int = 1, force: bool = False,
                  true_relevance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
                  on_epoch: EpochCallback | None = None, seed: int = 0, require_test: bool = False,
-                 max_ece: float = MAX_ECE, gate_users: int = 1000, min_gate_users: int = MIN_GATE_USERS,
-                 sampled_negatives: int = 4,
+                 max_ece: float = MAX_ECE, gate_users: int = GATE_USERS, min_gate_users: int = MIN_GATE_USERS,
+                 fit_users: int = FIT_USERS, sampled_negatives: int = 4,
                  recency_half_life_days: float | None = None, half_life_days: float = 14.0) -> TrainResult:
     """Train a ranker on the log and publish what serves the best pages.
 
@@ -375,7 +391,8 @@ def train_ranker(db: Engine, config: ConfigRecord, *, model: str = "residual", i
     log, is published in its place as the served scorer (``metrics["served"]`` says which and why)
     when it is surely better than the catalog's popularity the engine serves built in
     (:func:`beats_catalog_popularity`). Nothing is published on fewer than ``min_gate_users``
-    held-out users. ``force`` publishes the model anyway.
+    held-out users; the gate judges at most ``gate_users`` of them, the residual ranker's coefficients
+    are fitted on at most ``fit_users`` users of the inner split. ``force`` publishes the model anyway.
     """
     if model not in ("residual", "torch"):
         raise InvalidInput(f"model must be 'residual' or 'torch'; got {model!r}", field="model")
@@ -399,8 +416,7 @@ def train_ranker(db: Engine, config: ConfigRecord, *, model: str = "residual", i
                             half_life_days=half_life_days)
     return _train_residual(db, config, catalog, force=force, true_relevance=true_relevance, seed=seed,
                            require_test=require_test, max_ece=max_ece, gate_users=gate_users,
-                            min_gate_users=min_gate_users,
-                           half_life_days=half_life_days)
+                           min_gate_users=min_gate_users, fit_users=fit_users, half_life_days=half_life_days)
 
 
 #: the debiasing dial's settings: the popularity coefficients' multiplier (PDA-style exponent)
@@ -410,7 +426,7 @@ POP_EXPONENTS: tuple[float, ...] = (0.0, 0.5, 0.75, 1.0, 1.25)
 def _train_residual(db: Engine, config: ConfigRecord, catalog: Catalog, *, force: bool,
                     true_relevance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None, seed: int,
                     require_test: bool, max_ece: float, gate_users: int, min_gate_users: int,
-                    half_life_days: float) -> TrainResult:
+                    fit_users: int, half_life_days: float) -> TrainResult:
     from ._evaluate import _pools, evaluate_pages, history_page_scorer, holdout_split
 
     cfg = config.config
@@ -433,7 +449,7 @@ def _train_residual(db: Engine, config: ConfigRecord, catalog: Catalog, *, force
     try:
         inner = holdout_split(np.asarray(ev["user"])[past], np.asarray(ev["item"])[past], ts_all[past],
                               np.asarray(ev["type"])[past], event_weights=wv, n_users=n_users,
-                              n_items=catalog.n_items, train_share=0.8, max_users=gate_users, seed=seed)
+                              n_items=catalog.n_items, train_share=0.8, max_users=fit_users, seed=seed)
     except InvalidInput as e:
         raise InvalidInput(f"too little history before the holdout to fit the ranker: {e.message}",
                            field="log") from None
@@ -471,8 +487,7 @@ def _train_residual(db: Engine, config: ConfigRecord, catalog: Catalog, *, force
     if h is not None:
         pools = _pools(state, h.users.size, seed)
         p = candidate.score_pools(h.users, pools)
-        y = np.take_along_axis(h.positives.toarray() > 0, pools, axis=1)
-        seen = np.take_along_axis(h.seen.toarray() > 0, pools, axis=1)
+        y, seen = _held(h.positives, pools), _held(h.seen, pools)
         ece = rankers.ece(y[~seen].astype(np.float64), p[~seen])
     ece_ok = bool(np.isfinite(ece) and ece <= max_ece)
     gate.update({"valid_play_ece": ece, "max_ece": max_ece, "ece_passed": ece_ok,
