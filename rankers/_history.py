@@ -44,6 +44,7 @@ Ferrari Dacrema et al., "Are We Really Making Much Progress?", RecSys 2019 (stro
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 from collections.abc import Sequence
@@ -325,9 +326,26 @@ class HistoryScorer:
         rw = np.exp2(-(user_last[ku // n_items] - kt) / (SESSION_HALF_LIFE_DAYS * _DAY))
         self.recency_ = sp.csr_array((rw, (ku // n_items, ku % n_items)), shape=(n_users, n_items))
         self.user_pop_ = np.asarray(x.sum(axis=0)).ravel()  # users per item (item-kNN's fallback)
-        self.similarity_ = self._similarity(x)
+        # the item-item similarity only where the scores read it (an empty one otherwise)
+        self.similarity_ = (self._similarity(x) if self.kind in ("item_knn", "residual") else
+                            sp.csr_array((n_items, n_items)))
         self._serving_index()
         return self
+
+    def with_coef(self, coef: np.ndarray, pop_exponent: float) -> HistoryScorer:
+        """A ``residual`` scorer sharing this one's fitted snapshot (read only) with other coefficients
+        and dial: what refitting the same history with them would give, without refitting."""
+        self._check_fitted()
+        if self.kind != "residual":
+            raise ValueError(f"with_coef needs a residual scorer; got kind {self.kind!r}")
+        if np.shape(coef) != np.shape(self.coef) or not (np.isfinite(pop_exponent) and pop_exponent >= 0):
+            raise ValueError(f"coef must have shape {np.shape(self.coef)} and pop_exponent be a finite number "
+                             f">= 0; got {np.shape(coef)} and {pop_exponent!r}")
+        out = copy.copy(self)
+        out.coef = np.asarray(coef, dtype=np.float64)
+        out.pop_exponent = float(pop_exponent)
+        out._item_terms_cache = None
+        return out
 
     def _serving_index(self) -> None:
         """What one request reads: ``S^T`` by rows (candidate j -> its neighbours) and each history
@@ -682,8 +700,11 @@ def residual_grid(base: HistoryScorer, users: np.ndarray, pools: np.ndarray, pos
     import scipy.sparse as sp
 
     base._check_fitted()
-    probe = HistoryScorer("residual", base.item_category, coef=np.zeros(len(_feature_names(base.n_categories))))
+    probe = HistoryScorer("residual", base.item_category, coef=np.zeros(len(_feature_names(base.n_categories))),
+                          n_neighbors=base.n_neighbors, shrink=base.shrink)
     probe.__dict__.update({k: v for k, v in base.__dict__.items() if k.endswith("_")})
+    if base.kind not in ("item_knn", "residual"):  # fitted without the item-item similarity the grid reads
+        probe.similarity_ = probe._similarity(base.history_)
     pools = np.asarray(pools, dtype=np.int64)
     pos = sp.csr_array(positives)
     users = np.asarray(users, dtype=np.int64)

@@ -466,7 +466,8 @@ def _train_residual(db: Engine, config: ConfigRecord, catalog: Catalog, *, force
     fitted = rankers.fit_residual(grid_x, grid_y, grid_m, nonnegative=(rankers.RATE_COLUMN,))
     coefs = {g: rankers.with_dial(grid_x, grid_y, grid_m, fitted, g) for g in POP_EXPONENTS}
     dial = {f"residual(pop^{g:g})": g for g in POP_EXPONENTS}
-    inner_scorers = {name: history_page_scorer(residual(coefs[g], g, inner.cutoff)) for name, g in dial.items()}
+    snapshot = residual(coefs[POP_EXPONENTS[0]], POP_EXPONENTS[0], inner.cutoff)  # fitted once for every dial
+    inner_scorers = {name: history_page_scorer(snapshot.with_coef(coefs[g], g)) for name, g in dial.items()}
     inner_res = evaluate_pages(state, inner, inner_scorers, baselines=list(dial), n_boot=1, seed=seed)
     chosen_name = max(dial, key=lambda n: (inner_res.row(n)["recall"], inner_res.row(n)["ndcg"]))
     gamma = dial[chosen_name]

@@ -179,6 +179,24 @@ def test_served_residual_scores_follow_the_dial_and_a_refit(seed):
     assert not np.allclose(served(), dialled)
 
 
+def test_with_coef_equals_a_refit_with_those_coefficients(seed):
+    """The dial's scorers share one fitted snapshot: the same scores as fitting each anew."""
+    rng = np.random.default_rng(seed)
+    cat = rng.integers(0, N_CAT, size=N_ITEMS)
+    log = _log(rng)
+    sc = _residual(rng, cat, *log)
+    coef = rng.normal(size=N_FEATURES)
+    users, pools = np.r_[np.arange(8), -1], _grid(rng, 9)
+    shared = sc.with_coef(coef, 0.5)
+    refit = HistoryScorer("residual", cat, coef=coef, pop_exponent=0.5, type_weights=sc.type_weights).fit(
+        *log, n_users=N_USERS)
+    np.testing.assert_allclose(shared.score_pools(users, pools), refit.score_pools(users, pools), rtol=1e-12)
+    np.testing.assert_allclose(shared.score_live(3, pools[0]), refit.score_live(3, pools[0]), rtol=1e-12)
+    assert not np.allclose(sc.score_pools(users, pools), shared.score_pools(users, pools))  # the original keeps its own
+    with pytest.raises(ValueError, match="coef must have shape"):
+        sc.with_coef(coef[:3], 0.5)
+
+
 def test_fit_residual_matches_a_second_optimiser(seed):
     rng = np.random.default_rng(seed)
     cat = rng.integers(0, N_CAT, size=N_ITEMS)
@@ -190,6 +208,11 @@ def test_fit_residual_matches_a_second_optimiser(seed):
                        shape=(N_USERS, N_ITEMS))
     x, y, m = residual_grid(base, users, pools, fut)
     assert x.shape == (N_USERS, 30, N_FEATURES)
+    # any kind of base gives the same grid: a popularity base is fitted without the item-item
+    # similarity, which the kNN features read
+    knn_base = HistoryScorer("item_knn", cat).fit(user, item, ts, weight, n_users=N_USERS)
+    np.testing.assert_array_equal(residual_grid(knn_base, users, pools, fut)[0], x)
+    assert base.similarity_.nnz == 0 and knn_base.similarity_.nnz > 0 and np.abs(x[..., 6]).max() > 0  # log1p_knn
     np.testing.assert_array_equal(y, np.take_along_axis(fut.toarray() > 0, pools, axis=1))
     np.testing.assert_array_equal(m, ~np.take_along_axis(base.history_.toarray() > 0, pools, axis=1))
     coef = fit_residual(x, y, m, l2=1.0)
