@@ -336,10 +336,10 @@ class HistoryScorer:
         """A ``residual`` scorer sharing this one's fitted snapshot (read only) with other coefficients
         and dial: what refitting the same history with them would give, without refitting."""
         self._check_fitted()
-        if self.kind != "residual":
+        if self.kind != "residual" or self.coef is None:
             raise ValueError(f"with_coef needs a residual scorer; got kind {self.kind!r}")
-        if np.shape(coef) != np.shape(self.coef) or not (np.isfinite(pop_exponent) and pop_exponent >= 0):
-            raise ValueError(f"coef must have shape {np.shape(self.coef)} and pop_exponent be a finite number "
+        if np.shape(coef) != self.coef.shape or not (np.isfinite(pop_exponent) and pop_exponent >= 0):
+            raise ValueError(f"coef must have shape {self.coef.shape} and pop_exponent be a finite number "
                              f">= 0; got {np.shape(coef)} and {pop_exponent!r}")
         out = copy.copy(self)
         out.coef = np.asarray(coef, dtype=np.float64)

@@ -389,7 +389,7 @@ def _as_of_cutoff(scorer: Any, ev: Mapping[str, Any], h: Holdout, item_category:
     coefficients do not fit this catalog's categories)."""
     if not isinstance(scorer, rankers.HistoryScorer) or scorer.t_ref_ < h.cutoff:
         return None
-    if scorer.kind != "residual":
+    if scorer.kind != "residual" or scorer.coef is None:
         if scorer.kind not in BASELINE_SCORERS:
             return None
         return fit_baseline(scorer.kind, h.train_user, h.train_item, h.train_ts, h.train_weight,

@@ -148,12 +148,12 @@ FIT_USERS = 1000
 
 
 def _held(m: Any, pools: np.ndarray) -> np.ndarray:
-    """(U, P) whether ``m`` (a sparse (U, n_items) matrix) holds each pool item of its user's row,
-    without a dense (U, n_items) copy."""
+    """(U, P) whether ``m`` (a sparse (U, n_items) matrix) holds a positive value at each pool item of
+    its user's row, without a dense (U, n_items) copy."""
     c = m.tocsr()
     n = np.int64(c.shape[1])
     key = np.repeat(np.arange(c.shape[0], dtype=np.int64), np.diff(c.indptr)) * n + c.indices
-    held = key[c.data != 0]
+    held = key[c.data > 0]
     return np.isin(np.arange(pools.shape[0], dtype=np.int64)[:, None] * n + pools, held)
 
 

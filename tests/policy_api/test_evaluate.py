@@ -579,7 +579,7 @@ def test_exposure_weighting_moves_the_judgement_from_what_was_shown_toward_what_
 
 def test_held_pool_items_equal_the_dense_lookup(seed):
     """The gate's calibration reads which pool items each held-out user holds from the sparse matrix
-    (no dense users x catalog copy): the same as the dense lookup, explicit zeros included."""
+    (no dense users x catalog copy): the same as the dense lookup, stored zeros included."""
     import scipy.sparse as sp
 
     from policy_api.jobs._train import _held
@@ -588,6 +588,6 @@ def test_held_pool_items_equal_the_dense_lookup(seed):
     m = sp.random(40, 300, density=0.05, random_state=seed, format="csr")
     m.data[rng.random(m.data.size) < 0.2] = 0.0  # stored zeros hold nothing
     pools = np.stack([rng.choice(300, 60, replace=False) for _ in range(40)])
-    want = np.take_along_axis(m.toarray() != 0, pools, axis=1)
+    want = np.take_along_axis(m.toarray() > 0, pools, axis=1)
     np.testing.assert_array_equal(_held(m, pools), want)
     assert want.any() and (m.data == 0).any()
