@@ -166,9 +166,26 @@ BASE = 1
 RECENT_FLOOR = 0.01
 #: the popularity columns (the base and the multi-granularity popularities): the dial scales them
 POP_COLUMNS = np.arange(BASE, 2 + _N_POP)
+#: the four kNN columns (plain and session kNN, each as log1p and as a share of the user's best)
+_KNN = 2 + _N_POP
+#: the user's category-share column
+_SHARE = _KNN + 4
 #: the item-rate column (after the kNN and category-share columns; outside the dial: a rate is what an
 #: item earns per exposure, not how often it was shown)
-RATE_COLUMN = 2 + _N_POP + 5
+RATE_COLUMN = _SHARE + 1
+#: the recency-gap buckets' one-hot columns, then the categories' one-hot columns
+_N_GAP = len(GAP_EDGES_DAYS) + 2
+_GAP = RATE_COLUMN + len(RATE_FEATURES)
+_CAT = _GAP + _N_GAP
+#: the kinds whose scores read the item-item similarity
+_KNN_KINDS = ("item_knn", "residual")
+
+
+def _gap_bucket(gap: np.ndarray) -> np.ndarray:
+    """The recency-gap bucket of each gap (seconds since the user's last positive in the category;
+    inf = never): the first edge it does not exceed, then "older", then "never"."""
+    bucket = np.searchsorted(np.asarray(GAP_EDGES_DAYS) * _DAY, gap, side="left")
+    return np.where(np.isinf(gap), _N_GAP - 1, bucket)
 
 
 def repeat_share(user: np.ndarray, item: np.ndarray, ts: np.ndarray, n_items: int) -> float:
@@ -327,7 +344,7 @@ class HistoryScorer:
         self.recency_ = sp.csr_array((rw, (ku // n_items, ku % n_items)), shape=(n_users, n_items))
         self.user_pop_ = np.asarray(x.sum(axis=0)).ravel()  # users per item (item-kNN's fallback)
         # the item-item similarity only where the scores read it (an empty one otherwise)
-        self.similarity_ = (self._similarity(x) if self.kind in ("item_knn", "residual") else
+        self.similarity_ = (self._similarity(x) if self.kind in _KNN_KINDS else
                             sp.csr_array((n_items, n_items)))
         self._serving_index()
         return self
@@ -402,26 +419,19 @@ class HistoryScorer:
         # log(1 + decayed units): an item seen once recently is not a trend (shares of tiny counts are noise)
         logpop = np.log1p(self.pops_)  # (H, n_items)
         kmax = np.maximum(knn.max(axis=1, keepdims=True) if P else np.zeros((U, 1, 2)), 1e-12)
-        gap = self.t_ref_ - np.take_along_axis(last, cat, axis=1)  # inf = never
-        bucket = np.searchsorted(np.asarray(GAP_EDGES_DAYS) * _DAY, gap, side="left")
-        bucket = np.where(np.isinf(gap), len(GAP_EDGES_DAYS) + 1, bucket)
-        n_gap = len(GAP_EDGES_DAYS) + 2
-        n_rate = len(RATE_FEATURES)
-        x = np.empty((U, P, 2 + _N_POP + 5 + n_rate + n_gap + C))
+        bucket = _gap_bucket(self.t_ref_ - np.take_along_axis(last, cat, axis=1))
+        x = np.empty((U, P, _CAT + C))
         x[..., 0] = 1.0
         x[..., BASE] = np.log(self.recent_[items] + RECENT_FLOOR)
-        x[..., 2:2 + _N_POP] = np.moveaxis(logpop[:, items], 0, -1)
-        k = 2 + _N_POP
-        x[..., k] = np.log1p(knn[..., 0])
-        x[..., k + 1] = knn[..., 0] / kmax[..., 0]
-        x[..., k + 2] = np.log1p(knn[..., 1])
-        x[..., k + 3] = knn[..., 1] / kmax[..., 1]
-        x[..., k + 4] = np.log(share + 1e-9)  # a category without any engagement has share 0
-        k += 5
-        x[..., k] = self.rate_logit_[items]
-        k += n_rate
-        x[..., k:k + n_gap] = bucket[..., None] == np.arange(n_gap)
-        x[..., k + n_gap:] = cat[..., None] == np.arange(C)
+        x[..., 2:_KNN] = np.moveaxis(logpop[:, items], 0, -1)
+        x[..., _KNN] = np.log1p(knn[..., 0])
+        x[..., _KNN + 1] = knn[..., 0] / kmax[..., 0]
+        x[..., _KNN + 2] = np.log1p(knn[..., 1])
+        x[..., _KNN + 3] = knn[..., 1] / kmax[..., 1]
+        x[..., _SHARE] = np.log(share + 1e-9)  # a category without any engagement has share 0
+        x[..., RATE_COLUMN:_GAP] = self.rate_logit_[items][..., None]
+        x[..., _GAP:_CAT] = bucket[..., None] == np.arange(_N_GAP)
+        x[..., _CAT:] = cat[..., None] == np.arange(C)
         return x
 
     # -- batch (evaluation, gate) --------------------------------------------------------------------
@@ -460,7 +470,7 @@ class HistoryScorer:
         for s in range(0, users.size, chunk):  # chunks of users, each one sparse-dense pass
             x, v, n_uc, last = self._user_rows(users[s:s + chunk])
             p = pools[s:s + chunk]
-            if self.kind in ("item_knn", "residual"):
+            if self.kind in _KNN_KINDS:
                 knn, has = self._knn_grid(x, v, p)
             else:
                 knn, has = np.zeros((*p.shape, 2)), np.zeros(p.shape[0], dtype=bool)
@@ -536,7 +546,7 @@ class HistoryScorer:
             last[np.unique(lc)] = self.t_ref_
             hist = np.union1d(hist, live)
             recency[live] = 1.0  # the newest the scorer knows of
-        if self.kind in ("item_knn", "residual") and items.size:
+        if self.kind in _KNN_KINDS and items.size:
             knn = self._knn_of(hist, recency[hist], items)[None]
             has = np.array([bool(self.neighbour_count_[hist].sum() > 0)])
         else:
@@ -561,11 +571,8 @@ class HistoryScorer:
         cached = self._item_terms_cache
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
-        k = 2 + _N_POP + 5  # the item-rate columns, then the gap buckets, then the categories
-        n_gap = len(GAP_EDGES_DAYS) + 2
-        base = (coef[0] + coef[BASE] * np.log(self.recent_ + RECENT_FLOOR)
-                + coef[2:2 + _N_POP] @ np.log1p(self.pops_) + coef[k:k + len(RATE_FEATURES)] @ self.rate_logit_[None, :]
-                + coef[k + len(RATE_FEATURES) + n_gap:][self.item_category])
+        base = (coef[0] + coef[BASE] * np.log(self.recent_ + RECENT_FLOOR) + coef[2:_KNN] @ np.log1p(self.pops_)
+                + coef[RATE_COLUMN:_GAP] @ self.rate_logit_[None, :] + coef[_CAT:][self.item_category])
         self._item_terms_cache = (key, base, coef)
         return base, coef
 
@@ -575,16 +582,12 @@ class HistoryScorer:
         matrix: the item terms come precomputed (:meth:`_item_terms`), the category terms once per
         category, the kNN terms per item."""
         base, coef = self._item_terms()
-        k = 2 + _N_POP
-        gap = self.t_ref_ - last
-        bucket = np.where(np.isinf(gap), len(GAP_EDGES_DAYS) + 1,
-                          np.searchsorted(np.asarray(GAP_EDGES_DAYS) * _DAY, gap, side="left"))
         pi = (n_uc + self.category_share_) / (n_uc.sum() + 1.0)
-        per_cat = coef[k + 4] * np.log(pi + 1e-9) + coef[k + 5 + len(RATE_FEATURES) + bucket]
+        per_cat = coef[_SHARE] * np.log(pi + 1e-9) + coef[_GAP + _gap_bucket(self.t_ref_ - last)]
         kmax = np.maximum(knn.max(axis=0), 1e-12)
-        z = (base[items] + per_cat[self.item_category[items]] + coef[k] * np.log1p(knn[:, 0])
-             + coef[k + 1] * (knn[:, 0] / kmax[0]) + coef[k + 2] * np.log1p(knn[:, 1])
-             + coef[k + 3] * (knn[:, 1] / kmax[1]))
+        z = (base[items] + per_cat[self.item_category[items]] + coef[_KNN] * np.log1p(knn[:, 0])
+             + coef[_KNN + 1] * (knn[:, 0] / kmax[0]) + coef[_KNN + 2] * np.log1p(knn[:, 1])
+             + coef[_KNN + 3] * (knn[:, 1] / kmax[1]))
         return np.exp(-np.logaddexp(0.0, -z))
 
     def _knn_of(self, hist: np.ndarray, recency: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -703,7 +706,7 @@ def residual_grid(base: HistoryScorer, users: np.ndarray, pools: np.ndarray, pos
     probe = HistoryScorer("residual", base.item_category, coef=np.zeros(len(_feature_names(base.n_categories))),
                           n_neighbors=base.n_neighbors, shrink=base.shrink)
     probe.__dict__.update({k: v for k, v in base.__dict__.items() if k.endswith("_")})
-    if base.kind not in ("item_knn", "residual"):  # fitted without the item-item similarity the grid reads
+    if base.kind not in _KNN_KINDS:  # fitted without the item-item similarity the grid reads
         probe.similarity_ = probe._similarity(base.history_)
     pools = np.asarray(pools, dtype=np.int64)
     pos = sp.csr_array(positives)

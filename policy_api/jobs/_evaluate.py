@@ -249,6 +249,15 @@ def holdout_split(user: np.ndarray, item: np.ndarray, ts: np.ndarray, event_type
                    seen=sp.csr_array(seen_all[users]), n_users=int(n_users), n_items=int(n_items))
 
 
+def held_in_pools(m: Any, pools: np.ndarray) -> np.ndarray:
+    """(U, P) whether ``m`` (a sparse (U, n_items) matrix) holds a positive value at each pool item of
+    its user's row, without a dense (U, n_items) copy."""
+    c = m.tocsr()
+    n = np.int64(c.shape[1])
+    key = np.repeat(np.arange(c.shape[0], dtype=np.int64), np.diff(c.indptr)) * n + c.indices
+    return np.isin(np.arange(pools.shape[0], dtype=np.int64)[:, None] * n + pools, key[c.data > 0])
+
+
 def _pools(state: EngineState, n_users: int, seed: int) -> np.ndarray:
     """Shape (U, P): each user's candidate pool as :meth:`DecisionEngine.pool` builds one (the head of
     each category plus a uniform draw without replacement from its rest), vectorised over users."""
@@ -492,12 +501,7 @@ def evaluate_pages(state: EngineState, h: Holdout, scorers: Mapping[str, PageSco
                            field="baselines")
     U = h.users.size
     pools = _pools(state, U, seed)
-    seen_pool = None
-    if exclude_seen:
-        s = h.seen.tocsr()
-        key_seen = np.repeat(np.arange(U, dtype=np.int64), np.diff(s.indptr)) * h.n_items + s.indices
-        key_pool = np.arange(U, dtype=np.int64)[:, None] * h.n_items + pools
-        seen_pool = np.isin(key_pool, key_seen)
+    seen_pool = held_in_pools(h.seen, pools) if exclude_seen else None
     metrics: dict[str, dict[str, np.ndarray]] = {}
     rows = []
     for name in names:

@@ -147,16 +147,6 @@ GATE_USERS = 5000
 FIT_USERS = 1000
 
 
-def _held(m: Any, pools: np.ndarray) -> np.ndarray:
-    """(U, P) whether ``m`` (a sparse (U, n_items) matrix) holds a positive value at each pool item of
-    its user's row, without a dense (U, n_items) copy."""
-    c = m.tocsr()
-    n = np.int64(c.shape[1])
-    key = np.repeat(np.arange(c.shape[0], dtype=np.int64), np.diff(c.indptr)) * n + c.indices
-    held = key[c.data > 0]
-    return np.isin(np.arange(pools.shape[0], dtype=np.int64)[:, None] * n + pools, held)
-
-
 def gate_holdout(state: EngineState, data: Mapping[str, Any], cutoff: float, event_weights: np.ndarray, *,
                  max_users: int = GATE_USERS, seed: int = 0) -> Holdout:
     """The publish gate's temporal holdout: the log's events split at ``cutoff``."""
@@ -427,7 +417,7 @@ def _train_residual(db: Engine, config: ConfigRecord, catalog: Catalog, *, force
                     true_relevance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None, seed: int,
                     require_test: bool, max_ece: float, gate_users: int, min_gate_users: int,
                     fit_users: int, half_life_days: float) -> TrainResult:
-    from ._evaluate import _pools, evaluate_pages, history_page_scorer, holdout_split
+    from ._evaluate import _pools, evaluate_pages, held_in_pools, history_page_scorer, holdout_split
 
     cfg = config.config
     t0 = time.perf_counter()
@@ -488,7 +478,7 @@ def _train_residual(db: Engine, config: ConfigRecord, catalog: Catalog, *, force
     if h is not None:
         pools = _pools(state, h.users.size, seed)
         p = candidate.score_pools(h.users, pools)
-        y, seen = _held(h.positives, pools), _held(h.seen, pools)
+        y, seen = held_in_pools(h.positives, pools), held_in_pools(h.seen, pools)
         ece = rankers.ece(y[~seen].astype(np.float64), p[~seen])
     ece_ok = bool(np.isfinite(ece) and ece <= max_ece)
     gate.update({"valid_play_ece": ece, "max_ece": max_ece, "ece_passed": ece_ok,

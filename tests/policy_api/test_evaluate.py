@@ -582,12 +582,12 @@ def test_held_pool_items_equal_the_dense_lookup(seed):
     (no dense users x catalog copy): the same as the dense lookup, stored zeros included."""
     import scipy.sparse as sp
 
-    from policy_api.jobs._train import _held
+    from policy_api.jobs._evaluate import held_in_pools
 
     rng = np.random.default_rng(seed)
     m = sp.random(40, 300, density=0.05, random_state=seed, format="csr")
     m.data[rng.random(m.data.size) < 0.2] = 0.0  # stored zeros hold nothing
     pools = np.stack([rng.choice(300, 60, replace=False) for _ in range(40)])
     want = np.take_along_axis(m.toarray() > 0, pools, axis=1)
-    np.testing.assert_array_equal(_held(m, pools), want)
+    np.testing.assert_array_equal(held_in_pools(m, pools), want)
     assert want.any() and (m.data == 0).any()
