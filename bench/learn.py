@@ -1,16 +1,20 @@
 """The learner end to end: read the decision log from SQL, parse it, join rewards in the window, build
 features and learn the VW bandit. Prints JSON lines (decisions/s per stage and in total).
 
-Target: learner >= 10,000 decisions/s including parsing. Measured in one run on the same log, twice
-in alternation: the path before the columnar encoding (decisions stored one object per candidate,
-every behaviour event read and joined in numpy), the reward join in SQL (one row per decision) after
-the decisions are read, and the learner's path (the same query running while they are parsed).
-Usage: python bench/learn.py [--decisions N] [--keep DIR]
+Target: learner >= 10,000 decisions/s including parsing. Measured in one run on the same log, the
+paths in alternation: the learner's path before the stream (the whole log read and parsed, every
+candidate field, the reward query beside the read; then features; then VW learns) and the stream
+(``homepage learn``'s path now: chunks of 4,096 decisions, the learner's candidate fields only, the
+next chunk read and parsed in one thread and joined to its rewards in another while VW learns the
+current one). ``--all`` adds the earlier paths: decisions stored one object per candidate with every
+behaviour event read and joined in numpy, and the reward join in SQL after the read.
+Usage: python bench/learn.py [--decisions N] [--keep DIR] [--rounds R] [--all]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import tempfile
@@ -95,9 +99,10 @@ def old_form_copy(url: str, path: Path) -> str:
 
 def measure(url: str, path: str, label: str) -> dict:
     """``path``: "numpy" (events read and joined here), "sql-serial" (the decisions read, then the
-    reward query), "sql" (the learner's: the reward query beside the read)."""
+    reward query), "sql" (the reward query beside the read of the whole log), "stream" (the
+    learner's: chunks read, joined and learned in a pipeline)."""
     from policy_api.jobs import load_log, log_features, new_bandit
-    from policy_api.log import make_engine, read_decision_log, read_rewards
+    from policy_api.log import iter_log_rewards, make_engine, read_decision_log, read_rewards
     from policy_api.registry import require_active_config
 
     db = make_engine(url)
@@ -111,21 +116,54 @@ def measure(url: str, path: str, label: str) -> dict:
             return dlog, read_rewards(db, dlog, cfg)
         return load_log(db, cfg, None, None, version, with_modules=False, sql_join=path == "sql")
 
+    if path == "stream":
+        for _ in iter_log_rewards(db, cfg, None, None, version):  # warm imports and caches
+            pass
+        bandit = new_bandit(cfg)
+        rewards, wait, feat, learn = [], 0.0, 0.0, 0.0
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        chunks = iter_log_rewards(db, cfg, None, None, version)
+        while True:  # homepage learn's loop (jobs.learn), without publishing the model
+            ta = time.perf_counter()
+            item = next(chunks, None)
+            tb = time.perf_counter()
+            wait += tb - ta
+            if item is None:
+                break
+            dlog, rw = item
+            shared, actions = log_features(dlog, cfg)
+            tc = time.perf_counter()
+            bandit.learn_batch(shared, actions, dlog.action, -rw.reward, dlog.pscore, dlog.n_cand)
+            feat, learn = feat + tc - tb, learn + time.perf_counter() - tc
+            rewards.append(rw.reward)
+        total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        db.dispose()
+        reward = np.concatenate(rewards)
+        n = reward.size
+        return {"bench": "learn_end_to_end", "path": label, "decisions": n, "mean_reward": round(float(reward.mean()), 9),
+                "model_sha256": hashlib.sha256(bandit.save()).hexdigest()[:16],
+                "waiting_for_chunks_s": round(wait, 3), "features_s": round(feat, 3), "vw_learn_s": round(learn, 3),
+                "total_s": round(total, 3), "cpu_s": round(cpu, 3), "decisions_per_s": round(n / total),
+                "target_decisions_per_s": 10000,
+                "load_avg_1m": round(os.getloadavg()[0], 2)}
+
     read()  # warm imports and caches
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     dlog, rw = read()
     t1 = time.perf_counter()
     shared, actions = log_features(dlog, cfg)
     t2 = time.perf_counter()
     bandit = new_bandit(cfg)
     bandit.learn_batch(shared, actions, dlog.action, -rw.reward, dlog.pscore, dlog.n_cand)
-    t3 = time.perf_counter()
+    t3, cpu = time.perf_counter(), time.process_time() - cpu0
     db.dispose()
     n = len(dlog)
     return {"bench": "learn_end_to_end", "path": label, "decisions": n, "events": rw.n_events,
             "mean_reward": round(float(rw.reward.mean()), 9), "candidates_mean": float(dlog.n_cand.mean()),
+            "model_sha256": hashlib.sha256(bandit.save()).hexdigest()[:16],
             "read_parse_join_s": round(t1 - t0, 3), "features_s": round(t2 - t1, 3), "vw_learn_s": round(t3 - t2, 3),
-            "decisions_per_s": round(n / (t3 - t0)), "target_decisions_per_s": 10000,
+            "total_s": round(t3 - t0, 3), "cpu_s": round(cpu, 3), "decisions_per_s": round(n / (t3 - t0)),
+            "target_decisions_per_s": 10000,
             "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
@@ -134,6 +172,8 @@ def main() -> None:
     ap.add_argument("--decisions", type=int, default=20000)
     ap.add_argument("--keep", type=Path, default=None,
                     help="a folder for the two logs: built there once, reused by later runs")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the paths in alternation")
+    ap.add_argument("--all", action="store_true", help="also the paths before the learner's previous one")
     a = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,15 +187,22 @@ def main() -> None:
         old = f"sqlite:///{d / 'old.db'}"
         print(json.dumps({"bench": "learn_end_to_end", "fixture_build_s": round(time.perf_counter() - t, 1),
                           "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
-        for _ in range(2):  # alternate, so that a change of the machine's load shows
-            # before: decisions stored one object per candidate, every behaviour event read and joined here
-            print(json.dumps(measure(old, "numpy", "before: object candidates, events joined in numpy")), flush=True)
-            # columnar candidates, the reward join in SQL (one row per decision), after the read
-            print(json.dumps(measure(url, "sql-serial", "columnar candidates, reward join in SQL after the read")),
-                  flush=True)
-            # the learner's path: the same, the reward query running while the decisions are parsed
-            print(json.dumps(measure(url, "sql", "columnar candidates, reward join in SQL beside the read")),
-                  flush=True)
+        print(json.dumps({"bench": "learn_end_to_end", "utc": datetime.now(tz=UTC).strftime("%Y-%m-%d %H:%M"),
+                          "load_avg_1m_5m_15m": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}),
+              flush=True)
+        for _ in range(a.rounds):  # alternate, so that a change of the machine's load shows
+            if a.all:
+                # decisions stored one object per candidate, every behaviour event read and joined here
+                print(json.dumps(measure(old, "numpy", "object candidates, events joined in numpy")), flush=True)
+                # columnar candidates, the reward join in SQL (one row per decision), after the read
+                print(json.dumps(measure(url, "sql-serial", "columnar candidates, reward join in SQL after the read")),
+                      flush=True)
+            # before: the whole log read (every candidate field), the reward query beside the read
+            print(json.dumps(measure(url, "sql", "before: whole log, reward join in SQL beside the read")), flush=True)
+            # the learner's path: chunks read, parsed and joined in threads while VW learns
+            print(json.dumps(measure(url, "stream", "stream: chunks read and joined while VW learns")), flush=True)
+        print(json.dumps({"bench": "learn_end_to_end", "utc": datetime.now(tz=UTC).strftime("%Y-%m-%d %H:%M"),
+                          "load_avg_1m_5m_15m": [round(x, 2) for x in os.getloadavg()]}), flush=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from ..log import (
     DecisionLog,
     Rewards,
     feedback_first_seen,
+    iter_log_rewards,
     join_rewards,
     load_items,
     read_decision_log,
@@ -90,9 +91,16 @@ class LearnResult:
         return {k: getattr(self, k) for k in self.__slots__ if k != "bandit_version"}
 
 
-def learn(db: Engine, *, until: datetime | None = None, min_decisions: int = 100) -> LearnResult | None:
+def learn(db: Engine, *, until: datetime | None = None, min_decisions: int = 100,
+          chunk_size: int = 4096) -> LearnResult | None:
     """Learn from decisions whose reward window has closed by ``until`` (default now) and that the
-    newest model has not seen; publish the next bandit version. None when there was too little."""
+    newest model has not seen; publish the next bandit version. None when there was too little.
+
+    The log streams in chunks of ``chunk_size`` decisions (:func:`~policy_api.log.iter_log_rewards`):
+    VW learns each chunk while the next one is read, parsed and joined to its rewards in other
+    threads, and memory holds a chunk or two, not the log. VW learns the decisions in log order
+    either way, so the model equals one learned from the whole log at once.
+    """
     cfg = registry.require_active_config(db)
     config = cfg.config
     closed = (until or datetime.now(tz=UTC)) - timedelta(seconds=config.learning.reward_window_s)
@@ -104,19 +112,31 @@ def learn(db: Engine, *, until: datetime | None = None, min_decisions: int = 100
         learned = latest.metrics.get("learned_until")
         since = None if learned is None else datetime.fromisoformat(str(learned))
     t0 = time.perf_counter()
-    dlog, rw = load_log(db, config, since, closed, config_version=cfg.version, with_modules=False, sql_join=True)
-    if len(dlog) < min_decisions:
-        return None
     bandit = bandit or new_bandit(config)
     prices, _ = registry.prices(db, cfg)
-    cost = -(rw.reward + dlog.chosen_exposure @ prices)
-    shared, actions = log_features(dlog, config)
-    bandit.learn_batch(shared, actions, dlog.action, cost, dlog.pscore, dlog.n_cand)
+    rewards, costs, late = [], [], 0
+    for dlog, rw in iter_log_rewards(db, config, since, closed, cfg.version, chunk_size=chunk_size):
+        cost = -(rw.reward + dlog.chosen_exposure @ prices)
+        shared, actions = log_features(dlog, config)
+        # a chunk whose shared vectors are all shorter than the model's is zero-padded, as reading
+        # the whole log pads it (VW skips zero features: the examples are the same)
+        width = bandit.n_shared_features_ or 0
+        if shared.shape[1] < width:
+            shared = np.pad(shared, ((0, 0), (0, width - shared.shape[1])))
+        # learned as it comes; nothing is published below min_decisions, and the model is this call's copy
+        bandit.learn_batch(shared, actions, dlog.action, cost, dlog.pscore, dlog.n_cand)
+        rewards.append(rw.reward)
+        costs.append(cost)
+        late += rw.n_late
+    n = sum(len(r) for r in rewards)
+    if n == 0 or n < min_decisions:
+        return None
     secs = time.perf_counter() - t0
+    reward, cost = np.concatenate(rewards), np.concatenate(costs)
     res = LearnResult(bandit_version=0, config_version=cfg.version, learned_until=closed.isoformat(),
-                      decisions=len(dlog), decisions_per_s=len(dlog) / max(secs, 1e-9),
-                      mean_reward=float(rw.reward.mean()), mean_lagrangian=float(-cost.mean()),
-                      late_events=int(rw.n_late), algorithm=bandit.algorithm,
+                      decisions=n, decisions_per_s=n / max(secs, 1e-9),
+                      mean_reward=float(reward.mean()), mean_lagrangian=float(-cost.mean()),
+                      late_events=late, algorithm=bandit.algorithm,
                       previous=None if latest is None else latest.version)
     v = registry.publish_model(db, "bandit", res.metrics(), bandit.save())
     return replace(res, bandit_version=v)

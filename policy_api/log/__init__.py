@@ -7,7 +7,14 @@ and returns columns or dataclasses; nothing here decides or learns.
 """
 
 from ._arrays import DecisionLog, Rewards, decision_log, join_rewards, pad_candidates, to_epoch
-from ._bulk import read_decision_log, read_log_rewards, read_rewards
+from ._bulk import (
+    CANDIDATE_FIELDS,
+    LEARNER_FIELDS,
+    iter_log_rewards,
+    read_decision_log,
+    read_log_rewards,
+    read_rewards,
+)
 from ._catalog import Catalog, CatalogError, read_catalog_csv
 from ._export import EXPORT_COLUMNS, export_parquet, read_parquet
 from ._journal import Journal, JournalUnavailable
@@ -63,6 +70,7 @@ from ._schema import (
 from ._writer import SQLITE_BATCHES_PER_TRANSACTION, LogWriter, decode_spill_line, encode_spill_line
 
 __all__ = [
+    "CANDIDATE_FIELDS",
     "CONFIG_JOB_KINDS",
     "CONFIG_JOB_STATUSES",
     "CONFIG_STATUSES",
@@ -72,6 +80,7 @@ __all__ = [
     "SQLITE_BATCHES_PER_TRANSACTION",
     "EXPORT_COLUMNS",
     "FEEDBACK_COLUMNS",
+    "LEARNER_FIELDS",
     "N_CANDIDATES_KEY",
     "Bind",
     "Catalog",
@@ -117,6 +126,7 @@ __all__ = [
     "pad_candidates",
     "plans",
     "read_catalog_csv",
+    "iter_log_rewards",
     "read_decision_log",
     "read_log_rewards",
     "read_rewards",

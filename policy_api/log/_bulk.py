@@ -5,8 +5,7 @@ dict per candidate) stays as the reference implementation it is tested against."
 
 from __future__ import annotations
 
-import io
-from collections.abc import Sequence
+from collections.abc import Collection, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -25,29 +24,44 @@ from ._arrays import DecisionLog, Rewards, pad_candidates, to_epoch
 from ._rows import N_CANDIDATES_KEY, iter_decisions
 from ._schema import UTCDateTime
 
-__all__ = ["candidate_lists", "read_decision_log", "read_log_rewards", "read_rewards"]
+__all__ = ["CANDIDATE_FIELDS", "LEARNER_FIELDS", "candidate_lists", "iter_log_rewards", "read_decision_log",
+           "read_log_rewards", "read_rewards"]
 
 _F64 = pa.float64()
-_CAND = pa.struct([("modules", pa.list_(pa.string())), ("categories", pa.list_(pa.string())), ("tilt", _F64),
-                   ("value", _F64), ("score", _F64), ("exposure", pa.list_(_F64)), ("engagement", pa.list_(_F64)),
-                   ("tail", _F64)])
+_CAND_TYPES: dict[str, pa.DataType] = {
+    "modules": pa.list_(pa.string()), "categories": pa.list_(pa.string()), "tilt": _F64, "value": _F64,
+    "score": _F64, "exposure": pa.list_(_F64), "engagement": pa.list_(_F64), "tail": _F64}
+#: The candidate fields :func:`read_decision_log` parses into :class:`DecisionLog` arrays (each
+#: candidate's module ids are read with ``with_modules``).
+CANDIDATE_FIELDS: tuple[str, ...] = ("categories", "tilt", "value", "score", "exposure", "engagement", "tail")
+#: What the learner reads of each candidate: the bandit's features and the served exposure.
+LEARNER_FIELDS: tuple[str, ...] = ("categories", "tilt", "value", "score", "exposure")
 _VERS = pa.struct([(k, pa.int64()) for k in ("config", "plan", "ranker", "bandit")])
 _SCHEMA = pa.schema([("p", pa.list_(_F64)), ("x", pa.struct([("shared", pa.list_(_F64))])), ("v", _VERS)])
 _COLS = ["request_id", "ts", "user_id", "policy", "context", "versions", "candidates", "pmf", "chosen", "propensity"]
 
 
-def _read_json(lines: list[str], schema: pa.Schema) -> pa.Table:
-    data = "\n".join(lines).encode()
-    longest = max((len(x) for x in lines), default=0)
-    return pajson.read_json(io.BytesIO(data),
+def _read_json(lines: pa.Array, schema: pa.Schema) -> pa.Table:
+    """Parse ``lines`` (a string array: one JSON object per entry, each ending in a newline) with
+    Arrow's C++ JSON reader; the entries' bytes are handed over as they lie in the array's buffer."""
+    if len(lines) == 0:
+        return schema.empty_table()
+    offsets = np.frombuffer(lines.buffers()[1], dtype=np.int32)[lines.offset:lines.offset + len(lines) + 1]
+    start, longest = int(offsets[0]), int(np.diff(offsets).max())
+    data = lines.buffers()[2].slice(start, int(offsets[-1]) - start)
+    return pajson.read_json(pa.BufferReader(data),
                             read_options=pajson.ReadOptions(block_size=max(1 << 22, 4 * longest)),
                             parse_options=pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
 
 
-def _columnar_lists(table: pa.Table, cand_type: pa.StructType) -> pa.ListArray:
+def _lines(*parts: pa.Array | str) -> pa.Array:
+    """One JSON line per entry: string arrays and literals concatenated element-wise, then a newline."""
+    return pc.binary_join_element_wise(*parts, "\n", "")
+
+
+def _columnar_lists(col: pa.StructArray, cand_type: pa.StructType) -> pa.ListArray:
     """list<struct> (one struct per candidate) from parsed columnar candidates (``{"$n": n, field:
     [one value per candidate], ...}``); a field a decision did not log is null for its candidates."""
-    col = table.column("c").combine_chunks()
     counts = col.field(N_CANDIDATES_KEY).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     offsets = np.r_[0, np.cumsum(counts)]
     m = int(offsets[-1])
@@ -71,39 +85,41 @@ def _columnar_lists(table: pa.Table, cand_type: pa.StructType) -> pa.ListArray:
         take = np.where(np.repeat(present, counts), np.repeat(starts, counts) + within, len(values))
         padded = pa.concat_arrays([values, pa.nulls(1, type=values.type)])
         children.append(padded.take(pa.array(take)))
+    # no field asked for: m empty structs still (the counts live in the list offsets)
     struct = pa.StructArray.from_arrays(children, fields=list(cand_type)) if children else \
-        pa.StructArray.from_arrays([], fields=[])
+        pa.StructArray.from_buffers(pa.struct([]), m, [None])
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), struct)
 
 
-def candidate_lists(texts: Sequence[str | None], cand_type: pa.StructType) -> pa.ListArray:
+def candidate_lists(texts: Sequence[str | None] | pa.Array, cand_type: pa.StructType) -> pa.ListArray:
     """Stored ``decisions.candidates`` JSON text (either form, see
     :func:`~policy_api.log.encode_candidates`) as list<``cand_type``>: one list per decision, one
     struct per candidate, parsed by Arrow's C++ JSON reader. Fields other than ``cand_type``'s are
-    ignored; NULL text is an empty list.
+    skipped by the parser, not built; NULL text is an empty list.
 
     Raises
     ------
     ValueError
         When a columnar field does not hold one entry per candidate.
     """
-    n = len(texts)
-    stored = pa.array(texts, type=pa.string()).fill_null("[]")
+    stored = (texts if isinstance(texts, pa.Array) else pa.array(texts, type=pa.string())).fill_null("[]")
+    n = len(stored)
     columnar = pc.starts_with(stored, "{").to_numpy(zero_copy_only=False)
     out_type = pa.list_(cand_type)
     parts, where = [], []
     if not columnar.all():
         idx = np.flatnonzero(~columnar)
-        rows = stored.take(pa.array(idx)).to_pylist()
-        table = _read_json([f'{{"c":{t}}}' for t in rows], pa.schema([("c", out_type)]))
+        rows = stored.take(pa.array(idx)) if columnar.any() else stored
+        table = _read_json(_lines('{"c":', rows, "}"), pa.schema([("c", out_type)]))
         parts.append(table.column("c").combine_chunks())
         where.append(idx)
     if columnar.any():
         idx = np.flatnonzero(columnar)
-        rows = stored.take(pa.array(idx)).to_pylist()
-        col_type = pa.struct([(N_CANDIDATES_KEY, pa.int64()), *[(f.name, pa.list_(f.type)) for f in cand_type]])
-        table = _read_json([f'{{"c":{t}}}' for t in rows], pa.schema([("c", col_type)]))
-        parts.append(_columnar_lists(table, cand_type))
+        rows = stored.take(pa.array(idx)) if not columnar.all() else stored
+        # each columnar row is a JSON object already: parsed as a line of its own
+        fields = [(N_CANDIDATES_KEY, pa.int64()), *[(f.name, pa.list_(f.type)) for f in cand_type]]
+        table = _read_json(_lines(rows), pa.schema(fields))
+        parts.append(_columnar_lists(table.to_struct_array().combine_chunks(), cand_type))
         where.append(idx)
     if not parts:
         return pa.array([], type=out_type)
@@ -115,11 +131,26 @@ def candidate_lists(texts: Sequence[str | None], cand_type: pa.StructType) -> pa
     return merged.take(pa.array(order))
 
 
-def _parse(cols: dict[str, Any]) -> pa.Table:
-    lines = [f'{{"p":{p or "[]"},"x":{x or "{}"},"v":{v or "{}"}}}'
-             for p, x, v in zip(cols["pmf"], cols["context"], cols["versions"], strict=True)]
+def _parse(cols: dict[str, Any], cand_type: pa.StructType) -> pa.Table:
+    def text(name: str, null: str) -> pa.Array:
+        return pa.array(cols[name], type=pa.string()).fill_null(null)
+
+    lines = _lines('{"p":', text("pmf", "[]"), ',"x":', text("context", "{}"), ',"v":', text("versions", "{}"), "}")
     table = _read_json(lines, _SCHEMA)
-    return table.append_column("c", pa.chunked_array([candidate_lists(cols["candidates"], _CAND)]))
+    return table.append_column("c", pa.chunked_array([candidate_lists(cols["candidates"], cand_type)]))
+
+
+def _candidate_type(fields: Collection[str] | None, with_modules: bool) -> tuple[tuple[str, ...], pa.StructType]:
+    """The candidate fields to read (checked against :data:`CANDIDATE_FIELDS`) and their struct."""
+    if fields is None:
+        names = CANDIDATE_FIELDS
+    else:
+        if isinstance(fields, str) or not set(fields) <= set(CANDIDATE_FIELDS):
+            unknown = fields if isinstance(fields, str) else sorted(set(fields) - set(CANDIDATE_FIELDS))
+            raise ValueError(f"fields must be a collection of {CANDIDATE_FIELDS}; got {unknown!r}")
+        names = tuple(f for f in CANDIDATE_FIELDS if f in fields)
+    read = (*(("modules",) if with_modules else ()), *names)
+    return names, pa.struct([(f, _CAND_TYPES[f]) for f in read])
 
 
 def _fixed(lists: pa.Array, width: int, n: int, fill: float) -> np.ndarray:
@@ -139,17 +170,52 @@ def _fixed(lists: pa.Array, width: int, n: int, fill: float) -> np.ndarray:
 
 
 def read_decision_log(db: Engine, config: HomepageConfig, since: datetime | None = None, until: datetime | None = None,
-                      config_version: int | None = None, *, with_modules: bool = False) -> DecisionLog:
-    """The serving decisions in [since, until) (made under ``config_version`` if given) as arrays."""
+                      config_version: int | None = None, *, with_modules: bool = False,
+                      fields: Collection[str] | None = None) -> DecisionLog:
+    """The serving decisions in [since, until) (made under ``config_version`` if given) as arrays.
+
+    ``fields``: the candidate fields to parse, out of :data:`CANDIDATE_FIELDS` (None: all). The
+    parser skips the others without building them; their arrays come back NaN (``categories``: -1).
+    The learner reads :data:`LEARNER_FIELDS`.
+
+    Raises
+    ------
+    ValueError
+        When ``fields`` names a field not in :data:`CANDIDATE_FIELDS`, or a columnar candidate field
+        does not hold one entry per candidate.
+    """
+    names, cand_type = _candidate_type(fields, with_modules)
     parts = []
     with db.connect() as conn:
         for cols in iter_decisions(conn, since, until, _COLS, raw_json=True, chunk_size=20_000):
-            parts.append((cols, _parse(cols)))
+            parts.append((cols, _parse(cols, cand_type)))
     if not parts:
         return _empty(config)
     table = pa.concat_tables([t for _, t in parts])
-    cols = {k: np.concatenate([np.asarray(c[k]) for c, _ in parts]) for k in ("request_id", "ts", "user_id", "policy",
-                                                                              "chosen", "propensity")}
+    cols = {k: np.concatenate([np.asarray(c[k]) for c, _ in parts]) for k in _SCALARS}
+    return _build(cols, table, config, config_version, names, with_modules)
+
+
+def _decision_chunks(db: Engine, config: HomepageConfig, since: datetime | None, until: datetime | None,
+                     config_version: int | None, names: tuple[str, ...], cand_type: pa.StructType,
+                     chunk_size: int) -> Generator[DecisionLog, None, None]:
+    """:func:`read_decision_log` one chunk of decisions at a time, in log order (chunks left
+    without serving decisions are skipped)."""
+    with db.connect() as conn:
+        for cols in iter_decisions(conn, since, until, _COLS, raw_json=True, chunk_size=chunk_size):
+            dlog = _build({k: np.asarray(cols[k]) for k in _SCALARS}, _parse(cols, cand_type), config,
+                          config_version, names, False)
+            if len(dlog):
+                yield dlog
+
+
+_SCALARS = ("request_id", "ts", "user_id", "policy", "chosen", "propensity")
+
+
+def _build(cols: dict[str, np.ndarray], table: pa.Table, config: HomepageConfig, config_version: int | None,
+           names: tuple[str, ...], with_modules: bool) -> DecisionLog:
+    """The :class:`DecisionLog` of parsed rows (``cols``: the scalar columns; ``table``: the parsed
+    JSON columns ``p``, ``x``, ``v`` and ``c``)."""
     cand = table.column("c").combine_chunks()
     counts_all = cand.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     vers = table.column("v").combine_chunks()
@@ -158,7 +224,10 @@ def read_decision_log(db: Engine, config: HomepageConfig, since: datetime | None
         cfgv = vers.field("config").to_numpy(zero_copy_only=False)
         keep &= np.nan_to_num(cfgv.astype(np.float64), nan=-1) == config_version
     idx = np.flatnonzero(keep)
-    cand = cand.take(pa.array(idx))
+    if idx.size == 0:
+        return _empty(config)
+    take = pa.array(idx)
+    cand = cand.take(take)
     n = idx.size
     counts = counts_all[idx]
     L = int(counts.max(initial=1))
@@ -167,35 +236,38 @@ def read_decision_log(db: Engine, config: HomepageConfig, since: datetime | None
     m = int(counts.sum())
     mask = pad_candidates(np.ones(m), counts, L) > 0
 
-    def f(name: str) -> np.ndarray:
-        return flat.field(name).to_numpy(zero_copy_only=False).astype(np.float64)
+    def per_candidate(name: str, fill: float = 0.0, *, nan: float | None = 0.0) -> np.ndarray:
+        """(n, L) of a scalar field; NaN where the field was not read."""
+        if name not in names:
+            return np.full((n, L), np.nan)
+        values = flat.field(name).to_numpy(zero_copy_only=False).astype(np.float64)
+        return pad_candidates(values if nan is None else np.nan_to_num(values, nan=nan), counts, L, fill=fill)
 
-    exposure = np.zeros((n, L, K))
-    engagement = np.zeros((n, L, S))
+    exposure = np.zeros((n, L, K)) if "exposure" in names else np.full((n, L, K), np.nan)
+    engagement = np.zeros((n, L, S)) if "engagement" in names else np.full((n, L, S), np.nan)
     categories = np.full((n, L, S), -1, dtype=np.int64)
     if m:
-        if K:
+        if K and "exposure" in names:
             exposure[mask] = _fixed(flat.field("exposure"), K, m, 0.0)
-        engagement[mask] = _fixed(flat.field("engagement"), S, m, 0.0)
-        names = flat.field("categories")
-        lengths = names.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
-        # each distinct name looked up once (Arrow's hash dictionary; a null name is unknown: -1)
-        enc = pc.dictionary_encode(names.flatten())
-        uniq = enc.dictionary.to_pylist()
-        lookup = {c: k for k, c in enumerate(config.category_names)}
-        known = np.array([lookup.get(u, -1) for u in uniq] + [-1], dtype=np.float64)
-        codes = known[enc.indices.fill_null(len(uniq)).to_numpy(zero_copy_only=False)]
-        rows_c = pa.ListArray.from_arrays(pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32)), pa.array(codes))
-        categories[mask] = _fixed(rows_c, S, m, -1.0).astype(np.int64)
-    pmf_lists = table.column("p").combine_chunks().take(pa.array(idx))
+        if "engagement" in names:
+            engagement[mask] = _fixed(flat.field("engagement"), S, m, 0.0)
+        if "categories" in names:
+            cats = flat.field("categories")
+            lengths = cats.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+            # each distinct name looked up once (Arrow's hash dictionary; a null name is unknown: -1)
+            enc = pc.dictionary_encode(cats.flatten())
+            uniq = enc.dictionary.to_pylist()
+            lookup = {c: k for k, c in enumerate(config.category_names)}
+            known = np.array([lookup.get(u, -1) for u in uniq] + [-1], dtype=np.float64)
+            codes = known[enc.indices.fill_null(len(uniq)).to_numpy(zero_copy_only=False)]
+            rows_c = pa.ListArray.from_arrays(pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32)), pa.array(codes))
+            categories[mask] = _fixed(rows_c, S, m, -1.0).astype(np.int64)
+    pmf_lists = table.column("p").combine_chunks().take(take)
     pmf = pad_candidates(pmf_lists.flatten().to_numpy(zero_copy_only=False).astype(np.float64), counts, L)
-    shared_lists = table.column("x").combine_chunks().field("shared").take(pa.array(idx))
+    shared_lists = table.column("x").combine_chunks().field("shared").take(take)
     d = int(shared_lists.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).max(initial=0))
     shared = _fixed(shared_lists, d, n, 0.0) if d else np.zeros((n, 0))
-    vsub = vers.take(pa.array(idx))
-    vcols = {k: vsub.field(k).to_pylist() for k in ("config", "plan", "ranker", "bandit")}
-    versions = [{k: vcols[k][i] for k in vcols} for i in range(n)]
-    modules: list[Any] = []
+    modules: list[Any] = [[] for _ in range(n)]
     if with_modules:
         mods = flat.field("modules").to_pylist()
         bounds = np.r_[0, np.cumsum(counts)]
@@ -210,17 +282,17 @@ def read_decision_log(db: Engine, config: HomepageConfig, since: datetime | None
         n_cand=counts,
         mask=mask,
         pmf=pmf,
-        value=pad_candidates(f("value"), counts, L),
-        score=pad_candidates(np.nan_to_num(f("score"), nan=0.0), counts, L, fill=-np.inf),
+        value=per_candidate("value", nan=None),
+        score=per_candidate("score", -np.inf),
         exposure=exposure,
         engagement=engagement,
-        tail=pad_candidates(np.nan_to_num(f("tail"), nan=0.0), counts, L),
+        tail=per_candidate("tail"),
         categories=categories,
-        tilt=pad_candidates(np.nan_to_num(f("tilt"), nan=0.0), counts, L),
+        tilt=per_candidate("tilt"),
         shared=shared,
-        versions=versions,
+        versions=vers.take(take).to_pylist(),  # one dict per decision, built by Arrow
         layout=[None] * n,
-        modules=modules if with_modules else [[] for _ in range(n)],
+        modules=modules,
     )
 
 
@@ -292,13 +364,15 @@ def read_rewards(db: Engine, dlog: DecisionLog, config: HomepageConfig, since: d
 
 def read_log_rewards(db: Engine, config: HomepageConfig, since: datetime | None = None,
                      until: datetime | None = None, config_version: int | None = None, *,
-                     with_modules: bool = False) -> tuple[DecisionLog, Rewards]:
+                     with_modules: bool = False,
+                     fields: Collection[str] | None = None) -> tuple[DecisionLog, Rewards]:
     """:func:`read_decision_log` and :func:`read_rewards` of the same decisions, the reward query
     running in the database while the decisions are read and parsed (both wait mostly outside
-    Python: SQLite and Arrow's parser release the interpreter)."""
+    Python: SQLite and Arrow's parser release the interpreter). :func:`iter_log_rewards` does the
+    same one chunk at a time."""
     with ThreadPoolExecutor(1, thread_name_prefix="reward-join") as pool:
         rows = pool.submit(_reward_rows, db, config, since, until, None)
-        dlog = read_decision_log(db, config, since, until, config_version, with_modules=with_modules)
+        dlog = read_decision_log(db, config, since, until, config_version, with_modules=with_modules, fields=fields)
         return dlog, rows.result().rewards(dlog, config.learning.default_reward)
 
 
@@ -307,15 +381,10 @@ def _reward_rows(db: Engine, config: HomepageConfig, since: datetime | None, unt
     """The reward join's queries (see :func:`read_rewards`); the decisions are only needed after."""
     window = config.learning.reward_window_s if window_s is None else window_s
     params: dict[str, Any] = {"window_us": int(round(window * 1e6))}
-    units = [(t, float(config.events.get(t, 0.0))) for t in sorted(EVENT_TYPES) if t != "impression"]
-    values = [(c.name, float(c.value_per_engagement)) for c in config.categories]
+    units, values = _units_and_values(config)
 
     def case(column: str, pairs: list[tuple[str, float]], prefix: str) -> str:
-        whens = []
-        for k, (key, val) in enumerate(pairs):
-            params[f"{prefix}k{k}"], params[f"{prefix}v{k}"] = key, val
-            whens.append(f"WHEN :{prefix}k{k} THEN :{prefix}v{k}")
-        return f"CASE {column} {' '.join(whens)} ELSE 0.0 END" if whens else "0.0"
+        return _case(column, pairs, prefix, params)
 
     where, fb_where = [], []
     if since is not None:
@@ -359,6 +428,107 @@ def _reward_rows(db: Engine, config: HomepageConfig, since: datetime | None, unt
     ids = np.asarray([r[0] for r in rows], dtype=str)
     agg = np.array([r[1:] for r in rows], dtype=np.float64).reshape(len(rows), 3)
     return _RewardRows(ids, agg, seen, total)
+
+
+def _units_and_values(config: HomepageConfig) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """(units per behaviour event type, value per engagement per category) of the reward."""
+    units = [(t, float(config.events.get(t, 0.0))) for t in sorted(EVENT_TYPES) if t != "impression"]
+    return units, [(c.name, float(c.value_per_engagement)) for c in config.categories]
+
+
+def _case(column: str, pairs: list[tuple[str, float]], prefix: str, params: dict[str, Any]) -> str:
+    """SQL ``CASE column WHEN key THEN value ... ELSE 0.0 END`` with the pairs bound in ``params``."""
+    whens = []
+    for k, (key, val) in enumerate(pairs):
+        params[f"{prefix}k{k}"], params[f"{prefix}v{k}"] = key, val
+        whens.append(f"WHEN :{prefix}k{k} THEN :{prefix}v{k}")
+    return f"CASE {column} {' '.join(whens)} ELSE 0.0 END" if whens else "0.0"
+
+
+def _chunk_reward_rows(db: Engine, config: HomepageConfig, request_ids: np.ndarray,
+                       since: datetime | None) -> _RewardRows:
+    """The reward join of the decisions ``request_ids`` alone (see :func:`read_rewards`): their
+    events found through the feedback's request-id index, so that a chunk costs what its own events
+    cost. Behaviour events of other decisions are not counted (no orphans)."""
+    params: dict[str, Any] = {"ids": request_ids.tolist(), "window_us": int(round(config.learning.reward_window_s * 1e6))}
+    units, values = _units_and_values(config)
+    binds: list[sa.BindParameter[Any]] = [sa.bindparam("ids", expanding=True)]
+    fb_filter = ""
+    if since is not None:
+        params["since"] = since
+        binds.append(sa.bindparam("since", type_=UTCDateTime()))
+        fb_filter = " WHERE f.ts >= :since"
+    behaviour = "f.type <> 'impression' AND f.ts <= d.cutoff"
+    # the item's category only for in-window behaviour events (a lookup per impression would cost
+    # more than the rest of the query); a missing item is worth 0.0, as the left join reads it
+    value = (f"COALESCE((SELECT {_case('i.category', values, 'c', params)} FROM items i "
+             f"WHERE i.item_id = f.item_id), 0.0)")
+    with db.connect() as conn:
+        dialect = conn.dialect.name
+        if dialect == "postgresql":
+            params["window"] = timedelta(microseconds=params.pop("window_us"))
+            binds.append(sa.bindparam("window", type_=sa.Interval()))
+        # SQLite: CROSS JOIN keeps the chunk's decisions as the outer loop (an index probe each)
+        join = "CROSS JOIN" if dialect == "sqlite" else "JOIN"
+        sql = (f"WITH d AS MATERIALIZED (SELECT d0.request_id, {_cutoff(dialect)} AS cutoff FROM decisions d0 "
+               f"WHERE d0.request_id IN :ids) "
+               f"SELECT d.request_id, "
+               f"SUM(CASE WHEN {behaviour} THEN {_case('f.type', units, 'u', params)} * {value} ELSE 0.0 END), "
+               f"SUM(CASE WHEN {behaviour} THEN 1 ELSE 0 END), "
+               f"SUM(CASE WHEN f.type <> 'impression' THEN 1 ELSE 0 END), "
+               f"MAX(CASE WHEN f.ts <= d.cutoff THEN 1 ELSE 0 END) "
+               f"FROM d {join} feedback f ON f.request_id = d.request_id{fb_filter} GROUP BY d.request_id")
+        rows = conn.execute(sa.text(sql).bindparams(*binds), params).all()
+    ids = np.asarray([r[0] for r in rows], dtype=str)
+    agg = np.array([r[1:] for r in rows], dtype=np.float64).reshape(len(rows), 4)
+    # any event in the window (impressions included) is feedback; every behaviour event joined
+    return _RewardRows(ids, agg[:, :3], ids[agg[:, 3] > 0], int(agg[:, 2].sum()))
+
+
+def iter_log_rewards(db: Engine, config: HomepageConfig, since: datetime | None = None,
+                     until: datetime | None = None, config_version: int | None = None, *,
+                     chunk_size: int = 4096,
+                     fields: Collection[str] | None = LEARNER_FIELDS) -> Iterator[tuple[DecisionLog, Rewards]]:
+    """:func:`read_log_rewards` as a pipeline, in log order: one chunk of at most ``chunk_size``
+    decisions at a time, the next chunk read and parsed in one thread and its rewards joined in the
+    database by another while the caller works on the current one.
+
+    Chunk by chunk, the decisions equal :func:`read_decision_log`'s (``fields`` as there; by default
+    the learner's) and the rewards equal :func:`read_rewards`'s, except that the stream counts no
+    orphans (``n_orphan`` is 0: an event whose decision is in no chunk read so far may belong to a
+    later one). Each chunk's events are found through the feedback's request-id index, so a chunk's
+    join costs what its own events cost. Arrow's parser and the database release the interpreter,
+    so with a free core the reading and joining overlap the caller's work on the chunk before.
+
+    Raises
+    ------
+    ValueError
+        When ``chunk_size`` is not an integer in [1, 20000] (each chunk's ids are bound as query
+        parameters), or as :func:`read_decision_log`.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size <= 20_000:
+        raise ValueError(f"chunk_size must be an integer in [1, 20000]; got {chunk_size!r}")
+    names, cand_type = _candidate_type(fields, False)
+    default = config.learning.default_reward
+    chunks = _decision_chunks(db, config, since, until, config_version, names, cand_type, chunk_size)
+    with ThreadPoolExecutor(1, thread_name_prefix="log-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="reward-join") as joiner:
+
+        def read_next() -> tuple[DecisionLog, Any] | None:
+            # in the reader thread, which alone advances `chunks` (and so holds its connection)
+            dlog = next(chunks, None)
+            return None if dlog is None else (dlog, joiner.submit(_chunk_reward_rows, db, config, dlog.request_id,
+                                                                 since))
+
+        ahead = reader.submit(read_next)
+        try:
+            while (item := ahead.result()) is not None:
+                ahead = reader.submit(read_next)  # chunk k+1 read, then joined, while chunk k is used
+                dlog, joined = item
+                yield dlog, joined.result().rewards(dlog, default)
+        finally:
+            ahead.cancel()
+            reader.submit(chunks.close).result()  # its connection goes back from the thread that took it
 
 
 def _empty(config: HomepageConfig) -> DecisionLog:

@@ -33,6 +33,7 @@ from policy_api.jobs import (
     load_log,
     log_features,
     log_from_parquet,
+    new_bandit,
     replay,
     target_distribution,
 )
@@ -739,3 +740,117 @@ def test_sql_reward_join_equals_the_reference_join(log, logged):
                              first_seen=store.feedback_first_seen(log.db))
         np.testing.assert_allclose(a.reward, ref_w.reward, rtol=1e-12, atol=1e-12)
         assert (a.n_events, a.n_late) == (ref_w.n_events, ref_w.n_late), window
+
+
+# ---- the learner's stream -----------------------------------------------------------------------------
+def test_stream_gives_the_whole_read_chunk_by_chunk(log, logged):
+    """iter_log_rewards in chunks of 64 decisions: the arrays of the whole read (the learner's
+    candidate fields; padding to each chunk's own widest decision) and the rewards of the reference
+    join and of the slow loop, over the whole log and over a time slice."""
+    from policy_api.log import LEARNER_FIELDS, iter_log_rewards, read_decision_log
+
+    dlog, rw = logged
+    whole = read_decision_log(log.db, log.cfg, config_version=1, fields=LEARNER_FIELDS)
+    chunks = list(iter_log_rewards(log.db, log.cfg, None, None, config_version=1, chunk_size=64))
+    assert len(chunks) == -(-N_MAIN // 64) and all(0 < len(d) <= 64 for d, _ in chunks)
+    lo = 0
+    for part, _ in chunks:
+        hi = lo + len(part)
+        width = part.mask.shape[1]
+        assert not whole.mask[lo:hi, width:].any()  # what the chunk leaves out is padding
+        for name in ("request_id", "ts", "action", "pscore", "n_cand", "shared"):
+            np.testing.assert_array_equal(getattr(part, name), getattr(whole, name)[lo:hi], err_msg=name)
+        for name in ("mask", "pmf", "value", "score", "tilt", "exposure", "categories"):
+            np.testing.assert_array_equal(getattr(part, name), getattr(whole, name)[lo:hi, :width], err_msg=name)
+        assert np.isnan(part.engagement).all() and np.isnan(part.tail).all()  # not read by the learner
+        lo = hi
+    assert lo == len(dlog)
+    reward = np.concatenate([r.reward for _, r in chunks])
+    np.testing.assert_allclose(reward, rw.reward, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(np.concatenate([r.has_feedback for _, r in chunks]), rw.has_feedback)
+    ref, late = slow_rewards(log, log.serving)
+    np.testing.assert_allclose(reward, ref, rtol=1e-12, atol=1e-12)
+    assert sum(r.n_events for _, r in chunks) == rw.n_events
+    assert sum(r.n_late for _, r in chunks) == rw.n_late == late > 0
+    assert all(r.n_orphan == 0 for _, r in chunks)  # the stream does not count them (rw does)
+    # a time slice, as the learner reads one: decisions in [since, until), feedback since `since`
+    since = datetime.fromtimestamp(T0 + STEP_S * 200, tz=UTC)
+    until = datetime.fromtimestamp(T0 + STEP_S * 600, tz=UTC)
+    ref_log, ref_rw = load_log(log.db, log.cfg, since, until, config_version=1)
+    chunks = list(iter_log_rewards(log.db, log.cfg, since, until, config_version=1, chunk_size=100))
+    assert len(chunks) == 4
+    np.testing.assert_array_equal(np.concatenate([d.request_id for d, _ in chunks]), ref_log.request_id)
+    np.testing.assert_allclose(np.concatenate([r.reward for _, r in chunks]), ref_rw.reward, rtol=1e-12, atol=1e-12)
+    assert sum(r.n_late for _, r in chunks) == ref_rw.n_late
+    # another config version: nothing; a chunk size out of range names it
+    assert list(iter_log_rewards(log.db, log.cfg, None, None, config_version=2)) == []
+    for bad in (0, 20_001, 2.0, True):
+        with pytest.raises(ValueError, match=rf"chunk_size must be an integer in \[1, 20000\]; got {bad!r}"):
+            next(iter_log_rewards(log.db, log.cfg, chunk_size=bad))
+
+
+def test_stream_stopped_early_gives_its_connections_back(log, tmp_path):
+    """A consumer that stops after one chunk (as an error in learning would) leaves no connection
+    checked out and no thread running: the database can be written at once."""
+    import threading
+
+    from policy_api.log import iter_log_rewards
+
+    url, db = copy_db(log, tmp_path)
+    before = threading.active_count()
+    stream = iter_log_rewards(db, log.cfg, chunk_size=50)
+    first, _ = next(stream)
+    assert len(first) > 0
+    stream.close()
+    assert db.pool.checkedout() == 0
+    assert threading.active_count() == before
+    store.insert_decisions(db, log.extra[:5])  # not blocked by a reader left behind
+    assert store.read_decisions(db, columns=["request_id"])["request_id"].size == len(log.rows) + 5
+
+
+def test_learn_in_chunks_publishes_the_model_of_the_whole_log(log, tmp_path):
+    """learn() streaming 50 decisions at a time publishes byte for byte the model that VW learns from
+    the whole log read at once, and predicts as the slow reference features and rewards do."""
+    from policy_api.log import read_log_rewards
+
+    _, db = copy_db(log, tmp_path)
+    until = datetime.fromtimestamp(T0 + STEP_S * N_MAIN + WINDOW_S, tz=UTC)
+    out = learn(db, until=until, chunk_size=50)
+    assert out is not None and out.decisions == len(log.serving)
+    model = VWLayoutBandit.load(registry.model(db, "bandit").artifact)
+    dlog, rw = read_log_rewards(db, log.cfg, None, None, 1)
+    cost = -(rw.reward + dlog.chosen_exposure @ price_vector(log))
+    whole = new_bandit(log.cfg)
+    whole.learn_batch(*log_features(dlog, log.cfg), dlog.action, cost, dlog.pscore, dlog.n_cand)
+    assert model.save() == VWLayoutBandit.load(whole.save()).save()  # both as loaded from the registry
+    ref, late = slow_rewards(log, log.serving)
+    lagrangian = ref + chosen_exposure(log.serving) @ price_vector(log)
+    assert out.mean_reward == pytest.approx(ref.mean(), rel=1e-12)
+    assert out.mean_lagrangian == pytest.approx(lagrangian.mean(), rel=1e-12)
+    assert out.late_events == late
+    shared, actions, n_cand = slow_features(log, log.serving)
+    slow = VWLayoutBandit("epsilon", epsilon=log.cfg.exploration.budget, seed=0)
+    slow.learn_batch(shared, actions, np.array([r["chosen"] for r in log.serving]), -lagrangian,
+                     np.array([r["propensity"] for r in log.serving]), n_cand)
+    np.testing.assert_allclose(model.predict_batch(shared[:80], actions[:80], n_cand[:80]),
+                               slow.predict_batch(shared[:80], actions[:80], n_cand[:80]), atol=1e-9)
+
+
+def test_reader_parses_only_the_fields_asked_for(log):
+    from policy_api.log import CANDIDATE_FIELDS, read_decision_log
+
+    full = read_decision_log(log.db, log.cfg)
+    part = read_decision_log(log.db, log.cfg, fields=("value", "exposure"))
+    for name in ("request_id", "mask", "pmf", "value", "exposure", "shared", "action", "pscore"):
+        a, b = getattr(part, name), getattr(full, name)
+        assert (a == b).all() if a.dtype.kind not in "fc" else np.array_equal(a, b), name
+    for name in ("tilt", "score", "engagement", "tail"):
+        assert np.isnan(getattr(part, name)).all(), name
+    assert (part.categories == -1).all() and (full.categories >= 0).any()
+    assert read_decision_log(log.db, log.cfg, fields=()).value.shape == full.value.shape
+    with pytest.raises(ValueError, match=r"fields must be a collection of \('categories', 'tilt', 'value', "
+                                         r"'score', 'exposure', 'engagement', 'tail'\); got \['modules'\]"):
+        read_decision_log(log.db, log.cfg, fields=("value", "modules"))
+    with pytest.raises(ValueError, match=r"fields must be a collection of .*; got 'value'"):
+        read_decision_log(log.db, log.cfg, fields="value")
+    assert CANDIDATE_FIELDS == ("categories", "tilt", "value", "score", "exposure", "engagement", "tail")

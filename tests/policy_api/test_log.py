@@ -1046,6 +1046,20 @@ def test_sql_reward_join_equals_the_reference_join(engine, seed):
     i_in, i_late = (int(np.flatnonzero(dlog.request_id == r["request_id"])[0]) for r in (imp_in, imp_late))
     assert (imp.has_feedback[i_in], imp.reward[i_in]) == (True, 0.0)
     assert (imp.has_feedback[i_late], imp.reward[i_late]) == (False, -3.0)
+    # the stream (chunks of 7 decisions, each chunk's events found by request id) joins the same:
+    # the window's edge, impressions alone in and after the window; all of it and from `since` on
+    from policy_api.log import iter_log_rewards
+
+    whole = read_rewards(engine, dlog, cfg)
+    for since, rows_in in ((None, dlog), (rows[20]["ts"], read_decision_log(engine, cfg, rows[20]["ts"]))):
+        chunks = list(iter_log_rewards(engine, cfg, since, chunk_size=7))
+        ref_rw = whole if since is None else read_rewards(engine, rows_in, cfg, since)
+        assert len(chunks) == -(-len(rows_in) // 7)
+        np.testing.assert_array_equal(np.concatenate([d.request_id for d, _ in chunks]), rows_in.request_id)
+        np.testing.assert_allclose(np.concatenate([r.reward for _, r in chunks]), ref_rw.reward, rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(np.concatenate([r.has_feedback for _, r in chunks]), ref_rw.has_feedback)
+        assert (sum(r.n_events for _, r in chunks), sum(r.n_late for _, r in chunks)) == (ref_rw.n_events, ref_rw.n_late)
+    assert whole.reward[i_in] == 0.0 and whole.reward[i_late] == cfg.learning.default_reward
 
 
 def test_new_sqlite_file_gets_large_pages_and_an_old_one_keeps_its_own(tmp_path):
