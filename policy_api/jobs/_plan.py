@@ -181,30 +181,93 @@ def _result(config: HomepageConfig, version: int | None, p: Plan | ShardedPlan, 
                       solver=solver, users=users, candidates=candidates)
 
 
+#: candidate sets a plan is solved on: those serving builds at the state's prices, then at each
+#: solution's prices in turn (see :func:`_solve`)
+PLAN_ROUNDS = 3
+
+
+def candidate_union(a: Candidates, b: Candidates) -> Candidates:
+    """Each user's candidates of ``a`` and then those of ``b`` that ``a`` does not hold (the same
+    modules in every slot at the same tilt level); ``b``'s repeats are masked out."""
+    cat = {f: np.concatenate([getattr(a, f), getattr(b, f)], axis=1)
+           for f in ("categories", "blocks", "modules", "tilt", "value", "exposure", "mask")}
+    # one integer per layout: its modules (-1 = empty slot) and tilt level in a positional code
+    base = int(max(cat["modules"].max(initial=0), cat["tilt"].max(initial=0))) + 2
+    key = cat["tilt"].astype(np.int64)
+    for s in range(cat["modules"].shape[2]):
+        key = key * base + (cat["modules"][:, :, s].astype(np.int64) + 1)
+    key = np.where(cat["mask"], key, -1 - np.arange(key.shape[1]))  # masked entries never match
+    order = np.argsort(key, axis=1, kind="stable")  # a's entries come first among equal keys
+    ranked = np.take_along_axis(key, order, axis=1)
+    repeat = np.zeros_like(cat["mask"])
+    np.put_along_axis(repeat, order[:, 1:], ranked[:, 1:] == ranked[:, :-1], axis=1)
+    cat["mask"] = cat["mask"] & ~repeat
+    return Candidates(**cat)
+
+
 def _solve(state: EngineState, config: HomepageConfig, version: int | None, users: np.ndarray,
            weight: np.ndarray, *, method: str = "auto", seed: int = 0, what: str = "the config",
            engine: str = "local", workers: int | None = None) -> PlanResult:
+    """The plan of ``users``' candidates. Serving builds each request's candidates around the prices
+    it serves with (the priced-greedy layouts among them), so candidates built at other prices can
+    lack what serving will offer at the plan's: a plan solved on the candidates of zero prices priced
+    a live floor at 13, at which serving's own candidates were 43 % live (floor 10 %). So each round
+    solves on the union of the candidate sets so far, builds the candidates serving would at the
+    round's prices, and measures there how far serving's shares miss the bounds (``served_miss`` in
+    the plan's record); the plan is the round that misses least, of ``PLAN_ROUNDS``."""
     cand = user_candidates(state, users, seed=seed)
     lo, hi = config.bounds()
-    try:
-        p = _solve_on(engine, cand, weight, lo, hi, config.constraint_names, method, workers)
-    except InfeasiblePlan as e:
-        raise from_infeasible(e, what) from None
     t = config.exploration.temperature
-    if t == 0 or not config.constraints:
-        return _result(config, version, p, int(users.size), int(cand.mask.sum()))
-    # serving exploits a softmax of the priced values: publish the prices at which that rule meets the
-    # bounds on these users (the entropy-regularised dual, started from the LP's); the LP's stay on record
-    ok = exploitable(state.space.tilt_levels[cand.tilt], cand.mask, state.space.tail_goal)
-    soft = softmax_prices(cand.value, cand.exposure, lo, hi, t, weight=weight, mask=ok, start=p.prices)
-    shares, _ = softmax_response(cand.value, cand.exposure, soft, t, weight=weight, mask=ok)
-    q = exploit_pmf(cand.value + cand.exposure @ soft, cand.value, t, ok)
-    value = float(np.asarray(weight) / np.sum(weight) @ (q * np.where(cand.mask, cand.value, 0.0)).sum(1))
     names = config.constraint_names
-    lp = {"lp_prices": dict(zip(names, map(float, p.prices), strict=True)), "lp_value": float(p.objective),
-          "temperature": t}
-    p = replace(p, prices=soft, shares=shares, objective=value)
-    return _result(config, version, p, int(users.size), int(cand.mask.sum()), extra=lp)
+    best: tuple[float, Plan | ShardedPlan, dict[str, Any], int] | None = None
+    for r in range(PLAN_ROUNDS if config.constraints else 1):
+        try:
+            p = _solve_on(engine, cand, weight, lo, hi, names, method, workers)
+        except InfeasiblePlan as e:
+            if best is not None:
+                break
+            raise from_infeasible(e, what) from None
+        extra: dict[str, Any] = {}
+        if t > 0 and config.constraints:
+            # serving exploits a softmax of the priced values: the prices at which that rule meets the
+            # bounds on these users (the entropy-regularised dual, started from the LP's); the LP's
+            # stay on record
+            ok = exploitable(state.space.tilt_levels[cand.tilt], cand.mask, state.space.tail_goal)
+            soft = softmax_prices(cand.value, cand.exposure, lo, hi, t, weight=weight, mask=ok, start=p.prices)
+            shares, _ = softmax_response(cand.value, cand.exposure, soft, t, weight=weight, mask=ok)
+            q = exploit_pmf(cand.value + cand.exposure @ soft, cand.value, t, ok)
+            value = float(np.asarray(weight) / np.sum(weight) @ (q * np.where(cand.mask, cand.value, 0.0)).sum(1))
+            extra = {"lp_prices": dict(zip(names, map(float, p.prices), strict=True)), "lp_value": float(p.objective),
+                     "temperature": t}
+            p = replace(p, prices=soft, shares=shares, objective=value)
+        if not config.constraints:
+            return _result(config, version, p, int(users.size), int(cand.mask.sum()), extra=extra)
+        served = user_candidates(replace(state, prices=np.asarray(p.prices, dtype=np.float64)), users, seed=seed)
+        miss = served_miss(served, p.prices, lo, hi, t, weight, state)
+        if best is None or miss < best[0]:
+            best = (miss, p, {**extra, "served_miss": miss, "rounds": r + 1}, int(cand.mask.sum()))
+        more = candidate_union(cand, served)
+        if int(more.mask.sum()) == int(cand.mask.sum()):
+            break
+        cand = more
+    assert best is not None
+    _, p, extra, n_cand = best
+    return _result(config, version, p, int(users.size), n_cand, extra=extra)
+
+
+def served_miss(cand: Candidates, prices: Any, lo: np.ndarray, hi: np.ndarray, temperature: float,
+                weight: np.ndarray, state: EngineState) -> float:
+    """How far the shares serving gives ``cand`` (the candidates it builds at ``prices``) at
+    ``prices`` fall outside the bounds: the largest miss over the constraints (0 inside all)."""
+    pr = np.asarray(prices, dtype=np.float64)
+    ok = exploitable(state.space.tilt_levels[cand.tilt], cand.mask, state.space.tail_goal)
+    if temperature > 0:
+        shares, _ = softmax_response(cand.value, cand.exposure, pr, temperature, weight=weight, mask=ok)
+    else:
+        pick = np.argmax(np.where(ok, cand.value + cand.exposure @ pr, -np.inf), axis=1)
+        w = np.asarray(weight, dtype=np.float64) / np.sum(weight)
+        shares = w @ cand.exposure[np.arange(pick.size), pick]
+    return float(np.max(np.maximum(np.maximum(lo - shares, shares - hi), 0.0), initial=0.0))
 
 
 #: where a plan is solved: ``local`` (this process) or ``ray`` (user shards in Ray actors)
@@ -305,6 +368,15 @@ def repeat_rates(user: np.ndarray, request: np.ndarray, item: np.ndarray, ts: np
     out[:, 1] = np.bincount(c, weights=(w * rate)[repeat], minlength=C)
     out[:, 2] = np.bincount(c, weights=w[repeat], minlength=C)
     return out
+
+
+def measured_items_needed(config: HomepageConfig, category: int) -> int:
+    """How many of a category's head items must each have ``ITEM_LIFT_PRIOR`` examined impressions
+    before the category carries item rates: :data:`MIN_MEASURED_ITEMS`, or fewer when the category's
+    modules show fewer items at once (its modules times ``items_per_module``; a page of short modules
+    never shows that many of them often)."""
+    shown = len(config.modules_of()[category]) * config.items_per_module
+    return max(1, min(MIN_MEASURED_ITEMS, shown))
 
 
 #: at most this many items (the most impressed) carry their own rate in a plan's calibration
@@ -580,7 +652,7 @@ def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray
             head = ~is_tail[got.items]
             well = np.bincount(item_cat[got.items], weights=head & (got.impressions >= ITEM_LIFT_PRIOR), minlength=C)
             for k, c in enumerate(names):
-                if well[k] < MIN_MEASURED_ITEMS:
+                if well[k] < measured_items_needed(config, k):
                     continue
                 mine = keep[cat == k]
                 item_block[c] = {"ids": [str(catalog.item_ids[r]) for r in got.items[mine].tolist()],

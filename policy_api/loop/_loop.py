@@ -14,12 +14,13 @@ beside its request workers and ``homepage worker`` runs one on its own. Each tic
   shares' misses (so the shares hold their bounds without overshooting);
 * **shift** — every second, the pages served since are judged against what the engine predicted
   for them (:class:`ShiftDetector`): when what users take from a category (or from the whole page)
-  departs at once from the predictions, every user's live category sums are set aside as what the
+  falls at once below the predictions, every user's live category sums are set aside as what the
   user took before the shift (``shift_keep`` of them stay current; :class:`~policy_api.live.Forget`,
   carried by the plans), the calibration restarts from the shift, and until its window holds only
   newer feedback the loop recalibrates every ``_SHIFT_REFIT_S`` seconds, each plan carrying a
   :class:`~policy_api.live.ShiftMap` fitted on the users served since (their tastes before the shift
-  against now), which serving turns into each user's prior;
+  against now), which serving turns into each user's prior; meanwhile the pacer keeps its window
+  across those recalibrations and owns the prices after ``PACER_OWNS_AFTER_SHIFT`` decisions;
 * **learn** — every ``learn_every_s``, decisions older than ``settle_s`` are joined to the feedback
   that arrived for them and the bandit learns from them (:func:`policy_api.jobs.learn`);
 * **train** — when ``train_min_events`` new behaviour events have arrived (and ``train_every_s``
@@ -121,9 +122,17 @@ class _Pacing:
     pacer: ResolvePacer
     since: datetime
     plan_version: int
+    #: the plan the pacer last started from: it re-solves on the candidate sets served since (a new plan
+    #: that kept the pacer's prices and brought only a calibration does not move it)
+    valued_from: int = 0
     fresh: int = 0  # decisions served under plan_version that the pacer has re-solved on
     solved: int = 0  # decisions served under this config that the pacer has re-solved on, over all plans
     ranker: int = 0  # the newest ranker version served: candidate sets scored by an older one are not re-solved on
+
+
+#: while the loop settles after a population shift, the pacer owns the prices once it has re-solved on
+#: this many decisions under the config (at most ``pace_window``, the count that gives it them otherwise)
+PACER_OWNS_AFTER_SHIFT = 200
 
 
 @dataclass
@@ -500,10 +509,14 @@ class BackgroundLoop:
         # window of decisions under this config (over any plans), a new plan keeps the pacer's prices: the
         # planner's come from sampled users scored without their live state, and jumping to them every
         # time the calibration moved set the shares swinging (with re-plans every few hundred decisions,
-        # a pacer that had to see a full window under each plan never got to keep its prices)
+        # a pacer that had to see a full window under each plan never got to keep its prices). While the
+        # loop settles after a population shift it plans every few seconds, and each planner solve moved
+        # the prices by several times: there the pacer owns them after PACER_OWNS_AFTER_SHIFT decisions
         cfg = self._config
         p = self._pacing
-        if p is not None and p.config_version == cfg.version and p.solved >= loop.pace_window:
+        owns = None if p is None else (loop.pace_window if not self._settling()
+                                       else min(PACER_OWNS_AFTER_SHIFT, loop.pace_window))
+        if p is not None and owns is not None and p.config_version == cfg.version and p.solved >= owns:
             # the pacer owns the prices: a re-plan only brings the new calibration (solving the plan
             # scores thousands of sampled users, which with a history scorer holds the loop, and so
             # the pacing, for tens of seconds)
@@ -552,21 +565,27 @@ class BackgroundLoop:
                 window=loop.pace_window, half_life=loop.pace_half_life, gain=loop.pace_gain,
                 margin=loop.pace_margin, max_price=loop.max_price, names=config.constraint_names),
                 prices=np.clip(start, -loop.max_price, loop.max_price))
-            self._pacing = _Pacing(cfg.version, pacer, now - timedelta(seconds=1), base)
+            self._pacing = _Pacing(cfg.version, pacer, now - timedelta(seconds=1), base, valued_from=base)
             return "ok", "pacer started from the plan's prices"
         p = self._pacing
         if base != p.plan_version:  # planned again (a new calibration, `homepage plan`): start from its prices
-            p.pacer.rebase(np.clip(start, -loop.max_price, loop.max_price))
             p.plan_version = base
             p.fresh = 0
+            # ... except the pacer's own prices with a new calibration while the loop settles after a
+            # population shift (every few seconds): dropping its window at each left it nothing to
+            # re-solve on, and the prices where they were while the shares drifted off their bounds
+            if (plan.solver or {}).get("prices_from") != "pacer" or not self._settling():
+                p.pacer.rebase(np.clip(start, -loop.max_price, loop.max_price))
+                p.valued_from = base
         until = now - timedelta(seconds=_SETTLE_LAG_S)
         dlog = read_decision_log(self.db, config, p.since, until, cfg.version)
         if len(dlog) == 0:
             return "idle", ""
         p.since = until
         n = len(dlog)
-        # candidate sets served before the workers took up the current plan were valued under an older
-        # calibration: they count as realised exposure, not as the model the prices are re-solved on
+        # candidate sets served before the workers took up the plan the pacer started from were valued
+        # under other prices and an older calibration: they count as realised exposure, not as the
+        # model the prices are re-solved on
         plan_of = np.array([int((v or {}).get("plan") or 0) for v in dlog.versions], dtype=np.int64)
         # ... and so were those a ranker scored before a new one was published: its scores (the
         # candidates' values and their long-tail blocks) can differ from the old one's by a lot
@@ -575,7 +594,7 @@ class BackgroundLoop:
         if newest > p.ranker:
             p.pacer.rebase(p.pacer.prices_)
             p.ranker, p.fresh = newest, 0
-        fresh = (plan_of >= p.plan_version) & (ranker_of == p.ranker)
+        fresh = (plan_of >= p.valued_from) & (ranker_of == p.ranker)
         ok = exploitable(dlog.tilt[fresh], dlog.mask[fresh], any(c.kind == "long_tail_share" for c in config.constraints))
         # what serving adds beyond the exploit softmax (the exploration budget): the served pmf's expected
         # exposure minus the softmax's on the same logged scores, exactly, per decision

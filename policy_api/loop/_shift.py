@@ -14,11 +14,18 @@ with the ones before them: a category whose ratio moved by at least ``ratio`` ti
 with a z-score of at least ``z`` for the recent slots' residuals under the reference ratio, is a
 shift, if the reference itself was steady (its two halves' ratios within ``steady`` times of each
 other: while the engine is still learning its calibration, the ratios move on their own). The same
-test over every slot together (the whole page's units against its prediction) finds a shift that
-moves several categories a little each sooner: its sums are far less noisy than one category's, so it
-needs a ratio of ``page_ratio`` and a z-score of ``page_z``. A false alarm costs little: the map the
-loop fits after it (:class:`~policy_api.live.ShiftMap`) then says that users' tastes did not move. The loop then forgets most of every user's category evidence (the live state's ``epoch``) and
-recalibrates on what came after it.
+test over every slot together (the whole page's units against its prediction, each category's part
+scaled by the category's ratio over the reference, so that serving a different mix of categories
+does not move it) finds a shift that moves several categories a little each sooner: its sums are far
+less noisy than one category's, so it needs a ratio of ``page_ratio`` and a z-score of ``page_z``.
+Only a fall counts: when tastes move, the pages the engine built from what users liked before do
+worse than it predicted, so a category's move is a shift only with the whole page below its
+prediction (z at most ``-page_confirm_z``); pages doing better than predicted (the engine learned
+better items) are not a reason to forget. On a shift the loop forgets most of every user's category
+evidence (the live state's ``epoch``) and recalibrates on what came after it; the map it fits after
+it (:class:`~policy_api.live.ShiftMap`) carries users' tastes over, and after a false alarm says
+that they did not move, but only through a map fitted on a few hundred users: a false alarm is not
+free.
 """
 
 from __future__ import annotations
@@ -178,6 +185,10 @@ class ShiftDetector:
         How far apart (times) the reference's two halves' ratios may be for the category to be tested.
     page_ratio, page_z
         The same two thresholds for the whole page (every slot together).
+    page_confirm_z
+        A shift is raised only when the whole page does worse than its prediction: by ``page_ratio``
+        and ``page_z`` on its own, or with a z-score of at least ``page_confirm_z`` (below) behind a
+        category that moved.
     """
 
     recent: int = 200
@@ -189,6 +200,7 @@ class ShiftDetector:
     steady: float = 1.25
     page_ratio: float = 1.25
     page_z: float = 4.5
+    page_confirm_z: float = 2.0
     slots: int = 1
     outcomes: SlotOutcomes = field(init=False)
 
@@ -218,9 +230,25 @@ class ShiftDetector:
 
         o = self.outcomes
         hit, ratio, z = test(o, n_categories, self.ratio, self.z)
-        page = SlotOutcomes(o.ts, np.where((o.category >= 0) & (o.category < n_categories), 0, -1), o.units, o.predicted)
+        # the whole page with each slot's prediction scaled by its category's ratio over the reference:
+        # a change in the categories served (the pacer's prices moved, a category the engine
+        # under-predicts shown more) leaves the page's ratio at 1; only the categories' own ratios move it
+        C = n_categories
+        cat = np.where((o.category >= 0) & (o.category < C), o.category, C)
+        ref = o.part(0, n - self.recent)
+        rc = ref.category.ravel()
+        rok = (rc >= 0) & (rc < C)
+        y_ref = np.bincount(rc[rok], weights=ref.units.ravel()[rok], minlength=C)
+        p_ref = np.bincount(rc[rok], weights=ref.predicted.ravel()[rok], minlength=C)
+        e_ref = np.divide(y_ref, p_ref, out=np.ones(C), where=(p_ref > 0) & (y_ref > 0))
+        scale = np.append(e_ref, 1.0)[cat]
+        page = SlotOutcomes(o.ts, np.where(cat < C, 0, -1), o.units, o.predicted * scale)
         page_hit, page_ratio, page_z = test(page, 1, self.page_ratio, self.page_z)
-        if not (hit.any() or page_hit[0]):
+        # what the shift response is for: the pages served do worse than predicted (users' stored
+        # tastes misled them). Pages doing better (a new calibration or item rates serving better
+        # items than the logged predictions knew of) are no reason to forget what users liked
+        worse = bool(np.isfinite(page_ratio[0]) and page_ratio[0] < 1.0 and page_z[0] <= -self.page_confirm_z)
+        if not ((hit.any() and worse) or (page_hit[0] and page_ratio[0] < 1.0)):
             return None
         return Shift(float(o.ts[n - self.recent]), ratio, z, tuple(np.flatnonzero(hit).tolist()),
                      float(page_ratio[0]), float(page_z[0]))

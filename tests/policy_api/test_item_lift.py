@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
+from allocator import parse_config_text
 from policy_api import jobs, registry
 from policy_api import log as store
 from policy_api.engine import (
@@ -26,7 +27,7 @@ from policy_api.engine import (
 )
 from policy_api.jobs import item_rates
 from simulator import make_world
-from tests.test_common import world_database
+from tests.test_common import world_catalog, world_database
 
 
 def _brute_curve(x, units, exposure, prior, knots):
@@ -277,8 +278,15 @@ def test_serving_multiplies_the_scores_by_the_lift_and_orders_each_pool_by_lifte
         assert got.tolist() == want
 
 
-def test_the_plan_carries_item_rates_measured_on_the_log_and_serving_uses_them(tmp_path, world_state):
+@pytest.mark.parametrize("short_modules", [False, True], ids=["10 items a module", "6 items a module"])
+def test_the_plan_carries_item_rates_measured_on_the_log_and_serving_uses_them(tmp_path, world_state, short_modules):
+    """With modules of 6 items, a category of two modules never shows 20 head items often: it needs
+    12 well-measured ones, and one carries its rates with fewer than 20 (checked below)."""
     world, cfg, cat, _ = world_state
+    if short_modules:
+        world = make_world(n_users=60, n_items=600, seed=2, items_per_module=6)
+        cfg = parse_config_text(world.default_config_toml())
+        cat = world_catalog(world)
     eng = world_database(tmp_path / "h.db", world, cat)
     engine = DecisionEngine(build_state(cfg, cat))
     rng = np.random.default_rng(5)
@@ -313,9 +321,14 @@ def test_the_plan_carries_item_rates_measured_on_the_log_and_serving_uses_them(t
     is_tail = load_state(eng).is_tail
     well = np.bincount(item_cat[want.items], weights=~is_tail[want.items] & (want.impressions >= ITEM_LIFT_PRIOR),
                        minlength=len(names))
-    assert (well >= jobs.MIN_MEASURED_ITEMS).any()
+    # a category needs MIN_MEASURED_ITEMS of them, or as many as its modules show at once if fewer
+    need = [min(jobs.MIN_MEASURED_ITEMS, sum(m.category == c for m in cfg.modules) * cfg.items_per_module)
+            for c in names]
+    assert (well >= need).any()
+    if short_modules:  # a category with its rates that the fixed count of 20 would have kept waiting
+        assert any(need[k] <= well[k] < jobs.MIN_MEASURED_ITEMS for k in range(len(names)))
     for k, c in enumerate(names):
-        if well[k] < jobs.MIN_MEASURED_ITEMS:  # too few well-measured head items: no rates yet
+        if well[k] < need[k]:  # too few well-measured head items: no rates yet
             assert "items" not in cal[c]
             continue
         got = cal[c]["items"]

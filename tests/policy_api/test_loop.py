@@ -338,3 +338,77 @@ def test_the_pacer_re_solves_only_on_candidates_the_newest_ranker_scored(db, tmp
     serve(5, None)  # a worker that has not swapped yet: counted as exposure, not re-solved on
     assert loop._pace()[0] == "ok"
     assert p.fresh == 35 and p.pacer._value.shape[0] == 35 and p.solved == 75
+
+
+def test_after_a_shift_a_recalibration_beside_the_pacers_prices_keeps_its_window(db, tmp_path):
+    """While the loop settles after a population shift it recalibrates every few seconds: a new plan
+    that kept the pacer's prices and brought only a calibration then leaves the pacer's window as it
+    was (the decisions served before and after it are re-solved on), and the pacer owns the prices
+    after 200 decisions instead of a full window. Outside that, such a plan starts the window again
+    from its own decisions, and so does a plan with the planner's prices. Counted from the rows written."""
+    from policy_api.engine import DecisionEngine, load_state
+    from policy_api.live import Forget
+    from policy_api.log import insert_decisions
+
+    world = make_world(n_users=30, n_items=200, seed=0)
+    world.to_catalog_csv(tmp_path / "items.csv")
+    registry.activate_config(db, _config(tmp_path, world), author="test")
+    upsert_items(db, read_catalog_csv(tmp_path / "items.csv").rows())
+    cfg = registry.active_config(db)
+    loop = BackgroundLoop(db, holder="t")
+    loop._on_config(cfg)
+    assert loop._plan()[0] == "ok"
+    engine = DecisionEngine(load_state(db))
+    assert loop._pace() == ("ok", "pacer started from the plan's prices")
+    p = loop._pacing
+    assert p is not None
+    n = [0]
+
+    def serve(count: int, plan: int) -> None:
+        rows = []
+        for _ in range(count):
+            d = engine.decide(f"u{n[0] % 7}", f"r{n[0]}").row()
+            d["versions"] = {**d["versions"], "plan": plan, "ranker": None}
+            rows.append(d)
+            n[0] += 1
+        insert_decisions(db, rows)
+        time.sleep(0.6)  # the pacer reads decisions older than half a second (a worker's log queue)
+
+    def plan_now(source: str) -> int:
+        assert loop._plan()[0] == "ok"
+        got = registry.latest_plan(db, cfg.version)
+        assert got is not None and got.solver["prices_from"] == source
+        return got.version
+
+    first = registry.latest_plan(db, cfg.version)
+    assert first is not None
+    serve(40, first.version)
+    assert loop._pace()[0] == "ok" and p.pacer._value.shape[0] == 40
+    # no shift: a recalibration beside the pacer's prices starts its window again
+    p.solved = cfg.config.loop.pace_window
+    steady = plan_now("pacer")
+    serve(10, first.version)  # a worker that has not taken up the recalibration yet
+    serve(15, steady)
+    assert loop._pace()[0] == "ok"
+    assert p.valued_from == steady and p.pacer._value.shape[0] == 15
+    # a shift: the loop settles (its calibration restarts there), and the pacer keeps its window
+    loop._forget = Forget(time.time(), 0.0)
+    loop._shift_feedback = 1
+    assert loop._settling()
+    p.solved = 199
+    shifted = plan_now("planner")  # not 200 decisions yet: the planner's prices, a new window
+    serve(3, shifted)
+    assert loop._pace()[0] == "ok"
+    assert p.valued_from == shifted and p.pacer._value.shape[0] == 3
+    p.solved = 200
+    recal = plan_now("pacer")
+    serve(10, shifted)
+    serve(15, recal)
+    assert loop._pace()[0] == "ok"
+    assert p.valued_from == shifted and p.pacer._value.shape[0] == 3 + 10 + 15
+    p.solved = 0  # the planner's prices again (as `homepage plan` would publish them)
+    planned = plan_now("planner")
+    serve(5, recal)
+    serve(12, planned)
+    assert loop._pace()[0] == "ok"
+    assert p.valued_from == planned and p.pacer._value.shape[0] == 12

@@ -99,15 +99,54 @@ def test_a_small_move_of_every_category_is_found_by_the_whole_page():
 
 def test_a_reference_that_is_still_moving_is_not_judged():
     """While the calibration is still being learned, the ratios move on their own (here category 0's
-    doubles over the first 1,500 pages, then holds): the detector waits for a steady reference. Without
-    that guard the same stream raises a false alarm, so the guard is what holds it back."""
+    falls from 2.5 to 1 over the first 1,500 pages, then holds): the detector waits for a steady
+    reference. Without that guard the same stream raises a false alarm, so the guard is what holds it
+    back."""
     rng = np.random.default_rng(1)
     n = 3000
     rate = np.ones((n, C))
-    rate[:1500, 0] = np.linspace(0.4, 1.0, 1500)
+    rate[:1500, 0] = np.linspace(2.5, 1.0, 1500)
     o = _stream(rng, n, rate)
     assert _run(ShiftDetector(recent=150, slots=S), o) == []
     assert _run(ShiftDetector(recent=150, slots=S, steady=math.inf), o) != []
+
+
+def test_serving_another_mix_of_categories_is_not_a_shift():
+    """Each category's true ratio holds (2.0, 0.8, 0.8, 0.8), but from page 2,000 category 0 fills most
+    slots (the pacer's prices moved): the page's plain observed-to-predicted ratio jumps (computed here
+    over the slots, a plain sum), yet no category's ratio moved, and no shift is raised; the same
+    streams with every category's ratio down to 0.7 are still found."""
+    rng = np.random.default_rng(5)
+    base = np.array([2.0, 0.8, 0.8, 0.8])
+    n = 3000
+    for _ in range(5):
+        cat = rng.integers(0, C, size=(n, S))
+        cat[2000:] = np.where(rng.random((n - 2000, S)) < 0.8, 0, cat[2000:])
+        pred = rng.uniform(0.05, 0.5, size=(n, S)) * rng.poisson(10, size=(n, S))
+        o = SlotOutcomes(np.arange(n, dtype=np.float64), cat, rng.poisson(base[cat] * pred).astype(np.float64), pred)
+        plain = (o.units[2000:2150].sum() / o.predicted[2000:2150].sum()) / (o.units[:2000].sum() / o.predicted[:2000].sum())
+        assert plain >= 1.25  # what an unadjusted whole-page test would have seen
+        assert _run(ShiftDetector(recent=150, slots=S), o) == []
+        moved = np.where(np.arange(n)[:, None] >= 2000, 0.7, 1.0) * base[cat]
+        o2 = SlotOutcomes(o.ts, cat, rng.poisson(moved * pred).astype(np.float64), pred)
+        hits = _run(ShiftDetector(recent=150, slots=S), o2)
+        assert hits and 2000 < hits[0][0] <= 2000 + 150 + 25
+
+
+def test_pages_doing_better_than_predicted_are_not_a_shift():
+    """From page 2,000 every page earns more than predicted: category 1's ratio doubles, or every
+    category's rises to 1.4 times (the engine learned better items than its logged predictions knew):
+    no shift, while the same streams falling as much (halved, 0.7 times) are found."""
+    rng = np.random.default_rng(6)
+    base = np.array([1.2, 0.9, 1.0, 1.1])
+    for up, down in (((1,), 2.0), ((0, 1, 2, 3), 1.4)):
+        for factor, found in ((down, False), (1.0 / down, True)):
+            rate = np.tile(base, (3000, 1))
+            rate[2000:, list(up)] *= factor
+            hits = _run(ShiftDetector(recent=150, slots=S), _stream(rng, 3000, rate))
+            assert bool(hits) == found, (up, factor, hits)
+            if found:
+                assert 2000 < hits[0][0] <= 2000 + 150 + 25
 
 
 def _ev(kind: str, cat: str, units: float, ts: float) -> LiveEvent:
