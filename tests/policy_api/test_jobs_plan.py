@@ -273,4 +273,4 @@ def test_the_applied_plan_holds_on_the_candidates_serving_builds_at_its_prices(t
     shares = np.mean([np.asarray(d.candidates[d.chosen]["exposure"])
                       for d in (engine.decide(f"new{r}", ids.issue()) for r in range(300))], axis=0)
     lo, hi = st.config.bounds()
-    assert np.all(shares >= lo - 0.05) and np.all(shares <= hi + 0.05), dict(zip(st.config.constraint_names, shares))
+    assert np.all(shares >= lo - 0.05) and np.all(shares <= hi + 0.05), dict(zip(st.config.constraint_names, shares, strict=True))
