@@ -125,7 +125,7 @@ class _Pacing:
     #: the plan the pacer last started from: it re-solves on the candidate sets served since (a new plan
     #: that kept the pacer's prices and brought only a calibration does not move it)
     valued_from: int = 0
-    fresh: int = 0  # decisions served under plan_version that the pacer has re-solved on
+    fresh: int = 0  # decisions served since plan_version was taken up that the pacer has re-solved on
     solved: int = 0  # decisions served under this config that the pacer has re-solved on, over all plans
     ranker: int = 0  # the newest ranker version served: candidate sets scored by an older one are not re-solved on
 
@@ -514,9 +514,8 @@ class BackgroundLoop:
         # the prices by several times: there the pacer owns them after PACER_OWNS_AFTER_SHIFT decisions
         cfg = self._config
         p = self._pacing
-        owns = None if p is None else (loop.pace_window if not self._settling()
-                                       else min(PACER_OWNS_AFTER_SHIFT, loop.pace_window))
-        if p is not None and owns is not None and p.config_version == cfg.version and p.solved >= owns:
+        owns = min(PACER_OWNS_AFTER_SHIFT, loop.pace_window) if self._settling() else loop.pace_window
+        if p is not None and p.config_version == cfg.version and p.solved >= owns:
             # the pacer owns the prices: a re-plan only brings the new calibration (solving the plan
             # scores thousands of sampled users, which with a history scorer holds the loop, and so
             # the pacing, for tens of seconds)
