@@ -176,6 +176,9 @@ class Loop:
 
 LOOP_KEYS = tuple(Loop.__dataclass_fields__)
 
+#: what a client's ``impression`` events may mean (``[homepage] impressions``)
+IMPRESSION_KINDS = ("viewed", "rendered")
+
 
 @dataclass(frozen=True)
 class HomepageConfig:
@@ -196,6 +199,10 @@ class HomepageConfig:
     #: examination weight of each position inside a module, first item first (() = the default curve,
     #: see :func:`default_item_weights`)
     item_position_weights: tuple[float, ...] = ()
+    #: what the client's ``impression`` events mean: ``"viewed"`` (the user saw the item: each is one
+    #: examined impression) or ``"rendered"`` (every item on the page: each counts as its slot's
+    #: position weight relative to the mean, its expected examination)
+    impressions: str = "viewed"
     warnings: tuple[str, ...] = ()
     source: str = field(default="", compare=False, repr=False)
 
@@ -221,6 +228,16 @@ class HomepageConfig:
         if self.item_position_weights:
             return np.asarray(self.item_position_weights, dtype=np.float64)
         return default_item_weights(self.items_per_module)
+
+    def impression_weights(self) -> np.ndarray:
+        """Shape (slots,). How many examined impressions one ``impression`` event in each slot counts as
+        (see ``impressions``): 1 everywhere for viewed impressions, the slot's position weight over the
+        mean weight for rendered ones. Engagement per examined impression (the plan's calibration,
+        item rates, the live state, the shift test) divides by these counts."""
+        if self.impressions == "rendered":
+            w = np.asarray(self.position_weights, dtype=np.float64)
+            return w / w.mean()
+        return np.ones(self.slots)
 
     def category_values(self) -> np.ndarray:
         """Shape (n_categories,). Money per engagement unit."""
@@ -257,6 +274,7 @@ class HomepageConfig:
                 "items_per_module": self.items_per_module,
                 "pool_size": self.pool_size,
                 "item_position_weights": list(self.item_position_weights) or None,
+                "impressions": self.impressions,
             },
             "categories": [
                 {"name": c.name, "value_per_engagement": c.value_per_engagement, "new": c.new}
@@ -408,8 +426,8 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> HomepageConf
                      "exploration", "learning", "loop"}, "")
 
     hp = ck.table(raw, "homepage", "homepage")
-    ck.unknown(hp, {"slots", "position_weights", "items_per_module", "pool_size", "item_position_weights"},
-               "homepage")
+    ck.unknown(hp, {"slots", "position_weights", "items_per_module", "pool_size", "item_position_weights",
+                    "impressions"}, "homepage")
     slots = ck.integer(hp, "slots", "homepage.slots", low=1, high=100) if hp else None
     items_per_module = ck.integer(hp, "items_per_module", "homepage.items_per_module", low=1, high=1000) \
         if hp else None
@@ -442,6 +460,9 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> HomepageConf
                    f"must have one weight per position in a module ({items_per_module}); got {len(iw)} weights")
         else:
             item_weights = tuple(float(x) for x in iw)
+
+    impressions = (ck.string(hp, "impressions", "homepage.impressions", default="viewed", allowed=IMPRESSION_KINDS)
+                   if hp else None) or "viewed"
 
     categories: list[Category] = []
     for i, t in enumerate(ck.array_of_tables(raw, "categories", required=True)):
@@ -573,6 +594,7 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> HomepageConf
         loop=loop,
         pool_size=pool_size,
         item_position_weights=item_weights,
+        impressions=impressions,
         warnings=tuple(ck.warnings),
         source=source,
     )

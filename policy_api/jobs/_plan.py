@@ -521,8 +521,8 @@ def _window_events(db: Engine, config: HomepageConfig, catalog: Catalog, start: 
                    times: bool = True) -> dict[str, np.ndarray] | None:
     """The feedback events since ``start`` joined to their decisions, as int codes: ``user``,
     ``request``, ``item`` (catalog row, -1 = not in the catalog), ``ts`` (s), ``units`` (the event
-    type's weight; impressions 0), ``impression`` (bool) and ``weight`` (the slot's position weight
-    over the mean; 1 without a slot). None when there are none. One query. ``times=False`` leaves
+    type's weight; impressions 0), ``impression`` (bool) and ``weight`` (the examined impressions one
+    impression in its slot counts as, ``HomepageConfig.impression_weights``; 1 without a slot). None when there are none. One query. ``times=False`` leaves
     ``ts`` out (its conversion is the one step per row that is not vectorised)."""
     from ..log import decisions, feedback, reading
 
@@ -547,8 +547,7 @@ def _window_events(db: Engine, config: HomepageConfig, catalog: Catalog, start: 
     impression = kinds[kind] == "impression"
     ts = np.fromiter((t.timestamp() for t in rest[0]), dtype=np.float64, count=len(rows)) if times else None
     slot = np.nan_to_num(np.array(slot_s, dtype=np.float64), nan=-1.0).astype(np.int64)  # None: no slot
-    pw = np.asarray(config.position_weights, dtype=np.float64)
-    pw = pw / pw.mean()
+    pw = config.impression_weights()
     in_range = (slot >= 0) & (slot < pw.size)
     weight = np.where(in_range, pw[np.clip(slot, 0, pw.size - 1)], 1.0)
     out = {"user": user, "request": request, "item": item,
@@ -595,8 +594,8 @@ def repeat_engagement(db: Engine, config: HomepageConfig, since: datetime | None
 def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray], np.ndarray] | None = None, *,
                 repeat: bool = True, since: datetime | None = None,
                 items: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]] | None:
-    """Recent engagement units and examined impressions (each weighted by its slot's position weight
-    relative to the mean) per config category, for its head and its long tail apart, over the last
+    """Recent engagement units and examined impressions (``HomepageConfig.impression_weights``: a viewed
+    impression counts one, a rendered one its slot's position weight over the mean) per config category, for its head and its long tail apart, over the last
     ``loop.calibration_events`` feedback events of the last 6 hours, measured on the decisions served
     without a personal live state (each group shrunk toward its rate over all traffic by
     ``UNPERSONALISED_PRIOR`` impressions: over all traffic, a niche category is shown mostly to users
@@ -673,7 +672,8 @@ def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray
                     return np.where(s_ > 0, s_ * lift[rows], s_ / lift[rows])
 
     def groups(unpersonalised: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        ids, units, imps = item_engagement(db, config.events, since=since, position_weights=config.position_weights,
+        ids, units, imps = item_engagement(db, config.events, since=since,
+                                           position_weights=config.impression_weights().tolist(),
                                            max_events=config.loop.calibration_events, unpersonalised=unpersonalised)
         row = np.array([index.get(str(i), -1) for i in ids.tolist()], dtype=np.int64)  # items with feedback
         cat = np.where(row >= 0, item_cat[np.maximum(row, 0)], -1)

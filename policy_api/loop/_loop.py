@@ -334,10 +334,9 @@ class BackgroundLoop:
             self._last_feedback_id = int(rows[-1].id)
         now = time.time()
         events: list[LiveEvent] = []
-        # impressions count per (user, category) as examined impressions: each weighs its slot's
-        # examination weight relative to the mean (as the plan's calibration counts them)
-        w = np.asarray(config.position_weights, dtype=np.float64)
-        w = w / w.mean()
+        # impressions count per (user, category) as examined impressions (as the plan's calibration
+        # counts them: HomepageConfig.impression_weights)
+        w = config.impression_weights()
         shown: dict[tuple[str, str], list[float]] = {}
 
         def add(user: str, r: Any) -> None:

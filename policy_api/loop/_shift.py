@@ -103,8 +103,7 @@ def slot_outcomes(db: Engine, config: HomepageConfig, since: datetime, until: da
         kinds, kind = np.unique(fb["type"].astype(str), return_inverse=True)
         weight = np.array([float(config.events.get(k, 0.0)) for k in kinds.tolist()])
         impression = kinds[kind] == "impression"
-        pw = np.asarray(config.position_weights, dtype=np.float64)
-        pw = pw / pw.mean()
+        pw = config.impression_weights()
         flat = d[ok] * S + slot[ok]
         units = np.asarray(np.bincount(flat, weights=np.where(impression[ok], 0.0, weight[kind[ok]]),
                                        minlength=n * S), dtype=np.float64).reshape(n, S)

@@ -103,6 +103,22 @@ def test_item_position_weights_default_to_the_dcg_discount_and_round_trip():
     assert parse_config_text(config_to_toml(own)) == own  # written back and read again: the same config
 
 
+def test_impressions_are_viewed_by_default_or_rendered_and_weigh_accordingly():
+    """A viewed impression is one examined impression whatever its slot; a rendered one counts as its slot's
+    position weight over the mean weight (its expected examination, on the scale of a viewed one)."""
+    cfg = parse_config_text(EXAMPLE)
+    assert cfg.impressions == "viewed"
+    np.testing.assert_array_equal(cfg.impression_weights(), np.ones(6))
+    d = raw()
+    d["homepage"]["impressions"] = "rendered"
+    own = parse_config(d)
+    w = [1.0, 0.8, 0.65, 0.5, 0.4, 0.3]
+    np.testing.assert_allclose(own.impression_weights(), [x * 6 / sum(w) for x in w])
+    assert parse_config_text(config_to_toml(own)) == own and own != cfg
+    assert _errors(lambda d: d["homepage"].update(impressions="seen")) == [
+        ("homepage.impressions", "must be one of 'viewed', 'rendered'; got 'seen'")]
+
+
 def test_load_config_from_file(tmp_path):
     p = tmp_path / "homepage.toml"
     p.write_text(EXAMPLE)

@@ -145,8 +145,14 @@ def test_refresh_head_sets_popularity_to_impression_shares(db):
     assert too_few.returncode == 2 and "min_impressions" in too_few.stderr and "need 5000" in too_few.stderr
 
 
-def test_plan_carries_the_category_calibration_of_recent_feedback(db):
+@pytest.mark.parametrize("impressions", ["viewed", "rendered"])
+def test_plan_carries_the_category_calibration_of_recent_feedback(db, impressions):
     eng, world, cfg, cat, version, *_ = db
+    if impressions == "rendered":  # every item on the page is an impression: each counts as its slot's weight
+        text = world.default_config_toml().replace("[homepage]\n", '[homepage]\nimpressions = "rendered"\n', 1)
+        cfg = parse_config_text(text)
+        version = registry.activate_config(eng, text, author="test")
+    assert cfg.impressions == impressions
     assert jobs.calibration(eng, cfg) is None  # no feedback yet
     first = jobs.plan(eng, users=20)
     assert "calibration" not in first.solver
@@ -154,7 +160,8 @@ def test_plan_carries_the_category_calibration_of_recent_feedback(db):
     t = datetime.now(tz=UTC) - timedelta(minutes=5)
     old = datetime.now(tz=UTC) - timedelta(hours=7)  # outside the 6 h window: not counted
     # per category, head and long tail apart (the config's head_share split of catalog popularity);
-    # impressions count as examined impressions: their slot's weight over the mean weight (None: 1)
+    # impressions count as examined impressions: a viewed one as 1, a rendered one as its slot's weight over
+    # the mean weight (None: 1)
     names = cfg.category_names
     cat_idx = np.array([names.index(c) if c in names else len(names) for c in cat.category.tolist()])
     is_tail, _ = long_tail(cat.popularity, cat_idx, cfg.tilt.head_share)
@@ -188,7 +195,7 @@ def test_plan_carries_the_category_calibration_of_recent_feedback(db):
                     continue
                 part = want[str(cat.category[i])]["tail" if is_tail[i] else "head"]
                 if typ == "impression":
-                    weight = 1.0 if slot is None else pw[slot] / mean_w
+                    weight = 1.0 if slot is None or impressions == "viewed" else pw[slot] / mean_w
                     part[1] += weight
                     part[2] += weight * score[i]
                 else:

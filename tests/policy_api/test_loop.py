@@ -88,10 +88,12 @@ def _event(eid: str, rid: str, item: str, kind: str, t: datetime, slot: int | No
     return {"event_id": eid, "request_id": rid, "slot": slot, "item_id": item, "type": kind, "value": None, "ts": t}
 
 
-def test_live_state_joins_feedback_as_it_arrives(db, tmp_path):
+@pytest.mark.parametrize("impressions", ["viewed", "rendered"])
+def test_live_state_joins_feedback_as_it_arrives(db, tmp_path, impressions):
     world = make_world(n_users=30, n_items=200, seed=0)
     world.to_catalog_csv(tmp_path / "items.csv")
-    cfg_id = registry.activate_config(db, _config(tmp_path, world), author="test")
+    text = _config(tmp_path, world).replace("[homepage]\n", f'[homepage]\nimpressions = "{impressions}"\n', 1)
+    cfg_id = registry.activate_config(db, text, author="test")
     cat = read_catalog_csv(tmp_path / "items.csv")
     upsert_items(db, cat.rows())
     cfg = registry.active_config(db)
@@ -104,7 +106,8 @@ def test_live_state_joins_feedback_as_it_arrives(db, tmp_path):
     insert_decisions(db, [_decision("r1", "u1", t)])
     # feedback for r2 arrives before r2's decision row (another worker's queue); skips are negatives;
     # an event id sent twice is stored once (ON CONFLICT); impressions count as examined impressions of
-    # their category (their slot's position weight over the mean weight; 1 without a slot)
+    # their category (a viewed one as 1; a rendered one as its slot's position weight over the mean
+    # weight, 1 without a slot)
     insert_feedback(db, [_event("e1", "r1", items[0], "play", t), _event("e2", "r1", items[1], "skip", t),
                          _event("e3", "r2", items[2], "favorite", t), _event("e4", "r1", items[3], "impression", t),
                          _event("e5", "r1", items[0], "impression", t, slot=2),
@@ -131,7 +134,7 @@ def test_live_state_joins_feedback_as_it_arrives(db, tmp_path):
         if not tail_of[i]:
             want[category[i]] = want.get(category[i], 0.0) + units[k]
     assert u1.category_engagement == pytest.approx(want, abs=1e-6)
-    pw = list(cfg.config.position_weights)
+    pw = list(cfg.config.position_weights) if impressions == "rendered" else [1.0] * cfg.config.slots
     shown: dict[str, float] = {}
     for i, w in ((items[3], pw[0]), (items[0], pw[2]), (items[1], sum(pw) / len(pw))):
         if not tail_of[i]:
@@ -181,8 +184,8 @@ def test_calibration_follows_a_shift_in_engagement_and_plans_again(db, tmp_path)
         n[0] += len(rows)
         insert_feedback(db, rows)
 
-    pw = cfg.config.position_weights
-    f = pw[0] / (sum(pw) / len(pw))  # an impression in slot 0 counts as this many examined impressions
+    assert cfg.config.impressions == "viewed"
+    f = 1.0  # a viewed impression (slot 0) counts as one examined impression
     phase(2000, 600, t0)  # songs' head engages at 0.3 per impression
     loop = BackgroundLoop(db, holder="t")
     loop._on_config(cfg)

@@ -170,8 +170,8 @@ def test_the_plan_carries_the_repeat_lift_measured_on_the_log(tmp_path, world_st
     # the same figures from the rows as written
     index = cat.index_of()
     users = {d["request_id"]: int(d["user_id"][1:]) for d in decisions}
-    pw = np.asarray(cfg.position_weights, dtype=float)
-    pw = pw / pw.mean()
+    pw = np.ones(cfg.slots)  # viewed impressions (the default): one examined impression each
+    assert cfg.impressions == "viewed"
     is_tail, _ = catalog_long_tail(cat, cfg)
     want = _brute([users[x["request_id"]] for x in rows], [int(x["request_id"][1:]) for x in rows],
                   [index[x["item_id"]] for x in rows], [x["ts"].timestamp() for x in rows],
