@@ -63,6 +63,12 @@ PageScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 BASELINE_SCORERS: tuple[str, ...] = ("popularity", "recent_popularity", "category_popularity", "item_knn")
 #: the page scorer of the catalog's own popularity column: what the engine serves with no ranker published
 CATALOG_POPULARITY = "catalog_popularity"
+#: the page scorer of each item's positive rate per reported impression before the holdout: what the
+#: engine serves built in once the plan carries item rates (popularity, each head item lifted to its rate)
+ITEM_RATE = "item_rate"
+#: the baselines the engine serves without publishing anything: the publish gate judges them, and
+#: when one of them is the best, nothing is published
+BUILT_IN_SCORERS: tuple[str, ...] = (CATALOG_POPULARITY, ITEM_RATE)
 
 #: users scored per chunk by the dense baselines (bounds memory to chunk x n_items floats)
 _CHUNK = 512

@@ -161,7 +161,7 @@ def gate_holdout(state: EngineState, data: Mapping[str, Any], cutoff: float, eve
 def served_gate(state: EngineState, data: Mapping[str, Any], candidates: Mapping[str, Any], cutoff: float,
                 event_weights: np.ndarray, *, max_users: int = GATE_USERS, n_boot: int = 1000, seed: int = 0,
                 half_life_s: float = 14 * 86400.0, require_ndcg: bool = False,
-                min_users: int = MIN_GATE_USERS) -> tuple[str | None, dict[str, Any]]:
+                min_users: int = MIN_GATE_USERS, item_rate: bool = False) -> tuple[str | None, dict[str, Any]]:
     """Does a candidate's served page beat every built-in baseline's on the temporal holdout?
 
     The baselines are fitted on the positive events before ``cutoff`` and every scorer's page is
@@ -172,10 +172,21 @@ def served_gate(state: EngineState, data: Mapping[str, Any], candidates: Mapping
     baseline's lies above 0 (and, with ``require_ndcg``, its NDCG's too), on at least ``min_users``
     held-out users.
 
+    With ``item_rate`` and a log whose client reports impressions, the baselines include each item's
+    positive rate per impression before ``cutoff`` (:data:`ITEM_RATE`, :func:`rankers.item_rates`): the
+    engine's built-in scorer once its plan carries item rates. A model has to beat what the engine
+    already serves, not only the baselines it would replace.
+
     Returns (the chosen candidate's name if it passed, else None; the gate's table as a JSON-friendly
     dict, with ``best_baseline``: the baseline that is served when no candidate passes).
     """
-    from ._evaluate import baseline_scorers, evaluate_pages, with_catalog_popularity
+    from ._evaluate import (
+        ITEM_RATE,
+        baseline_scorers,
+        catalog_page_scorer,
+        evaluate_pages,
+        with_catalog_popularity,
+    )
 
     try:
         h = gate_holdout(state, data, cutoff, event_weights, max_users=max_users, seed=seed)
@@ -183,6 +194,13 @@ def served_gate(state: EngineState, data: Mapping[str, Any], candidates: Mapping
         return None, {"passed": False, "reason": f"no served-page holdout: {e.message}"}
     scorers = baseline_scorers(h, state.item_category, half_life_s=half_life_s)
     base = with_catalog_popularity(scorers, state.catalog.popularity)  # what is served built in: beat it too
+    if item_rate and np.asarray(data["impressions"]["explicit"]).any():
+        cat0 = np.where(state.item_category >= 0, state.item_category, 0)
+        rate, _ = rankers.item_rates(*shown_items(data, event_weights, cutoff), cat0)
+        prior = catalog_page_scorer(rate)  # rates are > 0: never None
+        if prior is not None:
+            scorers[ITEM_RATE] = prior
+            base.append(ITEM_RATE)
     users = list(data["user_ids"])
     for name, sc in candidates.items():
         scorers[name] = _page_scorer(name, sc, users)
@@ -301,7 +319,7 @@ def _serve_baseline(db: Engine, gate: Mapping[str, Any], data: Mapping[str, Any]
                     why: str) -> tuple[int | None, dict[str, Any]]:
     """Publish the gate's best baseline, refitted on every positive event of the log, as the served
     scorer (when the gate had a holdout to name one); returns (its version, the ``served`` entry)."""
-    from ._evaluate import CATALOG_POPULARITY, fit_baseline
+    from ._evaluate import BUILT_IN_SCORERS, CATALOG_POPULARITY, ITEM_RATE, fit_baseline
 
     best = gate.get("best_baseline")
     if not best:
@@ -309,11 +327,22 @@ def _serve_baseline(db: Engine, gate: Mapping[str, Any], data: Mapping[str, Any]
                       "reason": f"{why}; no holdout to rank the baselines on, so nothing is published and the engine "
                                 "keeps what it serves (its built-in popularity scorer if nothing was ever published)"}
     row = next(r for r in gate["scorers"] if r["scorer"] == best)
-    if best == CATALOG_POPULARITY:
+    if best in BUILT_IN_SCORERS:
+        what = ("the catalog's popularity" if best == CATALOG_POPULARITY
+                else "each item's rate per impression (the plan's item rates)")
         return None, {"kind": "unchanged", "scorer": "as before",
-                      "reason": f"{why}; the catalog's popularity, which the engine serves built in, is the best "
+                      "reason": f"{why}; {what}, which the engine serves built in, is the best "
                                 f"baseline (served-page recall {row['recall']:.4f}, NDCG {row['ndcg']:.4f} on the "
                                 "temporal holdout): nothing is published and the engine keeps what it serves"}
+    if any(r["scorer"] == ITEM_RATE for r in gate["scorers"]):
+        # the client reports impressions and the plan serves each item's positives per impression: a
+        # baseline counting positive events measures what the engine showed as much as what users like,
+        # and its recall on the same log cannot tell the two apart (in the live-loop benchmark category
+        # popularity had the best recall, 0.902 against the item rates' 0.842, and served 0.6 a page less)
+        return None, {"kind": "unchanged", "scorer": "as before",
+                      "reason": f"{why}; the log reports impressions and the engine serves each item's rate per "
+                                f"impression: a baseline of positive counts ({best}, served-page recall "
+                                f"{row['recall']:.4f}) does not replace it; nothing is published"}
     surely, why_not = beats_catalog_popularity(gate)
     if int(gate.get("n_users", 0)) < int(gate.get("min_users", 0)):
         surely, why_not = False, (f"the gate held out only {gate.get('n_users')} users (at least "
@@ -472,7 +501,7 @@ def _train_residual(db: Engine, config: ConfigRecord, catalog: Catalog, *, force
         h = None
     candidate = residual(coef, gamma, cutoff)
     chosen, gate = served_gate(state, data, {"residual": candidate}, cutoff, wv, max_users=gate_users,
-                               min_users=min_gate_users, seed=seed,
+                               min_users=min_gate_users, seed=seed, item_rate=cfg.loop.item_events > 0,
                                half_life_s=half_life_days * 86400.0, require_ndcg=require_test)
     ece = float("nan")
     if h is not None:
@@ -603,7 +632,7 @@ def _train_torch(db: Engine, config: ConfigRecord, catalog: Catalog, cats: np.nd
         build_state(cfg, catalog), data,
         {name: rankers.RankerScorer(model, dict(cfg.events), then, debias=d, threads=threads) for name, d in dial.items()},
         cutoff, cfg.event_weight_vector(), max_users=gate_users, seed=seed, half_life_s=half_life_days * 86400.0,
-        min_users=min_gate_users)
+        min_users=min_gate_users, item_rate=cfg.loop.item_events > 0)
     ece_ok = bool(np.isfinite(valid_ece) and valid_ece <= max_ece)
     served.update({"valid_play_ece": valid_ece, "max_ece": max_ece, "ece_passed": ece_ok})
     better = chosen is not None and ece_ok

@@ -180,6 +180,58 @@ def test_gate_passes_an_oracle_and_refuses_a_loser(logged):
     assert chosen == "oracle"
 
 
+class _RateScorer:
+    """A candidate that scores every user's items by one rate per item."""
+
+    def __init__(self, rate):
+        self.rate = rate
+
+    def score_pairs(self, user_idx, item_idx):
+        return self.rate[np.asarray(item_idx)]
+
+
+def test_gate_judges_the_item_rates_the_engine_serves_built_in(logged):
+    """Where the client reports impressions, the engine's plan serves each item's rate per impression: the
+    gate judges that scorer too (each item's exposures and positives before the cutoff, counted here row
+    by row), and a copy of it cannot pass (its difference is 0 for every user)."""
+    _, db, cfg, _ = logged
+    catalog, _, h = _holdout(db, cfg)
+    state = build_state(cfg.config, catalog)
+    data = jobs._train.log_training_arrays(db, catalog)
+    w = cfg.config.event_weight_vector()
+    imp, ev = data["impressions"], data["events"]
+    positive = {(d, i) for d, i, t, k in zip(ev["decision"].tolist(), ev["item"].tolist(), ev["ts"].tolist(),
+                                              ev["type"].tolist(), strict=True) if t < h.cutoff and w[k] > 0}
+    shown, hit = [], []
+    for d, i, t in zip(imp["decision"].tolist(), imp["item"].tolist(), imp["ts"].tolist(), strict=True):
+        if t < h.cutoff:
+            shown.append(i)
+            hit.append((d, i) in positive)
+    cat0 = np.where(state.item_category >= 0, state.item_category, 0)
+    rate, _ = rankers.item_rates(np.array(shown), np.array(hit), cat0)
+    copy = {"copy": _RateScorer(rate)}
+    # an imported history of ratings has no reported impressions: the engine's plan carries no item rates
+    _, table = jobs._train.served_gate(state, data, copy, h.cutoff, w, n_boot=200, min_users=1, item_rate=True)
+    assert "item_rate" not in {r["scorer"] for r in table["scorers"]}
+    data["impressions"]["explicit"] = np.ones(imp["item"].size, dtype=bool)
+    chosen, table = jobs._train.served_gate(state, data, copy, h.cutoff, w, n_boot=200, min_users=1, item_rate=True)
+    rows = {r["scorer"]: r["recall"] for r in table["scorers"]}
+    assert rows["item_rate"] == pytest.approx(rows["copy"], abs=1e-12)
+    assert rows["copy"] > rows["popularity"]  # it beats the baselines it would replace ...
+    assert chosen is None and not table["passed"]  # ... but not what the engine serves already
+    # nor does a baseline of positive counts replace the item rates: on a log of the engine's own
+    # exposures its recall measures what was shown as much as what users like
+    best = table["best_baseline"]
+    assert best != "item_rate" and rows[best] > rows["item_rate"]
+    before = len(registry.model_history(db, "ranker"))
+    published, served = jobs._train._serve_baseline(db, table, data, state, catalog, cfg.config.category_names, w,
+                                                    {}, "refused")
+    assert published is None and served["kind"] == "unchanged" and best in served["reason"]
+    assert len(registry.model_history(db, "ranker")) == before
+    chosen, table = jobs._train.served_gate(state, data, copy, h.cutoff, w, n_boot=200, min_users=1, item_rate=False)
+    assert "item_rate" not in {r["scorer"] for r in table["scorers"]}
+
+
 def _world_db(path, world, ev, keep, toml):
     """A database at ``path`` with ``toml`` active, the world's catalog and the events ``keep`` imported."""
     with (path / "inter.csv").open("w", newline="") as fh:
