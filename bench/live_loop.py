@@ -66,7 +66,7 @@ import requests
 import scipy.optimize
 import scipy.sparse
 
-from allocator import HomepageConfig, LayoutSpace, block_table, long_tail, parse_config_text
+from allocator import IMPRESSION_KINDS, HomepageConfig, LayoutSpace, block_table, long_tail, parse_config_text
 from simulator import World, make_world
 
 WINDOW = 250  # requests per window after the drift
@@ -378,8 +378,8 @@ def constrained_mix(value: np.ndarray, exposure: np.ndarray, cfg: HomepageConfig
 class Baselines:
     """Offline baselines for one world (its affinities), on given users."""
 
-    def __init__(self, world: World, geo: Geometry, seed: int, constrained: bool = True) -> None:
-        self.world, self.geo, self.seed, self.constrained = world, geo, seed, constrained
+    def __init__(self, world: World, geo: Geometry, seed: int) -> None:
+        self.world, self.geo, self.seed = world, geo, seed
         g = geo
         # per-user category choice: all modules of the best-liked category, then the next, ...
         pref = np.argsort(-world.user_affinity, axis=1, kind="stable")  # world category indices
@@ -445,12 +445,9 @@ class Baselines:
         }
 
     def variant_pages(self, users: np.ndarray) -> dict[str, np.ndarray]:
-        """name -> (n, J, S, K) pages of the variants of the fixed and per-user baselines (none with
-        ``constrained=False``)."""
+        """name -> (n, J, S, K) pages of the variants of the fixed and per-user baselines."""
         g, n = self.geo, users.size
         out: dict[str, np.ndarray] = {}
-        if not self.constrained:
-            return out
         for name, (cats, blks) in {
             "best_fixed_constrained": (np.tile(self.fixed_cats, (n, 1)), np.tile(self.fixed_blks, (n, 1))),
             "per_user_category_constrained": (self.puc_cats[users], self.puc_blks[users]),
@@ -745,7 +742,7 @@ def main() -> int:
                          "of six items, a cap of 0.2 on videos' share; narrow = "
                          "three categories without live streams, four slots of twelve items, a steeper popularity "
                          "curve, users who follow popularity less, a floor of 0.2 on radio")
-    ap.add_argument("--impressions", choices=("viewed", "rendered"), default="viewed",
+    ap.add_argument("--impressions", choices=IMPRESSION_KINDS, default="viewed",
                     help="the config's [homepage] impressions (the simulated client sends an impression for each "
                          "item the user examined: 'rendered' shows what counting them by slot weight would cost)")
     ap.add_argument("--wide", action="store_const", const="wide", dest="world", help="the same as --world wide")
@@ -760,7 +757,7 @@ def main() -> int:
     kinds, extra_constraints = WORLDS[a.world]
     world = make_world(n_users=a.users, n_items=a.items, seed=a.seed, **kinds)
     config_text = world.default_config_toml() + extra_constraints
-    if a.impressions != "viewed":  # the simulator's client sends viewed impressions; told otherwise, the engine weighs them
+    if a.impressions != "viewed":  # the simulated client sends viewed impressions; told otherwise, the engine weighs them
         config_text = config_text.replace("[homepage]\n", f'[homepage]\nimpressions = "{a.impressions}"\n', 1)
     folder = Path(tempfile.mkdtemp(prefix="homepage_live_loop_"))
     (folder / "homepage.toml").write_text(config_text)
@@ -779,7 +776,8 @@ def main() -> int:
         t_ready = time.time()
         note(f"server ready in {ready_s:.1f} s on {server.url}; log {server.log_path}")
         base0 = Baselines(world, geo, a.seed)
-        emit(event="setup", world=a.world, impressions=a.impressions, folder=str(folder), server_log=str(server.log_path), ready_s=round(ready_s, 1),
+        emit(event="setup", world=a.world, impressions=a.impressions, folder=str(folder),
+             server_log=str(server.log_path), ready_s=round(ready_s, 1),
              users=a.users, items=a.items, seed=a.seed, requests=a.requests, concurrency=a.concurrency,
              drift_requests=a.drift_requests if a.drift else 0, cpus=os.cpu_count(),
              best_fixed_popular=base0.fixed_names, readyz=server.get_json("/readyz"))

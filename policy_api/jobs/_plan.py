@@ -522,8 +522,8 @@ def _window_events(db: Engine, config: HomepageConfig, catalog: Catalog, start: 
     """The feedback events since ``start`` joined to their decisions, as int codes: ``user``,
     ``request``, ``item`` (catalog row, -1 = not in the catalog), ``ts`` (s), ``units`` (the event
     type's weight; impressions 0), ``impression`` (bool) and ``weight`` (the examined impressions one
-    impression in its slot counts as, ``HomepageConfig.impression_weights``; 1 without a slot). None when there are none. One query. ``times=False`` leaves
-    ``ts`` out (its conversion is the one step per row that is not vectorised)."""
+    impression in its slot counts as, ``HomepageConfig.impression_weights``; 1 without a slot). None
+    when there are none. One query. ``times=False`` leaves ``ts`` out (its conversion is the one step per row that is not vectorised)."""
     from ..log import decisions, feedback, reading
 
     cols = [decisions.c.user_id, feedback.c.request_id, feedback.c.item_id, feedback.c.type, feedback.c.slot]
@@ -595,9 +595,10 @@ def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray
                 repeat: bool = True, since: datetime | None = None,
                 items: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]] | None:
     """Recent engagement units and examined impressions (``HomepageConfig.impression_weights``: a viewed
-    impression counts one, a rendered one its slot's position weight over the mean) per config category, for its head and its long tail apart, over the last
-    ``loop.calibration_events`` feedback events of the last 6 hours, measured on the decisions served
-    without a personal live state (each group shrunk toward its rate over all traffic by
+    impression counts one, a rendered one its slot's position weight over the mean) per config category,
+    for its head and its long tail apart, over the last ``loop.calibration_events`` feedback events of
+    the last 6 hours, measured on the decisions served without a personal live state (each group shrunk
+    toward its rate over all traffic by
     ``UNPERSONALISED_PRIOR`` impressions: over all traffic, a niche category is shown mostly to users
     who like it, which overstates what it earns from anyone else):
     ``{category: {"head": [units, impressions], "tail": [...]}}``, what serving calibrates a
