@@ -35,7 +35,15 @@ from ._layout import (
 from ._pacing import DualPacer, PacerConfig
 from ._plan import InfeasibilityDiagnosis, InfeasiblePlan, Plan, Relaxation, choose, choose_batch, plan_lp
 from ._resolve import ResolvePacer, ResolvePacerConfig, window_correction
-from ._sharded import ChunkedShard, LocalShards, PlanShard, ShardedPlan, ShardMap, plan_dual_sharded
+from ._sharded import (
+    ChunkedShard,
+    CompactShard,
+    LocalShards,
+    PlanShard,
+    ShardedPlan,
+    ShardMap,
+    plan_dual_sharded,
+)
 from ._softmax import exploit_pmf, exploitable, serving_pmf, softmax_prices, softmax_response
 from ._solve import LP_MAX_VARS, PLAN_METHODS, solve_plan
 from ._valuation import ValueRefit, refit_values
@@ -75,6 +83,7 @@ __all__ = [
     "plan_dual",
     "plan_dual_sharded",
     "ChunkedShard",
+    "CompactShard",
     "LocalShards",
     "PlanShard",
     "ShardMap",

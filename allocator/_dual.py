@@ -328,15 +328,18 @@ def _check_args(tol: float, temperature: float | None, max_iter: int) -> None:
 
 
 def _anneal(dp: _DualProblem, scale: float, temperature: float | None, tol: float, max_iter: int,
-            on_infeasible: Callable[[], None]) -> tuple[np.ndarray, float]:
+            on_infeasible: Callable[[], None], start: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """Minimise the smoothed dual down the temperature schedule; returns the prices and the last
     temperature. ``on_infeasible`` runs when the dual bound proves infeasibility: it raises, or relaxes
-    ``dp`` for one more try at that temperature."""
+    ``dp`` for one more try at that temperature. With ``start`` (multipliers near the optimum, e.g. a
+    sample's) only the last temperature is minimised, from there."""
     if temperature is None:
         taus = [scale * t for t in _TAUS]
     else:
         taus = [t for t in (scale * t for t in _TAUS) if t > temperature] + [float(temperature)]
     y = np.zeros(dp.n_mult)
+    if start is not None:
+        taus, y = taus[-1:], np.array(start, dtype=np.float64)
     for i, tau in enumerate(taus if dp.n_mult else ()):
         last = i == len(taus) - 1
         gtol = (tol if temperature is not None else 1e-6) if last else 1e-4

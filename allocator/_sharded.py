@@ -54,7 +54,7 @@ from allocator._plan import (
     _violation,
 )
 
-__all__ = ["ChunkedShard", "LocalShards", "PlanShard", "ShardMap", "ShardedPlan", "plan_dual_sharded"]
+__all__ = ["ChunkedShard", "CompactShard", "LocalShards", "PlanShard", "ShardMap", "ShardedPlan", "plan_dual_sharded"]
 
 
 class PlanShard:
@@ -91,6 +91,18 @@ class PlanShard:
         # _validate checks shapes, dtypes, finiteness and the mask; it wants weights summing to 1
         norm = w / total if total > 0 else np.full(w.shape, 1.0 / max(w.size, 1))
         self.p = _validate(value, exposure, norm, zeros, zeros, mask, None)._replace(weight=w)
+
+    @classmethod
+    def _checked(cls, value: np.ndarray, exposure: np.ndarray, weight: np.ndarray,
+                 mask: np.ndarray | None) -> PlanShard:
+        """A shard of arrays its caller has checked (a :class:`CompactShard`'s chunk): no validation pass."""
+        s = cls.__new__(cls)
+        n, n_cand, k = exposure.shape
+        n_vars = n * n_cand if mask is None else int(mask.sum())
+        zeros = np.zeros(k)
+        s.p = _Problem(value, exposure, weight, zeros, zeros, None if n_vars == n * n_cand else mask,
+                       tuple(f"constraint_{i}" for i in range(k)), n, n_cand, k, n_vars)
+        return s
 
     @property
     def n_users(self) -> int:
@@ -169,6 +181,21 @@ class PlanShard:
         """How many near-best pairs :meth:`crossover_part` would send at ``(prices, delta)``: the driver
         asks first, so that a band too wide for the reduced LP ships nothing."""
         return int(np.count_nonzero(_split_marginal(self.p, prices, delta)[4]))
+
+    def crossover_counts(self, prices: np.ndarray, deltas: np.ndarray) -> np.ndarray:
+        """:meth:`crossover_count` for each band of ``deltas`` (shape (D,)), in one pass."""
+        p = self.p
+        pc = np.asarray(prices, dtype=np.float64)
+        d = np.asarray(deltas, dtype=np.float64)
+        out = np.zeros(d.size, dtype=np.int64)
+        for i0, i1 in _chunks(p.n_users):
+            s = _scores(p, i0, i1, pc)
+            s.sort(axis=1)
+            behind = s[:, -1:] - s  # >= 0, the best last; +inf on padding
+            # a pair counts at band d when it and the user's runner-up are within d of the best
+            key = np.maximum(behind, behind[:, -2:-1])
+            out += np.bincount(np.searchsorted(d, key.ravel()), minlength=d.size + 1)[: d.size]
+        return np.cumsum(out)
 
     def choose(self, prices: np.ndarray) -> np.ndarray:
         """Shape (n_users,): each user's priced argmax (what serving takes at these prices)."""
@@ -269,8 +296,136 @@ class ChunkedShard:
     def crossover_count(self, prices: np.ndarray, delta: float) -> int:
         return int(sum(self._map("crossover_count", prices, delta)[0]))
 
+    def crossover_counts(self, prices: np.ndarray, deltas: np.ndarray) -> np.ndarray:
+        return np.sum(self._map("crossover_counts", prices, deltas)[0], axis=0)
+
     def choose(self, prices: np.ndarray) -> np.ndarray:
         return np.concatenate(self._map("choose", prices)[0])
+
+
+class CompactShard(ChunkedShard):
+    """A shard whose exposures are held as small integer counts: a quarter of float32's memory.
+
+    A layout's exposure to a constraint is usually a count over the page: how many of its slots
+    hold a live module, how many of its items are long-tail. Held as ``uint8`` counts with one unit
+    per constraint (``exposure[u, l, k] = counts[u, l, k] * unit[k]``, e.g. ``unit = 1 / items on
+    the page``), a user of 16 candidates and 8 constraints takes 128 bytes instead of 512, and a
+    ``float16`` value (estimates of expected reward carry far more error than its 3 significant
+    digits) 32 instead of 64. Every pass converts ``chunk_users`` users at a time to a float32
+    :class:`PlanShard` (``counts * unit`` rounded to float32, the value widened to float32) and
+    answers with its methods, so the shard solves exactly the problem of that float32 PlanShard
+    (equal up to floating-point summation order across chunks).
+
+    Parameters
+    ----------
+    value
+        Shape (n_users, n_cand), float16, float32 or float64 (not copied).
+    counts
+        Shape (n_users, n_cand, K), an unsigned integer dtype (``uint8`` for counts up to 255).
+    unit
+        Shape (K,): the exposure of one count of each constraint, finite and > 0.
+    weight
+        Shape (n_users,), or one float: every user's traffic share (the weights of all shards
+        together sum to 1).
+    mask
+        Shape (n_users, n_cand) bool, or None when every candidate is real.
+    chunk_users
+        Users converted at a time (memory per pass: 4 * n_cand * (K + 1) bytes per user of a chunk).
+
+    Examples
+    --------
+    >>> s = CompactShard(np.array([[3.0, 1.0]]), np.array([[[0], [6]]], dtype=np.uint8), np.array([1 / 6]), 1.0)
+    >>> s.sizes(), s.summary()[:2].tolist(), s.summary()[-1].round(6)
+    ((1, 1), [1.0, 2.0], np.float64(1.0))
+    """
+
+    def __init__(self, value: np.ndarray, counts: np.ndarray, unit: np.ndarray, weight: np.ndarray | float,
+                 mask: np.ndarray | None = None, chunk_users: int = 8192) -> None:
+        v = np.asarray(value)
+        if v.dtype not in (np.float16, np.float32, np.float64) or v.ndim != 2:
+            raise ValueError(f"value must be a 2-D float16/float32/float64 array (n_users, n_cand); got "
+                             f"dtype {v.dtype}, shape {v.shape}")
+        c = np.asarray(counts)
+        if not np.issubdtype(c.dtype, np.unsignedinteger) or c.ndim != 3 or c.shape[:2] != v.shape:
+            raise ValueError(f"counts must be an unsigned integer array of shape (n_users, n_cand, K) = "
+                             f"({v.shape[0]}, {v.shape[1]}, K); got dtype {c.dtype}, shape {c.shape}")
+        u = np.asarray(unit, dtype=np.float64)
+        if u.shape != (c.shape[2],) or not np.isfinite(u).all() or (u <= 0).any():
+            raise ValueError(f"unit must hold K = {c.shape[2]} finite values > 0 (the exposure of one count); "
+                             f"got {u.tolist()!r}")
+        if np.ndim(weight) == 0:
+            w_one = float(weight)
+            if not math.isfinite(w_one) or w_one < 0:
+                raise ValueError(f"weight must be a finite traffic share >= 0; got {w_one!r}")
+            w: np.ndarray | float = w_one
+        else:
+            w = np.asarray(weight, dtype=np.float64)
+            if w.shape != (v.shape[0],):
+                raise ValueError(f"weight must be one float or have shape (n_users,) = ({v.shape[0]},); "
+                                 f"got shape {w.shape}")
+        if isinstance(chunk_users, bool) or not isinstance(chunk_users, int) or chunk_users < 1:
+            raise ValueError(f"chunk_users must be an integer >= 1; got {chunk_users!r}")
+        if v.dtype != np.float64 and not all(np.isfinite(v[i0:i1]).all() for i0, i1 in _chunks(v.shape[0], 65536)):
+            raise ValueError("value must be finite everywhere (fill padding with 0 and mark it in mask)")
+        if mask is not None:
+            mask = np.asarray(mask)
+            if mask.dtype != np.bool_ or mask.shape != v.shape or not mask.any(axis=1).all():
+                raise ValueError(f"mask must be a bool array of shape {v.shape} with a real candidate for every "
+                                 f"user; got dtype {mask.dtype}, shape {mask.shape}")
+        self.value, self.counts, self.unit, self.weight, self.mask = v, c, u, w, mask
+        self.chunk_users = chunk_users
+        self._unit32 = u.astype(np.float32)
+        # ChunkedShard's state, its summary taken on the counts (no float32 pass over the users)
+        self.make_chunk = self._chunk
+        self.n_chunks = max(1, -(-v.shape[0] // chunk_users))
+        self._sizes = (int(v.shape[0]), int(c.shape[2]))
+        self._float32 = True
+        self._summary = self._count_summary()
+
+    def _count_summary(self) -> np.ndarray:
+        n, k = self._sizes
+        floor = spread = w_sum = 0.0
+        lo, hi = np.zeros(k), np.zeros(k)
+        top = np.iinfo(self.counts.dtype).max
+        for i0, i1 in _chunks(n, 65536):
+            w = np.full(i1 - i0, self.weight) if isinstance(self.weight, float) else self.weight[i0:i1]
+            v = self.value[i0:i1].astype(np.float32 if self.value.dtype == np.float16 else self.value.dtype)
+            c = self.counts[i0:i1]
+            if self.mask is None:
+                vlo, vhi, cmin, cmax = _fold(v, np.minimum), _fold(v, np.maximum), _fold(c, np.minimum), _fold(c, np.maximum)
+            else:
+                mk = self.mask[i0:i1]
+                vlo = _fold(np.where(mk, v, np.inf), np.minimum)
+                vhi = _fold(np.where(mk, v, -np.inf), np.maximum)
+                cmin = _fold(np.where(mk[:, :, None], c, top), np.minimum)
+                cmax = _fold(np.where(mk[:, :, None], c, 0), np.maximum)
+            lo += w @ np.multiply(cmin, self._unit32, dtype=np.float32)
+            hi += w @ np.multiply(cmax, self._unit32, dtype=np.float32)
+            floor += float(w @ vlo.astype(np.float64))
+            spread += float(w @ (vhi.astype(np.float64) - vlo))
+            w_sum += float(w.sum())
+        n_vars = n * self.value.shape[1] if self.mask is None else int(self.mask.sum())
+        return np.concatenate([[w_sum, float(n_vars), floor, spread], lo, hi])
+
+    def _chunk(self, i: int) -> PlanShard:
+        i0 = i * self.chunk_users
+        i1 = min(self.value.shape[0], i0 + self.chunk_users)
+        a = np.multiply(self.counts[i0:i1], self._unit32, dtype=np.float32)
+        v = self.value[i0:i1]
+        if v.dtype == np.float16:
+            v = v.astype(np.float32)
+        w = np.full(i1 - i0, self.weight) if isinstance(self.weight, float) else self.weight[i0:i1]
+        return PlanShard._checked(v, a, w, None if self.mask is None else self.mask[i0:i1])
+
+
+def _fold(a: np.ndarray, op: np.ufunc) -> np.ndarray:
+    """``op.reduce(a, axis=1)`` by halving the axis: whole contiguous blocks at a time, several times
+    faster than numpy's reduction over a short middle axis."""
+    while a.shape[1] > 1:
+        h = a.shape[1] // 2
+        head = op(a[:, :h], a[:, h : 2 * h])
+        a = head if a.shape[1] == 2 * h else np.concatenate([head, a[:, 2 * h :]], axis=1)
+    return a[:, 0]
 
 
 class CrossoverPart(NamedTuple):
@@ -407,6 +562,7 @@ def plan_dual_sharded(
     temperature: float | None = None,
     max_iter: int = 500,
     time_limit: float | None = None,
+    start: np.ndarray | None = None,
 ) -> ShardedPlan:
     """Solve the planning LP over users held in shards, by the dual method of :func:`plan_dual`.
 
@@ -416,6 +572,11 @@ def plan_dual_sharded(
         A :class:`ShardMap` of :class:`PlanShard` (their weights together sum to 1).
     lower, upper, names, tol, temperature, max_iter, time_limit
         As in :func:`allocator.plan_dual`.
+    start
+        Shape (K,): prices to start from (a warm start), e.g. the plan of a random sample of the
+        same users or the last plan's. The dual is then minimised at the last temperature only,
+        from these prices, instead of down the whole schedule from zero: a few passes instead of
+        dozens when they are close. The result is the same optimum (the crossover certifies it).
 
     Returns
     -------
@@ -465,8 +626,6 @@ def plan_dual_sharded(
     def refuse() -> None:
         raise InfeasiblePlan(_dual_diagnosis(bp, dp)) from None
 
-    prices, tau = _anneal(dp, scale, temperature, tol, max_iter, refuse)
-
     def done(prices: np.ndarray, obj: float, shares: np.ndarray, status: str, gap: float, viol: float,
              bound: float, method: str) -> ShardedPlan:
         return ShardedPlan(prices=prices, objective=obj, shares=shares, status=status, gap=gap, violation=viol,
@@ -477,6 +636,21 @@ def plan_dual_sharded(
     def lagrangian(prices: np.ndarray) -> float:
         dp.n_passes += 1
         return float(sum(shards.map("bound", prices))) + _bound_term(bp, np.asarray(prices, dtype=np.float64))
+
+    def cross(center: np.ndarray, delta: float) -> _Cross | None:
+        dp.n_passes += 1  # the count pass before the gather
+        return _crossover(bp, shards, center, delta, time_limit)
+
+    if start is not None:
+        start = _check_start(start, k)
+        if temperature is None:
+            warm = _warm_crossover(bp, dp, shards, start, scale, tol, time_limit, lagrangian)
+            if warm is not None:
+                gap, viol, cx, bound = warm
+                return done(cx.prices if cx.prices is not None else start, cx.objective, cx.shares, "optimal",
+                            gap, viol, bound, "sharded-dual-warm-crossover")
+    y0 = None if start is None else _multipliers(dp, start)
+    prices, tau = _anneal(dp, scale, temperature, tol, max_iter, refuse, y0)
 
     def softmax(exact: bool) -> ShardedPlan:
         tot = _add(shards.map("softmax_totals", prices, tau))
@@ -491,10 +665,6 @@ def plan_dual_sharded(
 
     if temperature is not None:
         return softmax(exact=False)
-
-    def cross(center: np.ndarray, delta: float) -> _Cross | None:
-        dp.n_passes += 1  # the count pass before the gather
-        return _crossover(bp, shards, center, delta, time_limit)
 
     best, bound = _crossover_rounds(bp, dp, prices, tau, tol, cross, lagrangian)
     for _ in range(_COLDER_DECADES):
@@ -520,6 +690,55 @@ def plan_dual_sharded(
 #: Colder temperatures (each a tenth of the last) tried when no crossover certifies the plan.
 _COLDER_DECADES = 2
 
+#: Bands tried for a warm start's crossover, in units of the value spread (one counting pass).
+_WARM_BANDS = 10.0 ** np.arange(-8.0, -0.5, 0.125)
+#: Crossover rounds from a warm start before falling back to the dual's minimisation.
+_WARM_ROUNDS = 4
+#: Near-best pairs a warm start's reduced LP may take: its band must cover the start's error, so it
+#: takes more than the cold crossover's (HiGHS solves ~10^6 such pairs in about half a minute here).
+_MAX_WARM_CROSSOVER_VARS = 2_000_000
+
+
+def _warm_crossover(bp: _Problem, dp: _ShardedDual, shards: ShardMap, start: np.ndarray, scale: float, tol: float,
+                    time_limit: float | None, lagrangian: Callable[[np.ndarray], float]
+                    ) -> tuple[float, float, _Cross, float] | None:
+    """Cross over straight from warm-start prices: the widest band of ``_WARM_BANDS`` whose near-best
+    pairs the reduced LP takes (one pass counts them for every band), first at the cold crossover's
+    size; when that does not certify the plan, from the start again with a band of up to
+    ``_MAX_WARM_CROSSOVER_VARS`` pairs (the start is further from the optimum than the narrow band),
+    then recentred on the reduced LP's prices until the Lagrangian bound certifies the gap.
+    ``(gap, violation, crossover, bound)``, or None when no round certifies the plan (the caller
+    minimises the dual from ``start``)."""
+    deltas = scale * _WARM_BANDS
+    counts = np.sum(shards.map("crossover_counts", start, deltas), axis=0)
+    dp.n_passes += 1
+    center = start
+    bound = math.inf
+    for cap in (_MAX_CROSSOVER_VARS, *[_MAX_WARM_CROSSOVER_VARS] * (_WARM_ROUNDS - 1)):
+        # a recentred round keeps the last count (the band barely moves): a margin for the change
+        fits = np.flatnonzero(counts <= (cap if center is start else cap / 1.5))
+        if fits.size == 0:
+            return None
+        cx = _crossover(bp, shards, center, float(deltas[fits[-1]]), time_limit, counted=True, cap=cap)
+        dp.n_passes += 1
+        if cx is not None and cx.prices is not None:
+            bound = min(bound, lagrangian(cx.prices))
+            gap, viol = _rel_gap(bound, cx.objective), _violation(bp, cx.shares)
+            if gap <= tol and viol <= tol:
+                return gap, viol, cx, bound
+        if cap == _MAX_WARM_CROSSOVER_VARS:
+            if cx is None or cx.prices is None:
+                return None
+            center = cx.prices  # recentre a wide band's round; a narrow band's prices can be far off
+    return None
+
+
+def _check_start(start: object, k: int) -> np.ndarray:
+    s = np.asarray(start, dtype=np.float64)
+    if s.shape != (k,) or not np.isfinite(s).all():
+        raise ValueError(f"start must hold K = {k} finite prices; got {s.tolist()!r}")
+    return s
+
 
 def _multipliers(dp: _ShardedDual, prices: np.ndarray) -> np.ndarray:
     """Multipliers ``y`` (floors, then caps; all >= 0) whose prices are ``prices``."""
@@ -533,12 +752,13 @@ class _Cross(NamedTuple):
 
 
 def _crossover(bp: _Problem, shards: ShardMap, prices: np.ndarray, delta: float,
-               time_limit: float | None) -> _Cross | None:
+               time_limit: float | None, counted: bool = False, cap: int = _MAX_CROSSOVER_VARS) -> _Cross | None:
     """The single-machine crossover's reduced LP over the marginal users gathered from the shards.
 
-    The shards first count their near-best pairs; past the reduced LP's size nothing is gathered (a
-    wide band over many users would otherwise ship most of their candidates)."""
-    if sum(shards.map("crossover_count", prices, delta)) > _MAX_CROSSOVER_VARS:
+    The shards first count their near-best pairs (unless the caller has: ``counted``); past the
+    reduced LP's size nothing is gathered (a wide band over many users would otherwise ship most of
+    their candidates)."""
+    if not counted and sum(shards.map("crossover_count", prices, delta)) > cap:
         return None
     parts: list[CrossoverPart] = shards.map("crossover_part", prices, delta)
     k = bp.n_constraints
@@ -550,7 +770,7 @@ def _crossover(bp: _Problem, shards: ShardMap, prices: np.ndarray, delta: float,
     offsets = np.cumsum([0] + [pt.n_marginal for pt in parts[:-1]])
     ui = np.concatenate([pt.row + o for pt, o in zip(parts, offsets, strict=True)])
     n_p = ui.size
-    if n_p > _MAX_CROSSOVER_VARS:
+    if n_p > cap:
         return None
     w = np.concatenate([pt.weight for pt in parts])
     val = np.concatenate([pt.value for pt in parts])

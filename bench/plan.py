@@ -7,6 +7,7 @@ Prints one JSON line per measurement. Not a test: figures only.
     .venv/bin/python bench/plan.py --sharded 1000000   # only: sharded dual, in-process vs Ray (2 workers)
     .venv/bin/python bench/plan.py --scale 10000000    # only: Ray, 2 workers, users held in memory (float32)
     .venv/bin/python bench/plan.py --scale 100000000 --regenerate --passes 2   # chunks rebuilt every pass
+    .venv/bin/python bench/plan.py --scale 100000000 --workers 4 --compact --warm   # 10^8 users, solved
 
 ``--scale`` users are generated in chunks of 62,500 inside the workers from ``(seed, chunk)``
 (``fast_chunk``: the same kind of instance as ``make_instance``, with cheaper distributions), so no
@@ -15,6 +16,13 @@ of exposure per user); with ``--regenerate`` each worker is one :class:`allocato
 rebuilds its chunks on every pass and holds one chunk at a time. ``--passes P`` times P dual passes
 instead of solving (for sizes whose solve would take too long here); the full solve's pass count
 comes from a smaller size.
+
+With ``--compact`` the chunks are ``compact_chunk``'s: pages of 6 slots x 10 items whose exposures are
+counts (``uint8``) held in :class:`allocator.CompactShard` with float16 values, 160 bytes per user.
+With ``--warm`` the bounds and the starting prices come from samples drawn alike (other seeds) in the
+driver: 125,000 users solved from zero, whose plan starts 10^6 users', which starts 10^7 users'
+(levels at most a tenth of the next); the full users' solve starts from the last
+(``plan_dual_sharded(..., start=...)``).
 
 Instances: ``n_cand = 16`` candidates per user, K = 8 constraints (4 category shares, a long-tail
 share, a new-category share, two module shares), of which 5 bind; traffic weights are lognormal.
@@ -30,12 +38,14 @@ import argparse
 import json
 import os
 import resource
+import sys
 import time
 
 import numpy as np
 
 from allocator import (
     ChunkedShard,
+    CompactShard,
     LocalShards,
     PlanShard,
     choose,
@@ -221,6 +231,44 @@ def fast_chunk(seed: int, n_users: int, n_total: int, chunk: int) -> BenchChunk:
     return BenchChunk(value, a, np.full(n_users, 1.0 / n_total))
 
 
+#: Exposure of one count of each constraint in ``compact_chunk``: items of a 6 x 10 page for the
+#: category, long-tail and new-category shares, slots of 6 for the two module shares.
+COMPACT_UNIT = np.array([1 / 60] * 6 + [1 / 6] * 2)
+
+
+#: Items of each category on a page whose six slots' categories are the 2-bit digits of its index.
+_PAGE_ITEMS = 10 * (((np.arange(4096)[:, None] >> (2 * np.arange(6))) & 3)[:, :, None]
+                    == np.arange(4)).sum(axis=1).astype(np.uint8)
+
+
+def compact_chunk(seed: int, n_users: int, n_total: int, chunk: int) -> BenchCompact:
+    """Chunk ``chunk`` of a generated instance held compactly (:class:`allocator.CompactShard`):
+    ``n_users`` users x 16 candidate pages of 6 slots x 10 items, K = 8 constraints whose exposures
+    are counts (``uint8``) over the page (:data:`COMPACT_UNIT`): each category's items (10 per slot
+    of its category, the slots' categories uniform), long-tail items (0..36), new-category items
+    (0..31, mostly few), slots of two modules (0..3 each); the value (``float16``) is each page's
+    category mix priced by the user's affinities, less half its long-tail share, plus noise;
+    weights ``1 / n_total``; the same arrays for the same ``(seed, chunk)``."""
+    rng = np.random.default_rng([seed, chunk])
+    counts = np.empty((n_users, 16, 8), dtype=np.uint8)
+    # six slots' categories, two bits each, as one 12-bit number per page; a table gives the counts
+    counts[:, :, :4] = _PAGE_ITEMS[rng.integers(0, 4096, size=(n_users, 16), dtype=np.uint16)]
+    r = rng.integers(0, 256, size=(n_users, 16, 4), dtype=np.uint8)
+    np.remainder(r[:, :, 0], 37, out=counts[:, :, 4])
+    counts[:, :, 5] = (r[:, :, 1].astype(np.uint16) ** 2) >> 11
+    np.remainder(r[:, :, 2:], 4, out=counts[:, :, 6:])
+    affinity = np.exp(0.5 * rng.standard_normal((n_users, 4), dtype=np.float32))
+    value = np.einsum("ulc,uc->ul", counts[:, :, :4], affinity / 60, dtype=np.float32)
+    value *= 1.0 - counts[:, :, 4] / np.float32(120)
+    value += 0.1 * rng.standard_normal((n_users, 16), dtype=np.float32)
+    return BenchCompact(value.astype(np.float16), counts, COMPACT_UNIT, 1.0 / n_total)
+
+
+class BenchCompact(CompactShard):
+    def rss_mb(self) -> int:
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
 class BenchChunk(PlanShard):
     def rss_mb(self) -> int:
         return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -241,7 +289,60 @@ class BenchChunked(ChunkedShard):
         return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def bench_scale(n_users: int, workers: int, regenerate: bool, passes: int | None, seed: int = 7) -> None:
+def warm_start(n_users: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[dict]]:
+    """The bounds and the prices to start ``n_users`` from, on samples of other users drawn alike
+    (``compact_chunk``, in this process): the bounds from 125,000 users' unconstrained shares, whose
+    plan (solved from zero) starts 10^6 users', which starts 10^7 users' (each warm-started level a
+    tenth of the next or less). ``(lower, upper, prices, one row per level)``."""
+    levels = [m for m in (125_000, 10**6, 10**7) if 10 * m <= n_users]
+    lo = hi = prices = None
+    rows = []
+    for i, m in enumerate(levels):
+        t0 = time.perf_counter()
+        sample = LocalShards([compact_chunk(seed + 1000 + i, CHUNK, m, c) for c in range(m // CHUNK)])
+        built = time.perf_counter() - t0
+        if lo is None:
+            lo, hi = sharded_bounds(sample)
+        t0 = time.perf_counter()
+        plan = plan_dual_sharded(TimedShards(sample), lo, hi, names=NAMES, start=prices)
+        prices = plan.prices
+        print(json.dumps(dict(level=m, prices=prices.round(6).tolist(), method=plan.method)), file=sys.stderr)
+        rows.append(dict(users=m, build_s=round(built, 1), solve_s=round(time.perf_counter() - t0, 1),
+                         passes=plan.iterations, method=plan.method, status=plan.status))
+        del sample
+    if lo is None or hi is None:
+        raise SystemExit(f"--warm needs at least {10 * levels[0] if levels else 1_250_000} users; got {n_users}")
+    return lo, hi, prices, rows
+
+
+class TimedShards:
+    """A ShardMap that prints each call (method, seconds, what came back in brief) to stderr."""
+
+    def __init__(self, shards: object) -> None:
+        self.shards = shards
+
+    @property
+    def n_shards(self) -> int:
+        return self.shards.n_shards  # type: ignore[attr-defined]
+
+    def map(self, method: str, *args: object) -> list:
+        t0 = time.perf_counter()
+        out = self.shards.map(method, *args)  # type: ignore[attr-defined]
+        brief: object = None
+        if method == "crossover_counts":
+            brief = np.sum(out, axis=0)[::4].tolist()
+        elif method == "crossover_part":
+            brief = sum(int(pt.row.size) for pt in out)
+        print(json.dumps(dict(call=method, s=round(time.perf_counter() - t0, 2), brief=brief)), file=sys.stderr,
+              flush=True)
+        return out
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.shards, name)
+
+
+def bench_scale(n_users: int, workers: int, regenerate: bool, passes: int | None, seed: int = 7,
+                compact: bool = False, warm: bool = False) -> None:
     """The sharded dual on ``workers`` Ray actors over ``n_users`` generated users (see the docstring)."""
     from functools import partial
 
@@ -252,7 +353,9 @@ def bench_scale(n_users: int, workers: int, regenerate: bool, passes: int | None
     if n_users % CHUNK:
         raise SystemExit(f"--scale must be a multiple of {CHUNK}; got {n_users}")
     n_chunks = n_users // CHUNK
-    if regenerate:
+    if compact:
+        builders = [partial(compact_chunk, seed, CHUNK, n_users, c) for c in range(n_chunks)]
+    elif regenerate:
         edges = [round(i * n_chunks / workers) for i in range(workers + 1)]
         builders = [partial(BenchChunked, ChunkRange(seed, n_users, edges[i]), edges[i + 1] - edges[i])
                     for i in range(workers)]
@@ -264,11 +367,17 @@ def bench_scale(n_users: int, workers: int, regenerate: bool, passes: int | None
         shards = RayShards(builders, n_workers=workers)
         build = time.perf_counter() - t0
         t0 = time.perf_counter()
-        lo, hi = sharded_bounds(shards)
+        if warm:  # bounds and start prices from samples drawn alike; the full users' first pass is the solve's
+            lo, hi, start, levels = warm_start(n_users, seed)
+        else:
+            lo, hi = sharded_bounds(shards)
+            start, levels = None, []
         first_pass = time.perf_counter() - t0
+        storage = ("uint8 counts + float16 values in memory" if compact else
+                   "regenerated per pass" if regenerate else "float32 in memory")
         row: dict[str, object] = dict(what="plan_dual_scale", n_users=n_users, n_vars=16 * n_users, workers=workers,
-                                      storage="regenerated per pass" if regenerate else "float32 in memory",
-                                      build_s=round(build, 1), one_pass_s=round(first_pass, 2))
+                                      storage=storage, build_s=round(build, 1),
+                                      **{"warm_s" if warm else "one_pass_s": round(first_pass, 2)})
         if passes:
             t0 = time.perf_counter()
             for i in range(passes):
@@ -276,11 +385,12 @@ def bench_scale(n_users: int, workers: int, regenerate: bool, passes: int | None
             row.update(timed_passes=passes, s_per_pass=round((time.perf_counter() - t0) / passes, 2))
         else:
             t0 = time.perf_counter()
-            plan = plan_dual_sharded(shards, lo, hi, names=NAMES)  # type: ignore[arg-type]
+            plan = plan_dual_sharded(TimedShards(shards), lo, hi, names=NAMES, start=start)  # type: ignore[arg-type]
             total = time.perf_counter() - t0
-            row.update(solve_s=round(total, 1), passes=plan.iterations, s_per_pass=round(total / plan.iterations, 2),
-                       status=plan.status, gap=plan.gap, violation=plan.violation, objective=plan.objective,
-                       method=plan.method)
+            row.update(warm_levels=levels, solve_s=round(total, 1), passes=plan.iterations,
+                       s_per_pass=round(total / plan.iterations, 2), status=plan.status, gap=plan.gap,
+                       violation=plan.violation, objective=plan.objective, method=plan.method,
+                       prices=plan.prices.round(6).tolist(), total_s=round(build + first_pass + total, 1))
         rss = shards.map("rss_mb")
         row.update(peak_rss_mb_per_worker=max(rss), uptime=os.popen("uptime").read().strip())
         emit(**row)
@@ -349,10 +459,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="with --scale: Ray workers")
     ap.add_argument("--regenerate", action="store_true", help="with --scale: rebuild the chunks on every pass")
     ap.add_argument("--passes", type=int, help="with --scale: time this many passes instead of solving")
+    ap.add_argument("--compact", action="store_true",
+                    help="with --scale: exposures held as uint8 counts, values as float16 (compact_chunk)")
+    ap.add_argument("--warm", action="store_true",
+                    help="with --scale: start from the plan of 10^6 (then 10^7) other users drawn alike")
     args = ap.parse_args()
     emit(what="machine", uptime=os.popen("uptime").read().strip(), cpus=os.cpu_count())
     if args.scale:
-        bench_scale(args.scale, args.workers, args.regenerate, args.passes)
+        bench_scale(args.scale, args.workers, args.regenerate, args.passes, compact=args.compact, warm=args.warm)
         return
     if args.sharded:
         bench_sharded(args.sharded)

@@ -14,6 +14,7 @@ import pytest
 
 from allocator import (
     ChunkedShard,
+    CompactShard,
     InfeasiblePlan,
     LocalShards,
     PlanShard,
@@ -150,3 +151,106 @@ def test_unreachable_floor_is_diagnosed_before_any_pass():
 def test_bad_inputs_are_named(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+# ------------------------------------------------------------------------------- compact shards
+
+
+def count_instance(rng, n_users, n_cand, k, *, mask=False):
+    """Exposures that are counts over a page of 60 items (uint8, unit 1/60), float16 values, and bounds
+    met by a random mixed policy but not by the unconstrained argmax (as ``random_instance``)."""
+    counts = rng.integers(0, 61, size=(n_users, n_cand, k), dtype=np.uint8)
+    unit = np.full(k, 1 / 60)
+    value = rng.standard_normal((n_users, n_cand)).astype(np.float16)
+    weight = rng.random(n_users) + 0.1
+    weight /= weight.sum()
+    m = None
+    if mask:
+        m = rng.random((n_users, n_cand)) < 0.7
+        m[np.arange(n_users), rng.integers(0, n_cand, n_users)] = True
+    # the problem a CompactShard solves: float32 counts * unit, the values widened
+    a = np.multiply(counts, unit.astype(np.float32), dtype=np.float32)
+    v = value.astype(np.float32)
+    real = np.ones((n_users, n_cand), bool) if m is None else m
+    mix = rng.dirichlet(np.ones(n_cand), size=n_users) * real
+    mix /= mix.sum(axis=1, keepdims=True)
+    s_mix = weight @ np.einsum("ul,ulk->uk", mix, a.astype(np.float64))
+    s_best = weight @ a[np.arange(n_users), np.where(real, v, -np.inf).argmax(axis=1)].astype(np.float64)
+    target = s_best + rng.uniform(0.3, 0.9, size=k) * (s_mix - s_best)
+    lower = np.where(s_mix > s_best, target, -np.inf)
+    upper = np.where(s_mix > s_best, np.inf, target)
+    return value, counts, unit, weight, m, v, a, lower, upper
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_compact_shard_solves_the_float32_problem_of_its_counts(seed, masked):
+    rng = np.random.default_rng(seed)
+    value, counts, unit, weight, m, v, a, lo, hi = count_instance(rng, 1500, 6, 4, mask=masked)
+    single = plan_dual(v, a, weight, lo, hi, m)
+    cuts = [0, 700, 1500]
+    shards = LocalShards([CompactShard(value[i:j], counts[i:j], unit, weight[i:j], None if m is None else m[i:j],
+                                       chunk_users=256) for i, j in zip(cuts[:-1], cuts[1:], strict=True)])
+    plan = plan_dual_sharded(shards, lo, hi)
+    assert plan.status == single.status == "optimal"
+    assert plan.objective == pytest.approx(single.objective, abs=1e-9, rel=1e-9)
+    np.testing.assert_allclose(plan.prices, single.prices, atol=1e-9, rtol=0)
+    np.testing.assert_allclose(plan.shares, single.shares, atol=1e-9, rtol=0)
+    assert plan.n_vars == single.n_vars
+    # a scalar weight is every user's
+    one = CompactShard(value, counts, unit, 1 / 1500)
+    np.testing.assert_allclose(one.summary(), PlanShard(v, a, np.full(1500, 1 / 1500)).summary(), atol=1e-12, rtol=0)
+
+
+def test_compact_shard_refuses_what_it_cannot_hold():
+    v, c, u = np.zeros((2, 3), np.float32), np.zeros((2, 3, 1), np.uint8), np.ones(1)
+    with pytest.raises(ValueError, match=r"counts must be an unsigned integer array .* got dtype float64"):
+        CompactShard(v, c.astype(np.float64), u, 0.5)
+    with pytest.raises(ValueError, match=r"unit must hold K = 1 finite values > 0 .* got \[0.0\]"):
+        CompactShard(v, c, np.zeros(1), 0.5)
+    with pytest.raises(ValueError, match=r"value must be a 2-D float16/float32/float64 array .* got dtype int64"):
+        CompactShard(np.zeros((2, 3), np.int64), c, u, 0.5)
+    with pytest.raises(ValueError, match=r"value must be finite everywhere"):
+        CompactShard(np.full((2, 3), np.inf, np.float16), c, u, 0.5)
+    with pytest.raises(ValueError, match=r"mask must be a bool array of shape \(2, 3\) with a real candidate"):
+        CompactShard(v, c, u, 0.5, np.zeros((2, 3), bool))
+    with pytest.raises(ValueError, match=r"weight must be one float or have shape \(n_users,\) = \(2,\); got shape \(3,\)"):
+        CompactShard(v, c, u, np.ones(3))
+
+
+def test_crossover_counts_equal_one_count_per_band(seed):
+    rng = np.random.default_rng(seed)
+    v, a, w, _, _, m = random_instance(rng, 700, 6, 3, mask=True)
+    prices = rng.normal(0, 0.5, 3)
+    deltas = np.array([0.0, 1e-3, 0.01, 0.05, 0.2, 1.0, 10.0])
+    for shard in (PlanShard(v, a, w, m), ChunkedShard(lambda i: PlanShard(v[i * 350:(i + 1) * 350],
+                                                                           a[i * 350:(i + 1) * 350],
+                                                                           w[i * 350:(i + 1) * 350],
+                                                                           m[i * 350:(i + 1) * 350]), 2)):
+        counts = shard.crossover_counts(prices, deltas)
+        assert counts.tolist() == [shard.crossover_count(prices, float(d)) for d in deltas]
+    # brute force: pairs of users with a runner-up within the band, each pair within it
+    s = np.where(m, v + a @ prices, -np.inf)
+    behind = s.max(axis=1, keepdims=True) - s
+    near = behind[:, :, None] <= deltas
+    assert counts.tolist() == np.where(near.sum(axis=1) >= 2, near.sum(axis=1), 0).sum(axis=0).tolist()
+
+
+def test_a_warm_start_from_a_sample_reaches_the_optimum_in_a_few_passes(seed):
+    rng = np.random.default_rng(seed)
+    v, a, w, lo, hi, _ = random_instance(rng, 6000, 8, 4)
+    single = plan_dual(v, a, w, lo, hi)
+    cold = plan_dual_sharded(split(v, a, w, None, [3000]), lo, hi)
+    # the plan of a 10 % sample of the users (weights renormalised) starts the full problem
+    idx = np.sort(rng.choice(6000, 600, replace=False))
+    sample = plan_dual_sharded(split(v[idx], a[idx], w[idx] / w[idx].sum(), None, [300]), lo, hi)
+    for start in (sample.prices, np.zeros(4), 50 * rng.standard_normal(4)):
+        warm = plan_dual_sharded(split(v, a, w, None, [3000]), lo, hi, start=start)
+        assert warm.status == "optimal" and warm.gap <= 1e-6 and warm.violation <= 1e-6
+        assert warm.objective == pytest.approx(single.objective, abs=1e-9, rel=1e-9)
+        np.testing.assert_allclose(warm.shares, single.shares, atol=1e-8, rtol=0)
+    warm = plan_dual_sharded(split(v, a, w, None, [3000]), lo, hi, start=sample.prices)
+    assert warm.method == "sharded-dual-warm-crossover"
+    assert warm.iterations <= 6 < cold.iterations
+    np.testing.assert_allclose(warm.prices, single.prices, atol=1e-9, rtol=0)
+    with pytest.raises(ValueError, match=r"start must hold K = 4 finite prices; got \[0.0, 0.0\]"):
+        plan_dual_sharded(split(v, a, w, None, [3000]), lo, hi, start=np.zeros(2))
