@@ -238,15 +238,16 @@ class ChunkedShard:
             raise ValueError(f"n_chunks must be an integer >= 1; got {n_chunks!r}")
         self.make_chunk = make_chunk
         self.n_chunks = n_chunks
-        # one pass here gives what the driver asks before the first dual pass
+        self._sizes, self._summary, self._float32 = self._survey()
+
+    def _survey(self) -> tuple[tuple[int, int], np.ndarray, bool]:
+        """``(sizes, summary, float32)``: what the driver asks before the first dual pass, from one
+        pass over the chunks."""
         parts = self._map("summary", with_sizes=True)
-        self._sizes = (sum(n for n, _ in parts[1]), parts[1][0][1])
         ks = {k for _, k in parts[1]}
         if len(ks) != 1:
             raise ValueError(f"every chunk must have the same number of constraints K; got {sorted(ks)}")
-        self._summary = _add(parts[0])
-        self._float32 = any(parts[2])
-        self._offsets = np.cumsum([0] + [n for n, _ in parts[1]])
+        return (sum(n for n, _ in parts[1]), parts[1][0][1]), _add(parts[0]), any(parts[2])
 
     def _map(self, method: str, *args: Any, with_sizes: bool = False) -> tuple[list[Any], list[Any], list[Any]]:
         out, sizes, f32 = [], [], []
@@ -375,15 +376,11 @@ class CompactShard(ChunkedShard):
         self.value, self.counts, self.unit, self.weight, self.mask = v, c, u, w, mask
         self.chunk_users = chunk_users
         self._unit32 = u.astype(np.float32)
-        # ChunkedShard's state, its summary taken on the counts (no float32 pass over the users)
-        self.make_chunk = self._chunk
-        self.n_chunks = max(1, -(-v.shape[0] // chunk_users))
-        self._sizes = (int(v.shape[0]), int(c.shape[2]))
-        self._float32 = True
-        self._summary = self._count_summary()
+        super().__init__(self._chunk, max(1, -(-v.shape[0] // chunk_users)))
 
-    def _count_summary(self) -> np.ndarray:
-        n, k = self._sizes
+    def _survey(self) -> tuple[tuple[int, int], np.ndarray, bool]:
+        """The summary taken on the counts: no float32 pass over the users."""
+        n, k = int(self.value.shape[0]), int(self.counts.shape[2])
         floor = spread = w_sum = 0.0
         lo, hi = np.zeros(k), np.zeros(k)
         top = np.iinfo(self.counts.dtype).max
@@ -405,7 +402,7 @@ class CompactShard(ChunkedShard):
             spread += float(w @ (vhi.astype(np.float64) - vlo))
             w_sum += float(w.sum())
         n_vars = n * self.value.shape[1] if self.mask is None else int(self.mask.sum())
-        return np.concatenate([[w_sum, float(n_vars), floor, spread], lo, hi])
+        return (n, k), np.concatenate([[w_sum, float(n_vars), floor, spread], lo, hi]), True
 
     def _chunk(self, i: int) -> PlanShard:
         i0 = i * self.chunk_users

@@ -291,8 +291,8 @@ _OVERLAP_QUANTILES = np.array([0.5, 0.9, 0.99, 0.999])
 
 def _upper_quantiles(w: np.ndarray, q: np.ndarray) -> np.ndarray:
     """``np.quantile(w, q)`` (its default, linear interpolation) for ``q`` of at least 0.5, equal to
-    it to the bit: the upper half is split off by one partition and only it is partitioned at the order statistics
-    the quantiles need (half the time of ``np.quantile`` at 10^6 rows)."""
+    it to the bit: the upper half is split off by one partition and only it is partitioned at the
+    order statistics the quantiles need (half the time of ``np.quantile`` at 10^6 rows)."""
     n = w.shape[0]
     v = q * (n - 1)
     lo = np.floor(v).astype(np.intp)

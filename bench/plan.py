@@ -195,15 +195,19 @@ def bench_choose(n_cand: int = 32, k: int = 8, n_calls: int = 20000) -> None:
     )
 
 
-class BenchShard(PlanShard):
+class PeakMemory:
+    """A shard that tells its process's peak resident memory (``shards.map("rss_mb")``)."""
+
+    def rss_mb(self) -> int:
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+class BenchShard(PeakMemory, PlanShard):
     """A shard generated where it lives from its seed (no user data crosses the network), float32."""
 
     def __init__(self, seed: int, n_users: int, n_total: int) -> None:
         v, a, _, _, _ = make_instance(n_users, 16, seed=seed, dtype=np.float32)
         super().__init__(v, a, np.full(n_users, 1.0 / n_total))
-
-    def rss_mb(self) -> int:
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 #: users per generated chunk (--scale)
@@ -264,14 +268,12 @@ def compact_chunk(seed: int, n_users: int, n_total: int, chunk: int) -> BenchCom
     return BenchCompact(value.astype(np.float16), counts, COMPACT_UNIT, 1.0 / n_total)
 
 
-class BenchCompact(CompactShard):
-    def rss_mb(self) -> int:
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+class BenchCompact(PeakMemory, CompactShard):
+    pass
 
 
-class BenchChunk(PlanShard):
-    def rss_mb(self) -> int:
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+class BenchChunk(PeakMemory, PlanShard):
+    pass
 
 
 class ChunkRange:
@@ -284,9 +286,8 @@ class ChunkRange:
         return fast_chunk(self.seed, CHUNK, self.n_total, self.first + i)
 
 
-class BenchChunked(ChunkedShard):
-    def rss_mb(self) -> int:
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+class BenchChunked(PeakMemory, ChunkedShard):
+    pass
 
 
 def warm_start(n_users: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[dict]]:
@@ -311,7 +312,7 @@ def warm_start(n_users: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndar
                          passes=plan.iterations, method=plan.method, status=plan.status))
         del sample
     if lo is None or hi is None:
-        raise SystemExit(f"--warm needs at least {10 * levels[0] if levels else 1_250_000} users; got {n_users}")
+        raise SystemExit(f"--warm needs at least 1250000 users (ten times the first sample); got {n_users}")
     return lo, hi, prices, rows
 
 
@@ -462,7 +463,8 @@ def main() -> None:
     ap.add_argument("--compact", action="store_true",
                     help="with --scale: exposures held as uint8 counts, values as float16 (compact_chunk)")
     ap.add_argument("--warm", action="store_true",
-                    help="with --scale: start from the plan of 10^6 (then 10^7) other users drawn alike")
+                    help="with --scale: start from the plans of 125,000, 10^6 and 10^7 other users drawn "
+                         "alike (each level a tenth of the next or less)")
     args = ap.parse_args()
     emit(what="machine", uptime=os.popen("uptime").read().strip(), cpus=os.cpu_count())
     if args.scale:
