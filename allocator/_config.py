@@ -135,6 +135,10 @@ class Loop:
     pace_every_s: float = 1.0
     pace_gain: float = 0.25
     pace_window: int = 1000
+    #: one pacing step moves a price by at most this times the larger of its size and a quarter of the
+    #: served candidates' typical value range (a trust region: the re-solve after a new plan sees only
+    #: the few sets served since)
+    pace_max_step: float = 1.0
     pace_half_life: float = 300.0
     pace_margin: float = 0.005
     max_price: float = 50.0
@@ -615,7 +619,8 @@ def _loop(ck: _Checker, raw: Mapping[str, Any]) -> Loop:
         n = ck.integer(t, k, f"loop.{k}", default=getattr(d, k), low=1)
         if n is not None:
             out[k] = n
-    for k in ("replan_every_s", "pace_every_s", "pace_gain", "pace_half_life", "max_price", "learn_every_s",
+    for k in ("replan_every_s", "pace_every_s", "pace_gain", "pace_half_life", "pace_max_step", "max_price",
+              "learn_every_s",
               "train_every_s", "state_half_life_s", "state_half_life_impressions", "state_deadline_ms",
               "lease_ttl_s"):
         v = ck.number(t, k, f"loop.{k}", default=getattr(d, k), low=0.0, low_open=True)

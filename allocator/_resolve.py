@@ -75,6 +75,7 @@ class ResolvePacerConfig:
     margin: float = 0.005
     max_correction: float = 0.1
     max_price: float = 50.0
+    max_step: float = 1.0
     names: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -90,6 +91,8 @@ class ResolvePacerConfig:
                             ("max_price", self.max_price, self.max_price > 0)):
             if not (np.isfinite(v) and ok):
                 raise ValueError(f"{name} is out of range; got {v!r}")
+        if not self.max_step > 0:  # math.inf: no trust region
+            raise ValueError(f"max_step must be > 0 (inf: no limit); got {self.max_step!r}")
 
 
 class ResolvePacer:
@@ -202,5 +205,21 @@ class ResolvePacer:
         if not self._mask.any():
             return self.prices_.copy()
         self.prices_ = softmax_prices(self._value, self._exposure, lo, hi, cfg.temperature, mask=self._mask,
-                                      start=self.prices_, max_price=cfg.max_price)
+                                      start=self.prices_, max_price=cfg.max_price, box=self.trust_region())
         return self.prices_.copy()
+
+    def trust_region(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(low, high) (K,): how far one update may move each price, ``max_step`` times the larger of its
+        size and a floor of a quarter of the window's typical value range per request (so a price at 0
+        can start). Re-solved on the few dozen sets served since a new plan, a floor those few could
+        barely reach took its price to ``max_price`` in one step; the live loop then served whole pages of
+        live streams until the next. None when ``max_step`` is infinite."""
+        step = self.config.max_step
+        if not np.isfinite(step):
+            return None
+        v = np.where(self._mask, self._value, np.nan)
+        real = self._mask.any(axis=1)
+        spread = np.nanmax(v[real], axis=1) - np.nanmin(v[real], axis=1) if real.any() else np.zeros(1)
+        floor = 0.25 * float(np.median(spread))
+        r = step * np.maximum(np.abs(self.prices_), floor)
+        return self.prices_ - r, self.prices_ + r

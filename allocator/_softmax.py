@@ -148,7 +148,8 @@ def softmax_response(value: np.ndarray, exposure: np.ndarray, prices: np.ndarray
 
 def softmax_prices(value: np.ndarray, exposure: np.ndarray, lower: np.ndarray, upper: np.ndarray,
                    temperature: float, weight: np.ndarray | None = None, mask: np.ndarray | None = None,
-                   start: np.ndarray | None = None, max_price: float = 1e6) -> np.ndarray:
+                   start: np.ndarray | None = None, max_price: float = 1e6,
+                   box: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """The prices at which softmax serving meets every bound: the minimiser of the dual of the
     entropy-regularised allocation LP,
 
@@ -158,7 +159,8 @@ def softmax_prices(value: np.ndarray, exposure: np.ndarray, lower: np.ndarray, u
     cap's <= 0). ``grad D = shares(p) - b'(p)``, so at the minimum every share is within its bounds and a
     price is nonzero only where its bound binds. Convex; solved with L-BFGS-B from ``start`` (e.g. the
     LP's prices). Shapes as in :func:`softmax_response`; ``lower``/``upper`` (K,) with -inf/+inf where
-    absent. At temperature 0 this is the LP dual (use the LP).
+    absent. At temperature 0 this is the LP dual (use the LP). ``box``: (low, high) (K,) each price is
+    kept within (a trust region around the last prices; the minimiser of D over that box).
     """
     import scipy.optimize
 
@@ -193,7 +195,12 @@ def softmax_prices(value: np.ndarray, exposure: np.ndarray, lower: np.ndarray, u
     if start is not None:
         p0 = np.asarray(start, dtype=np.float64)
         x0 = np.concatenate([np.maximum(p0[fl], 0.0), np.maximum(-p0[cp], 0.0)])
-    res = scipy.optimize.minimize(dual, np.minimum(x0, max_price), jac=True, method="L-BFGS-B",
-                                  bounds=[(0.0, max_price)] * L.shape[1],
+    xlo, xhi = np.zeros(L.shape[1]), np.full(L.shape[1], float(max_price))
+    if box is not None:  # p = x_floor - x_cap: each part kept within the box's side of zero
+        blo, bhi = (np.asarray(b, dtype=np.float64) for b in box)
+        xlo = np.minimum(np.concatenate([np.maximum(blo[fl], 0.0), np.maximum(-bhi[cp], 0.0)]), max_price)
+        xhi = np.clip(np.concatenate([np.maximum(bhi[fl], 0.0), np.maximum(-blo[cp], 0.0)]), xlo, max_price)
+    res = scipy.optimize.minimize(dual, np.clip(x0, xlo, xhi), jac=True, method="L-BFGS-B",
+                                  bounds=list(zip(xlo, xhi, strict=True)),
                                   options={"maxiter": 1000, "gtol": 1e-12, "ftol": 1e-15})
     return np.asarray(L @ res.x, dtype=np.float64)

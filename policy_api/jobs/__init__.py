@@ -27,6 +27,7 @@ from ._importing import ImportResult, import_file, import_rows, read_interaction
 from ._learn import LearnResult, catalog_categories, learn, load_log, log_features, new_bandit
 from ._partitioned import PARTITION_TARGETS, ExportPartition, replay_partitioned
 from ._plan import (
+    CARRIED_IMPRESSIONS,
     CURVE_KNOTS,
     MIN_MEASURED_ITEMS,
     PLAN_ROUNDS,
@@ -109,6 +110,7 @@ __all__ = [
     "PaceResult",
     "PlanResult",
     "UNPERSONALISED_PRIOR",
+    "CARRIED_IMPRESSIONS",
     "Refit",
     "ReplayResult",
     "TrainResult",

@@ -303,6 +303,10 @@ MIN_CALIBRATION_IMPRESSIONS = 200
 #: toward (see :func:`calibration`)
 UNPERSONALISED_PRIOR = 500.0
 
+#: examined impressions up to which a group's rate in the previous calibration fills in for what the
+#: window lacks (see :func:`calibration`'s ``previous``)
+CARRIED_IMPRESSIONS = 1000.0
+
 
 #: examined impressions of an item's own that count as much as its group's rate in the item's expected rate
 #: (:func:`repeat_rates`)
@@ -593,14 +597,15 @@ def repeat_engagement(db: Engine, config: HomepageConfig, since: datetime | None
 
 def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray], np.ndarray] | None = None, *,
                 repeat: bool = True, since: datetime | None = None,
-                items: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]] | None:
+                items: Mapping[str, Any] | None = None,
+                previous: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]] | None:
     """Recent engagement units and examined impressions (``HomepageConfig.impression_weights``: a viewed
     impression counts one, a rendered one its slot's position weight over the mean) per config category,
     for its head and its long tail apart, over the last ``loop.calibration_events`` feedback events of
     the last 6 hours, measured on the decisions served without a personal live state (each group shrunk
-    toward its rate over all traffic by
-    ``UNPERSONALISED_PRIOR`` impressions: over all traffic, a niche category is shown mostly to users
-    who like it, which overstates what it earns from anyone else):
+    toward its rate over all traffic by ``UNPERSONALISED_PRIOR`` impressions, at most as many as all
+    traffic has: over all traffic, a niche category is shown mostly to users who like it, which
+    overstates what it earns from anyone else):
     ``{category: {"head": [units, impressions], "tail": [...]}}``, what serving calibrates a
     popularity scorer with (a popularity scorer's tail items are engaged with less than their scores
     say, so one multiplier per category would make a tail-heavy page look cheap); None while there are
@@ -617,7 +622,14 @@ def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray
 
     ``since`` starts every window there at the earliest (the loop's last population shift: what users
     engaged with before it is not what they engage with now). ``items`` (category -> ``"items"`` block
-    of an earlier calibration) reuses those item rates instead of measuring them again."""
+    of an earlier calibration) reuses those item rates instead of measuring them again.
+
+    ``previous`` (the calibration of the plan in force) carries what was measured before into a group
+    the window holds few impressions of: its earlier rate counts as up to ``CARRIED_IMPRESSIONS``
+    impressions less those of the window. A category the engine stopped showing (it earned too little)
+    had its rate from the other categories' level instead: unknown looked average, and a category worth
+    twice the others per engagement went back to the top of every new user's page until the window
+    measured it again, over and over."""
     start = datetime.now(tz=UTC) - CALIBRATION_WINDOW
     since = start if since is None else max(start, since)
     catalog = load_catalog(db)
@@ -695,8 +707,18 @@ def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray
     u_cold, i_cold, p_cold = groups(True)
     rate_all = np.divide(u_all, i_all, out=np.zeros(2 * C), where=i_all > 0)
     pred_all = np.divide(p_all, i_all, out=np.zeros(2 * C), where=i_all > 0)
-    prior = np.where(i_all > 0, UNPERSONALISED_PRIOR, 0.0)
+    # (as much as all traffic has seen, at most: a few impressions of personal pages of a category the
+    # engine no longer shows anyone else, counted as UNPERSONALISED_PRIOR, made it look the best of all)
+    prior = np.minimum(i_all, UNPERSONALISED_PRIOR)
     u, i, p = u_cold + prior * rate_all, i_cold + prior, p_cold + prior * pred_all
+    if previous:
+        before = calibration_rates(previous, names).reshape(2 * C, 2)
+        pred_before = calibration_predicted(previous, names)
+        k = np.minimum(before[:, 1], np.maximum(CARRIED_IMPRESSIONS - i, 0.0))
+        per = np.divide(k, before[:, 1], out=np.zeros(2 * C), where=before[:, 1] > 0)
+        u, i = u + per * before[:, 0], i + k
+        if pred_before is not None:
+            p = p + per * pred_before.ravel()
     out: dict[str, dict[str, Any]] = {
         c: {"head": [float(u[2 * k]), float(i[2 * k])], "tail": [float(u[2 * k + 1]), float(i[2 * k + 1])]}
         for k, c in enumerate(names)}
@@ -763,7 +785,17 @@ def plan_calibration(db: Engine, cfg: ConfigRecord, state: EngineState | None = 
     pacer's own prices once it has them (scoring a plan's sampled users with a history scorer takes
     tens of seconds, during which the loop would neither pace nor learn)."""
     st = state if state is not None else load_state(db, cfg)
-    return (calibration(db, cfg.config, scorer=lambda rows: st.scorer.score(-1, rows), since=since, items=items),
+    last = registry.latest_plan(db, cfg.version)
+    solver = {} if last is None else (last.solver or {})
+    previous = solver.get("calibration")
+    # carried only from a calibration measured with the same scorer (its predictions mean something else
+    # under another) and from the same start: after a population shift, only one measured since it
+    epoch = (solver.get("forget") or {}).get("epoch")
+    same_start = since is None if epoch is None else since is not None and abs(since.timestamp() - epoch) < 1e-3
+    if solver.get("calibration_scorer") != st.scorer.name or not same_start:
+        previous = None
+    return (calibration(db, cfg.config, scorer=lambda rows: st.scorer.score(-1, rows), since=since, items=items,
+                        previous=previous),
             st.scorer.name)
 
 

@@ -560,7 +560,8 @@ class BackgroundLoop:
             ex = config.exploration
             pacer = ResolvePacer(ResolvePacerConfig(
                 lower=tuple(lo), upper=tuple(hi), temperature=ex.temperature if ex.temperature > 0 else 0.02,
-                window=loop.pace_window, half_life=loop.pace_half_life, gain=loop.pace_gain,
+                window=loop.pace_window, max_step=loop.pace_max_step,
+                half_life=loop.pace_half_life, gain=loop.pace_gain,
                 margin=loop.pace_margin, max_price=loop.max_price, names=config.constraint_names),
                 prices=np.clip(start, -loop.max_price, loop.max_price))
             self._pacing = _Pacing(cfg.version, pacer, now - timedelta(seconds=1), base, valued_from=base)

@@ -171,3 +171,60 @@ def test_the_exploration_bias_is_aimed_off_at_once() -> None:
         served = np.concatenate(chosen_all)
         miss[with_bias] = np.abs(served[1000:3000].mean(0) - aims).max()
     assert miss[True] < 0.005 and miss[False] > 0.01, miss
+
+
+
+def test_one_step_moves_a_price_at_most_its_trust_region() -> None:
+    """A re-plan starts a new window. Re-solved on the few dozen sets served under it, a floor those few
+    can barely reach took its price to ``max_price`` in one step (the live loop then served pages full
+    of live streams until the next plan). One update moves a price at most ``max_step`` times the larger
+    of its size and a quarter of the window's median value range per request; inside that region the
+    re-solve is the unbounded one."""
+    from allocator import softmax_prices
+
+    t = 0.02
+    rng = np.random.default_rng(7)
+    v_old, a_old = _stream(rng, 600)
+    v_new, a_new = _stream(rng, 30)
+    a_new[:, :, 0] = np.where(np.arange(10) < 9, 0.0, 0.12)[None, :]  # the new few: one candidate with any live
+    v_new[:, 9] -= 40.0  # and it costs a lot
+    ones_old, ones_new = np.ones(v_old.shape, dtype=bool), np.ones(v_new.shape, dtype=bool)
+    lower, upper = (0.10, 0.25), (np.inf, np.inf)
+    got = {}
+    aims = np.array(lower) + 0.005, np.array(upper)
+    ref = softmax_prices(v_old, a_old, *aims, t, max_price=50.0)
+    for step in (np.inf, 1.0):
+        p = ResolvePacer(ResolvePacerConfig(lower=lower, upper=upper, temperature=t, window=1000, gain=0.0,
+                                            max_step=step, max_price=50.0), prices=ref * 0.9)
+        start = p.update(v_old, a_old, ones_old, a_old[:, 0])
+        # a step inside the region: the prices are the softmax dual's minimiser
+        np.testing.assert_allclose(start, ref, rtol=1e-5)
+        p.rebase(start)
+        got[step] = p.update(v_new, a_new, ones_new, a_new[:, 0])
+    assert got[np.inf][0] == pytest.approx(50.0)  # out of reach of these 30 sets: the price at its cap
+    spread = np.median(v_new.max(axis=1) - v_new.min(axis=1))
+    reach = max(start[0], 0.25 * spread)
+    assert got[1.0][0] == pytest.approx(start[0] + reach, rel=1e-9)  # on the trust region's edge
+    with pytest.raises(ValueError, match="max_step"):
+        ResolvePacerConfig(lower=(0.1,), upper=(np.inf,), temperature=t, max_step=0.0)
+
+
+def test_a_box_that_holds_the_minimiser_changes_nothing_and_one_that_does_not_is_met_at_its_edge() -> None:
+    from allocator import softmax_prices
+
+    rng = np.random.default_rng(8)
+    v, a = _stream(rng, 400)
+    t, lo, hi = 0.02, np.array([0.10, 0.25]), np.array([np.inf, 0.5])
+    free = softmax_prices(v, a, lo, hi, t)
+    assert (free > 0).all()
+    inside = softmax_prices(v, a, lo, hi, t, box=(free - 1.0, free + 1.0))
+    np.testing.assert_allclose(inside, free, rtol=1e-6)
+    cut = softmax_prices(v, a, lo, hi, t, box=(np.zeros(2), free / 2))
+    np.testing.assert_allclose(cut, free / 2, rtol=1e-9)  # the dual is convex: the nearest corner
+    # a cap's price lies below zero: its box side is the negative one
+    v2 = v + 6 * a[:, :, 1]  # the tail liked: the 0.2 cap binds
+    capped = softmax_prices(v2, a, np.array([-np.inf, -np.inf]), np.array([np.inf, 0.2]), t)
+    assert capped[1] < 0
+    half = softmax_prices(v2, a, np.array([-np.inf, -np.inf]), np.array([np.inf, 0.2]), t,
+                          box=(np.array([0.0, capped[1] / 2]), np.array([0.0, 0.0])))
+    assert half[1] == pytest.approx(capped[1] / 2, rel=1e-9)

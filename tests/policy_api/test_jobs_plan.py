@@ -208,7 +208,8 @@ def test_plan_carries_the_category_calibration_of_recent_feedback(db, impression
         for part in ("head", "tail"):
             u_all, i_all, _ = every[c][part]
             u_cold, i_cold, _ = cold[c][part]
-            want_part = [u_cold + k * u_all / i_all, i_cold + k] if i_all > 0 else [u_cold, i_cold]
+            k_ = min(k, i_all)  # all traffic counts for as much as it has seen, at most
+            want_part = [u_cold + k_ * u_all / i_all, i_cold + k_] if i_all > 0 else [u_cold, i_cold]
             assert got[c][part] == pytest.approx(want_part), (c, part)
     assert all("predicted" not in got[c] for c in names)  # without a scorer
     assert any(every[c]["tail"][1] > 0 for c in names) and any(every[c]["head"][1] > 0 for c in names)
@@ -223,8 +224,42 @@ def test_plan_carries_the_category_calibration_of_recent_feedback(db, impression
         want_pred = []
         for part in ("head", "tail"):
             _, i_all, p_all = every[c][part]
-            want_pred.append(cold[c][part][2] + k * p_all / i_all if i_all > 0 else cold[c][part][2])
+            want_pred.append(cold[c][part][2] + min(k, i_all) * p_all / i_all if i_all > 0 else cold[c][part][2])
         assert plan.solver["calibration"][c]["predicted"] == pytest.approx(want_pred), c
+    # what the plan in force measured fills in for a group the window holds few impressions of: its
+    # rate counts as up to CARRIED_IMPRESSIONS impressions less the window's (a category no longer shown
+    # keeps the rate it was last measured at, instead of looking like the others)
+    prev = {c: {"head": [40.0 + j, 400.0], "tail": [3.0, 2000.0], "predicted": [90.0, 30.0]}
+            for j, c in enumerate(names)}
+    carried = jobs.calibration(eng, cfg, previous=prev)
+    cap = jobs.CARRIED_IMPRESSIONS
+    for c in names:
+        for part in ("head", "tail"):
+            u, i = got[c][part]
+            u_prev, i_prev = prev[c][part]
+            k_ = min(i_prev, max(cap - i, 0.0))
+            assert carried[c][part] == pytest.approx([u + k_ * u_prev / i_prev, i + k_]), (c, part)
+    assert all(carried[c]["tail"][1] == pytest.approx(max(cap, got[c]["tail"][1])) for c in names)
+    # the loop's recalibration takes the plan in force's (measured with the same scorer)
+    cfg_record = registry.active_config(eng)
+    again, _ = jobs.plan_calibration(eng, cfg_record)
+    before = plan.solver["calibration"]
+    for c in names:
+        u, i = before[c]["head"]
+        k_ = min(i, max(cap - i, 0.0))
+        assert again[c]["head"] == pytest.approx([u + k_ * u / i, i + k_] if i > 0 else [u, i]), c
+    # after a population shift, only a calibration measured from the shift on is carried
+    shift = datetime.now(tz=UTC) - timedelta(hours=2)  # before every counted event: the window is the same
+    registry.publish_plan(eng, version, plan.prices, projected=plan.projected,
+                          solver={"calibration": prev, "calibration_scorer": "popularity",
+                                  "forget": {"epoch": shift.timestamp(), "keep": 0.0}})
+    since_shift, _ = jobs.plan_calibration(eng, cfg_record, since=shift)
+    plain, _ = jobs.plan_calibration(eng, cfg_record)
+    for c in names:
+        assert since_shift[c]["tail"] == pytest.approx(carried[c]["tail"]), c
+        assert plain[c]["tail"] == pytest.approx(got[c]["tail"]), c  # measured without it: not carried
+    other, _ = jobs.plan_calibration(eng, cfg_record, since=shift + timedelta(minutes=1))
+    assert all(other[c]["tail"] == pytest.approx(got[c]["tail"]) for c in names)
 
 
 def test_candidate_union_holds_each_layout_once(db):
