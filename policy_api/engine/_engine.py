@@ -293,8 +293,7 @@ class EngineState:
     # 1 = no evidence); None: not measured
     item_lift: np.ndarray | None = None
     # per category, its best long-tail items outside its pool head, best first: the first places of the
-    # category's pool draw (see :func:`tail_leads`; by popularity until items are measured, then by value,
-    # :func:`with_item_lift`)
+    # category's pool draw once items are measured (see :func:`with_item_lift`)
     tail_lead: tuple[np.ndarray, ...] = ()
     # per category, a flag per position of its pool's rest (past its head): the item there leads the draw
     tail_lead_rest: tuple[np.ndarray, ...] = ()
@@ -527,9 +526,8 @@ def with_item_lift(state: EngineState, lift: np.ndarray | None) -> EngineState:
         rank = np.full(state.item_category.size, -1, dtype=np.int64)
         for order in popular:
             rank[order] = np.arange(order.size)
-        lead, flags = tail_leads(popular, state.head_quota, state.rest_quota, state.is_tail)
-        return replace(state, item_lift=None, by_category=tuple(popular), category_rank=rank, tail_lead=lead,
-                       tail_lead_rest=flags)
+        return replace(state, item_lift=None, by_category=tuple(popular), category_rank=rank, tail_lead=(),
+                       tail_lead_rest=())
     items = np.flatnonzero(state.item_category >= 0)
     value = np.zeros(state.item_category.size)
     s = np.asarray(state.scorer.score(-1, items), dtype=np.float64)
@@ -552,10 +550,7 @@ def with_item_lift(state: EngineState, lift: np.ndarray | None) -> EngineState:
 def tail_leads(by_category: Sequence[np.ndarray], head_quota: np.ndarray, rest_quota: np.ndarray,
                is_tail: np.ndarray) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
     """Per category (each ordered best first), its first long-tail items past its pool head, as many as
-    half its pool draw, and a flag per position of its rest marking them: they take the first places of
-    the draw, the rest of it stays random (so every item keeps a chance to be measured). A tilted module
-    then shows the best of the tail, not the draw's chance picks: with a long-tail floor, pages tilted
-    with a random draw of a large catalog's tail earned 5.4 against 8.7 for the best fixed page."""
+    half its pool draw, and a flag per position of its rest marking them (see :func:`with_item_lift`)."""
     lead, flags = [], []
     for c, order in enumerate(by_category):
         rest = order[int(head_quota[c]):]
@@ -839,7 +834,6 @@ def build_state(config: HomepageConfig, catalog: Catalog, *, scorer: ScorerHandl
     rank = np.full(item_cat.size, -1, dtype=np.int64)
     for idx in by_cat:
         rank[idx] = np.arange(idx.size)
-    lead, flags = tail_leads(by_cat, head, rest, is_tail)
     return EngineState(
         config=config, catalog=catalog, space=space, item_category=item_cat, is_tail=is_tail, tail=tail,
         category_rank=rank,
@@ -849,7 +843,6 @@ def build_state(config: HomepageConfig, catalog: Catalog, *, scorer: ScorerHandl
         population_prefs=np.bincount(item_cat[served], weights=pop[served], minlength=C) / max(pop[served].sum(), 1e-12),
         module_id_array=np.array(config.module_ids, dtype=object),
         category_name_array=np.array(config.category_names, dtype=object),
-        tail_lead=lead, tail_lead_rest=flags,
     )
 
 

@@ -416,36 +416,3 @@ def test_before_any_feedback_categories_engage_as_their_best_items_are_popular(s
         assert g[1] == pytest.approx(g0[2] * g[0] / p_best, rel=2e-3)
     assert catalog_prior_rates(replace(state, catalog=replace(state.catalog, popularity=np.zeros(state.catalog.n_items)))) is None
 
-
-def test_the_pool_draw_leads_with_the_most_popular_long_tail_before_any_item_is_measured(world):
-    """Before item rates, each category's pool draw takes the category's most popular long-tail items
-    past its pool head first (half the draw), the rest at random: a tilted module shows the best of the
-    tail, not chance picks from a large tail. Reference: the catalog's popularity order and the config's
-    head_share split, computed here."""
-    from allocator import long_tail
-
-    w = make_world(n_users=50, n_items=6000, seed=3)
-    cfg = parse_config_text(w.default_config_toml())
-    cat = world_catalog(w)
-    st = build_state(cfg, cat, prices=np.zeros(len(cfg.constraints)))
-    eng = DecisionEngine(st)
-    names = cfg.category_names
-    cat_idx = np.array([names.index(c) if c in names else -1 for c in cat.category.tolist()])
-    is_tail, _ = long_tail(cat.popularity, np.where(cat_idx >= 0, cat_idx, len(names)), cfg.tilt.head_share)
-    pools = [eng.pool(st, np.random.default_rng(s)) for s in range(2)]
-    for c in range(len(names)):
-        mine = np.flatnonzero(cat_idx == c)
-        order = mine[np.lexsort((mine, -cat.popularity[mine]))]  # most popular first, ties by row
-        h, r = int(st.head_quota[c]), int(st.rest_quota[c])
-        assert r >= 2
-        rest = order[h:]
-        want = rest[is_tail[rest]][: r // 2]
-        assert want.size == r // 2
-        drawn = []
-        for pool in pools:
-            got = pool[cat_idx[pool] == c]
-            assert got.size == h + r
-            assert got[:h].tolist() == order[:h].tolist()
-            assert got[h:h + want.size].tolist() == want.tolist()
-            drawn.append(set(got[h + want.size:].tolist()))
-        assert drawn[0] != drawn[1]  # the rest of the draw stays random
