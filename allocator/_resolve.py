@@ -213,13 +213,13 @@ class ResolvePacer:
         size and a floor of a quarter of the window's typical value range per request (so a price at 0
         can start). Re-solved on the few dozen sets served since a new plan, a floor those few could
         barely reach took its price to ``max_price`` in one step; the live loop then served whole pages of
-        live streams until the next. None when ``max_step`` is infinite."""
+        live streams until the next. None when ``max_step`` is infinite or the window is empty."""
         step = self.config.max_step
-        if not np.isfinite(step):
+        if not np.isfinite(step) or not self._mask.any():
             return None
         v = np.where(self._mask, self._value, np.nan)
         real = self._mask.any(axis=1)
-        spread = np.nanmax(v[real], axis=1) - np.nanmin(v[real], axis=1) if real.any() else np.zeros(1)
+        spread = np.nanmax(v[real], axis=1) - np.nanmin(v[real], axis=1)
         floor = 0.25 * float(np.median(spread))
         r = step * np.maximum(np.abs(self.prices_), floor)
         return self.prices_ - r, self.prices_ + r

@@ -538,10 +538,20 @@ class BackgroundLoop:
             return "ok", f"plan version {v}: a new calibration beside the pacer's prices {prices}"
         res = jobs.plan(self.db, users=loop.plan_users, since=datetime.now(tz=UTC) - timedelta(hours=24),
                         publish=False, calibration_since=self._calibration_since())
-        v = registry.publish_plan(self.db, cfg.version, res.prices, projected=res.projected,
+        prices = res.prices
+        box = p.pacer.trust_region() if p is not None and p.config_version == cfg.version else None
+        if box is not None:
+            # the pacer has re-solved on served candidates, too few to own the prices: the planner's
+            # move from its prices is bounded by its trust region. The planner prices a few hundred
+            # users sampled early and scored without their live state; its first calibrated plan took
+            # the live floor's price from 0.81 to 1.73 while the pacer went on to settle at 0.7, and
+            # the pages of those seconds gave 22 % to live streams against a floor of 10 %
+            names = cfg.config.constraint_names
+            prices = _by_name(names, np.clip([res.prices[n] for n in names], *box))
+        v = registry.publish_plan(self.db, cfg.version, prices, projected=res.projected,
                                   solver={**res.solver, "prices_from": "planner", "planner_prices": res.prices,
                                           **self._forget_field()})
-        return "ok", f"plan version {v} over {res.users} users; prices {res.prices} (from the planner)"
+        return "ok", f"plan version {v} over {res.users} users; prices {prices} (from the planner)"
 
     def _pace(self) -> tuple[str, str]:
         assert self._config is not None

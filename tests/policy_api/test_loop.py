@@ -300,6 +300,47 @@ def test_a_new_plan_keeps_the_pacers_prices_once_it_has_solved_a_window(db, tmp_
             assert plan.solver.get("calibration") == jobs.plan_calibration(db, cfg)[0]
 
 
+def test_before_the_pacer_owns_the_prices_the_planners_move_is_bounded_by_its_trust_region(db, tmp_path):
+    """A pacer that has re-solved on served candidate sets, too few to own the prices: the planner's
+    prices are published clipped to the pacer's trust region around its own (``max_step`` times the
+    larger of each price's size and a quarter of the window's median value range), computed here from
+    the window's arrays."""
+    from datetime import timedelta
+
+    import numpy as np
+
+    from allocator import ResolvePacer, ResolvePacerConfig
+    from policy_api import jobs
+    from policy_api.loop._loop import _Pacing
+
+    world = make_world(n_users=30, n_items=200, seed=0)
+    world.to_catalog_csv(tmp_path / "items.csv")
+    registry.activate_config(db, _config(tmp_path, world), author="test")
+    upsert_items(db, read_catalog_csv(tmp_path / "items.csv").rows())
+    cfg = registry.active_config(db)
+    names = cfg.config.constraint_names
+    K = len(names)
+    lo, hi = cfg.config.bounds()
+    loop = BackgroundLoop(db, holder="t")
+    loop._on_config(cfg)
+    mine = np.array([0.01, 0.002])[:K]
+    pacer = ResolvePacer(ResolvePacerConfig(lower=tuple(lo), upper=tuple(hi), temperature=0.02, names=names),
+                         prices=mine)
+    rng = np.random.default_rng(0)
+    value = rng.uniform(1.0, 1.1, (50, 6))  # a value range of ~0.1 per request
+    pacer._keep(value, rng.uniform(0, 0.3, (50, 6, K)), np.ones((50, 6), dtype=bool))
+    planner = jobs.plan(db, users=cfg.config.loop.plan_users, since=datetime.now(tz=UTC) - timedelta(hours=24),
+                        publish=False).prices
+    loop._pacing = _Pacing(cfg.version, pacer, datetime.now(tz=UTC), 0, fresh=0, solved=50)
+    assert loop._plan()[0] == "ok"
+    plan = registry.latest_plan(db, cfg.version)
+    reach = np.maximum(np.abs(mine), 0.25 * np.median(value.max(axis=1) - value.min(axis=1)))
+    want = np.clip([planner[n] for n in names], mine - reach, mine + reach)
+    assert [plan.prices[n] for n in names] == pytest.approx(want.tolist())
+    assert plan.solver["prices_from"] == "planner" and plan.solver["planner_prices"] == pytest.approx(planner)
+    assert any(abs(planner[n] - w) > 1e-6 for n, w in zip(names, want, strict=True))  # the region binds
+
+
 def test_the_pacer_re_solves_only_on_candidates_the_newest_ranker_scored(db, tmp_path):
     """Candidate sets a ranker scored before a newer one was published are dropped from the pacer's
     window (as those served under an older plan are): the pacer's window and its count of fresh
