@@ -35,7 +35,7 @@ page = its ``r``-th block of ``items_per_module`` items, as the engine shows the
 
 Usage: python bench/live_loop.py [--requests N] [--users N] [--items N] [--seed S] [--concurrency T]
        [--drift-requests N] [--drift-kind permute|reseed] [--no-drift] [--quick] [--keep] [--dump PREFIX]
-       [--world default|wide|narrow] [--impressions viewed|rendered]
+       [--world default|wide|narrow] [--impressions viewed|rendered] [--no-constraints]
 
 With ``--dump PREFIX`` each run's per-request figures (user, ground truth of the engine's page and of
 every baseline's, versions served, fallback flag, latency) are saved to ``PREFIX-main.npz`` and
@@ -49,6 +49,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -746,6 +747,9 @@ def main() -> int:
                     help="the config's [homepage] impressions (the simulated client sends an impression for each "
                          "item the user examined: 'rendered' shows what counting them by slot weight would cost)")
     ap.add_argument("--wide", action="store_const", const="wide", dest="world", help="the same as --world wide")
+    ap.add_argument("--constraints", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep the config's [[constraints]] (--no-constraints: none, so the baselines' "
+                         "'constrained' mixes are the best mixes of their variants)")
     a = ap.parse_args()
     if a.quick:
         a.requests, a.drift_requests = 1200, 600
@@ -757,6 +761,8 @@ def main() -> int:
     kinds, extra_constraints = WORLDS[a.world]
     world = make_world(n_users=a.users, n_items=a.items, seed=a.seed, **kinds)
     config_text = world.default_config_toml() + extra_constraints
+    if not a.constraints:  # every [[constraints]] table left out: the engine without operator goals
+        config_text = re.sub(r"\n\[\[constraints\]\]\n(?:[^\[\n][^\n]*\n?)*", "\n", config_text)
     if a.impressions != "viewed":  # the simulated client sends viewed impressions; told otherwise, the engine weighs them
         config_text = config_text.replace("[homepage]\n", f'[homepage]\nimpressions = "{a.impressions}"\n', 1)
     folder = Path(tempfile.mkdtemp(prefix="homepage_live_loop_"))
