@@ -197,6 +197,13 @@ class ResolvePacer:
         cap_err = np.where(np.isfinite(hi), (hi - a).mean(0), 0.0)
         use_floor = np.isfinite(lo) & ((p > 0) | (self.shares_ < lo))
         use_cap = np.isfinite(hi) & ((p < 0) | (self.shares_ > hi))
+        # a floor passed (a cap undercut) where serving would hold it with its own price at 0 is passed by
+        # choice: that says nothing of the model's error, and winding the aim down on it let the share
+        # fall below the floor once the choice changed (a long-tail floor's aim wound 6 pp down while
+        # pages took the tail of their own accord at a price of 0.001, then the share sat 2 pp under it)
+        free = self._unpriced_shares()
+        use_floor &= (floor_err > 0) | (free < lo)
+        use_cap &= (cap_err < 0) | (free > hi)
         delta = step * (np.where(use_floor, floor_err, 0.0) + np.where(use_cap & ~use_floor, cap_err, 0.0))
         self.correction_ = np.clip(self.correction_ + delta, -cfg.max_correction, cfg.max_correction)
         self.overshoot_ = np.where(p > 0, np.maximum(self.shares_ - lo, 0.0), 0.0) \
@@ -207,6 +214,19 @@ class ResolvePacer:
         self.prices_ = softmax_prices(self._value, self._exposure, lo, hi, cfg.temperature, mask=self._mask,
                                       start=self.prices_, max_price=cfg.max_price, box=self.trust_region())
         return self.prices_.copy()
+
+    def _unpriced_shares(self) -> np.ndarray:
+        """(K,) each bound's share over the window served at the current prices with its own price at 0
+        (NaN while the window is empty)."""
+        K = self.prices_.size
+        out = np.full(K, np.nan)
+        if not self._mask.any():
+            return out
+        for k in range(K):
+            p = self.prices_.copy()
+            p[k] = 0.0
+            out[k] = softmax_response(self._value, self._exposure, p, self.config.temperature, mask=self._mask)[0][k]
+        return out
 
     def trust_region(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(low, high) (K,): how far one update may move each price, ``max_step`` times the larger of its

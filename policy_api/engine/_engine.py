@@ -344,6 +344,24 @@ def catalog_prior_rates(state: EngineState, impressions: float = 1e6) -> np.ndar
     return out
 
 
+def catalog_prior_calibration(state: EngineState, impressions: float) -> dict[str, dict[str, list[float]]] | None:
+    """:func:`catalog_prior_rates` in a plan's ``calibration`` form, each (category, head | tail) group
+    counted as ``impressions`` examined impressions, its ``predicted`` the mean score of the group's
+    best items (the items a page shows first) times them: what the engine believed of each group before
+    any feedback, for :func:`policy_api.jobs.calibration`'s ``previous``. None when the catalog gives no
+    popularity."""
+    rates = catalog_prior_rates(state, impressions)
+    if rates is None:
+        return None
+    items = np.flatnonzero(state.item_category >= 0)
+    C = len(state.config.category_names)
+    group = state.item_category[items] * 2 + state.is_tail[items].astype(np.int64)
+    top = _top_means(state.scorer.score(-1, items), group, 2 * C, state.config.items_per_module).reshape(C, 2)
+    return {c: {"head": rates[k, 0].tolist(), "tail": rates[k, 1].tolist(),
+                "predicted": (top[k] * rates[k, :, 1]).tolist()}
+            for k, c in enumerate(state.config.category_names)}
+
+
 def _calibration_field(rates: Mapping[str, Any], names: tuple[str, ...], key: str, width: int) -> np.ndarray | None:
     """(C, width): each category's ``key`` entry of a plan's ``calibration`` (zeros where a category lacks
     it); None when no category has it."""

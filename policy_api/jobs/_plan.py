@@ -38,6 +38,7 @@ from allocator import (
 
 from .. import registry
 from ..engine import (
+    CALIBRATION_PRIOR,
     ITEM_LIFT_PRIOR,
     DecisionEngine,
     EngineState,
@@ -45,6 +46,7 @@ from ..engine import (
     calibration_predicted,
     calibration_rates,
     catalog_long_tail,
+    catalog_prior_calibration,
     curve_rate,
     head_first,
     item_lift,
@@ -625,8 +627,9 @@ def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray
     of an earlier calibration) reuses those item rates instead of measuring them again.
 
     ``previous`` (the calibration of the plan in force) carries what was measured before into a group
-    the window holds few impressions of: its earlier rate counts as up to ``CARRIED_IMPRESSIONS``
-    impressions less those of the window. A category the engine stopped showing (it earned too little)
+    the window holds fewer impressions of than it did: its earlier rate counts for the impressions the
+    window lost (the previous ones less the window's), up to ``CARRIED_IMPRESSIONS`` less the window's.
+    A category the engine stopped showing (it earned too little)
     had its rate from the other categories' level instead: unknown looked average, and a category worth
     twice the others per engagement went back to the top of every new user's page until the window
     measured it again, over and over."""
@@ -714,7 +717,10 @@ def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray
     if previous:
         before = calibration_rates(previous, names).reshape(2 * C, 2)
         pred_before = calibration_predicted(previous, names)
-        k = np.minimum(before[:, 1], np.maximum(CARRIED_IMPRESSIONS - i, 0.0))
+        # only what the window lost: the previous calibration's impressions beyond the window's (the
+        # window overlaps the one it measured; while it grows, carrying would count its events twice
+        # and make the first small samples' rates stick)
+        k = np.minimum(np.maximum(before[:, 1] - i, 0.0), np.maximum(CARRIED_IMPRESSIONS - i, 0.0))
         per = np.divide(k, before[:, 1], out=np.zeros(2 * C), where=before[:, 1] > 0)
         u, i = u + per * before[:, 0], i + k
         if pred_before is not None:
@@ -794,6 +800,12 @@ def plan_calibration(db: Engine, cfg: ConfigRecord, state: EngineState | None = 
     same_start = since is None if epoch is None else since is not None and abs(since.timestamp() - epoch) < 1e-3
     if solver.get("calibration_scorer") != st.scorer.name or not same_start:
         previous = None
+    if previous is None and not solver.get("calibration") and since is None and st.scorer.name == "popularity":
+        # the first calibration: a group the window holds fewer than CALIBRATION_PRIOR impressions of is
+        # filled in with what the engine believed before any feedback (the catalog's prior), not with
+        # the other groups' level: a category seldom shown under the prior (it earned little) looked
+        # average on its first few impressions and went to the top of every new user's page
+        previous = catalog_prior_calibration(st, CALIBRATION_PRIOR)
     return (calibration(db, cfg.config, scorer=lambda rows: st.scorer.score(-1, rows), since=since, items=items,
                         previous=previous),
             st.scorer.name)

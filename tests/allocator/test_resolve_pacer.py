@@ -228,3 +228,26 @@ def test_a_box_that_holds_the_minimiser_changes_nothing_and_one_that_does_not_is
     half = softmax_prices(v2, a, np.array([-np.inf, -np.inf]), np.array([np.inf, 0.2]), t,
                           box=(np.array([0.0, capped[1] / 2]), np.array([0.0, 0.0])))
     assert half[1] == pytest.approx(capped[1] / 2, rel=1e-9)
+
+
+def test_a_floor_passed_by_choice_does_not_wind_its_aim_down() -> None:
+    """Pages that take a floor's share of their own accord (the share the window's sets give with the
+    floor's price at 0 is above it) pass the floor by choice, whatever small price the re-solve leaves:
+    the integral does not wind the aim down on that. Where the floor binds, an overshoot still does."""
+    t = 0.02
+    rng = np.random.default_rng(11)
+    for liked, winds in ((True, False), (False, True)):
+        pacer = ResolvePacer(ResolvePacerConfig(lower=(0.10,), upper=(np.inf,), temperature=t, window=600,
+                                                half_life=300), prices=np.array([0.01]))
+        for _ in range(20):
+            v, a = _stream(rng, 50)
+            a = a[:, :, :1]
+            if liked:  # the floor's share is liked: served for free far above the floor
+                v = v + 30 * a[:, :, 0]
+            chosen = np.full((50, 1), 0.3)  # realised far above the floor either way
+            pacer.update(v, a, np.ones(v.shape, dtype=bool), chosen)
+            pacer.prices_ = np.maximum(pacer.prices_, 0.01)  # a small price left on it
+        if winds:
+            assert pacer.correction_[0] < -0.05
+        else:
+            assert pacer.correction_[0] == 0.0

@@ -219,12 +219,28 @@ def test_plan_carries_the_category_calibration_of_recent_feedback(db, impression
     assert plan is not None and plan.version == res.plan_version
     # the plan adds what its scorer predicted for the items shown (shrunk the same way)
     assert plan.solver["calibration_scorer"] == "popularity"
-    for c in names:
-        assert {p: plan.solver["calibration"][c][p] for p in ("head", "tail")} == {p: got[c][p] for p in ("head", "tail")}
+    # the first calibration (the plan in force has none): a group with fewer than CALIBRATION_PRIOR
+    # impressions is filled in up to them with the catalog's prior rate (engine.catalog_prior_rates),
+    # its predicted units with the mean score of the group's best items_per_module items
+    from policy_api.engine import CALIBRATION_PRIOR, catalog_prior_rates
+
+    st0 = load_state(eng)
+    prior = catalog_prior_rates(st0, 1.0)
+    rows = np.flatnonzero(st0.item_category >= 0)
+    grp = st0.item_category[rows] * 2 + st0.is_tail[rows].astype(np.int64)
+    sc = st0.scorer.score(-1, rows)
+    for j, c in enumerate(names):
         want_pred = []
-        for part in ("head", "tail"):
+        for h, part in enumerate(("head", "tail")):
+            u0, i0 = got[c][part]
+            fill = max(CALIBRATION_PRIOR - i0, 0.0)
+            rate = prior[j, h, 0] / prior[j, h, 1] if prior[j, h, 1] > 0 else 0.0
+            assert plan.solver["calibration"][c][part] == pytest.approx([u0 + fill * rate, i0 + fill]), (c, part)
+            best = np.sort(sc[grp == 2 * j + h])[::-1][:cfg.items_per_module]
+            top = best.mean() if best.size and prior[j, h, 1] > 0 else 0.0
             _, i_all, p_all = every[c][part]
-            want_pred.append(cold[c][part][2] + min(k, i_all) * p_all / i_all if i_all > 0 else cold[c][part][2])
+            want_pred.append((cold[c][part][2] + min(k, i_all) * p_all / i_all if i_all > 0 else cold[c][part][2])
+                             + fill * top)
         assert plan.solver["calibration"][c]["predicted"] == pytest.approx(want_pred), c
     # what the plan in force measured fills in for a group the window holds few impressions of: its
     # rate counts as up to CARRIED_IMPRESSIONS impressions less the window's (a category no longer shown
@@ -237,17 +253,20 @@ def test_plan_carries_the_category_calibration_of_recent_feedback(db, impression
         for part in ("head", "tail"):
             u, i = got[c][part]
             u_prev, i_prev = prev[c][part]
-            k_ = min(i_prev, max(cap - i, 0.0))
+            k_ = min(max(i_prev - i, 0.0), max(cap - i, 0.0))  # what the window lost, up to the cap
             assert carried[c][part] == pytest.approx([u + k_ * u_prev / i_prev, i + k_]), (c, part)
     assert all(carried[c]["tail"][1] == pytest.approx(max(cap, got[c]["tail"][1])) for c in names)
+    assert all(carried[c]["head"][1] == pytest.approx(max(400.0, got[c]["head"][1])) for c in names)
     # the loop's recalibration takes the plan in force's (measured with the same scorer)
     cfg_record = registry.active_config(eng)
     again, _ = jobs.plan_calibration(eng, cfg_record)
     before = plan.solver["calibration"]
     for c in names:
-        u, i = before[c]["head"]
-        k_ = min(i, max(cap - i, 0.0))
-        assert again[c]["head"] == pytest.approx([u + k_ * u / i, i + k_] if i > 0 else [u, i]), c
+        # the plan in force counted the catalog's prior for impressions the window lacks: carried on
+        u_p, i_p = before[c]["head"]
+        u, i = got[c]["head"]
+        k_ = min(max(i_p - i, 0.0), max(cap - i, 0.0))
+        assert again[c]["head"] == pytest.approx([u + k_ * u_p / i_p, i + k_]), c
     # after a population shift, only a calibration measured from the shift on is carried
     shift = datetime.now(tz=UTC) - timedelta(hours=2)  # before every counted event: the window is the same
     registry.publish_plan(eng, version, plan.prices, projected=plan.projected,
