@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import cache
@@ -293,7 +293,7 @@ class EngineState:
     # 1 = no evidence); None: not measured
     item_lift: np.ndarray | None = None
     # per category, its best long-tail items outside its pool head, best first: the first places of the
-    # category's pool draw once items are measured (see :func:`with_item_lift`)
+    # category's pool draw (see :func:`with_item_lift`)
     tail_lead: tuple[np.ndarray, ...] = ()
     # per category, a flag per position of its pool's rest (past its head): the item there leads the draw
     tail_lead_rest: tuple[np.ndarray, ...] = ()
@@ -553,31 +553,21 @@ def with_item_lift(state: EngineState, lift: np.ndarray | None) -> EngineState:
     if state.score_multiplier is not None:
         s = s * state.score_multiplier[items]
     value[items] = s if state.score_offset is None else s + state.score_offset[items]
-    by_cat = []
+    by_cat, lead, flags = [], [], []
     rank = np.full(state.item_category.size, -1, dtype=np.int64)
-    for idx in popular:
+    for c, idx in enumerate(popular):
         # by lifted value; ties (items of equal value, none measured) keep their popularity order
         order = idx[np.lexsort((np.arange(idx.size), -value[idx]))]
         by_cat.append(order)
         rank[order] = np.arange(order.size)
-    lead, flags = tail_leads(by_cat, state.head_quota, state.rest_quota, state.is_tail)
-    return replace(state, item_lift=lift, by_category=tuple(by_cat), category_rank=rank, tail_lead=lead,
-                   tail_lead_rest=flags)
-
-
-def tail_leads(by_category: Sequence[np.ndarray], head_quota: np.ndarray, rest_quota: np.ndarray,
-               is_tail: np.ndarray) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
-    """Per category (each ordered best first), its first long-tail items past its pool head, as many as
-    half its pool draw, and a flag per position of its rest marking them (see :func:`with_item_lift`)."""
-    lead, flags = [], []
-    for c, order in enumerate(by_category):
-        rest = order[int(head_quota[c]):]
-        best = np.flatnonzero(is_tail[rest])[: int(rest_quota[c]) // 2]
+        rest = order[int(state.head_quota[c]):]
+        best = np.flatnonzero(state.is_tail[rest])[: int(state.rest_quota[c]) // 2]
         lead.append(rest[best])
         flag = np.zeros(rest.size, dtype=bool)
         flag[best] = True
         flags.append(flag)
-    return tuple(lead), tuple(flags)
+    return replace(state, item_lift=lift, by_category=tuple(by_cat), category_rank=rank, tail_lead=tuple(lead),
+                   tail_lead_rest=tuple(flags))
 
 
 def calibration_shift(old: np.ndarray, new: np.ndarray, min_impressions: float = 1000.0) -> float:

@@ -306,7 +306,7 @@ MIN_CALIBRATION_IMPRESSIONS = 200
 UNPERSONALISED_PRIOR = 500.0
 
 #: examined impressions up to which a group's rate in the previous calibration fills in for what the
-#: window lacks (see :func:`calibration`'s ``previous``)
+#: window lost (see :func:`calibration`'s ``previous``)
 CARRIED_IMPRESSIONS = 1000.0
 
 
@@ -629,10 +629,10 @@ def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray
     ``previous`` (the calibration of the plan in force) carries what was measured before into a group
     the window holds fewer impressions of than it did: its earlier rate counts for the impressions the
     window lost (the previous ones less the window's), up to ``CARRIED_IMPRESSIONS`` less the window's.
-    A category the engine stopped showing (it earned too little)
-    had its rate from the other categories' level instead: unknown looked average, and a category worth
-    twice the others per engagement went back to the top of every new user's page until the window
-    measured it again, over and over."""
+    A category the engine stopped showing (it earned too little) had its rate from the other
+    categories' level instead: unknown looked average, and a category worth twice the others per
+    engagement went back to the top of every new user's page until the window measured it again, over
+    and over."""
     start = datetime.now(tz=UTC) - CALIBRATION_WINDOW
     since = start if since is None else max(start, since)
     catalog = load_catalog(db)

@@ -415,4 +415,3 @@ def test_before_any_feedback_categories_engage_as_their_best_items_are_popular(s
     for g in groups.values():  # the others in proportion to their popularity (the prior binds: 10^6 impressions)
         assert g[1] == pytest.approx(g0[2] * g[0] / p_best, rel=2e-3)
     assert catalog_prior_rates(replace(state, catalog=replace(state.catalog, popularity=np.zeros(state.catalog.n_items)))) is None
-
