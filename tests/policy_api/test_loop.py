@@ -255,17 +255,12 @@ def test_the_loop_plans_again_as_the_items_evidence_grows(db, tmp_path):
     assert loop._calibrate()[0] == "idle"
 
 
-def test_a_new_plan_keeps_the_pacers_prices_once_it_has_solved_a_window(db, tmp_path):
-    """The planner prices sampled users without their live state; once the pacer has re-solved on a
-    full window served under the config, a re-plan (a new calibration) publishes the pacer's prices
-    with the new calibration instead of jumping to the planner's, and does not solve the plan."""
-    from datetime import timedelta
-
+def _loop_with_a_pacer(db, tmp_path, prices):
+    """A loop on a fresh catalog and config, and a re-solving pacer for its bounds at ``prices`` (one per
+    constraint, cut to their number)."""
     import numpy as np
 
     from allocator import ResolvePacer, ResolvePacerConfig
-    from policy_api import jobs
-    from policy_api.loop._loop import _Pacing
 
     world = make_world(n_users=30, n_items=200, seed=0)
     world.to_catalog_csv(tmp_path / "items.csv")
@@ -276,9 +271,23 @@ def test_a_new_plan_keeps_the_pacers_prices_once_it_has_solved_a_window(db, tmp_
     lo, hi = cfg.config.bounds()
     loop = BackgroundLoop(db, holder="t")
     loop._on_config(cfg)
-    mine = np.array([0.123, 0.456])[:len(names)]
     pacer = ResolvePacer(ResolvePacerConfig(lower=tuple(lo), upper=tuple(hi), temperature=0.02, names=names),
-                         prices=mine)
+                         prices=np.array(prices)[:len(names)])
+    return cfg, loop, pacer
+
+
+def test_a_new_plan_keeps_the_pacers_prices_once_it_has_solved_a_window(db, tmp_path):
+    """The planner prices sampled users without their live state; once the pacer has re-solved on a
+    full window served under the config, a re-plan (a new calibration) publishes the pacer's prices
+    with the new calibration instead of jumping to the planner's, and does not solve the plan."""
+    from datetime import timedelta
+
+    from policy_api import jobs
+    from policy_api.loop._loop import _Pacing
+
+    cfg, loop, pacer = _loop_with_a_pacer(db, tmp_path, [0.123, 0.456])
+    names = cfg.config.constraint_names
+    mine = pacer.prices_.copy()
     window = cfg.config.loop.pace_window
     # what counts is the decisions re-solved on under this config over all plans (``solved``), not under
     # the newest plan (``fresh``), which each re-plan starts again
@@ -309,23 +318,13 @@ def test_before_the_pacer_owns_the_prices_the_planners_move_is_bounded_by_its_tr
 
     import numpy as np
 
-    from allocator import ResolvePacer, ResolvePacerConfig
     from policy_api import jobs
     from policy_api.loop._loop import _Pacing
 
-    world = make_world(n_users=30, n_items=200, seed=0)
-    world.to_catalog_csv(tmp_path / "items.csv")
-    registry.activate_config(db, _config(tmp_path, world), author="test")
-    upsert_items(db, read_catalog_csv(tmp_path / "items.csv").rows())
-    cfg = registry.active_config(db)
+    cfg, loop, pacer = _loop_with_a_pacer(db, tmp_path, [0.01, 0.002])
     names = cfg.config.constraint_names
     K = len(names)
-    lo, hi = cfg.config.bounds()
-    loop = BackgroundLoop(db, holder="t")
-    loop._on_config(cfg)
-    mine = np.array([0.01, 0.002])[:K]
-    pacer = ResolvePacer(ResolvePacerConfig(lower=tuple(lo), upper=tuple(hi), temperature=0.02, names=names),
-                         prices=mine)
+    mine = pacer.prices_.copy()
     rng = np.random.default_rng(0)
     value = rng.uniform(1.0, 1.1, (50, 6))  # a value range of ~0.1 per request
     pacer._keep(value, rng.uniform(0, 0.3, (50, 6, K)), np.ones((50, 6), dtype=bool))
