@@ -470,17 +470,19 @@ def item_lift_of(rates: Mapping[str, Any], names: tuple[str, ...], index: Mappin
     viewers' factors summed over its impressions), shrunk toward its category's curve ``f`` over log
     popularity (knots ``{"x", "rate"}``, :func:`curve_rate`) with ``k`` = ``prior`` impressions; an
     item never shown has its curve. Its lift is ``r / (scale * score)``, ``scale`` its (category, head
-    | tail) group's ratio of the two over the group's impressions; the head's lifts are then divided by
-    their mean over its measured items (weighted by exposure), so that they average 1 on what the head
-    showed and move items within it, leaving its level to the groups' calibration. Serving multiplies
+    | tail) group's ratio of the two over the group's impressions; the head's lifts, and the long
+    tail's apart, are then divided by their mean over the group's measured items (weighted by
+    exposure), so that they average 1 on what the group showed and move items within it (which tail
+    items a tilted module shows), leaving its level to the groups' calibration. Serving multiplies
     the scorer's scores by it, before anything else: the plan's calibration of the groups is measured
     on the lifted scores. Bounded to :data:`ITEM_LIFT_RANGE` (an item earns at most 4 times, at least a
-    quarter of, what its score says); 1 for long-tail items, where the score is not positive and
-    where the category carries no rates. None when no category does.
+    quarter of, what its score says); 1 where the score is not positive, in a group with no measured
+    item and where the category carries no rates. None when no category does.
 
     Examples
     --------
-    Item x shown 50 times earned 30 units, y never shown has the curve's 0.1, z is in the long tail:
+    Item x shown 50 times earned 30 units, y never shown has the curve's 0.1, z is in the long tail
+    (where nothing was measured):
 
     >>> r = {"a": {"items": {"ids": ["x"], "units": [30.0], "exposure": [50.0],
     ...                      "curve": {"x": [0.0], "rate": [0.1]}, "scale": [1.0, 1.0]}}}
@@ -511,19 +513,19 @@ def item_lift_of(rates: Mapping[str, Any], names: tuple[str, ...], index: Mappin
         den = scale * score[mine]
         lift = np.zeros(item_category.size)
         lift[mine] = np.where(den > 0, np.divide(rate[mine], den, out=np.ones(mine.size), where=den > 0), 1.0)
-        # the head's lifts average 1 over what it showed (its measured items, by exposure), so that they
-        # move items within the head and leave its level to the groups' calibration
-        shown = row[~is_tail[row]]
-        w = exposure[~is_tail[row]]
-        if shown.size and w.sum() > 0:
-            level = float(np.average(lift[shown], weights=w))
-            if level > 0:
-                lift[mine] = np.where(is_tail[mine], lift[mine], lift[mine] / level)
+        # the head's lifts, and the long tail's apart, average 1 over what the group showed (its measured
+        # items, by exposure), so that they move items within the group and leave its level to the
+        # groups' calibration. Lifted on the head's scale, the tail's items were worth 2-4 times what
+        # they earned (its rates rest on a curve drawn through the head): the long-tail share went far
+        # past its floor, each tail item displacing a better head item. A group that showed nothing
+        # measured keeps its scores.
+        for tail in (False, True):
+            group = is_tail[mine] == tail
+            measured = is_tail[row] == tail
+            w = exposure[measured]
+            level = float(np.average(lift[row[measured]], weights=w)) if w.sum() > 0 else 0.0
+            lift[mine] = np.where(group, lift[mine] / level if level > 0 else 1.0, lift[mine])
         out[mine] = np.clip(lift[mine], *ITEM_LIFT_RANGE)
-    # the long tail keeps its scores: its items' rates rest on a few impressions each and on a curve
-    # drawn through the head, and lifted they were worth 2-4 times what they earned (the long-tail
-    # share went far past its floor, each tail item displacing a better head item)
-    out[is_tail] = 1.0
     return out if found else None
 
 

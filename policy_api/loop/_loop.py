@@ -171,6 +171,9 @@ class BackgroundLoop:
     _pacing: _Pacing | None = None
     _next: dict[str, float] = field(default_factory=dict)
     _training: _Training = field(default_factory=_Training)
+    _planner: threading.Thread | None = None  # the planner's solve, off the loop's thread
+    # the pacer's state is updated by the loop's thread and read by the planner's when it publishes
+    _pacer_lock: threading.Lock = field(default_factory=threading.Lock)
     _lease: Lease | None = None
     _shift: ShiftDetector | None = None
     _shift_read: datetime | None = None  # the newest decision the shift step has judged
@@ -218,6 +221,11 @@ class BackgroundLoop:
         """True while a ranker is being trained in the background."""
         return self._training.thread is not None and self._training.thread.is_alive()
 
+    @property
+    def planning(self) -> bool:
+        """True while the planner solves in the background (see :meth:`_plan_step`)."""
+        return self._planner is not None and self._planner.is_alive()
+
     def status(self) -> dict[str, Any]:
         """What ``/readyz`` and ``/ops`` show: role, config version, each step's last run."""
         return {"role": self.role, "holder": None if self._lease is None else self._lease.holder,
@@ -244,8 +252,9 @@ class BackgroundLoop:
         if now >= self._next.get("shift", 0.0):
             self._step("shift", self._detect_shift)
             self._next["shift"] = now + 1.0
-        if registry.latest_plan(self.db, cfg.version) is None or now >= self._next.get("plan", np.inf):
-            self._step("plan", self._plan)
+        if not self.planning and (registry.latest_plan(self.db, cfg.version) is None
+                                  or now >= self._next.get("plan", np.inf)):
+            self._step("plan", self._plan_step)
             self._next["plan"] = now + loop.replan_every_s
         if now >= self._next.get("calibrate", 0.0):
             self._step("calibrate", self._calibrate)
@@ -500,6 +509,45 @@ class BackgroundLoop:
                       f"{keep:.0%} of their category sums, the calibration restarts there")
 
     # ---- plan and pace ---------------------------------------------------------------------------
+    def _pacer_owns(self) -> bool:
+        """Whether the pacer has re-solved on enough served decisions under this config to own the
+        prices (a full ``pace_window``; ``PACER_OWNS_AFTER_SHIFT`` while the loop settles after a shift)."""
+        assert self._config is not None
+        loop = self._config.config.loop
+        p = self._pacing
+        owns = min(PACER_OWNS_AFTER_SHIFT, loop.pace_window) if self._settling() else loop.pace_window
+        return p is not None and p.config_version == self._config.version and p.solved >= owns
+
+    def _plan_step(self) -> tuple[str, str]:
+        """The plan step: :meth:`_plan` on the loop's thread for the first plan (before the first request)
+        and for a recalibration beside the pacer's prices (a second or two); the planner's solve (which
+        scores a few thousand sampled users and solves an LP: 15-20 s on a wide world of 20,000 items)
+        on a thread of its own, at the lowest CPU priority. On the loop's thread it held the pacer for as
+        long: a videos cap stood 2-3 pp over for 23 s while the planner ran."""
+        assert self._config is not None
+        if registry.latest_plan(self.db, self._config.version) is None or self._pacer_owns():
+            return self._plan()
+        rec = self.steps["plan"]
+
+        def work() -> None:
+            _background_priority()
+            t0 = time.perf_counter()
+            try:
+                rec.outcome, rec.detail = self._plan()
+            except HomepageError as e:
+                rec.outcome, rec.detail = "error", e.message
+                rec.errors += 1
+            except Exception as e:  # noqa: BLE001 - reported in the status, the loop goes on
+                log.exception("planning failed")
+                rec.outcome, rec.detail = "error", f"{type(e).__name__}: {e}"
+                rec.errors += 1
+            rec.duration_s = time.perf_counter() - t0
+            rec.last_run = datetime.now(tz=UTC).isoformat()
+
+        self._planner = threading.Thread(target=work, name="homepage-plan", daemon=True)
+        self._planner.start()
+        return "ok", "planning in the background (the pacer goes on)"
+
     def _plan(self) -> tuple[str, str]:
         assert self._config is not None
         loop = self._config.config.loop
@@ -513,8 +561,7 @@ class BackgroundLoop:
         # the prices by several times: there the pacer owns them after PACER_OWNS_AFTER_SHIFT decisions
         cfg = self._config
         p = self._pacing
-        owns = min(PACER_OWNS_AFTER_SHIFT, loop.pace_window) if self._settling() else loop.pace_window
-        if p is not None and p.config_version == cfg.version and p.solved >= owns:
+        if p is not None and self._pacer_owns():
             # the pacer owns the prices: a re-plan only brings the new calibration (solving the plan
             # scores thousands of sampled users, which with a history scorer holds the loop, and so
             # the pacing, for tens of seconds)
@@ -526,34 +573,41 @@ class BackgroundLoop:
                 items = {c: v["items"] for c, v in have.items() if isinstance(v, dict) and "items" in v}
             rates, scorer = jobs.plan_calibration(self.db, cfg, since=self._calibration_since(), items=items)
             names = cfg.config.constraint_names
-            prices = _by_name(names, p.pacer.prices_)
-            solver: dict[str, Any] = {"method": "recalibrate", "prices_from": "pacer",
-                                      "projected_from": None if last is None else last.version,
-                                      "price_slope": _by_name(names, p.pacer.slope()), "feedback_seen": seen,
-                                      **self._forget_field()}
-            if rates is not None:
-                solver.update(calibration=rates, calibration_scorer=scorer)
-            v = registry.publish_plan(self.db, cfg.version, prices,
-                                      projected=last.projected if last is not None else {}, solver=solver)
+            with self._pacer_lock:
+                prices = _by_name(names, p.pacer.prices_)
+                solver: dict[str, Any] = {"method": "recalibrate", "prices_from": "pacer",
+                                          "projected_from": None if last is None else last.version,
+                                          "price_slope": _by_name(names, p.pacer.slope()), "feedback_seen": seen,
+                                          **self._forget_field()}
+                if rates is not None:
+                    solver.update(calibration=rates, calibration_scorer=scorer)
+                v = registry.publish_plan(self.db, cfg.version, prices,
+                                          projected=last.projected if last is not None else {}, solver=solver)
             return "ok", f"plan version {v}: a new calibration beside the pacer's prices {prices}"
         res = jobs.plan(self.db, users=loop.plan_users, since=datetime.now(tz=UTC) - timedelta(hours=24),
                         publish=False, calibration_since=self._calibration_since())
         prices = res.prices
-        box = p.pacer.trust_region() if p is not None and p.config_version == cfg.version else None
-        if box is not None:
-            # the pacer has re-solved on served candidates, too few to own the prices: the planner's
-            # move from its prices is bounded by its trust region. The planner prices a few hundred
-            # users sampled early and scored without their live state; its first calibrated plan took
-            # the live floor's price from 0.81 to 1.73 while the pacer went on to settle at 0.7, and
-            # the pages of those seconds gave 22 % to live streams against a floor of 10 %
-            names = cfg.config.constraint_names
-            prices = _by_name(names, np.clip([res.prices[n] for n in names], *box))
-        v = registry.publish_plan(self.db, cfg.version, prices, projected=res.projected,
-                                  solver={**res.solver, "prices_from": "planner", "planner_prices": res.prices,
-                                          **self._forget_field()})
+        with self._pacer_lock:  # the pacer as it stands now, the planner having solved in the background
+            p = self._pacing
+            box = p.pacer.trust_region() if p is not None and p.config_version == cfg.version else None
+            if box is not None:
+                # the pacer has re-solved on served candidates, too few to own the prices: the planner's
+                # move from its prices is bounded by its trust region. The planner prices a few hundred
+                # users sampled early and scored without their live state; its first calibrated plan took
+                # the live floor's price from 0.81 to 1.73 while the pacer went on to settle at 0.7, and
+                # the pages of those seconds gave 22 % to live streams against a floor of 10 %
+                names = cfg.config.constraint_names
+                prices = _by_name(names, np.clip([res.prices[n] for n in names], *box))
+            v = registry.publish_plan(self.db, cfg.version, prices, projected=res.projected,
+                                      solver={**res.solver, "prices_from": "planner", "planner_prices": res.prices,
+                                              **self._forget_field()})
         return "ok", f"plan version {v} over {res.users} users; prices {prices} (from the planner)"
 
     def _pace(self) -> tuple[str, str]:
+        with self._pacer_lock:
+            return self._pace_locked()
+
+    def _pace_locked(self) -> tuple[str, str]:
         assert self._config is not None
         cfg = self._config
         config = cfg.config
@@ -580,12 +634,13 @@ class BackgroundLoop:
         if base != p.plan_version:  # planned again (a new calibration, `homepage plan`): start from its prices
             p.plan_version = base
             p.fresh = 0
-            # ... except the pacer's own prices with a new calibration while the loop settles after a
-            # population shift (every few seconds): dropping its window at each left it nothing to
-            # re-solve on, and the prices where they were while the shares drifted off their bounds
-            if (plan.solver or {}).get("prices_from") != "pacer" or not self._settling():
+            # ... except a new calibration beside the pacer's own prices: the pacer keeps its window of
+            # served sets until enough were valued under the new calibration (ResolvePacer.retire)
+            if (plan.solver or {}).get("prices_from") != "pacer":
                 p.pacer.rebase(np.clip(start, -loop.max_price, loop.max_price))
                 p.valued_from = base
+            else:
+                p.pacer.retire()
         until = now - timedelta(seconds=_SETTLE_LAG_S)
         dlog = read_decision_log(self.db, config, p.since, until, cfg.version)
         if len(dlog) == 0:

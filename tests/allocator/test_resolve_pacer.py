@@ -251,3 +251,44 @@ def test_a_floor_passed_by_choice_does_not_wind_its_aim_down() -> None:
             assert pacer.correction_[0] < -0.05
         else:
             assert pacer.correction_[0] == 0.0
+
+
+def test_a_retired_window_is_re_solved_on_until_enough_fresh_sets_have_come() -> None:
+    """A recalibration beside the pacer's prices retires its window: the old sets are re-solved on
+    beside the new ones until ``min_fresh`` new ones have come, then on the new ones alone. The prices
+    equal the softmax dual's minimiser on exactly those sets, computed here from the arrays."""
+    from allocator import softmax_prices
+
+    t = 0.02
+    rng = np.random.default_rng(11)
+    v_old, a_old = _stream(rng, 400)
+    v_new, a_new = _stream(rng, 300)
+    v_new -= 6.0 * a_new[:, :, 1]  # the new calibration values the tail-like share less
+    lower, upper = (0.10, 0.25), (np.inf, np.inf)
+    aims = np.array(lower) + 0.005, np.array(upper)
+    cfg = ResolvePacerConfig(lower=lower, upper=upper, temperature=t, window=1000, gain=0.0, max_step=np.inf,
+                             max_price=50.0, min_fresh=200)
+    p = ResolvePacer(cfg, prices=np.array([0.5, 0.5]))
+
+    def feed(v: np.ndarray, a: np.ndarray) -> np.ndarray:
+        return p.update(v, a, np.ones(v.shape, dtype=bool), a[:, 0])
+
+    feed(v_old, a_old)
+    p.retire()
+    got = feed(v_new[:50], a_new[:50])  # 50 new sets: the old ones stay
+    assert p._value.shape[0] == 450
+    want = softmax_prices(np.concatenate([v_old, v_new[:50]]), np.concatenate([a_old, a_new[:50]]), *aims, t,
+                          max_price=50.0)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    got = feed(v_new[50:250], a_new[50:250])  # 250 new sets >= min_fresh: the old ones go
+    assert p._value.shape[0] == 250
+    want_new = softmax_prices(v_new[:250], a_new[:250], *aims, t, max_price=50.0)
+    np.testing.assert_allclose(got, want_new, rtol=1e-5)
+    assert abs(want_new[1] - want[1]) > 0.05  # the two windows' prices differ: the test can tell them apart
+    # a window that was never retired keeps its sets up to ``window``
+    q = ResolvePacer(cfg, prices=np.array([0.5, 0.5]))
+    q.update(v_old, a_old, np.ones(v_old.shape, dtype=bool), a_old[:, 0])
+    q.update(v_new, a_new, np.ones(v_new.shape, dtype=bool), a_new[:, 0])
+    assert q._value.shape[0] == 700
+    with pytest.raises(ValueError, match="min_fresh"):
+        ResolvePacerConfig(lower=(0.1,), upper=(np.inf,), temperature=t, min_fresh=0)

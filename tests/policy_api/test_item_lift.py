@@ -193,28 +193,41 @@ def test_measured_rates_find_the_better_head_items_of_a_simulated_world():
     assert better == world.n_categories
 
 
-def test_item_lift_is_the_rate_over_the_score_and_leaves_the_tail():
+def test_item_lift_is_the_rate_over_the_score_each_group_averaging_one():
     names = ("a", "b")
-    index = {"h1": 0, "h2": 1, "h3": 2, "t1": 3, "b1": 4}
-    cat = np.array([0, 0, 0, 0, 1])
-    is_tail = np.array([False, False, False, True, False])
-    pop = np.array([1000.0, 100.0, 10.0, 1.0, 50.0])
-    score = np.array([1.0, 0.8, 0.6, 0.2, 0.5])
+    index = {"h1": 0, "h2": 1, "h3": 2, "t1": 3, "b1": 4, "t2": 5, "t3": 6}
+    cat = np.array([0, 0, 0, 0, 1, 0, 0])
+    is_tail = np.array([False, False, False, True, False, True, True])
+    pop = np.array([1000.0, 100.0, 10.0, 1.0, 50.0, 2.0, 3.0])
+    score = np.array([1.0, 0.8, 0.6, 0.2, 0.5, 0.3, 0.25])
     kx, ky = [np.log1p(10.0), np.log1p(1000.0)], [0.1, 0.5]
-    rates = {"a": {"items": {"ids": ["h1", "h2", "zz", "t1"], "units": [20.0, 60.0, 5.0, 90.0],
-                             "exposure": [100.0, 100.0, 10.0, 100.0], "curve": {"x": kx, "rate": ky},
+    rates = {"a": {"items": {"ids": ["h1", "h2", "zz", "t1", "t2"], "units": [20.0, 60.0, 5.0, 90.0, 10.0],
+                             "exposure": [100.0, 100.0, 10.0, 100.0, 300.0], "curve": {"x": kx, "rate": ky},
                              "scale": [0.5, 2.0]}},
              "b": {"head": [1.0, 2.0]}}  # no item rates for b
     got = item_lift_of(rates, names, index, cat, is_tail, pop, score, prior=50.0)
-    f = curve_rate(np.log1p(pop[:3]), np.array(kx), np.array(ky))
-    r = np.array([(20.0 + 50 * f[0]) / 150.0, (60.0 + 50 * f[1]) / 150.0, f[2]])  # h3 never shown: its curve
     assert got is not None
+    f = curve_rate(np.log1p(pop), np.array(kx), np.array(ky))
+    # h3 and t3 never shown: their curve's rate
+    r = np.array([(20.0 + 50 * f[0]) / 150.0, (60.0 + 50 * f[1]) / 150.0, f[2]])
     raw = r / (0.5 * score[:3])
     level = (100.0 * raw[0] + 100.0 * raw[1]) / 200.0  # the head's measured items, by exposure
     np.testing.assert_allclose(got[:3], np.clip(raw / level, 0.25, 4.0), rtol=1e-12)
-    assert got[3] == 1.0 and got[4] == 1.0  # the long tail, and a category without item rates
+    # the long tail on its own scale (2.0), averaging 1 over its own measured items t1 and t2
+    rt = np.array([(90.0 + 50 * f[3]) / 150.0, (10.0 + 50 * f[5]) / 350.0, f[6]])
+    raw_t = rt / (2.0 * score[[3, 5, 6]])
+    level_t = (100.0 * raw_t[0] + 300.0 * raw_t[1]) / 400.0
+    np.testing.assert_allclose(got[[3, 5, 6]], np.clip(raw_t / level_t, 0.25, 4.0), rtol=1e-12)
+    assert got[3] > 1.0 > got[5]  # t1 earned 0.9 per impression, t2 0.03: t1 first among the tail
+    assert got[4] == 1.0  # a category without item rates
+    # a tail with no measured item keeps its scores
+    head_only = {"a": {"items": {k: v[:3] if isinstance(v, list) else v for k, v in rates["a"]["items"].items()}}}
+    got = item_lift_of(head_only, names, index, cat, is_tail, pop, score, prior=50.0)
+    assert got is not None and got[[3, 5, 6]].tolist() == [1.0, 1.0, 1.0]
+    np.testing.assert_allclose(got[:3], np.clip(raw / level, 0.25, 4.0), rtol=1e-12)
     # bounded: an item earns at most 4 times, at least a quarter of, what its score says
-    big = {"a": {"items": {**rates["a"]["items"], "units": [0.0, 6000.0, 5.0, 90.0], "exposure": [1000.0, 100.0, 10.0, 100.0]}}}
+    big = {"a": {"items": {**rates["a"]["items"], "units": [0.0, 6000.0, 5.0, 90.0, 10.0],
+                           "exposure": [1000.0, 100.0, 10.0, 100.0, 300.0]}}}
     got = item_lift_of(big, names, index, cat, is_tail, pop, score, prior=50.0)
     r = np.array([(0.0 + 50 * f[0]) / 1050.0, (6000.0 + 50 * f[1]) / 150.0, f[2]])
     raw = r / (0.5 * score[:3])
@@ -342,7 +355,8 @@ def test_the_plan_carries_item_rates_measured_on_the_log_and_serving_uses_them(t
     served = load_state(eng)
     assert served.item_lift is not None
     np.testing.assert_allclose(served.item_lift, item_lift(cal, served), rtol=1e-12)
-    assert (served.item_lift[served.is_tail] == 1.0).all() and np.ptp(served.item_lift[~served.is_tail]) > 0.1
+    # both the head's and the long tail's measured items move within their group
+    assert np.ptp(served.item_lift[served.is_tail]) > 0.1 and np.ptp(served.item_lift[~served.is_tail]) > 0.1
     # the lifts reorder the head of the categories' pools away from the popularity order
     moved = 0
     for c, order in enumerate(served.by_category):

@@ -340,6 +340,52 @@ def test_before_the_pacer_owns_the_prices_the_planners_move_is_bounded_by_its_tr
     assert any(abs(planner[n] - w) > 1e-6 for n, w in zip(names, want, strict=True))  # the region binds
 
 
+def test_the_planner_solves_off_the_loops_thread_and_is_clipped_to_the_pacer_as_it_then_stands(db, tmp_path):
+    """Before the pacer owns the prices, the plan step starts the planner on a thread of its own and
+    returns at once, so that the loop goes on pacing. The plan is published only once the pacer's state
+    can be read (under its lock, which pacing holds), clipped to the trust region of the pacer as it
+    stands then, not when the solve began: computed here from the moved prices and the window's arrays."""
+    from datetime import timedelta
+
+    import numpy as np
+
+    from policy_api import jobs
+    from policy_api.loop._loop import _Pacing
+
+    cfg, loop, pacer = _loop_with_a_pacer(db, tmp_path, [0.01, 0.002])
+    names = cfg.config.constraint_names
+    K = len(names)
+    rng = np.random.default_rng(0)
+    value = rng.uniform(1.0, 1.1, (50, 6))
+    pacer._keep(value, rng.uniform(0, 0.3, (50, 6, K)), np.ones((50, 6), dtype=bool))
+    first = registry.publish_plan(db, cfg.version, dict(zip(names, pacer.prices_.tolist(), strict=True)))
+    planner = jobs.plan(db, users=cfg.config.loop.plan_users, since=datetime.now(tz=UTC) - timedelta(hours=24),
+                        publish=False).prices
+    loop._pacing = _Pacing(cfg.version, pacer, datetime.now(tz=UTC), first, fresh=0, solved=50)
+    moved = pacer.prices_ * 3.0
+    with loop._pacer_lock:  # as a pacing step holds it
+        assert loop._plan_step() == ("ok", "planning in the background (the pacer goes on)")
+        assert loop.planning
+        pacer.prices_ = moved.copy()  # the pacer moves while the planner solves
+        time.sleep(0.2)
+        latest = registry.latest_plan(db, cfg.version)
+        assert latest is not None and latest.version == first  # nothing published while the pacer is held
+    assert loop._planner is not None
+    loop._planner.join(timeout=120)
+    assert not loop.planning
+    plan = registry.latest_plan(db, cfg.version)
+    assert plan is not None and plan.version > first and plan.solver["prices_from"] == "planner"
+    reach = np.maximum(np.abs(moved), 0.25 * np.median(value.max(axis=1) - value.min(axis=1)))
+    want = np.clip([planner[n] for n in names], moved - reach, moved + reach)
+    assert [plan.prices[n] for n in names] == pytest.approx(want.tolist())
+    assert loop.steps["plan"].outcome == "ok" and f"plan version {plan.version}" in loop.steps["plan"].detail
+    # once the pacer owns the prices, the step recalibrates on the loop's thread: no planner thread
+    loop._pacing.solved = cfg.config.loop.pace_window
+    assert loop._plan_step()[0] == "ok" and not loop.planning
+    latest = registry.latest_plan(db, cfg.version)
+    assert latest is not None and latest.solver["prices_from"] == "pacer"
+
+
 def test_the_pacer_re_solves_only_on_candidates_the_newest_ranker_scored(db, tmp_path):
     """Candidate sets a ranker scored before a newer one was published are dropped from the pacer's
     window (as those served under an older plan are): the pacer's window and its count of fresh
@@ -383,12 +429,12 @@ def test_the_pacer_re_solves_only_on_candidates_the_newest_ranker_scored(db, tmp
     assert p.fresh == 35 and p.pacer._value.shape[0] == 35 and p.solved == 75
 
 
-def test_after_a_shift_a_recalibration_beside_the_pacers_prices_keeps_its_window(db, tmp_path):
-    """While the loop settles after a population shift it recalibrates every few seconds: a new plan
-    that kept the pacer's prices and brought only a calibration then leaves the pacer's window as it
-    was (the decisions served before and after it are re-solved on), and the pacer owns the prices
-    after 200 decisions instead of a full window. Outside that, such a plan starts the window again
-    from its own decisions, and so does a plan with the planner's prices. Counted from the rows written."""
+def test_a_recalibration_beside_the_pacers_prices_keeps_its_window(db, tmp_path):
+    """A new plan that kept the pacer's prices and brought only a calibration leaves the pacer's window
+    as it was (the decisions served before and after it are re-solved on), with or without a population
+    shift; after a shift the pacer owns the prices after 200 decisions instead of a full window. A plan
+    with the planner's prices starts the window again from its own decisions. Counted from the rows
+    written."""
     from policy_api.engine import DecisionEngine, load_state
     from policy_api.live import Forget
     from policy_api.log import insert_decisions
@@ -427,13 +473,13 @@ def test_after_a_shift_a_recalibration_beside_the_pacers_prices_keeps_its_window
     assert first is not None
     serve(40, first.version)
     assert loop._pace()[0] == "ok" and p.pacer._value.shape[0] == 40
-    # no shift: a recalibration beside the pacer's prices starts its window again
+    # no shift: a recalibration beside the pacer's prices keeps its window
     p.solved = cfg.config.loop.pace_window
     steady = plan_now("pacer")
     serve(10, first.version)  # a worker that has not taken up the recalibration yet
     serve(15, steady)
     assert loop._pace()[0] == "ok"
-    assert p.valued_from == steady and p.pacer._value.shape[0] == 15
+    assert p.valued_from == first.version and p.pacer._value.shape[0] == 40 + 10 + 15
     # a shift: the loop settles (its calibration restarts there), and the pacer keeps its window
     loop._forget = Forget(time.time(), 0.0)
     loop._shift_feedback = 1
