@@ -527,22 +527,10 @@ class BackgroundLoop:
         assert self._config is not None
         if registry.latest_plan(self.db, self._config.version) is None or self._pacer_owns():
             return self._plan()
-        rec = self.steps["plan"]
 
         def work() -> None:
             _background_priority()
-            t0 = time.perf_counter()
-            try:
-                rec.outcome, rec.detail = self._plan()
-            except HomepageError as e:
-                rec.outcome, rec.detail = "error", e.message
-                rec.errors += 1
-            except Exception as e:  # noqa: BLE001 - reported in the status, the loop goes on
-                log.exception("planning failed")
-                rec.outcome, rec.detail = "error", f"{type(e).__name__}: {e}"
-                rec.errors += 1
-            rec.duration_s = time.perf_counter() - t0
-            rec.last_run = datetime.now(tz=UTC).isoformat()
+            self._step("plan", self._plan)  # recorded as the step's run, as on the loop's thread
 
         self._planner = threading.Thread(target=work, name="homepage-plan", daemon=True)
         self._planner.start()
