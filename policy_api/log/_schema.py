@@ -6,8 +6,9 @@ index and constraint a deterministic name, so that the hand-written Alembic revi
 
 Timestamps are timezone-aware UTC everywhere (:class:`UTCDateTime`): PostgreSQL stores
 ``timestamptz``; SQLite stores the UTC wall clock as text and the UTC zone is re-attached on read.
-JSON columns are ``JSON`` on SQLite and ``JSONB`` on PostgreSQL, except ``decisions.candidates`` and
-``decisions.pmf``: ``JSON`` there too (stored as sent; migration 0005).
+JSON columns are ``JSON`` on SQLite and ``JSONB`` on PostgreSQL, except ``decisions.candidates``,
+``decisions.pmf`` (migration 0005) and ``decisions.layout`` (0006): ``JSON`` there too, stored as
+sent, and compressed with lz4 where the server has it (0006).
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ decisions = sa.Table(
     sa.Column("pmf", _json_text(), nullable=False),
     sa.Column("chosen", sa.Integer(), nullable=False),
     sa.Column("propensity", sa.Double(), nullable=False),
-    sa.Column("layout", _json(), nullable=True),
+    sa.Column("layout", _json_text(), nullable=True),
     sa.Column("fallback_reason", sa.String(), nullable=True),
 )
 

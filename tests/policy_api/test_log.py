@@ -198,7 +198,7 @@ def test_migration_0005_keeps_the_rows_written_before_it(database_url, tmp_path)
             conn.execute(sa.insert(_old_decisions_table()), [{c: r[c] for c in DECISION_COLUMNS} for r in rows])
         before = read_decisions(eng)
         export_parquet(eng, tmp_path / "before.parquet")
-        upgrade(eng)
+        upgrade(eng, "0005")
         with eng.connect() as conn:
             assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0005"
             types = {c["name"]: type(c["type"]).__name__ for c in sa.inspect(conn).get_columns("decisions")}
@@ -226,6 +226,61 @@ def test_migration_0005_keeps_the_rows_written_before_it(database_url, tmp_path)
         eng.dispose()
 
 
+def _big_layout(row: dict, n_items: int = 40) -> dict:
+    """``row`` with a layout the size the engine logs (5 modules of 8 items, ~2 KB: over PostgreSQL's
+    TOAST threshold, so the server compresses it)."""
+    mods = row["candidates"][row["chosen"]]["modules"]
+    items = [{"item_id": f"i{k:05d}", "long_tail": k % 3 == 0} for k in range(n_items)]
+    per = n_items // len(mods)
+    layout = [{"slot": s, "module_id": m, "category": "songs", "tilt": 0.5, "items": items[s * per:(s + 1) * per]}
+              for s, m in enumerate(mods)]
+    return {**row, "layout": layout}
+
+
+def test_migration_0006_layout_json_and_lz4(database_url, tmp_path):
+    """Revision 0006: on PostgreSQL ``decisions.layout`` becomes ``json`` and the bulky columns are
+    compressed with lz4 (the server's own record of each stored value's compression says so); rows
+    written at 0005 read and export exactly as before, and a downgrade to 0005 keeps every row."""
+    upgrade(database_url, "0005")
+    eng = make_engine(database_url)
+    try:
+        rng = np.random.default_rng(6)
+        old = [_big_layout(decision_row(i, rng)) for i in range(40)]
+        insert_decisions(eng, old)
+        before = read_decisions(eng)
+        export_parquet(eng, tmp_path / "before.parquet")
+        upgrade(eng)
+        new = [_big_layout(decision_row(100 + i, rng)) for i in range(40)]
+        insert_decisions(eng, new)
+        got = read_decisions(eng)
+        by_id = {r: i for i, r in enumerate(got["request_id"])}
+        for name in DECISION_COLUMNS:  # the rows stored before read as they did
+            assert repr([got[name][by_id[r]] for r in before["request_id"]]) == repr(list(before[name])), name
+        assert [got["layout"][by_id[r["request_id"]]] for r in new] == [r["layout"] for r in new]
+        export_parquet(eng, tmp_path / "after.parquet")
+        rows_before = pq.read_table(tmp_path / "before.parquet").to_pylist()
+        rows_after = {r["request_id"]: r for r in pq.read_table(tmp_path / "after.parquet").to_pylist()}
+        assert [rows_after[r["request_id"]] for r in rows_before] == rows_before
+        if eng.dialect.name == "postgresql":
+            with eng.connect() as conn:
+                types = {c["name"]: type(c["type"]).__name__ for c in sa.inspect(conn).get_columns("decisions")}
+                lz4 = "lz4" in conn.execute(sa.text(
+                    "SELECT enumvals FROM pg_settings WHERE name = 'default_toast_compression'")).scalar_one()
+                stored = dict(conn.execute(sa.text(
+                    "SELECT request_id, pg_column_compression(layout) FROM decisions")).all())
+            assert (types["candidates"], types["pmf"], types["layout"], types["context"]) == (
+                "JSON", "JSON", "JSON", "JSONB")
+            assert {stored[r["request_id"]] for r in old} == {"pglz"}  # compressed before, as they were
+            assert {stored[r["request_id"]] for r in new} == ({"lz4"} if lz4 else {"pglz"})
+        downgrade(eng, "0005")
+        back = read_decisions(eng)
+        by_id = dict(zip(back["request_id"], back["layout"], strict=True))
+        assert [by_id[r["request_id"]] for r in old + new] == [r["layout"] for r in old + new]
+        upgrade(eng)
+    finally:
+        eng.dispose()
+
+
 def test_migrations_upgrade_check_downgrade(database_url, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # script_location comes from the installed package, not the cwd
     upgrade(database_url)
@@ -234,7 +289,7 @@ def test_migrations_upgrade_check_downgrade(database_url, tmp_path, monkeypatch)
         with eng.connect() as conn:
             insp = sa.inspect(conn)
             assert set(insp.get_table_names()) == LOG_TABLES | {"alembic_version"}
-            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0005"
+            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0006"
             mc = MigrationContext.configure(conn, opts={"compare_type": True})
             assert compare_metadata(mc, metadata) == []  # `alembic check`
             # the comparison is not vacuous: a column the DB lacks is reported
