@@ -5,6 +5,8 @@ dict per candidate) stays as the reference implementation it is tested against."
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Collection, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,16 +43,18 @@ _SCHEMA = pa.schema([("p", pa.list_(_F64)), ("x", pa.struct([("shared", pa.list_
 _COLS = ["request_id", "ts", "user_id", "policy", "context", "versions", "candidates", "pmf", "chosen", "propensity"]
 
 
-def _read_json(lines: pa.Array, schema: pa.Schema) -> pa.Table:
+def _read_json(lines: pa.Array, schema: pa.Schema, threads: bool = True) -> pa.Table:
     """Parse ``lines`` (a string array: one JSON object per entry, each ending in a newline) with
-    Arrow's C++ JSON reader; the entries' bytes are handed over as they lie in the array's buffer."""
+    Arrow's C++ JSON reader; the entries' bytes are handed over as they lie in the array's buffer.
+    ``threads``: on Arrow's thread pool (faster alone, more CPU in all) or on the calling thread."""
     if len(lines) == 0:
         return schema.empty_table()
     offsets = np.frombuffer(lines.buffers()[1], dtype=np.int32)[lines.offset:lines.offset + len(lines) + 1]
     start, longest = int(offsets[0]), int(np.diff(offsets).max())
     data = lines.buffers()[2].slice(start, int(offsets[-1]) - start)
     return pajson.read_json(pa.BufferReader(data),
-                            read_options=pajson.ReadOptions(block_size=max(1 << 22, 4 * longest)),
+                            read_options=pajson.ReadOptions(use_threads=threads,
+                                                            block_size=max(1 << 22, 4 * longest)),
                             parse_options=pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
 
 
@@ -91,11 +95,14 @@ def _columnar_lists(col: pa.StructArray, cand_type: pa.StructType) -> pa.ListArr
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), struct)
 
 
-def candidate_lists(texts: Sequence[str | None] | pa.Array, cand_type: pa.StructType) -> pa.ListArray:
+def candidate_lists(texts: Sequence[str | None] | pa.Array, cand_type: pa.StructType, *,
+                    threads: bool = True) -> pa.ListArray:
     """Stored ``decisions.candidates`` JSON text (either form, see
     :func:`~policy_api.log.encode_candidates`) as list<``cand_type``>: one list per decision, one
-    struct per candidate, parsed by Arrow's C++ JSON reader. Fields other than ``cand_type``'s are
-    skipped by the parser, not built; NULL text is an empty list.
+    struct per candidate, parsed by Arrow's C++ JSON reader (on its thread pool unless ``threads`` is
+    False: a pipeline whose other stages keep the cores busy parses on its own thread, with less CPU
+    in all). Fields other than ``cand_type``'s are skipped by the parser, not built; NULL text is an
+    empty list.
 
     Raises
     ------
@@ -110,7 +117,7 @@ def candidate_lists(texts: Sequence[str | None] | pa.Array, cand_type: pa.Struct
     if not columnar.all():
         idx = np.flatnonzero(~columnar)
         rows = stored.take(pa.array(idx)) if columnar.any() else stored
-        table = _read_json(_lines('{"c":', rows, "}"), pa.schema([("c", out_type)]))
+        table = _read_json(_lines('{"c":', rows, "}"), pa.schema([("c", out_type)]), threads)
         parts.append(table.column("c").combine_chunks())
         where.append(idx)
     if columnar.any():
@@ -118,7 +125,7 @@ def candidate_lists(texts: Sequence[str | None] | pa.Array, cand_type: pa.Struct
         rows = stored.take(pa.array(idx)) if not columnar.all() else stored
         # each columnar row is a JSON object already: parsed as a line of its own
         fields = [(N_CANDIDATES_KEY, pa.int64()), *[(f.name, pa.list_(f.type)) for f in cand_type]]
-        table = _read_json(_lines(rows), pa.schema(fields))
+        table = _read_json(_lines(rows), pa.schema(fields), threads)
         parts.append(_columnar_lists(table.to_struct_array().combine_chunks(), cand_type))
         where.append(idx)
     if not parts:
@@ -131,13 +138,14 @@ def candidate_lists(texts: Sequence[str | None] | pa.Array, cand_type: pa.Struct
     return merged.take(pa.array(order))
 
 
-def _parse(cols: dict[str, Any], cand_type: pa.StructType) -> pa.Table:
+def _parse(cols: dict[str, Any], cand_type: pa.StructType, *, threads: bool = True) -> pa.Table:
     def text(name: str, null: str) -> pa.Array:
         return pa.array(cols[name], type=pa.string()).fill_null(null)
 
     lines = _lines('{"p":', text("pmf", "[]"), ',"x":', text("context", "{}"), ',"v":', text("versions", "{}"), "}")
-    table = _read_json(lines, _SCHEMA)
-    return table.append_column("c", pa.chunked_array([candidate_lists(cols["candidates"], cand_type)]))
+    table = _read_json(lines, _SCHEMA, threads)
+    return table.append_column("c", pa.chunked_array([candidate_lists(cols["candidates"], cand_type,
+                                                                      threads=threads)]))
 
 
 def _candidate_type(fields: Collection[str] | None, with_modules: bool) -> tuple[tuple[str, ...], pa.StructType]:
@@ -203,7 +211,7 @@ def _decision_chunks(db: Engine, config: HomepageConfig, since: datetime | None,
     without serving decisions are skipped)."""
     with db.connect() as conn:
         for cols in iter_decisions(conn, since, until, _COLS, raw_json=True, chunk_size=chunk_size):
-            dlog = _build({k: np.asarray(cols[k]) for k in _SCALARS}, _parse(cols, cand_type), config,
+            dlog = _build({k: np.asarray(cols[k]) for k in _SCALARS}, _parse(cols, cand_type, threads=False), config,
                           config_version, names, False)
             if len(dlog):
                 yield dlog
@@ -485,20 +493,27 @@ def _chunk_reward_rows(db: Engine, config: HomepageConfig, request_ids: np.ndarr
     return _RewardRows(ids, agg[:, :3], ids[agg[:, 3] > 0], int(agg[:, 2].sum()))
 
 
+#: chunks read (and their joins started) ahead of the caller of :func:`iter_log_rewards`
+READ_AHEAD = 2
+_DONE = object()
+
+
 def iter_log_rewards(db: Engine, config: HomepageConfig, since: datetime | None = None,
                      until: datetime | None = None, config_version: int | None = None, *,
                      chunk_size: int = 4096,
                      fields: Collection[str] | None = LEARNER_FIELDS) -> Iterator[tuple[DecisionLog, Rewards]]:
     """:func:`read_log_rewards` as a pipeline, in log order: one chunk of at most ``chunk_size``
-    decisions at a time, the next chunk read and parsed in one thread and its rewards joined in the
-    database by another while the caller works on the current one.
+    decisions at a time. A reader thread reads and parses chunk after chunk, up to
+    :data:`READ_AHEAD` ahead of the caller, and hands each to a joiner thread that joins its rewards
+    in the database, so that reading chunk k+2, joining chunk k+1 and the caller's work on chunk k
+    overlap (Arrow's parser, the database and VW's learner run mostly outside the interpreter).
 
     Chunk by chunk, the decisions equal :func:`read_decision_log`'s (``fields`` as there; by default
     the learner's) and the rewards equal :func:`read_rewards`'s, except that the stream counts no
     orphans (``n_orphan`` is 0: an event whose decision is in no chunk read so far may belong to a
     later one). Each chunk's events are found through the feedback's request-id index, so a chunk's
-    join costs what its own events cost. Arrow's parser and the database release the interpreter,
-    so with a free core the reading and joining overlap the caller's work on the chunk before.
+    join costs what its own events cost. A caller that stops early (closes the iterator) gets every
+    connection back and no thread left running once the chunk being read is done.
 
     Raises
     ------
@@ -511,24 +526,43 @@ def iter_log_rewards(db: Engine, config: HomepageConfig, since: datetime | None 
     names, cand_type = _candidate_type(fields, False)
     default = config.learning.default_reward
     chunks = _decision_chunks(db, config, since, until, config_version, names, cand_type, chunk_size)
-    with ThreadPoolExecutor(1, thread_name_prefix="log-read") as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="reward-join") as joiner:
+    ready: queue.Queue[Any] = queue.Queue(maxsize=READ_AHEAD)
+    stop = threading.Event()
+    with ThreadPoolExecutor(1, thread_name_prefix="reward-join") as joiner:
 
-        def read_next() -> tuple[DecisionLog, Any] | None:
-            # in the reader thread, which alone advances `chunks` (and so holds its connection)
-            dlog = next(chunks, None)
-            return None if dlog is None else (dlog, joiner.submit(_chunk_reward_rows, db, config, dlog.request_id,
-                                                                 since))
+        def offer(item: Any) -> bool:
+            """Put ``item`` for the caller unless it stopped reading; whether it was put."""
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
-        ahead = reader.submit(read_next)
+        def read() -> None:
+            # the reader thread alone advances `chunks` (and so holds its connection, given back here)
+            try:
+                for dlog in chunks:
+                    if not offer((dlog, joiner.submit(_chunk_reward_rows, db, config, dlog.request_id, since))):
+                        return
+                offer(_DONE)
+            except BaseException as exc:  # handed to the caller, raised there
+                offer(exc)
+            finally:
+                chunks.close()
+
+        reader = threading.Thread(target=read, name="log-read", daemon=True)
+        reader.start()
         try:
-            while (item := ahead.result()) is not None:
-                ahead = reader.submit(read_next)  # chunk k+1 read, then joined, while chunk k is used
+            while (item := ready.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
                 dlog, joined = item
                 yield dlog, joined.result().rewards(dlog, default)
         finally:
-            ahead.cancel()
-            reader.submit(chunks.close).result()  # its connection goes back from the thread that took it
+            stop.set()
+            reader.join()
 
 
 def _empty(config: HomepageConfig) -> DecisionLog:
