@@ -36,7 +36,14 @@ from ._engine import (
 )
 from ._features import layout_features, shared_features
 from ._ids import RequestIds, load_secret, seed_of
-from ._state import load_catalog, load_state, ranker_scorer, with_plan_calibration
+from ._state import (
+    catalog_signature,
+    load_bandit,
+    load_catalog,
+    load_state,
+    ranker_scorer,
+    with_plan_calibration,
+)
 
 __all__ = [
     "CALIBRATION_PRIOR",
@@ -71,6 +78,8 @@ __all__ = [
     "load_catalog",
     "load_secret",
     "load_state",
+    "load_bandit",
+    "catalog_signature",
     "ranker_scorer",
     "seed_of",
     "shared_features",

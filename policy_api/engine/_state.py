@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 import rankers
@@ -21,7 +22,7 @@ from .. import registry
 from ..errors import InvalidInput, NotReady
 from ..live._state import Forget
 from ..live._transfer import ShiftMap
-from ..log import Catalog, load_items
+from ..log import Catalog, items, load_items, reading
 from ..registry import ConfigRecord, ModelRecord, PlanRecord
 from ._engine import (
     EngineState,
@@ -36,7 +37,7 @@ from ._engine import (
     with_item_lift,
 )
 
-__all__ = ["load_catalog", "load_state", "ranker_scorer", "with_plan_calibration"]
+__all__ = ["catalog_signature", "load_bandit", "load_catalog", "load_state", "ranker_scorer", "with_plan_calibration"]
 
 log = logging.getLogger("homepage.engine")
 
@@ -68,6 +69,30 @@ def ranker_scorer(model: ModelRecord, catalog: Catalog) -> ScorerHandle:
     return ScorerHandle(scorer, users, remap, name=f"ranker:{model.version}")
 
 
+def catalog_signature(db: Engine) -> tuple[int, str | None]:
+    """(items, the newest ``updated_at``) of the catalog: every load or refresh of items changes it
+    (an upsert stamps the rows it writes), so a worker can tell whether its catalog is still current
+    without reading it."""
+    with reading(db) as conn:
+        n, newest = conn.execute(sa.select(sa.func.count(), sa.func.max(items.c.updated_at))).one()
+    return int(n), None if newest is None else str(newest)
+
+
+def load_bandit(db: Engine) -> tuple[VWLayoutBandit | None, int | None]:
+    """The newest published bandit and its version; (None, None) when there is none or it cannot be
+    loaded (serving then explores epsilon-greedy; the reason is logged)."""
+    bm = registry.model(db, "bandit")
+    if bm is None:
+        return None, None
+    try:
+        if bm.artifact is None:
+            raise InvalidInput(f"bandit version {bm.version} has no artifact", field="artifact")
+        return VWLayoutBandit.load(bm.artifact), bm.version
+    except Exception:
+        log.exception("bandit version %s could not be loaded; serving epsilon-greedy", bm.version)
+        return None, None
+
+
 def load_state(db: Engine, config: ConfigRecord | None = None, *, catalog: Catalog | None = None) -> EngineState:
     """The engine state for ``config`` (default: the active config) from the registry and the catalog."""
     cfg = config or registry.require_active_config(db)
@@ -83,16 +108,7 @@ def load_state(db: Engine, config: ConfigRecord | None = None, *, catalog: Catal
             versions["ranker"] = ranker.version
         except Exception:  # a broken artifact must not stop serving: popularity scoring stays
             log.exception("ranker version %s could not be loaded; serving popularity", ranker.version)
-    bandit = None
-    bm = registry.model(db, "bandit")
-    if bm is not None:
-        try:
-            if bm.artifact is None:
-                raise InvalidInput(f"bandit version {bm.version} has no artifact", field="artifact")
-            bandit = VWLayoutBandit.load(bm.artifact)
-            versions["bandit"] = bm.version
-        except Exception:
-            log.exception("bandit version %s could not be loaded; serving epsilon-greedy", bm.version)
+    bandit, versions["bandit"] = load_bandit(db)
     state = build_state(cfg.config, catalog, scorer=scorer, prices=prices, bandit=bandit, versions=versions)
     return with_plan_calibration(state, plan)
 

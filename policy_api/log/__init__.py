@@ -34,6 +34,7 @@ from ._rows import (
     load_items,
     read_decisions,
     read_feedback,
+    unpersonalised_since,
     upsert_items,
 )
 from ._schema import (
@@ -95,6 +96,7 @@ __all__ = [
     "begin",
     "category_engagement",
     "item_engagement",
+    "unpersonalised_since",
     "config_jobs",
     "configs",
     "decision_log",

@@ -41,6 +41,7 @@ __all__ = [
     "load_items",
     "read_decisions",
     "read_feedback",
+    "unpersonalised_since",
     "upsert_items",
     "write_decisions",
     "write_feedback",
@@ -597,26 +598,60 @@ def load_items(bind: Bind) -> dict[str, Any]:
     }
 
 
-def _unpersonalised() -> tuple[Any, Any]:
-    """(the feedback joined to its decision, the condition that the decision was served without a
-    personal live state): the page such a user saw was not chosen for that user's tastes. Feedback
-    without a decision row (imported history, a decision still in a worker's queue) counts too."""
+def _unpersonalised() -> sa.ColumnElement[bool]:
+    """The condition that a decision was served without a personal live state (the user's first
+    requests, a state that could not be read, imported history): the page such a user saw was not
+    chosen for that user's tastes."""
     live = decisions.c.context["live"].as_string()
-    return (feedback.outerjoin(decisions, decisions.c.request_id == feedback.c.request_id),
-            sa.or_(live.is_(None), live != "hit"))
+    return sa.or_(live.is_(None), live != "hit")
 
 
-def recent_since(bind: Bind, n: int, since: datetime | None = None, *, unpersonalised: bool = False
-                 ) -> datetime | None:
-    """The time from which the most recent ``n`` feedback events (after ``since``; of unpersonalised
-    decisions only, with ``unpersonalised``) start: ``since`` itself when there are no more than ``n``
-    of them. One indexed query."""
+#: decisions per query of :func:`unpersonalised_since`'s walk (and its ids bound per IN list)
+_WALK = _IN_CHUNK
+
+
+def unpersonalised_since(bind: Bind, n: int, since: datetime | None = None) -> datetime | None:
+    """The decision time from which the most recent unpersonalised decisions (made at or after
+    ``since``) hold ``n`` feedback events (at or after ``since``): ``since`` itself when they hold no
+    more than ``n``.
+
+    The walk goes back through the decisions, newest first, a few hundred at a time, counting each
+    one's feedback through the feedback's request-id index; it reads the decisions of the window and
+    the feedback of its unpersonalised ones, never the feedback of the personal pages in between
+    (most of the log, once most users have a live state).
+    """
+    if n < 1:
+        raise ValueError(f"n must be an int >= 1; got {n!r}")
+    total = 0
+    after: tuple[Any, Any] | None = None
+    with reading(bind) as conn:
+        while True:
+            q = sa.select(decisions.c.request_id, decisions.c.ts).where(_unpersonalised())
+            if since is not None:
+                q = q.where(decisions.c.ts >= since)
+            if after is not None:  # keyset: strictly older than the last decision seen
+                q = q.where(sa.or_(decisions.c.ts < after[1],
+                                   sa.and_(decisions.c.ts == after[1], decisions.c.request_id < after[0])))
+            rows = conn.execute(q.order_by(decisions.c.ts.desc(), decisions.c.request_id.desc()).limit(_WALK)).all()
+            if not rows:
+                return since
+            mine = sa.select(feedback.c.request_id, sa.func.count()).where(
+                feedback.c.request_id.in_([r[0] for r in rows]),
+                *([] if since is None else [feedback.c.ts >= since]))
+            counts: dict[str, int] = {str(r[0]): int(r[1]) for r in conn.execute(mine.group_by(feedback.c.request_id))}
+            for rid, ts in rows:
+                total += counts.get(rid, 0)
+                if total >= n:
+                    return ts if since is None or ts > since else since
+            after = (rows[-1][0], rows[-1][1])
+
+
+def recent_since(bind: Bind, n: int, since: datetime | None = None) -> datetime | None:
+    """The time from which the most recent ``n`` feedback events (after ``since``) start: ``since``
+    itself when there are no more than ``n`` of them. One indexed query."""
     if n < 1:
         raise ValueError(f"n must be an int >= 1; got {n!r}")
     q = sa.select(feedback.c.ts).order_by(feedback.c.ts.desc()).limit(1).offset(n - 1)
-    if unpersonalised:
-        joined, cond = _unpersonalised()
-        q = q.select_from(joined).where(cond)
     if since is not None:
         q = q.where(feedback.c.ts >= since)
     with reading(bind) as conn:
@@ -634,18 +669,25 @@ def item_engagement(bind: Bind, events: Mapping[str, float], since: datetime | N
     :func:`category_engagement`). One aggregate query (by item, type, slot).
 
     With ``unpersonalised``, only the feedback of decisions served without a personal live state (the
-    user's first requests, users whose state could not be read): what a category earns when it is
-    shown to users not picked for liking it. Over all traffic, a niche category is shown mostly to
-    the users who like it, and its rate says far more than a new user would give it.
+    user's first requests, users whose state could not be read, imported history): what a category
+    earns when it is shown to users not picked for liking it. Over all traffic, a niche category is
+    shown mostly to the users who like it, and its rate says far more than a new user would give it.
+    The window is then that of the most recent such decisions holding ``max_events`` events
+    (:func:`unpersonalised_since`), made at or after ``since``; the query starts from those decisions
+    and reaches their feedback through its request-id index. Feedback without a decision row is not
+    theirs.
     """
-    if max_events is not None:
-        since = recent_since(bind, max_events, since, unpersonalised=unpersonalised)
-    where = [] if since is None else [feedback.c.ts >= since]
-    q = sa.select(feedback.c.item_id, feedback.c.type, feedback.c.slot, sa.func.count())
     if unpersonalised:
-        joined, cond = _unpersonalised()
-        q = q.select_from(joined)
-        where.append(cond)
+        cut = since if max_events is None else unpersonalised_since(bind, max_events, since)
+        where = [_unpersonalised(), *([] if cut is None else [decisions.c.ts >= cut]),
+                 *([] if since is None else [feedback.c.ts >= since])]
+        q = (sa.select(feedback.c.item_id, feedback.c.type, feedback.c.slot, sa.func.count())
+             .select_from(decisions.join(feedback, feedback.c.request_id == decisions.c.request_id)))
+    else:
+        if max_events is not None:
+            since = recent_since(bind, max_events, since)
+        where = [] if since is None else [feedback.c.ts >= since]
+        q = sa.select(feedback.c.item_id, feedback.c.type, feedback.c.slot, sa.func.count())
     q = q.where(*where).group_by(feedback.c.item_id, feedback.c.type, feedback.c.slot)
     with reading(bind) as conn:
         rows = conn.execute(q).all()

@@ -88,15 +88,29 @@ def _metrics() -> tuple[Any, Any]:
             Counter("homepage_loop_steps", "Loop step runs by outcome", ["step", "outcome"]))
 
 
+#: the nice value the loop's own thread runs at (the threads it starts inherit it): every step of the
+#: loop is background work beside the request workers on the same cores, and a request must not wait
+#: for a core while the loop calibrates or paces (the workers' weight is ~9x the loop's at 10)
+LOOP_NICENESS = 10
+
+
+def _lower_priority(niceness: int) -> None:
+    """Lower the calling thread's CPU priority to ``niceness`` (Linux: the nice value is per thread,
+    and threads started afterwards inherit it); never raise it back."""
+    try:
+        tid = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
+            os.setpriority(os.PRIO_PROCESS, tid, niceness)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at the normal priority
+        pass
+
+
 def _background_priority() -> None:
-    """Lower the calling thread's CPU priority to the lowest (Linux: the nice value is per thread).
+    """Lower the calling thread's CPU priority to the lowest.
 
     Training takes seconds to minutes of CPU beside the request workers on the same cores: at the
     lowest priority it uses what serving leaves idle instead of taking a core from the requests."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # not Linux, or not permitted: train at the normal priority
-        pass
+    _lower_priority(19)
 
 
 @dataclass
@@ -184,7 +198,9 @@ class BackgroundLoop:
 
     # ---- the driver ------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        """Hold the lease (or wait as a standby) and tick until ``stop`` is set."""
+        """Hold the lease (or wait as a standby) and tick until ``stop`` is set, at the priority of
+        :data:`LOOP_NICENESS`."""
+        _lower_priority(LOOP_NICENESS)
         renew_every = 1.0
         last_renew = 0.0
         while not stop.is_set():

@@ -25,6 +25,8 @@ from ..engine import (
     EngineState,
     LiveSignals,
     RequestIds,
+    catalog_signature,
+    load_bandit,
     load_secret,
     load_state,
     with_plan_calibration,
@@ -59,6 +61,7 @@ class Runtime:
     loop_status: dict[str, Any] | None = None
     _store_spec: str | None = None
     _versions: Versions | None = None
+    _catalog: tuple[int, str | None] | None = None  # catalog_signature of the catalog the state holds
     _stop: threading.Event = field(default_factory=threading.Event)
     _recent_events: OrderedDict[str, None] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -105,15 +108,28 @@ class Runtime:
             return False
         try:
             old = self._versions
-            if (not force and self.engine is not None and old is not None and versions.config == old.config
-                    and versions.models == old.models):
-                # only the prices moved (the loop paces every few seconds): no model or catalog reload
-                st = self.engine.state
-                prices, plan = registry.prices(self.db, registry.require_active_config(self.db))
-                state = with_plan_calibration(replace(st, prices=prices, versions={
-                    **st.versions, "plan": None if plan is None else plan.version}), plan)
-            else:
+            st = self.engine.state if self.engine is not None else None
+            changed = set() if old is None else {k for k in set(versions.models) | set(old.models)
+                                                 if versions.models.get(k) != old.models.get(k)}
+            catalog = self._catalog if not changed else catalog_signature(self.db)
+            if force or st is None or old is None or versions.config != old.config:
+                catalog = catalog_signature(self.db)
                 state = load_state(self.db)
+            elif changed - {"bandit"} or catalog != self._catalog:
+                # a new ranker (or catalog): the scorer and what hangs on it; the catalog kept if current
+                state = load_state(self.db, catalog=st.catalog if catalog == self._catalog else None)
+            else:
+                # only the prices moved (the loop paces every second) or a new bandit (every few seconds
+                # of learning): swapped into the state as it is, no catalog or ranker reload; a full
+                # reload holds the worker's interpreter for tens of milliseconds, and its requests wait
+                state = st
+                if changed:
+                    bandit, version = load_bandit(self.db)
+                    state = replace(state, bandit=bandit, versions={**state.versions, "bandit": version})
+                prices, plan = registry.prices(self.db, registry.require_active_config(self.db))
+                state = with_plan_calibration(replace(state, prices=prices, versions={
+                    **state.versions, "plan": None if plan is None else plan.version}), plan)
+            self._catalog = catalog
         except Exception as e:
             self.load_error = str(e)
             log.warning("engine state not (re)loaded: %s", e)

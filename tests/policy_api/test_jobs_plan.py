@@ -166,8 +166,8 @@ def test_plan_carries_the_category_calibration_of_recent_feedback(db, impression
     cat_idx = np.array([names.index(c) if c in names else len(names) for c in cat.category.tolist()])
     is_tail, _ = long_tail(cat.popularity, cat_idx, cfg.tilt.head_share)
     # the rates are measured on decisions served without a personal live state (request r<j> for even
-    # j < 20) and on feedback without a decision row (j >= 20), shrunk toward all traffic's rate by
-    # UNPERSONALISED_PRIOR impressions; r<j> for odd j < 20 was personal ("hit"): all traffic only
+    # j < 20), shrunk toward all traffic's rate by UNPERSONALISED_PRIOR impressions; r<j> for odd j < 20
+    # was personal ("hit") and feedback without a decision row (j >= 20) is nobody's: all traffic only
     engine = DecisionEngine(build_state(cfg, cat, versions={"config": version}))
     decisions = []
     for j in range(20):
@@ -190,7 +190,7 @@ def test_plan_carries_the_category_calibration_of_recent_feedback(db, impression
         j = k % 30
         rows.append(fb_row(f"r{j}", k, str(cat.item_ids[i]), typ, None, when, slot=slot))
         if when is t and str(cat.category[i]) in names:
-            for want, counted in ((every, True), (cold, j >= 20 or j % 2 == 0)):
+            for want, counted in ((every, True), (cold, j < 20 and j % 2 == 0)):
                 if not counted:
                     continue
                 part = want[str(cat.category[i])]["tail" if is_tail[i] else "head"]

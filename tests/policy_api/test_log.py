@@ -1129,3 +1129,71 @@ def test_new_sqlite_file_gets_large_pages_and_an_old_one_keeps_its_own(tmp_path)
             assert conn.exec_driver_sql("PRAGMA page_size").scalar() == want
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         eng.dispose()
+
+
+def test_unpersonalised_window_and_item_engagement_equal_a_brute_force(engine):
+    """``unpersonalised_since`` and ``item_engagement(..., unpersonalised=True)`` against the same figures
+    computed here row by row: the newest decisions served without a personal live state (no ``live``
+    in the context, or one other than "hit") until their feedback since ``since`` reaches ``n`` events,
+    then every such event of those decisions; personal pages and feedback without a decision row are
+    left out."""
+    from policy_api.log import item_engagement, unpersonalised_since
+
+    rng = np.random.default_rng(8)
+    lives = [None, "hit", "hit", "hit", "cold", "timeout"]
+    rows, events = [], []
+    for i in range(300):
+        live = lives[int(rng.integers(len(lives)))]
+        ctx = {"hour": 3} if live is None else {"hour": 3, "live": live}
+        t = T0 + timedelta(seconds=int(rng.integers(0, 3600)))
+        if i % 50 == 0:
+            t = T0 + timedelta(seconds=1800)  # decisions at the same instant: the walk's order breaks the tie
+        rows.append({**decision_row(i, rng), "ts": t, "context": ctx})
+        for k in range(int(rng.integers(0, 12))):
+            kind = ["impression", "impression", "play", "skip", "favorite"][int(rng.integers(5))]
+            events.append({"event_id": f"e{i}-{k}", "request_id": rows[-1]["request_id"], "slot": int(rng.integers(0, 5)),
+                           "item_id": f"i{int(rng.integers(30))}", "type": kind, "value": None,
+                           "ts": t + timedelta(seconds=int(rng.integers(0, 600)))})
+    events += [{"event_id": f"orphan-{k}", "request_id": f"gone-{k}", "slot": 0, "item_id": "i1", "type": "play",
+                "value": None, "ts": T0 + timedelta(seconds=3000)} for k in range(40)]
+    insert_decisions(engine, rows)
+    insert_feedback(engine, events)
+    weights = [1.0, 0.9, 0.8, 0.7, 0.6]
+    units_of = {"play": 1.0, "skip": -0.5, "favorite": 2.0}
+
+    def reference(n: int | None, since: datetime | None) -> tuple[datetime | None, dict[str, tuple[float, float]]]:
+        mine = [r for r in rows if r["context"].get("live") != "hit" and (since is None or r["ts"] >= since)]
+        mine.sort(key=lambda r: (r["ts"], r["request_id"]), reverse=True)
+        of = {r["request_id"]: [e for e in events if e["request_id"] == r["request_id"]
+                                and (since is None or e["ts"] >= since)] for r in mine}
+        cut, total = since, 0
+        if n is not None:
+            for r in mine:
+                total += len(of[r["request_id"]])
+                if total >= n:
+                    cut = r["ts"] if since is None or r["ts"] > since else since
+                    break
+        agg: dict[str, list[float]] = {}
+        for r in mine:
+            if cut is not None and r["ts"] < cut:
+                continue
+            for e in of[r["request_id"]]:
+                a = agg.setdefault(e["item_id"], [0.0, 0.0])
+                if e["type"] == "impression":
+                    a[1] += weights[e["slot"]] / np.mean(weights)
+                else:
+                    a[0] += units_of[e["type"]]
+        return cut, {k: (v[0], v[1]) for k, v in agg.items()}
+
+    for n, since in ((1, None), (150, None), (400, T0 + timedelta(minutes=20)), (10**6, None), (None, T0 + timedelta(minutes=40))):
+        want_cut, want = reference(n, since)
+        if n is not None:
+            assert unpersonalised_since(engine, n, since) == want_cut, (n, since)
+        ids, units, imps = item_engagement(engine, units_of, since, weights, n, unpersonalised=True)
+        got = {str(i): (u, m) for i, u, m in zip(ids.tolist(), units.tolist(), imps.tolist(), strict=True)}
+        assert got.keys() == want.keys(), (n, since)
+        for k, (u, m) in want.items():
+            assert got[k] == (pytest.approx(u), pytest.approx(m)), (n, since, k)
+    assert want_cut is not None and len(want) > 5  # the cases are not empty
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
+        unpersonalised_since(engine, 0)

@@ -182,6 +182,7 @@ def test_calibration_follows_a_shift_in_engagement_and_plans_again(db, tmp_path)
         rows = [_event(f"e{n[0] + k}", f"r{n[0] + k}", head[k % len(head)], kind, start + timedelta(milliseconds=k))
                 for k, kind in enumerate(kinds)]
         n[0] += len(rows)
+        insert_decisions(db, [_decision(r["request_id"], "u0", r["ts"]) for r in rows])  # served without a live state
         insert_feedback(db, rows)
 
     assert cfg.config.impressions == "viewed"
@@ -190,7 +191,7 @@ def test_calibration_follows_a_shift_in_engagement_and_plans_again(db, tmp_path)
     loop = BackgroundLoop(db, holder="t")
     loop._on_config(cfg)
     first = jobs.plan(db, users=20)
-    # no decision rows: all of it is unpersonalised feedback, shrunk toward its own rate (the rate stays)
+    # decisions without a live state: all of it is unpersonalised feedback, shrunk toward its own rate (the rate stays)
     k = jobs.UNPERSONALISED_PRIOR
 
     def shrunk(units: float, imps: float) -> list[float]:
