@@ -110,9 +110,10 @@ class Server:
     """``homepage serve`` as a child process in its own session, so that stop() reaches everything it
     started (gunicorn workers, the loop's ``homepage worker``)."""
 
-    def __init__(self, folder: Path, workers: int) -> None:
+    def __init__(self, folder: Path, workers: int, extra: tuple[str, ...] = ()) -> None:
         self.folder = folder
         self.workers = workers
+        self.extra = extra  # more `homepage serve` options (e.g. --no-loop)
         self.env = dict(os.environ, DATABASE_URL=f"sqlite:///{folder / 'homepage.db'}", HOMEPAGE_DATA_DIR=str(folder))
         self.log_path = folder / "server.log"
         self.port = _free_port()
@@ -131,10 +132,10 @@ class Server:
         return r.stdout.strip()
 
     def start(self) -> None:
-        self._log = self.log_path.open("wb")
+        self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "policy_api.cli", "serve", "--config", "homepage.toml", "--port", str(self.port),
-             "--workers", str(self.workers)],
+             "--workers", str(self.workers), *self.extra],
             env=self.env, cwd=self.folder, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 180.0) -> float:

@@ -49,17 +49,6 @@ def emit(**kw: Any) -> None:
     print(json.dumps(kw), flush=True)
 
 
-class NoLoopServer(Server):
-    """``homepage serve --no-loop`` on the same folder and database."""
-
-    def start(self) -> None:
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "policy_api.cli", "serve", "--config", "homepage.toml", "--port", str(self.port),
-             "--workers", str(self.workers), "--no-loop"],
-            env=self.env, cwd=self.folder, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def open_loop(server: Server, world: Any, geo: Geometry, users: np.ndarray, rate: float, seed: int,
               dump: str | None = None) -> dict[str, Any]:
     """``users.size`` requests at ``rate``/s, each ``GET /layout`` then ``POST /feedback``; client latency
@@ -164,7 +153,7 @@ def main() -> int:
         for phase in ("loop", "no_loop", "loop_again"):
             if phase != "loop":
                 server.stop()
-                server = (NoLoopServer if phase == "no_loop" else Server)(folder, workers=2)
+                server = Server(folder, workers=2, extra=("--no-loop",) if phase == "no_loop" else ())
                 server.start()
                 server.wait_ready()
                 time.sleep(5)  # the workers load the published versions; the loop takes its lease

@@ -111,9 +111,10 @@ class Runtime:
             st = self.engine.state if self.engine is not None else None
             changed = set() if old is None else {k for k in set(versions.models) | set(old.models)
                                                  if versions.models.get(k) != old.models.get(k)}
-            catalog = self._catalog if not changed else catalog_signature(self.db)
-            if force or st is None or old is None or versions.config != old.config:
-                catalog = catalog_signature(self.db)
+            full = force or old is None or versions.config != old.config
+            # the catalog's signature, read when the state may be loaded anew (a new config or model)
+            catalog = catalog_signature(self.db) if full or st is None or changed else self._catalog
+            if full or st is None:
                 state = load_state(self.db)
             elif changed - {"bandit"} or catalog != self._catalog:
                 # a new ranker (or catalog): the scorer and what hangs on it; the catalog kept if current
