@@ -394,17 +394,13 @@ class HistoryScorer:
             return self.pop_[items]
         if kind == "recent_popularity":
             return self.recent_[items]
-        cat = self.item_category[items]
-        pi = (n_uc + self.category_share_) / (n_uc.sum(axis=1, keepdims=True) + 1.0)  # alpha = 1
-        share = np.take_along_axis(pi, cat, axis=1)
-        if kind == "category_popularity":
-            return share * self.item_share_[items]
         if kind == "item_knn":
             return np.where(has_knn[:, None], knn[..., 0], self.user_pop_[items])
-        x = self.features(knn, n_uc, last, items, share)
-        coef = self.coef.copy() if self.coef is not None else np.zeros(x.shape[-1])
-        coef[POP_COLUMNS] *= self.pop_exponent
-        return np.exp(-np.logaddexp(0.0, -(x @ coef)))
+        if kind == "residual":
+            return self._residual(knn, n_uc, last, items)
+        pi = (n_uc + self.category_share_) / (n_uc.sum(axis=1, keepdims=True) + 1.0)  # alpha = 1
+        share = np.take_along_axis(pi, self.item_category[items], axis=1)
+        return share * self.item_share_[items]  # category_popularity
 
     def features(self, knn: np.ndarray, n_uc: np.ndarray, last: np.ndarray, items: np.ndarray,
                  share: np.ndarray | None = None) -> np.ndarray:
@@ -477,25 +473,38 @@ class HistoryScorer:
             out[s:s + chunk] = self._scores(knn, has, n_uc, last, p)
         return out
 
-    def score_pairs(self, user_idx: np.ndarray, item_idx: np.ndarray) -> np.ndarray:
-        """Scores (n,) of (user, item) pairs from the snapshot (planning, replay)."""
+    def score_pairs(self, user_idx: np.ndarray, item_idx: np.ndarray, row: int = 1024) -> np.ndarray:
+        """Scores (n,) of (user, item) pairs from the snapshot (planning, replay).
+
+        A known user's pairs are scored together, as one request scores its pool (the kNN terms are
+        shares of the user's best candidate); the pairs of users without history (-1), whose scores
+        do not depend on each other, in rows of ``row``."""
         u = np.asarray(user_idx, dtype=np.int64)
         i = np.asarray(item_idx, dtype=np.int64)
         if u.shape != i.shape or u.ndim != 1:
             raise ValueError(f"user_idx and item_idx must be 1-D of one shape; got {u.shape} and {i.shape}")
-        users, inv = np.unique(u, return_inverse=True)
         if self.kind in ("popularity", "recent_popularity"):
             return self.score_pools(np.full(1, -1), i[None, :])[0]
-        # one row per distinct user holding that user's pairs (padded with item 0)
+        out = np.empty(u.size)
+        cold = np.flatnonzero(u < 0)
+        if cold.size:  # rows of `row` pairs, the last one padded with the first pairs again
+            padded = np.resize(i[cold], -(-cold.size // row) * row).reshape(-1, row)
+            out[cold] = self.score_pools(np.full(len(padded), -1), padded).ravel()[:cold.size]
+        known = np.flatnonzero(u >= 0)
+        if not known.size:
+            return out
+        users, inv = np.unique(u[known], return_inverse=True)
+        # one row per distinct user holding that user's pairs, padded with the user's first item (the
+        # padding changes no share of the user's best)
         order = np.argsort(inv, kind="stable")
         counts = np.bincount(inv, minlength=users.size)
-        width = int(counts.max()) if counts.size else 0
-        slot = np.arange(u.size) - np.repeat(np.cumsum(counts) - counts, counts)
-        grid = np.zeros((users.size, max(width, 1)), dtype=np.int64)
-        grid[inv[order], slot] = i[order]
+        starts = np.cumsum(counts) - counts
+        slot = np.arange(known.size) - np.repeat(starts, counts)
+        items = i[known][order]
+        grid = np.repeat(items[starts][:, None], int(counts.max()), axis=1)
+        grid[inv[order], slot] = items
         got = self.score_pools(users, grid)
-        out = np.empty(u.size)
-        out[order] = got[inv[order], slot]
+        out[known[order]] = got[inv[order], slot]
         return out
 
     def score(self, user_idx: int, item_idx: np.ndarray) -> np.ndarray:
@@ -552,7 +561,7 @@ class HistoryScorer:
         else:
             knn, has = np.zeros((1, items.size, 2)), np.zeros(1, dtype=bool)
         if self.kind == "residual" and items.size:
-            out = self._residual_one(knn[0], n_uc, last, items)
+            out = self._residual(knn, n_uc[None, :], last[None, :], items[None, :])[0]
         else:
             out = self._scores(knn, has, n_uc[None, :], last[None, :], items[None, :])[0]
         if (self.demote_seen if demote_seen is None else demote_seen) and hist.size and items.size:
@@ -576,18 +585,18 @@ class HistoryScorer:
         self._item_terms_cache = (key, base, coef)
         return base, coef
 
-    def _residual_one(self, knn: np.ndarray, n_uc: np.ndarray, last: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """One user's residual scores (n,) of ``items`` from the kNN sums ``knn`` (n, 2), category weights
-        ``n_uc`` (C,) and last positive times ``last`` (C,): :meth:`_scores` without its (n, n_features)
-        matrix: the item terms come precomputed (:meth:`_item_terms`), the category terms once per
-        category, the kNN terms per item."""
+    def _residual(self, knn: np.ndarray, n_uc: np.ndarray, last: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Residual scores (U, P) of ``items`` (U, P) from the kNN sums ``knn`` (U, P, 2), category weights
+        ``n_uc`` (U, C) and last positive times ``last`` (U, C): ``sigmoid(features(...) @ coef)``
+        without the (U, P, n_features) matrix: the item terms come precomputed (:meth:`_item_terms`),
+        the category-share and recency-gap terms once per user and category, the kNN terms per pair."""
         base, coef = self._item_terms()
-        pi = (n_uc + self.category_share_) / (n_uc.sum() + 1.0)
-        per_cat = coef[_SHARE] * np.log(pi + 1e-9) + coef[_GAP + _gap_bucket(self.t_ref_ - last)]
-        kmax = np.maximum(knn.max(axis=0), 1e-12)
-        z = (base[items] + per_cat[self.item_category[items]] + coef[_KNN] * np.log1p(knn[:, 0])
-             + coef[_KNN + 1] * (knn[:, 0] / kmax[0]) + coef[_KNN + 2] * np.log1p(knn[:, 1])
-             + coef[_KNN + 3] * (knn[:, 1] / kmax[1]))
+        pi = (n_uc + self.category_share_) / (n_uc.sum(axis=1, keepdims=True) + 1.0)
+        per_cat = coef[_SHARE] * np.log(pi + 1e-9) + coef[_GAP + _gap_bucket(self.t_ref_ - last)]  # (U, C)
+        kmax = np.maximum(knn.max(axis=1, keepdims=True), 1e-12) if items.shape[1] else np.ones((len(items), 1, 2))
+        z = (base[items] + np.take_along_axis(per_cat, self.item_category[items], axis=1)
+             + coef[_KNN] * np.log1p(knn[..., 0]) + coef[_KNN + 1] * (knn[..., 0] / kmax[..., 0])
+             + coef[_KNN + 2] * np.log1p(knn[..., 1]) + coef[_KNN + 3] * (knn[..., 1] / kmax[..., 1]))
         return np.exp(-np.logaddexp(0.0, -z))
 
     def _knn_of(self, hist: np.ndarray, recency: np.ndarray, items: np.ndarray) -> np.ndarray:

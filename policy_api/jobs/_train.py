@@ -24,6 +24,7 @@ from ..engine import EngineState, ScorerHandle, build_state
 from ..errors import InvalidInput
 from ..log import Catalog, load_items, read_decisions, read_feedback, to_epoch
 from ..registry import ConfigRecord, RankerArtifact
+from ._plan import feedback_seen
 
 if TYPE_CHECKING:  # torch-backed types: serving imports this module and must not load torch for them
     from rankers import RankerMetrics, TrainHistory
@@ -420,6 +421,7 @@ def train_ranker(db: Engine, config: ConfigRecord, *, model: str = "residual", i
     if not half_life_days > 0:
         raise InvalidInput(f"half_life_days must be > 0; got {half_life_days!r}", field="half_life_days")
     cfg = config.config
+    through = feedback_seen(db)  # recorded with the model: what a restarted loop counts new events from
     catalog = Catalog.from_arrays(load_items(db))
     cats = catalog.category_index(cfg.category_names)
     if (cats < 0).any():
@@ -432,10 +434,11 @@ def train_ranker(db: Engine, config: ConfigRecord, *, model: str = "residual", i
                             require_test=require_test, max_ece=max_ece, gate_users=gate_users,
                             min_gate_users=min_gate_users,
                             sampled_negatives=sampled_negatives, recency_half_life_days=recency_half_life_days,
-                            half_life_days=half_life_days)
+                            half_life_days=half_life_days, feedback_through=through)
     return _train_residual(db, config, catalog, force=force, true_relevance=true_relevance, seed=seed,
                            require_test=require_test, max_ece=max_ece, gate_users=gate_users,
-                           min_gate_users=min_gate_users, fit_users=fit_users, half_life_days=half_life_days)
+                           min_gate_users=min_gate_users, fit_users=fit_users, half_life_days=half_life_days,
+                           feedback_through=through)
 
 
 #: the debiasing dial's settings: the popularity coefficients' multiplier (PDA-style exponent)
@@ -445,7 +448,7 @@ POP_EXPONENTS: tuple[float, ...] = (0.0, 0.5, 0.75, 1.0, 1.25)
 def _train_residual(db: Engine, config: ConfigRecord, catalog: Catalog, *, force: bool,
                     true_relevance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None, seed: int,
                     require_test: bool, max_ece: float, gate_users: int, min_gate_users: int,
-                    fit_users: int, half_life_days: float) -> TrainResult:
+                    fit_users: int, half_life_days: float, feedback_through: int) -> TrainResult:
     from ._evaluate import _pools, evaluate_pages, held_in_pools, history_page_scorer, holdout_split
 
     cfg = config.config
@@ -514,7 +517,7 @@ def _train_residual(db: Engine, config: ConfigRecord, catalog: Catalog, *, force
                  "ece_of": "P(future positive) of the candidates on the holdout"})
     passed = chosen is not None and ece_ok
     metrics: dict[str, Any] = {
-        "model": "residual", "train_s": time.perf_counter() - t0, "fit_s": fit_s,
+        "model": "residual", "train_s": time.perf_counter() - t0, "fit_s": fit_s, "feedback_through": feedback_through,
         "inner_split": {"cutoff": inner.cutoff, "n_users": int(inner.users.size),
                         "dial": {n: {"recall": inner_res.row(n)["recall"], "ndcg": inner_res.row(n)["ndcg"]}
                                  for n in dial}, "chosen": chosen_name},
@@ -584,7 +587,8 @@ def _train_torch(db: Engine, config: ConfigRecord, catalog: Catalog, cats: np.nd
                  true_relevance: Callable[[np.ndarray, np.ndarray], np.ndarray] | None,
                  on_epoch: EpochCallback | None, seed: int, require_test: bool, max_ece: float, gate_users: int,
                  min_gate_users: int,
-                 sampled_negatives: int, recency_half_life_days: float | None, half_life_days: float) -> TrainResult:
+                 sampled_negatives: int, recency_half_life_days: float | None, half_life_days: float,
+                 feedback_through: int) -> TrainResult:
     cfg = config.config
     data = log_training_arrays(db, catalog, sampled_negatives=sampled_negatives, seed=seed)
     if data["impressions"]["item"].size < 200:
@@ -641,6 +645,7 @@ def _train_torch(db: Engine, config: ConfigRecord, catalog: Catalog, cats: np.nd
                       true_relevance=true_relevance, category_names=cfg.category_names, threads=threads,
                       seed=seed)
     metrics = {"examples": {"train": len(train), "valid": len(valid), "test": len(test)},
+               "feedback_through": feedback_through,
                "train_s": train_s, "examples_per_s": len(train) * len(history.train_loss) / max(train_s, 1e-9),
                "best_epoch": history.best_epoch, "valid_logloss": list(history.valid_logloss),
                "valid_play_gauc": model_gauc, "valid_play_gauc_popularity": pop_gauc,

@@ -154,6 +154,7 @@ class _Training:
     thread: threading.Thread | None = None
     last_feedback_id: int = 0
     last_started: float = 0.0
+    resumed: bool = False  # the marks above read from the newest ranker record (a restarted loop)
 
 
 @dataclass
@@ -709,6 +710,12 @@ class BackgroundLoop:
         if t.thread is not None and t.thread.is_alive():
             return "idle", ""
         loop = self._config.config.loop
+        if not t.resumed:  # a restarted loop counts new events from the newest ranker, not from the log's start
+            t.resumed = True
+            newest_ranker = registry.model_history(self.db, "ranker", limit=1)
+            if newest_ranker and newest_ranker[0].created_at is not None:
+                t.last_started = newest_ranker[0].created_at.timestamp()
+                t.last_feedback_id = int(newest_ranker[0].metrics.get("feedback_through", 0))
         if time.time() - t.last_started < loop.train_every_s and t.last_started > 0:
             return "idle", ""
         with self.db.connect() as conn:

@@ -502,3 +502,36 @@ def test_a_recalibration_beside_the_pacers_prices_keeps_its_window(db, tmp_path)
     serve(12, planned)
     assert loop._pace()[0] == "ok"
     assert p.valued_from == planned and p.pacer._value.shape[0] == 12
+
+
+def test_a_restarted_loop_counts_new_events_from_the_newest_ranker(db, tmp_path):
+    """A loop taking over (a restart, a failover) does not retrain on the whole log at once: it waits
+    ``train_every_s`` from the newest ranker record and counts new events from the feedback that ranker
+    was trained through (``metrics["feedback_through"]``)."""
+    world = make_world(n_users=30, n_items=200, seed=0)
+    world.to_catalog_csv(tmp_path / "items.csv")
+    cat = read_catalog_csv(tmp_path / "items.csv")
+    upsert_items(db, cat.rows())
+    body = world.default_config_toml() + "\n[loop]\ntrain_every_s = 0.5\ntrain_min_events = 50\n"
+    registry.activate_config(db, body, author="test")
+    cfg = registry.active_config(db)
+    items = [str(i) for i in cat.item_ids[:40].tolist()]
+    now = datetime.now(tz=UTC)
+
+    def plays(start: int, n: int) -> None:
+        rows = [_event(f"e{k}", f"r{k}", items[k % len(items)], "play", now) for k in range(start, start + n)]
+        insert_decisions(db, [_decision(r["request_id"], f"u{k % 7}", now) for k, r in enumerate(rows)])
+        insert_feedback(db, rows)
+
+    plays(0, 300)
+    through = 300  # feedback ids 1..300
+    registry.publish_model(db, "ranker", {"feedback_through": through}, None, status="rejected")
+    loop = BackgroundLoop(db, holder="t")
+    loop._on_config(cfg)
+    assert loop._train() == ("idle", "")  # 300 events, but a ranker was trained on them just now
+    time.sleep(0.6)
+    assert loop._train() == ("idle", "")  # train_every_s has passed; nothing new since the ranker
+    plays(300, 60)
+    outcome, detail = loop._train()
+    assert outcome == "ok" and detail == "training started on 60 new behaviour events", detail
+    loop._training.thread.join(60)

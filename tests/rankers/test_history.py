@@ -158,8 +158,9 @@ def test_pop_exponent_is_the_popularity_dial(seed):
 
 
 def test_served_residual_scores_follow_the_dial_and_a_refit(seed):
-    """A request's residual scores (item terms precomputed per model) equal the feature matrix's after
-    the dial moves and after a refit on another log."""
+    """A request's residual scores and the batch scores (item terms precomputed per model, no feature
+    matrix) equal sigmoid(feature matrix @ coefficients), after the dial moves and after a refit on
+    another log."""
     rng = np.random.default_rng(seed)
     cat = rng.integers(0, N_CAT, size=N_ITEMS)
     sc = _residual(rng, cat, *_log(rng))
@@ -168,15 +169,48 @@ def test_served_residual_scores_follow_the_dial_and_a_refit(seed):
     def served() -> np.ndarray:
         return np.stack([sc.score_live(int(u), p, demote_seen=False) for u, p in zip(users, pools, strict=True)])
 
+    def reference() -> np.ndarray:  # sigmoid(feature matrix @ coefficients, the dial on the popularity columns)
+        x, v, n_uc, last = sc._user_rows(users)
+        knn, _ = sc._knn_grid(x, v, pools)
+        coef = sc.coef.copy()
+        coef[1:6] *= sc.pop_exponent
+        return expit(sc.features(knn, n_uc, last, pools) @ coef)
+
     before = served()
-    np.testing.assert_allclose(before, sc.score_pools(users, pools), rtol=1e-12)
+    for got in (before, sc.score_pools(users, pools), sc.score_pairs(np.repeat(users, 20), pools.ravel()).reshape(7, 20)):
+        np.testing.assert_allclose(got, reference(), rtol=1e-12)
     sc.pop_exponent = 0.25
     dialled = served()
-    np.testing.assert_allclose(dialled, sc.score_pools(users, pools), rtol=1e-12)
+    np.testing.assert_allclose(dialled, reference(), rtol=1e-12)
+    np.testing.assert_allclose(sc.score_pools(users, pools), reference(), rtol=1e-12)
     assert not np.allclose(dialled, before)
     sc.fit(*_log(rng), n_users=N_USERS)
-    np.testing.assert_allclose(served(), sc.score_pools(users, pools), rtol=1e-12)
+    np.testing.assert_allclose(served(), reference(), rtol=1e-12)
+    np.testing.assert_allclose(sc.score_pools(users, pools), reference(), rtol=1e-12)
     assert not np.allclose(served(), dialled)
+
+
+@pytest.mark.parametrize("kind", ["category_popularity", "item_knn", "residual"])
+def test_score_pairs_scores_each_users_pairs_as_one_pool(seed, kind):
+    """Pairs of many users in any order, most without history (-1, as in planning), known users with
+    pair sets of different sizes: each pair's score equals the user's own pool scored alone."""
+    rng = np.random.default_rng(seed)
+    cat = rng.integers(0, N_CAT, size=N_ITEMS)
+    log = _log(rng)
+    sc = _residual(rng, cat, *log) if kind == "residual" else HistoryScorer(kind, cat).fit(*log, n_users=N_USERS)
+    pools = {u: rng.permutation(N_ITEMS)[:int(rng.integers(3, 25))] for u in (0, 3, 7, 12)}
+    cold = rng.integers(0, N_ITEMS, size=2500)  # more than one row of cold pairs
+    u = np.concatenate([np.full(p.size, k) for k, p in pools.items()] + [np.full(cold.size, -1)])
+    i = np.concatenate([*pools.values(), cold])
+    perm = rng.permutation(u.size)
+    got = np.empty(u.size)
+    got[perm] = sc.score_pairs(u[perm], i[perm], row=1000)
+    at = 0
+    for k, p in pools.items():
+        np.testing.assert_allclose(got[at:at + p.size], sc.score_pools(np.array([k]), p[None, :])[0], rtol=1e-12)
+        at += p.size
+    np.testing.assert_allclose(got[at:], sc.score_pools(np.array([-1]), np.arange(N_ITEMS)[None, :])[0][cold],
+                               rtol=1e-12)
 
 
 def test_with_coef_equals_a_refit_with_those_coefficients(seed):
