@@ -222,13 +222,23 @@ def _solve(state: EngineState, config: HomepageConfig, version: int | None, user
     t = config.exploration.temperature
     names = config.constraint_names
     best: tuple[float, Plan | ShardedPlan, dict[str, Any], int] | None = None
+    steered = False
     for r in range(PLAN_ROUNDS if config.constraints else 1):
         try:
             p = _solve_on(engine, cand, weight, lo, hi, names, method, workers)
         except InfeasiblePlan as e:
             if best is not None:
                 break
-            raise from_infeasible(e, what) from None
+            if steered:
+                raise from_infeasible(e, what) from None
+            # the candidates of these prices cannot meet the bounds (a floor on a category that no
+            # priced-greedy layout shows): add those serving builds at prices that push toward each
+            # bound, and solve once more; infeasible then, the config is
+            cand, steered = steered_candidates(state, config, users, cand, seed), True
+            try:
+                p = _solve_on(engine, cand, weight, lo, hi, names, method, workers)
+            except InfeasiblePlan as e2:
+                raise from_infeasible(e2, what) from None
         extra: dict[str, Any] = {}
         if t > 0 and config.constraints:
             # serving exploits a softmax of the priced values: the prices at which that rule meets the
@@ -255,6 +265,23 @@ def _solve(state: EngineState, config: HomepageConfig, version: int | None, user
     assert best is not None
     _, p, extra, n_cand = best
     return _result(config, version, p, int(users.size), n_cand, extra=extra)
+
+
+def steered_candidates(state: EngineState, config: HomepageConfig, users: np.ndarray, cand: Candidates,
+                       seed: int = 0) -> Candidates:
+    """``cand`` and the candidates serving builds at prices that push toward each bound: for each
+    constraint alone, then all together, a price of ten times the largest candidate value (positive
+    toward a floor, negative toward a cap). The layouts that meet a floor on a category that no
+    value-greedy layout shows (or a cap on one that every such layout overfills) enter the plan's
+    candidate set, so a feasible config is solved as feasible."""
+    lo, hi = config.bounds()
+    push = np.where(lo > 0, 1.0, np.where(hi < np.inf, -1.0, 0.0))
+    scale = 10.0 * max(float(np.abs(np.where(cand.mask, cand.value, 0.0)).max(initial=0.0)), 1e-6)
+    directions = [np.eye(push.size)[k] * push for k in np.flatnonzero(push)] + [push]
+    out = cand
+    for d in directions:
+        out = candidate_union(out, user_candidates(replace(state, prices=scale * d), users, seed=seed))
+    return out
 
 
 def served_miss(cand: Candidates, prices: Any, lo: np.ndarray, hi: np.ndarray, temperature: float,

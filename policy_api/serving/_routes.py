@@ -206,7 +206,7 @@ def _check_events(rt: Runtime, fb: FeedbackRequest) -> None:
     if bad.size:
         i = int(bad[0])
         raise InvalidInput(f"events[{i}].value must be within +-{lim.max_event_value:g} (learning.max_event_value); "
-                           f"got {values[i]!r}", field=f"events.{i}.value")
+                           f"got {float(values[i])!r}", field=f"events.{i}.value")
     ts = np.array([np.nan if e.ts is None else e.ts for e in ev], dtype=np.float64)
     now = time.time()
     lo, hi = now - lim.max_event_age_s, now + lim.max_clock_skew_s
@@ -215,7 +215,7 @@ def _check_events(rt: Runtime, fb: FeedbackRequest) -> None:
         i = int(bad[0])
         raise InvalidInput(f"events[{i}].ts must be within the last {lim.max_event_age_s:g} s and at most "
                            f"{lim.max_clock_skew_s:g} s ahead of the server's clock (epoch seconds in "
-                           f"[{lo:.0f}, {hi:.0f}]); got {ts[i]!r}", field=f"events.{i}.ts")
+                           f"[{lo:.0f}, {hi:.0f}]); got {float(ts[i])!r}", field=f"events.{i}.ts")
     if shown is not None and not shown.all():
         i = int(np.flatnonzero(~shown)[0])
         raise InvalidInput(f"events[{i}].item_id must be an item shown in slot {ev[i].slot} of request "

@@ -335,3 +335,40 @@ def test_the_applied_plan_holds_on_the_candidates_serving_builds_at_its_prices(t
                       for d in (engine.decide(f"new{r}", ids.issue()) for r in range(300))], axis=0)
     lo, hi = st.config.bounds()
     assert np.all(shares >= lo - 0.05) and np.all(shares <= hi + 0.05), dict(zip(st.config.constraint_names, shares, strict=True))
+
+
+def test_a_floor_no_value_greedy_layout_meets_is_planned_as_the_feasible_config_it_is(tmp_path):
+    """A cap of 0.10 on the most valuable category beside it and a floor of 0.12 on the least valuable
+    one: every layout that serving builds at zero prices shows the first in several slots and never the
+    second, so the candidates of zero prices alone made the config look infeasible. It is feasible by
+    construction (a page with the floored category in its first slot and the capped one nowhere meets
+    both: shares computed from the position weights below); the plan meets both bounds and serving at
+    its prices does too. Floors summing past 1 are still refused."""
+    from policy_api.errors import Infeasible
+
+    cats = ("songs", "videos", "audio", "live", "news")
+    world = make_world(n_users=300, n_items=1500, seed=0, categories=cats, category_value=[1.0, 1.4, 1.2, 2.0, 0.3])
+    text = world.default_config_toml()
+    text = text[:text.index("[[constraints]]")] if "[[constraints]]" in text else text
+    cfg0 = parse_config_text(text)
+    w = np.asarray(cfg0.position_weights) / np.sum(cfg0.position_weights)
+    assert w[0] >= 0.12  # the witness page: news in the first slot meets the floor, videos nowhere meets the cap
+    floor_cap = text + ('\n[[constraints]]\nname = "news_floor"\nkind = "category_share"\ncategory = "news"\nmin = 0.12\n'
+                        '\n[[constraints]]\nname = "videos_cap"\nkind = "category_share"\ncategory = "videos"\nmax = 0.1\n')
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    upgrade(url)
+    eng = make_engine(url)
+    store.upsert_items(eng, world_catalog(world).rows())
+    check = jobs.check_config(eng, parse_config_text(floor_cap), users=200)
+    assert check.proposed.shares["news_floor"] >= 0.12 - 1e-6 and check.proposed.shares["videos_cap"] <= 0.1 + 1e-6
+    too_much = text + ('\n[[constraints]]\nname = "news_floor"\nkind = "category_share"\ncategory = "news"\nmin = 0.6\n'
+                       '\n[[constraints]]\nname = "videos_floor"\nkind = "category_share"\ncategory = "videos"\nmin = 0.5\n')
+    with pytest.raises(Infeasible):
+        jobs.check_config(eng, parse_config_text(too_much), users=200)
+    jobs.apply_config(eng, floor_cap, author="test", note="")
+    st = load_state(eng)
+    engine = DecisionEngine(st)
+    ids = RequestIds(b"w")
+    shares = np.mean([np.asarray(d.candidates[d.chosen]["exposure"])
+                      for d in (engine.decide(f"new{r}", ids.issue()) for r in range(300))], axis=0)
+    assert shares[0] >= 0.12 - 0.03 and shares[1] <= 0.1 + 0.03, shares
