@@ -31,6 +31,7 @@ Every step's last run, duration and outcome go into the lease row's status (``/r
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -70,6 +71,9 @@ ITEM_EVIDENCE_GROWTH = 0.25
 _MIN_NEW_EVENTS = 2000
 #: the shift step judges decisions this many seconds old (their page's impressions and first plays in)
 _SHIFT_SETTLE_S = 1.0
+#: after a recalibration, pages served within this many seconds may still come from a worker that has
+#: not reloaded the plan (workers poll for versions every second)
+_SHIFT_RELOAD_S = 2.0
 #: after a shift, the loop recalibrates and refits the shift map this often (seconds) until the
 #: calibration's window holds only feedback from after it
 _SHIFT_REFIT_S = 2.0
@@ -192,6 +196,7 @@ class BackgroundLoop:
     _lease: Lease | None = None
     _shift: ShiftDetector | None = None
     _shift_read: datetime | None = None  # the newest decision the shift step has judged
+    _shift_basis: str | None = None  # the plan's calibration the judged pages were predicted with
     _forget: Forget | None = None  # the last population shift detected (carried by every plan after it)
     _shift_map: ShiftMap | None = None  # what users' tastes before it say now (refitted with each plan)
     _shift_feedback: int = 0  # the newest feedback id when it was detected
@@ -490,15 +495,27 @@ class BackgroundLoop:
         m = fit_shift_map(a[:, 0], a[:, 1], eng, imp, before_rate, k=LIVE_PRIOR_IMPRESSIONS)
         return m if np.isfinite(m.intercept).any() else None
 
-    def _detect_shift(self) -> tuple[str, str]:
-        """Judge the pages served since the last run against what the engine predicted for them; on a
-        shift, forget most of every user's category evidence and plan again from the shift on."""
+    def _detect_shift(self, now: datetime | None = None) -> tuple[str, str]:
+        """Judge the pages served since the last run (by ``now``, default the clock's) against what the
+        engine predicted for them; on a shift, forget most of every user's category evidence and plan
+        again from the shift on."""
         assert self._config is not None and self._store is not None and self._shift is not None
         cfg = self._config
         keep = cfg.config.loop.shift_keep
         if keep >= 1.0:
             return "idle", ""
-        until = datetime.now(tz=UTC) - timedelta(seconds=_SHIFT_SETTLE_S)
+        now = datetime.now(tz=UTC) if now is None else now
+        until = now - timedelta(seconds=_SHIFT_SETTLE_S)
+        plan = registry.latest_plan(self.db, cfg.version)
+        solver = {} if plan is None else (plan.solver or {})
+        basis = json.dumps([solver.get("calibration"), solver.get("calibration_scorer")], sort_keys=True, default=str)
+        if self._shift_basis is not None and basis != self._shift_basis:
+            # a recalibration moves every prediction at once; judged across it, the pages served before
+            # it look like a population that changed (a false alarm at the first calibration of a new
+            # engine), so the windows start again from the pages predicted with the new calibration
+            self._shift.reset()
+            self._shift_read = now + timedelta(seconds=_SHIFT_RELOAD_S)
+        self._shift_basis = basis
         if self._shift_read is None:  # from now on: the pages this loop sees served
             self._shift_read = until
             return "idle", ""

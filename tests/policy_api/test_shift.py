@@ -384,3 +384,83 @@ def test_the_loop_finds_a_shift_forgets_and_serving_takes_the_map(tmp_path):
                               np.array([moved[0].before_impressions.get(c, 0.0) for c in names]), st.category_rate)
     assert live.before is not None
     assert st.shift_map.prior(live.before[0], live.before[1], st.category_rate) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("recalibrated", [True, False])
+def test_a_recalibration_is_not_a_shift_but_the_same_jump_without_one_is(tmp_path, recalibrated):
+    """Users' rates stay; after 1,000 pages every logged prediction doubles. With a plan of a new
+    calibration published at that moment (what moves every prediction at once in a running engine)
+    the loop judges only the pages predicted with it and finds no shift; without one, the same jump is
+    a shift (the detector sees it: the reference for the first case)."""
+    from datetime import UTC, datetime
+
+    from policy_api import registry
+    from policy_api.log import (
+        insert_decisions,
+        insert_feedback,
+        make_engine,
+        read_catalog_csv,
+        upgrade,
+        upsert_items,
+    )
+    from policy_api.loop import BackgroundLoop
+    from simulator import make_world
+
+    world = make_world(n_users=30, n_items=400, seed=0)
+    world.to_catalog_csv(tmp_path / "items.csv")
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    upgrade(url)
+    db = make_engine(url)
+    cat = read_catalog_csv(tmp_path / "items.csv")
+    upsert_items(db, cat.rows())
+    registry.activate_config(db, world.default_config_toml() + "\n[loop]\nitem_events = 0\n", author="test")
+    cfg = registry.active_config(db)
+    config = cfg.config
+    names, S, C = config.category_names, config.slots, len(config.category_names)
+    prices = dict.fromkeys(config.constraint_names, 0.0)
+    registry.publish_plan(db, cfg.version, prices, solver={"calibration": {"songs": {"head": [1.0, 10.0]}}})
+    items = [[str(i) for i, c in zip(cat.item_ids, cat.category, strict=True) if c == names[k]] for k in range(C)]
+    loop = BackgroundLoop(db, holder="t")
+    loop._on_config(cfg)
+    rng = np.random.default_rng(0)
+    rate = rng.beta(2, 5, size=(300, C))
+    pop = rate.mean(0)
+    t = datetime.now(tz=UTC).timestamp() - 3600.0  # the pages' own clock; the loop judges by it
+
+    def judge() -> str:
+        return loop._detect_shift(now=datetime.fromtimestamp(t + 1.5, tz=UTC))[1]  # every page written settled
+
+    judge()  # from now on
+    found, n = None, 0
+    while n < 1800:  # 36 batches of 50 pages, the shift step after each
+        if n == 1000 and recalibrated:
+            registry.publish_plan(db, cfg.version, prices, solver={"calibration": {"songs": {"head": [2.0, 10.0]}}})
+            judge()
+        predicted = pop if n < 1000 else 2.0 * pop
+        rows, events = [], []
+        for u in rng.integers(0, 300, size=50):
+            rid, ts = f"r{n}", datetime.fromtimestamp(t, tz=UTC)
+            cats = rng.integers(0, C, size=S)
+            rows.append({"request_id": rid, "ts": ts, "user_id": f"u{u}", "context": {}, "policy": "test",
+                         "versions": {"config": cfg.version}, "pmf": [1.0], "chosen": 0, "propensity": 1.0,
+                         "layout": [], "fallback_reason": None,
+                         "candidates": [{"modules": [config.modules[0].id] * S, "categories": [names[c] for c in cats],
+                                         "tilt": 0.0, "value": 1.0, "score": 1.0, "exposure": [0.0] * len(config.constraints),
+                                         "engagement": predicted[cats].tolist(), "tail": 0.0}]})
+            for s_, c in enumerate(cats):
+                for j, it in enumerate(rng.choice(items[c], size=5, replace=False)):
+                    events.append({"event_id": f"{rid}:{s_}:{j}", "request_id": rid, "slot": int(s_), "item_id": it,
+                                   "type": "impression", "value": None, "ts": ts})
+                    if rng.random() < rate[u, c]:
+                        events.append({"event_id": f"{rid}:{s_}:{j}p", "request_id": rid, "slot": int(s_),
+                                       "item_id": it, "type": "play", "value": None, "ts": ts})
+            n += 1
+            t += 0.02
+        insert_decisions(db, rows)
+        insert_feedback(db, events)
+        if "population shift" in judge() and found is None:
+            found = n
+    if recalibrated:
+        assert found is None, found
+    else:
+        assert found is not None and 1000 < found <= 1000 + 200 + 50, found
