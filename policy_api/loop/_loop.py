@@ -196,7 +196,8 @@ class BackgroundLoop:
     _lease: Lease | None = None
     _shift: ShiftDetector | None = None
     _shift_read: datetime | None = None  # the newest decision the shift step has judged
-    _shift_basis: str | None = None  # the plan's calibration the judged pages were predicted with
+    _shift_basis: str | None = None  # the plan's calibration (and its scorer) the judged pages were predicted with
+    _shift_pages: int = 0  # pages judged since the loop started or since the last shift
     _forget: Forget | None = None  # the last population shift detected (carried by every plan after it)
     _shift_map: ShiftMap | None = None  # what users' tastes before it say now (refitted with each plan)
     _shift_feedback: int = 0  # the newest feedback id when it was detected
@@ -509,10 +510,14 @@ class BackgroundLoop:
         plan = registry.latest_plan(self.db, cfg.version)
         solver = {} if plan is None else (plan.solver or {})
         basis = json.dumps([solver.get("calibration"), solver.get("calibration_scorer")], sort_keys=True, default=str)
-        if self._shift_basis is not None and basis != self._shift_basis:
-            # a recalibration moves every prediction at once; judged across it, the pages served before
-            # it look like a population that changed (a false alarm at the first calibration of a new
-            # engine), so the windows start again from the pages predicted with the new calibration
+        young = self._shift_pages < self._shift.recent + self._shift.reference
+        if young and self._shift_basis is not None and basis != self._shift_basis:
+            # a young engine's calibrations (the first ones, on little evidence, and those after a
+            # shift) move every prediction at once: judged across one, the pages served before it
+            # look like a population that changed (a new engine raised false alarms at its first
+            # calibrations), so the windows start again from the pages predicted with it. Once the
+            # windows have been full, recalibrations keep them: a real shift moves the calibration
+            # too, seconds after it, and must still be found
             self._shift.reset()
             self._shift_read = now + timedelta(seconds=_SHIFT_RELOAD_S)
         self._shift_basis = basis
@@ -525,6 +530,7 @@ class BackgroundLoop:
             return "idle", ""
         self._shift_read = datetime.fromtimestamp(float(got.ts[-1]), tz=UTC)  # the newest page judged
         self._shift.add(got)
+        self._shift_pages += len(got)
         names = cfg.config.category_names
         shift = self._shift.check(len(names))
         if shift is None:
@@ -534,6 +540,7 @@ class BackgroundLoop:
         self._shift_feedback = jobs.feedback_seen(self.db)
         self._store.forget = self._forget
         self._shift.reset()
+        self._shift_pages = 0
         self._next["plan"] = 0.0
         moved = ", ".join([f"{names[c]} x{shift.ratio[c]:.2f} (z {shift.z[c]:+.1f})" for c in shift.categories]
                           + [f"the whole page x{shift.page_ratio:.2f} (z {shift.page_z:+.1f})"])
