@@ -702,7 +702,8 @@ class Scorer:
 #: ``wide``: six categories (news and kids besides), eight slots of six items, a cap of 0.2 on videos;
 #: ``narrow``: three categories and no live streams (so no live floor), four slots of twelve items, a
 #: steeper popularity curve, users who follow popularity less, and a floor of 0.2 on the least valuable
-#: category (radio)
+#: category (radio); ``bounds``: five categories, one of little value (news) with a floor of 0.12 and a
+#: cap of 0.1 on a valuable one (videos), bounds that no layout serving builds at zero prices meets
 WORLDS: dict[str, tuple[dict[str, Any], str]] = {
     "default": ({}, ""),
     "wide": ({"n_slots": 8, "items_per_module": 6, "categories": ("songs", "videos", "audio", "live", "news", "kids"),
@@ -712,6 +713,9 @@ WORLDS: dict[str, tuple[dict[str, Any], str]] = {
                 "category_value": (1.0, 1.5, 0.7), "slot_examination": (1.0, 0.7, 0.5, 0.35),
                 "zipf_exponent": 1.3, "conformity": 0.4},
                '\n[[constraints]]\nname = "radio_floor"\nkind = "category_share"\ncategory = "radio"\nmin = 0.2\n'),
+    "bounds": ({"categories": ("songs", "videos", "audio", "live", "news"), "category_value": (1.0, 1.4, 1.2, 2.0, 0.3)},
+               '\n[[constraints]]\nname = "news_floor"\nkind = "category_share"\ncategory = "news"\nmin = 0.12\n'
+               '\n[[constraints]]\nname = "videos_cap"\nkind = "category_share"\ncategory = "videos"\nmax = 0.1\n'),
 }
 
 
@@ -743,7 +747,8 @@ def main() -> int:
                     help="the kind of catalog and config: wide = six categories (news and kids besides), eight slots "
                          "of six items, a cap of 0.2 on videos' share; narrow = "
                          "three categories without live streams, four slots of twelve items, a steeper popularity "
-                         "curve, users who follow popularity less, a floor of 0.2 on radio")
+                         "curve, users who follow popularity less, a floor of 0.2 on radio; bounds = a floor of 0.12 "
+                         "on news (of little value) and a cap of 0.1 on videos")
     ap.add_argument("--impressions", choices=IMPRESSION_KINDS, default="viewed",
                     help="the config's [homepage] impressions (the simulated client sends an impression for each "
                          "item the user examined: 'rendered' shows what counting them by slot weight would cost)")
