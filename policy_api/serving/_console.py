@@ -93,6 +93,8 @@ class OpsAggregate:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: set once the first tick has read the whole window: before it, the buckets hold part of it
+        self.caught_up = threading.Event()
 
     # ------------------------------------------------------------------ the tail (background thread)
     def start(self, every_s: float = 1.0) -> OpsAggregate:
@@ -138,10 +140,11 @@ class OpsAggregate:
         self.rows_read += n
         self._forget(now)
         if now - self._history_at >= self.history_every_s:
-            self._refresh_history()
+            self.refresh_history()
             self._history_at = now
         self.ticks += 1
         self.caught_up_at = now
+        self.caught_up.set()
         return n
 
     def _add(self, cols: dict[str, Any], now: float, parsed: bool = True) -> int:
@@ -219,7 +222,9 @@ class OpsAggregate:
         horizon = (self._hi or now) - self.overlap_s
         self._seen = {k: t for k, t in self._seen.items() if t >= horizon}
 
-    def _refresh_history(self) -> None:
+    def refresh_history(self) -> None:
+        """Read the newest configs, plans and models into :attr:`history` (each tick does, every
+        ``history_every_s``)."""
         cfgs = registry.config_history(self.db, limit=20)
         pls = registry.plan_history(self.db, limit=10)
         mods = registry.model_history(self.db, limit=20)

@@ -409,3 +409,55 @@ def test_alert_rules_and_dashboard_use_metrics_the_server_exposes(server):
         wait_for(scraped, timeout=60)  # the business gauges come with the aggregates' first ticks
     except AssertionError:
         raise AssertionError(f"metrics named in deploy/ but not exposed: {last['missing']}; {last['text']}") from None
+
+
+def test_a_workers_first_operator_reads_after_a_start_are_complete(tmp_path):
+    """A server started on a log that already holds 20,000 decisions: the first /versions and
+    /exposure answers of each worker hold the whole window (the aggregate of a worker starts on its
+    first operator read; its first answers were empty, then partial, and looked final): the versions'
+    lists are filled, and the exposure equals a full scan of the window, marked ``caught_up``."""
+    from policy_api.log import insert_decisions, read_decisions
+
+    os.environ["HOMEPAGE_OPS_TOKEN"] = "peek"
+    try:
+        first = Server(tmp_path)
+        sess = requests.Session()
+        for k in range(30):
+            assert sess.get(first.url + "/layout", params={"user_id": f"u{k:05d}"}, timeout=5).status_code == 200
+        first.stop()
+        db = db_engine(first)
+        base = read_decisions(db, since=datetime.now(tz=UTC) - timedelta(hours=1),
+                              columns=["user_id", "context", "versions", "policy", "candidates", "pmf", "chosen",
+                                       "propensity", "layout", "fallback_reason"])
+        base = {k: v.tolist() if isinstance(v, np.ndarray) else list(v) for k, v in base.items()}
+        n = len(base["policy"])
+        now = datetime.now(tz=UTC)
+        rows = [{"request_id": f"bulk-{j}", "ts": now - timedelta(seconds=j * 0.1), **{k: base[k][j % n] for k in base}}
+                for j in range(20_000)]
+        for k in range(0, len(rows), 2000):
+            insert_decisions(db, rows[k:k + 2000])
+        db.dispose()
+        server = Server(tmp_path)
+    finally:
+        del os.environ["HOMEPAGE_OPS_TOKEN"]
+    try:
+        ref = brute_force_exposure(server)
+        assert ref["decisions"] >= 20_000
+        firsts: dict[int, dict] = {}
+        t0 = time.time()
+        while len(firsts) < 2 and time.time() - t0 < 60:  # a new connection each time: both workers answer
+            v = requests.get(server.url + "/versions", headers={**PEEK, "Connection": "close"}, timeout=30).json()
+            e = requests.get(server.url + "/exposure", headers={**PEEK, "Connection": "close"}, timeout=30).json()
+            pid = e["aggregate"]["worker"]
+            if pid not in firsts:
+                firsts[pid] = e
+                assert v["plans"] and v["configs"], v
+        assert len(firsts) == 2
+        for e in firsts.values():
+            assert e["aggregate"]["caught_up"] is True
+            assert e["decisions"] == ref["decisions"]
+            got = {c["name"]: c["realised"] for c in e["constraints"]}
+            want = {c["name"]: c["realised"] for c in ref["constraints"]}
+            assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+    finally:
+        server.stop()
