@@ -404,7 +404,8 @@ def _exposure_terms(space: LayoutSpace, prices: np.ndarray,
 
 
 def build_candidates(space: LayoutSpace, tbl: BlockTable, prices: np.ndarray | None = None,
-                     lead_categories: np.ndarray | None = None, max_candidates: int = 32) -> Candidates:
+                     lead_categories: np.ndarray | None = None, max_candidates: int = 32,
+                     explore: np.ndarray | None = None) -> Candidates:
     """Candidate layouts for every user: greedy under prices, unpriced greedy, and one variant led by
     each of the user's top categories, each at every tilt level; duplicates masked out.
 
@@ -416,6 +417,10 @@ def build_candidates(space: LayoutSpace, tbl: BlockTable, prices: np.ndarray | N
     lead_categories
         Shape (U, N): each user's top-N categories (e.g. the rankers' category preferences); by
         default the categories whose first block is worth the most.
+    explore
+        Shape (U,): one more variant per user led by this category (-1: none), a category to learn
+        about that no other variant may show; it is kept (untilted) when the candidates are cut to
+        ``max_candidates``.
     """
     U, B, C, R = tbl.mean_score.shape
     S = space.n_slots
@@ -438,7 +443,13 @@ def build_candidates(space: LayoutSpace, tbl: BlockTable, prices: np.ndarray | N
         first = np.where(avail[:, 0, :, 0], block_val[:, 0, :, 0], -np.inf)  # (U,C)
         lead_categories = np.argsort(-first, axis=1, kind="stable")[:, : min(C, 4)]
     lead = np.asarray(lead_categories, dtype=np.int64)
-    # variants: 0 = greedy under prices, 1 = unpriced greedy, 2.. = led by lead[:, j]
+    if explore is not None:
+        explore = np.asarray(explore, dtype=np.int64)
+        if explore.shape != (U,) or explore.max(initial=-1) >= C or explore.min(initial=-1) < -1:
+            raise ValueError(f"explore must have shape ({U},) with categories in [-1, {C}); got {explore!r}")
+        lead = np.concatenate([lead, explore[:, None]], axis=1)
+    # variants: 0 = greedy under prices, 1 = unpriced greedy, 2.. = led by lead[:, j] (the last one by
+    # explore when given; -1 leads nothing: a repeat of the greedy one, masked out below)
     n_var = 2 + lead.shape[1]
     V = n_var * B
     price_on = np.array([1.0, 0.0] + [1.0] * lead.shape[1])
@@ -498,6 +509,8 @@ def build_candidates(space: LayoutSpace, tbl: BlockTable, prices: np.ndarray | N
     if V > max_candidates:
         # keep the best max_candidates real ones by priced score (greedy is always kept)
         sc = value + (exposure @ prices if K else 0.0)
+        if explore is not None:  # the untilted explore variant stays
+            sc[:, (n_var - 1) * B] = np.inf
         sc = np.where(mask, sc, -np.inf)
         keep = np.argsort(-sc, axis=1, kind="stable")[:, :max_candidates]
         keep.sort(axis=1)

@@ -10,6 +10,8 @@ from ._engine import (
     ITEM_LIFT_PRIOR,
     LIVE_PRIOR_IMPRESSIONS,
     SKIP_DEMOTION,
+    UNEXPLORED_IMPRESSIONS,
+    UNEXPLORED_SHARE,
     Decision,
     DecisionEngine,
     EngineState,
@@ -32,6 +34,7 @@ from ._engine import (
     item_lift_of,
     live_rate_factors,
     repeat_lift,
+    unexplored,
     with_item_lift,
 )
 from ._features import layout_features, shared_features
@@ -66,6 +69,9 @@ __all__ = [
     "ITEM_LIFT_PRIOR",
     "LIVE_PRIOR_IMPRESSIONS",
     "SKIP_DEMOTION",
+    "UNEXPLORED_IMPRESSIONS",
+    "UNEXPLORED_SHARE",
+    "unexplored",
     "LiveSignals",
     "Decision",
     "DecisionEngine",

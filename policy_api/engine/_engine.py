@@ -268,6 +268,10 @@ class EngineState:
     versions: dict[str, Any]
     fallback_modules: list[dict[str, Any]]
     new_categories: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # config indices
+    # categories the plan's calibration holds too few examined impressions of to price (see
+    # UNEXPLORED_IMPRESSIONS): each request offers a layout led by one of them, and the exploration
+    # budget sends part of its traffic there
+    unexplored_categories: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     population_prefs: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (C,) category shares of popularity
     # the config's module ids and category names as object arrays (the logged candidates name them)
     module_id_array: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
@@ -303,6 +307,24 @@ class EngineState:
     # what a user's category rates before that shift say about them now (fitted by the loop on the users
     # seen since); None: not fitted, the user's new evidence is shrunk toward the population's rates
     shift_map: ShiftMap | None = None
+
+
+#: a category with fewer examined impressions than this in the plan's calibration window is unexplored:
+#: the engine cannot tell what it is worth (one page leading with it gives a few of them)
+UNEXPLORED_IMPRESSIONS = 100.0
+#: the share of the exploration budget sent to layouts leading with an unexplored category
+UNEXPLORED_SHARE = 0.5
+
+
+def unexplored(rates: Mapping[str, Any], names: tuple[str, ...]) -> np.ndarray:
+    """Config indices of the categories a plan's ``calibration`` saw fewer than
+    :data:`UNEXPLORED_IMPRESSIONS` examined impressions of in its window (its ``"seen"``: the
+    impressions it counts also carry earlier measurements and the catalog's prior); none for a
+    calibration that does not say."""
+    seen = [rates.get(c, {}).get("seen") if isinstance(rates.get(c), Mapping) else None for c in names]
+    if any(s is None for s in seen):
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.array([float(np.sum(s)) for s in seen]) < UNEXPLORED_IMPRESSIONS).astype(np.int64)
 
 
 def calibration_rates(rates: Mapping[str, Any], names: tuple[str, ...]) -> np.ndarray:
@@ -1068,7 +1090,15 @@ class DecisionEngine:
         lead = None
         if prefs is not None:
             lead = np.argsort(-prefs, kind="stable")[None, : min(prefs.size, 4)]
-        cand = build_candidates(st.space, tbl, st.prices, lead_categories=lead)
+        target, explore = -1, None
+        if st.unexplored_categories.size and st.config.exploration.budget > 0:
+            # one unexplored category per request (drawn by the request's seed) leads a layout of its
+            # own, unless the user's top categories already lead one with it
+            unx = st.unexplored_categories
+            target = int(unx[seed_of(request_id + "/explore") % unx.size])
+            if lead is None or target not in lead[0]:
+                explore = np.array([target])
+        cand = build_candidates(st.space, tbl, st.prices, lead_categories=lead, explore=explore)
         real = np.flatnonzero(cand.mask[0])
         if real.size == 0:
             raise ValueError("no feasible candidate layout (catalog too small for the modules?)")
@@ -1102,6 +1132,14 @@ class DecisionEngine:
             if shows_new.any():
                 eta = ex.new_category_share
                 pmf = (1.0 - eta) * pmf + eta * shows_new / shows_new.sum()
+        if target >= 0:
+            # part of the exploration budget goes to the layouts leading with the unexplored category
+            # (a category no value-greedy layout shows would otherwise never be learned; the logged
+            # pmf includes it)
+            leads = cand.categories[0, real, 0] == target
+            if leads.any():
+                eta = UNEXPLORED_SHARE * ex.budget
+                pmf = (1.0 - eta) * pmf + eta * leads / leads.sum()
         t5 = clock()
         chosen = int(sample(pmf, seed_of(request_id + "/draw")))
         t6 = clock()

@@ -34,6 +34,7 @@ from ._engine import (
     catalog_prior_rates,
     item_lift,
     repeat_lift,
+    unexplored,
     with_item_lift,
 )
 
@@ -152,9 +153,11 @@ def with_plan_calibration(state: EngineState, plan: PlanRecord | None) -> Engine
         state = replace(state, price_slope=None)
     state = replace(state, forget=plan_forget(solver), shift_map=plan_shift_map(solver, len(state.config.categories)))
     got = solver.get("calibration")
-    if not got:
+    if not got:  # nothing measured yet: no category is singled out as unexplored
+        state = replace(state, unexplored_categories=np.zeros(0, dtype=np.int64))
         return calibrated(state, catalog_prior_rates(state) if state.scorer.name == "popularity" else None)
     names = state.config.category_names
+    state = replace(state, unexplored_categories=unexplored(got, names))
     # the predicted units were summed with the scorer of the plan's time: used only with that scorer
     predicted = calibration_predicted(got, names) if solver.get("calibration_scorer") == state.scorer.name else None
     # each item's lift is over the scores of the plan's scorer, and the groups were calibrated on the

@@ -753,7 +753,9 @@ def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray
         if pred_before is not None:
             p = p + per * pred_before.ravel()
     out: dict[str, dict[str, Any]] = {
-        c: {"head": [float(u[2 * k]), float(i[2 * k])], "tail": [float(u[2 * k + 1]), float(i[2 * k + 1])]}
+        c: {"head": [float(u[2 * k]), float(i[2 * k])], "tail": [float(u[2 * k + 1]), float(i[2 * k + 1])],
+            # what the window itself holds of the category (all traffic; nothing carried or assumed)
+            "seen": [float(i_all[2 * k]), float(i_all[2 * k + 1])]}
         for k, c in enumerate(names)}
     if scorer is not None:
         for k, c in enumerate(names):

@@ -317,3 +317,34 @@ def test_rank_scores_order_the_blocks_and_scores_value_them(seed):
                         assert got.mean_score[u, b, c, r] == pytest.approx(np.average(value[u][block], weights=w))
     with pytest.raises(ValueError, match="rank_scores"):
         block_table(space, value, cat, is_tail, tail, rank_scores=rank[:1])
+
+
+def test_the_explore_variant_leads_with_its_category_and_survives_the_cut(seed):
+    """``explore`` adds one variant per user led by that category: its first slot shows it, the rest is
+    the priced greedy fill after it (the same as a lead variant of that category), and it is kept when
+    the candidates are cut to ``max_candidates`` (here to 2 of 8: greedy and the explore variant)."""
+    rng = np.random.default_rng(seed)
+    space = tiny_space(levels=(0.0,))
+    cat, is_tail, tail = random_pool(rng, P=15)
+    scores = rng.random((2, cat.size))
+    scores[:, cat == 2] *= 0.01  # live is worth nothing: no greedy layout leads with it
+    tbl = block_table(space, scores, cat, is_tail, tail)
+    prices = np.zeros(3)
+    plain = build_candidates(space, tbl, prices, lead_categories=np.zeros((2, 1), dtype=np.int64))
+    assert not (plain.categories[:, :, 0][plain.mask] == 2).any()
+    got = build_candidates(space, tbl, prices, lead_categories=np.zeros((2, 1), dtype=np.int64),
+                           explore=np.array([2, -1]))
+    led = build_candidates(space, tbl, prices, lead_categories=np.array([[0, 2], [0, 0]]))
+    last = got.categories.shape[1] - 1  # one tilt level: the explore variant is the last one
+    assert got.mask[0, last] and got.categories[0, last, 0] == 2
+    np.testing.assert_array_equal(got.categories[0, last], led.categories[0, -1])
+    assert got.value[0, last] == pytest.approx(led.value[0, -1])
+    assert not got.mask[1, last]  # -1 leads nothing: a repeat of the greedy layout
+    cut = build_candidates(space, tbl, prices, lead_categories=np.zeros((2, 1), dtype=np.int64),
+                           explore=np.array([2, 2]), max_candidates=2)
+    assert cut.categories.shape[1] == 2
+    for u in range(2):
+        shown = cut.categories[u][cut.mask[u]]
+        assert (shown[:, 0] == 2).any(), shown
+    with pytest.raises(ValueError, match="explore must have shape"):
+        build_candidates(space, tbl, prices, explore=np.array([5, 0]))

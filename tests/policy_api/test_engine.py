@@ -141,6 +141,52 @@ def test_new_categories_get_their_own_exploration_share(world):
     assert abs(shown / n - expected / n) <= 4 * se  # the draws follow the logged pmf
 
 
+def test_a_category_the_calibration_has_barely_seen_leads_a_layout_on_part_of_the_budget():
+    """Six categories, one worth next to nothing (kids): the engine exploits layouts without it. When the
+    plan's calibration holds fewer than UNEXPLORED_IMPRESSIONS examined impressions of kids,
+    every request offers a layout led by it and sends UNEXPLORED_SHARE of the budget there (the draws
+    follow the logged pmf); with enough impressions, or with the budget at 0, it is left alone."""
+    from policy_api.engine import UNEXPLORED_IMPRESSIONS, UNEXPLORED_SHARE, with_plan_calibration
+    from policy_api.registry import PlanRecord
+
+    cats = ("songs", "videos", "audio", "live", "news", "kids")
+    world = make_world(n_users=100, n_items=1200, seed=1, categories=cats, n_slots=5,
+                       category_value=(1.0, 1.4, 1.2, 2.0, 0.8, 0.05))
+    text = world.default_config_toml()
+    text = text[:text.index("[[constraints]]")] if "[[constraints]]" in text else text
+    cfg = parse_config_text(text)
+    base = build_state(cfg, world_catalog(world), prices=np.zeros(0))
+
+    def engine(kids_impressions: float, budget: float = 0.05) -> DecisionEngine:
+        cal = {c: {"head": [100.0, 1000.0], "tail": [50.0, 1000.0], "seen": [1000.0, 1000.0]} for c in cats}
+        # the counted impressions carry the catalog's prior: the window saw only "seen" of them
+        cal["kids"] = {"head": [1.0, 200.0], "tail": [1.0, 200.0], "seen": [kids_impressions / 2] * 2}
+        plan = PlanRecord(version=1, config_version=1, status="active", prices={}, solver={"calibration": cal})
+        st = with_plan_calibration(base, plan)
+        if budget != cfg.exploration.budget:
+            st = replace(st, config=replace(st.config, exploration=replace(st.config.exploration, budget=budget)))
+        return DecisionEngine(st)
+
+    def run(eng: DecisionEngine, n: int) -> tuple[float, float, int]:
+        led, expected, offered = 0, 0.0, 0
+        for k in range(n):
+            d = eng.decide(f"u{k % 50:05d}", f"unexplored-{k}")
+            first = np.array([c["categories"][0] == "kids" for c in d.candidates])
+            offered += int(first.any())
+            expected += float(np.dot(d.pmf, first))
+            led += d.modules[0]["category"] == "kids"
+        return led / n, expected / n, offered
+
+    n = 1200
+    led, expected, offered = run(engine(UNEXPLORED_IMPRESSIONS / 4), n)
+    assert offered == n and expected >= UNEXPLORED_SHARE * 0.05 - 1e-12
+    assert abs(led - expected) <= 4 * np.sqrt(expected * (1 - expected) / n)  # the draws follow the logged pmf
+    _, seen, _ = run(engine(UNEXPLORED_IMPRESSIONS * 4), 300)
+    assert seen < UNEXPLORED_SHARE * 0.05  # measured enough: only the budget's own share of it
+    led, off, _ = run(engine(UNEXPLORED_IMPRESSIONS / 4, budget=0.0), 300)
+    assert off < 1e-4 and led == 0.0  # no exploration budget, no exploring (the softmax tail only)
+
+
 # ---------------------------------------------------------------------------------------------------
 # the published ranker on the request path: live sequences, the fast path, the response bytes
 

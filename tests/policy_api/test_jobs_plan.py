@@ -211,6 +211,8 @@ def test_plan_carries_the_category_calibration_of_recent_feedback(db, impression
             k_ = min(k, i_all)  # all traffic counts for as much as it has seen, at most
             want_part = [u_cold + k_ * u_all / i_all, i_cold + k_] if i_all > 0 else [u_cold, i_cold]
             assert got[c][part] == pytest.approx(want_part), (c, part)
+        # what the window itself saw of the category, all traffic, nothing carried
+        assert got[c]["seen"] == pytest.approx([every[c]["head"][1], every[c]["tail"][1]]), c
     assert all("predicted" not in got[c] for c in names)  # without a scorer
     assert any(every[c]["tail"][1] > 0 for c in names) and any(every[c]["head"][1] > 0 for c in names)
     assert any(0 < cold[c]["head"][1] < every[c]["head"][1] for c in names)
