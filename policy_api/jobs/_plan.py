@@ -54,6 +54,7 @@ from ..engine import (
     load_catalog,
     load_state,
     with_item_lift,
+    with_plan_calibration,
 )
 from ..errors import InvalidInput, from_infeasible
 from ..log import (
@@ -842,9 +843,19 @@ def plan_calibration(db: Engine, cfg: ConfigRecord, state: EngineState | None = 
 
 def dry_run(db: Engine, config: HomepageConfig, users: np.ndarray, weight: np.ndarray,
             *, what: str = "the config") -> PlanResult:
-    """Plan ``config`` on ``users`` from zero prices without publishing anything."""
+    """Plan ``config`` on ``users`` from zero prices without publishing anything, with what the engine
+    has measured (the category calibration of the active config's newest plan: rates per category
+    and head or tail hold for any config over the same catalog; a projection without them is in the
+    catalog prior's units, which a served page's rewards can be ten times)."""
     cfg = ConfigRecord(version=-1, body="", config=config, status="dry-run")
-    state = replace(load_state(db, cfg), prices=np.zeros(len(config.constraints)))
+    state = load_state(db, cfg)
+    active = registry.active_config(db)
+    plan = None if active is None else registry.latest_plan(db, active.version)
+    solver = {} if plan is None else (plan.solver or {})
+    if solver.get("calibration"):
+        measured = {k: solver[k] for k in ("calibration", "calibration_scorer") if k in solver}
+        state = with_plan_calibration(state, replace(plan, solver=measured))
+    state = replace(state, prices=np.zeros(len(config.constraints)))
     return _solve(state, config, None, users, weight, what=what)
 
 
