@@ -321,10 +321,14 @@ def unexplored(rates: Mapping[str, Any], names: tuple[str, ...]) -> np.ndarray:
     :data:`UNEXPLORED_IMPRESSIONS` examined impressions of in its window (its ``"seen"``: the
     impressions it counts also carry earlier measurements and the catalog's prior); none for a
     calibration that does not say."""
-    seen = [rates.get(c, {}).get("seen") if isinstance(rates.get(c), Mapping) else None for c in names]
-    if any(s is None for s in seen):
-        return np.zeros(0, dtype=np.int64)
-    return np.flatnonzero(np.array([float(np.sum(s)) for s in seen]) < UNEXPLORED_IMPRESSIONS).astype(np.int64)
+    seen: list[float] = []
+    for c in names:
+        r = rates.get(c)
+        got = r.get("seen") if isinstance(r, Mapping) else None
+        if got is None:
+            return np.zeros(0, dtype=np.int64)
+        seen.append(float(np.sum(np.asarray(got, dtype=np.float64))))
+    return np.flatnonzero(np.array(seen) < UNEXPLORED_IMPRESSIONS).astype(np.int64)
 
 
 def calibration_rates(rates: Mapping[str, Any], names: tuple[str, ...]) -> np.ndarray:

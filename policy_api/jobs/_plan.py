@@ -852,8 +852,8 @@ def dry_run(db: Engine, config: HomepageConfig, users: np.ndarray, weight: np.nd
     active = registry.active_config(db)
     plan = None if active is None else registry.latest_plan(db, active.version)
     solver = {} if plan is None else (plan.solver or {})
-    if solver.get("calibration"):
-        measured = {k: solver[k] for k in ("calibration", "calibration_scorer") if k in solver}
+    if plan is not None and solver.get("calibration"):
+        measured: dict[str, Any] = {k: solver[k] for k in ("calibration", "calibration_scorer") if k in solver}
         state = with_plan_calibration(state, replace(plan, solver=measured))
     state = replace(state, prices=np.zeros(len(config.constraints)))
     return _solve(state, config, None, users, weight, what=what)
