@@ -1127,7 +1127,11 @@ class DecisionEngine:
         # the exploited layouts: a softmax of the priced values (near-ties mixed, so each constraint's
         # share moves smoothly with its price), the bandit's pmf budgeted toward each of them
         ok = exploitable(st.space.tilt_levels[cand.tilt[0, real]], np.ones(real.size, dtype=bool), st.space.tail_goal)
-        pmf = serving_pmf(base, exploit_pmf(priced, value, ex.temperature, ok), ex.budget, value=value,
+        # layouts leading with the request's unexplored category get UNEXPLORED_SHARE of the budget (a
+        # category no value-greedy layout shows would otherwise never be learned), the bandit the rest
+        leads = cand.categories[0, real, 0] == target if target >= 0 else np.zeros(real.size, dtype=bool)
+        unx_share = UNEXPLORED_SHARE * ex.budget if leads.any() else 0.0
+        pmf = serving_pmf(base, exploit_pmf(priced, value, ex.temperature, ok), ex.budget - unx_share, value=value,
                           max_value_loss=ex.max_value_loss)
         if ex.new_category_share > 0 and st.new_categories.size:
             # new categories get their own exploration share, on top of the budget: that much traffic
@@ -1136,14 +1140,8 @@ class DecisionEngine:
             if shows_new.any():
                 eta = ex.new_category_share
                 pmf = (1.0 - eta) * pmf + eta * shows_new / shows_new.sum()
-        if target >= 0:
-            # part of the exploration budget goes to the layouts leading with the unexplored category
-            # (a category no value-greedy layout shows would otherwise never be learned; the logged
-            # pmf includes it)
-            leads = cand.categories[0, real, 0] == target
-            if leads.any():
-                eta = UNEXPLORED_SHARE * ex.budget
-                pmf = (1.0 - eta) * pmf + eta * leads / leads.sum()
+        if unx_share > 0:  # the logged pmf includes it
+            pmf = (1.0 - unx_share) * pmf + unx_share * leads / leads.sum()
         t5 = clock()
         chosen = int(sample(pmf, seed_of(request_id + "/draw")))
         t6 = clock()
