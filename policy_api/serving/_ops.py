@@ -321,16 +321,17 @@ def list_config_jobs() -> tuple[Response, int]:
 _AGG_LOCK = threading.Lock()
 
 
-#: how long the first operator read in a worker waits for its aggregate to read the log's window
-#: (the figures of a partly read window would look final: 0 decisions, then 2,000 of 5,000)
-FIRST_READ_WAIT_S = 10.0
+#: how long an operator read waits for its worker's aggregate to read the log's window (the figures of a
+#: partly read window would look final: 0 decisions, then 2,000 of 5,000); the wait holds one of the
+#: worker's request threads, so it is short, happens only until the first pass is done, and the
+#: Prometheus scrape never waits (its share gauges are left out until then)
+FIRST_READ_WAIT_S = 5.0
 
 
-def ops_aggregate(rt: Runtime) -> OpsAggregate:
+def ops_aggregate(rt: Runtime, wait_s: float = FIRST_READ_WAIT_S) -> OpsAggregate:
     """The worker's :class:`OpsAggregate`, started on first use (after the fork, in the worker; a worker
-    that serves no operator page never reads the log for it). The first call waits up to
-    :data:`FIRST_READ_WAIT_S` for its first pass over the window; the answers say whether it is
-    complete (``caught_up``)."""
+    that serves no operator page never reads the log for it). Waits up to ``wait_s`` for its first pass
+    over the window; the answers say whether it is complete (``caught_up``)."""
     ext = current_app.extensions
     agg: OpsAggregate | None = ext.get("homepage_ops")
     if agg is None:
@@ -339,7 +340,8 @@ def ops_aggregate(rt: Runtime) -> OpsAggregate:
             if agg is None:
                 assert rt.db is not None
                 agg = ext["homepage_ops"] = OpsAggregate(rt.db, max_window_s=max_window_s()).start()
-    agg.caught_up.wait(FIRST_READ_WAIT_S)
+    if wait_s > 0:
+        agg.caught_up.wait(wait_s)
     return agg
 
 
@@ -560,10 +562,11 @@ def _gauges(rt: Runtime) -> list[tuple[str, str, dict[str, str], float]]:
     if rt.engine is None or rt.db is None:
         return []
     st = rt.engine.state
-    agg = ops_aggregate(rt)
+    agg = ops_aggregate(rt, wait_s=0.0)  # a scrape never holds a request thread
     window = min(900.0, agg.max_window_s)
     ser = agg.series(st.versions.get("config"), window, n_constraints=len(st.config.constraints))
-    shares = ser.shares()
+    # before the first pass over the window the shares would be those of a part of it: left out
+    shares = ser.shares() if agg.caught_up.is_set() else np.full(len(st.config.constraints), np.nan)
     out: list[tuple[str, str, dict[str, str], float]] = []
     for k, c in enumerate(st.config.constraints):
         lab = {"constraint": c.name}
