@@ -339,6 +339,9 @@ class BackgroundLoop:
         self._store.forget = self._forget
         self._shift = ShiftDetector(recent=loop.shift_window, slots=cfg.config.slots)
         self._shift_read = None
+        # a new config's pages are judged as a young engine's: its plans' calibrations move the predictions
+        # at once (a false shift came 14 s after a rollback)
+        self._shift_basis, self._shift_pages = None, 0
         self._next.pop("plan", None)
 
     # ---- live state ------------------------------------------------------------------------------

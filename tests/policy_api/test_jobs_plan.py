@@ -410,3 +410,16 @@ def test_a_dry_run_projects_with_what_the_engine_has_measured(db):
     assert got.value == pytest.approx(ref.value, rel=1e-9)
     assert got.shares == pytest.approx(ref.shares, rel=1e-9, abs=1e-12)
     assert abs(got.value - fresh) > 1e-3 * abs(fresh)  # measured, not the prior's
+    # a config applied now (another bound) starts with that calibration: the workers serving it predict
+    # with what was measured, as the loop then carries on
+    changed = text.replace("min = 0.1", "min = 0.12")
+    assert changed != text
+    before = load_state(eng)
+    assert before.score_multiplier is not None
+    applied = jobs.apply_config(eng, changed, author="test", note="")
+    new_plan = registry.latest_plan(eng, applied.version)
+    assert new_plan.solver["calibration"] == plan.solver["calibration"]
+    assert new_plan.solver["calibration_scorer"] == plan.solver["calibration_scorer"]
+    served = load_state(eng)
+    assert served.versions["config"] == applied.version
+    np.testing.assert_allclose(served.score_multiplier, before.score_multiplier, rtol=1e-12)
