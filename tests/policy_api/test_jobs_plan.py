@@ -15,7 +15,7 @@ import pytest
 from allocator import long_tail, parse_config_text
 from policy_api import jobs, registry
 from policy_api import log as store
-from policy_api.engine import DecisionEngine, RequestIds, build_state, load_state
+from policy_api.engine import DecisionEngine, EngineState, RequestIds, build_state, load_state
 from policy_api.jobs import pace, refit_valuation
 from policy_api.log import make_engine, upgrade
 from simulator import make_world
@@ -315,6 +315,17 @@ def test_candidate_union_holds_each_layout_once(db):
         np.testing.assert_array_equal(getattr(u, f)[:, : a.value.shape[1]], getattr(a, f))
 
 
+def served_shares(eng, n: int = 300) -> tuple[np.ndarray, EngineState]:
+    """The mean exposure (K,) of the layouts the engine loaded from ``eng`` serves ``n`` new users, and
+    that state."""
+    st = load_state(eng)
+    engine = DecisionEngine(st)
+    ids = RequestIds(b"w")
+    shares = np.mean([np.asarray(d.candidates[d.chosen]["exposure"])
+                      for d in (engine.decide(f"new{r}", ids.issue()) for r in range(n))], axis=0)
+    return shares, st
+
+
 def test_the_applied_plan_holds_on_the_candidates_serving_builds_at_its_prices(tmp_path):
     """A config applied before any traffic is planned on cold users; serving then builds each request's
     candidates around the plan's prices. Solved on the candidates of zero prices alone, the plan of a
@@ -331,11 +342,7 @@ def test_the_applied_plan_holds_on_the_candidates_serving_builds_at_its_prices(t
     eng = make_engine(url)
     store.upsert_items(eng, world_catalog(world).rows())
     jobs.apply_config(eng, text, author="test", note="")
-    st = load_state(eng)
-    engine = DecisionEngine(st)
-    ids = RequestIds(b"w")
-    shares = np.mean([np.asarray(d.candidates[d.chosen]["exposure"])
-                      for d in (engine.decide(f"new{r}", ids.issue()) for r in range(300))], axis=0)
+    shares, st = served_shares(eng)
     lo, hi = st.config.bounds()
     assert np.all(shares >= lo - 0.05) and np.all(shares <= hi + 0.05), dict(zip(st.config.constraint_names, shares, strict=True))
 
@@ -369,11 +376,7 @@ def test_a_floor_no_value_greedy_layout_meets_is_planned_as_the_feasible_config_
     with pytest.raises(Infeasible):
         jobs.check_config(eng, parse_config_text(too_much), users=200)
     jobs.apply_config(eng, floor_cap, author="test", note="")
-    st = load_state(eng)
-    engine = DecisionEngine(st)
-    ids = RequestIds(b"w")
-    shares = np.mean([np.asarray(d.candidates[d.chosen]["exposure"])
-                      for d in (engine.decide(f"new{r}", ids.issue()) for r in range(300))], axis=0)
+    shares, _ = served_shares(eng)
     assert shares[0] >= 0.12 - 0.03 and shares[1] <= 0.1 + 0.03, shares
 
 

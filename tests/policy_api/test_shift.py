@@ -268,6 +268,62 @@ def test_the_live_rate_is_shrunk_toward_the_maps_prior():
     assert rho0.tolist() == pytest.approx([(2.0 + 20 * 0.2) / 30.0, 0.4])
 
 
+def _logged_world(tmp_path, loop_toml: str):
+    """A simulated catalog loaded into a fresh SQLite log with the world's config active (plus the
+    ``[loop]`` lines given): ``(db, catalog, config record)``."""
+    from policy_api import registry
+    from policy_api.log import make_engine, read_catalog_csv, upgrade, upsert_items
+    from simulator import make_world
+
+    world = make_world(n_users=30, n_items=400, seed=0)
+    world.to_catalog_csv(tmp_path / "items.csv")
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    upgrade(url)
+    db = make_engine(url)
+    cat = read_catalog_csv(tmp_path / "items.csv")
+    upsert_items(db, cat.rows())
+    registry.activate_config(db, world.default_config_toml() + "\n[loop]\n" + loop_toml, author="test")
+    return db, cat, registry.active_config(db)
+
+
+def _log_pages(db, cfg, rng: np.random.Generator, n: int, t: float, users: np.ndarray, items: list,
+               rate: np.ndarray, predicted: np.ndarray) -> tuple[int, float]:
+    """Log one page per user in ``users`` (requests r<n>, r<n+1>, ... at t, t + 0.02, ...): random
+    categories per slot, each slot's logged engagement ``predicted[category]``, five impressions of the
+    category's ``items`` and a play of each with the user's ``rate[user, category]``. Returns the next
+    (n, t)."""
+    from datetime import UTC, datetime
+
+    from policy_api.log import insert_decisions, insert_feedback
+
+    config = cfg.config
+    names, S_ = config.category_names, config.slots
+    rows, events = [], []
+    for u in users:
+        rid, ts = f"r{n}", datetime.fromtimestamp(t, tz=UTC)
+        cats = rng.integers(0, len(names), size=S_)
+        rows.append({"request_id": rid, "ts": ts, "user_id": f"u{u}", "context": {}, "policy": "test",
+                     "versions": {"config": cfg.version}, "pmf": [1.0], "chosen": 0, "propensity": 1.0,
+                     "layout": [], "fallback_reason": None,
+                     "candidates": [{"modules": [config.modules[0].id] * S_, "categories": [names[c] for c in cats],
+                                     "tilt": 0.0, "value": 1.0, "score": 1.0, "exposure": [0.0] * len(config.constraints),
+                                     "engagement": predicted[cats].tolist(), "tail": 0.0}]})
+        for s_, c in enumerate(cats):
+            shown = rng.choice(items[c], size=5, replace=False)
+            plays = rng.random(5) < rate[u, c]
+            for j, it in enumerate(shown):
+                events.append({"event_id": f"{rid}:{s_}:{j}", "request_id": rid, "slot": int(s_), "item_id": it,
+                               "type": "impression", "value": None, "ts": ts})
+                if plays[j]:
+                    events.append({"event_id": f"{rid}:{s_}:{j}p", "request_id": rid, "slot": int(s_), "item_id": it,
+                                   "type": "play", "value": None, "ts": ts})
+        n += 1
+        t += 0.02
+    insert_decisions(db, rows)
+    insert_feedback(db, events)
+    return n, t
+
+
 @pytest.mark.slow
 def test_the_loop_finds_a_shift_forgets_and_serving_takes_the_map(tmp_path):
     """The loop's own steps on a real log: 300 users with their own rate per category (the truth) are
@@ -283,31 +339,13 @@ def test_the_loop_finds_a_shift_forgets_and_serving_takes_the_map(tmp_path):
     from policy_api import jobs, registry
     from policy_api.engine import catalog_long_tail, load_state
     from policy_api.live import make_state_store
-    from policy_api.log import (
-        insert_decisions,
-        insert_feedback,
-        make_engine,
-        read_catalog_csv,
-        upgrade,
-        upsert_items,
-    )
     from policy_api.loop import BackgroundLoop
     from policy_api.serving._runtime import live_signals_of
-    from simulator import make_world
 
-    world = make_world(n_users=30, n_items=400, seed=0)
-    world.to_catalog_csv(tmp_path / "items.csv")
-    url = f"sqlite:///{tmp_path / 'log.db'}"
-    upgrade(url)
-    db = make_engine(url)
-    cat = read_catalog_csv(tmp_path / "items.csv")
-    upsert_items(db, cat.rows())
     # a generous state deadline: the read below is the test's reference, not a race with a busy machine
-    registry.activate_config(db, world.default_config_toml() + "\n[loop]\nitem_events = 0\nstate_deadline_ms = 5000\n",
-                             author="test")
-    cfg = registry.active_config(db)
+    db, _, cfg = _logged_world(tmp_path, "item_events = 0\nstate_deadline_ms = 5000\n")
     config = cfg.config
-    names, S = config.category_names, config.slots
+    names = config.category_names
     st0 = load_state(db)
     is_tail, _ = catalog_long_tail(st0.catalog, config)
     head = [[str(i) for i, c, t in zip(st0.catalog.item_ids, st0.item_category, is_tail, strict=True) if c == k and not t]
@@ -327,29 +365,7 @@ def test_the_loop_finds_a_shift_forgets_and_serving_takes_the_map(tmp_path):
     while n < 1800:  # 36 batches of 50 pages, the loop's steps after each
         now_rate = rate if n < 1000 else rate[:, perm]
         pop = now_rate.mean(0) if n < 1000 else rate.mean(0)  # the engine's predictions stay the old ones
-        rows, events = [], []
-        for u in rng.integers(0, n_users, size=50):
-            rid, ts = f"r{n}", datetime.fromtimestamp(t, tz=UTC)
-            cats = rng.integers(0, C, size=S)
-            rows.append({"request_id": rid, "ts": ts, "user_id": f"u{u}", "context": {}, "policy": "test",
-                         "versions": {"config": cfg.version}, "pmf": [1.0], "chosen": 0, "propensity": 1.0,
-                         "layout": [], "fallback_reason": None,
-                         "candidates": [{"modules": [config.modules[0].id] * S, "categories": [names[c] for c in cats],
-                                         "tilt": 0.0, "value": 1.0, "score": 1.0, "exposure": [0.0] * len(config.constraints),
-                                         "engagement": pop[cats].tolist(), "tail": 0.0}]})
-            for s_, c in enumerate(cats):
-                items = rng.choice(head[c], size=5, replace=False)
-                plays = rng.random(5) < now_rate[u, c]
-                for j, it in enumerate(items):
-                    events.append({"event_id": f"{rid}:{s_}:{j}", "request_id": rid, "slot": int(s_), "item_id": it,
-                                   "type": "impression", "value": None, "ts": ts})
-                    if plays[j]:
-                        events.append({"event_id": f"{rid}:{s_}:{j}p", "request_id": rid, "slot": int(s_), "item_id": it,
-                                       "type": "play", "value": None, "ts": ts})
-            n += 1
-            t += 0.02
-        insert_decisions(db, rows)
-        insert_feedback(db, events)
+        n, t = _log_pages(db, cfg, rng, n, t, rng.integers(0, n_users, size=50), head, now_rate, pop)
         loop._live_state()
         _, detail = loop._detect_shift()
         if "population shift" in detail:
@@ -396,28 +412,11 @@ def test_a_young_engines_calibration_is_not_a_shift_but_the_same_jump_without_it
     from datetime import UTC, datetime
 
     from policy_api import registry
-    from policy_api.log import (
-        insert_decisions,
-        insert_feedback,
-        make_engine,
-        read_catalog_csv,
-        upgrade,
-        upsert_items,
-    )
     from policy_api.loop import BackgroundLoop
-    from simulator import make_world
 
-    world = make_world(n_users=30, n_items=400, seed=0)
-    world.to_catalog_csv(tmp_path / "items.csv")
-    url = f"sqlite:///{tmp_path / 'log.db'}"
-    upgrade(url)
-    db = make_engine(url)
-    cat = read_catalog_csv(tmp_path / "items.csv")
-    upsert_items(db, cat.rows())
-    registry.activate_config(db, world.default_config_toml() + "\n[loop]\nitem_events = 0\n", author="test")
-    cfg = registry.active_config(db)
+    db, cat, cfg = _logged_world(tmp_path, "item_events = 0\n")
     config = cfg.config
-    names, S, C = config.category_names, config.slots, len(config.category_names)
+    names = config.category_names
     prices = dict.fromkeys(config.constraint_names, 0.0)
     registry.publish_plan(db, cfg.version, prices, solver={})  # planned before any traffic: no calibration
     items = [[str(i) for i, c in zip(cat.item_ids, cat.category, strict=True) if c == names[k]] for k in range(C)]
@@ -438,28 +437,8 @@ def test_a_young_engines_calibration_is_not_a_shift_but_the_same_jump_without_it
         if n == at and case != "no_calibration":
             registry.publish_plan(db, cfg.version, prices, solver={"calibration": {"songs": {"head": [2.0, 10.0]}}})
             judge()
-        predicted = pop if n < at else 2.0 * pop
-        rows, events = [], []
-        for u in rng.integers(0, 300, size=50):
-            rid, ts = f"r{n}", datetime.fromtimestamp(t, tz=UTC)
-            cats = rng.integers(0, C, size=S)
-            rows.append({"request_id": rid, "ts": ts, "user_id": f"u{u}", "context": {}, "policy": "test",
-                         "versions": {"config": cfg.version}, "pmf": [1.0], "chosen": 0, "propensity": 1.0,
-                         "layout": [], "fallback_reason": None,
-                         "candidates": [{"modules": [config.modules[0].id] * S, "categories": [names[c] for c in cats],
-                                         "tilt": 0.0, "value": 1.0, "score": 1.0, "exposure": [0.0] * len(config.constraints),
-                                         "engagement": predicted[cats].tolist(), "tail": 0.0}]})
-            for s_, c in enumerate(cats):
-                for j, it in enumerate(rng.choice(items[c], size=5, replace=False)):
-                    events.append({"event_id": f"{rid}:{s_}:{j}", "request_id": rid, "slot": int(s_), "item_id": it,
-                                   "type": "impression", "value": None, "ts": ts})
-                    if rng.random() < rate[u, c]:
-                        events.append({"event_id": f"{rid}:{s_}:{j}p", "request_id": rid, "slot": int(s_),
-                                       "item_id": it, "type": "play", "value": None, "ts": ts})
-            n += 1
-            t += 0.02
-        insert_decisions(db, rows)
-        insert_feedback(db, events)
+        n, t = _log_pages(db, cfg, rng, n, t, rng.integers(0, 300, size=50), items, rate,
+                          pop if n < at else 2.0 * pop)
         if "population shift" in judge() and found is None:
             found = n
     if case == "first_calibration":
