@@ -105,6 +105,11 @@ class Exploration:
     #: :func:`allocator.exploit_pmf`): near-ties are mixed, so each share is a smooth function of its
     #: price and pacing can hold it; 0 serves the argmax
     temperature: float = 0.02
+    #: the chance that a served module whose category holds new items (added to the catalog after
+    #: serving began, not yet measured) shows one of them in place of its last item of the same kind
+    new_item_share: float = 0.1
+    #: an item stops being new this many days after it was added, measured or not
+    new_item_days: float = 7.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +303,8 @@ class HomepageConfig:
                 "algorithm": self.exploration.algorithm,
                 "new_category_share": self.exploration.new_category_share,
                 "temperature": self.exploration.temperature,
+                "new_item_share": self.exploration.new_item_share,
+                "new_item_days": self.exploration.new_item_days,
             },
             "learning": {
                 "reward_window_s": self.learning.reward_window_s,
@@ -553,7 +560,8 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> HomepageConf
             constraints.append(Constraint(name, kind, lo, hi, cat, mod))
 
     ex = ck.table(raw, "exploration", "exploration", required=False)
-    ck.unknown(ex, {"budget", "max_value_loss", "algorithm", "new_category_share", "temperature"}, "exploration")
+    ck.unknown(ex, {"budget", "max_value_loss", "algorithm", "new_category_share", "temperature", "new_item_share",
+                    "new_item_days"}, "exploration")
     budget = ck.number(ex, "budget", "exploration.budget", default=0.05, low=0.0, high=1.0)
     mvl = (ck.number(ex, "max_value_loss", "exploration.max_value_loss", default=None, low=0.0, high=1.0)
            if "max_value_loss" in ex else None)
@@ -562,8 +570,13 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> HomepageConf
     ncs = ck.number(ex, "new_category_share", "exploration.new_category_share", default=0.0,
                     low=0.0, high=1.0)
     temp = ck.number(ex, "temperature", "exploration.temperature", default=0.02, low=0.0, high=1.0)
+    dex = Exploration()
+    nis = ck.number(ex, "new_item_share", "exploration.new_item_share", default=dex.new_item_share, low=0.0,
+                    high=1.0)
+    nid = ck.number(ex, "new_item_days", "exploration.new_item_days", default=dex.new_item_days, low=0.0)
     exploration = Exploration(0.05 if budget is None else budget, mvl, algo or "epsilon", ncs or 0.0,
-                              0.1 if temp is None else temp)
+                              0.1 if temp is None else temp, dex.new_item_share if nis is None else nis,
+                              dex.new_item_days if nid is None else nid)
 
     le = ck.table(raw, "learning", "learning", required=False)
     ck.unknown(le, set(Learning.__dataclass_fields__), "learning")

@@ -9,6 +9,7 @@ from ._engine import (
     CALIBRATION_PRIOR,
     ITEM_LIFT_PRIOR,
     LIVE_PRIOR_IMPRESSIONS,
+    NEW_ITEM_IMPRESSIONS,
     SKIP_DEMOTION,
     UNEXPLORED_IMPRESSIONS,
     UNEXPLORED_SHARE,
@@ -33,9 +34,12 @@ from ._engine import (
     item_lift,
     item_lift_of,
     live_rate_factors,
+    measured_items,
     repeat_lift,
+    swap_in_new_items,
     unexplored,
     with_item_lift,
+    with_new_items,
 )
 from ._features import layout_features, shared_features
 from ._ids import RequestIds, load_secret, seed_of
@@ -45,6 +49,8 @@ from ._state import (
     load_catalog,
     load_state,
     ranker_scorer,
+    serving_since,
+    with_fresh_items,
     with_plan_calibration,
 )
 
@@ -90,4 +96,10 @@ __all__ = [
     "seed_of",
     "shared_features",
     "with_plan_calibration",
+    "NEW_ITEM_IMPRESSIONS",
+    "measured_items",
+    "serving_since",
+    "swap_in_new_items",
+    "with_fresh_items",
+    "with_new_items",
 ]

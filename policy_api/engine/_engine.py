@@ -46,7 +46,7 @@ from ._features import layout_features, shared_features
 from ._ids import seed_of
 
 __all__ = ["CALIBRATION_PRIOR", "ITEM_LIFT_PRIOR", "ITEM_LIFT_RANGE", "curve_rate", "head_first", "item_lift", "item_lift_of", "with_item_lift", "REPEAT_LIFT_RANGE", "repeat_lift", "SKIP_DEMOTION", "calibrated", "calibration_rates", "category_calibration", "group_calibration", "Decision", "DecisionEngine", "EngineState", "LiveSignals", "Scorer", "ScorerHandle",
-           "build_state"]
+           "NEW_ITEM_IMPRESSIONS", "build_state", "measured_items", "swap_in_new_items", "with_new_items"]
 
 log = logging.getLogger("homepage.engine")
 
@@ -307,6 +307,13 @@ class EngineState:
     # what a user's category rates before that shift say about them now (fitted by the loop on the users
     # seen since); None: not fitted, the user's new evidence is shrunk toward the population's rates
     shift_map: ShiftMap | None = None
+    # catalog rows of the items added to the catalog after serving began, and when (epoch seconds)
+    fresh_items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    fresh_added: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # those of them not yet measured (the plan's calibration holds fewer than NEW_ITEM_IMPRESSIONS of each):
+    # a served module of their category shows one of them now and then (see :func:`swap_in_new_items`)
+    new_items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    new_added: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 #: a category with fewer examined impressions than this in the plan's calibration window is unexplored:
@@ -314,6 +321,86 @@ class EngineState:
 UNEXPLORED_IMPRESSIONS = 100.0
 #: the share of the exploration budget sent to layouts leading with an unexplored category
 UNEXPLORED_SHARE = 0.5
+#: a new item stops being explored once the plan's calibration holds this many examined impressions of it
+#: (its own rate then outweighs its category's curve two to one, see :data:`ITEM_LIFT_PRIOR`)
+NEW_ITEM_IMPRESSIONS = 100.0
+
+
+def measured_items(rates: Mapping[str, Any], names: tuple[str, ...], index: Mapping[str, int],
+                   at_least: float = NEW_ITEM_IMPRESSIONS) -> np.ndarray:
+    """Catalog rows of the items a plan's ``calibration`` measured on at least ``at_least`` examined
+    impressions (their ``"items"`` exposure; ids not in the catalog are left out).
+
+    Examples
+    --------
+    >>> r = {"a": {"items": {"ids": ["x", "y", "gone"], "exposure": [150.0, 20.0, 500.0]}}}
+    >>> measured_items(r, ("a",), {"x": 0, "y": 1}).tolist()
+    [0]
+    """
+    rows: list[int] = []
+    for c in names:
+        r = rates.get(c)
+        got = r.get("items") if isinstance(r, Mapping) else None
+        if not isinstance(got, Mapping) or "ids" not in got or "exposure" not in got:
+            continue
+        exposure = np.asarray(got["exposure"], dtype=np.float64)
+        ids = [str(i) for i, e in zip(got["ids"], exposure.tolist(), strict=True) if e >= at_least]
+        rows.extend(k for k in (index.get(i, -1) for i in ids) if k >= 0)
+    return np.unique(np.array(rows, dtype=np.int64))
+
+
+def with_new_items(state: EngineState, rates: Mapping[str, Any] | None) -> EngineState:
+    """``state`` with its new items: the fresh ones (added after serving began) that ``rates`` (a plan's
+    calibration; None: nothing measured) does not hold :data:`NEW_ITEM_IMPRESSIONS` of yet."""
+    keep = np.ones(state.fresh_items.size, dtype=bool)
+    if rates and state.fresh_items.size:
+        done = measured_items(rates, state.config.category_names, state.catalog.index_of())
+        keep = ~np.isin(state.fresh_items, done)
+    return replace(state, new_items=state.fresh_items[keep], new_added=state.fresh_added[keep])
+
+
+def swap_in_new_items(state: EngineState, shown: list[np.ndarray], categories: np.ndarray,
+                      rng: np.random.Generator, now: float) -> tuple[list[np.ndarray], list[int]]:
+    """The catalog rows each slot shows (``shown``, one array per slot; ``categories`` their config
+    category), with new items explored: each module whose category holds a new item (added after serving
+    began, unmeasured, younger than ``[exploration] new_item_days``) shows, with chance ``[exploration]
+    new_item_share``, one of them (drawn uniformly, never twice on a page) in place of its last item of
+    the same kind (head or long tail, where the config bounds the long tail's share, so the page's
+    long-tail exposure is the one its layout was priced with). Returns the rows and the items swapped in.
+
+    A new item's score rests on its category's curve at its popularity: a value-greedy module never
+    shows it, so it would never be measured. Once the plan's calibration holds
+    :data:`NEW_ITEM_IMPRESSIONS` of it, its own rate (:func:`item_lift`) decides where it goes.
+    """
+    ex = state.config.exploration
+    if not state.new_items.size or ex.new_item_share <= 0:
+        return shown, []
+    alive = state.new_items[(now - state.new_added) < ex.new_item_days * 86400.0]
+    if not alive.size:
+        return shown, []
+    S = len(shown)
+    hit = rng.random(S) < ex.new_item_share
+    pick = rng.random(S)
+    cat = state.item_category[alive]
+    out = list(shown)
+    used = np.concatenate(shown) if S else np.zeros(0, dtype=np.int64)
+    swapped: list[int] = []
+    match_kind = state.space.tail_goal
+    for s in np.flatnonzero(hit).tolist():
+        row = shown[s]
+        free = alive[(cat == int(categories[s])) & ~np.isin(alive, used)]
+        if not free.size or not row.size:
+            continue
+        j = int(free[min(int(pick[s] * free.size), free.size - 1)])
+        same = np.flatnonzero(state.is_tail[row] == state.is_tail[j]) if match_kind else np.arange(row.size)
+        if not same.size:
+            continue
+        row = row.copy()
+        row[same[-1]] = j
+        out[s] = row
+        used = np.append(used, j)
+        swapped.append(j)
+    return out, swapped
 
 
 def unexplored(rates: Mapping[str, Any], names: tuple[str, ...]) -> np.ndarray:
@@ -1152,9 +1239,13 @@ class DecisionEngine:
         beta = float(st.space.tilt_levels[cand.tilt[0, lc]])
         modules = []
         item_ids = st.catalog.id_list()
+        rows = [pool[p] for p in shown]
+        fresh: list[int] = []
+        if st.new_items.size:
+            rows, fresh = swap_in_new_items(st, rows, cand.categories[0, lc], rng, time.time())
         for s in range(st.space.n_slots):
             m = cfg.modules[int(cand.modules[0, lc, s])]
-            items = pool[shown[s]]
+            items = rows[s]
             modules.append({"slot": s, "module_id": m.id, "category": m.category, "tilt": beta,
                             "items": [{"item_id": item_ids[i], "long_tail": t}
                                       for i, t in zip(items.tolist(), st.is_tail[items].tolist(), strict=True)]})
@@ -1177,6 +1268,8 @@ class DecisionEngine:
                     "live": "none" if live is None else live.status})
         if offset is not None and offset.any():
             ctx["price_offset"] = r6(offset)
+        if fresh:
+            ctx["new_items"] = [item_ids[i] for i in fresh]
         t7 = clock()
         return Decision(request_id, user_id, time.time(), policy, dict(st.versions), ctx, candidates,
                         pmf.tolist(), chosen, float(pmf[chosen]), modules,

@@ -22,7 +22,7 @@ from .. import registry
 from ..errors import InvalidInput, NotReady
 from ..live._state import Forget
 from ..live._transfer import ShiftMap
-from ..log import Catalog, items, load_items, reading
+from ..log import Catalog, decisions, items, load_items, reading
 from ..registry import ConfigRecord, ModelRecord, PlanRecord
 from ._engine import (
     EngineState,
@@ -36,9 +36,11 @@ from ._engine import (
     repeat_lift,
     unexplored,
     with_item_lift,
+    with_new_items,
 )
 
-__all__ = ["catalog_signature", "load_bandit", "load_catalog", "load_state", "ranker_scorer", "with_plan_calibration"]
+__all__ = ["catalog_signature", "load_bandit", "load_catalog", "load_state", "ranker_scorer", "serving_since",
+           "with_fresh_items", "with_plan_calibration"]
 
 log = logging.getLogger("homepage.engine")
 
@@ -111,7 +113,26 @@ def load_state(db: Engine, config: ConfigRecord | None = None, *, catalog: Catal
             log.exception("ranker version %s could not be loaded; serving popularity", ranker.version)
     bandit, versions["bandit"] = load_bandit(db)
     state = build_state(cfg.config, catalog, scorer=scorer, prices=prices, bandit=bandit, versions=versions)
-    return with_plan_calibration(state, plan)
+    return with_plan_calibration(with_fresh_items(state, serving_since(db)), plan)
+
+
+def serving_since(db: Engine) -> float | None:
+    """When the first logged decision was made (epoch seconds); None before any."""
+    with reading(db) as conn:
+        first = conn.execute(sa.select(sa.func.min(decisions.c.ts))).scalar()
+    return None if first is None else first.timestamp()
+
+
+def with_fresh_items(state: EngineState, since: float | None) -> EngineState:
+    """``state`` with its fresh items: the served items its catalog records as added after ``since``
+    (when serving began; None: not yet, and no item is fresh). The items of the catalog serving began
+    with are not: the engine measures those from the start, in its pool's draw."""
+    added = state.catalog.added_at
+    if since is None or added is None:
+        rows = np.zeros(0, dtype=np.int64)
+    else:
+        rows = np.flatnonzero((added > since) & (state.item_category >= 0))  # NaN (not recorded) is not fresh
+    return replace(state, fresh_items=rows, fresh_added=np.zeros(0) if added is None else added[rows])
 
 
 def plan_forget(solver: dict[str, Any]) -> Forget | None:
@@ -153,6 +174,7 @@ def with_plan_calibration(state: EngineState, plan: PlanRecord | None) -> Engine
         state = replace(state, price_slope=None)
     state = replace(state, forget=plan_forget(solver), shift_map=plan_shift_map(solver, len(state.config.categories)))
     got = solver.get("calibration")
+    state = with_new_items(state, got or None)
     if not got:  # nothing measured yet: no category is singled out as unexplored
         state = replace(state, unexplored_categories=np.zeros(0, dtype=np.int64))
         return calibrated(state, catalog_prior_rates(state) if state.scorer.name == "popularity" else None)

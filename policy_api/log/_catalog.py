@@ -33,6 +33,9 @@ class Catalog:
     popularity : (n_items,) float64
     features : (n_items, n_features) float64
     feature_names : tuple of str
+    added_at : (n_items,) float64 or None
+        When each item entered the catalog, seconds since the epoch (NaN where not recorded); None for
+        a catalog not read from the database.
     """
 
     item_ids: np.ndarray
@@ -40,6 +43,7 @@ class Catalog:
     popularity: np.ndarray
     features: np.ndarray
     feature_names: tuple[str, ...]
+    added_at: np.ndarray | None = None
 
     @property
     def n_items(self) -> int:
@@ -79,12 +83,17 @@ class Catalog:
     def from_arrays(cls, cols: dict[str, Any]) -> Catalog:
         """From ``store.load_items`` (features are positional; names are not stored in the log)."""
         feats = np.asarray(cols["features"], dtype=np.float64)
+        added = cols.get("added_at")
+        if added is not None:
+            t = np.asarray(added, dtype="datetime64[us]")
+            added = np.where(np.isnat(t), np.nan, t.astype(np.int64) / 1e6)
         return cls(
             item_ids=np.asarray(cols["item_ids"], dtype=object),
             category=np.asarray(cols["category"], dtype=object),
             popularity=np.asarray(cols["popularity"], dtype=np.float64),
             features=feats,
             feature_names=tuple(f"f{k}" for k in range(feats.shape[1])),
+            added_at=added,
         )
 
 

@@ -537,7 +537,8 @@ def feedback_first_seen(bind: Bind, since: datetime | None = None, until: dateti
 def upsert_items(bind: Bind, rows: Iterable[Mapping[str, Any]]) -> int:
     """Insert or update catalog items (``item_id``, ``category``, ``popularity``, ``features``).
 
-    ``features`` is a list of floats (or a 1-d array); ``updated_at`` defaults to now.
+    ``features`` is a list of floats (or a 1-d array); ``updated_at`` defaults to now, and so does
+    ``added_at`` for an item not in the catalog yet (an update keeps the item's ``added_at``).
     Returns the number of rows sent.
     """
     now = utcnow()
@@ -546,6 +547,8 @@ def upsert_items(bind: Bind, rows: Iterable[Mapping[str, Any]]) -> int:
         row = {c.name: r.get(c.name) for c in items.columns}
         if row["updated_at"] is None:
             row["updated_at"] = now
+        if row["added_at"] is None:
+            row["added_at"] = row["updated_at"]
         batch.append(row)
     if batch:
         with begin(bind) as conn:
@@ -566,7 +569,8 @@ def load_items(bind: Bind) -> dict[str, Any]:
     dict
         ``item_ids`` (n_items,) object, ``category`` (n_items,) object, ``popularity`` (n_items,)
         float64, ``features`` (n_items, n_features) float64 (``n_features = 0`` when no item has
-        features), ``updated_at`` (n_items,) datetime64[us] UTC.
+        features), ``updated_at`` and ``added_at`` (n_items,) datetime64[us] UTC (``added_at`` NaT for
+        items loaded before it was recorded).
 
     Raises
     ------
@@ -577,7 +581,7 @@ def load_items(bind: Bind) -> dict[str, Any]:
         cols = _read_columns(
             conn,
             items,
-            ["item_id", "category", "popularity", "features", "updated_at"],
+            ["item_id", "category", "popularity", "features", "updated_at", "added_at"],
             [],
             [items.c.item_id],
             10_000,
@@ -588,13 +592,14 @@ def load_items(bind: Bind) -> dict[str, Any]:
         sizes = sorted({-1 if f is None else len(f) for f in feats})
         raise ValueError(f"items.features must have one length for every item; got lengths {sizes}")
     n_features = lengths.pop() if lengths else 0
-    features = np.array(feats, dtype=np.float64).reshape(len(feats), n_features)
+    features = np.array(feats, dtype=np.float64).reshape(len(feats), n_features) if n_features else np.zeros((len(feats), 0))
     return {
         "item_ids": cols["item_id"],
         "category": cols["category"],
         "popularity": cols["popularity"],
         "features": features,
         "updated_at": cols["updated_at"],
+        "added_at": cols["added_at"],
     }
 
 

@@ -206,6 +206,8 @@ items = sa.Table(
     sa.Column("popularity", sa.Double(), nullable=False),
     sa.Column("features", _json(), nullable=True),
     sa.Column("updated_at", UTCDateTime(), nullable=False),
+    # when the item first entered the catalog (a reload keeps it; NULL for items older than migration 0007)
+    sa.Column("added_at", UTCDateTime(), nullable=True),
 )
 
 configs = sa.Table(

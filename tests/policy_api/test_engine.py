@@ -187,6 +187,103 @@ def test_a_category_the_calibration_has_barely_seen_leads_a_layout_on_part_of_th
     assert off < 1e-4 and led == 0.0  # no exploration budget, no exploring (the softmax tail only)
 
 
+def _with_new_items(world, names_per_category: int = 3, share: float | None = None, days: float | None = None):
+    """The world's engine state with the least popular items of songs and live added an hour ago, an
+    hour after serving began (and the catalog's other items before it), and those new items."""
+    import time
+
+    from policy_api.engine import with_fresh_items, with_plan_calibration
+
+    text = world.default_config_toml()
+    if share is not None or days is not None:
+        extra = "".join(f"\n{k} = {v}" for k, v in (("new_item_share", share), ("new_item_days", days)) if v is not None)
+        text = text.replace("[exploration]", f"[exploration]{extra}")
+    cfg = parse_config_text(text)
+    cat = world_catalog(world)
+    now = time.time()
+    added = np.full(cat.n_items, now - 86400.0)
+    new = []
+    for c in ("songs", "live"):
+        rows = np.flatnonzero(cat.category == c)
+        new.extend(rows[np.argsort(cat.popularity[rows], kind="stable")[:names_per_category]].tolist())
+    added[new] = now - 3600.0
+    st = build_state(cfg, replace(cat, added_at=added), prices=np.array([0.5, 0.3]))
+    return with_plan_calibration(with_fresh_items(st, now - 7200.0), None), np.array(sorted(new))
+
+
+def test_new_items_are_shown_in_place_of_a_modules_last_item_of_their_kind(world):
+    """Items added after serving began and not yet measured: a served module of their category shows one
+    of them with chance ``new_item_share``, in place of its last item of the same kind (with a long-tail
+    bound: a long-tail item for a long-tail one, so the page's long-tail exposure is what its layout was
+    priced with), never one twice on a page. Without it (share 0) these items, the least popular of their
+    categories, are never shown at all."""
+    assert _with_new_items(world)[0].config.exploration.new_item_share == 0.1  # the default
+    st, new = _with_new_items(world, share=0.3)
+    assert st.space.tail_goal and sorted(st.new_items.tolist()) == new.tolist() and st.is_tail[new].all()
+    q = st.config.exploration.new_item_share
+    ids = st.catalog.id_list()
+    new_ids = {ids[i] for i in new}
+    cat_of = {ids[i]: str(st.catalog.category[i]) for i in new}
+    eng = DecisionEngine(st)
+    n, eligible, swapped, seen = 1500, 0, 0, set()
+    for k in range(n):
+        d = eng.decide(f"u{k % 50:05d}", f"new-items-{k}")
+        on_page: dict[str, int] = {}
+        page = []
+        for m in d.modules:
+            items = [it["item_id"] for it in m["items"]]
+            page += items
+            assert len(items) == st.config.items_per_module
+            fresh = [j for j, i in enumerate(items) if i in new_ids]
+            assert len(fresh) <= 1
+            tails = [j for j, it in enumerate(m["items"]) if it["long_tail"]]
+            # eligible: a module of a category with a new item not yet on the page, showing a long-tail item
+            # (the swap keeps the module's long-tail count, so this reads the same before and after it)
+            if m["category"] in ("songs", "live") and tails and on_page.get(m["category"], 0) < 3:
+                eligible += 1
+                if fresh:
+                    swapped += 1
+                    assert fresh[0] == tails[-1]  # the module's last long-tail item
+                    on_page[m["category"]] = on_page.get(m["category"], 0) + 1
+                    assert cat_of[items[fresh[0]]] == m["category"]
+            else:
+                assert not fresh
+        assert len(page) == len(set(page))
+        logged = [i for i in page if i in new_ids]
+        assert d.context.get("new_items", []) == logged
+        seen.update(logged)
+    assert eligible > 150
+    assert abs(swapped / eligible - q) <= 4 * np.sqrt(q * (1 - q) / eligible)
+    assert seen == new_ids  # every new item was drawn
+
+    # share 0: the same items are never shown; a week-old item is no longer new
+    for share, days in ((0.0, None), (None, 1.0 / 48)):  # 30 minutes: the items came an hour ago
+        quiet, _ = _with_new_items(world, share=share, days=days)
+        eng = DecisionEngine(quiet)
+        for k in range(300):
+            d = eng.decide(f"u{k % 50:05d}", f"new-items-{k}")
+            assert not {it["item_id"] for m in d.modules for it in m["items"]} & new_ids
+            assert "new_items" not in d.context
+
+
+def test_a_new_item_the_calibration_has_measured_is_new_no_more(world):
+    """A plan whose calibration holds NEW_ITEM_IMPRESSIONS examined impressions of a new item takes it off
+    the new items (its own rate now places it); one with fewer keeps it."""
+    from policy_api.engine import NEW_ITEM_IMPRESSIONS, measured_items, with_new_items
+
+    st, new = _with_new_items(world)
+    ids = st.catalog.id_list()
+    songs = [ids[i] for i in new if st.catalog.category[i] == "songs"]
+    cal = {"songs": {"items": {"ids": songs + ["not-in-the-catalog"],
+                               "exposure": [NEW_ITEM_IMPRESSIONS, NEW_ITEM_IMPRESSIONS - 1, 0.0, 1e6]}}}
+    assert measured_items(cal, st.config.category_names, st.catalog.index_of()).tolist() == [
+        st.catalog.index_of()[songs[0]]]
+    after = with_new_items(st, cal)
+    assert sorted(after.new_items.tolist()) == sorted(set(new.tolist()) - {st.catalog.index_of()[songs[0]]})
+    assert after.fresh_items.tolist() == st.fresh_items.tolist()  # fresh stays: a later plan decides again
+    assert sorted(with_new_items(after, None).new_items.tolist()) == new.tolist()
+
+
 # ---------------------------------------------------------------------------------------------------
 # the published ranker on the request path: live sequences, the fast path, the response bytes
 

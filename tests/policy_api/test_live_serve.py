@@ -12,7 +12,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from .test_api import Server
+from .test_api import Server, homepage
 
 
 @pytest.mark.slow
@@ -83,5 +83,57 @@ def test_serve_plans_first_and_personalises_from_live_feedback(tmp_path):
         # the user's preference for that category went up from the population's share (and sums to 1)
         assert ctx[-1]["live"] == "hit"
         assert after[k] > before[k] + 0.2 and abs(after.sum() - 1.0) < 1e-9
+    finally:
+        assert srv.stop() == 0
+
+
+@pytest.mark.slow
+def test_items_loaded_while_serving_are_shown(tmp_path):
+    """A catalog grows while `homepage serve` runs: items loaded after serving began, the least popular
+    of their category (so no value-greedy module would ever show them), are shown by the next pages.
+    With `new_item_share = 1` every live module showing a long-tail item shows exactly one of them, as
+    its last long-tail item, and never one twice on a page; the modules of other categories none."""
+    srv = Server(tmp_path)
+    try:
+        for k in range(20):
+            requests.get(srv.url + "/layout", params={"user_id": f"u{k}"}, timeout=5).raise_for_status()
+        text = srv.config.read_text().replace("[exploration]", "[exploration]\nnew_item_share = 1.0")
+        applied = tmp_path / "applied.toml"
+        applied.write_text(text)
+        homepage("config", "apply", str(applied), env=srv.env)
+        deadline = time.time() + 20
+        while srv.count("decisions") == 0 and time.time() < deadline:
+            time.sleep(0.2)
+        assert srv.count("decisions") > 0
+        new_ids = ["fresh-live-1", "fresh-live-2"]
+        fresh = tmp_path / "fresh.csv"
+        header = (tmp_path / "items.csv").read_text().splitlines()[0]
+        n_features = len(header.split(",")) - 3
+        fresh.write_text(header + "\n" + "".join(f"{i},live,0.0{',0.0' * n_features}\n" for i in new_ids))
+        homepage("catalog", "load", str(fresh), "--config", str(applied), env=srv.env)
+        pages, k = [], 0
+        deadline = time.time() + 20
+        while time.time() < deadline and len(pages) < 150:
+            body = requests.get(srv.url + "/layout", params={"user_id": f"v{k % 40}"}, timeout=5).json()
+            k += 1
+            if body["versions"]["config"] is not None and (pages or any(
+                    it["item_id"] in new_ids for m in body["modules"] for it in m["items"])):
+                pages.append(body)  # from the first page that shows one (both workers reloaded by then)
+        assert len(pages) >= 100, "the new items were never shown"
+        eligible, shown_ids = 0, set()
+        for body in pages[20:]:  # both workers have reloaded the catalog by now
+            page = [it["item_id"] for m in body["modules"] for it in m["items"]]
+            assert len(page) == len(set(page))
+            for m in body["modules"]:
+                items = [it["item_id"] for it in m["items"]]
+                fresh_at = [j for j, i in enumerate(items) if i in new_ids]
+                tails = [j for j, it in enumerate(m["items"]) if it["long_tail"]]
+                if m["category"] != "live":
+                    assert not fresh_at
+                elif tails and len(shown_ids & set(page)) < len(new_ids):
+                    eligible += 1
+                    assert len(fresh_at) == 1 and fresh_at[0] == tails[-1], m
+                shown_ids.update(items[j] for j in fresh_at)
+        assert eligible >= 10 and shown_ids == set(new_ids)
     finally:
         assert srv.stop() == 0

@@ -40,6 +40,7 @@ from policy_api.log import (
     feedback,
     insert_decisions,
     insert_feedback,
+    items,
     load_items,
     make_engine,
     metadata,
@@ -289,7 +290,7 @@ def test_migrations_upgrade_check_downgrade(database_url, tmp_path, monkeypatch)
         with eng.connect() as conn:
             insp = sa.inspect(conn)
             assert set(insp.get_table_names()) == LOG_TABLES | {"alembic_version"}
-            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0006"
+            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0007"
             mc = MigrationContext.configure(conn, opts={"compare_type": True})
             assert compare_metadata(mc, metadata) == []  # `alembic check`
             # the comparison is not vacuous: a column the DB lacks is reported
@@ -458,6 +459,46 @@ def test_items_upsert_and_load(engine):
     upsert_items(engine, [{"item_id": "i3", "category": "live", "popularity": 1.0, "features": [1.0]}])
     with pytest.raises(ValueError, match=r"items.features must have one length for every item; got lengths \[1, 2\]"):
         load_items(engine)
+
+
+def test_an_items_added_at_is_set_once_and_kept_by_a_reload(engine):
+    """``added_at`` is when the item first entered the catalog: a later load of the same item (a new
+    popularity, a new ``updated_at``) keeps it, a new item gets its load's time."""
+    first = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    second = datetime(2026, 1, 2, 12, tzinfo=UTC)
+    upsert_items(engine, [{"item_id": "a", "category": "songs", "popularity": 1.0, "updated_at": first}])
+    upsert_items(engine, [{"item_id": "a", "category": "songs", "popularity": 9.0, "updated_at": second},
+                          {"item_id": "b", "category": "songs", "popularity": 2.0, "updated_at": second}])
+    cat = load_items(engine)
+    assert list(cat["item_ids"]) == ["a", "b"]
+    assert cat["updated_at"].tolist() == [to_us(second), to_us(second)]
+    assert cat["added_at"].tolist() == [to_us(first), to_us(second)]
+
+
+def test_migration_0007_leaves_the_items_before_it_without_an_added_at(database_url):
+    """Items loaded before revision 0007 read ``added_at`` NaT (nothing tells when they came, so no
+    item is taken for new); items loaded after it get theirs; a downgrade drops the column and keeps
+    every item."""
+    upgrade(database_url, "0006")
+    eng = make_engine(database_url)
+    try:
+        t0 = datetime(2026, 3, 1, tzinfo=UTC)
+        before = sa.Table("items", sa.MetaData(), *(c._copy() for c in items.columns if c.name != "added_at"))
+        with eng.begin() as conn:  # the catalog as revision 0006 wrote it
+            conn.execute(sa.insert(before), [{"item_id": "old", "category": "songs", "popularity": 1.0,
+                                              "features": [], "updated_at": t0}])
+        upgrade(eng)
+        upsert_items(eng, [{"item_id": "new", "category": "songs", "popularity": 2.0, "features": [], "updated_at": t0}])
+        cat = load_items(eng)
+        assert list(cat["item_ids"]) == ["new", "old"]
+        assert np.isnat(cat["added_at"][1]) and cat["added_at"][0] == to_us(t0)
+        downgrade(eng, "0006")
+        with eng.connect() as conn:
+            assert "added_at" not in {c["name"] for c in sa.inspect(conn).get_columns("items")}
+            assert conn.execute(sa.text("SELECT count(*) FROM items")).scalar_one() == 2
+        upgrade(eng)
+    finally:
+        eng.dispose()
 
 
 # ---------------------------------------------------------------------------------------- LogWriter
