@@ -45,6 +45,7 @@ from ._features import layout_features, shared_features
 from ._ids import RequestIds, load_secret, seed_of
 from ._state import (
     catalog_signature,
+    fresh_rows,
     load_bandit,
     load_catalog,
     load_state,
@@ -99,6 +100,7 @@ __all__ = [
     "NEW_ITEM_IMPRESSIONS",
     "measured_items",
     "serving_since",
+    "fresh_rows",
     "swap_in_new_items",
     "with_fresh_items",
     "with_new_items",

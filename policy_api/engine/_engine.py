@@ -569,12 +569,12 @@ def item_lift(rates: Mapping[str, Any], state: EngineState, prior: float = ITEM_
     score = np.zeros(state.item_category.size)
     score[items] = np.asarray(state.scorer.score(-1, items), dtype=np.float64)
     return item_lift_of(rates, state.config.category_names, state.catalog.index_of(), state.item_category,
-                        state.is_tail, state.catalog.popularity, score, prior)
+                        state.is_tail, state.catalog.popularity, score, prior, uncapped=state.fresh_items)
 
 
 def item_lift_of(rates: Mapping[str, Any], names: tuple[str, ...], index: Mapping[str, int],
                  item_category: np.ndarray, is_tail: np.ndarray, popularity: np.ndarray, score: np.ndarray,
-                 prior: float = ITEM_LIFT_PRIOR) -> np.ndarray | None:
+                 prior: float = ITEM_LIFT_PRIOR, uncapped: np.ndarray | None = None) -> np.ndarray | None:
     """(n_items,) what each catalog item earns over what a scorer says (``score``: its scores for a user
     it knows nothing of), from a plan's calibration (per category, ``"items": {"ids", "units",
     "exposure", "curve", "scale"}``, see ``jobs.item_rates``).
@@ -591,6 +591,10 @@ def item_lift_of(rates: Mapping[str, Any], names: tuple[str, ...], index: Mappin
     on the lifted scores. Bounded to :data:`ITEM_LIFT_RANGE` (an item earns at most 4 times, at least a
     quarter of, what its score says); 1 where the score is not positive, in a group with no measured
     item and where the category carries no rates. None when no category does.
+
+    ``uncapped``: catalog rows whose lift has no upper bound and that do not count toward their group's
+    level: the items loaded after serving began, whose catalog popularity (and so score) says nothing of
+    them. A new release measured to earn like the head must be able to rise that far.
 
     Examples
     --------
@@ -632,13 +636,16 @@ def item_lift_of(rates: Mapping[str, Any], names: tuple[str, ...], index: Mappin
         # they earned (its rates rest on a curve drawn through the head): the long-tail share went far
         # past its floor, each tail item displacing a better head item. A group that showed nothing
         # measured keeps its scores.
+        free = np.zeros(item_category.size, dtype=bool)
+        if uncapped is not None and uncapped.size:
+            free[uncapped] = True
         for tail in (False, True):
             group = is_tail[mine] == tail
-            measured = is_tail[row] == tail
+            measured = (is_tail[row] == tail) & ~free[row]
             w = exposure[measured]
             level = float(np.average(lift[row[measured]], weights=w)) if w.sum() > 0 else 0.0
             lift[mine] = np.where(group, lift[mine] / level if level > 0 else 1.0, lift[mine])
-        out[mine] = np.clip(lift[mine], *ITEM_LIFT_RANGE)
+        out[mine] = np.clip(lift[mine], ITEM_LIFT_RANGE[0], np.where(free[mine], np.inf, ITEM_LIFT_RANGE[1]))
     return out if found else None
 
 

@@ -39,7 +39,7 @@ from ._engine import (
     with_new_items,
 )
 
-__all__ = ["catalog_signature", "load_bandit", "load_catalog", "load_state", "ranker_scorer", "serving_since",
+__all__ = ["catalog_signature", "fresh_rows", "load_bandit", "load_catalog", "load_state", "ranker_scorer", "serving_since",
            "with_fresh_items", "with_plan_calibration"]
 
 log = logging.getLogger("homepage.engine")
@@ -128,11 +128,16 @@ def with_fresh_items(state: EngineState, since: float | None) -> EngineState:
     (when serving began; None: not yet, and no item is fresh). The items of the catalog serving began
     with are not: the engine measures those from the start, in its pool's draw."""
     added = state.catalog.added_at
-    if since is None or added is None:
-        rows = np.zeros(0, dtype=np.int64)
-    else:
-        rows = np.flatnonzero((added > since) & (state.item_category >= 0))  # NaN (not recorded) is not fresh
+    rows = fresh_rows(state.catalog, state.item_category, since)
     return replace(state, fresh_items=rows, fresh_added=np.zeros(0) if added is None else added[rows])
+
+
+def fresh_rows(catalog: Catalog, item_category: np.ndarray, since: float | None) -> np.ndarray:
+    """Catalog rows of the served items (``item_category >= 0``) added after ``since`` (None: none)."""
+    added = catalog.added_at
+    if since is None or added is None:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero((added > since) & (item_category >= 0))  # NaN (not recorded) is not fresh
 
 
 def plan_forget(solver: dict[str, Any]) -> Forget | None:

@@ -48,11 +48,13 @@ from ..engine import (
     catalog_long_tail,
     catalog_prior_calibration,
     curve_rate,
+    fresh_rows,
     head_first,
     item_lift,
     item_lift_of,
     load_catalog,
     load_state,
+    serving_since,
     with_item_lift,
     with_plan_calibration,
 )
@@ -707,7 +709,8 @@ def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray
             all_scores = np.zeros(item_cat.size)
             all_scores[served] = np.asarray(scorer(served), dtype=np.float64)
             lift = item_lift_of({c: {"items": v} for c, v in item_block.items()}, names, index, item_cat, is_tail,
-                                catalog.popularity, all_scores)
+                                catalog.popularity, all_scores,
+                                uncapped=fresh_rows(catalog, item_cat, serving_since(db)))
             if lift is not None:
                 plain = scorer
 

@@ -364,3 +364,34 @@ def test_the_plan_carries_item_rates_measured_on_the_log_and_serving_uses_them(t
         popular = mine[np.argsort(-cat.popularity[mine], kind="stable")]
         moved += order[: served.head_quota[c]].tolist() != popular[: served.head_quota[c]].tolist()
     assert moved > 0
+
+
+def test_a_new_items_lift_has_no_ceiling_and_leaves_its_groups_level_alone():
+    """An item loaded after serving began (``uncapped``): its catalog popularity, and so its score, says
+    nothing of it, so its measured rate lifts it as far as it goes (a new release that earns like the head
+    of the tail rises there), and it does not count toward its group's level (the others' lifts are what
+    they would be without it measured)."""
+    names = ("a",)
+    index = {"h1": 0, "t1": 1, "t2": 2, "new": 3}
+    cat = np.zeros(4, dtype=np.int64)
+    is_tail = np.array([False, True, True, True])
+    pop = np.array([1000.0, 5.0, 4.0, 0.0])
+    score = np.array([1.0, 0.3, 0.25, 0.01])
+    kx, ky = [np.log1p(1.0), np.log1p(1000.0)], [0.1, 0.5]
+    block = {"ids": ["h1", "t1", "t2", "new"], "units": [50.0, 30.0, 20.0, 80.0],
+             "exposure": [100.0, 100.0, 100.0, 100.0], "curve": {"x": kx, "rate": ky}, "scale": [1.0, 1.0]}
+    f = curve_rate(np.log1p(pop), np.array(kx), np.array(ky))
+    rate = (np.array(block["units"]) + 50.0 * f) / 150.0
+    raw = rate / score
+    capped = item_lift_of({"a": {"items": block}}, names, index, cat, is_tail, pop, score, prior=50.0)
+    free = item_lift_of({"a": {"items": block}}, names, index, cat, is_tail, pop, score, prior=50.0,
+                        uncapped=np.array([3]))
+    assert capped is not None and free is not None
+    level_all = raw[1:].mean()  # equal exposures: the tail's level is the plain mean
+    np.testing.assert_allclose(capped[1:], np.clip(raw[1:] / level_all, 0.25, 4.0), rtol=1e-12)
+    assert capped[3] <= 4.0 and capped[1] < free[1]  # counted, it drags its group's lifts down
+    level = raw[1:3].mean()  # without the new item
+    np.testing.assert_allclose(free[1:3], np.clip(raw[1:3] / level, 0.25, 4.0), rtol=1e-12)
+    np.testing.assert_allclose(free[3], raw[3] / level, rtol=1e-12)
+    assert free[3] > 20.0 and free[3] * score[3] > free[1] * score[1]  # above the tail's best: where it earns
+    assert free[0] == capped[0] == 1.0  # the head alone in its group
