@@ -107,7 +107,7 @@ class Exploration:
     temperature: float = 0.02
     #: the chance that a served module whose category holds new items (added to the catalog after
     #: serving began, not yet measured) shows one of them in place of its last item of the same kind
-    new_item_share: float = 0.1
+    new_item_share: float = 0.5
     #: an item stops being new this many days after it was added, measured or not
     new_item_days: float = 7.0
 

@@ -217,7 +217,7 @@ def test_new_items_are_shown_in_place_of_a_modules_last_item_of_their_kind(world
     bound: a long-tail item for a long-tail one, so the page's long-tail exposure is what its layout was
     priced with), never one twice on a page. Without it (share 0) these items, the least popular of their
     categories, are never shown at all."""
-    assert _with_new_items(world)[0].config.exploration.new_item_share == 0.1  # the default
+    assert _with_new_items(world)[0].config.exploration.new_item_share == 0.5  # the default
     st, new = _with_new_items(world, share=0.3)
     assert st.space.tail_goal and sorted(st.new_items.tolist()) == new.tolist() and st.is_tail[new].all()
     q = st.config.exploration.new_item_share
