@@ -44,6 +44,7 @@ from ._engine import (
 from ._features import layout_features, shared_features
 from ._ids import RequestIds, load_secret, seed_of
 from ._state import (
+    catalog_newest,
     catalog_signature,
     fresh_rows,
     load_bandit,
@@ -92,6 +93,7 @@ __all__ = [
     "load_secret",
     "load_state",
     "load_bandit",
+    "catalog_newest",
     "catalog_signature",
     "ranker_scorer",
     "seed_of",

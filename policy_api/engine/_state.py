@@ -39,7 +39,7 @@ from ._engine import (
     with_new_items,
 )
 
-__all__ = ["catalog_signature", "fresh_rows", "load_bandit", "load_catalog", "load_state", "ranker_scorer", "serving_since",
+__all__ = ["catalog_newest", "catalog_signature", "fresh_rows", "load_bandit", "load_catalog", "load_state", "ranker_scorer", "serving_since",
            "with_fresh_items", "with_plan_calibration"]
 
 log = logging.getLogger("homepage.engine")
@@ -70,6 +70,14 @@ def ranker_scorer(model: ModelRecord, catalog: Catalog) -> ScorerHandle:
     scorer = rankers.RankerScorer.load(art.scorer)  # torch loads here, on the first published ranker
     scorer.fast()  # the serving fast path's per-version precompute, now rather than on a request
     return ScorerHandle(scorer, users, remap, name=f"ranker:{model.version}")
+
+
+def catalog_newest(db: Engine) -> str | None:
+    """The newest ``items.updated_at`` (one index lookup): every load or refresh of items changes it, so
+    a worker polls it to see a catalog loaded while it serves (:func:`catalog_signature`'s second part)."""
+    with reading(db) as conn:
+        newest = conn.execute(sa.select(sa.func.max(items.c.updated_at))).scalar()
+    return None if newest is None else str(newest)
 
 
 def catalog_signature(db: Engine) -> tuple[int, str | None]:

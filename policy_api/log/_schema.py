@@ -205,7 +205,7 @@ items = sa.Table(
     sa.Column("category", sa.String(), nullable=False),
     sa.Column("popularity", sa.Double(), nullable=False),
     sa.Column("features", _json(), nullable=True),
-    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False, index=True),  # workers poll its newest value
     # when the item first entered the catalog (a reload keeps it; NULL for items older than migration 0007)
     sa.Column("added_at", UTCDateTime(), nullable=True),
 )

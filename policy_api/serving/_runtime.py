@@ -25,6 +25,7 @@ from ..engine import (
     EngineState,
     LiveSignals,
     RequestIds,
+    catalog_newest,
     catalog_signature,
     load_bandit,
     load_secret,
@@ -101,10 +102,12 @@ class Runtime:
         assert self.db is not None, "start() the runtime first"
         try:
             versions = registry.latest_versions(self.db)
+            newest = catalog_newest(self.db)  # a catalog loaded while serving, with nothing else published
         except Exception as e:
             self.load_error = f"database unreachable: {e}"
             return False
-        if not force and versions == self._versions and self.engine is not None:
+        held = None if self._catalog is None else self._catalog[1]
+        if not force and versions == self._versions and newest == held and self.engine is not None:
             return False
         try:
             old = self._versions
@@ -113,7 +116,7 @@ class Runtime:
                                                  if versions.models.get(k) != old.models.get(k)}
             full = force or old is None or versions.config != old.config
             # the catalog's signature, read when the state may be loaded anew (a new config or model)
-            catalog = catalog_signature(self.db) if full or st is None or changed else self._catalog
+            catalog = catalog_signature(self.db) if full or st is None or changed or newest != held else self._catalog
             if full or st is None:
                 state = load_state(self.db)
             elif changed - {"bandit"} or catalog != self._catalog:

@@ -60,3 +60,31 @@ def test_prices_and_a_new_bandit_are_swapped_in_without_a_reload(tmp_path):
     finally:
         rt.close()
         db.dispose()
+
+
+def test_a_catalog_loaded_while_serving_is_taken_up_with_nothing_else_published(tmp_path):
+    """Items loaded while a worker serves, with no model, plan or config published after them: the
+    worker's next poll loads the catalog (it used to wait for the next model it loaded), and only then."""
+    world = make_world(n_users=30, n_items=200, seed=3)
+    url = f"sqlite:///{tmp_path / 'homepage.db'}"
+    upgrade(url)
+    world.to_catalog_csv(tmp_path / "items.csv")
+    rt = Runtime(Settings(database_url=url, data_dir=tmp_path, reload_s=0, journal=False))
+    db = make_engine(url)
+    try:
+        registry.activate_config(db, world.default_config_toml(), author="test")
+        cat = read_catalog_csv(tmp_path / "items.csv")
+        upsert_items(db, cat.rows())
+        rt.start()
+        first = rt.engine.state
+        assert rt.reload() is False
+        row = {**cat.rows()[0], "item_id": "loaded-later", "popularity": 0.0}
+        upsert_items(db, [row])
+        assert rt.reload() is True
+        st = rt.engine.state
+        assert "loaded-later" in st.catalog.index_of() and st.catalog.n_items == first.catalog.n_items + 1
+        assert st.scorer is not first.scorer  # the scorer's item rows follow the catalog
+        assert rt.reload() is False
+    finally:
+        rt.close()
+        db.dispose()
