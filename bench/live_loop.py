@@ -68,6 +68,7 @@ import scipy.optimize
 import scipy.sparse
 
 from allocator import IMPRESSION_KINDS, HomepageConfig, LayoutSpace, block_table, long_tail, parse_config_text
+from allocator._config import LOOP_KEYS
 from simulator import World, make_world
 
 WINDOW = 250  # requests per window after the drift
@@ -756,7 +757,13 @@ def main() -> int:
     ap.add_argument("--constraints", action=argparse.BooleanOptionalAction, default=True,
                     help="keep the config's [[constraints]] (--no-constraints: none, so the baselines' "
                          "'constrained' mixes are the best mixes of their variants)")
+    ap.add_argument("--loop", metavar="KEY=VALUE", action="append", default=[],
+                    help="a [loop] setting of the config, e.g. --loop pace_max_step=0.25 (repeatable)")
     a = ap.parse_args()
+    for kv in a.loop:
+        key, _, value = kv.partition("=")
+        if key not in LOOP_KEYS or not value:
+            ap.error(f"--loop must be KEY=VALUE with KEY one of {', '.join(LOOP_KEYS)}; got {kv!r}")
     if a.quick:
         a.requests, a.drift_requests = 1200, 600
     for name in ("requests", "drift_requests", "users", "items", "concurrency"):
@@ -769,6 +776,8 @@ def main() -> int:
     config_text = world.default_config_toml() + extra_constraints
     if not a.constraints:  # every [[constraints]] table left out: the engine without operator goals
         config_text = re.sub(r"\n\[\[constraints\]\]\n(?:[^\[\n][^\n]*\n?)*", "\n", config_text)
+    if a.loop:
+        config_text += "\n[loop]\n" + "".join(f"{kv.partition('=')[0]} = {kv.partition('=')[2]}\n" for kv in a.loop)
     if a.impressions != "viewed":  # the simulated client sends viewed impressions; told otherwise, the engine weighs them
         config_text = config_text.replace("[homepage]\n", f'[homepage]\nimpressions = "{a.impressions}"\n', 1)
     folder = Path(tempfile.mkdtemp(prefix="homepage_live_loop_"))
