@@ -46,6 +46,7 @@ from allocator._plan import (
     Relaxation,
     _chunks,
     _diagnose_elastic_lp,
+    _joint,
     _lagrangian_bound,
     _objective_and_shares,
     _precheck,
@@ -499,11 +500,11 @@ def plan_dual(
     _check_args(tol, temperature, max_iter)
     t0 = time.perf_counter()
     p = _validate(value, exposure, weight, lower, upper, mask, names)
-    pre = _precheck(p)
-    if pre is not None:
-        raise InfeasiblePlan(pre)
     value_floor, spread = _value_stats(p)
     scale = spread if spread > 0 else 1.0
+    pre = _precheck(p)
+    if pre is not None:
+        raise InfeasiblePlan(_joint(p, pre, lambda q: _diagnose(q, scale, max_iter)))
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     dp = _DualProblem(p, value_floor, scale)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -440,11 +440,42 @@ def _precheck(p: _Problem) -> InfeasibilityDiagnosis | None:
     return InfeasibilityDiagnosis(
         conflicting=conflicting,
         relaxations=tuple(relax),
-        alternatives=tuple(relax),
+        # one bound beyond its reach: moving it alone is the fix; two or more: no single move is
+        alternatives=tuple(relax) if len(relax) == 1 else (),
         relaxed_lower=new_lo,
         relaxed_upper=new_hi,
         total_relaxation=total,
         method="precheck",
+    )
+
+
+def _joint(p: _Problem, pre: InfeasibilityDiagnosis,
+           diagnose: Callable[[_Problem], InfeasibilityDiagnosis]) -> InfeasibilityDiagnosis:
+    """``pre`` (each bound beyond its own reach moved to it) checked against the other bounds: when the
+    bounds so moved still cannot all hold together (two module floors each at its module's reach, and a
+    category floor besides), the relaxation is ``diagnose``'s of that problem added to it. Without this
+    check, a dry run suggested a relaxation that was itself infeasible."""
+    moved = p._replace(lower=pre.relaxed_lower, upper=pre.relaxed_upper)
+    more = diagnose(moved)
+    if more.total_relaxation <= _REPORT_TOL * max(1, p.n_constraints):
+        return pre
+    lo, hi = more.relaxed_lower, more.relaxed_upper
+    relax = [Relaxation(p.names[k], "min", float(p.lower[k]), float(lo[k]))
+             for k in np.flatnonzero(lo < p.lower - _REPORT_TOL)]
+    relax += [Relaxation(p.names[k], "max", float(p.upper[k]), float(hi[k]))
+              for k in np.flatnonzero(hi > p.upper + _REPORT_TOL)]
+    relax.sort(key=lambda r: (p.names.index(r.name), r.side == "max"))
+    fl, fu = np.isfinite(p.lower), np.isfinite(p.upper)
+    total = float(np.sum(np.where(fl, np.where(fl, p.lower, 0.0) - np.where(fl, lo, 0.0), 0.0))
+                  + np.sum(np.where(fu, np.where(fu, hi, 0.0) - np.where(fu, p.upper, 0.0), 0.0)))
+    return InfeasibilityDiagnosis(
+        conflicting=tuple(dict.fromkeys((*pre.conflicting, *more.conflicting))),
+        relaxations=tuple(relax),
+        alternatives=pre.alternatives if len(relax) == 1 else (),
+        relaxed_lower=lo,
+        relaxed_upper=hi,
+        total_relaxation=total,
+        method=f"precheck+{more.method}",
     )
 
 
@@ -627,7 +658,7 @@ def plan_lp(
     p = _validate(value, exposure, weight, lower, upper, mask, names)
     pre = _precheck(p)
     if pre is not None:
-        raise InfeasiblePlan(pre)
+        raise InfeasiblePlan(_joint(p, pre, lambda q: _diagnose_elastic_lp(q, method, time_limit)))
     t0 = time.perf_counter()
     model = _build_lp(p, elastic=False)
     model_s = time.perf_counter() - t0

@@ -393,6 +393,57 @@ def test_precheck_reports_unreachable_floor_and_cap(solver):
         SOLVERS[solver](v, a, w, np.full(3, -np.inf), np.array([np.inf, 0.1, np.inf]), names=NAMES)
 
 
+def _elastic_reference(v, a, w, lo):
+    """Minimum total relaxation of the floors ``lo`` by scipy's HiGHS on the elastic LP written out
+    here (x per user and candidate, one slack per floor): the reference the diagnosis is checked on."""
+    n, L, K = a.shape
+    c = np.concatenate([np.zeros(n * L), np.ones(K)])
+    eq = sp.hstack([sp.kron(sp.eye(n), np.ones((1, L))), sp.csr_matrix((n, K))])
+    ub = sp.hstack([-sp.csr_matrix((w[:, None, None] * a).reshape(n * L, K).T), -sp.eye(K)])
+    res = linprog(c, A_ub=ub, b_ub=-lo, A_eq=eq, b_eq=np.ones(n), bounds=(0, None), method="highs")
+    assert res.status == 0
+    return float(res.fun)
+
+
+@pytest.mark.parametrize("solver", ["lp", "dual"])
+def test_bounds_each_beyond_reach_get_a_joint_relaxation_that_plans(solver):
+    """Two floors each above what any mix reaches, and a third floor: moving each to its own reach (what
+    the pre-check alone suggested) still fails, since one mix cannot reach both at once and hold the
+    third. The suggested relaxation is the smallest joint one (scipy's elastic LP written out in the
+    test), it plans, and no single move is offered as a fix."""
+    rng = np.random.default_rng(5)
+    n = 40
+    v = rng.random((n, 4))
+    a = np.zeros((n, 4, 3))
+    a[:, 0, 0] = 0.27  # the only layouts that show module a, b, and a third kind
+    a[:, 1, 1] = 0.17
+    a[:, 2, 2] = 0.5
+    a[:, 3] = [0.05, 0.05, 0.05]
+    w = np.full(n, 1 / n)
+    lo = np.array([0.3, 0.3, 0.2])
+    hi = np.full(3, np.inf)
+    with pytest.raises(InfeasiblePlan) as info:
+        SOLVERS[solver](v, a, w, lo, hi, names=NAMES)
+    d = info.value.diagnosis
+    assert d.method.startswith("precheck+")
+    assert d.alternatives == ()
+    ref = _elastic_reference(v, a, w, lo)
+    assert ref > (0.3 - 0.27) + (0.3 - 0.17) + 1e-3  # more than the pre-check's own moves
+    assert d.total_relaxation == pytest.approx(ref, abs=2e-3)
+    plan = plan_lp(v, a, w, d.relaxed_lower - 1e-9, d.relaxed_upper)
+    assert plan.violation <= 1e-7
+    # the printed relaxation (rounded outwards) plans too
+    shown = lo.copy()
+    for r in d.relaxations:
+        shown[NAMES.index(r.name)] = float(str(r).rsplit("-> ", 1)[1])
+    assert plan_lp(v, a, w, shown, hi).violation <= 1e-7
+    # one bound beyond its reach and nothing else in the way: the pre-check's move, offered alone too
+    with pytest.raises(InfeasiblePlan) as info:
+        SOLVERS[solver](v, a, w, np.array([0.3, -np.inf, -np.inf]), hi, names=NAMES)
+    d = info.value.diagnosis
+    assert d.method == "precheck" and [str(r) for r in d.alternatives] == ["songs: min 0.3 -> 0.27"]
+
+
 def test_infeasible_plan_pickles_with_its_diagnosis():
     rng = np.random.default_rng(0)
     v, a, w = category_instance(rng, 20)
