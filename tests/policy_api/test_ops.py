@@ -419,8 +419,8 @@ def test_a_workers_first_operator_reads_after_a_start_are_complete(tmp_path):
     machine too loaded for the worker's first pass to end within FIRST_READ_WAIT_S, the first answer
     may instead come after that whole wait and say ``caught_up: false``; that worker's next answers
     then must become complete, and the first complete one equal the full scan."""
-    from policy_api.serving._ops import FIRST_READ_WAIT_S
     from policy_api.log import insert_decisions, read_decisions
+    from policy_api.serving._ops import FIRST_READ_WAIT_S
 
     os.environ["HOMEPAGE_OPS_TOKEN"] = "peek"
     try:
