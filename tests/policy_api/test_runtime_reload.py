@@ -14,17 +14,24 @@ from policy_api.settings import Settings
 from simulator import make_world
 
 
-def test_prices_and_a_new_bandit_are_swapped_in_without_a_reload(tmp_path):
+def _database(tmp_path):
+    """A migrated SQLite log holding a small world's catalog and its config (active), a runtime on it
+    that reloads only when told, its engine, the config's version and the catalog."""
     world = make_world(n_users=30, n_items=200, seed=3)
     url = f"sqlite:///{tmp_path / 'homepage.db'}"
     upgrade(url)
     world.to_catalog_csv(tmp_path / "items.csv")
     rt = Runtime(Settings(database_url=url, data_dir=tmp_path, reload_s=0, journal=False))
     db = make_engine(url)
+    version = registry.activate_config(db, world.default_config_toml(), author="test")
+    cat = read_catalog_csv(tmp_path / "items.csv")
+    upsert_items(db, cat.rows())
+    return rt, db, version, cat
+
+
+def test_prices_and_a_new_bandit_are_swapped_in_without_a_reload(tmp_path):
+    rt, db, version, cat = _database(tmp_path)
     try:
-        version = registry.activate_config(db, world.default_config_toml(), author="test")
-        cat = read_catalog_csv(tmp_path / "items.csv")
-        upsert_items(db, cat.rows())
         cfg = registry.require_active_config(db).config
         names = cfg.constraint_names
         registry.publish_plan(db, version, {n: 0.1 for n in names})
@@ -65,16 +72,8 @@ def test_prices_and_a_new_bandit_are_swapped_in_without_a_reload(tmp_path):
 def test_a_catalog_loaded_while_serving_is_taken_up_with_nothing_else_published(tmp_path):
     """Items loaded while a worker serves, with no model, plan or config published after them: the
     worker's next poll loads the catalog (it used to wait for the next model it loaded), and only then."""
-    world = make_world(n_users=30, n_items=200, seed=3)
-    url = f"sqlite:///{tmp_path / 'homepage.db'}"
-    upgrade(url)
-    world.to_catalog_csv(tmp_path / "items.csv")
-    rt = Runtime(Settings(database_url=url, data_dir=tmp_path, reload_s=0, journal=False))
-    db = make_engine(url)
+    rt, db, _, cat = _database(tmp_path)
     try:
-        registry.activate_config(db, world.default_config_toml(), author="test")
-        cat = read_catalog_csv(tmp_path / "items.csv")
-        upsert_items(db, cat.rows())
         rt.start()
         first = rt.engine.state
         assert rt.reload() is False
