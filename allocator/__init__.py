@@ -29,12 +29,14 @@ from ._layout import (
     LayoutSpace,
     block_table,
     build_candidates,
+    default_leads,
     layout_items,
     long_tail,
+    stats_table,
 )
 from ._pacing import DualPacer, PacerConfig
 from ._plan import InfeasibilityDiagnosis, InfeasiblePlan, Plan, Relaxation, choose, choose_batch, plan_lp
-from ._resolve import ResolvePacer, ResolvePacerConfig, window_correction
+from ._resolve import PaceTables, ResolvePacer, ResolvePacerConfig, window_correction
 from ._sharded import (
     ChunkedShard,
     CompactShard,
@@ -49,6 +51,7 @@ from ._solve import LP_MAX_VARS, PLAN_METHODS, solve_plan
 from ._valuation import ValueRefit, refit_values
 
 __all__ = [
+    "PaceTables",
     "ResolvePacer",
     "ResolvePacerConfig",
     "window_correction",
@@ -101,9 +104,11 @@ __all__ = [
     "block_table",
     "build_candidates",
     "default_item_weights",
+    "default_leads",
     "layout_items",
     "load_config",
     "long_tail",
     "parse_config",
     "parse_config_text",
+    "stats_table",
 ]

@@ -146,6 +146,11 @@ class Loop:
     pace_max_step: float = 1.0
     pace_half_life: float = 300.0
     pace_margin: float = 0.005
+    #: the share of decisions that log their block table (what each module of the user's pool would
+    #: show, ``context["pace"]``), on which the pacer rebuilds the candidates serving would build at the
+    #: prices it tries (see :class:`~allocator.ResolvePacer`). 0: the pacer re-solves on the logged
+    #: candidate sets alone
+    pace_sample: float = 0.25
     max_price: float = 50.0
     #: the category calibration is measured on at most this many of the most recent feedback events
     #: (and at most the last 6 hours), and the loop plans again when it moves: a shift in what users
@@ -642,7 +647,8 @@ def _loop(ck: _Checker, raw: Mapping[str, Any]) -> Loop:
     n = ck.integer(t, "item_events", "loop.item_events", default=d.item_events, low=0)
     if n is not None:
         out["item_events"] = n
-    for k, hi in (("pace_margin", 0.5), ("settle_s", math.inf), ("serve_gain", 10.0), ("shift_keep", 1.0)):
+    for k, hi in (("pace_margin", 0.5), ("settle_s", math.inf), ("serve_gain", 10.0), ("shift_keep", 1.0),
+                  ("pace_sample", 1.0)):
         v = ck.number(t, k, f"loop.{k}", default=getattr(d, k), low=0.0, high=hi)
         if v is not None:
             out[k] = v

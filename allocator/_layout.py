@@ -22,7 +22,9 @@ __all__ = [
     "Candidates",
     "block_table",
     "build_candidates",
+    "default_leads",
     "layout_items",
+    "stats_table",
 ]
 
 
@@ -403,6 +405,26 @@ def _exposure_terms(space: LayoutSpace, prices: np.ndarray,
     return cat_price / W, tail_price / n_items, mod_price / W
 
 
+def default_leads(space: LayoutSpace, tbl: BlockTable, n: int = 4) -> np.ndarray:
+    """(U, min(C, n)) each user's categories by the value of their first untilted block, best first (lowest
+    index on ties; an empty category last): the categories :func:`build_candidates` leads variants with
+    when it is given none."""
+    C = tbl.mean_score.shape[2]
+    first = np.nan_to_num(tbl.mean_score[:, 0, :, 0], nan=-np.inf) * space.category_value[None, :]
+    first = np.where((tbl.n_shown[:, 0, :, 0] > 0) & (space.n_blocks[None, :] > 0), first, -np.inf)
+    return np.argsort(-first, axis=1, kind="stable")[:, : min(C, n)]
+
+
+def stats_table(mean_score: np.ndarray, n_tail: np.ndarray, n_shown: np.ndarray) -> BlockTable:
+    """A :class:`BlockTable` of the block statistics alone (no item order; shapes (U, B, C, R)), as the
+    decision log keeps them: enough for :func:`build_candidates`, not for :func:`layout_items`. A block
+    with nothing shown may hold any ``mean_score``."""
+    ms = np.asarray(mean_score, dtype=np.float64)
+    shown = np.asarray(n_shown, dtype=np.int64)
+    empty = np.zeros(ms.shape[:2] + (0,), dtype=np.int64)
+    return BlockTable(np.where(shown > 0, ms, np.nan), np.asarray(n_tail, dtype=np.int64), shown, empty, empty, empty)
+
+
 def build_candidates(space: LayoutSpace, tbl: BlockTable, prices: np.ndarray | None = None,
                      lead_categories: np.ndarray | None = None, max_candidates: int = 32,
                      explore: np.ndarray | None = None) -> Candidates:
@@ -439,10 +461,7 @@ def build_candidates(space: LayoutSpace, tbl: BlockTable, prices: np.ndarray | N
         mod_of[c, :len(mods_c)] = mods_c
     mod_p_cr = np.where(mod_of >= 0, mod_p[np.maximum(mod_of, 0)], 0.0)  # (C,R)
 
-    if lead_categories is None:
-        first = np.where(avail[:, 0, :, 0], block_val[:, 0, :, 0], -np.inf)  # (U,C)
-        lead_categories = np.argsort(-first, axis=1, kind="stable")[:, : min(C, 4)]
-    lead = np.asarray(lead_categories, dtype=np.int64)
+    lead = default_leads(space, tbl) if lead_categories is None else np.asarray(lead_categories, dtype=np.int64)
     if explore is not None:
         explore = np.asarray(explore, dtype=np.int64)
         if explore.shape != (U,) or explore.max(initial=-1) >= C or explore.min(initial=-1) < -1:

@@ -18,13 +18,65 @@ a share stood while its price was nonzero, and ``|price| * overshoot`` the value
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ._softmax import softmax_prices, softmax_response
+from ._layout import BlockTable, LayoutSpace, build_candidates, default_leads, stats_table
+from ._softmax import exploitable, softmax_prices, softmax_response
 
-__all__ = ["ResolvePacer", "ResolvePacerConfig", "window_correction"]
+__all__ = ["PaceTables", "ResolvePacer", "ResolvePacerConfig", "window_correction"]
+
+
+@dataclass(frozen=True)
+class PaceTables:
+    """The block tables of some served decisions (what each module of the user's pool would show: see
+    :func:`~allocator.stats_table`), from which the pacer rebuilds the candidates serving would build at
+    other prices. ``mean_score``, ``n_tail``, ``n_shown``: (m, B, C, R); ``lead``: (m, N) the categories
+    the decision led variants with (-1: the table's own best, :func:`~allocator.default_leads`);
+    ``explore``: (m,) the category of its explore variant (-1: none); ``at``: (m,) each one's position in
+    the batch of decisions it came with (in the pacer's window: its decision number)."""
+
+    mean_score: np.ndarray
+    n_tail: np.ndarray
+    n_shown: np.ndarray
+    lead: np.ndarray
+    explore: np.ndarray
+    at: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.at.size)
+
+    def take(self, rows: np.ndarray) -> PaceTables:
+        return PaceTables(self.mean_score[rows], self.n_tail[rows], self.n_shown[rows], self.lead[rows],
+                          self.explore[rows], self.at[rows])
+
+    @staticmethod
+    def concat(parts: list[PaceTables]) -> PaceTables:
+        R = max(p.mean_score.shape[3] for p in parts)
+        N = max(p.lead.shape[1] for p in parts)
+
+        def pad(x: np.ndarray, width: int, axis: int, fill: float) -> np.ndarray:
+            w = [(0, 0)] * x.ndim
+            w[axis] = (0, width - x.shape[axis])
+            return np.pad(x, w, constant_values=fill)
+
+        return PaceTables(np.concatenate([pad(p.mean_score, R, 3, 0.0) for p in parts]),
+                          np.concatenate([pad(p.n_tail, R, 3, 0) for p in parts]),
+                          np.concatenate([pad(p.n_shown, R, 3, 0) for p in parts]),
+                          np.concatenate([pad(p.lead, N, 1, -1) for p in parts]),
+                          np.concatenate([p.explore for p in parts]), np.concatenate([p.at for p in parts]))
+
+    def candidates(self, space: LayoutSpace, prices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(value, exposure, exploitable mask) of the candidates serving builds from these tables at
+        ``prices`` (:func:`~allocator.build_candidates`, leads and explore variants as logged)."""
+        tbl: BlockTable = stats_table(self.mean_score, self.n_tail, self.n_shown)
+        lead = self.lead
+        if (lead < 0).any():
+            lead = np.where(lead < 0, default_leads(space, tbl, n=lead.shape[1]), lead)
+        explore = self.explore if (self.explore >= 0).any() else None
+        cand = build_candidates(space, tbl, prices, lead_categories=lead, explore=explore)
+        return cand.value, cand.exposure, exploitable(space.tilt_levels[cand.tilt], cand.mask, space.tail_goal)
 
 
 def window_correction(shares: np.ndarray, lower: np.ndarray, upper: np.ndarray, prices: np.ndarray,
@@ -60,6 +112,10 @@ def window_correction(shares: np.ndarray, lower: np.ndarray, upper: np.ndarray, 
     delta = np.clip(delta, -size, size)
     delta = np.where(floor, np.maximum(delta, -p), delta)  # a floor's price stays >= 0
     return np.where(cap, np.minimum(delta, -p), delta)  # a cap's <= 0
+
+
+#: the fewest block tables in the window for :meth:`ResolvePacer.update` to re-solve on rebuilt sets
+MIN_TABLES = 30
 
 
 @dataclass(frozen=True)
@@ -100,8 +156,12 @@ class ResolvePacerConfig:
 class ResolvePacer:
     """See the module docstring. ``update`` takes one batch of served decisions, returns new prices."""
 
-    def __init__(self, config: ResolvePacerConfig, prices: np.ndarray | None = None) -> None:
+    def __init__(self, config: ResolvePacerConfig, prices: np.ndarray | None = None,
+                 space: LayoutSpace | None = None) -> None:
         self.config = config
+        #: the layout space serving builds candidates in; with it, :meth:`update` re-solves on candidates
+        #: rebuilt from the served decisions' block tables at the prices it tries (see ``tables``)
+        self.space = space
         K = len(config.lower)
         self.lower = np.asarray(config.lower, dtype=np.float64)
         self.upper = np.asarray(config.upper, dtype=np.float64)
@@ -119,6 +179,10 @@ class ResolvePacer:
         self._exposure = np.zeros((0, 1, K))
         self._mask = np.zeros((0, 1), dtype=bool)
         self._stale = 0  # sets at the head of the window valued under an older calibration (see retire)
+        # the window's block tables (see update's ``tables``; ``at``: their decision numbers), the first
+        # ``_tables_stale`` of them valued under an older calibration
+        self._tables: PaceTables | None = None
+        self._tables_stale = 0
 
     def slope(self) -> np.ndarray:
         """(K,) d share_k / d price_k of softmax serving at the current prices over the window of served
@@ -148,6 +212,7 @@ class ResolvePacer:
         self._exposure = np.zeros((0, 1, self.prices_.size))
         self._mask = np.zeros((0, 1), dtype=bool)
         self._stale = 0
+        self._tables, self._tables_stale = None, 0
 
     def retire(self) -> None:
         """A new calibration, the prices kept: the sets in the window were valued under the old one. They
@@ -157,8 +222,9 @@ class ResolvePacer:
         region's edge at every step (0.89, 1.78, 3.56, 2.49, 1.37, 0.85...) with the share swinging
         1-22 % per 50 requests against a 10 % floor. Kept whole, it answered a recalibration that
         changed the values (the long tail's item rates) ten seconds late: the long-tail share reached
-        0.45 against a floor of 0.25 over 250 requests."""
+        0.45 against a floor of 0.25 over 250 requests. The block tables likewise."""
         self._stale = self._mask.shape[0]
+        self._tables_stale = 0 if self._tables is None else len(self._tables)
 
     def _keep(self, value: np.ndarray, exposure: np.ndarray, mask: np.ndarray) -> None:
         L = max(self._value.shape[1], value.shape[1])
@@ -178,14 +244,35 @@ class ResolvePacer:
         self._value, self._exposure, self._mask = v[cut:], e[cut:], m[cut:]
         self._stale = stale
 
+    def _keep_tables(self, tables: PaceTables, first: int, n: int) -> None:
+        """Add a batch's block tables (decision numbers ``first + tables.at``); keep those of the last
+        ``window`` decisions, and once ``MIN_TABLES`` valued under a new calibration have come (see
+        :meth:`retire`), only those: a table's block scores are the calibration's of its time."""
+        tables = replace(tables, at=first + np.asarray(tables.at, dtype=np.int64))  # now decision numbers
+        both = tables if self._tables is None or not len(self._tables) else PaceTables.concat([self._tables, tables])
+        keep = both.at > first + n - 1 - self.config.window
+        if self._tables_stale:
+            stale = np.arange(len(both)) < self._tables_stale
+            if int((~stale & keep).sum()) >= MIN_TABLES:
+                keep &= ~stale
+                self._tables_stale = 0
+            else:
+                self._tables_stale = int((stale & keep).sum())
+        self._tables = both.take(np.flatnonzero(keep))
+
     def update(self, value: np.ndarray, exposure: np.ndarray, mask: np.ndarray,
-               chosen_exposure: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+               chosen_exposure: np.ndarray, bias: np.ndarray | None = None,
+               tables: PaceTables | None = None) -> np.ndarray:
         """One batch: ``value`` (m, L), ``exposure`` (m, L, K), ``mask`` (m, L) of the served candidate
         sets the prices are re-solved on, ``chosen_exposure`` (n, K) of the layouts served (``m <= n``:
         sets valued under an older model may be left out of the former, never out of the latter).
         ``bias`` (b, K), per decision: the expected exposure of the served pmf minus the exploit
         softmax's on the same scores (both known exactly from the log, no sampling noise): what the
-        exploration budget adds; the re-solve aims that much the other way. Returns the new prices (K,)."""
+        exploration budget adds; the re-solve aims that much the other way. ``tables``: block tables of
+        some of the batch's decisions (positions ``tables.at`` in the batch); with the pacer's ``space``
+        and at least ``MIN_TABLES`` of them in the window, the prices are those at which the candidates
+        rebuilt from them at those very prices meet the aims (:meth:`consistent_prices`), not a re-solve
+        on the sets served at older prices. Returns the new prices (K,)."""
         cfg = self.config
         a = np.asarray(chosen_exposure, dtype=np.float64)
         n = a.shape[0]
@@ -195,6 +282,8 @@ class ResolvePacer:
             b = np.asarray(bias, dtype=np.float64)
             g = 2.0 ** (-b.shape[0] / cfg.half_life) if self.decisions_ else 0.0
             self.bias_ = g * self.bias_ + (1.0 - g) * b.mean(axis=0)
+        if tables is not None and len(tables) and self.space is not None:
+            self._keep_tables(tables, self.decisions_, n)
         m = np.asarray(mask, dtype=bool)
         real = m.any(axis=1)  # a fallback decision had no candidates: it counts as served, not as a model
         self._keep(np.asarray(value, dtype=np.float64)[real], np.asarray(exposure, dtype=np.float64)[real],
@@ -232,9 +321,97 @@ class ResolvePacer:
         lo, hi = self.aims
         if not self._mask.any():
             return self.prices_.copy()
+        if self._tables is not None and len(self._tables) >= MIN_TABLES:
+            self.prices_ = self.consistent_prices(lo, hi)
+            return self.prices_.copy()
         self.prices_ = softmax_prices(self._value, self._exposure, lo, hi, cfg.temperature, mask=self._mask,
                                       start=self.prices_, max_price=cfg.max_price, box=self.trust_region())
         return self.prices_.copy()
+
+    def rebuilt_shares(self, prices: np.ndarray, tables: PaceTables | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(shares, d share_k / d price_k at fixed sets) (K,) of softmax serving at ``prices`` over the
+        candidates rebuilt at ``prices`` from ``tables`` (by default the window's block tables)."""
+        tables = self._tables if tables is None else tables
+        assert tables is not None and self.space is not None
+        p = np.asarray(prices, dtype=np.float64)
+        v, a, ok = tables.candidates(self.space, p)
+        return softmax_response(v, a, p, self.config.temperature, mask=ok)
+
+    def consistent_prices(self, lo: np.ndarray, hi: np.ndarray, iterations: int = 4, tol: float = 0.003) -> np.ndarray:
+        """Prices at which serving meets the aims ``lo``/``hi`` with the candidates it builds at those
+        prices: Newton steps on the shares of the candidates rebuilt from the window's block tables
+        (:meth:`rebuilt_shares`). The bounds that act (missed, or priced) are solved together, their
+        Jacobian's columns secants over a quarter of each price's trust region (so they count the
+        layouts a higher price brings in, and how one bound's price moves another's share) on every
+        other table, each diagonal at least the fixed-set slope; where the joint step would move a price
+        against its own bound's miss, each bound is stepped alone; a step is halved (at most twice) until
+        it reduces the sum of squared misses, and not taken otherwise; prices stay within the trust
+        region, a floor's >= 0 and a cap's <= 0. Stops after ``iterations`` steps (the pacer steps again
+        a second later, from the prices it reached: per step 1-3 rebuilds, and 1 + acting bounds of half
+        the tables) or once no acting bound misses its aim by more than ``tol``.
+
+        Re-solved on the sets served at older prices instead, a floor's price ran to its trust region's
+        edge step after step (those sets held no layout a higher price builds), then, once such layouts
+        came, fell to 0 while the window still held them: the share cycled between 1 and 30 % every
+        1,500 requests."""
+        cfg = self.config
+        box = self.trust_region()
+        tables = self._tables
+        assert box is not None and tables is not None
+        floor, cap = np.isfinite(self.lower), np.isfinite(self.upper)
+        low = np.maximum(np.maximum(box[0], -cfg.max_price), np.where(floor & ~cap, 0.0, -np.inf))
+        high = np.minimum(np.minimum(box[1], cfg.max_price), np.where(cap & ~floor, 0.0, np.inf))
+        reach = 0.25 * (box[1] - box[0]) / 2.0
+
+        def misses(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            """(shares, fixed-set slopes, each acting bound's miss of its aim, 0 for the others)"""
+            s, fixed = self.rebuilt_shares(p)
+            miss_floor = np.where(floor & ((s < lo) | (p > 0)), lo - s, 0.0)
+            miss_cap = np.where(cap & ((s > hi) | (p < 0)), hi - s, 0.0)
+            miss = np.where(miss_floor != 0, miss_floor, miss_cap)
+            # a priced bound can also be slack at its price's edge (a floor at 0): it no longer acts
+            return s, fixed, np.where(((miss < 0) & (p <= low)) | ((miss > 0) & (p >= high)), 0.0, miss)
+
+        p = np.clip(self.prices_, low, high)
+        _, fixed, miss = misses(p)
+        for _ in range(iterations):
+            act = np.flatnonzero(miss != 0)
+            if act.size == 0 or np.abs(miss[act]).max() <= tol:
+                break
+            # the secants on every other table: half the rebuilds' cost, for a Jacobian that only steers
+            half = tables.take(np.arange(0, len(tables), 2))
+            s_half = self.rebuilt_shares(p, half)[0]
+            J = np.zeros((act.size, act.size))
+            for col, k in enumerate(act):
+                q = p.copy()
+                q[k] = np.clip(p[k] + np.sign(miss[k]) * reach[k], low[k], high[k])
+                if q[k] == p[k]:  # at the edge: the secant toward the inside
+                    q[k] = np.clip(p[k] - np.sign(miss[k]) * reach[k], low[k], high[k])
+                if q[k] != p[k]:
+                    J[:, col] = (self.rebuilt_shares(q, half)[0][act] - s_half[act]) / (q[k] - p[k])
+                J[col, col] = max(J[col, col], fixed[k], 1e-9)
+            diagonal = miss[act] / np.diag(J)
+            try:
+                step = np.linalg.solve(J, miss[act])
+            except np.linalg.LinAlgError:
+                step = diagonal
+            # the joint step moves a price against its own bound's miss only where the secants are off
+            # (the layouts change in steps, and one price's secant can swamp another's): there, each bound
+            # alone
+            if not np.isfinite(step).all() or (step * miss[act] < 0).any():
+                step = diagonal
+            # backtracking: a step is taken only where it reduces the misses (halved at most twice)
+            merit = float(miss @ miss)
+            for scale in (1.0, 0.5, 0.25):
+                trial = p.copy()
+                trial[act] = np.clip(p[act] + scale * step, low[act], high[act])
+                got = misses(trial)
+                if float(got[2] @ got[2]) < merit:
+                    break
+            else:
+                break
+            p, (_, fixed, miss) = trial, got
+        return p
 
     def _unpriced_shares(self) -> np.ndarray:
         """(K,) each bound's share over the window served at the current prices with its own price at 0

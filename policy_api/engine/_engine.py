@@ -1275,6 +1275,13 @@ class DecisionEngine:
                     "live": "none" if live is None else live.status})
         if offset is not None and offset.any():
             ctx["price_offset"] = r6(offset)
+        share = cfg.loop.pace_sample
+        if share > 0 and st.space.n_constraints and seed_of(request_id + "/pace") % 10_000 < share * 10_000:
+            # the block table the candidates were built from: the pacer rebuilds them at the prices it tries
+            ctx["pace"] = {"shape": list(tbl.mean_score.shape[1:]), "mean": r6(np.nan_to_num(tbl.mean_score[0]).ravel()),
+                           "tail": tbl.n_tail[0].ravel().tolist(), "shown": tbl.n_shown[0].ravel().tolist(),
+                           "lead": None if lead is None else lead[0].tolist(),
+                           "explore": -1 if explore is None else int(explore[0])}
         if fresh:
             ctx["new_items"] = [item_ids[i] for i in fresh]
         t7 = clock()

@@ -45,7 +45,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from allocator import ResolvePacer, ResolvePacerConfig, exploit_pmf, exploitable
+from allocator import LayoutSpace, PaceTables, ResolvePacer, ResolvePacerConfig, exploit_pmf, exploitable
 
 from .. import jobs, registry
 from ..engine import LIVE_PRIOR_IMPRESSIONS, calibration_rates, calibration_shift, catalog_long_tail
@@ -127,6 +127,45 @@ class StepRecord:
     duration_s: float | None = None
     outcome: str | None = None
     detail: str | None = None
+
+
+def _pace_tables(db: Engine, request_ids: np.ndarray, fresh: np.ndarray, since: datetime | None,
+                 until: datetime) -> PaceTables | None:
+    """The block tables the batch's fresh decisions logged (``context["pace"]``, see ``[loop]
+    pace_sample``), at their positions in the batch (``request_ids``, the decision log's order); None
+    where none did. A table whose shape or lead width differs from the first is left out."""
+    q = sa.select(decisions.c.request_id, decisions.c.context).where(decisions.c.ts < until)
+    if since is not None:
+        q = q.where(decisions.c.ts >= since)
+    pos = {r: i for i, r in enumerate(request_ids.tolist())}
+    rows: list[tuple[int, dict[str, Any]]] = []
+    with db.connect() as conn:
+        for rid, ctx in conn.execute(q):
+            i = pos.get(rid)
+            if i is None or not fresh[i]:
+                continue
+            ctx = json.loads(ctx) if isinstance(ctx, str) else ctx
+            got = ctx.get("pace") if isinstance(ctx, dict) else None
+            if isinstance(got, dict):
+                rows.append((i, got))
+    if not rows:
+        return None
+    shape = rows[0][1].get("shape")
+    lead_n = len(rows[0][1].get("lead") or []) or 4
+    keep = [(i, t) for i, t in rows if t.get("shape") == shape]
+    try:
+        B, C, R = (int(x) for x in shape or ())
+        mean = np.array([t["mean"] for _, t in keep], dtype=np.float64).reshape(-1, B, C, R)
+        tail = np.array([t["tail"] for _, t in keep], dtype=np.int64).reshape(-1, B, C, R)
+        shown = np.array([t["shown"] for _, t in keep], dtype=np.int64).reshape(-1, B, C, R)
+        lead = np.array([(list(t.get("lead") or []) + [-1] * lead_n)[:lead_n] for _, t in keep], dtype=np.int64)
+        explore = np.array([int(t.get("explore", -1)) for _, t in keep], dtype=np.int64)
+    except (TypeError, ValueError, KeyError):
+        log.warning("pace tables of %d decisions could not be read; the pacer re-solves on the served sets", len(keep))
+        return None
+    at = np.array([i for i, _ in keep], dtype=np.int64)
+    order = np.argsort(at, kind="stable")
+    return PaceTables(mean, tail, shown, lead, explore, at).take(order)
 
 
 def _by_name(names: tuple[str, ...], values: Any) -> dict[str, float]:
@@ -621,6 +660,18 @@ class BackgroundLoop:
         prices = res.prices
         with self._pacer_lock:  # the pacer as it stands now, the planner having solved in the background
             p = self._pacing
+            names = cfg.config.constraint_names
+            if p is not None and self._pacer_owns():
+                # the pacer came to own the prices while the planner solved: the plan brings its
+                # calibration beside the pacer's prices. Published with the planner's, it started the
+                # pacer again on the few sets served since, and the next steps swung its prices from 0 to
+                # their trust region's edge
+                prices = _by_name(names, p.pacer.prices_)
+                v = registry.publish_plan(self.db, cfg.version, prices, projected=res.projected,
+                                          solver={**res.solver, "prices_from": "pacer", "planner_prices": res.prices,
+                                                  "price_slope": _by_name(names, p.pacer.slope()),
+                                                  **self._forget_field()})
+                return "ok", f"plan version {v} over {res.users} users: its calibration beside the pacer's prices {prices}"
             box = p.pacer.trust_region() if p is not None and p.config_version == cfg.version else None
             if box is not None:
                 # the pacer has re-solved on served candidates, too few to own the prices: the planner's
@@ -628,7 +679,6 @@ class BackgroundLoop:
                 # users sampled early and scored without their live state; its first calibrated plan took
                 # the live floor's price from 0.81 to 1.73 while the pacer went on to settle at 0.7, and
                 # the pages of those seconds gave 22 % to live streams against a floor of 10 %
-                names = cfg.config.constraint_names
                 prices = _by_name(names, np.clip([res.prices[n] for n in names], *box))
             v = registry.publish_plan(self.db, cfg.version, prices, projected=res.projected,
                                       solver={**res.solver, "prices_from": "planner", "planner_prices": res.prices,
@@ -659,7 +709,7 @@ class BackgroundLoop:
                 window=loop.pace_window, max_step=loop.pace_max_step,
                 half_life=loop.pace_half_life, gain=loop.pace_gain,
                 margin=loop.pace_margin, max_price=loop.max_price, names=config.constraint_names),
-                prices=np.clip(start, -loop.max_price, loop.max_price))
+                prices=np.clip(start, -loop.max_price, loop.max_price), space=LayoutSpace.from_config(config))
             self._pacing = _Pacing(cfg.version, pacer, now - timedelta(seconds=1), base, valued_from=base)
             return "ok", "pacer started from the plan's prices"
         p = self._pacing
@@ -677,7 +727,7 @@ class BackgroundLoop:
         dlog = read_decision_log(self.db, config, p.since, until, cfg.version)
         if len(dlog) == 0:
             return "idle", ""
-        p.since = until
+        batch_start, p.since = p.since, until
         n = len(dlog)
         # candidate sets served before the workers took up the plan the pacer started from were valued
         # under other prices and an older calibration: they count as realised exposure, not as the
@@ -699,7 +749,11 @@ class BackgroundLoop:
         q = exploit_pmf(dlog.score[fresh][rows], value[rows], config.exploration.temperature, ok[rows])
         served = np.where(dlog.mask[fresh][rows], dlog.pmf[fresh][rows], 0.0)
         bias = np.einsum("nj,njk->nk", served - q, exposure[rows])
-        new = p.pacer.update(value, exposure, ok, dlog.chosen_exposure, bias=bias)
+        # block tables valued under the newest calibration only (a recalibration's plan, taken up by the
+        # workers within a second, is the base: the decisions served before it were scored with the old)
+        tables = (_pace_tables(self.db, dlog.request_id, fresh & (plan_of >= p.plan_version), batch_start, until)
+                  if loop.pace_sample > 0 else None)
+        new = p.pacer.update(value, exposure, ok, dlog.chosen_exposure, bias=bias, tables=tables)
         p.fresh += int(fresh.sum())
         p.solved += int(fresh.sum())
         names = config.constraint_names

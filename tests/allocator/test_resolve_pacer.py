@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from allocator import ResolvePacer, ResolvePacerConfig, exploit_pmf, serving_pmf
+from allocator import ResolvePacer, ResolvePacerConfig, exploit_pmf, serving_pmf, softmax_response
 
 
 def _stream(rng: np.random.Generator, n: int, J: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -292,3 +292,80 @@ def test_a_retired_window_is_re_solved_on_until_enough_fresh_sets_have_come() ->
     assert q._value.shape[0] == 700
     with pytest.raises(ValueError, match="min_fresh"):
         ResolvePacerConfig(lower=(0.1,), upper=(np.inf,), temperature=t, min_fresh=0)
+
+
+def _live_tables(seed: int, U: int = 240):
+    """A space with a floor of 0.15 on live streams, and block tables of U users for whom live is worth
+    little: no layout built at price 0 shows live, and the layouts that do come only at higher prices."""
+    from allocator import LayoutSpace, PaceTables, block_table, long_tail, parse_config_text
+
+    text = """
+[homepage]
+slots = 4
+position_weights = [1.0, 0.8, 0.6, 0.4]
+items_per_module = 2
+[[categories]]
+name = "songs"
+value_per_engagement = 1.0
+[[categories]]
+name = "videos"
+value_per_engagement = 1.5
+[[categories]]
+name = "live"
+value_per_engagement = 1.0
+""" + "".join(f'[[modules]]\nid = "{m}"\ncategory = "{c}"\n' for m, c in
+               (("s1", "songs"), ("s2", "songs"), ("v1", "videos"), ("v2", "videos"), ("l1", "live"), ("l2", "live"))) + """
+[events]
+play = 1.0
+full_play = 2.0
+favorite = 4.0
+share = 5.0
+skip = -0.5
+[tilt]
+levels = [0.0]
+head_share = 0.8
+[[constraints]]
+name = "live"
+kind = "category_share"
+category = "live"
+min = 0.15
+"""
+    space = LayoutSpace.from_config(parse_config_text(text))
+    rng = np.random.default_rng(seed)
+    P = 18
+    cat = np.repeat(np.arange(3), P // 3)
+    is_tail, tail = long_tail(rng.pareto(1.0, P) + 0.01, cat, 0.8)
+    scores = rng.random((U, P)) + 0.5
+    scores[:, cat == 2] *= rng.uniform(0.1, 0.7, (U, 1))  # live is worth little, to some users less
+    tbl = block_table(space, scores, cat, is_tail, tail)
+    lead = np.tile(np.array([[1, 0, 2]]), (U, 1))
+    return space, PaceTables(tbl.mean_score, tbl.n_tail, tbl.n_shown, lead, np.full(U, -1), np.arange(U))
+
+
+def test_rebuilt_sets_give_the_price_at_which_serving_with_its_own_sets_meets_the_floor(seed) -> None:
+    """With block tables the pacer solves for the price at which the candidates serving builds at that
+    price meet the aim (a grid search over the price is the reference), where a re-solve on the sets
+    served at an older price (0: none shows live) overshoots: serving at its price with the sets built
+    there gives live about 0.25 against an aim of 0.155."""
+    space, tables = _live_tables(seed)
+    t = 0.05
+    aim = 0.15 + 0.005
+
+    def served(p: float) -> float:  # serving's live share with the sets it builds at p
+        v, a, ok = tables.candidates(space, np.array([p]))
+        return float(softmax_response(v, a, np.array([p]), t, mask=ok)[0][0])
+
+    grid = np.linspace(0.0, 8.0, 801)
+    shares = np.array([served(p) for p in grid])
+    assert shares[0] < 0.02 and shares[-1] > 0.5
+    cross = int(np.argmax(shares >= aim))  # the reference: the first grid price that meets the aim
+    v0, a0, ok0 = tables.candidates(space, np.zeros(1))
+    cfg = ResolvePacerConfig(lower=(0.15,), upper=(np.inf,), temperature=t, gain=0.0, max_step=1.0, max_price=50.0)
+    got = {}
+    for rebuilt in (False, True):
+        pacer = ResolvePacer(cfg, prices=np.array([2.0]), space=space)  # a trust region of [0, 4]
+        got[rebuilt] = float(pacer.update(v0, a0, ok0, a0[:, 0], tables=tables if rebuilt else None)[0])
+    assert abs(served(got[True]) - aim) <= 0.01, (got, served(got[True]), aim)
+    assert grid[max(cross - 40, 0)] <= got[True] <= grid[min(cross + 40, grid.size - 1)]  # within 0.4 of it
+    assert abs(served(got[False]) - aim) > 0.05  # the old sets' model: far off
+

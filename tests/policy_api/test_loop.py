@@ -535,3 +535,85 @@ def test_a_restarted_loop_counts_new_events_from_the_newest_ranker(db, tmp_path)
     outcome, detail = loop._train()
     assert outcome == "ok" and detail == "training started on 60 new behaviour events", detail
     loop._training.thread.join(60)
+
+
+def test_the_pacer_keeps_the_block_tables_of_its_fresh_sampled_decisions(db, tmp_path):
+    """The decisions that log their block table (``[loop] pace_sample``) hand it to the pacer through the
+    log: its table window holds exactly the sampled decisions among those it re-solves on (counted here
+    from the rows written), rebuilds their logged candidates exactly, and leaves out those a ranker
+    older than the newest scored."""
+    import numpy as np
+
+    from allocator import LayoutSpace
+    from policy_api.engine import DecisionEngine, load_state
+    from policy_api.log import insert_decisions
+
+    world = make_world(n_users=30, n_items=200, seed=0)
+    world.to_catalog_csv(tmp_path / "items.csv")
+    registry.activate_config(db, _config(tmp_path, world), author="test")
+    upsert_items(db, read_catalog_csv(tmp_path / "items.csv").rows())
+    cfg = registry.active_config(db)
+    assert cfg.config.loop.pace_sample == 0.25
+    loop = BackgroundLoop(db, holder="t")
+    loop._on_config(cfg)
+    assert loop._plan()[0] == "ok"
+    plan = registry.latest_plan(db, cfg.version)
+    engine = DecisionEngine(load_state(db))
+    assert loop._pace() == ("ok", "pacer started from the plan's prices")
+    p = loop._pacing
+    made: dict[str, object] = {}
+
+    def serve(count: int, ranker: int | None, start: int) -> list[str]:
+        rows, sampled = [], []
+        for k in range(start, start + count):
+            d = engine.decide(f"u{k % 7}", f"r{k}")
+            row = d.row()
+            row["versions"] = {**row["versions"], "plan": plan.version, "ranker": ranker}
+            rows.append(row)
+            made[d.request_id] = d
+            if "pace" in d.context:
+                sampled.append(d.request_id)
+        insert_decisions(db, rows)
+        time.sleep(0.6)  # the pacer reads decisions older than half a second
+        return sampled
+
+    first = serve(120, None, 0)
+    assert loop._pace()[0] == "ok"
+    tables = p.pacer._tables
+    assert tables is not None and len(tables) == len(first) > 10
+    space = LayoutSpace.from_config(cfg.config)
+    value, exposure, ok = tables.candidates(space, engine.state.prices)
+    for row, rid in enumerate(first):  # in the log's order: the rows as written
+        logged = made[rid].candidates
+        real = np.flatnonzero(ok[row])
+        assert real.size == len(logged)
+        np.testing.assert_allclose(value[row, real], [c["value"] for c in logged], atol=2e-6)
+    second = serve(80, 1, 120)  # a ranker is published: the built-in scorer's tables leave
+    assert loop._pace()[0] == "ok"
+    assert len(p.pacer._tables) == len(second)
+
+
+def test_a_planner_that_finishes_after_the_pacer_came_to_own_the_prices_keeps_them(db, tmp_path):
+    """The planner starts while the pacer is young; if the pacer owns the prices by the time the plan is
+    solved, the plan is published with the pacer's prices and the planner's calibration (prices_from
+    "pacer", which the pacer takes as a recalibration beside its prices, not a restart)."""
+    import numpy as np
+
+    from policy_api.loop._loop import _Pacing
+
+    cfg, loop, pacer = _loop_with_a_pacer(db, tmp_path, [0.01, 0.002])
+    names = cfg.config.constraint_names
+    rng = np.random.default_rng(1)
+    pacer._keep(rng.uniform(1.0, 1.1, (50, 6)), rng.uniform(0, 0.3, (50, 6, len(names))), np.ones((50, 6), dtype=bool))
+    first = registry.publish_plan(db, cfg.version, dict(zip(names, pacer.prices_.tolist(), strict=True)))
+    loop._pacing = _Pacing(cfg.version, pacer, datetime.now(tz=UTC), first, fresh=0, solved=50)
+    with loop._pacer_lock:
+        assert loop._plan_step() == ("ok", "planning in the background (the pacer goes on)")
+        pacer.prices_ = np.array([0.7, 0.3])[:len(names)]
+        loop._pacing.solved = cfg.config.loop.pace_window  # the pacer comes to own the prices meanwhile
+    assert loop._planner is not None
+    loop._planner.join(timeout=120)
+    plan = registry.latest_plan(db, cfg.version)
+    assert plan is not None and plan.version > first
+    assert plan.solver["prices_from"] == "pacer" and "planner_prices" in plan.solver
+    assert [plan.prices[n] for n in names] == pytest.approx(pacer.prices_.tolist())
