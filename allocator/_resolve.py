@@ -183,6 +183,9 @@ class ResolvePacer:
         # ``_tables_stale`` of them valued under an older calibration
         self._tables: PaceTables | None = None
         self._tables_stale = 0
+        #: what the last update solved on: "rebuilt" (the candidates rebuilt from the block tables at the
+        #: prices tried), "served" (the window's served sets) or None (no update has solved yet)
+        self.solved_on_: str | None = None
 
     def slope(self) -> np.ndarray:
         """(K,) d share_k / d price_k of softmax serving at the current prices over the window of served
@@ -323,10 +326,17 @@ class ResolvePacer:
             return self.prices_.copy()
         if self._tables is not None and len(self._tables) >= MIN_TABLES:
             self.prices_ = self.consistent_prices(lo, hi)
+            self.solved_on_ = "rebuilt"
             return self.prices_.copy()
+        self.solved_on_ = "served"
         self.prices_ = softmax_prices(self._value, self._exposure, lo, hi, cfg.temperature, mask=self._mask,
                                       start=self.prices_, max_price=cfg.max_price, box=self.trust_region())
         return self.prices_.copy()
+
+    @property
+    def tables_kept(self) -> int:
+        """How many block tables the window holds."""
+        return 0 if self._tables is None else len(self._tables)
 
     def rebuilt_shares(self, prices: np.ndarray, tables: PaceTables | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(shares, d share_k / d price_k at fixed sets) (K,) of softmax serving at ``prices`` over the

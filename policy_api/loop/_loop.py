@@ -761,7 +761,8 @@ class BackgroundLoop:
                   "exploration_bias": _by_name(names, p.pacer.bias_),
                   "realised": _by_name(names, p.pacer.shares_),
                   "overshoot": _by_name(names, p.pacer.overshoot_),
-                  "correction": _by_name(names, p.pacer.correction_)}
+                  "correction": _by_name(names, p.pacer.correction_),
+                  "solved_on": p.pacer.solved_on_, "tables": p.pacer.tables_kept}
         if np.allclose(new, start, rtol=0, atol=1e-9):
             return "ok", f"{n} decisions; prices unchanged"
         # each worker steers its own recent shares with the shares' sensitivity to their prices (see

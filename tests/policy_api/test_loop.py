@@ -580,7 +580,9 @@ def test_the_pacer_keeps_the_block_tables_of_its_fresh_sampled_decisions(db, tmp
     first = serve(120, None, 0)
     assert loop._pace()[0] == "ok"
     tables = p.pacer._tables
-    assert tables is not None and len(tables) == len(first) > 10
+    assert tables is not None and len(tables) == p.pacer.tables_kept == len(first) > 10
+    # the pacer solved on the rebuilt sets once it held 30 tables, on the served sets before
+    assert p.pacer.solved_on_ == ("rebuilt" if len(first) >= 30 else "served")
     space = LayoutSpace.from_config(cfg.config)
     value, exposure, ok = tables.candidates(space, engine.state.prices)
     for row, rid in enumerate(first):  # in the log's order: the rows as written
