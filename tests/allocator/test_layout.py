@@ -21,7 +21,9 @@ from .test_config import EXAMPLE
 
 
 def tiny_space(slots=3, K=2, levels=(0.0, 0.5), modules=(("a", 0), ("b", 0), ("c", 1), ("d", 1), ("e", 2)),
-               constraints=True) -> LayoutSpace:
+               constraints: bool | str = True) -> LayoutSpace:
+    """Three categories (songs, videos, live: worth 1, 1.5 and 2 per engagement); ``constraints``: the
+    default three (a live floor, a long-tail floor, a module cap), none, or the given TOML."""
     cats = ["songs", "videos", "live"]
     text = f"""
 [homepage]
@@ -38,7 +40,9 @@ share = 5.0
 skip = -0.5
 [tilt]
 levels = """ + str(list(levels)) + "\nhead_share = 0.8\n"
-    if constraints:
+    if isinstance(constraints, str):
+        text += constraints
+    elif constraints:
         text += """
 [[constraints]]
 name = "live"

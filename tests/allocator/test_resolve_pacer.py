@@ -297,46 +297,19 @@ def test_a_retired_window_is_re_solved_on_until_enough_fresh_sets_have_come() ->
 def _live_tables(seed: int, U: int = 240):
     """A space with a floor of 0.15 on live streams, and block tables of U users for whom live is worth
     little: no layout built at price 0 shows live, and the layouts that do come only at higher prices."""
-    from allocator import LayoutSpace, PaceTables, block_table, long_tail, parse_config_text
+    from allocator import PaceTables, block_table, long_tail
 
-    text = """
-[homepage]
-slots = 4
-position_weights = [1.0, 0.8, 0.6, 0.4]
-items_per_module = 2
-[[categories]]
-name = "songs"
-value_per_engagement = 1.0
-[[categories]]
-name = "videos"
-value_per_engagement = 1.5
-[[categories]]
-name = "live"
-value_per_engagement = 1.0
-""" + "".join(f'[[modules]]\nid = "{m}"\ncategory = "{c}"\n' for m, c in
-               (("s1", "songs"), ("s2", "songs"), ("v1", "videos"), ("v2", "videos"), ("l1", "live"), ("l2", "live"))) + """
-[events]
-play = 1.0
-full_play = 2.0
-favorite = 4.0
-share = 5.0
-skip = -0.5
-[tilt]
-levels = [0.0]
-head_share = 0.8
-[[constraints]]
-name = "live"
-kind = "category_share"
-category = "live"
-min = 0.15
-"""
-    space = LayoutSpace.from_config(parse_config_text(text))
+    from .test_layout import tiny_space
+
+    modules = (("s1", 0), ("s2", 0), ("v1", 1), ("v2", 1), ("l1", 2), ("l2", 2))
+    space = tiny_space(slots=4, levels=(0.0,), modules=modules,
+                       constraints='[[constraints]]\nname = "live"\nkind = "category_share"\ncategory = "live"\nmin = 0.15\n')
     rng = np.random.default_rng(seed)
     P = 18
     cat = np.repeat(np.arange(3), P // 3)
     is_tail, tail = long_tail(rng.pareto(1.0, P) + 0.01, cat, 0.8)
     scores = rng.random((U, P)) + 0.5
-    scores[:, cat == 2] *= rng.uniform(0.1, 0.7, (U, 1))  # live is worth little, to some users less
+    scores[:, cat == 2] *= rng.uniform(0.05, 0.35, (U, 1))  # live is worth little, to some users less
     tbl = block_table(space, scores, cat, is_tail, tail)
     lead = np.tile(np.array([[1, 0, 2]]), (U, 1))
     return space, PaceTables(tbl.mean_score, tbl.n_tail, tbl.n_shown, lead, np.full(U, -1), np.arange(U))
@@ -357,7 +330,7 @@ def test_rebuilt_sets_give_the_price_at_which_serving_with_its_own_sets_meets_th
 
     grid = np.linspace(0.0, 8.0, 801)
     shares = np.array([served(p) for p in grid])
-    assert shares[0] < 0.02 and shares[-1] > 0.5
+    assert shares[0] < 0.03 and shares[-1] > 0.5
     cross = int(np.argmax(shares >= aim))  # the reference: the first grid price that meets the aim
     v0, a0, ok0 = tables.candidates(space, np.zeros(1))
     cfg = ResolvePacerConfig(lower=(0.15,), upper=(np.inf,), temperature=t, gain=0.0, max_step=1.0, max_price=50.0)

@@ -387,12 +387,10 @@ def test_the_planner_solves_off_the_loops_thread_and_is_clipped_to_the_pacer_as_
     assert latest is not None and latest.solver["prices_from"] == "pacer"
 
 
-def test_the_pacer_re_solves_only_on_candidates_the_newest_ranker_scored(db, tmp_path):
-    """Candidate sets a ranker scored before a newer one was published are dropped from the pacer's
-    window (as those served under an older plan are): the pacer's window and its count of fresh
-    decisions are those of the newest ranker's decisions, counted here from the rows written."""
+def _loop_pacing_from_a_plan(db, tmp_path):
+    """A loop on a fresh catalog and config that has planned and started its pacer, and an engine serving
+    that plan: (config record, loop, plan, engine)."""
     from policy_api.engine import DecisionEngine, load_state
-    from policy_api.log import insert_decisions
 
     world = make_world(n_users=30, n_items=200, seed=0)
     world.to_catalog_csv(tmp_path / "items.csv")
@@ -405,6 +403,16 @@ def test_the_pacer_re_solves_only_on_candidates_the_newest_ranker_scored(db, tmp
     plan = registry.latest_plan(db, cfg.version)
     engine = DecisionEngine(load_state(db))
     assert loop._pace() == ("ok", "pacer started from the plan's prices")
+    return cfg, loop, plan, engine
+
+
+def test_the_pacer_re_solves_only_on_candidates_the_newest_ranker_scored(db, tmp_path):
+    """Candidate sets a ranker scored before a newer one was published are dropped from the pacer's
+    window (as those served under an older plan are): the pacer's window and its count of fresh
+    decisions are those of the newest ranker's decisions, counted here from the rows written."""
+    from policy_api.log import insert_decisions
+
+    cfg, loop, plan, engine = _loop_pacing_from_a_plan(db, tmp_path)
     p = loop._pacing
     n = [0]
 
@@ -545,21 +553,10 @@ def test_the_pacer_keeps_the_block_tables_of_its_fresh_sampled_decisions(db, tmp
     import numpy as np
 
     from allocator import LayoutSpace
-    from policy_api.engine import DecisionEngine, load_state
     from policy_api.log import insert_decisions
 
-    world = make_world(n_users=30, n_items=200, seed=0)
-    world.to_catalog_csv(tmp_path / "items.csv")
-    registry.activate_config(db, _config(tmp_path, world), author="test")
-    upsert_items(db, read_catalog_csv(tmp_path / "items.csv").rows())
-    cfg = registry.active_config(db)
+    cfg, loop, plan, engine = _loop_pacing_from_a_plan(db, tmp_path)
     assert cfg.config.loop.pace_sample == 0.25
-    loop = BackgroundLoop(db, holder="t")
-    loop._on_config(cfg)
-    assert loop._plan()[0] == "ok"
-    plan = registry.latest_plan(db, cfg.version)
-    engine = DecisionEngine(load_state(db))
-    assert loop._pace() == ("ok", "pacer started from the plan's prices")
     p = loop._pacing
     made: dict[str, object] = {}
 
