@@ -318,6 +318,14 @@ class ResolvePacer:
         use_floor &= (floor_err > 0) | (free < lo)
         use_cap &= (cap_err < 0) | (free > hi)
         delta = step * (np.where(use_floor, floor_err, 0.0) + np.where(use_cap & ~use_floor, cap_err, 0.0))
+        if self.solved_on_ == "rebuilt":
+            # the last update solved on the sets serving builds at its prices, from the served decisions'
+            # own tables: their shares at the prices they were served at are what serving gave them (less
+            # the exploration's pull, aimed off exactly), so what the shares still miss is serving at prices
+            # not yet moved, not a model error for the integral to wind in. Wound on it, the aims went 3-7 pp
+            # below a floor in a world's first seconds (its first plan's prices served it far above), and
+            # the share then held 1-3 pp under the floor: here the correction fades instead
+            delta = -(1.0 - 2.0 ** (-n / cfg.half_life)) * self.correction_
         self.correction_ = np.clip(self.correction_ + delta, -cfg.max_correction, cfg.max_correction)
         self.overshoot_ = np.where(p > 0, np.maximum(self.shares_ - lo, 0.0), 0.0) \
             + np.where(p < 0, np.maximum(hi - self.shares_, 0.0), 0.0)

@@ -342,3 +342,28 @@ def test_rebuilt_sets_give_the_price_at_which_serving_with_its_own_sets_meets_th
     assert grid[max(cross - 40, 0)] <= got[True] <= grid[min(cross + 40, grid.size - 1)]  # within 0.4 of it
     assert abs(served(got[False]) - aim) > 0.05  # the old sets' model: far off
 
+
+
+def test_on_rebuilt_sets_the_aims_are_not_wound_by_shares_served_at_older_prices() -> None:
+    """Once the pacer solves on the sets serving builds at its prices, a share far from its aim is
+    serving at prices not yet moved there, not a model error: the integral does not wind on it, and a
+    correction wound before (on served sets) fades by half every ``half_life`` decisions (closed form).
+    Re-solving on served sets, the same batches wind the aim down."""
+    space, tables = _live_tables(0)
+    v0, a0, ok0 = tables.candidates(space, np.zeros(1))
+    cfg = ResolvePacerConfig(lower=(0.15,), upper=(np.inf,), temperature=0.05, gain=0.25, half_life=300.0,
+                             max_step=1.0, max_price=50.0)
+    n = 60
+    for rebuilt in (True, False):
+        pacer = ResolvePacer(cfg, prices=np.array([2.0]), space=space)
+        pacer.update(v0, a0, ok0, np.full((240, 1), 0.155), tables=tables if rebuilt else None)
+        assert pacer.solved_on_ == ("rebuilt" if rebuilt else "served")
+        pacer.correction_ = np.array([-0.07])  # wound before
+        for _ in range(5):  # batches served far above the floor at a price the pacer keeps > 0
+            pacer.prices_ = np.maximum(pacer.prices_, 0.5)
+            before = pacer.correction_.copy()
+            pacer.update(v0[:n], a0[:n], ok0[:n], np.full((n, 1), 0.40))
+            if rebuilt:
+                np.testing.assert_allclose(pacer.correction_, before * 2.0 ** (-n / 300.0), rtol=1e-12)
+        if not rebuilt:
+            assert pacer.correction_[0] < -0.07  # wound further down
