@@ -53,27 +53,18 @@ class PaceTables:
 
     @staticmethod
     def concat(parts: list[PaceTables]) -> PaceTables:
-        R = max(p.mean_score.shape[3] for p in parts)
-        N = max(p.lead.shape[1] for p in parts)
-
-        def pad(x: np.ndarray, width: int, axis: int, fill: float) -> np.ndarray:
-            w = [(0, 0)] * x.ndim
-            w[axis] = (0, width - x.shape[axis])
-            return np.pad(x, w, constant_values=fill)
-
-        return PaceTables(np.concatenate([pad(p.mean_score, R, 3, 0.0) for p in parts]),
-                          np.concatenate([pad(p.n_tail, R, 3, 0) for p in parts]),
-                          np.concatenate([pad(p.n_shown, R, 3, 0) for p in parts]),
-                          np.concatenate([pad(p.lead, N, 1, -1) for p in parts]),
-                          np.concatenate([p.explore for p in parts]), np.concatenate([p.at for p in parts]))
+        """The tables of ``parts`` one after the other (one config's: the same shapes)."""
+        return PaceTables(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                            ("mean_score", "n_tail", "n_shown", "lead", "explore", "at")))
 
     def candidates(self, space: LayoutSpace, prices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(value, exposure, exploitable mask) of the candidates serving builds from these tables at
         ``prices`` (:func:`~allocator.build_candidates`, leads and explore variants as logged)."""
         tbl: BlockTable = stats_table(self.mean_score, self.n_tail, self.n_shown)
         lead = self.lead
-        if (lead < 0).any():
-            lead = np.where(lead < 0, default_leads(space, tbl, n=lead.shape[1]), lead)
+        if (lead < 0).any():  # the table's own best: at most one per category, so no wider than C
+            best = default_leads(space, tbl, n=lead.shape[1])
+            lead = np.where(lead[:, :best.shape[1]] < 0, best, lead[:, :best.shape[1]])
         explore = self.explore if (self.explore >= 0).any() else None
         cand = build_candidates(space, tbl, prices, lead_categories=lead, explore=explore)
         return cand.value, cand.exposure, exploitable(space.tilt_levels[cand.tilt], cand.mask, space.tail_goal)

@@ -151,10 +151,12 @@ def _pace_tables(db: Engine, request_ids: np.ndarray, fresh: np.ndarray, since: 
     if not rows:
         return None
     shape = rows[0][1].get("shape")
-    lead_n = len(rows[0][1].get("lead") or []) or 4
     keep = [(i, t) for i, t in rows if t.get("shape") == shape]
     try:
         B, C, R = (int(x) for x in shape or ())
+        # a decision without category preferences led with its table's own best (-1 here): as many as
+        # build_candidates takes, at most one per category
+        lead_n = max((len(t.get("lead") or []) for _, t in keep), default=0) or min(C, 4)
         mean = np.array([t["mean"] for _, t in keep], dtype=np.float64).reshape(-1, B, C, R)
         tail = np.array([t["tail"] for _, t in keep], dtype=np.int64).reshape(-1, B, C, R)
         shown = np.array([t["shown"] for _, t in keep], dtype=np.int64).reshape(-1, B, C, R)

@@ -367,3 +367,24 @@ def test_on_rebuilt_sets_the_aims_are_not_wound_by_shares_served_at_older_prices
                 np.testing.assert_allclose(pacer.correction_, before * 2.0 ** (-n / 300.0), rtol=1e-12)
         if not rebuilt:
             assert pacer.correction_[0] < -0.07  # wound further down
+
+
+def test_tables_without_leads_rebuild_the_candidates_led_by_their_own_best_categories(seed) -> None:
+    """A decision whose scorer gave no category preferences logs no lead: its rebuilt candidates are
+    those build_candidates makes with its default leads, also where the config has fewer than four
+    categories (leads padded to four with -1 are cut to one per category)."""
+    from allocator import PaceTables, block_table, build_candidates
+
+    from .test_layout import random_pool, tiny_space
+
+    space = tiny_space()  # three categories
+    rng = np.random.default_rng(seed)
+    cat, is_tail, tail = random_pool(rng, P=15)
+    tbl = block_table(space, rng.random((6, 15)) * 3, cat, is_tail, tail)
+    prices = rng.normal(size=3)
+    want = build_candidates(space, tbl, prices)
+    for width in (3, 4):
+        got = PaceTables(tbl.mean_score, tbl.n_tail, tbl.n_shown, np.full((6, width), -1), np.full(6, -1),
+                         np.arange(6)).candidates(space, prices)
+        np.testing.assert_array_equal(got[0], want.value)
+        np.testing.assert_array_equal(got[1], want.exposure)
