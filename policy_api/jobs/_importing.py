@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from allocator import EVENT_TYPES, FEEDBACK_TYPES
 
 from ..errors import InvalidInput, NotFound, NotReady
-from ..log import insert_decisions, insert_feedback, load_items
+from ..log import IMPORT_POLICY, insert_decisions, insert_feedback, load_items
 
 __all__ = ["ImportResult", "import_file", "import_rows", "read_interactions"]
 
@@ -110,7 +110,7 @@ def import_rows(db: Engine, data: dict[str, np.ndarray], item_category: dict[str
         shown = list(dict.fromkeys(data["item_id"][rows].tolist()))
         when = datetime.fromtimestamp(ts, tz=UTC)
         decisions.append({"request_id": rid, "ts": when, "user_id": uid, "context": {"source": source},
-                          "versions": {}, "policy": "import", "candidates": [], "pmf": [1.0], "chosen": 0,
+                          "versions": {}, "policy": IMPORT_POLICY, "candidates": [], "pmf": [1.0], "chosen": 0,
                           "propensity": 1.0,
                           "layout": [{"slot": 0, "module_id": "import", "category": item_category[shown[0]], "tilt": 0.0,
                                       "items": [{"item_id": i, "long_tail": False} for i in shown]}],

@@ -22,7 +22,7 @@ from rankers import build_examples, split_by_time
 from .. import registry
 from ..engine import EngineState, ScorerHandle, build_state
 from ..errors import InvalidInput
-from ..log import Catalog, load_items, read_decisions, read_feedback, to_epoch
+from ..log import IMPORT_POLICY, Catalog, load_items, read_decisions, read_feedback, to_epoch
 from ..registry import ConfigRecord, RankerArtifact
 from ._plan import feedback_seen
 
@@ -83,7 +83,7 @@ def log_training_arrays(db: Engine, catalog: Catalog, *, sampled_negatives: int 
     uk = np.unique(key)
     if sampled_negatives and ids.size > 1:
         d0 = uk // (ids.size + 1)
-        imported = d0[np.asarray(dec["policy"], dtype=str)[d0] == "import"]
+        imported = d0[np.asarray(dec["policy"], dtype=str)[d0] == IMPORT_POLICY]
         rng = np.random.default_rng(seed)
         neg_dec = np.repeat(imported, sampled_negatives)
         neg_item = rng.integers(0, ids.size, size=neg_dec.size)

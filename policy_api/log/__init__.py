@@ -41,6 +41,7 @@ from ._schema import (
     CONFIG_JOB_KINDS,
     CONFIG_JOB_STATUSES,
     CONFIG_STATUSES,
+    IMPORT_POLICY,
     MODEL_STATUSES,
     PLAN_STATUSES,
     Bind,
@@ -71,6 +72,7 @@ from ._schema import (
 from ._writer import SQLITE_BATCHES_PER_TRANSACTION, LogWriter, decode_spill_line, encode_spill_line
 
 __all__ = [
+    "IMPORT_POLICY",
     "CANDIDATE_FIELDS",
     "CONFIG_JOB_KINDS",
     "CONFIG_JOB_STATUSES",

@@ -39,6 +39,7 @@ __all__ = [
     "CONFIG_JOB_KINDS",
     "CONFIG_JOB_STATUSES",
     "CONFIG_STATUSES",
+    "IMPORT_POLICY",
     "MODEL_STATUSES",
     "NAMING_CONVENTION",
     "PLAN_STATUSES",
@@ -163,6 +164,9 @@ def _status_check(statuses: tuple[str, ...]) -> sa.CheckConstraint:
     return sa.CheckConstraint(f"status IN ({allowed})", name="status")
 
 
+#: ``decisions.policy`` of imported history (``homepage import``): logged like served traffic, not served
+IMPORT_POLICY = "import"
+
 decisions = sa.Table(
     "decisions",
     metadata,
@@ -182,6 +186,8 @@ decisions = sa.Table(
     sa.Column("layout", _json_text(), nullable=True),
     sa.Column("fallback_reason", sa.String(), nullable=True),
 )
+# when serving began: its first decision that is not an import (policy_api.engine.serving_since)
+sa.Index("ix_decisions_policy_ts", decisions.c.policy, decisions.c.ts)
 
 # No foreign key to decisions: feedback may be flushed before its decision (another worker's queue).
 feedback = sa.Table(

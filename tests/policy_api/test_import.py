@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 
@@ -84,3 +85,62 @@ def test_rows_become_log_entries_and_reimport_is_idempotent(env):
     again = run(e, "import", str(f))
     assert again.returncode == 0
     assert count(tmp, "decisions") == 3 and count(tmp, "feedback") == 5
+
+
+def test_imported_history_is_not_serving(database_url, tmp_path):
+    """Serving begins at its first decision that is not an import. An imported history carries the
+    interactions' own times, years before the catalog was loaded: counted as serving, every catalog
+    item was "added after serving began" and each module showed a random one of them in place of its
+    last item half the time. The reference is a brute force over the decision rows."""
+    import time
+    from datetime import UTC, datetime
+
+    from policy_api import jobs, registry
+    from policy_api.engine import DecisionEngine, load_state, serving_since
+    from policy_api.log import (IMPORT_POLICY, decisions, insert_decisions, make_engine, read_catalog_csv, reading,
+                                upgrade, upsert_items)
+
+    world = make_world(n_users=30, n_items=120, seed=2)
+    # no long-tail bound: a new item would replace a module's last item whatever its kind
+    toml = world.default_config_toml().split("[[constraints]]")[0]
+    world.to_catalog_csv(tmp_path / "items.csv")
+    users, picks = np.arange(200) % 30, np.arange(200) % world.n_items
+    lines = [f"u{u},{world.item_ids[i]},play,{1.0e9 + 3600 * k}" for k, (u, i) in enumerate(zip(users, picks, strict=True))]
+    (tmp_path / "inter.csv").write_text("user_id,item_id,event,timestamp\n" + "\n".join(lines) + "\n")
+    upgrade(database_url)
+    db = make_engine(database_url)
+    try:
+        registry.activate_config(db, toml, author="test")
+        cfg = registry.require_active_config(db)
+        upsert_items(db, read_catalog_csv(tmp_path / "items.csv", cfg.config.category_names).rows())
+        jobs.import_file(db, tmp_path / "inter.csv")
+        assert serving_since(db) is None
+        st = load_state(db)
+        assert st.fresh_items.size == 0 and st.new_items.size == 0
+        eng = DecisionEngine(st)
+        for k in range(60):
+            d = eng.decide(f"u{k % 30}", f"after-import-{k}")
+            assert "new_items" not in d.context
+
+        # served decisions of several policies, and an import newer than all of them
+        def row(rid, policy, ts):
+            return {"request_id": rid, "ts": datetime.fromtimestamp(ts, tz=UTC), "user_id": "u0", "context": {},
+                    "versions": {}, "policy": policy, "candidates": [], "pmf": [1.0], "chosen": 0, "propensity": 1.0,
+                    "layout": [], "fallback_reason": None}
+
+        t0 = datetime.now(tz=UTC).timestamp()  # serving begins after the catalog was loaded
+        insert_decisions(db, [row("a", "vw", t0 + 0.05), row("b", "epsilon", t0 + 0.02), row("c", "vw", t0 + 0.01),
+                              row("d", "fallback", t0 + 0.03), row("e", IMPORT_POLICY, t0 + 0.001)])
+        with reading(db) as conn:
+            got = conn.execute(sa.select(decisions.c.policy, decisions.c.ts)).all()
+        want = min(ts for policy, ts in got if policy != IMPORT_POLICY).timestamp()
+        assert serving_since(db) == pytest.approx(want, abs=1e-5) and want == pytest.approx(t0 + 0.01, abs=1e-5)
+        # an item added now, after serving began, is fresh; the catalog loaded before it is not
+        new = world.item_ids[0]
+        time.sleep(0.1)
+        upsert_items(db, [{"item_id": "brand-new", "category": "songs", "popularity": 1.0,
+                                  "features": [1.0, 1.0, 3.0]}])
+        st = load_state(db)
+        assert [st.catalog.id_list()[i] for i in st.fresh_items] == ["brand-new"] and new != "brand-new"
+    finally:
+        db.dispose()

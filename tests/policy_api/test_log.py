@@ -290,7 +290,7 @@ def test_migrations_upgrade_check_downgrade(database_url, tmp_path, monkeypatch)
         with eng.connect() as conn:
             insp = sa.inspect(conn)
             assert set(insp.get_table_names()) == LOG_TABLES | {"alembic_version"}
-            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0007"
+            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0008"
             mc = MigrationContext.configure(conn, opts={"compare_type": True})
             assert compare_metadata(mc, metadata) == []  # `alembic check`
             # the comparison is not vacuous: a column the DB lacks is reported
@@ -303,7 +303,8 @@ def test_migrations_upgrade_check_downgrade(database_url, tmp_path, monkeypatch)
             # every constraint carries the naming-convention name
             assert {u["name"] for u in insp.get_unique_constraints("feedback")} == {"uq_feedback_event_id"}
             assert {u["name"] for u in insp.get_unique_constraints("models")} == {"uq_models_name_version"}
-            assert {i["name"] for i in insp.get_indexes("decisions")} == {"ix_decisions_ts", "ix_decisions_user_id"}
+            assert {i["name"] for i in insp.get_indexes("decisions")} == {"ix_decisions_ts", "ix_decisions_user_id",
+                                                                          "ix_decisions_policy_ts"}
             assert {u["name"] for u in insp.get_unique_constraints("config_jobs")} == {"uq_config_jobs_apply_slot"}
             assert {c["name"] for c in insp.get_check_constraints("config_jobs")} == {
                 "ck_config_jobs_status", "ck_config_jobs_kind"}
