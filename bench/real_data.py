@@ -29,12 +29,14 @@ import argparse
 import csv
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
@@ -305,6 +307,12 @@ def served_check(tmp: Path, ratings: np.ndarray, cutoff: float, args: argparse.N
                       "text": [x for x in out.splitlines() if x.startswith(("SERVED SCORER", "published", "trained"))]}))
     full = make_engine(f"sqlite:///{tmp / 'h.db'}")
     past = make_engine(env["DATABASE_URL"])
+    serve_dir = tmp / "serve"  # the trained past-only database as it stands, for `homepage serve` below
+    serve_dir.mkdir(exist_ok=True)
+    (serve_dir / "homepage.db").unlink(missing_ok=True)
+    with sqlite3.connect(past_dir / "h.db") as src, sqlite3.connect(serve_dir / "homepage.db") as dst:
+        src.backup(dst)
+    (serve_dir / "homepage.toml").write_bytes((past_dir / "homepage.toml").read_bytes())
     cfg = registry.require_active_config(full)
     catalog = Catalog.from_arrays(load_items(full))
     ev = jobs.log_events(full, catalog)
@@ -341,8 +349,56 @@ def served_check(tmp: Path, ratings: np.ndarray, cutoff: float, args: argparse.N
                 print(json.dumps({"bench": "real_data", "part": "served_vs_baseline", "setting": setting, "baseline": b,
                                   "metric": metric, "baseline_value": round(float(np.mean(base.per_user[b][metric])), 4),
                                   **{x: round(float(d[x]), 4) for x in ("mean_diff", "ci_low", "ci_high")}}))
+    served_by_api(serve_dir, h, ev["user_ids"], index, base, args)
     full.dispose()
     past.dispose()
+
+
+def served_by_api(folder: Path, h: Any, user_ids: list[str], index: dict[str, int], base: Any,
+                  args: argparse.Namespace) -> None:
+    """What an independent client sees: ``homepage serve`` (its loop on, the config as written) on the
+    trained past-only database, one ``GET /layout?user_id=`` per held-out user in turn, each page
+    judged against the user's future positives next to the baselines' evaluated pages."""
+    import requests
+    from live_loop import Server
+
+    import rankers
+
+    server = Server(folder, workers=2)
+    server.start()
+    try:
+        ready_s = server.wait_ready()
+        sess = requests.Session()
+        pages = None
+        t0 = time.perf_counter()
+        for r, u in enumerate(h.users.tolist()):
+            body = sess.get(f"{server.url}/layout", params={"user_id": user_ids[u]}, timeout=30).json()
+            mods = body["modules"]
+            k = max(len(m["items"]) for m in mods)
+            if pages is None:
+                pages = np.full((h.users.size, len(mods) * k), -1)
+            for m in mods:
+                got = [index[it["item_id"]] for it in m["items"]]
+                pages[r, m["slot"] * k:m["slot"] * k + len(got)] = got
+        per_request_ms = 1000 * (time.perf_counter() - t0) / h.users.size
+        readyz = server.get_json("/readyz")
+    finally:
+        server.stop()
+    met = rankers.page_metrics(pages, h.positives, n_items=h.n_items)
+    print(json.dumps({"bench": "real_data", "part": "served_by_api", "n_users": int(h.users.size),
+                      "ready_s": round(ready_s, 1), "ms_per_request": round(per_request_ms, 2),
+                      "versions": body.get("versions"), "recall": round(float(np.mean(met["recall"])), 4),
+                      "ndcg": round(float(np.mean(met["ndcg"])), 4), "hr": round(float(np.mean(met["hit"])), 4),
+                      "loop": (readyz.get("body") or {}).get("loop", {}).get("state")
+                      if isinstance(readyz.get("body"), dict) else None}))
+    from policy_api import jobs
+
+    for b in jobs.BASELINE_SCORERS:
+        for metric in ("recall", "ndcg"):
+            d = rankers.paired_bootstrap(met[metric], base.per_user[b][metric], n_boot=args.n_boot, seed=0)
+            print(json.dumps({"bench": "real_data", "part": "api_vs_baseline", "baseline": b, "metric": metric,
+                              "baseline_value": round(float(np.mean(base.per_user[b][metric])), 4),
+                              **{x: round(float(d[x]), 4) for x in ("mean_diff", "ci_low", "ci_high")}}))
 
 
 if __name__ == "__main__":
