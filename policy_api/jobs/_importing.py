@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 from sqlalchemy.engine import Engine
 
 from allocator import EVENT_TYPES, FEEDBACK_TYPES
 
 from ..errors import InvalidInput, NotFound, NotReady
-from ..log import IMPORT_POLICY, insert_decisions, insert_feedback, load_items
+from ..log import IMPORT_POLICY, encode_candidates, insert_stored, load_items, stored_timestamps
 
 __all__ = ["ImportResult", "import_file", "import_rows", "read_interactions"]
 
@@ -93,39 +94,60 @@ def _hash(*parts: Any) -> str:
 
 def import_rows(db: Engine, data: dict[str, np.ndarray], item_category: dict[str, str], source: str) -> tuple[int, int]:
     """Write interactions as import decisions + feedback. Returns (decisions, events) sent; re-imports
-    are no-ops (both inserts are idempotent)."""
+    are no-ops (both inserts are idempotent: ids hash the interaction's content).
+
+    One decision per (user, time) group, the log's unit: its layout lists the group's distinct items
+    in file order, in a module of the first one's category. The rows are built column-wise and
+    handed to the driver as stored (:func:`~policy_api.log.insert_stored`): what
+    :func:`~policy_api.log.insert_decisions` and :func:`~policy_api.log.insert_feedback` would store
+    for the same rows, without a dict and an encoding per row."""
     n = data["user_id"].size
     if n == 0:
         return 0, 0
-    key = np.array([f"{u}\x1f{t!r}" for u, t in zip(data["user_id"].tolist(), data["ts"].tolist(), strict=True)])
-    uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
-    order = np.argsort(inv, kind="stable")
-    bounds = np.r_[0, np.cumsum(np.bincount(inv, minlength=uniq.size))]
-    decisions, feedback = [], []
-    for g in range(uniq.size):  # one row per (user, time) group: the log's unit
-        rows = order[bounds[g]:bounds[g + 1]]
-        i0 = int(first[g])
-        uid, ts = str(data["user_id"][i0]), float(data["ts"][i0])
-        rid = "import:" + _hash(uid, repr(ts))
-        shown = list(dict.fromkeys(data["item_id"][rows].tolist()))
-        when = datetime.fromtimestamp(ts, tz=UTC)
-        decisions.append({"request_id": rid, "ts": when, "user_id": uid, "context": {"source": source},
-                          "versions": {}, "policy": IMPORT_POLICY, "candidates": [], "pmf": [1.0], "chosen": 0,
-                          "propensity": 1.0,
-                          "layout": [{"slot": 0, "module_id": "import", "category": item_category[shown[0]], "tilt": 0.0,
-                                      "items": [{"item_id": i, "long_tail": False} for i in shown]}],
-                          "fallback_reason": None})
-        for r in rows.tolist():
-            v = float(data["value"][r])
-            feedback.append({"event_id": "import:" + _hash(uid, data["item_id"][r], data["event"][r], repr(ts)),
-                             "request_id": rid, "slot": 0, "item_id": str(data["item_id"][r]),
-                             "type": str(data["event"][r]), "value": None if math.isnan(v) else v, "ts": when,
-                             "received_at": datetime.now(tz=UTC)})
-    for k in range(0, len(decisions), 5000):
-        insert_decisions(db, decisions[k:k + 5000])
-    for k in range(0, len(feedback), 5000):
-        insert_feedback(db, feedback[k:k + 5000])
-    return len(decisions), len(feedback)
+    uid_all = data["user_id"].astype(str)
+    iid_all = data["item_id"].astype(str)
+    ts_all = np.asarray(data["ts"], dtype=np.float64)
+    users, ucode = np.unique(uid_all, return_inverse=True)
+    items, icode = np.unique(iid_all, return_inverse=True)
+    # groups: (user, time), each row's group id in order of first appearance within the sort
+    order = np.lexsort((np.arange(n), ts_all, ucode))  # by user, time, then file order
+    us, ts_s = ucode[order], ts_all[order]
+    new_group = np.r_[True, (us[1:] != us[:-1]) | (ts_s[1:] != ts_s[:-1])]
+    group = np.empty(n, dtype=np.int64)
+    group[order] = np.cumsum(new_group) - 1
+    G = int(new_group.sum())
+    first = order[new_group]  # each group's first row in the file
+    g_user = users[ucode[first]].tolist()
+    g_ts = ts_all[first]
+    g_rid = ["import:" + _hash(u, repr(t)) for u, t in zip(g_user, g_ts.tolist(), strict=True)]
+    # each group's distinct items in file order: the first row of each (group, item) pair
+    pair = group * items.size + icode
+    _, pair_first = np.unique(pair, return_index=True)
+    pair_first = pair_first[np.lexsort((pair_first, group[pair_first]))]  # by group, then file order
+    bounds = np.r_[0, np.cumsum(np.bincount(group[pair_first], minlength=G))]
+    item_json = [orjson.dumps({"item_id": i, "long_tail": False}).decode() for i in items.tolist()]
+    shown = [item_json[i] for i in icode[pair_first].tolist()]
+    cats = [orjson.dumps(item_category[i]).decode() for i in iid_all[first].tolist()]
+    layouts = ['[{"slot":0,"module_id":"import","category":' + c + ',"tilt":0.0,"items":[' +
+               ",".join(shown[bounds[g]:bounds[g + 1]]) + "]}]" for g, c in enumerate(cats)]
+    dialect = db.dialect.name
+    when = stored_timestamps(g_ts, dialect)
+    context = orjson.dumps({"source": source}).decode()
+    candidates = orjson.dumps(encode_candidates([])).decode()
+    decision_rows = list(zip(g_rid, when, g_user, [context] * G, ["{}"] * G, [IMPORT_POLICY] * G,
+                             [candidates] * G, ["[1.0]"] * G, [0] * G, [1.0] * G, layouts, [None] * G, strict=True))
+    ts_repr = [repr(t) for t in ts_all.tolist()]
+    uid_l, iid_l, ev_l = uid_all.tolist(), iid_all.tolist(), data["event"].astype(str).tolist()
+    event_id = ["import:" + _hash(u, i, e, t) for u, i, e, t in zip(uid_l, iid_l, ev_l, ts_repr, strict=True)]
+    value = np.asarray(data["value"], dtype=np.float64)
+    values = np.where(np.isnan(value), None, value).tolist()
+    rid_of_row = [g_rid[g] for g in group.tolist()]
+    received = stored_timestamps(np.array([datetime.now(tz=UTC).timestamp()]), dialect) * n
+    feedback_rows = list(zip(event_id, rid_of_row, [0] * n, iid_l, ev_l, values, stored_timestamps(ts_all, dialect),
+                             received, strict=True))
+    insert_stored(db, "decisions", decision_rows)
+    insert_stored(db, "feedback", feedback_rows)
+    return G, n
 
 
 @dataclass(frozen=True, slots=True)

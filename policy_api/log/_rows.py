@@ -37,6 +37,8 @@ __all__ = [
     "feedback_first_seen",
     "insert_decisions",
     "insert_feedback",
+    "insert_stored",
+    "stored_timestamps",
     "iter_decisions",
     "load_items",
     "read_decisions",
@@ -273,6 +275,39 @@ def write_feedback(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
     sqlite_text = conn.dialect.name == "sqlite"
     _write(conn, feedback, _FEEDBACK_INSERT, [_feedback_values(r, now, sqlite_text) for r in rows], "event_id")
     return len(rows)
+
+
+def stored_timestamps(epoch: np.ndarray, dialect: str) -> list[Any]:
+    """Epoch seconds as a timestamp column stores them (what :func:`write_decisions` and
+    :func:`write_feedback` send for aware datetimes of those instants, to the microsecond): UTC
+    wall-clock text on SQLite, converted in one vectorised step; aware datetimes for PostgreSQL."""
+    t = np.asarray(epoch, dtype=np.float64)
+    if not np.isfinite(t).all():
+        raise ValueError("timestamps must be finite epoch seconds")
+    whole = np.floor(t)
+    micros = whole.astype(np.int64) * 1_000_000 + np.round((t - whole) * 1e6).astype(np.int64)
+    if dialect != "sqlite":
+        return [datetime.fromtimestamp(us / 1e6, tz=UTC) for us in micros.tolist()]
+    text = np.datetime_as_string(micros.astype("datetime64[us]"), unit="us")
+    return np.char.replace(text, "T", " ").tolist()
+
+
+def insert_stored(bind: Bind, table: str, values: Sequence[tuple[Any, ...]], *, batch: int = 50_000) -> int:
+    """Insert rows given as the tuples :func:`write_decisions` / :func:`write_feedback` hand the
+    driver: ``table`` "decisions" (:data:`DECISION_COLUMNS` order) or "feedback" (its columns but
+    ``id``), JSON columns as encoded text, timestamps as :func:`stored_timestamps` gives them. For
+    callers that build many rows column-wise (an imported history): the per-row dicts and their
+    encoding are skipped. Idempotent like the two; one transaction per ``batch`` rows. Returns the
+    number of rows sent."""
+    spec = {"decisions": (decisions, _DECISION_INSERT, "request_id"),
+            "feedback": (feedback, _FEEDBACK_INSERT, "event_id")}
+    if table not in spec:
+        raise ValueError(f"table must be one of {sorted(spec)}; got {table!r}")
+    tbl, columns, key = spec[table]
+    for k in range(0, len(values), batch):
+        with begin(bind) as conn:
+            _write(conn, tbl, columns, list(values[k:k + batch]), key)
+    return len(values)
 
 
 def insert_decisions(bind: Bind, rows: Iterable[Mapping[str, Any]]) -> int:
