@@ -14,6 +14,7 @@ what the driver returns.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
@@ -277,6 +278,10 @@ def write_feedback(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
     return len(rows)
 
 
+#: SQLite's page cache while :func:`insert_stored` writes (KiB; the connection's own setting after)
+IMPORT_CACHE_KIB = 262_144
+
+
 def stored_timestamps(epoch: np.ndarray, dialect: str) -> list[Any]:
     """Epoch seconds as a timestamp column stores them (what :func:`write_decisions` and
     :func:`write_feedback` send for aware datetimes of those instants, to the microsecond): UTC
@@ -304,9 +309,19 @@ def insert_stored(bind: Bind, table: str, values: Sequence[tuple[Any, ...]], *, 
     if table not in spec:
         raise ValueError(f"table must be one of {sorted(spec)}; got {table!r}")
     tbl, columns, key = spec[table]
-    for k in range(0, len(values), batch):
-        with begin(bind) as conn:
-            _write(conn, tbl, columns, list(values[k:k + batch]), key)
+    own = not isinstance(bind, Connection)  # a caller's connection: its transaction, committed by it
+    with (bind.connect() if own else nullcontext(bind)) as conn:
+        raw = conn.connection.driver_connection if conn.dialect.name == "sqlite" else None
+        if raw is not None:  # the indexes of random keys (ids are hashes) stay in memory while the rows go in
+            before = int(raw.execute("PRAGMA cache_size").fetchone()[0])
+            raw.execute(f"PRAGMA cache_size=-{IMPORT_CACHE_KIB}")
+        try:
+            for k in range(0, len(values), batch):
+                with conn.begin() if own else nullcontext():
+                    _write(conn, tbl, columns, list(values[k:k + batch]), key)
+        finally:
+            if raw is not None:
+                raw.execute(f"PRAGMA cache_size={before}")
     return len(values)
 
 
