@@ -389,8 +389,7 @@ def served_by_api(folder: Path, h: Any, user_ids: list[str], index: dict[str, in
                       "ready_s": round(ready_s, 1), "ms_per_request": round(per_request_ms, 2),
                       "versions": body.get("versions"), "recall": round(float(np.mean(met["recall"])), 4),
                       "ndcg": round(float(np.mean(met["ndcg"])), 4), "hr": round(float(np.mean(met["hit"])), 4),
-                      "loop": (readyz.get("body") or {}).get("loop", {}).get("state")
-                      if isinstance(readyz.get("body"), dict) else None}))
+                      "loop_live": ((readyz.get("body") or {}).get("loop") or {}).get("live")}))
     from policy_api import jobs
 
     for b in jobs.BASELINE_SCORERS:
