@@ -132,11 +132,11 @@ def serving_since(db: Engine) -> float | None:
     ``(policy, ts)`` index: one seek for each distinct policy and one for its first decision, however
     many rows the log holds."""
     first: list[Any] = []
-    p = sa.bindparam("p")
+    p: sa.BindParameter[str] = sa.bindparam("p", type_=sa.String())
     next_policy = sa.select(sa.func.min(decisions.c.policy)).where(decisions.c.policy > p)
     first_of = sa.select(sa.func.min(decisions.c.ts)).where(decisions.c.policy == p)
     with reading(db) as conn:
-        policy = ""
+        policy: str | None = ""
         while (policy := conn.execute(next_policy, {"p": policy}).scalar()) is not None:
             if policy != IMPORT_POLICY:
                 first.append(conn.execute(first_of, {"p": policy}).scalar())

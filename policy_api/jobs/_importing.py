@@ -140,7 +140,7 @@ def import_rows(db: Engine, data: dict[str, np.ndarray], item_category: dict[str
     uid_l, iid_l, ev_l = uid_all.tolist(), iid_all.tolist(), data["event"].astype(str).tolist()
     event_id = ["import:" + _hash(u, i, e, t) for u, i, e, t in zip(uid_l, iid_l, ev_l, ts_repr, strict=True)]
     value = np.asarray(data["value"], dtype=np.float64)
-    values = np.where(np.isnan(value), None, value).tolist()
+    values = [None if v != v else v for v in value.tolist()]  # NaN: no value
     rid_of_row = [g_rid[g] for g in group.tolist()]
     received = stored_timestamps(np.array([datetime.now(tz=UTC).timestamp()]), dialect) * n
     feedback_rows = list(zip(event_id, rid_of_row, [0] * n, iid_l, ev_l, values, stored_timestamps(ts_all, dialect),
