@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from .. import jobs
 from ..log import read_catalog_csv, upgrade, upsert_items
@@ -38,7 +41,18 @@ def cmd_refresh_head(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    res = jobs.import_file(db_engine(), args.file)
+    bar = tqdm(desc="import", unit="row") if sys.stderr.isatty() else None
+
+    def progress(rows: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(rows)
+
+    try:
+        res = jobs.import_file(db_engine(), args.file, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
     print(f"imported {res.events} interactions of {res.users} users as {res.decisions} log entries "
           f"({', '.join(f'{k} {v}' for k, v in res.by_event.items())})")
     return 0

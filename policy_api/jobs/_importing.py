@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,7 +93,8 @@ def _hash(*parts: Any) -> str:
     return hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=12).hexdigest()
 
 
-def import_rows(db: Engine, data: dict[str, np.ndarray], item_category: dict[str, str], source: str) -> tuple[int, int]:
+def import_rows(db: Engine, data: dict[str, np.ndarray], item_category: dict[str, str], source: str, *,
+                progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
     """Write interactions as import decisions + feedback. Returns (decisions, events) sent; re-imports
     are no-ops (both inserts are idempotent: ids hash the interaction's content).
 
@@ -100,7 +102,8 @@ def import_rows(db: Engine, data: dict[str, np.ndarray], item_category: dict[str
     in file order, in a module of the first one's category. The rows are built column-wise and
     handed to the driver as stored (:func:`~policy_api.log.insert_stored`): what
     :func:`~policy_api.log.insert_decisions` and :func:`~policy_api.log.insert_feedback` would store
-    for the same rows, without a dict and an encoding per row."""
+    for the same rows, without a dict and an encoding per row. ``progress(rows, total)`` is called
+    as the rows are written (``rows`` written since the last call; ``total`` decisions and events)."""
     n = data["user_id"].size
     if n == 0:
         return 0, 0
@@ -145,8 +148,9 @@ def import_rows(db: Engine, data: dict[str, np.ndarray], item_category: dict[str
     received = stored_timestamps(np.array([datetime.now(tz=UTC).timestamp()]), dialect) * n
     feedback_rows = list(zip(event_id, rid_of_row, [0] * n, iid_l, ev_l, values, stored_timestamps(ts_all, dialect),
                              received, strict=True))
-    insert_stored(db, "decisions", decision_rows)
-    insert_stored(db, "feedback", feedback_rows)
+    step = None if progress is None else (lambda rows: progress(rows, G + n))
+    insert_stored(db, "decisions", decision_rows, progress=step)
+    insert_stored(db, "feedback", feedback_rows, progress=step)
     return G, n
 
 
@@ -158,13 +162,15 @@ class ImportResult:
     by_event: dict[str, int]
 
 
-def import_file(db: Engine, path: str | Path) -> ImportResult:
-    """Import an interactions file against the catalog in the database."""
+def import_file(db: Engine, path: str | Path, *, progress: Callable[[int, int], None] | None = None
+                ) -> ImportResult:
+    """Import an interactions file against the catalog in the database (``progress``: see
+    :func:`import_rows`)."""
     items = load_items(db)
     if len(items["item_ids"]) == 0:
         raise NotReady("the catalog is empty; load it first with `homepage catalog load items.csv`", field="catalog")
     cat = dict(zip(map(str, items["item_ids"]), map(str, items["category"]), strict=True))
     data = read_interactions(path, set(cat))
-    n_dec, n_ev = import_rows(db, data, cat, source=str(path))
+    n_dec, n_ev = import_rows(db, data, cat, source=str(path), progress=progress)
     kinds = {e: int((data["event"] == e).sum()) for e in EVENT_TYPES if (data["event"] == e).any()}
     return ImportResult(n_dec, n_ev, int(np.unique(data["user_id"]).size), kinds)

@@ -13,7 +13,7 @@ what the driver returns.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from datetime import UTC, datetime
 from typing import Any
@@ -297,13 +297,14 @@ def stored_timestamps(epoch: np.ndarray, dialect: str) -> list[Any]:
     return np.char.replace(text, "T", " ").tolist()
 
 
-def insert_stored(bind: Bind, table: str, values: Sequence[tuple[Any, ...]], *, batch: int = 50_000) -> int:
+def insert_stored(bind: Bind, table: str, values: Sequence[tuple[Any, ...]], *, batch: int = 50_000,
+                  progress: Callable[[int], None] | None = None) -> int:
     """Insert rows given as the tuples :func:`write_decisions` / :func:`write_feedback` hand the
     driver: ``table`` "decisions" (:data:`DECISION_COLUMNS` order) or "feedback" (its columns but
     ``id``), JSON columns as encoded text, timestamps as :func:`stored_timestamps` gives them. For
     callers that build many rows column-wise (an imported history): the per-row dicts and their
-    encoding are skipped. Idempotent like the two; one transaction per ``batch`` rows. Returns the
-    number of rows sent."""
+    encoding are skipped. Idempotent like the two; one transaction per ``batch`` rows, after each of
+    which ``progress(rows)`` is called with the rows it sent. Returns the number of rows sent."""
     spec = {"decisions": (decisions, _DECISION_INSERT, "request_id"),
             "feedback": (feedback, _FEEDBACK_INSERT, "event_id")}
     if table not in spec:
@@ -319,6 +320,8 @@ def insert_stored(bind: Bind, table: str, values: Sequence[tuple[Any, ...]], *, 
             for k in range(0, len(values), batch):
                 with conn.begin() if own else nullcontext():
                     _write(conn, tbl, columns, list(values[k:k + batch]), key)
+                if progress is not None:
+                    progress(min(batch, len(values) - k))
         finally:
             if raw is not None:
                 raw.execute(f"PRAGMA cache_size={before}")

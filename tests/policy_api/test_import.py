@@ -216,7 +216,9 @@ def test_import_stores_what_row_by_row_inserts_store(database_url, tmp_path):
 
     try:
         groups = len(set(zip(data["user_id"].tolist(), ts.tolist(), strict=True)))
-        assert jobs.import_rows(db, data, cats, "f.csv") == (groups, n)
+        seen = []
+        assert jobs.import_rows(db, data, cats, "f.csv", progress=lambda r, t: seen.append((r, t))) == (groups, n)
+        assert sum(r for r, _ in seen) == groups + n and {t for _, t in seen} == {groups + n}  # rows as written
         jobs.import_rows(db, data, cats, "f.csv")  # again: nothing added
         new = stored()
         with db.begin() as conn:
