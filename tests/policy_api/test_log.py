@@ -40,6 +40,7 @@ from policy_api.log import (
     feedback,
     insert_decisions,
     insert_feedback,
+    insert_stored,
     items,
     load_items,
     make_engine,
@@ -48,6 +49,7 @@ from policy_api.log import (
     read_decisions,
     read_feedback,
     read_parquet,
+    stored_timestamps,
     upgrade,
     upsert_items,
 )
@@ -392,6 +394,48 @@ def test_decisions_and_feedback_round_trip(engine):
 
     with pytest.raises(ValueError, match=r"columns must be among decisions columns"):
         read_decisions(engine, columns=["request_id", "reward"])
+
+
+def test_insert_stored_writes_what_insert_feedback_writes(engine):
+    """Rows handed over as stored (``insert_stored``, timestamps by ``stored_timestamps``) read back as
+    the dict rows ``insert_feedback`` takes; inside a caller's transaction they go with it (rolled
+    back: nothing), ``progress`` counts each batch, and SQLite's page cache is the connection's own
+    again after."""
+    rng = np.random.default_rng(7)
+    rows = [feedback_row(j, f"req-{j % 9}", rng) for j in range(50)]
+    rows[1]["ts"] = T0 + timedelta(seconds=0.25)  # a fraction of a second
+    dialect = engine.dialect.name
+
+    def stamp(dt):
+        return stored_timestamps(np.array([dt.timestamp()]), dialect)[0]
+
+    tuples = [(r["event_id"], r["request_id"], r["slot"], r["item_id"], r["type"], r["value"], stamp(r["ts"]),
+               stamp(r["received_at"])) for r in rows]
+    cache = None
+    if dialect == "sqlite":
+        with engine.connect() as conn:
+            cache = conn.exec_driver_sql("PRAGMA cache_size").scalar()
+    with engine.connect() as conn:
+        tx = conn.begin()
+        insert_stored(conn, "feedback", tuples, batch=7)
+        tx.rollback()
+    assert count(engine, "feedback") == 0
+    sent: list[int] = []
+    assert insert_stored(engine, "feedback", tuples, batch=7, progress=sent.append) == 50
+    assert sent == [7] * 7 + [1]
+    got = read_feedback(engine)
+    assert list(got["event_id"]) == [r["event_id"] for r in rows]
+    np.testing.assert_array_equal(got["ts"], [to_us(r["ts"]) for r in rows])
+    np.testing.assert_array_equal(got["received_at"], [to_us(r["received_at"]) for r in rows])
+    np.testing.assert_array_equal(got["value"], [np.nan if r["value"] is None else r["value"] for r in rows])
+    np.testing.assert_array_equal(got["slot"], [-1 if r["slot"] is None else r["slot"] for r in rows])
+    assert list(got["item_id"]) == [r["item_id"] for r in rows] and list(got["type"]) == [r["type"] for r in rows]
+    assert insert_stored(engine, "feedback", tuples) == 50 and count(engine, "feedback") == 50  # idempotent
+    if cache is not None:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == cache
+    with pytest.raises(ValueError, match=r"table must be one of \['decisions', 'feedback'\]; got 'items'"):
+        insert_stored(engine, "items", tuples)
 
 
 def test_timestamps_are_utc_aware(engine):
