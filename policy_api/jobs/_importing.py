@@ -93,8 +93,14 @@ def _hash(*parts: Any) -> str:
     return hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=12).hexdigest()
 
 
+#: an import writes the rows of this many interactions at a time (whole users: a (user, time) group is
+#: never split), so that its memory does not grow with the file beyond the interactions read
+IMPORT_CHUNK_ROWS = 200_000
+
+
 def import_rows(db: Engine, data: dict[str, np.ndarray], item_category: dict[str, str], source: str, *,
-                progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
+                progress: Callable[[int, int], None] | None = None,
+                chunk_rows: int = IMPORT_CHUNK_ROWS) -> tuple[int, int]:
     """Write interactions as import decisions + feedback. Returns (decisions, events) sent; re-imports
     are no-ops (both inserts are idempotent: ids hash the interaction's content).
 
@@ -102,11 +108,29 @@ def import_rows(db: Engine, data: dict[str, np.ndarray], item_category: dict[str
     in file order, in a module of the first one's category. The rows are built column-wise and
     handed to the driver as stored (:func:`~policy_api.log.insert_stored`): what
     :func:`~policy_api.log.insert_decisions` and :func:`~policy_api.log.insert_feedback` would store
-    for the same rows, without a dict and an encoding per row. ``progress(rows, total)`` is called
-    as the rows are written (``rows`` written since the last call; ``total`` decisions and events)."""
+    for the same rows, without a dict and an encoding per row, ``chunk_rows`` interactions of whole
+    users at a time. ``progress(rows, total)`` is called as the rows are written (``rows`` written
+    since the last call; ``total`` decisions and events)."""
     n = data["user_id"].size
     if n == 0:
         return 0, 0
+    ucode = np.unique(data["user_id"].astype(str), return_inverse=True)[1]
+    ts = np.asarray(data["ts"], dtype=np.float64)
+    by_user = np.argsort(ucode, kind="stable")  # file order within each user
+    o = np.lexsort((ts, ucode))
+    total = n + 1 + int(((ucode[o][1:] != ucode[o][:-1]) | (ts[o][1:] != ts[o][:-1])).sum())  # events + groups
+    ends = np.cumsum(np.bincount(ucode))  # rows up to each user's last, in user order
+    cuts = np.unique(np.r_[0, ends[np.searchsorted(ends, np.arange(chunk_rows, n, chunk_rows))], n])
+    step = None if progress is None else (lambda rows: progress(rows, total))
+    got = [_import_chunk(db, {k: np.asarray(v)[by_user[a:b]] for k, v in data.items()}, item_category, source, step)
+           for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True)]
+    return sum(g for g, _ in got), sum(m for _, m in got)
+
+
+def _import_chunk(db: Engine, data: dict[str, np.ndarray], item_category: dict[str, str], source: str,
+                  progress: Callable[[int], None] | None) -> tuple[int, int]:
+    """:func:`import_rows` for interactions of whole users: returns (decisions, events) sent."""
+    n = data["user_id"].size
     uid_all = data["user_id"].astype(str)
     iid_all = data["item_id"].astype(str)
     ts_all = np.asarray(data["ts"], dtype=np.float64)
@@ -148,9 +172,8 @@ def import_rows(db: Engine, data: dict[str, np.ndarray], item_category: dict[str
     received = stored_timestamps(np.array([datetime.now(tz=UTC).timestamp()]), dialect) * n
     feedback_rows = list(zip(event_id, rid_of_row, [0] * n, iid_l, ev_l, values, stored_timestamps(ts_all, dialect),
                              received, strict=True))
-    step = None if progress is None else (lambda rows: progress(rows, G + n))
-    insert_stored(db, "decisions", decision_rows, progress=step)
-    insert_stored(db, "feedback", feedback_rows, progress=step)
+    insert_stored(db, "decisions", decision_rows, progress=progress)
+    insert_stored(db, "feedback", feedback_rows, progress=progress)
     return G, n
 
 

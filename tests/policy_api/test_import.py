@@ -217,8 +217,10 @@ def test_import_stores_what_row_by_row_inserts_store(database_url, tmp_path):
     try:
         groups = len(set(zip(data["user_id"].tolist(), ts.tolist(), strict=True)))
         seen = []
-        assert jobs.import_rows(db, data, cats, "f.csv", progress=lambda r, t: seen.append((r, t))) == (groups, n)
+        assert jobs.import_rows(db, data, cats, "f.csv", progress=lambda r, t: seen.append((r, t)),
+                                chunk_rows=500) == (groups, n)  # whole users 500 interactions at a time
         assert sum(r for r, _ in seen) == groups + n and {t for _, t in seen} == {groups + n}  # rows as written
+        assert len(seen) >= 2 * (n // 500 - 1)  # chunk by chunk
         jobs.import_rows(db, data, cats, "f.csv")  # again: nothing added
         new = stored()
         with db.begin() as conn:
