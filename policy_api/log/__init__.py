@@ -74,7 +74,6 @@ from ._schema import (
 from ._writer import SQLITE_BATCHES_PER_TRANSACTION, LogWriter, decode_spill_line, encode_spill_line
 
 __all__ = [
-    "IMPORT_POLICY",
     "CANDIDATE_FIELDS",
     "CONFIG_JOB_KINDS",
     "CONFIG_JOB_STATUSES",
@@ -85,6 +84,7 @@ __all__ = [
     "SQLITE_BATCHES_PER_TRANSACTION",
     "EXPORT_COLUMNS",
     "FEEDBACK_COLUMNS",
+    "IMPORT_POLICY",
     "LEARNER_FIELDS",
     "N_CANDIDATES_KEY",
     "Bind",

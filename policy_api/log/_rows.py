@@ -310,8 +310,8 @@ def insert_stored(bind: Bind, table: str, values: Sequence[tuple[Any, ...]], *, 
     if table not in spec:
         raise ValueError(f"table must be one of {sorted(spec)}; got {table!r}")
     tbl, columns, key = spec[table]
-    own = not isinstance(bind, Connection)  # a caller's connection: its transaction, committed by it
-    with (nullcontext(bind) if isinstance(bind, Connection) else bind.connect()) as conn:
+    own = not isinstance(bind, Connection)  # else the caller's transaction, committed by the caller
+    with (bind.connect() if not isinstance(bind, Connection) else nullcontext(bind)) as conn:
         raw = conn.connection.driver_connection if conn.dialect.name == "sqlite" else None
         if raw is not None:  # the indexes of random keys (ids are hashes) stay in memory while the rows go in
             before = int(raw.execute("PRAGMA cache_size").fetchone()[0])
