@@ -115,16 +115,22 @@ def import_rows(db: Engine, data: dict[str, np.ndarray], item_category: dict[str
     if n == 0:
         return 0, 0
     ucode = np.unique(data["user_id"].astype(str), return_inverse=True)[1]
-    ts = np.asarray(data["ts"], dtype=np.float64)
     by_user = np.argsort(ucode, kind="stable")  # file order within each user
-    o = np.lexsort((ts, ucode))
-    total = n + 1 + int(((ucode[o][1:] != ucode[o][:-1]) | (ts[o][1:] != ts[o][:-1])).sum())  # events + groups
+    total = n + int(_groups(ucode, np.asarray(data["ts"], dtype=np.float64))[1].sum())  # events + decisions
     ends = np.cumsum(np.bincount(ucode))  # rows up to each user's last, in user order
     cuts = np.unique(np.r_[0, ends[np.searchsorted(ends, np.arange(chunk_rows, n, chunk_rows))], n])
     step = None if progress is None else (lambda rows: progress(rows, total))
     got = [_import_chunk(db, {k: np.asarray(v)[by_user[a:b]] for k, v in data.items()}, item_category, source, step)
            for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True)]
     return sum(g for g, _ in got), sum(m for _, m in got)
+
+
+def _groups(ucode: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (user, time) groups: rows sorted by user, then time, then file order (a stable sort), and
+    whether each sorted row starts a group."""
+    order = np.lexsort((ts, ucode))
+    us, ts_s = ucode[order], ts[order]
+    return order, np.r_[True, (us[1:] != us[:-1]) | (ts_s[1:] != ts_s[:-1])]
 
 
 def _import_chunk(db: Engine, data: dict[str, np.ndarray], item_category: dict[str, str], source: str,
@@ -136,10 +142,7 @@ def _import_chunk(db: Engine, data: dict[str, np.ndarray], item_category: dict[s
     ts_all = np.asarray(data["ts"], dtype=np.float64)
     users, ucode = np.unique(uid_all, return_inverse=True)
     items, icode = np.unique(iid_all, return_inverse=True)
-    # groups: (user, time), each row's group id in order of first appearance within the sort
-    order = np.lexsort((np.arange(n), ts_all, ucode))  # by user, time, then file order
-    us, ts_s = ucode[order], ts_all[order]
-    new_group = np.r_[True, (us[1:] != us[:-1]) | (ts_s[1:] != ts_s[:-1])]
+    order, new_group = _groups(ucode, ts_all)
     group = np.empty(n, dtype=np.int64)
     group[order] = np.cumsum(new_group) - 1
     G = int(new_group.sum())
@@ -154,7 +157,8 @@ def _import_chunk(db: Engine, data: dict[str, np.ndarray], item_category: dict[s
     bounds = np.r_[0, np.cumsum(np.bincount(group[pair_first], minlength=G))]
     item_json = [orjson.dumps({"item_id": i, "long_tail": False}).decode() for i in items.tolist()]
     shown = [item_json[i] for i in icode[pair_first].tolist()]
-    cats = [orjson.dumps(item_category[i]).decode() for i in iid_all[first].tolist()]
+    cat_json = [orjson.dumps(item_category[i]).decode() for i in items.tolist()]  # once per distinct item
+    cats = [cat_json[i] for i in icode[first].tolist()]
     layouts = ['[{"slot":0,"module_id":"import","category":' + c + ',"tilt":0.0,"items":[' +
                ",".join(shown[bounds[g]:bounds[g + 1]]) + "]}]" for g, c in enumerate(cats)]
     dialect = db.dialect.name

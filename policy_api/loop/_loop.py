@@ -134,20 +134,29 @@ def _pace_tables(db: Engine, request_ids: np.ndarray, fresh: np.ndarray, since: 
     """The block tables the batch's fresh decisions logged (``context["pace"]``, see ``[loop]
     pace_sample``), at their positions in the batch (``request_ids``, the decision log's order); None
     where none did. A table whose shape or lead width differs from the first is left out."""
-    q = sa.select(decisions.c.request_id, decisions.c.context).where(decisions.c.ts < until)
+    # only the decisions that logged a table (a share of them, pace_sample): the database filters
+    q = sa.select(decisions.c.request_id, decisions.c.context).where(
+        decisions.c.ts < until, decisions.c.context["pace"].as_string().is_not(None))
     if since is not None:
         q = q.where(decisions.c.ts >= since)
-    pos = {r: i for i, r in enumerate(request_ids.tolist())}
-    rows: list[tuple[int, dict[str, Any]]] = []
     with db.connect() as conn:
-        for rid, ctx in conn.execute(q):
-            i = pos.get(rid)
-            if i is None or not fresh[i]:
-                continue
-            ctx = json.loads(ctx) if isinstance(ctx, str) else ctx
-            got = ctx.get("pace") if isinstance(ctx, dict) else None
-            if isinstance(got, dict):
-                rows.append((i, got))
+        got = conn.execute(q).all()
+    ids = np.asarray(request_ids).astype(str)
+    if not got or not ids.size:
+        return None
+    by_id = np.argsort(ids, kind="stable")
+    want = np.array([str(r) for r, _ in got])
+    k = np.minimum(np.searchsorted(ids[by_id], want), ids.size - 1)
+    at_batch = by_id[k]
+    found = ids[at_batch] == want
+    rows: list[tuple[int, dict[str, Any]]] = []
+    for (_, ctx), i in zip(got, np.where(found, at_batch, -1).tolist(), strict=True):
+        if i < 0 or not fresh[i]:
+            continue
+        ctx = json.loads(ctx) if isinstance(ctx, str) else ctx
+        table = ctx.get("pace") if isinstance(ctx, dict) else None
+        if isinstance(table, dict):
+            rows.append((i, table))
     if not rows:
         return None
     shape = rows[0][1].get("shape")
