@@ -211,6 +211,10 @@ def main() -> None:
     ap.add_argument("--data", help="folder with ml-100k.inter/.item or u.data/u.item (default: from the recbole wheel)")
     ap.add_argument("--synthetic", type=int, metavar="N_RATINGS",
                     help="a synthetic MovieLens-1M-sized log of about N_RATINGS ratings instead (a scale check)")
+    ap.add_argument("--synthetic-items", type=int, default=3706, metavar="N",
+                    help="movies in the synthetic log's catalog (default: MovieLens-1M's 3,706)")
+    ap.add_argument("--synthetic-users", type=int, default=6040, metavar="N",
+                    help="users in the synthetic log (default: MovieLens-1M's 6,040)")
     ap.add_argument("--max-epochs", type=int, default=10)
     ap.add_argument("--interaction", choices=("cin", "cross"), default="cross", help="torch ranker only")
     ap.add_argument("--model", choices=("residual", "torch"), default="residual")
@@ -223,7 +227,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(args.work or t)
         tmp.mkdir(parents=True, exist_ok=True)
-        data = (synthetic(Path(t) / "synthetic", args.synthetic) if args.synthetic else
+        data = (synthetic(Path(t) / "synthetic", args.synthetic, args.synthetic_users, args.synthetic_items) if args.synthetic else
                 Path(args.data) if args.data else fetch(Path(t)))
         ratings, meta = read(data)
         ts = ratings[:, 3].astype(np.float64)

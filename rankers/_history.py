@@ -20,6 +20,10 @@ Kinds (``kind``):
 ``item_knn``
     ``sum_{i in H_u} S[i, j]``, the pruned cosine item-item similarity (:class:`rankers.ItemKNN`);
     users whose history has no neighbour at all get ``pop_j`` counted in users.
+``catalog_popularity``
+    ``p_j``, a popularity column given per item (the catalog's own, which the engine serves when nothing
+    beats it), served with the user's history put below every other candidate like every kind here;
+    the serving engine sets ``item_popularity`` from its current catalog at load.
 ``residual``
     ``sigmoid(x_uj . coef)``, a logistic model of the chance that the user goes on to choose the item
     (:func:`fit_residual`), with ``x_uj`` (see :data:`FEATURES`): the recent-popularity baseline's own
@@ -62,7 +66,8 @@ __all__ = ["BASE", "FEATURES", "HISTORY_KINDS", "HISTORY_MAGIC", "ITEM_RATE_PRIO
            "residual_grid", "with_dial"]
 
 #: the kinds of :class:`HistoryScorer`, baselines first
-HISTORY_KINDS: tuple[str, ...] = ("popularity", "recent_popularity", "category_popularity", "item_knn", "residual")
+HISTORY_KINDS: tuple[str, ...] = ("popularity", "recent_popularity", "category_popularity", "item_knn",
+                                   "catalog_popularity", "residual")
 #: the first bytes of :meth:`HistoryScorer.save`
 HISTORY_MAGIC = b"HPHISTORY1\n"
 #: half-lives (days) of the residual ranker's popularity features; None = no decay
@@ -234,6 +239,8 @@ class HistoryScorer:
         Item-kNN pruning and shrinkage (``item_knn`` and ``residual``).
     item_rate_prior
         Pseudo-exposures of the item rates' prior (> 0; :func:`item_rates`).
+    item_popularity
+        ``catalog_popularity`` only (and required there): shape (n_items,), finite numbers >= 0.
 
     Attributes
     ----------
@@ -243,7 +250,8 @@ class HistoryScorer:
 
     def __init__(self, kind: str, item_category: np.ndarray, *, half_life_s: float = 14 * _DAY,
                  type_weights: np.ndarray | None = None, coef: np.ndarray | None = None, pop_exponent: float = 1.0,
-                 n_neighbors: int = 100, shrink: float = 10.0, item_rate_prior: float = ITEM_RATE_PRIOR) -> None:
+                 n_neighbors: int = 100, shrink: float = 10.0, item_rate_prior: float = ITEM_RATE_PRIOR,
+                 item_popularity: np.ndarray | None = None) -> None:
         if kind not in HISTORY_KINDS:
             raise ValueError(f"kind must be one of {', '.join(HISTORY_KINDS)}; got {kind!r}")
         cat = np.asarray(item_category)
@@ -266,6 +274,9 @@ class HistoryScorer:
                 raise ValueError(f"coef must have shape ({n_feat},) for a residual scorer; got "
                                  f"{None if coef is None else np.shape(coef)}")
         self.coef = None if coef is None else np.asarray(coef, dtype=np.float64)
+        self.item_popularity: np.ndarray | None = None
+        if kind == "catalog_popularity" or item_popularity is not None:
+            self.item_popularity = self._checked_popularity(item_popularity, cat.size)
         self.pop_exponent = float(pop_exponent)
         #: serving puts what the user already engaged with below every other candidate (right where users
         #: seldom come back to an item, as with films; not where they replay it, as with songs)
@@ -378,6 +389,25 @@ class HistoryScorer:
         out: sp.csr_array = knn_similarity(x, self.shrink, self.n_neighbors)
         return out
 
+    @staticmethod
+    def _checked_popularity(pop: np.ndarray | None, n_items: int) -> np.ndarray:
+        p = None if pop is None else np.asarray(pop, dtype=np.float64)
+        if p is None or p.shape != (n_items,) or not (np.isfinite(p) & (p >= 0)).all():
+            raise ValueError(f"item_popularity must be {n_items} finite numbers >= 0 (one per item) for a "
+                             f"catalog_popularity scorer; got "
+                             f"{None if p is None else f'shape {p.shape}'}")
+        return p
+
+    def with_item_popularity(self, popularity: np.ndarray) -> HistoryScorer:
+        """A ``catalog_popularity`` scorer sharing this one's fitted snapshot (read only) that scores
+        with another popularity column (the catalog's as it stands now)."""
+        self._check_fitted()
+        if self.kind != "catalog_popularity":
+            raise ValueError(f"with_item_popularity needs a catalog_popularity scorer; got kind {self.kind!r}")
+        out = copy.copy(self)
+        out.item_popularity = self._checked_popularity(popularity, self.n_items_)
+        return out
+
     def _check_fitted(self) -> None:
         if not hasattr(self, "pop_"):
             raise ValueError(f"HistoryScorer({self.kind!r}) is not fitted; call fit(...) first")
@@ -392,6 +422,9 @@ class HistoryScorer:
         kind = self.kind
         if kind == "popularity":
             return self.pop_[items]
+        if kind == "catalog_popularity":
+            assert self.item_popularity is not None  # checked at construction
+            return self.item_popularity[items]
         if kind == "recent_popularity":
             return self.recent_[items]
         if kind == "item_knn":
@@ -517,7 +550,8 @@ class HistoryScorer:
 
     # -- serving ---------------------------------------------------------------------------------------
     def score_live(self, user_idx: int, item_idx: np.ndarray, live_items: np.ndarray | None = None,
-                   live_types: np.ndarray | None = None, *, demote_seen: bool | None = None) -> np.ndarray:
+                   live_types: np.ndarray | None = None, *, demote_seen: bool | None = None,
+                   seen_out: np.ndarray | None = None) -> np.ndarray:
         """One request: scores (n,) of ``item_idx`` (n,) for snapshot user ``user_idx`` (-1 = none) whose
         live positive events ``live_items`` (item rows, newest first; ``live_types`` their event-type
         codes) happened after the snapshot.
@@ -525,7 +559,8 @@ class HistoryScorer:
         The live events join the user's history (kNN), category weights (units of their types) and
         last-positive times (at the snapshot's reference time). With ``demote_seen`` (default: the
         scorer's :attr:`demote_seen`) every item of the history goes below every other candidate, as the
-        evaluation's ``exclude_seen`` does: ``min(s) - 1 - max |s|`` over the candidates.
+        evaluation's ``exclude_seen`` does: ``min(s) - 1 - max |s|`` over the candidates; ``seen_out``
+        (bool, shape (n,)), when given, is set to which candidates were put there.
         """
         self._check_fitted()
         u = int(user_idx)
@@ -564,10 +599,14 @@ class HistoryScorer:
             out = self._residual(knn, n_uc[None, :], last[None, :], items[None, :])[0]
         else:
             out = self._scores(knn, has, n_uc[None, :], last[None, :], items[None, :])[0]
+        if seen_out is not None:
+            seen_out[:] = False
         if (self.demote_seen if demote_seen is None else demote_seen) and hist.size and items.size:
             seen = np.isin(items, hist)
             if seen.any():
                 out = np.where(seen, out.min() - 1.0 - np.abs(out).max(), out)
+                if seen_out is not None:
+                    seen_out[:] = seen
         return out
 
     def _item_terms(self) -> tuple[np.ndarray, np.ndarray]:
@@ -623,7 +662,8 @@ class HistoryScorer:
                  h_indptr=h.indptr, h_indices=h.indices, r_indptr=self.recency_.indptr,
                  r_indices=self.recency_.indices, r_data=self.recency_.data, s_indptr=s.indptr, s_indices=s.indices, s_data=s.data,
                  pop=self.pop_, recent=self.recent_, pops=self.pops_, user_category=self.user_category_,
-                 last=self.last_, rate_logit=self.rate_logit_, exposures=self.exposures_)
+                 last=self.last_, rate_logit=self.rate_logit_, exposures=self.exposures_,
+                 item_popularity=np.zeros(0) if self.item_popularity is None else self.item_popularity)
         return HISTORY_MAGIC + buf.getvalue()
 
     @classmethod
@@ -645,7 +685,9 @@ class HistoryScorer:
             self = cls(meta["kind"], z["item_category"], half_life_s=meta["half_life_s"],
                        type_weights=z["type_weights"], coef=coef if coef.size else None,
                        pop_exponent=meta["pop_exponent"], n_neighbors=meta["n_neighbors"], shrink=meta["shrink"],
-                       item_rate_prior=meta.get("item_rate_prior", ITEM_RATE_PRIOR))
+                       item_rate_prior=meta.get("item_rate_prior", ITEM_RATE_PRIOR),
+                       item_popularity=(z["item_popularity"] if "item_popularity" in z.files
+                                        and z["item_popularity"].size else None))
             self.rate_logit_ = z["rate_logit"] if has_rates else np.zeros(n_items)
             self.exposures_ = z["exposures"] if has_rates else np.zeros(n_items)
             self.demote_seen = bool(meta.get("demote_seen", True))

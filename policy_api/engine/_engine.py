@@ -101,21 +101,23 @@ class ScorerHandle:
         return None if prefs is None else np.asarray(prefs, dtype=np.float64)
 
     def score_user(self, user_idx: int, item_idx: np.ndarray, live: LiveSignals | None = None
-                   ) -> tuple[np.ndarray, np.ndarray | None, bool]:
-        """Scores (n,) of one user's candidates and the user's category preferences, from one user pass.
+                   ) -> tuple[np.ndarray, np.ndarray | None, bool, np.ndarray | None]:
+        """Scores (n,) of one user's candidates, the user's category preferences, whether live sequences
+        reached the scorer, and which candidates the scorer put last (what the user already engaged
+        with, where a history scorer demotes it; None: none), from one user pass.
 
         A published ranker scores with the user's live sequences (recent plays and skips, newest
         first, ahead of the training snapshot), on its numpy fast path; a user unknown to the model is
         scored from the live events alone. A history scorer (a baseline the gate published, or the
         residual ranker) adds the live positives to its snapshot of the user's history. Other scorers
-        score as :meth:`score`. The flag says whether live sequences reached the ranker.
+        score as :meth:`score`.
         """
         score_live = getattr(self.scorer, "score_live", None)
         if score_live is not None:
             return self._score_history(score_live, user_idx, item_idx, live)
         user_side = getattr(self.scorer, "user_side", None)
         if user_side is None:
-            return self.score(user_idx, item_idx), self.category_preferences(user_idx), False
+            return self.score(user_idx, item_idx), self.category_preferences(user_idx), False, None
         sc: Any = self.scorer
         remap = self.item_remap
         used_live = False
@@ -143,10 +145,10 @@ class ScorerHandle:
                 scores = np.zeros(mapped.size)
                 scores[known] = fast.score(side, mapped[known])
                 scores[~known] = np.median(scores[known]) if known.any() else 0.0
-        return scores, fast.category_preferences(side), used_live
+        return scores, fast.category_preferences(side), used_live, None
 
     def _score_history(self, score_live: Any, user_idx: int, item_idx: np.ndarray, live: LiveSignals | None
-                       ) -> tuple[np.ndarray, None, bool]:
+                       ) -> tuple[np.ndarray, None, bool, np.ndarray | None]:
         """A history scorer (``rankers.HistoryScorer``): the user's live positives join the training
         snapshot, and what the user already engaged with goes below every other candidate."""
         pos = types = None
@@ -156,15 +158,19 @@ class ScorerHandle:
                 mapped = self.item_remap[pos]
                 pos, types = mapped[mapped >= 0], types[mapped >= 0]
         used_live = pos is not None and bool(pos.size)
+        seen = np.zeros(len(item_idx), dtype=bool)
         if self.item_remap is None:
-            return np.asarray(score_live(user_idx, item_idx, pos, types), dtype=np.float64), None, used_live
+            out = np.asarray(score_live(user_idx, item_idx, pos, types, seen_out=seen), dtype=np.float64)
+            return out, None, used_live, seen if seen.any() else None
         mapped = self.item_remap[item_idx]
         known = mapped >= 0
         out = np.zeros(mapped.size)
-        out[known] = score_live(user_idx, mapped[known], pos, types)
+        got = np.zeros(int(known.sum()), dtype=bool)
+        out[known] = score_live(user_idx, mapped[known], pos, types, seen_out=got)
+        seen[known] = got
         if not known.all():  # items newer than the scorer: the median of the user's known scores
             out[~known] = np.median(out[known]) if known.any() else 0.0
-        return out, None, used_live
+        return out, None, used_live, seen if seen.any() else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1102,7 +1108,7 @@ class DecisionEngine:
 
     def _scores(self, st: EngineState, u: int, pool: np.ndarray, live: LiveSignals | None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        scores, prefs, ranker_live = st.scorer.score_user(u, pool, live)
+        scores, prefs, ranker_live, last = st.scorer.score_user(u, pool, live)
         if scores.shape != pool.shape or not np.isfinite(scores).all():
             raise ValueError(f"scorer returned {scores.shape} scores with non-finite values for "
                              f"{pool.size} items")
@@ -1169,7 +1175,10 @@ class DecisionEngine:
                 rank = np.where(rank > 0, rank * lift, rank / lift)
         if offset is not None:
             scores = scores + offset
-        return scores, head_first(rank, st.is_tail[pool]), prefs
+        rank = head_first(rank, st.is_tail[pool])
+        if last is not None:  # what the scorer put last stays below the long tail too (as the evaluation orders it)
+            rank = np.where(last, rank.min() - 1.0 - np.ptp(rank), rank)
+        return scores, rank, prefs
 
     def _decide(self, st: EngineState, user_id: str, request_id: str, context: dict[str, Any],
                 live: LiveSignals | None) -> Decision:

@@ -66,6 +66,11 @@ def ranker_scorer(model: ModelRecord, catalog: Catalog) -> ScorerHandle:
     if rankers.is_history_scorer(art.scorer):
         # a baseline published in place of a refused model, or the residual ranker: numpy only
         hist = rankers.HistoryScorer.load(art.scorer)
+        if hist.kind == "catalog_popularity":  # the catalog's popularity as it stands, not as it was trained
+            pop = np.zeros(len(art.item_ids))
+            known = remap >= 0
+            pop[remap[known]] = catalog.popularity[known]
+            hist = hist.with_item_popularity(pop)
         return ScorerHandle(hist, users, remap, name=f"{hist.kind}:{model.version}")
     scorer = rankers.RankerScorer.load(art.scorer)  # torch loads here, on the first published ranker
     scorer.fast()  # the serving fast path's per-version precompute, now rather than on a request

@@ -398,12 +398,16 @@ def with_catalog_popularity(scorers: dict[str, PageScorer], popularity: np.ndarr
 
 
 def _as_of_cutoff(scorer: Any, ev: Mapping[str, Any], h: Holdout, item_category: np.ndarray,
-                  event_weights: np.ndarray) -> rankers.HistoryScorer | None:
+                  event_weights: np.ndarray, popularity: np.ndarray) -> rankers.HistoryScorer | None:
     """A published :class:`rankers.HistoryScorer` refitted on the log before the holdout's cutoff
     (None for another scorer, one whose snapshot is not newer than the cutoff, or one whose
     coefficients do not fit this catalog's categories)."""
     if not isinstance(scorer, rankers.HistoryScorer) or scorer.t_ref_ < h.cutoff:
         return None
+    if scorer.kind == CATALOG_POPULARITY:  # the catalog's column (as now) over the history before the cutoff
+        cat = np.where(item_category >= 0, item_category, 0).astype(np.int64)
+        return rankers.HistoryScorer(CATALOG_POPULARITY, cat, item_popularity=popularity).fit(
+            h.train_user, h.train_item, h.train_ts, h.train_weight, n_users=h.n_users)
     if scorer.kind != "residual" or scorer.coef is None:
         if scorer.kind not in BASELINE_SCORERS:
             return None
@@ -591,7 +595,8 @@ def evaluate_served(db: Engine, config: ConfigRecord, *, train_share: float = 0.
             from ..engine import ranker_scorer
 
             handle = ranker_scorer(rec, catalog)
-            as_of = _as_of_cutoff(handle.scorer, ev, h, state.item_category, cfg.event_weight_vector())
+            as_of = _as_of_cutoff(handle.scorer, ev, h, state.item_category, cfg.event_weight_vector(),
+                                  catalog.popularity)
             if as_of is not None:
                 scorers[handle.name] = history_page_scorer(as_of)
                 info["ranker_judged"] = "as of the cutoff (its parameters on the history before it)"

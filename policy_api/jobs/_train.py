@@ -283,14 +283,10 @@ MIN_PLAYS_TO_DEMOTE = 2000
 
 def _publish_scorer(db: Engine, scorer: rankers.HistoryScorer, data: Mapping[str, Any], catalog: Catalog,
                     categories: tuple[str, ...], metrics: dict[str, Any], event_weights: np.ndarray) -> int:
-    ev = data["events"]
-    play = np.asarray(ev["type"], dtype=np.int64) == rankers.EVENT_TYPES.index("play")
-    share = rankers.repeat_share(np.asarray(ev["user"])[play], np.asarray(ev["item"])[play], np.asarray(ev["ts"])[play],
-                                 catalog.item_ids.size)
-    scorer.demote_seen = bool(share < MAX_REPEAT_SHARE and int(play.sum()) >= MIN_PLAYS_TO_DEMOTE)
+    scorer.demote_seen, share, plays = _demotes_seen(data, catalog)
     served = metrics.get("served")
     if isinstance(served, dict):
-        served.update(repeat_share=share, plays=int(play.sum()), demote_seen=scorer.demote_seen)
+        served.update(repeat_share=share, plays=plays, demote_seen=scorer.demote_seen)
     artifact = registry.pack_ranker(RankerArtifact(
         scorer=scorer.save(), user_ids=list(data["user_ids"]), item_ids=[str(i) for i in catalog.item_ids.tolist()],
         categories=list(categories)))
@@ -328,6 +324,14 @@ def _serve_baseline(db: Engine, gate: Mapping[str, Any], data: Mapping[str, Any]
                       "reason": f"{why}; no holdout to rank the baselines on, so nothing is published and the engine "
                                 "keeps what it serves (its built-in popularity scorer if nothing was ever published)"}
     row = next(r for r in gate["scorers"] if r["scorer"] == best)
+    # the client reports impressions and the plan serves each item's positives per impression (its lift
+    # over the built-in popularity): what is served built in stays
+    item_rates = any(r["scorer"] == ITEM_RATE for r in gate["scorers"])
+    if best == CATALOG_POPULARITY and not item_rates:
+        return _serve_catalog_popularity(
+            db, gate, data, state, catalog, categories, event_weights, metrics,
+            f"{why}; the catalog's popularity, which the engine serves built in, is the best baseline "
+            f"(served-page recall {row['recall']:.4f}, NDCG {row['ndcg']:.4f} on the temporal holdout)")
     if best in BUILT_IN_SCORERS:
         what = ("the catalog's popularity" if best == CATALOG_POPULARITY
                 else "each item's rate per impression (the plan's item rates)")
@@ -335,7 +339,7 @@ def _serve_baseline(db: Engine, gate: Mapping[str, Any], data: Mapping[str, Any]
                       "reason": f"{why}; {what}, which the engine serves built in, is the best "
                                 f"baseline (served-page recall {row['recall']:.4f}, NDCG {row['ndcg']:.4f} on the "
                                 "temporal holdout): nothing is published and the engine keeps what it serves"}
-    if any(r["scorer"] == ITEM_RATE for r in gate["scorers"]):
+    if item_rates:
         # the client reports impressions and the plan serves each item's positives per impression: a
         # baseline counting positive events measures what the engine showed as much as what users like,
         # and its recall on the same log cannot tell the two apart (in the live-loop benchmark category
@@ -349,8 +353,8 @@ def _serve_baseline(db: Engine, gate: Mapping[str, Any], data: Mapping[str, Any]
         surely, why_not = False, (f"the gate held out only {gate.get('n_users')} users (at least "
                                   f"{gate.get('min_users')} to replace what is served)")
     if not surely:
-        return None, {"kind": "unchanged", "scorer": "as before",
-                      "reason": f"{why}; {why_not}: nothing is published and the engine keeps what it serves"}
+        return _serve_catalog_popularity(db, gate, data, state, catalog, categories, event_weights, metrics,
+                                         f"{why}; {why_not}")
     u, i, t, w = _positive_events(data, event_weights)
     scorer = fit_baseline(best, u, i, t, w, item_category=state.item_category, n_users=max(int(data["n_users"]), 1),
                           half_life_s=float(gate.get("half_life_days", 14.0)) * 86400.0, type_weights=event_weights)
@@ -360,6 +364,52 @@ def _serve_baseline(db: Engine, gate: Mapping[str, Any], data: Mapping[str, Any]
                         f"NDCG {row['ndcg']:.4f} on the temporal holdout), refitted on the whole log"}
     version = _publish_scorer(db, scorer, data, catalog, categories, {**metrics, "served": served}, event_weights)
     return version, served
+
+
+def _serve_catalog_popularity(db: Engine, gate: Mapping[str, Any], data: Mapping[str, Any], state: EngineState,
+                              catalog: Catalog, categories: tuple[str, ...], event_weights: np.ndarray,
+                              metrics: dict[str, Any], why: str) -> tuple[int | None, dict[str, Any]]:
+    """The catalog's popularity is what stays served: as the gate judged it, with what each user already
+    engaged with below every other item, where the log says users seldom come back to an item (a
+    ``catalog_popularity`` history scorer, published; the engine reads the popularity from its catalog
+    as it stands). Where they do come back, the built-in scorer is that page already: nothing is published."""
+    from ._evaluate import CATALOG_POPULARITY
+
+    demote, share, plays = _demotes_seen(data, catalog)
+    row: dict[str, Any] = next((r for r in gate.get("scorers", []) if r["scorer"] == CATALOG_POPULARITY), {})
+    if not (catalog.popularity > 0).any():
+        return None, {"kind": "unchanged", "scorer": "as before",
+                      "reason": f"{why}: nothing is published and the engine keeps what it serves (the catalog "
+                                "gives no popularity)"}
+    if not demote:
+        why_kept = (f"{share:.0%} of the log's {plays} plays come back to an item the user played before"
+                    if share >= MAX_REPEAT_SHARE else f"the log holds {plays} plays (at least "
+                                                      f"{MIN_PLAYS_TO_DEMOTE} to tell whether users come back to items)")
+        return None, {"kind": "unchanged", "scorer": "as before", "repeat_share": share, "plays": plays,
+                      "reason": f"{why}: nothing is published and the engine keeps what it serves ({why_kept}, so "
+                                "what users engaged with is not put last)"}
+    u, i, t, w = _positive_events(data, event_weights)
+    cat = np.where(np.asarray(state.item_category) >= 0, state.item_category, 0).astype(np.int64)
+    scorer = rankers.HistoryScorer(CATALOG_POPULARITY, cat, type_weights=event_weights,
+                                   item_popularity=catalog.popularity).fit(u, i, t, w, n_users=max(int(data["n_users"]), 1))
+    served = {"kind": "baseline", "scorer": CATALOG_POPULARITY, "params": scorer.describe(),
+              "gate_recall": row.get("recall"), "gate_ndcg": row.get("ndcg"),
+              "reason": f"{why}: the catalog's popularity stays served, each user's page without what the user "
+                        "already engaged with, as the gate judged it"}
+    version = _publish_scorer(db, scorer, data, catalog, categories, {**metrics, "served": served}, event_weights)
+    return version, served
+
+
+def _demotes_seen(data: Mapping[str, Any], catalog: Catalog) -> tuple[bool, float, int]:
+    """(whether serving puts what a user already engaged with last, the log's repeat share of plays, plays):
+    only where fewer than :data:`MAX_REPEAT_SHARE` of the plays come back to an item and the log holds
+    :data:`MIN_PLAYS_TO_DEMOTE` plays."""
+    ev = data["events"]
+    play = np.asarray(ev["type"], dtype=np.int64) == rankers.EVENT_TYPES.index("play")
+    share = rankers.repeat_share(np.asarray(ev["user"])[play], np.asarray(ev["item"])[play], np.asarray(ev["ts"])[play],
+                                 catalog.item_ids.size)
+    plays = int(play.sum())
+    return bool(share < MAX_REPEAT_SHARE and plays >= MIN_PLAYS_TO_DEMOTE), share, plays
 
 
 def _truth_ndcg(scorers: Mapping[str, rankers.HistoryScorer], true_relevance: Callable[[np.ndarray, np.ndarray],

@@ -423,7 +423,7 @@ def test_evaluate_judges_a_published_history_scorer_as_of_the_cutoff(split_world
     n_feat = len(rankers.HistoryScorer("popularity", cat).feature_names())
     coef = np.random.default_rng(5).normal(size=n_feat)
     stored = jobs.residual_scorer(full, cat, coef, 0.5, wv)
-    as_of = _as_of_cutoff(stored, full, h, cat, wv)
+    as_of = _as_of_cutoff(stored, full, h, cat, wv, catalog.popularity)
     past = jobs.log_events(w["past"], catalog)  # the reference: a log that ends at the cutoff
     ref = jobs.residual_scorer(past, cat, coef, 0.5, wv)
     row_in_past = {u: k for k, u in enumerate(past["user_ids"])}
@@ -545,10 +545,24 @@ def test_a_log_baseline_replaces_the_catalog_popularity_only_when_surely_better(
             "scorers": [{"scorer": "item_knn", "recall": 0.9, "ndcg": 0.5}]}
     ok, why = beats_catalog_popularity(gate)
     assert ok is replaces
-    if not replaces:  # nothing is published: the engine keeps its built-in scorer
+    if not replaces:  # the catalog's popularity stays served; on a young log (10 plays) as built in
         assert f"recall minus item_knn's {sum(recall_ci) / 2:+.4f}, 95% CI [{recall_ci[0]:+.4f}" in why
-        version, served = _serve_baseline(None, gate, {}, None, None, (), np.ones(5), {}, "refused")  # type: ignore[arg-type]
+        data, catalog = _plays(np.arange(10) % 3, np.arange(10))
+        version, served = _serve_baseline(None, gate, data, None, catalog, ("songs",), np.ones(5), {},  # type: ignore[arg-type]
+                                          "refused")
         assert version is None and served["kind"] == "unchanged" and why in served["reason"]
+        assert "the log holds 10 plays (at least 2000" in served["reason"]
+
+
+def _plays(user, item):
+    """A log's training arrays holding only ``play`` events (user, item rows, one second apart) and a
+    catalog of ``item.max() + 1`` songs, popularity 1, 2, ..."""
+    n_items = int(item.max()) + 1
+    data = {"events": {"user": user, "item": item, "ts": np.arange(user.size, dtype=np.float64),
+                       "type": np.full(user.size, rankers.EVENT_TYPES.index("play"))}, "n_users": int(user.max()) + 1}
+    catalog = Catalog.from_arrays({"item_ids": [f"i{k}" for k in range(n_items)], "category": ["songs"] * n_items,
+                                   "popularity": np.arange(1.0, n_items + 1.0), "features": np.zeros((n_items, 0))})
+    return data, catalog
 
 
 def test_exposure_counts_the_pages_that_showed_each_item_and_needs_explicit_impressions(seed):
@@ -643,3 +657,132 @@ def test_held_pool_items_equal_the_dense_lookup(seed):
     want = np.take_along_axis(m.toarray() > 0, pools, axis=1)
     np.testing.assert_array_equal(held_in_pools(m, pools), want)
     assert want.any() and (m.data == 0).any()
+
+
+@pytest.fixture(scope="module")
+def future_popularity(tmp_path_factory):
+    """A log of films (each user plays an item once: no repeats) whose tastes turn at 60 % of its time
+    (the items drawn from another popularity after it), and a catalog whose popularity column counts
+    each item's plays since the turn: it knows the present, so it is the best baseline where the
+    log-fitted ones still carry the past. The whole log and its past alone (before the 80 % cutoff)
+    imported, under a config served as its tilt-0 argmax."""
+    world = make_world(n_users=300, n_items=200, seed=5)
+    rng = np.random.default_rng(6)
+    span, turn = 90 * 86400.0, 0.6 * 90 * 86400.0
+    before = world.popularity / world.popularity.sum()
+    after = rng.permutation(before)
+    users, items, times = [], [], []
+    for u in range(300):  # building the fixture's log, not a measured path
+        t = np.sort(rng.uniform(0.0, span, int(rng.integers(8, 20))))
+        k = int((t < turn).sum())
+        first = rng.choice(200, size=k, replace=False, p=before)
+        rest = after.copy()
+        rest[first] = 0.0
+        later = rng.choice(200, size=t.size - k, replace=False, p=rest / rest.sum())
+        users.append(np.full(t.size, u))
+        items.append(np.concatenate([first, later]))
+        times.append(1.6e9 + t)
+    user, item, ts = np.concatenate(users), np.concatenate(items), np.concatenate(times)
+    cutoff = float(np.sort(ts)[int(ts.size * 0.8)])
+    future = np.bincount(item[ts >= 1.6e9 + turn], minlength=200) + 0.5
+    toml = (world.default_config_toml().replace("levels = [0.0, 0.25, 0.5, 1.0]", "levels = [0.0]")
+            .replace("budget = 0.05", "budget = 0.0\ntemperature = 0.0"))
+    dbs = {}
+    for name, keep in (("full", np.ones(ts.size, bool)), ("past", ts < cutoff)):
+        path = tmp_path_factory.mktemp(name)
+        with (path / "inter.csv").open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["user_id", "item_id", "event", "timestamp"])
+            w.writerows(zip([f"u{u}" for u in user[keep].tolist()], [str(world.item_ids[i]) for i in item[keep].tolist()],
+                            ["play"] * int(keep.sum()), ts[keep].tolist(), strict=True))
+        with (path / "items.csv").open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["item_id", "category", "popularity"])
+            w.writerows((str(world.item_ids[k]), world.categories[int(world.item_category[k])], float(future[k]))
+                        for k in range(200))
+        url = f"sqlite:///{path / 'h.db'}"
+        upgrade(url)
+        db = make_engine(url)
+        registry.activate_config(db, toml, author="test")
+        cfg = registry.require_active_config(db)
+        upsert_items(db, read_catalog_csv(path / "items.csv", cfg.config.category_names).rows())
+        jobs.import_file(db, path / "inter.csv")
+        dbs[name], dbs[f"cfg_{name}"], dbs[f"{name}_dir"] = db, cfg, path
+    yield {**dbs, "cutoff": cutoff}
+    dbs["full"].dispose()
+    dbs["past"].dispose()
+
+
+def test_the_catalog_popularity_stays_served_without_what_each_user_already_chose(future_popularity, monkeypatch):
+    """When the catalog's popularity is the best baseline on a log whose plays never repeat, the gate
+    judged its pages without each user's history; the engine serves those pages (not the built-in
+    scorer's, which shows users the films they already saw), and reads the popularity from the catalog
+    as it stands."""
+    from policy_api.jobs._evaluate import with_catalog_popularity
+
+    w = future_popularity
+    _losing_residual(monkeypatch)
+    res = jobs.train_ranker(w["past"], w["cfg_past"], min_gate_users=1)
+    gate = res.metrics["gate"]
+    assert gate["best_baseline"] == jobs.CATALOG_POPULARITY and not gate["passed"]
+    served = res.metrics["served"]
+    assert (served["kind"], served["scorer"], served["demote_seen"], served["repeat_share"]) == (
+        "baseline", jobs.CATALOG_POPULARITY, True, 0.0)
+    assert res.published == res.rejected + 1
+    # the independent reference: the evaluation's machinery on the whole log, split at the cutoff
+    catalog = Catalog.from_arrays(load_items(w["full"]))
+    ev = jobs.log_events(w["full"], catalog)
+    h = jobs.holdout_split(ev["user"], ev["item"], ev["ts"], ev["type"],
+                           event_weights=w["cfg_full"].config.event_weight_vector(), n_users=ev["n_users"],
+                           n_items=catalog.n_items, cutoff=w["cutoff"])
+    ref_state = build_state(w["cfg_full"].config, catalog)
+    scorers = jobs.baseline_scorers(h, ref_state.item_category)
+    ref = jobs.evaluate_pages(ref_state, h, scorers, baselines=with_catalog_popularity(scorers, catalog.popularity),
+                              n_boot=10)
+    assert ref.best_baseline == jobs.CATALOG_POPULARITY
+    user_ids = [ev["user_ids"][u] for u in h.users.tolist()]
+    state, pages = _engine_pages(w["past"], user_ids)
+    assert state.scorer.name == f"{jobs.CATALOG_POPULARITY}:{res.published}"
+    m = rankers.page_metrics(pages, h.positives, n_items=catalog.n_items)
+    assert np.mean(m["recall"]) == pytest.approx(ref.row(jobs.CATALOG_POPULARITY)["recall"], abs=1e-12)
+    assert np.mean(m["ndcg"]) == pytest.approx(ref.row(jobs.CATALOG_POPULARITY)["ndcg"], abs=1e-12)
+    seen = h.seen.toarray() > 0
+    # what the engine served before: the built-in popularity scorer shows users what they already saw
+    builtin = DecisionEngine(build_state(w["cfg_past"].config, Catalog.from_arrays(load_items(w["past"]))))
+    index = catalog.index_of()
+    old = np.full_like(pages, -1)
+    k = state.config.items_per_module
+    for r, uid in enumerate(user_ids):
+        for mod in builtin.decide(uid, f"req-{r}").modules:
+            rows = [index[it["item_id"]] for it in mod["items"]]
+            old[r, mod["slot"] * k:mod["slot"] * k + len(rows)] = rows
+    def shown_seen(p):
+        return int((np.take_along_axis(seen, np.maximum(p, 0), axis=1) & (p >= 0)).sum())
+    # (a category of ~50 films runs out of unseen ones in a page's third module: both pages show some)
+    assert shown_seen(pages) < shown_seen(old) / 2
+    assert np.mean(rankers.page_metrics(old, h.positives, n_items=catalog.n_items)["recall"]) < np.mean(m["recall"])
+    # `homepage evaluate` judges the published scorer as of the cutoff: the catalog's own row
+    got = jobs.evaluate_served(w["past"], w["cfg_past"], n_boot=10)
+    name = f"{jobs.CATALOG_POPULARITY}:{res.published}"
+    assert (got.row(name)["recall"], got.row(name)["ndcg"]) == (got.row(jobs.CATALOG_POPULARITY)["recall"],
+                                                                got.row(jobs.CATALOG_POPULARITY)["ndcg"])
+    # a catalog loaded later: the served scores are its popularity, not the one trained with
+    items = np.flatnonzero(state.item_category >= 0)
+    new_pop = np.random.default_rng(7).uniform(1.0, 50.0, catalog.n_items)
+    upsert_items(w["past"], [{"item_id": str(catalog.item_ids[k]), "category": w["cfg_past"].config.category_names[
+        int(state.item_category[k])], "popularity": float(new_pop[k]), "features": []} for k in range(catalog.n_items)])
+    fresh = load_state(w["past"])
+    np.testing.assert_allclose(fresh.scorer.score(-1, items), new_pop[items], rtol=1e-12)
+
+
+def test_the_catalog_popularity_is_not_republished_where_users_replay_items():
+    """Where plays come back to items (songs), the built-in scorer is the page the gate judged: nothing
+    is published, and the reason says why."""
+    from policy_api.jobs._train import _serve_catalog_popularity
+
+    # each of 100 users plays each of 10 songs three times
+    data, catalog = _plays(np.repeat(np.arange(100), 30), np.tile(np.repeat(np.arange(10), 3), 100))
+    version, served = _serve_catalog_popularity(None, {}, data, None, catalog, ("songs",), np.ones(5), {},  # type: ignore[arg-type]
+                                                "refused")
+    assert version is None and served["kind"] == "unchanged"
+    assert served["repeat_share"] == pytest.approx(2 / 3) and "67% of the log's 3000 plays come back" in served["reason"]

@@ -41,7 +41,8 @@ def _grid(rng, n_rows, width=20):
     return np.stack([rng.permutation(N_ITEMS)[:width] for _ in range(n_rows)])
 
 
-@pytest.mark.parametrize("kind", ["popularity", "recent_popularity", "category_popularity", "item_knn"])
+@pytest.mark.parametrize("kind", ["popularity", "recent_popularity", "category_popularity", "item_knn",
+                                  "catalog_popularity"])
 def test_baselines_equal_the_reference_scorers(seed, kind):
     rng = np.random.default_rng(seed)
     cat = rng.integers(0, N_CAT, size=N_ITEMS)
@@ -50,9 +51,13 @@ def test_baselines_equal_the_reference_scorers(seed, kind):
     pos = weight > 0
     users = np.r_[np.arange(N_USERS), -1]
     pools = _grid(rng, users.size)
-    got = HistoryScorer(kind, cat, half_life_s=7 * DAY).fit(user, item, ts, weight, n_users=N_USERS)
+    column = rng.uniform(0.0, 100.0, N_ITEMS)  # a catalog's popularity column
+    got = HistoryScorer(kind, cat, half_life_s=7 * DAY, item_popularity=column if kind == "catalog_popularity" else None
+                        ).fit(user, item, ts, weight, n_users=N_USERS)
     args = (user[pos], item[pos], ts[pos], weight[pos])
-    if kind == "popularity":
+    if kind == "catalog_popularity":
+        want = np.tile(column, (users.size, 1))
+    elif kind == "popularity":
         want = np.tile(np.bincount(item[pos], weights=weight[pos], minlength=N_ITEMS), (users.size, 1))
     elif kind == "recent_popularity":
         want = RecentPopularity(7 * DAY).fit(*args, n_users=N_USERS, n_items=N_ITEMS).score_all(users)
@@ -76,7 +81,7 @@ def _residual(rng, cat, user, item, ts, weight, gamma=1.0):
                                                                                   n_users=N_USERS)
 
 
-@pytest.mark.parametrize("kind", ["category_popularity", "item_knn", "residual"])
+@pytest.mark.parametrize("kind", ["category_popularity", "item_knn", "residual", "catalog_popularity"])
 def test_live_events_equal_a_per_user_reference(seed, kind):
     """Live positives join the snapshot: kNN sums over the union of the histories, category weights
     grow by the events' units, the category's last time becomes the reference time; everything the
@@ -84,8 +89,9 @@ def test_live_events_equal_a_per_user_reference(seed, kind):
     rng = np.random.default_rng(seed)
     cat = rng.integers(0, N_CAT, size=N_ITEMS)
     user, item, ts, weight = _log(rng)
+    column = rng.uniform(0.0, 100.0, N_ITEMS) if kind == "catalog_popularity" else None
     sc = (_residual(rng, cat, user, item, ts, weight) if kind == "residual" else
-          HistoryScorer(kind, cat, type_weights=np.array([1.0, 2.0, 2.0, 3.0, -0.5])).fit(
+          HistoryScorer(kind, cat, type_weights=np.array([1.0, 2.0, 2.0, 3.0, -0.5]), item_popularity=column).fit(
               user, item, ts, weight, n_users=N_USERS))
     s = sc.similarity_.toarray()
     pos = weight > 0
@@ -93,7 +99,8 @@ def test_live_events_equal_a_per_user_reference(seed, kind):
         live = rng.choice(N_ITEMS, size=3, replace=False)
         types = np.array([0, 2, 3])
         cand = rng.permutation(N_ITEMS)[:25]
-        got = sc.score_live(u, cand, live, types)
+        flagged = np.ones(cand.size, dtype=bool)
+        got = sc.score_live(u, cand, live, types, seen_out=flagged)
         # the reference: a loop over the user's history as a set
         hist = set() if u < 0 else {int(i) for i, uu, w in zip(item, user, weight, strict=True) if uu == u and w > 0}
         hist |= set(live.tolist())
@@ -110,8 +117,10 @@ def test_live_events_equal_a_per_user_reference(seed, kind):
         rec.update({int(i): 1.0 for i in live})
         knn = np.array([[sum(s[i, j] for i in hist), sum(s[i, j] * rec[i] for i in hist)] for j in cand.tolist()])
         has = any(s[i].any() for i in hist)
-        want = sc._scores(knn[None], np.array([has]), n_uc[None], last[None], cand[None])[0]
+        want = (column[cand] if column is not None else
+                sc._scores(knn[None], np.array([has]), n_uc[None], last[None], cand[None])[0])
         seen = np.isin(cand, list(hist))
+        np.testing.assert_array_equal(flagged, seen)
         want = np.where(seen, want.min() - 1.0 - np.abs(want).max(), want)
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
         assert (got[seen][:, None] < got[~seen][None, :]).all()
@@ -282,8 +291,9 @@ def test_save_load_round_trip_and_inputs_untouched(seed, kind):
     cat = rng.integers(0, N_CAT, size=N_ITEMS)
     user, item, ts, weight = _log(rng)
     copies = [a.copy() for a in (user, item, ts, weight, cat)]
+    pop = rng.uniform(0.0, 10.0, N_ITEMS) if kind == "catalog_popularity" else None
     sc = (_residual(rng, cat, user, item, ts, weight, gamma=0.5) if kind == "residual" else
-          HistoryScorer(kind, cat).fit(user, item, ts, weight, n_users=N_USERS))
+          HistoryScorer(kind, cat, item_popularity=pop).fit(user, item, ts, weight, n_users=N_USERS))
     for a, b in zip((user, item, ts, weight, cat), copies, strict=True):
         np.testing.assert_array_equal(a, b)
     data = sc.save()
@@ -302,6 +312,10 @@ def test_save_load_round_trip_and_inputs_untouched(seed, kind):
     (lambda cat: HistoryScorer("recent_popularity", cat, half_life_s=0.0), r"half_life_s must be a finite number > 0"),
     (lambda cat: HistoryScorer("residual", cat), r"coef must have shape \(22,\) for a residual scorer; got None"),
     (lambda cat: HistoryScorer("popularity", cat, pop_exponent=-1.0), r"pop_exponent must be a finite number >= 0"),
+    (lambda cat: HistoryScorer("catalog_popularity", cat), r"item_popularity must be \d+ finite numbers >= 0 \(one "
+                                                          r"per item\) for a catalog_popularity scorer; got None"),
+    (lambda cat: HistoryScorer("catalog_popularity", cat, item_popularity=-np.ones(cat.size)),
+     r"item_popularity must be .* got shape \(\d+,\)"),
 ])
 def test_constructor_errors_name_the_parameter(make, message):
     with pytest.raises(ValueError, match=message):
