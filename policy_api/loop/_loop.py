@@ -77,6 +77,11 @@ _SHIFT_RELOAD_S = 2.0
 #: after a shift, the loop recalibrates and refits the shift map this often (seconds) until the
 #: calibration's window holds only feedback from after it
 _SHIFT_REFIT_S = 2.0
+#: how often (seconds) the loop looks whether to calibrate again: ``YOUNG_CALIBRATE_S`` while the plan in
+#: force carries no item's own rate yet (the engine shows each category's most popular items, and its
+#: first measured rates are worth more than anything it will learn later), ``CALIBRATE_S`` after
+YOUNG_CALIBRATE_S = 2.0
+CALIBRATE_S = 10.0
 #: the most users (those seen last since the shift) whose states the shift map is fitted on
 _SHIFT_MAP_USERS = 5000
 
@@ -251,6 +256,7 @@ class BackgroundLoop:
     _forget: Forget | None = None  # the last population shift detected (carried by every plan after it)
     _shift_map: ShiftMap | None = None  # what users' tastes before it say now (refitted with each plan)
     _shift_feedback: int = 0  # the newest feedback id when it was detected
+    _young: bool = True  # the plan in force carries no item's own rate yet (see YOUNG_CALIBRATE_S)
     role: str = "starting"
 
     # ---- the driver ------------------------------------------------------------------------------
@@ -331,7 +337,7 @@ class BackgroundLoop:
             self._next["plan"] = now + loop.replan_every_s
         if now >= self._next.get("calibrate", 0.0):
             self._step("calibrate", self._calibrate)
-            self._next["calibrate"] = now + (_SHIFT_REFIT_S if self._settling() else 10.0)
+            self._next["calibrate"] = now + self._next_calibrate_s()
         if now >= self._next.get("pace", 0.0):
             self._step("pace", self._pace)
             self._next["pace"] = now + loop.pace_every_s
@@ -479,6 +485,8 @@ class BackgroundLoop:
             return "idle", ""
         names = self._config.config.category_names
         have = (plan.solver or {}).get("calibration") or {}
+        self._young = self._config.config.loop.item_events > 0 and not any(
+            isinstance(v, dict) and v.get("items") for v in have.values())
         seen = float(calibration_rates(have, names)[:, :, 1].sum())
         now = float(calibration_rates(rates, names)[:, :, 1].sum())
         shift = calibration_shift(calibration_rates(have, names), calibration_rates(rates, names))
@@ -494,6 +502,10 @@ class BackgroundLoop:
                else f"an engagement rate moved by {shift:.0%} since the plan's calibration" if shift >= CALIBRATION_SHIFT
                else f"{total - (was or 0)} feedback events since the plan's item rates")
         return "ok", f"{why}: planning again"
+
+    def _next_calibrate_s(self) -> float:
+        """Seconds until the calibrate step looks again (see :data:`YOUNG_CALIBRATE_S`)."""
+        return _SHIFT_REFIT_S if self._settling() else YOUNG_CALIBRATE_S if self._young else CALIBRATE_S
 
     # ---- population shift ------------------------------------------------------------------------
     def _calibration_since(self) -> datetime | None:

@@ -216,7 +216,7 @@ def test_the_loop_plans_again_as_the_items_evidence_grows(db, tmp_path):
     from datetime import timedelta
 
     from policy_api import jobs
-    from policy_api.loop._loop import _MIN_NEW_EVENTS, ITEM_EVIDENCE_GROWTH
+    from policy_api.loop._loop import _MIN_NEW_EVENTS, CALIBRATE_S, ITEM_EVIDENCE_GROWTH, YOUNG_CALIBRATE_S
 
     world = make_world(n_users=30, n_items=200, seed=0)
     world.to_catalog_csv(tmp_path / "items.csv")
@@ -248,12 +248,25 @@ def test_the_loop_plans_again_as_the_items_evidence_grows(db, tmp_path):
     phase(1)
     outcome, detail = loop._calibrate()
     assert outcome == "ok" and f"{step} feedback events since the plan's item rates" in detail, detail
+    # while the plan in force carries no item's own rate the loop looks again every YOUNG_CALIBRATE_S
+    # (its first item rates are what a young engine gains most from); once it does, every CALIBRATE_S
+    assert first.solver["calibration"] and not any("items" in v for v in first.solver["calibration"].values())
+    assert loop._young and loop._next_calibrate_s() == YOUNG_CALIBRATE_S
+    # the same calibration with one category's item rates (as a plan carries them once 20 of its head
+    # items are measured): from then on the loop looks every CALIBRATE_S
+    cal = {**first.solver["calibration"]}
+    some = next(iter(cal))
+    cal[some] = {**cal[some], "items": {"ids": items[:3], "units": [1.0, 2.0, 3.0], "exposure": [60.0] * 3}}
+    registry.publish_plan(db, cfg.version, first.prices, projected=first.projected,
+                          solver={**first.solver, "calibration": cal, "feedback_seen": jobs.feedback_seen(db)})
+    assert loop._calibrate()[0] == "idle" and not loop._young and loop._next_calibrate_s() == CALIBRATE_S
     registry.activate_config(db, _config(tmp_path, world) + "item_events = 0\n", author="test")
     cfg = registry.active_config(db)
     loop._on_config(cfg)
     jobs.plan(db, users=20)
     phase(9000)
     assert loop._calibrate()[0] == "idle"
+    assert not loop._young  # no item rates to wait for
 
 
 def _loop_with_a_pacer(db, tmp_path, prices):
