@@ -232,15 +232,23 @@ def test_gate_judges_the_item_rates_the_engine_serves_built_in(logged):
     assert "item_rate" not in {r["scorer"] for r in table["scorers"]}
 
 
-def _world_db(path, world, ev, keep, toml):
-    """A database at ``path`` with ``toml`` active, the world's catalog and the events ``keep`` imported."""
+def _world_db(path, world, ev, keep, toml, popularity=None):
+    """A database at ``path`` with ``toml`` active, the world's catalog (its popularity column
+    ``popularity`` where given, without features) and the events ``keep`` imported."""
     with (path / "inter.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["user_id", "item_id", "event", "timestamp"])
         for u, i, t, ts in zip(ev["user"][keep].tolist(), ev["item"][keep].tolist(), ev["type"][keep].tolist(),
                                ev["ts"][keep].tolist(), strict=True):
             w.writerow([f"u{u}", str(world.item_ids[i]), EVENT_TYPES[t], repr(ts)])
-    world.to_catalog_csv(path / "items.csv")
+    if popularity is None:
+        world.to_catalog_csv(path / "items.csv")
+    else:
+        with (path / "items.csv").open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["item_id", "category", "popularity"])
+            w.writerows((str(world.item_ids[k]), world.categories[int(world.item_category[k])], float(popularity[k]))
+                        for k in range(world.n_items))
     url = f"sqlite:///{path / 'h.db'}"
     upgrade(url)
     db = make_engine(url)
@@ -308,11 +316,7 @@ def test_refused_model_serves_the_best_baseline_with_its_evaluated_pages(split_w
     assert f"SERVED SCORER: baseline {best} (ranker version 2)" in out
     assert f"trained model NOT published (version 1 recorded as rejected); serving the best built-in baseline {best}" in out
     # the independent reference: `homepage evaluate`'s machinery on the whole log, split at the cutoff
-    catalog = Catalog.from_arrays(load_items(w["full"]))
-    ev = jobs.log_events(w["full"], catalog)
-    h = jobs.holdout_split(ev["user"], ev["item"], ev["ts"], ev["type"],
-                           event_weights=w["cfg_full"].config.event_weight_vector(), n_users=ev["n_users"],
-                           n_items=catalog.n_items, cutoff=w["cutoff"])
+    catalog, ev, h = _holdout(w["full"], w["cfg_full"], cutoff=w["cutoff"])
     ref_state = build_state(w["cfg_full"].config, catalog)
     ref = jobs.evaluate_pages(ref_state, h, jobs.baseline_scorers(h, ref_state.item_category), n_boot=10)
     assert ref.best_baseline == best
@@ -687,27 +691,11 @@ def future_popularity(tmp_path_factory):
     future = np.bincount(item[ts >= 1.6e9 + turn], minlength=200) + 0.5
     toml = (world.default_config_toml().replace("levels = [0.0, 0.25, 0.5, 1.0]", "levels = [0.0]")
             .replace("budget = 0.05", "budget = 0.0\ntemperature = 0.0"))
+    ev = {"user": user, "item": item, "ts": ts, "type": np.full(user.size, EVENT_TYPES.index("play"))}
     dbs = {}
     for name, keep in (("full", np.ones(ts.size, bool)), ("past", ts < cutoff)):
         path = tmp_path_factory.mktemp(name)
-        with (path / "inter.csv").open("w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["user_id", "item_id", "event", "timestamp"])
-            w.writerows(zip([f"u{u}" for u in user[keep].tolist()], [str(world.item_ids[i]) for i in item[keep].tolist()],
-                            ["play"] * int(keep.sum()), ts[keep].tolist(), strict=True))
-        with (path / "items.csv").open("w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["item_id", "category", "popularity"])
-            w.writerows((str(world.item_ids[k]), world.categories[int(world.item_category[k])], float(future[k]))
-                        for k in range(200))
-        url = f"sqlite:///{path / 'h.db'}"
-        upgrade(url)
-        db = make_engine(url)
-        registry.activate_config(db, toml, author="test")
-        cfg = registry.require_active_config(db)
-        upsert_items(db, read_catalog_csv(path / "items.csv", cfg.config.category_names).rows())
-        jobs.import_file(db, path / "inter.csv")
-        dbs[name], dbs[f"cfg_{name}"], dbs[f"{name}_dir"] = db, cfg, path
+        dbs[name], dbs[f"cfg_{name}"] = _world_db(path, world, ev, keep, toml, popularity=future)
     yield {**dbs, "cutoff": cutoff}
     dbs["full"].dispose()
     dbs["past"].dispose()
@@ -730,11 +718,7 @@ def test_the_catalog_popularity_stays_served_without_what_each_user_already_chos
         "baseline", jobs.CATALOG_POPULARITY, True, 0.0)
     assert res.published == res.rejected + 1
     # the independent reference: the evaluation's machinery on the whole log, split at the cutoff
-    catalog = Catalog.from_arrays(load_items(w["full"]))
-    ev = jobs.log_events(w["full"], catalog)
-    h = jobs.holdout_split(ev["user"], ev["item"], ev["ts"], ev["type"],
-                           event_weights=w["cfg_full"].config.event_weight_vector(), n_users=ev["n_users"],
-                           n_items=catalog.n_items, cutoff=w["cutoff"])
+    catalog, ev, h = _holdout(w["full"], w["cfg_full"], cutoff=w["cutoff"])
     ref_state = build_state(w["cfg_full"].config, catalog)
     scorers = jobs.baseline_scorers(h, ref_state.item_category)
     ref = jobs.evaluate_pages(ref_state, h, scorers, baselines=with_catalog_popularity(scorers, catalog.popularity),
