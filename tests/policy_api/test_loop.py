@@ -269,6 +269,28 @@ def test_the_loop_plans_again_as_the_items_evidence_grows(db, tmp_path):
     assert not loop._young  # no item rates to wait for
 
 
+def test_a_loop_with_nothing_to_calibrate_on_stops_looking_often(db, tmp_path):
+    """Without impressions there is nothing to calibrate on: the loop looks every YOUNG_CALIBRATE_S for
+    YOUNG_UNMEASURED_S after taking up the config (a young engine's first impressions come within
+    seconds), then every CALIBRATE_S."""
+    from policy_api import jobs
+    from policy_api.loop._loop import CALIBRATE_S, YOUNG_CALIBRATE_S, YOUNG_UNMEASURED_S
+
+    world = make_world(n_users=30, n_items=200, seed=0)
+    world.to_catalog_csv(tmp_path / "items.csv")
+    registry.activate_config(db, _config(tmp_path, world), author="test")
+    cat = read_catalog_csv(tmp_path / "items.csv")
+    upsert_items(db, cat.rows())
+    t0 = datetime.now(tz=UTC)
+    insert_feedback(db, [_event(f"e{k}", f"r{k}", str(cat.item_ids[k % 50]), "play", t0) for k in range(500)])
+    loop = BackgroundLoop(db, holder="t")
+    loop._on_config(registry.active_config(db))
+    jobs.plan(db, users=20)
+    assert loop._calibrate()[0] == "idle" and loop._next_calibrate_s() == YOUNG_CALIBRATE_S
+    loop._config_since -= YOUNG_UNMEASURED_S  # two minutes on, still no impression
+    assert loop._calibrate()[0] == "idle" and loop._next_calibrate_s() == CALIBRATE_S
+
+
 def _loop_with_a_pacer(db, tmp_path, prices):
     """A loop on a fresh catalog and config, and a re-solving pacer for its bounds at ``prices`` (one per
     constraint, cut to their number)."""
