@@ -393,9 +393,10 @@ class HistoryScorer:
     def _checked_popularity(pop: np.ndarray | None, n_items: int) -> np.ndarray:
         p = None if pop is None else np.asarray(pop, dtype=np.float64)
         if p is None or p.shape != (n_items,) or not (np.isfinite(p) & (p >= 0)).all():
+            got = ("None" if p is None else f"shape {p.shape}" if p.shape != (n_items,) else
+                   f"{int((~(np.isfinite(p) & (p >= 0))).sum())} values that are negative or not finite")
             raise ValueError(f"item_popularity must be {n_items} finite numbers >= 0 (one per item) for a "
-                             f"catalog_popularity scorer; got "
-                             f"{None if p is None else f'shape {p.shape}'}")
+                             f"catalog_popularity scorer; got {got}")
         return p
 
     def with_item_popularity(self, popularity: np.ndarray) -> HistoryScorer:

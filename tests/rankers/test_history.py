@@ -315,7 +315,9 @@ def test_save_load_round_trip_and_inputs_untouched(seed, kind):
     (lambda cat: HistoryScorer("catalog_popularity", cat), r"item_popularity must be \d+ finite numbers >= 0 \(one "
                                                           r"per item\) for a catalog_popularity scorer; got None"),
     (lambda cat: HistoryScorer("catalog_popularity", cat, item_popularity=-np.ones(cat.size)),
-     r"item_popularity must be .* got shape \(\d+,\)"),
+     r"item_popularity must be 50 finite numbers >= 0 .* got 50 values that are negative or not finite"),
+    (lambda cat: HistoryScorer("catalog_popularity", cat, item_popularity=np.ones(3)),
+     r"item_popularity must be 50 finite numbers >= 0 .* got shape \(3,\)"),
 ])
 def test_constructor_errors_name_the_parameter(make, message):
     with pytest.raises(ValueError, match=message):
