@@ -79,7 +79,9 @@ _SHIFT_RELOAD_S = 2.0
 _SHIFT_REFIT_S = 2.0
 #: how often (seconds) the loop looks whether to calibrate again: ``YOUNG_CALIBRATE_S`` while the plan in
 #: force carries no item's own rate yet (the engine shows each category's most popular items, and its
-#: first measured rates are worth more than anything it will learn later), ``CALIBRATE_S`` after
+#: first measured rates are worth more than anything it will learn later), ``CALIBRATE_S`` after, and
+#: after the config's first ``[loop] item_events`` feedback events (a window that filled without item
+#: rates will not bring them by being looked at more often)
 YOUNG_CALIBRATE_S = 2.0
 CALIBRATE_S = 10.0
 #: with nothing measured to calibrate on (too few impressions), the looks stay young only this long after
@@ -262,6 +264,7 @@ class BackgroundLoop:
     _shift_feedback: int = 0  # the newest feedback id when it was detected
     _young: bool = True  # the plan in force carries no item's own rate yet (see YOUNG_CALIBRATE_S)
     _config_since: float = 0.0  # time.monotonic() when the loop took up the config
+    _feedback_at_config: int = 0  # the newest feedback id then
     role: str = "starting"
 
     # ---- the driver ------------------------------------------------------------------------------
@@ -378,6 +381,7 @@ class BackgroundLoop:
     def _on_config(self, cfg: ConfigRecord) -> None:
         self._config = cfg
         self._config_since = time.monotonic()
+        self._feedback_at_config = jobs.feedback_seen(self.db)
         self._young = True
         self._pacing = None
         catalog = Catalog.from_arrays(load_items(self.db))
@@ -493,14 +497,14 @@ class BackgroundLoop:
             return "idle", ""
         names = self._config.config.category_names
         have = (plan.solver or {}).get("calibration") or {}
-        self._young = self._config.config.loop.item_events > 0 and not any(
-            isinstance(v, dict) and v.get("items") for v in have.values())
         seen = float(calibration_rates(have, names)[:, :, 1].sum())
         now = float(calibration_rates(rates, names)[:, :, 1].sum())
         shift = calibration_shift(calibration_rates(have, names), calibration_rates(rates, names))
         items = self._config.config.loop.item_events
         was = (plan.solver or {}).get("feedback_seen")
         total = jobs.feedback_seen(self.db)
+        self._young = (0 < items and total - self._feedback_at_config < items
+                       and not any(isinstance(v, dict) and v.get("items") for v in have.values()))
         grown = (items > 0 and isinstance(was, int)
                  and total - was >= max(ITEM_EVIDENCE_GROWTH * min(max(was, 1), items), _MIN_NEW_EVENTS))
         if have and now < 2.0 * seen and shift < CALIBRATION_SHIFT and not grown:

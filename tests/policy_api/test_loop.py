@@ -252,6 +252,13 @@ def test_the_loop_plans_again_as_the_items_evidence_grows(db, tmp_path):
     # (its first item rates are what a young engine gains most from); once it does, every CALIBRATE_S
     assert first.solver["calibration"] and not any("items" in v for v in first.solver["calibration"].values())
     assert loop._young and loop._next_calibrate_s() == YOUNG_CALIBRATE_S
+    # ... until the config's first item_events feedback events have come without item rates
+    phase(16000 - (jobs.feedback_seen(db) - was) - step)
+    loop._calibrate()
+    assert loop._young
+    phase(step)
+    loop._calibrate()
+    assert not loop._young and loop._next_calibrate_s() == CALIBRATE_S
     # the same calibration with one category's item rates (as a plan carries them once 20 of its head
     # items are measured): from then on the loop looks every CALIBRATE_S
     cal = {**first.solver["calibration"]}
