@@ -285,29 +285,58 @@ class CategoryPopularity(_InteractionScorer):
         return pi[:, self.item_category] * self.item_share_
 
 
-def knn_similarity(x: Any, shrink: float, n_neighbors: int) -> Any:
+#: :func:`knn_similarity` builds the co-occurrence counts this many (an upper bound) at a time
+KNN_BLOCK_ENTRIES = 4_000_000
+
+
+def knn_similarity(x: Any, shrink: float, n_neighbors: int, *, block_entries: int = KNN_BLOCK_ENTRIES) -> Any:
     """Item-item cosine similarity of the binary user x item matrix ``x`` (scipy sparse), shrunk:
     ``S[i, j] = c_ij / (sqrt(n_i n_j) + shrink)``, no self-similarity, and for each scored item j only
     its ``n_neighbors`` most similar items i (ties: lower i first). Row = history item, column = scored
-    item, as a ``(n_items, n_items)`` CSR array."""
+    item, as a ``(n_items, n_items)`` CSR array.
+
+    The co-occurrence counts ``C = X^T X`` are built a block of scored items (columns) at a time, each
+    block holding at most ``block_entries`` counts (bounded above by the sum over its items' users
+    of their history lengths; one item's column is never split), and pruned to the neighbours before
+    the next: memory grows with the block and the result, not with the catalog's co-occurrence
+    density (``C`` of a catalog of tens of thousands of items can hold 10^8 and more pairs)."""
     import scipy.sparse as sp
 
-    n = x.shape[1]
-    c = (x.T @ x).tocoo()
-    norm = np.sqrt(np.asarray(x.sum(axis=0)).ravel())
-    off = c.row != c.col
-    row, col = c.row[off].astype(np.int64), c.col[off].astype(np.int64)
-    sim = c.data[off] / (norm[row] * norm[col] + shrink)
-    if sim.size:
-        # rank the candidate neighbours i of each scored item j: by j, then sim descending, then i
-        order = np.lexsort((row, -sim, col))
-        cs = col[order]
-        new = np.r_[True, cs[1:] != cs[:-1]]
-        start = np.flatnonzero(new)
-        rank = np.arange(cs.size) - start[np.cumsum(new) - 1]
-        top = order[rank < n_neighbors]
-        row, col, sim = row[top], col[top], sim[top]
-    return sp.csr_array((sim, (row, col)), shape=(n, n))
+    if block_entries < 1:
+        raise ValueError(f"block_entries must be >= 1; got {block_entries!r}")
+    xc = sp.csc_array(x)
+    xt = sp.csr_array(xc.T)
+    n = xc.shape[1]
+    norm = np.sqrt(np.asarray(xc.sum(axis=0)).ravel())
+    history = np.diff(sp.csr_array(xc).indptr).astype(np.float64)  # each user's number of items
+    users_of = sp.csr_array((np.ones(xt.nnz), xt.indices, xt.indptr), shape=xt.shape)
+    ends = np.cumsum(users_of @ history)  # item j's column of C holds at most (users_of @ history)[j] counts
+    cuts = [0]
+    while cuts[-1] < n:  # one step per block, not per item
+        start = cuts[-1]
+        budget = (ends[start - 1] if start else 0.0) + block_entries
+        cuts.append(max(int(np.searchsorted(ends, budget, side="right")), start + 1))
+    rows, cols, sims = [], [], []
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        c = (xt @ xc[:, a:b]).tocoo()
+        row, col = c.row.astype(np.int64), c.col.astype(np.int64) + a
+        off = row != col
+        row, col = row[off], col[off]
+        sim = c.data[off] / (norm[row] * norm[col] + shrink)
+        if sim.size:
+            # rank the candidate neighbours i of each scored item j: by j, then sim descending, then i
+            order = np.lexsort((row, -sim, col))
+            cs = col[order]
+            new = np.r_[True, cs[1:] != cs[:-1]]
+            start = np.flatnonzero(new)
+            rank = np.arange(cs.size) - start[np.cumsum(new) - 1]
+            top = order[rank < n_neighbors]
+            rows.append(row[top])
+            cols.append(col[top])
+            sims.append(sim[top])
+    if not sims:
+        return sp.csr_array((n, n), dtype=np.float64)
+    return sp.csr_array((np.concatenate(sims), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
 
 
 class ItemKNN(_InteractionScorer):

@@ -264,6 +264,11 @@ def held_in_pools(m: Any, pools: np.ndarray) -> np.ndarray:
     return np.isin(np.arange(pools.shape[0], dtype=np.int64)[:, None] * n + pools, key[c.data > 0])
 
 
+#: :func:`_pools` draws at most this many random keys at a time (a large category's rest for thousands
+#: of users would otherwise take gigabytes at once)
+POOL_KEYS = 2_000_000
+
+
 def _pools(state: EngineState, n_users: int, seed: int) -> np.ndarray:
     """Shape (U, P): each user's candidate pool as :meth:`DecisionEngine.pool` builds one (the head of
     each category plus a uniform draw without replacement from its rest), vectorised over users."""
@@ -274,10 +279,18 @@ def _pools(state: EngineState, n_users: int, seed: int) -> np.ndarray:
         parts.append(np.broadcast_to(items[:h], (n_users, h)))
         if r:
             n_rest = items.size - h
-            keys = rng.random((n_users, n_rest))
-            pick = np.sort(np.argpartition(keys, r - 1, axis=1)[:, :r], axis=1)
+            pick = np.empty((n_users, r), dtype=np.int64)
+            step = max(1, POOL_KEYS // n_rest)  # users at a time: the same draws as one (n_users, n_rest) call
+            for a in range(0, n_users, step):
+                keys = rng.random((min(step, n_users - a), n_rest))
+                pick[a:a + keys.shape[0]] = np.sort(np.argpartition(keys, r - 1, axis=1)[:, :r], axis=1)
             parts.append(items[h + pick])
     return np.concatenate(parts, axis=1).astype(np.int64)
+
+
+#: :func:`served_pages` builds the pages of this many users at a time (its block tables and candidates
+#: take ~0.25 MB a user with a 600-item pool)
+PAGE_USERS = 1000
 
 
 def served_pages(state: EngineState, scores: np.ndarray, pools: np.ndarray, last: np.ndarray | None = None
@@ -298,8 +311,13 @@ def served_pages(state: EngineState, scores: np.ndarray, pools: np.ndarray, last
     Shape (U, slots * items_per_module) int64: catalog rows slot by slot, best first in each module;
     -1 where a module shows fewer items.
     """
+    U = pools.shape[0]
+    if U > PAGE_USERS:  # each user's page depends on that user's row alone
+        return np.concatenate([served_pages(state, scores[a:a + PAGE_USERS], pools[a:a + PAGE_USERS],
+                                            None if last is None else last[a:a + PAGE_USERS])
+                               for a in range(0, U, PAGE_USERS)])
     space = state.space
-    U, P = pools.shape
+    P = pools.shape[1]
     cat = state.item_category[pools]
     # the head first at level 0, as serving orders it (engine.head_first)
     rank = head_first(scores, state.is_tail[pools])

@@ -12,6 +12,7 @@ from ._bulk import (
     LEARNER_FIELDS,
     iter_log_rewards,
     read_decision_log,
+    read_log_columns,
     read_log_rewards,
     read_rewards,
 )
@@ -136,6 +137,7 @@ __all__ = [
     "read_catalog_csv",
     "iter_log_rewards",
     "read_decision_log",
+    "read_log_columns",
     "read_log_rewards",
     "read_rewards",
     "read_decisions",

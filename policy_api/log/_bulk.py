@@ -23,11 +23,19 @@ from sqlalchemy.engine import Engine
 from allocator import EVENT_TYPES, HomepageConfig
 
 from ._arrays import DecisionLog, Rewards, pad_candidates, to_epoch
-from ._rows import N_CANDIDATES_KEY, iter_decisions
-from ._schema import UTCDateTime
+from ._rows import (
+    DECISION_COLUMNS,
+    FEEDBACK_COLUMNS,
+    N_CANDIDATES_KEY,
+    _check_columns,
+    _iter_columns,
+    _to_column,
+    iter_decisions,
+)
+from ._schema import Bind, UTCDateTime, decisions, feedback, reading
 
 __all__ = ["CANDIDATE_FIELDS", "LEARNER_FIELDS", "candidate_lists", "iter_log_rewards", "read_decision_log",
-           "read_log_rewards", "read_rewards"]
+           "read_log_columns", "read_log_rewards", "read_rewards"]
 
 _F64 = pa.float64()
 _CAND_TYPES: dict[str, pa.DataType] = {
@@ -41,6 +49,37 @@ LEARNER_FIELDS: tuple[str, ...] = ("categories", "tilt", "value", "score", "expo
 _VERS = pa.struct([(k, pa.int64()) for k in ("config", "plan", "ranker", "bandit")])
 _SCHEMA = pa.schema([("p", pa.list_(_F64)), ("x", pa.struct([("shared", pa.list_(_F64))])), ("v", _VERS)])
 _COLS = ["request_id", "ts", "user_id", "policy", "context", "versions", "candidates", "pmf", "chosen", "propensity"]
+
+
+def read_log_columns(bind: Bind, table: str, columns: Sequence[str], *, chunk_size: int = 50_000
+                     ) -> dict[str, Any]:
+    """Whole columns of ``table`` ("decisions", in (ts, request_id) order as
+    :func:`~policy_api.log.read_decisions` reads them, or "feedback", in arrival order), with each
+    string column as an Arrow ``large_string`` array (null where NULL) and the others as
+    :func:`~policy_api.log.read_decisions` gives them (times ``datetime64[us]``).
+
+    For reading a large log whole: the rows come ``chunk_size`` at a time and each chunk's strings go
+    into Arrow's compact buffers at once, so that memory holds their bytes, not a Python object per
+    value (~60 bytes more each)."""
+    if table not in ("decisions", "feedback"):
+        raise ValueError(f"table must be 'decisions' or 'feedback'; got {table!r}")
+    tbl = decisions if table == "decisions" else feedback
+    cols = _check_columns(columns, DECISION_COLUMNS if table == "decisions" else FEEDBACK_COLUMNS, table)
+    text = {c for c in cols if isinstance(tbl.c[c].type, sa.String)}
+    parts: dict[str, list[Any]] = {c: [] for c in cols}
+    with reading(bind) as conn:
+        chunks = (iter_decisions(conn, columns=cols, chunk_size=chunk_size) if table == "decisions" else
+                  _iter_columns(conn, feedback, cols, [], [feedback.c.id], chunk_size))
+        for chunk in chunks:
+            for c in cols:
+                parts[c].append(pa.array(chunk[c], pa.large_string()) if c in text else chunk[c])
+    out: dict[str, Any] = {}
+    for c in cols:
+        if c in text:
+            out[c] = pa.chunked_array(parts[c], pa.large_string()).combine_chunks()
+        else:
+            out[c] = np.concatenate([_to_column([], tbl.c[c]), *parts[c]])
+    return out
 
 
 def _read_json(lines: pa.Array, schema: pa.Schema, threads: bool = True) -> pa.Table:

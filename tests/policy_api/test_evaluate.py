@@ -56,7 +56,9 @@ def _holdout(db, cfg, **kw):
     return catalog, ev, h
 
 
-def test_served_pages_match_the_engine_layout_user_by_user(logged, seed):
+@pytest.mark.parametrize("page_users", [1000, 3])  # all users at once; 3 at a time (the last part 1)
+def test_served_pages_match_the_engine_layout_user_by_user(logged, seed, page_users, monkeypatch):
+    monkeypatch.setattr(jobs._evaluate, "PAGE_USERS", page_users)
     _, db, cfg, _ = logged
     catalog = Catalog.from_arrays(load_items(db))
     state = build_state(cfg.config, catalog)
@@ -92,6 +94,23 @@ def test_pools_follow_the_engine_quotas(logged, seed):
         assert (inside == state.head_quota[c] + state.rest_quota[c]).all()
         assert np.isin(items[: state.head_quota[c]], pools[0]).all()
     assert (np.sort(pools, axis=1)[:, 1:] != np.sort(pools, axis=1)[:, :-1]).all()  # no item twice
+
+
+def test_pools_drawn_a_few_users_at_a_time_are_the_pools_drawn_at_once(logged, seed, monkeypatch):
+    """The random keys come a bounded number at a time; the draws are those of one call for all."""
+    import dataclasses
+
+    _, db, cfg, _ = logged
+    small = dataclasses.replace(cfg.config, pool_size=120)  # half the catalog: each user's rest is drawn
+    state = build_state(small, Catalog.from_arrays(load_items(db)))
+    assert state.rest_quota.sum() > 0
+    at_once = jobs._evaluate._pools(state, 40, seed)
+    monkeypatch.setattr(jobs._evaluate, "POOL_KEYS", 1)  # one user at a time
+    one_by_one = jobs._evaluate._pools(state, 40, seed)
+    monkeypatch.setattr(jobs._evaluate, "POOL_KEYS", 250)
+    np.testing.assert_array_equal(one_by_one, at_once)
+    np.testing.assert_array_equal(jobs._evaluate._pools(state, 40, seed), at_once)
+    assert (at_once[0] != at_once[1]).any()
 
 
 def test_holdout_split_is_by_time_and_keeps_new_positives_only(logged):
@@ -770,3 +789,80 @@ def test_the_catalog_popularity_is_not_republished_where_users_replay_items():
                                                 "refused")
     assert version is None and served["kind"] == "unchanged"
     assert served["repeat_share"] == pytest.approx(2 / 3) and "67% of the log's 3000 plays come back" in served["reason"]
+
+
+def _training_arrays_row_by_row(db, catalog):
+    """The reference for log_training_arrays: the log read as rows and joined with dicts."""
+    from policy_api.log import read_decisions, read_feedback, to_epoch
+
+    dec = read_decisions(db, columns=["request_id", "ts", "user_id"])
+    fb = read_feedback(db, columns=["request_id", "item_id", "type", "ts"])
+    at = {r: k for k, r in enumerate(dec["request_id"].tolist())}
+    users = sorted(set(dec["user_id"].tolist()))
+    user_of = {u: k for k, u in enumerate(users)}
+    item_of = {str(i): k for k, i in enumerate(catalog.item_ids)}
+    dec_ts, fb_ts = to_epoch(dec["ts"]), to_epoch(fb["ts"])
+    shown: dict[tuple[int, int], bool] = {}
+    events = []
+    for r, i, kind, t in zip(fb["request_id"].tolist(), fb["item_id"].tolist(), fb["type"].tolist(), fb_ts.tolist(),
+                             strict=True):
+        if r not in at or i not in item_of:
+            continue
+        d, k = at[r], item_of[i]
+        shown[(d, k)] = shown.get((d, k), False) or kind == "impression"
+        if kind in EVENT_TYPES:
+            events.append((d, user_of[dec["user_id"][d]], k, t, EVENT_TYPES.index(kind)))
+    pairs = sorted(shown)
+    impressions = {"decision": [d for d, _ in pairs], "user": [user_of[dec["user_id"][d]] for d, _ in pairs],
+                   "item": [k for _, k in pairs], "ts": [dec_ts[d] for d, _ in pairs],
+                   "explicit": [shown[p] for p in pairs]}
+    return users, impressions, {key: [e[j] for e in events] for j, key in enumerate(("decision", "user", "item", "ts",
+                                                                                      "type"))}
+
+
+def test_the_training_arrays_join_the_log_as_a_row_by_row_join_does(database_url):
+    """log_training_arrays (the log's strings joined by hash in Arrow) against a dict join of the rows:
+    served decisions with reported impressions, an import, feedback of an unknown decision, of an
+    item not in the catalog, and of no item, users whose ids sort differently as bytes and as numbers."""
+    from datetime import UTC, datetime
+
+    from policy_api.log import insert_decisions, insert_feedback
+
+    world = make_world(n_users=10, n_items=40, seed=1)
+    upgrade(database_url)
+    db = make_engine(database_url)
+    try:
+        cfg = registry.activate_config(db, world.default_config_toml(), author="test")
+        cfg = registry.require_active_config(db)
+        rows = [{"item_id": str(i), "category": world.categories[c], "popularity": 1.0 + k,
+                 "features": [0.0, 1.0, 2.0]}
+                for k, (i, c) in enumerate(zip(world.item_ids, world.item_category, strict=True))]
+        upsert_items(db, rows)
+        catalog = Catalog.from_arrays(load_items(db))
+        rng = np.random.default_rng(7)
+        users = ["u10", "u9", "é1", "u1", "7"]
+        dec, fb = [], []
+        for k in range(300):
+            rid = f"r{rng.integers(10**9)}-{k}"
+            when = datetime.fromtimestamp(1.7e9 + float(rng.integers(0, 5000)) + 0.5 * (k % 2), tz=UTC)
+            dec.append({"request_id": rid, "ts": when, "user_id": users[k % 5], "context": {}, "versions": {},
+                        "policy": "import" if k % 7 == 0 else "vw", "candidates": [], "pmf": [1.0], "chosen": 0,
+                        "propensity": 1.0, "layout": [], "fallback_reason": None})
+            for j in range(int(rng.integers(0, 4))):
+                item = str(world.item_ids[rng.integers(40)]) if j < 3 or k % 11 else "not-in-catalog"
+                kind = ["impression", "play", "skip", "full_play", "favorite", "share"][int(rng.integers(6))]
+                fb.append({"event_id": f"{rid}:{j}", "request_id": rid if k % 13 else "no-such-decision",
+                           "slot": 0, "item_id": item if k % 17 else None, "type": kind,
+                           "ts": datetime.fromtimestamp(when.timestamp() + float(rng.integers(1, 60)), tz=UTC)})
+        insert_decisions(db, dec)
+        insert_feedback(db, fb)
+        got = jobs.log_training_arrays(db, catalog)
+        users_ref, imp_ref, ev_ref = _training_arrays_row_by_row(db, catalog)
+    finally:
+        db.dispose()
+    assert got["user_ids"] == users_ref and got["n_users"] == 5
+    assert len(ev_ref["item"]) > 100 and sum(imp_ref["explicit"]) > 20 and not all(imp_ref["explicit"])
+    for key, want in imp_ref.items():
+        np.testing.assert_array_equal(got["impressions"][key], np.asarray(want), err_msg=key)
+    for key, want in ev_ref.items():
+        np.testing.assert_array_equal(got["events"][key], np.asarray(want), err_msg=key)

@@ -47,6 +47,9 @@ def count(tmp, table, where=""):
         (",{item},play,1700000000", r"line 3: user_id must be non-empty"),
         ("u1,{item},play", r"line 3: expected 5 columns; got 3"),
         ("u1,{item},play,1,2,3", r"line 3: expected 5 columns; got 6"),
+        ("u1,{item},play,-5", r"line 3: timestamp must be epoch seconds or ISO 8601; got '-5'"),
+        ("u1,{item},play,inf", r"line 3: timestamp must be epoch seconds or ISO 8601; got 'inf'"),
+        ("u1,{item},play,1700000000,nan", r"line 3: value must be finite; got 'nan'"),
     ],
 )
 def test_bad_lines_are_named(env, line, message):
@@ -67,6 +70,49 @@ def test_header_is_checked(env):
     f.write_text("user,item,event,time\n")
     r = run(e, "import", str(f))
     assert r.returncode == 2 and "line 1: header must be user_id,item_id,event,timestamp[,value]" in r.stderr
+
+
+def _interactions_file(path, rng, n, items, *, iso=False, short_lines=False, crlf=False):
+    """A file of the format with what real exports hold: spaces around fields, quoted ids with commas,
+    quotes and line breaks, blank lines, fractional and ISO times, values given and left empty."""
+    users = ["u1", " u2 ", '"a, b"', '"say ""hi"""', '"two\nlines"', "7", "\u00e9l\u00e8ve"]
+    events = ["play", "skip", " favorite", "full_play ", "impression", "share"]
+    lines = ["user_id,item_id,event,timestamp,value"]
+    for k in range(n):
+        t = 1.6e9 + float(rng.integers(0, 10**6)) + (0.25 if k % 3 == 0 else 0.0)
+        stamp = (f"{t:.2f}" if k % 5 else f" {int(t)} ") if not (iso and k % 4 == 0) else \
+            np.datetime_as_string(np.datetime64(int(t), "s")) + ("Z" if k % 8 == 0 else "")
+        value = "" if k % 3 else f"{rng.random():.6f}"
+        row = f"{users[k % len(users)]},{items[rng.integers(len(items))]},{events[k % len(events)]},{stamp}"
+        lines.append(row if short_lines and k % 7 == 0 else f"{row},{value}")
+        if k % 50 == 0:
+            lines.append("")
+    path.write_bytes(("\r\n" if crlf else "\n").join(lines).encode() + b"\n")
+    return path
+
+
+@pytest.mark.parametrize(("iso", "short_lines", "crlf"), [(False, False, False), (True, False, True),
+                                                          (False, True, False)])
+def test_the_column_wise_reader_reads_what_the_line_by_line_reader_reads(tmp_path, iso, short_lines, crlf):
+    """Every column, value by value, against the line-by-line reader (the reference): numeric and ISO
+    times, quoted fields, blank lines, CRLF; a 4-column line in a 5-column file is read line by line."""
+    from policy_api.jobs import _importing
+
+    items = [f"i{k}" for k in range(30)] + ['"x,y"']
+    f = _interactions_file(tmp_path / "i.csv", np.random.default_rng(3), 2000, items, iso=iso,
+                           short_lines=short_lines, crlf=crlf)
+    known = {i.strip('"') for i in items}
+    columns = _importing._read_columns(f, ["user_id", "item_id", "event", "timestamp", "value"], known)
+    assert (columns is None) == short_lines  # a short line: the column-wise reader declines
+    got, ref = _importing.read_interactions(f, known), _importing.read_interactions_by_line(f, known)
+    assert got.keys() == ref.keys() and ref["ts"].size == 2000
+    for k in ("user_id", "item_id", "event"):
+        assert got[k].dtype == object and got[k].tolist() == ref[k].tolist()
+    for k in ("ts", "value"):
+        assert got[k].dtype == np.float64 and np.array_equal(got[k], ref[k], equal_nan=True)
+    assert {"a, b", 'say "hi"', "two\nlines", "u2", "\u00e9l\u00e8ve"} <= set(got["user_id"].tolist())
+    given = sum(k % 3 == 0 and not (short_lines and k % 7 == 0) for k in range(2000))  # values written
+    assert np.isfinite(got["value"]).sum() == given
 
 
 def test_rows_become_log_entries_and_reimport_is_idempotent(env):
@@ -161,15 +207,37 @@ def _import_one_row_at_a_time(db, data, item_category, source):
 
     from policy_api.log import insert_decisions, insert_feedback
 
-    def h(*parts):
-        return hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=12).hexdigest()
+    import struct
+
+    m64 = (1 << 64) - 1
+
+    def mix(x):  # SplitMix64's finaliser on a Python int
+        x = (x + 0x9E3779B97F4A7C15) & m64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m64
+        return x ^ (x >> 31)
+
+    def sh(s):
+        return int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "big")
+
+    def ident(ts, content):  # import:<microseconds + 2**62><content>, 16 hex digits each
+        return f"import:{round(ts * 1e6) + (1 << 62):016x}{content:016x}"
+
+    def bits(ts):
+        return struct.unpack("<Q", struct.pack("<d", ts))[0]
+
+    def dec_id(uid, ts):
+        return ident(ts, mix(sh(uid) ^ mix(bits(ts))))
+
+    def ev_id(uid, iid, ev, ts):
+        return ident(ts, mix(mix(sh(uid) ^ mix(bits(ts))) ^ mix(sh(iid) ^ mix(sh(ev)))))
 
     groups: dict[tuple[str, float], list[int]] = {}
     for r in range(data["user_id"].size):
         groups.setdefault((str(data["user_id"][r]), float(data["ts"][r])), []).append(r)
     dec, fb = [], []
     for (uid, ts), rows in groups.items():
-        rid = "import:" + h(uid, repr(ts))
+        rid = dec_id(uid, ts)
         shown = list(dict.fromkeys(str(data["item_id"][r]) for r in rows))
         when = datetime.fromtimestamp(ts, tz=UTC)
         dec.append({"request_id": rid, "ts": when, "user_id": uid, "context": {"source": source}, "versions": {},
@@ -179,7 +247,7 @@ def _import_one_row_at_a_time(db, data, item_category, source):
                     "fallback_reason": None})
         for r in rows:
             v = float(data["value"][r])
-            fb.append({"event_id": "import:" + h(uid, data["item_id"][r], data["event"][r], repr(ts)),
+            fb.append({"event_id": ev_id(uid, str(data["item_id"][r]), str(data["event"][r]), ts),
                        "request_id": rid, "slot": 0, "item_id": str(data["item_id"][r]), "type": str(data["event"][r]),
                        "value": None if math.isnan(v) else v, "ts": when})
     insert_decisions(db, dec)
@@ -216,9 +284,14 @@ def test_import_stores_what_row_by_row_inserts_store(database_url, tmp_path):
         groups = len(set(zip(data["user_id"].tolist(), ts.tolist(), strict=True)))
         seen = []
         assert jobs.import_rows(db, data, cats, "f.csv", progress=lambda r, t: seen.append((r, t)),
-                                chunk_rows=500) == (groups, n)  # whole users 500 interactions at a time
+                                chunk_rows=500) == (groups, n)  # whole (user, time) groups, ~500 interactions at a time
         assert sum(r for r, _ in seen) == groups + n and {t for _, t in seen} == {groups + n}  # rows as written
         assert len(seen) >= 2 * (n // 500 - 1)  # chunk by chunk
+        with reading(db) as conn:  # written in time order: each id index grew at its end
+            written = conn.execute(sa.select(feedback.c.event_id, feedback.c.ts).order_by(feedback.c.id)).all()
+        prefix = len("import:") + 16  # the time part of an id
+        assert [e[:prefix] for e, _ in written] == sorted(e[:prefix] for e, _ in written)
+        assert all(a[1] <= b[1] for a, b in zip(written, written[1:])) and written[0][1] < written[-1][1]
         jobs.import_rows(db, data, cats, "f.csv")  # again: nothing added
         new = stored()
         with db.begin() as conn:
