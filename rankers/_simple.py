@@ -313,9 +313,9 @@ def knn_similarity(x: Any, shrink: float, n_neighbors: int, *, block_entries: in
     ends = np.cumsum(users_of @ history)  # item j's column of C holds at most (users_of @ history)[j] counts
     cuts = [0]
     while cuts[-1] < n:  # one step per block, not per item
-        start = cuts[-1]
-        budget = (ends[start - 1] if start else 0.0) + block_entries
-        cuts.append(max(int(np.searchsorted(ends, budget, side="right")), start + 1))
+        lo = cuts[-1]
+        budget = (ends[lo - 1] if lo else 0.0) + block_entries
+        cuts.append(max(int(np.searchsorted(ends, budget, side="right")), lo + 1))
     rows, cols, sims = [], [], []
     for a, b in zip(cuts[:-1], cuts[1:], strict=True):
         c = (xt @ xc[:, a:b]).tocoo()

@@ -832,8 +832,7 @@ def test_the_training_arrays_join_the_log_as_a_row_by_row_join_does(database_url
     upgrade(database_url)
     db = make_engine(database_url)
     try:
-        cfg = registry.activate_config(db, world.default_config_toml(), author="test")
-        cfg = registry.require_active_config(db)
+        registry.activate_config(db, world.default_config_toml(), author="test")
         rows = [{"item_id": str(i), "category": world.categories[c], "popularity": 1.0 + k,
                  "features": [0.0, 1.0, 2.0]}
                 for k, (i, c) in enumerate(zip(world.item_ids, world.item_category, strict=True))]

@@ -203,11 +203,10 @@ def _import_one_row_at_a_time(db, data, item_category, source):
     (how imports were written before they were built column-wise)."""
     import hashlib
     import math
+    import struct
     from datetime import UTC, datetime
 
     from policy_api.log import insert_decisions, insert_feedback
-
-    import struct
 
     m64 = (1 << 64) - 1
 
@@ -291,7 +290,7 @@ def test_import_stores_what_row_by_row_inserts_store(database_url, tmp_path):
             written = conn.execute(sa.select(feedback.c.event_id, feedback.c.ts).order_by(feedback.c.id)).all()
         prefix = len("import:") + 16  # the time part of an id
         assert [e[:prefix] for e, _ in written] == sorted(e[:prefix] for e, _ in written)
-        assert all(a[1] <= b[1] for a, b in zip(written, written[1:])) and written[0][1] < written[-1][1]
+        assert all(a[1] <= b[1] for a, b in zip(written, written[1:], strict=False)) and written[0][1] < written[-1][1]
         jobs.import_rows(db, data, cats, "f.csv")  # again: nothing added
         new = stored()
         with db.begin() as conn:
