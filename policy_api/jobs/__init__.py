@@ -23,7 +23,17 @@ from ._evaluate import (
     ranker_page_scorer,
     served_pages,
 )
-from ._importing import ImportResult, import_file, import_rows, read_interactions
+from ._importing import (
+    IMPORT_ID_PREFIX,
+    ImportResult,
+    decision_ids,
+    event_ids,
+    import_file,
+    import_rows,
+    read_interactions,
+    read_interactions_by_line,
+    string_hashes,
+)
 from ._learn import LearnResult, catalog_categories, learn, load_log, log_features, new_bandit
 from ._partitioned import PARTITION_TARGETS, ExportPartition, replay_partitioned
 from ._plan import (
@@ -140,6 +150,11 @@ __all__ = [
     "holdout_split",
     "import_file",
     "import_rows",
+    "decision_ids",
+    "event_ids",
+    "string_hashes",
+    "read_interactions_by_line",
+    "IMPORT_ID_PREFIX",
     "learn",
     "load_log",
     "log_events",

@@ -28,7 +28,8 @@ from allocator import EVENT_TYPES, FEEDBACK_TYPES
 from ..errors import InvalidInput, NotFound, NotReady
 from ..log import IMPORT_POLICY, encode_candidates, insert_stored, load_items, stored_timestamps
 
-__all__ = ["ImportResult", "import_file", "import_rows", "read_interactions", "read_interactions_by_line"]
+__all__ = ["IMPORT_ID_PREFIX", "ImportResult", "decision_ids", "event_ids", "import_file", "import_rows",
+           "read_interactions", "read_interactions_by_line", "string_hashes"]
 
 
 def _ts(text: str, path: Path, line: int) -> float:
@@ -166,7 +167,7 @@ def _splitmix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _string_hashes(values: list[str]) -> np.ndarray:
+def string_hashes(values: list[str]) -> np.ndarray:
     """A 64-bit BLAKE2b hash of each string (its UTF-8), as ``uint64``."""
     return np.array([int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "big") for v in values],
                     dtype=np.uint64)
@@ -187,7 +188,7 @@ def _ids(ts: np.ndarray, content: np.ndarray) -> np.ndarray:
 
 def decision_ids(user_hash: np.ndarray, ts: np.ndarray) -> np.ndarray:
     """The id of the import decision of each (user, time) group: the time, then a hash of the user's
-    hash (:func:`_string_hashes`) and the time's exact float64 bits."""
+    hash (:func:`string_hashes`) and the time's exact float64 bits."""
     bits = np.ascontiguousarray(ts, dtype=np.float64).view(np.uint64)
     return _ids(ts, _splitmix(user_hash ^ _splitmix(bits)))
 
@@ -247,9 +248,9 @@ def _import_chunk(db: Engine, data: dict[str, np.ndarray], item_category: dict[s
     group = np.cumsum(new_group) - 1
     first = np.flatnonzero(new_group)  # each group's first row
     G = first.size
-    user_hash = _string_hashes(users.tolist())
+    user_hash = string_hashes(users.tolist())
     g_rid = decision_ids(user_hash[ucode[first]], ts_all[first])
-    e_id = event_ids(user_hash[ucode], _string_hashes(items.tolist())[icode], _string_hashes(events.tolist())[ecode],
+    e_id = event_ids(user_hash[ucode], string_hashes(items.tolist())[icode], string_hashes(events.tolist())[ecode],
                      ts_all)
     # each group's distinct items in file order: the first row of each (group, item) pair
     pair = group * items.size + icode

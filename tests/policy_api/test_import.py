@@ -302,3 +302,51 @@ def test_import_stores_what_row_by_row_inserts_store(database_url, tmp_path):
         db.dispose()
     assert len(new[0]) == groups < n and len(new[1]) == n
     assert new == ref
+
+
+def test_migration_0009_renames_what_an_earlier_import_wrote(database_url, tmp_path):
+    """A log imported before ids led with their time (hash-only ids, revision 0008) is renamed by the
+    upgrade to exactly the rows today's import writes, so importing the same file again adds nothing;
+    the downgrade gives back the hash-only ids (computed here as the earlier import computed them)."""
+    import hashlib
+
+    from policy_api import jobs
+    from policy_api.log import decisions, downgrade, feedback, make_engine, reading, upgrade
+
+    def old(*parts):
+        return "import:" + hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=12).hexdigest()
+
+    rng = np.random.default_rng(9)
+    world = make_world(n_users=20, n_items=50, seed=2)
+    ids = np.asarray(world.item_ids, dtype=object)
+    cats = {str(i): world.categories[c] for i, c in zip(world.item_ids, world.item_category, strict=True)}
+    n = 600
+    ts = 1.6e9 + rng.integers(0, 300, n) + np.where(rng.random(n) < 0.5, 0.0, 0.125)  # groups, fractions
+    data = {"user_id": np.array([f"u{k}" for k in rng.integers(0, 20, n)], dtype=object),
+            "item_id": ids[rng.integers(0, 50, n)], "event": np.array(["play", "skip", "favorite"], dtype=object)[
+                rng.integers(0, 3, n)], "ts": ts, "value": np.full(n, np.nan)}
+
+    def stored(db):
+        with reading(db) as conn:
+            return (sorted(tuple(r) for r in conn.execute(sa.select(decisions)).all()),
+                    sorted(tuple(r)[1:-1] for r in conn.execute(sa.select(feedback)).all()))
+
+    upgrade(database_url)
+    db = make_engine(database_url)
+    try:
+        jobs.import_rows(db, data, cats, "f.csv")
+        today = stored(db)
+        downgrade(database_url, "0008")
+        hash_only = stored(db)
+        # the earlier import's names: a hash of (user, time) and of (user, item, event, time)
+        by_new = {d[0]: old(d[2], repr(d[1].timestamp())) for d in today[0]}
+        assert [d[0] for d in hash_only[0]] == sorted(by_new.values())
+        user_of = {d[0]: d[2] for d in today[0]}
+        assert sorted(f[0] for f in hash_only[1]) == sorted(
+            old(user_of[f[1]], f[3], f[4], repr(f[6].timestamp())) for f in today[1])
+        upgrade(database_url)
+        assert stored(db) == today
+        assert jobs.import_rows(db, data, cats, "f.csv")[1] == n and stored(db) == today  # nothing added
+    finally:
+        db.dispose()
+    assert len(today[0]) < n and len(today[1]) == n

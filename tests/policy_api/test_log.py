@@ -292,7 +292,7 @@ def test_migrations_upgrade_check_downgrade(database_url, tmp_path, monkeypatch)
         with eng.connect() as conn:
             insp = sa.inspect(conn)
             assert set(insp.get_table_names()) == LOG_TABLES | {"alembic_version"}
-            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0008"
+            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0009"
             mc = MigrationContext.configure(conn, opts={"compare_type": True})
             assert compare_metadata(mc, metadata) == []  # `alembic check`
             # the comparison is not vacuous: a column the DB lacks is reported
