@@ -260,6 +260,8 @@ def main() -> None:
         cli(env, "import", str(tmp / "ratings.csv"))
         import_s = time.perf_counter() - t0
         if args.import_only:
+            print(json.dumps({"bench": "real_data", "ratings": int(ts.size), "import_s": round(import_s, 2),
+                              "load_1m": os.getloadavg()[0]}))
             return
         t0 = time.perf_counter()
         out = cli(env, "train", "--max-epochs", str(args.max_epochs), "--interaction", args.interaction,
