@@ -62,6 +62,13 @@ def log_training_arrays(db: Engine, catalog: Catalog, *, sampled_negatives: int 
     if isinstance(sampled_negatives, bool) or not isinstance(sampled_negatives, int) or sampled_negatives < 0:
         raise InvalidInput(f"sampled_negatives must be an int >= 0; got {sampled_negatives!r}",
                            field="sampled_negatives")
+    try:
+        return _training_arrays(db, catalog, sampled_negatives, seed)
+    finally:  # Arrow's allocator keeps what it freed for its own reuse: hand it back for numpy's
+        pa.default_memory_pool().release_unused()
+
+
+def _training_arrays(db: Engine, catalog: Catalog, sampled_negatives: int, seed: int) -> dict[str, Any]:
     # the log's strings stay in Arrow's buffers and are joined by hash (no Python object or fixed-width
     # copy per row): a log of millions of events is read in a fraction of the memory
     dec = read_log_columns(db, "decisions", ["request_id", "ts", "user_id", "policy"])
