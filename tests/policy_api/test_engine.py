@@ -6,10 +6,14 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from allocator import parse_config_text
 from bandits import budget_pmf
 from policy_api.engine import DecisionEngine, RequestIds, ScorerHandle, build_state
+from policy_api.engine._engine import member
 from simulator import make_world
 from tests.test_common import world_catalog
 
@@ -558,3 +562,20 @@ def test_before_any_feedback_categories_engage_as_their_best_items_are_popular(s
     for g in groups.values():  # the others in proportion to their popularity (the prior binds: 10^6 impressions)
         assert g[1] == pytest.approx(g0[2] * g[0] / p_best, rel=2e-3)
     assert catalog_prior_rates(replace(state, catalog=replace(state.catalog, popularity=np.zeros(state.catalog.n_items)))) is None
+
+
+@given(a=hnp.arrays(np.int64, hnp.array_shapes(max_dims=2, min_side=0, max_side=40), elements=st.integers(-5, 30)),
+       b=hnp.arrays(np.int64, st.integers(0, 40), elements=st.integers(-5, 30)))
+@settings(max_examples=200, deadline=None)
+def test_member_equals_numpy_isin(a, b):
+    """The request path's membership test against numpy's, on small and large arrays alike."""
+    got = member(a, b)
+    assert got.shape == a.shape and got.dtype == bool
+    np.testing.assert_array_equal(got, np.isin(a, b))
+
+
+def test_member_of_large_arrays_takes_numpy_isin_path_with_the_same_answer():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 5000, 3000), rng.integers(0, 5000, 400)  # 1.2M pairs: above the pairwise limit
+    np.testing.assert_array_equal(member(a, b), np.isin(a, b))
+    np.testing.assert_array_equal(member(a.astype(np.float64), b), np.isin(a, b))
