@@ -402,22 +402,23 @@ def swap_in_new_items(state: EngineState, shown: list[np.ndarray], categories: n
     pick = rng.random(S)
     cat = state.item_category[alive]
     out = list(shown)
-    used = np.concatenate(shown) if S else np.zeros(0, dtype=np.int64)
+    # the new items on the page already (shown, or swapped in below): each is shown once at most
+    taken = member(alive, np.concatenate(shown)) if S else np.zeros(alive.size, dtype=bool)
     swapped: list[int] = []
     match_kind = state.space.tail_goal
     for s in np.flatnonzero(hit).tolist():
         row = shown[s]
-        free = alive[(cat == int(categories[s])) & ~member(alive, used)]
+        free = np.flatnonzero((cat == int(categories[s])) & ~taken)
         if not free.size or not row.size:
             continue
-        j = int(free[min(int(pick[s] * free.size), free.size - 1)])
+        j = int(alive[free[min(int(pick[s] * free.size), free.size - 1)]])
         same = np.flatnonzero(state.is_tail[row] == state.is_tail[j]) if match_kind else np.arange(row.size)
         if not same.size:
             continue
         row = row.copy()
         row[same[-1]] = j
         out[s] = row
-        used = np.append(used, j)
+        taken |= alive == j
         swapped.append(j)
     return out, swapped
 
