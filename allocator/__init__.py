@@ -32,6 +32,7 @@ from ._layout import (
     default_leads,
     layout_items,
     long_tail,
+    showable,
     stats_table,
 )
 from ._pacing import DualPacer, PacerConfig
@@ -102,6 +103,7 @@ __all__ = [
     "Module",
     "Tilt",
     "block_table",
+    "showable",
     "build_candidates",
     "default_item_weights",
     "default_leads",

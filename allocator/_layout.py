@@ -24,6 +24,7 @@ __all__ = [
     "build_candidates",
     "default_leads",
     "layout_items",
+    "showable",
     "stats_table",
 ]
 
@@ -290,6 +291,32 @@ def _item_weights(space: LayoutSpace) -> np.ndarray:
     if w_pos.shape != (K,) or not (w_pos > 0).all():
         raise ValueError(f"space.item_weights must be {K} positive numbers; got {w_pos!r}")
     return w_pos
+
+
+def showable(space: LayoutSpace, rank_scores: np.ndarray, pool_category: np.ndarray,
+             pool_is_tail: np.ndarray) -> np.ndarray:
+    """Pool positions (ascending) of the items one request's :func:`block_table` can show: of each
+    category's head and of its long tail, the best ``R * K`` by ``rank_scores`` (ties at the last place
+    all kept), ``R`` the most modules of a category and ``K`` the items per module.
+
+    At any tilt level a category's ``R`` blocks hold at most ``R * K`` items of either group, the best
+    of the group first, so every item shown is among these: :func:`block_table` on this sub-pool gives
+    the same block statistics, and :func:`layout_items` the same items (as positions in the sub-pool).
+    Shapes (P,); the table costs what the sub-pool's size does, whatever the pool's."""
+    sc = np.clip(np.asarray(rank_scores, dtype=np.float64), -1e300, 1e300)
+    P = sc.size
+    need = max(int(space.n_blocks.max(initial=1)), 1) * space.items_per_module
+    gid = np.asarray(pool_category, dtype=np.int64) * 2 + np.asarray(pool_is_tail, dtype=np.int64)
+    n_groups = 2 * space.category_value.size
+    counts = np.bincount(gid, minlength=n_groups)
+    if counts.max(initial=0) <= need:
+        return np.arange(P)
+    by = np.lexsort((-sc, gid))  # group, best first
+    start = np.cumsum(counts) - counts
+    full = counts > need
+    threshold = np.full(n_groups, -np.inf)
+    threshold[full] = sc[by[start[full] + need - 1]]
+    return np.flatnonzero(sc >= threshold[gid])
 
 
 def _block_table_one(space: LayoutSpace, value_scores: np.ndarray, scores: np.ndarray, cat: np.ndarray,

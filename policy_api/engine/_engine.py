@@ -34,6 +34,7 @@ from allocator import (
     layout_items,
     long_tail,
     serving_pmf,
+    showable,
     window_correction,
 )
 from bandits import VWLayoutBandit, sample
@@ -1205,6 +1206,10 @@ class DecisionEngine:
         t1 = clock()
         scores, rank, prefs = self._scores(st, u, pool, live)
         t2 = clock()
+        # the table of the items its blocks can show (the same blocks as the whole pool's, at a
+        # fraction of the cost); `pool` is that sub-pool from here on
+        at = showable(st.space, rank, st.item_category[pool], st.is_tail[pool])
+        pool, scores, rank = pool[at], scores[at], rank[at]
         tbl = block_table(st.space, scores[None, :], st.item_category[pool], st.is_tail[pool],
                           st.tail[pool], rank_scores=rank[None, :])
         t3 = clock()

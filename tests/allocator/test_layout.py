@@ -15,6 +15,7 @@ from allocator import (
     layout_items,
     long_tail,
     parse_config_text,
+    showable,
 )
 
 from .test_config import EXAMPLE
@@ -352,3 +353,37 @@ def test_the_explore_variant_leads_with_its_category_and_survives_the_cut(seed):
         assert (shown[:, 0] == 2).any(), shown
     with pytest.raises(ValueError, match="explore must have shape"):
         build_candidates(space, tbl, prices, explore=np.array([5, 0]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("ties", [False, True])
+def test_the_showable_sub_pool_gives_the_full_pools_blocks(seed, ties):
+    # the request path builds its block table on `showable`'s sub-pool: the blocks it can show must hold
+    # the items the slow dealer puts there from the whole pool, and the table the whole pool's statistics
+    rng = np.random.default_rng(seed)
+    space = tiny_space(levels=(0.0, 0.5, 1.0))
+    cat, is_tail, tail = random_pool(rng, P=60)
+    scores = rng.random(cat.size) * 3
+    if ties:
+        scores = np.round(scores * 2) / 2
+    sub = showable(space, scores, cat, is_tail)
+    need = int(space.n_blocks.max()) * space.items_per_module
+    for g in range(2 * space.category_value.size):  # at least the best `need` of each group, ties kept
+        members = np.flatnonzero(cat * 2 + is_tail == g)
+        kept = np.intersect1d(members, sub)
+        assert kept.size >= min(need, members.size)
+        if kept.size < members.size:
+            assert scores[kept].min() >= np.sort(scores[members])[::-1][need - 1]
+    assert sub.size < cat.size  # the pool is larger than what it can show, so something is left out
+    full = block_table(space, scores[None], cat, is_tail, tail)
+    part = block_table(space, scores[sub][None], cat[sub], is_tail[sub], tail[sub])
+    for f in ("mean_score", "n_tail", "n_shown"):
+        np.testing.assert_array_equal(getattr(part, f), getattr(full, f))
+    for b, beta in enumerate(space.tilt_levels):
+        for c in range(space.category_value.size):
+            want = slow_blocks(scores, cat, is_tail, tail, c, space.items_per_module, beta)
+            for r in range(int(space.n_blocks[c])):
+                got = sub[layout_items(space, part, 0, np.array([c]), np.array([r]), b)[0]]
+                expect = want[r] if r < len(want) else []
+                assert sorted(got.tolist()) == sorted(expect)
+                assert got.tolist() == layout_items(space, full, 0, np.array([c]), np.array([r]), b)[0].tolist()
