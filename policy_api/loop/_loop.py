@@ -265,43 +265,41 @@ class BackgroundLoop:
     _young: bool = True  # the plan in force carries no item's own rate yet (see YOUNG_CALIBRATE_S)
     _config_since: float = 0.0  # time.monotonic() when the loop took up the config
     _feedback_at_config: int = 0  # the newest feedback id then
-    role: str = "starting"
 
     # ---- the driver ------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         """Hold the lease (or wait as a standby) and tick until ``stop`` is set, at the priority of
-        :data:`LOOP_NICENESS`."""
+        :data:`LOOP_NICENESS`. A heartbeat thread takes and renews the lease (:meth:`Lease.keep`), so a
+        long step never lets it lapse; a tick runs only while the lease is fresh."""
         _lower_priority(LOOP_NICENESS)
-        renew_every = 1.0
-        last_renew = 0.0
+        beat: threading.Thread | None = None
         while not stop.is_set():
             try:
                 cfg = registry.active_config(self.db)
-                ttl = cfg.config.loop.lease_ttl_s if cfg is not None else 10.0
                 if self._lease is None:
+                    ttl = cfg.config.loop.lease_ttl_s if cfg is not None else 10.0
                     self._lease = Lease(self.db, ttl_s=ttl, holder=self.holder)
-                if not self._lease.held:
-                    if not self._lease.acquire():
-                        self.role = "standby"
-                        stop.wait(min(ttl / 3, 2.0))
-                        continue
-                    log.info("loop lease taken by %s", self._lease.holder)
-                self.role = "active"
-                if cfg is not None and cfg.config.loop.enabled:
+                    beat = self._lease.keep(stop, self.status)
+                if self._lease.fresh and cfg is not None and cfg.config.loop.enabled:
                     self.tick(cfg)
-                if time.monotonic() - last_renew >= renew_every:
-                    if not self._lease.renew(self.status()):
-                        log.warning("loop lease lost; standing by")
-                        self.role = "standby"
-                    last_renew = time.monotonic()
             except Exception:  # the database may be down: keep trying, never die
                 log.exception("loop tick failed")
                 stop.wait(1.0)
             stop.wait(self.tick_s)
+        if beat is not None:
+            beat.join()
         if self._lease is not None:
             self._lease.release()
         if self._store is not None:
             self._store.close()
+
+    @property
+    def role(self) -> str:
+        """``active`` while this loop holds a fresh lease, ``standby`` while another does (or the
+        database cannot be reached), ``starting`` before the first try."""
+        if self._lease is not None and self._lease.fresh:
+            return "active"
+        return "standby" if self._lease is not None and self._lease.tried else "starting"
 
     @property
     def training(self) -> bool:

@@ -79,6 +79,40 @@ def test_two_loops_one_active_then_failover(db, tmp_path):
     threads[1].join(timeout=10)
 
 
+class _SlowLoop(BackgroundLoop):
+    """A loop whose every tick takes twice the lease's TTL (a long plan or train on a loaded host)."""
+
+    def tick(self, cfg):  # noqa: ANN001, ANN201
+        self.ticks = getattr(self, "ticks", 0) + 1
+        time.sleep(2.0)
+
+
+def test_a_tick_longer_than_the_lease_keeps_it(db, tmp_path):
+    world = make_world(n_users=30, n_items=200, seed=0)
+    registry.activate_config(db, _config(tmp_path, world), author="test")  # lease_ttl_s = 1.0
+    stops = [threading.Event(), threading.Event()]
+    slow, other = _SlowLoop(db, holder="slow", tick_s=0.01), BackgroundLoop(db, holder="other", tick_s=0.01)
+    threads = [threading.Thread(target=lp.run, args=(st,), daemon=True)
+               for lp, st in zip((slow, other), stops, strict=True)]
+    threads[0].start()
+    deadline = time.time() + 20
+    while slow.role != "active" and time.time() < deadline:
+        time.sleep(0.01)
+    threads[1].start()
+    roles = set()
+    end = time.time() + 5.0  # five TTLs, two and a half slow ticks
+    while time.time() < end:
+        roles.add((slow.role, other.role))
+        time.sleep(0.02)
+    assert roles <= {("active", "standby"), ("active", "starting")} and ("active", "standby") in roles
+    assert slow.ticks >= 2 and lease_info(db).holder == "slow"
+    for st in stops:
+        st.set()
+    for t in threads:
+        t.join(timeout=10)
+    assert lease_info(db).live() is False  # the graceful stop handed the lease back
+
+
 def _decision(rid: str, user: str, t: datetime) -> dict:
     return {"request_id": rid, "ts": t, "user_id": user, "context": {}, "versions": {}, "policy": "test",
             "candidates": [], "pmf": [1.0], "chosen": 0, "propensity": 1.0, "layout": [], "fallback_reason": None}
