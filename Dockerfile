@@ -16,7 +16,9 @@ COPY simulator simulator
 COPY policy_api policy_api
 COPY migrations migrations
 COPY homepage_client homepage_client
-RUN pip install . && useradd --system --uid 10001 --home-dir /data homepage \
+# the request path's compiled kernels are compiled once here, into the installed package's cache
+RUN pip install . && python -c "import allocator; allocator.warm_kernels()" \
+    && useradd --system --uid 10001 --home-dir /data homepage \
     && mkdir -p /data && chown homepage /data
 
 USER homepage

@@ -34,6 +34,7 @@ from ._layout import (
     long_tail,
     showable,
     stats_table,
+    warm_kernels,
 )
 from ._pacing import DualPacer, PacerConfig
 from ._plan import InfeasibilityDiagnosis, InfeasiblePlan, Plan, Relaxation, choose, choose_batch, plan_lp
@@ -104,6 +105,7 @@ __all__ = [
     "Tilt",
     "block_table",
     "showable",
+    "warm_kernels",
     "build_candidates",
     "default_item_weights",
     "default_leads",

@@ -210,9 +210,13 @@ def block_table(space: LayoutSpace, scores: np.ndarray, pool_category: np.ndarra
         scores = np.atleast_2d(np.asarray(rank_scores, dtype=np.float64))
         if scores.shape != value_scores.shape:
             raise ValueError(f"rank_scores must have the shape of scores {value_scores.shape}; got {scores.shape}")
-    if U == 1:  # one request: the same table from 1-d arrays (a fraction of the small numpy calls)
-        return _block_table_one(space, value_scores[0], scores[0], np.broadcast_to(pool_category, (1, P))[0],
-                                np.broadcast_to(pool_is_tail, (1, P))[0], np.broadcast_to(pool_tail, (1, P))[0])
+    if U == 1:  # one request: the same table from 1-d arrays, compiled where the sort keys are finite
+        cat1 = np.broadcast_to(pool_category, (1, P))[0]
+        tail1 = np.broadcast_to(pool_tail, (1, P))[0]
+        args = (space, value_scores[0], scores[0], cat1, np.broadcast_to(pool_is_tail, (1, P))[0], tail1)
+        compiled = (P > 0 and np.isfinite(scores).all() and np.isfinite(tail1).all()
+                    and 0 <= cat1.min() and cat1.max() < space.category_value.size)
+        return _block_table_compiled(*args) if compiled else _block_table_one(*args)
     cat = np.broadcast_to(pool_category, (U, P)).astype(np.int64, copy=False)
     is_tail = np.broadcast_to(pool_is_tail, (U, P))
     tail = np.broadcast_to(pool_tail, (U, P))
@@ -317,6 +321,33 @@ def showable(space: LayoutSpace, rank_scores: np.ndarray, pool_category: np.ndar
     threshold = np.full(n_groups, -np.inf)
     threshold[full] = sc[by[start[full] + need - 1]]
     return np.flatnonzero(sc >= threshold[gid])
+
+
+def warm_kernels() -> None:
+    """Load the one-request kernels (:mod:`allocator._kernels`) now, so that no request pays for it."""
+    from . import _kernels
+
+    _kernels.warm()
+
+
+def _arg(a: np.ndarray | float, dtype: type) -> np.ndarray:
+    """An argument as the kernels are compiled for: C-ordered, writable (numba types a read-only view, such
+    as ``np.broadcast_to``'s, apart, and would compile for it again)."""
+    return np.require(a, dtype=dtype, requirements=["C", "W"])
+
+
+def _block_table_compiled(space: LayoutSpace, value_scores: np.ndarray, scores: np.ndarray, cat: np.ndarray,
+                          is_tail: np.ndarray, tail: np.ndarray) -> BlockTable:
+    """:func:`_block_table_one` by the compiled kernel (equal arrays; finite ``scores`` and ``tail``)."""
+    from . import _kernels  # numba loads on the first request, not with the package
+
+    R = max(int(space.n_blocks.max(initial=1)), 1)
+    f8 = np.float64
+    mean, n_tail, n_shown, order, rank, cat_sorted = _kernels.block_table_one(
+        _arg(value_scores, f8), _arg(scores, f8), _arg(cat, np.int64), _arg(is_tail, np.bool_), _arg(tail, f8),
+        _arg(space.tilt_levels, f8), int(space.items_per_module), int(space.category_value.size), R,
+        _arg(_item_weights(space), f8))
+    return BlockTable(mean[None], n_tail[None], n_shown[None], order[None], rank[None], cat_sorted[None])
 
 
 def _block_table_one(space: LayoutSpace, value_scores: np.ndarray, scores: np.ndarray, cat: np.ndarray,
@@ -472,21 +503,15 @@ def build_candidates(space: LayoutSpace, tbl: BlockTable, prices: np.ndarray | N
         ``max_candidates``.
     """
     U, B, C, R = tbl.mean_score.shape
-    S = space.n_slots
     K = space.n_constraints
     prices = np.zeros(K) if prices is None else np.asarray(prices, dtype=np.float64)
     if prices.shape != (K,):
         raise ValueError(f"prices must have shape ({K},) (one per constraint); got {prices.shape}")
-    w = space.position_weights
-    val = space.category_value
-    block_val = np.nan_to_num(tbl.mean_score, nan=-np.inf) * val[None, None, :, None]  # (U,B,C,R)
-    avail = (tbl.n_shown > 0) & (np.arange(R)[None, None, None, :] < space.n_blocks[None, None, :, None])
     cat_p, tail_p, mod_p = _exposure_terms(space, prices, tbl)
     # module index of (c, r) — a (C, R) table, -1 where the category has fewer modules
     mod_of = np.full((C, R), -1, dtype=np.int64)
     for c, mods_c in enumerate(space.modules_of):
         mod_of[c, :len(mods_c)] = mods_c
-    mod_p_cr = np.where(mod_of >= 0, mod_p[np.maximum(mod_of, 0)], 0.0)  # (C,R)
 
     lead = default_leads(space, tbl) if lead_categories is None else np.asarray(lead_categories, dtype=np.int64)
     if explore is not None:
@@ -501,6 +526,49 @@ def build_candidates(space: LayoutSpace, tbl: BlockTable, prices: np.ndarray | N
     price_on = np.array([1.0, 0.0] + [1.0] * lead.shape[1])
     forced = np.concatenate([np.full((U, 2), -1), lead], axis=1)  # (U, n_var)
 
+    if U == 1:  # one request: the compiled kernel, equal to the numpy steps below
+        from . import _kernels
+
+        f8, i8 = np.float64, np.int64
+        out = _kernels.candidates_one(
+            _arg(tbl.mean_score[0], f8), _arg(tbl.n_shown[0], f8), _arg(tbl.n_tail[0], f8),
+            _arg(space.category_value, f8), _arg(space.n_blocks, i8), mod_of, _arg(cat_p, f8), float(tail_p),
+            _arg(mod_p, f8), _arg(space.position_weights, f8), _arg(forced[0], i8), price_on,
+            _arg(space.kind, i8), _arg(space.target, i8), _arg(space.position_weights / space.position_weights.sum(), f8))
+        cats, blks, mods, tilt, value, exposure, mask = (a[None] for a in out)
+    else:
+        cats, blks, mods, tilt, value, exposure, mask = _candidates_numpy(
+            space, tbl, cat_p, tail_p, mod_p, mod_of, forced, price_on)
+    if V > max_candidates:
+        # keep the best max_candidates real ones by priced score (greedy is always kept)
+        sc = value + (exposure @ prices if K else 0.0)
+        if explore is not None:  # the untilted explore variant stays
+            sc[:, (n_var - 1) * B] = np.inf
+        sc = np.where(mask, sc, -np.inf)
+        keep = np.argsort(-sc, axis=1, kind="stable")[:, :max_candidates]
+        keep.sort(axis=1)
+
+        def take(a: np.ndarray) -> np.ndarray:
+            return np.take_along_axis(a, keep.reshape(U, -1, *([1] * (a.ndim - 2))), axis=1)
+
+        cats, blks, mods, value, exposure, mask = (take(cats), take(blks), take(mods), take(value),
+                                                   take(exposure), take(mask))
+        tilt = take(tilt)
+    return Candidates(cats, blks, mods, np.ascontiguousarray(tilt), value, exposure, mask)
+
+
+def _candidates_numpy(space: LayoutSpace, tbl: BlockTable, cat_p: np.ndarray, tail_p: float, mod_p: np.ndarray,
+                      mod_of: np.ndarray, forced: np.ndarray, price_on: np.ndarray) -> tuple[np.ndarray, ...]:
+    """:func:`build_candidates`' greedy fill and its candidates' modules, exposure and mask for a batch
+    of users, in numpy (:func:`allocator._kernels.candidates_one` is the same for one)."""
+    U, B, C, R = tbl.mean_score.shape
+    S = space.n_slots
+    w = space.position_weights
+    n_var = forced.shape[1]
+    V = n_var * B
+    block_val = np.nan_to_num(tbl.mean_score, nan=-np.inf) * space.category_value[None, None, :, None]  # (U,B,C,R)
+    avail = (tbl.n_shown > 0) & (np.arange(R)[None, None, None, :] < space.n_blocks[None, None, :, None])
+    mod_p_cr = np.where(mod_of >= 0, mod_p[np.maximum(mod_of, 0)], 0.0)  # (C,R)
     # state per (U, var, B)
     used = np.zeros((U, n_var, B, C), dtype=np.int64)
     cats = np.zeros((U, n_var, B, S), dtype=np.int64)
@@ -544,30 +612,12 @@ def build_candidates(space: LayoutSpace, tbl: BlockTable, prices: np.ndarray | N
         blks[..., s] = r_at.reshape(U, n_var, B)
         used_flat[at] = r_at + 1
 
-    cats = cats.reshape(U, V, S)
-    blks = blks.reshape(U, V, S)
-    value = value.reshape(U, V)
-    ok = ok.reshape(U, V)
+    cats_l, blks_l = cats.reshape(U, V, S), blks.reshape(U, V, S)
     tilt = np.broadcast_to(np.arange(B)[None, None, :], (U, n_var, B)).reshape(U, V)
-    mods = mod_of[cats, np.minimum(blks, R - 1)]
-    exposure = _exposure(space, tbl, cats, blks, mods, tilt)
-    mask = ok & _first_occurrence(cats, tilt)
-    if V > max_candidates:
-        # keep the best max_candidates real ones by priced score (greedy is always kept)
-        sc = value + (exposure @ prices if K else 0.0)
-        if explore is not None:  # the untilted explore variant stays
-            sc[:, (n_var - 1) * B] = np.inf
-        sc = np.where(mask, sc, -np.inf)
-        keep = np.argsort(-sc, axis=1, kind="stable")[:, :max_candidates]
-        keep.sort(axis=1)
-
-        def take(a: np.ndarray) -> np.ndarray:
-            return np.take_along_axis(a, keep.reshape(U, -1, *([1] * (a.ndim - 2))), axis=1)
-
-        cats, blks, mods, value, exposure, mask = (take(cats), take(blks), take(mods), take(value),
-                                                   take(exposure), take(mask))
-        tilt = take(tilt)
-    return Candidates(cats, blks, mods, np.ascontiguousarray(tilt), value, exposure, mask)
+    mods = mod_of[cats_l, np.minimum(blks_l, R - 1)]
+    exposure = _exposure(space, tbl, cats_l, blks_l, mods, tilt)
+    mask = ok.reshape(U, V) & _first_occurrence(cats_l, tilt)
+    return cats_l, blks_l, mods, tilt, value.reshape(U, V), exposure, mask
 
 
 def _first_occurrence(cats: np.ndarray, tilt: np.ndarray) -> np.ndarray:

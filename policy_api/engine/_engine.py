@@ -35,6 +35,7 @@ from allocator import (
     long_tail,
     serving_pmf,
     showable,
+    warm_kernels,
     window_correction,
 )
 from bandits import VWLayoutBandit, sample
@@ -1018,6 +1019,7 @@ class DecisionEngine:
         self._served = 0
         self._lock = threading.Lock()
         _one_blas_thread()
+        warm_kernels()  # the request path's compiled kernels, loaded before the first request
 
     @property
     def state(self) -> EngineState:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -387,3 +388,68 @@ def test_the_showable_sub_pool_gives_the_full_pools_blocks(seed, ties):
                 expect = want[r] if r < len(want) else []
                 assert sorted(got.tolist()) == sorted(expect)
                 assert got.tolist() == layout_items(space, full, 0, np.array([c]), np.array([r]), b)[0].tolist()
+
+
+_TABLE_FIELDS = ("mean_score", "n_tail", "n_shown", "order", "rank", "cat_sorted")
+_CAND_FIELDS = ("categories", "blocks", "modules", "tilt", "value", "exposure", "mask")
+
+
+def _request_case(seed, P):
+    """A request's pool on the example config's space or a tiny one: scores with ties (a tenth's
+    grid), rank scores of their own, unequal item weights in a module on odd seeds."""
+    rng = np.random.default_rng(seed)
+    if seed % 3 == 0:
+        space = LayoutSpace.from_config(parse_config_text(EXAMPLE))
+    else:
+        space = tiny_space(slots=4, K=3, levels=(0.0, 0.34, 0.67, 1.0))
+    if seed % 2:
+        space = dataclasses.replace(space, item_weights=np.linspace(1.0, 0.4, space.items_per_module))
+    C = space.category_value.size
+    cat = rng.integers(0, C, P)
+    is_tail = rng.random(P) < 0.4
+    tail = np.round(rng.random(P), 1)
+    scores = np.round(rng.random(P) * 3, 1)
+    rank = scores + np.round(rng.normal(size=P), 1) if seed % 4 else scores
+    return rng, space, scores, rank, cat, is_tail, tail
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_the_compiled_request_table_and_candidates_equal_numpys(seed):
+    # one request takes compiled kernels (allocator._kernels) for its block table and candidates: they
+    # must equal the numpy steps (a batch of two users, whose rows are the same request) bit for bit,
+    # ties, item weights, prices, leads, an explored category and the cut to max_candidates included
+    from allocator import _layout
+
+    rng, space, scores, rank, cat, is_tail, tail = _request_case(seed, P=(120, 7, 240)[seed % 3])
+    one = block_table(space, scores[None], cat, is_tail, tail, rank_scores=rank[None])
+    numpy_one = _layout._block_table_one(space, scores, rank, cat, is_tail, tail)
+    pair = block_table(space, np.stack([scores, scores]), cat, is_tail, tail, rank_scores=np.stack([rank, rank]))
+    for f in _TABLE_FIELDS:
+        got = getattr(one, f)
+        for want in (getattr(numpy_one, f), getattr(pair, f)[:1]):
+            assert got.dtype == want.dtype and np.array_equal(got, want, equal_nan=True), f
+    C = space.category_value.size
+    prices = rng.normal(size=space.n_constraints) * (seed % 5 != 0)
+    lead = rng.permutation(C)[None, : min(C, 3)] if seed % 2 else None
+    explore = np.array([int(rng.integers(-1, C))]) if seed % 3 != 1 else None
+    cut = 32 if seed % 4 else 5
+    got = build_candidates(space, one, prices, lead, cut, explore)
+    want = build_candidates(space, pair, prices, None if lead is None else np.repeat(lead, 2, axis=0), cut,
+                            None if explore is None else np.repeat(explore, 2))
+    for f in _CAND_FIELDS:
+        g, w = getattr(got, f), getattr(want, f)[:1]
+        assert g.dtype == w.dtype and np.array_equal(g, w), f
+    assert got.mask[0].any() or cat.size < 10
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_a_request_with_non_finite_scores_gets_numpys_table(bad):
+    # the compiled table is for finite sort keys; a score of nan or inf takes the numpy steps, whose
+    # order numpy's sorts define: the request's table is still the batched row
+    _, space, scores, rank, cat, is_tail, tail = _request_case(3, P=40)
+    rank = rank.copy()
+    rank[[2, 9]] = float(bad)
+    one = block_table(space, scores[None], cat, is_tail, tail, rank_scores=rank[None])
+    pair = block_table(space, np.stack([scores, scores]), cat, is_tail, tail, rank_scores=np.stack([rank, rank]))
+    for f in _TABLE_FIELDS:
+        assert np.array_equal(getattr(one, f), getattr(pair, f)[:1], equal_nan=True), f
