@@ -381,6 +381,7 @@ class HistoryScorer:
         import scipy.sparse as sp
 
         self.similarity_t_ = sp.csr_array(self.similarity_.T)
+        self.similarity_t_.sort_indices()  # canonical already; the kernel's sums follow this order
         self.neighbour_count_ = np.diff(self.similarity_.indptr)
         self._item_terms_cache: tuple[bytes, np.ndarray, np.ndarray] | None = None  # of the new snapshot
 
@@ -641,13 +642,24 @@ class HistoryScorer:
 
     def _knn_of(self, hist: np.ndarray, recency: np.ndarray, items: np.ndarray) -> np.ndarray:
         """kNN sums (n, 2) of ``items``: ``sum_i w_i S[i, j]`` over the history items ``hist`` with
-        weights 1 and their ``recency``: the candidates' rows of ``S^T`` read once for both (nothing
-        for a user without history)."""
+        weights 1 and their ``recency``: the candidates' rows of ``S^T`` read once for both, by a
+        compiled kernel equal to scipy's product (nothing for a user without history)."""
         if not hist.size:
             return np.zeros((items.size, 2))
-        w = np.zeros((self.n_items_, 2))
-        w[hist, 0], w[hist, 1] = 1.0, recency
-        return np.asarray(self.similarity_t_[items] @ w, dtype=np.float64)
+        from . import _kernels  # numba loads on the first request, not with the package
+
+        st = self.similarity_t_
+        return _kernels.knn_sums(st.indptr, st.indices, np.require(st.data, np.float64, ["C", "W"]),
+                                 np.require(items, np.int64, ["C", "W"]), np.require(hist, np.int64, ["C", "W"]),
+                                 np.require(recency, np.float64, ["C", "W"]), self.n_items_)
+
+    def warm(self) -> None:
+        """Load the request path's compiled kernel now, so that no request pays for it."""
+        if self.kind in _KNN_KINDS and getattr(self, "similarity_t_", None) is not None:
+            from . import _kernels
+
+            st = self.similarity_t_
+            _kernels.warm(st.indptr, st.indices, np.require(st.data, np.float64, ["C", "W"]))
 
     # -- persistence ---------------------------------------------------------------------------------
     def save(self) -> bytes:

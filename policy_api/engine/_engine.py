@@ -998,6 +998,14 @@ def build_state(config: HomepageConfig, catalog: Catalog, *, scorer: ScorerHandl
     )
 
 
+def _warm(state: EngineState) -> None:
+    """Load the request path's compiled kernels (the layout step's and the scorer's, where it has any)."""
+    warm_kernels()
+    warm = getattr(state.scorer.scorer, "warm", None)
+    if callable(warm):
+        warm()
+
+
 @cache
 def _one_blas_thread() -> None:
     # a decision is a few dozen small matmuls; a BLAS thread pool (on a few shared cores, beside other
@@ -1019,13 +1027,14 @@ class DecisionEngine:
         self._served = 0
         self._lock = threading.Lock()
         _one_blas_thread()
-        warm_kernels()  # the request path's compiled kernels, loaded before the first request
+        _warm(state)
 
     @property
     def state(self) -> EngineState:
         return self._state
 
     def swap(self, state: EngineState) -> None:
+        _warm(state)  # before the state serves: a new ranker's kernels load on this thread, not a request's
         old = self._state
         self._state = state
         if (state.versions.get("config") != old.versions.get("config")

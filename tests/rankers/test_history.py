@@ -393,3 +393,28 @@ def test_repeat_share_and_the_seen_items_switch(seed):
     back = HistoryScorer.load(sc.save())
     assert back.demote_seen is False
     np.testing.assert_array_equal(back.score_live(u, pool), kept)
+
+
+@pytest.mark.parametrize("kind", ["item_knn", "residual"])
+def test_the_compiled_knn_read_equals_scipys_product(seed, kind):
+    # a request's kNN sums come from a compiled kernel over S^T's CSR arrays: they must be scipy's
+    # `S^T[items] @ w` bit for bit (the same additions in the same order), before and after save/load,
+    # for users with and without history, repeated candidates included
+    rng = np.random.default_rng(seed)
+    cat = rng.integers(0, N_CAT, size=N_ITEMS)
+    user, item, ts, weight = _log(rng, n=1500)
+    sc = (_residual(rng, cat, user, item, ts, weight) if kind == "residual" else
+          HistoryScorer(kind, cat).fit(user, item, ts, weight, n_users=N_USERS))
+    for model in (sc, HistoryScorer.load(sc.save())):
+        model.warm()
+        for n_hist in (0, 1, 7, N_ITEMS):
+            hist = np.sort(rng.choice(N_ITEMS, size=n_hist, replace=False))
+            recency = rng.random(n_hist)
+            items = rng.integers(0, N_ITEMS, size=60)
+            got = model._knn_of(hist, recency, items)
+            w = np.zeros((N_ITEMS, 2))
+            w[hist, 0], w[hist, 1] = 1.0, recency
+            want = np.asarray(model.similarity_t_[items] @ w) if n_hist else np.zeros((items.size, 2))
+            assert got.shape == want.shape and got.dtype == np.float64
+            np.testing.assert_array_equal(got, want)
+        assert model.similarity_t_.nnz > 0
