@@ -17,9 +17,40 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["block_table_one", "candidates_one", "warm"]
+__all__ = ["block_table_one", "candidates_one", "showable_one", "warm"]
 
 _MAX = np.finfo(np.float64).max
+
+
+@njit(cache=True, nogil=True)
+def showable_one(rank_scores: np.ndarray, cat: np.ndarray, is_tail: np.ndarray, need: int, n_groups: int
+                 ) -> np.ndarray:
+    """:func:`allocator.showable` for finite ``rank_scores``: the positions (ascending) of each
+    (category, head/tail) group's best ``need`` items, ties at the last place all kept."""
+    P = rank_scores.size
+    sc = np.empty(P)
+    for p in range(P):
+        sc[p] = min(max(rank_scores[p], -1e300), 1e300)
+    by = np.argsort(-sc, kind="mergesort")
+    count = np.zeros(n_groups, np.int64)
+    threshold = np.full(n_groups, -np.inf)
+    for i in range(P):
+        p = by[i]
+        g = cat[p] * 2 + (1 if is_tail[p] else 0)
+        count[g] += 1
+        if count[g] == need:
+            threshold[g] = sc[p]
+    n = 0
+    for p in range(P):
+        if sc[p] >= threshold[cat[p] * 2 + (1 if is_tail[p] else 0)]:
+            n += 1
+    out = np.empty(n, np.int64)
+    n = 0
+    for p in range(P):
+        if sc[p] >= threshold[cat[p] * 2 + (1 if is_tail[p] else 0)]:
+            out[n] = p
+            n += 1
+    return out
 
 
 @njit(cache=True, nogil=True)
@@ -246,6 +277,7 @@ def warm() -> None:
     request does not pay for it (~0.4 s from numba's cache, seconds to compile)."""
     P = 4
     f8, i8 = np.zeros(P), np.zeros(P, np.int64)
+    showable_one(f8, i8, np.zeros(P, np.bool_), 1, 2)
     mean, n_tail, n_shown, *_ = block_table_one(f8, f8, i8, np.zeros(P, np.bool_), f8, np.array([0.0, 0.5]), 2, 1, 1,
                                                 np.ones(2))
     one = np.ones(1)

@@ -307,11 +307,24 @@ def showable(space: LayoutSpace, rank_scores: np.ndarray, pool_category: np.ndar
     of the group first, so every item shown is among these: :func:`block_table` on this sub-pool gives
     the same block statistics, and :func:`layout_items` the same items (as positions in the sub-pool).
     Shapes (P,); the table costs what the sub-pool's size does, whatever the pool's."""
-    sc = np.clip(np.asarray(rank_scores, dtype=np.float64), -1e300, 1e300)
-    P = sc.size
     need = max(int(space.n_blocks.max(initial=1)), 1) * space.items_per_module
+    C = space.category_value.size
+    rs = np.asarray(rank_scores, dtype=np.float64)
+    if rs.ndim == 1 and rs.size and np.isfinite(rs).all():  # a request's pool: the compiled kernel
+        from . import _kernels
+
+        cat = _arg(pool_category, np.int64)
+        if 0 <= cat.min() and cat.max() < C:
+            return _kernels.showable_one(_arg(rs, np.float64), cat, _arg(pool_is_tail, np.bool_), need, 2 * C)
+    return _showable_numpy(rs, pool_category, pool_is_tail, need, 2 * C)
+
+
+def _showable_numpy(rank_scores: np.ndarray, pool_category: np.ndarray, pool_is_tail: np.ndarray, need: int,
+                    n_groups: int) -> np.ndarray:
+    """:func:`showable` in numpy (any scores; the compiled kernel is for a request's finite ones)."""
+    sc = np.clip(rank_scores, -1e300, 1e300)
+    P = sc.size
     gid = np.asarray(pool_category, dtype=np.int64) * 2 + np.asarray(pool_is_tail, dtype=np.int64)
-    n_groups = 2 * space.category_value.size
     counts = np.bincount(gid, minlength=n_groups)
     if counts.max(initial=0) <= need:
         return np.arange(P)
@@ -333,7 +346,9 @@ def warm_kernels() -> None:
 def _arg(a: np.ndarray | float, dtype: type) -> np.ndarray:
     """An argument as the kernels are compiled for: C-ordered, writable (numba types a read-only view, such
     as ``np.broadcast_to``'s, apart, and would compile for it again)."""
-    return np.require(a, dtype=dtype, requirements=["C", "W"])
+    if isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable:
+        return a
+    return np.array(a, dtype=dtype, order="C")
 
 
 def _block_table_compiled(space: LayoutSpace, value_scores: np.ndarray, scores: np.ndarray, cat: np.ndarray,

@@ -649,9 +649,8 @@ class HistoryScorer:
         from . import _kernels  # numba loads on the first request, not with the package
 
         st = self.similarity_t_
-        return _kernels.knn_sums(st.indptr, st.indices, np.require(st.data, np.float64, ["C", "W"]),
-                                 np.require(items, np.int64, ["C", "W"]), np.require(hist, np.int64, ["C", "W"]),
-                                 np.require(recency, np.float64, ["C", "W"]), self.n_items_)
+        return _kernels.knn_sums(st.indptr, st.indices, _kernels.arg(st.data, np.float64), _kernels.arg(items, np.int64),
+                                 _kernels.arg(hist, np.int64), _kernels.arg(recency, np.float64), self.n_items_)
 
     def warm(self) -> None:
         """Load the request path's compiled kernel now, so that no request pays for it."""
@@ -659,7 +658,7 @@ class HistoryScorer:
             from . import _kernels
 
             st = self.similarity_t_
-            _kernels.warm(st.indptr, st.indices, np.require(st.data, np.float64, ["C", "W"]))
+            _kernels.warm(st.indptr, st.indices, _kernels.arg(st.data, np.float64))
 
     # -- persistence ---------------------------------------------------------------------------------
     def save(self) -> bytes:

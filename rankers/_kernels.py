@@ -10,7 +10,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["knn_sums", "warm"]
+__all__ = ["arg", "knn_sums", "warm"]
+
+
+def arg(a: np.ndarray, dtype: type) -> np.ndarray:
+    """An argument as the kernel is compiled for: C-ordered and writable (numba types a read-only view
+    apart, and would compile for it again)."""
+    if isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable:
+        return a
+    return np.array(a, dtype=dtype, order="C")
 
 
 @njit(cache=True, nogil=True)

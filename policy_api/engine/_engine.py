@@ -405,7 +405,10 @@ def swap_in_new_items(state: EngineState, shown: list[np.ndarray], categories: n
     cat = state.item_category[alive]
     out = list(shown)
     # the new items on the page already (shown, or swapped in below): each is shown once at most
-    taken = member(alive, np.concatenate(shown)) if S else np.zeros(alive.size, dtype=bool)
+    on_page = np.zeros(state.item_category.size, dtype=bool)  # catalog rows: a gather, not a sort
+    if S:
+        on_page[np.concatenate(shown)] = True
+    taken = on_page[alive]
     swapped: list[int] = []
     match_kind = state.space.tail_goal
     for s in np.flatnonzero(hit).tolist():

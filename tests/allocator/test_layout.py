@@ -453,3 +453,16 @@ def test_a_request_with_non_finite_scores_gets_numpys_table(bad):
     pair = block_table(space, np.stack([scores, scores]), cat, is_tail, tail, rank_scores=np.stack([rank, rank]))
     for f in _TABLE_FIELDS:
         assert np.array_equal(getattr(one, f), getattr(pair, f)[:1], equal_nan=True), f
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_compiled_showable_sub_pool_equals_numpys(seed):
+    from allocator import _layout
+
+    _, space, _, rank, cat, is_tail, _ = _request_case(seed, P=(240, 30, 600)[seed % 3])
+    need = int(space.n_blocks.max()) * space.items_per_module
+    got = showable(space, rank, cat, is_tail)
+    want = _layout._showable_numpy(rank, cat, is_tail, need, 2 * space.category_value.size)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+    if seed % 3 != 1:
+        assert got.size < cat.size  # something was left out, so the thresholds were exercised
