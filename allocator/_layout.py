@@ -683,10 +683,15 @@ def _exposure(space: LayoutSpace, tbl: BlockTable, cats: np.ndarray, blks: np.nd
 
 def layout_items(space: LayoutSpace, tbl: BlockTable, user: int, categories: np.ndarray,
                  blocks: np.ndarray, tilt: int) -> list[np.ndarray]:
-    """Pool positions shown in each slot of one layout (slot order), each of length <= K, best first."""
+    """Pool positions shown in each slot of one layout (slot order), each of length <= K, best first
+    (views of the table's order: copy one before changing it)."""
     order = tbl.order[user, tilt]
-    rank = tbl.rank[user, tilt]
-    cat_sorted = tbl.cat_sorted[user, tilt]
     K = space.items_per_module
-    return [order[(cat_sorted == c) & (rank >= r * K) & (rank < (r + 1) * K)]
-            for c, r in zip(categories.tolist(), blocks.tolist(), strict=True)]
+    # the order is by category, a category's items at ranks 0, 1, ... from where its run starts: the
+    # r-th block of category c is a slice of it
+    starts = np.searchsorted(tbl.cat_sorted[user, tilt], np.arange(space.category_value.size + 1)).tolist()
+    out = []
+    for c, r in zip(categories.tolist(), blocks.tolist(), strict=True):
+        lo = starts[c] + r * K
+        out.append(order[lo:max(lo, min(lo + K, starts[c + 1]))])
+    return out
