@@ -687,9 +687,11 @@ def unpersonalised_since(bind: Bind, n: int, since: datetime | None = None) -> d
             q = sa.select(decisions.c.request_id, decisions.c.ts).where(_unpersonalised())
             if since is not None:
                 q = q.where(decisions.c.ts >= since)
-            if after is not None:  # keyset: strictly older than the last decision seen
-                q = q.where(sa.or_(decisions.c.ts < after[1],
-                                   sa.and_(decisions.c.ts == after[1], decisions.c.request_id < after[0])))
+            if after is not None:  # keyset: strictly older than the last decision seen; the bound on ts
+                # alone lets the planner walk the ts index down from there (with the OR alone, SQLite
+                # gathered every older decision and sorted them, for every chunk of the walk)
+                q = q.where(decisions.c.ts <= after[1],
+                            sa.or_(decisions.c.ts < after[1], decisions.c.request_id < after[0]))
             rows = conn.execute(q.order_by(decisions.c.ts.desc(), decisions.c.request_id.desc()).limit(_WALK)).all()
             if not rows:
                 return since

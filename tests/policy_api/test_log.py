@@ -1217,14 +1217,17 @@ def test_new_sqlite_file_gets_large_pages_and_an_old_one_keeps_its_own(tmp_path)
         eng.dispose()
 
 
-def test_unpersonalised_window_and_item_engagement_equal_a_brute_force(engine):
+@pytest.mark.parametrize("walk", [None, 7])
+def test_unpersonalised_window_and_item_engagement_equal_a_brute_force(engine, walk, monkeypatch):
     """``unpersonalised_since`` and ``item_engagement(..., unpersonalised=True)`` against the same figures
     computed here row by row: the newest decisions served without a personal live state (no ``live``
     in the context, or one other than "hit") until their feedback since ``since`` reaches ``n`` events,
     then every such event of those decisions; personal pages and feedback without a decision row are
     left out."""
-    from policy_api.log import item_engagement, unpersonalised_since
+    from policy_api.log import _rows, item_engagement, unpersonalised_since
 
+    if walk is not None:  # pages of 7 decisions: the walk's keyset (ties at one instant included) is used
+        monkeypatch.setattr(_rows, "_WALK", walk)
     rng = np.random.default_rng(8)
     lives = [None, "hit", "hit", "hit", "cold", "timeout"]
     rows, events = [], []
@@ -1232,8 +1235,8 @@ def test_unpersonalised_window_and_item_engagement_equal_a_brute_force(engine):
         live = lives[int(rng.integers(len(lives)))]
         ctx = {"hour": 3} if live is None else {"hour": 3, "live": live}
         t = T0 + timedelta(seconds=int(rng.integers(0, 3600)))
-        if i % 50 == 0:
-            t = T0 + timedelta(seconds=1800)  # decisions at the same instant: the walk's order breaks the tie
+        if i % 7 == 0:  # decisions at the same instant (43, over several of the walk's pages): its order
+            t = T0 + timedelta(seconds=1800)  # breaks the tie
         rows.append({**decision_row(i, rng), "ts": t, "context": ctx})
         for k in range(int(rng.integers(0, 12))):
             kind = ["impression", "impression", "play", "skip", "favorite"][int(rng.integers(5))]
