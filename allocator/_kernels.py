@@ -161,19 +161,36 @@ def block_table_one(value_scores: np.ndarray, scores: np.ndarray, cat: np.ndarra
 
 @njit(cache=True, nogil=True)
 def candidates_one(mean: np.ndarray, n_shown: np.ndarray, n_tail: np.ndarray, category_value: np.ndarray,
-                   n_blocks: np.ndarray, mod_of: np.ndarray, cat_p: np.ndarray, tail_p: float, mod_p: np.ndarray,
-                   w: np.ndarray, forced: np.ndarray, price_on: np.ndarray, kind: np.ndarray, target: np.ndarray,
-                   wn: np.ndarray
+                   n_blocks: np.ndarray, mod_of: np.ndarray, prices: np.ndarray, W: float, n_items: int,
+                   n_modules: int, w: np.ndarray, forced: np.ndarray, price_on: np.ndarray, kind: np.ndarray,
+                   target: np.ndarray, wn: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One user's candidate layouts before the cut to ``max_candidates`` (see
     :func:`allocator.build_candidates`): variant ``v`` at tilt ``b`` is candidate ``v * B + b``.
-    Returns ``categories (V, S), blocks (V, S), modules (V, S), tilt (V,), value (V,), exposure (V, K),
-    mask (V,)``."""
+    ``W`` is the position weights' sum as numpy adds them, ``n_items`` the slots times the items per
+    module. Returns ``categories (V, S), blocks (V, S), modules (V, S), tilt (V,), value (V,),
+    exposure (V, K), mask (V,)``."""
     B, C, R = mean.shape
     S = w.size
     n_var = forced.size
     V = n_var * B
     K = kind.size
+    # the prices as per-unit gains (allocator._layout._exposure_terms, in its order)
+    cat_p = np.zeros(C)
+    mod_p = np.zeros(n_modules)
+    tail_sum = 0.0
+    for k in range(K):
+        if kind[k] == 0:
+            cat_p[target[k]] += prices[k]
+        elif kind[k] == 1:
+            tail_sum += prices[k]
+        else:
+            mod_p[target[k]] += prices[k]
+    for c in range(C):
+        cat_p[c] = cat_p[c] / W
+    for j in range(n_modules):
+        mod_p[j] = mod_p[j] / W
+    tail_p = tail_sum / n_items
     block_val = np.empty((B, C, R))
     avail = np.empty((B, C, R), np.bool_)
     for b in range(B):
@@ -281,6 +298,6 @@ def warm() -> None:
     mean, n_tail, n_shown, *_ = block_table_one(f8, f8, i8, np.zeros(P, np.bool_), f8, np.array([0.0, 0.5]), 2, 1, 1,
                                                 np.ones(2))
     one = np.ones(1)
-    candidates_one(mean, n_shown, n_tail, one, np.ones(1, np.int64), np.zeros((1, 1), np.int64), np.zeros(1), 0.0,
-                   np.zeros(1), np.ones(2), np.array([-1, -1], np.int64), np.array([1.0, 0.0]),
-                   np.zeros(1, np.int64), np.zeros(1, np.int64), np.ones(2) / 2)
+    candidates_one(mean, n_shown, n_tail, one, np.ones(1, np.int64), np.zeros((1, 1), np.int64), np.zeros(1), 2.0, 4,
+                   1, np.ones(2), np.array([-1, -1], np.int64), np.array([1.0, 0.0]), np.zeros(1, np.int64),
+                   np.zeros(1, np.int64), np.ones(2) / 2)

@@ -10,6 +10,8 @@ the only Python loops run over slots and candidate variants (a handful each).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 
@@ -96,6 +98,24 @@ def long_tail(popularity: np.ndarray, item_category: np.ndarray, head_share: flo
     return is_tail, tail
 
 
+class _KernelArgs(NamedTuple):
+    """A space's arrays as the one-request kernels take them (C-ordered, typed), made once per space."""
+
+    tilt_levels: np.ndarray
+    item_weights: np.ndarray
+    category_value: np.ndarray
+    n_blocks: np.ndarray
+    R: int
+    mod_of: np.ndarray  # (C, R) module index of each category's r-th block, -1 past its modules
+    position_weights: np.ndarray
+    slot_share: np.ndarray  # position weights / their sum
+    weight_sum: float  # their sum, as numpy adds them
+    n_items: int  # items on a page: slots x items per module
+    kind: np.ndarray
+    target: np.ndarray
+    n_modules: int
+
+
 @dataclass(frozen=True)
 class LayoutSpace:
     """The config's layout geometry as arrays, computed once per config."""
@@ -155,6 +175,23 @@ class LayoutSpace:
         """True when a constraint is on the long-tail share (what tilted layouts are for)."""
         return bool((self.kind == 1).any())
 
+    @cached_property
+    def kernel_args(self) -> _KernelArgs:
+        """The arrays the one-request kernels take, made on first use (the space's arrays are not
+        changed in place: a new config is a new space)."""
+        f8, i8 = np.float64, np.int64
+        C = self.category_value.size
+        R = max(int(self.n_blocks.max(initial=1)), 1)
+        mod_of = np.full((C, R), -1, dtype=i8)
+        for c, mods_c in enumerate(self.modules_of):
+            mod_of[c, :len(mods_c)] = mods_c
+        pw = np.array(self.position_weights, dtype=f8)
+        return _KernelArgs(np.array(self.tilt_levels, dtype=f8), np.array(_item_weights(self), dtype=f8),
+                           np.array(self.category_value, dtype=f8), np.array(self.n_blocks, dtype=i8), R, mod_of,
+                           pw, pw / pw.sum(), float(pw.sum()), pw.size * self.items_per_module,
+                           np.array(self.kind, dtype=i8), np.array(self.target, dtype=i8),
+                           int(self.module_category.size))
+
 
 @dataclass(frozen=True)
 class BlockTable:
@@ -211,9 +248,8 @@ def block_table(space: LayoutSpace, scores: np.ndarray, pool_category: np.ndarra
         if scores.shape != value_scores.shape:
             raise ValueError(f"rank_scores must have the shape of scores {value_scores.shape}; got {scores.shape}")
     if U == 1:  # one request: the same table from 1-d arrays, compiled where the sort keys are finite
-        cat1 = np.broadcast_to(pool_category, (1, P))[0]
-        tail1 = np.broadcast_to(pool_tail, (1, P))[0]
-        args = (space, value_scores[0], scores[0], cat1, np.broadcast_to(pool_is_tail, (1, P))[0], tail1)
+        cat1, tail1 = _row(pool_category, P), _row(pool_tail, P)
+        args = (space, value_scores[0], scores[0], cat1, _row(pool_is_tail, P), tail1)
         compiled = (P > 0 and np.isfinite(scores).all() and np.isfinite(tail1).all()
                     and 0 <= cat1.min() and cat1.max() < space.category_value.size)
         return _block_table_compiled(*args) if compiled else _block_table_one(*args)
@@ -336,6 +372,13 @@ def _showable_numpy(rank_scores: np.ndarray, pool_category: np.ndarray, pool_is_
     return np.flatnonzero(sc >= threshold[gid])
 
 
+def _row(a: np.ndarray, P: int) -> np.ndarray:
+    """One request's (P,) row of a per-item input given as (P,) or (1, P)."""
+    if isinstance(a, np.ndarray) and a.shape == (P,):
+        return a
+    return np.broadcast_to(a, (1, P))[0]
+
+
 def warm_kernels() -> None:
     """Load the one-request kernels (:mod:`allocator._kernels`) now, so that no request pays for it."""
     from . import _kernels
@@ -356,12 +399,11 @@ def _block_table_compiled(space: LayoutSpace, value_scores: np.ndarray, scores: 
     """:func:`_block_table_one` by the compiled kernel (equal arrays; finite ``scores`` and ``tail``)."""
     from . import _kernels  # numba loads on the first request, not with the package
 
-    R = max(int(space.n_blocks.max(initial=1)), 1)
+    ka = space.kernel_args
     f8 = np.float64
     mean, n_tail, n_shown, order, rank, cat_sorted = _kernels.block_table_one(
         _arg(value_scores, f8), _arg(scores, f8), _arg(cat, np.int64), _arg(is_tail, np.bool_), _arg(tail, f8),
-        _arg(space.tilt_levels, f8), int(space.items_per_module), int(space.category_value.size), R,
-        _arg(_item_weights(space), f8))
+        ka.tilt_levels, int(space.items_per_module), int(ka.category_value.size), ka.R, ka.item_weights)
     return BlockTable(mean[None], n_tail[None], n_shown[None], order[None], rank[None], cat_sorted[None])
 
 
@@ -522,12 +564,6 @@ def build_candidates(space: LayoutSpace, tbl: BlockTable, prices: np.ndarray | N
     prices = np.zeros(K) if prices is None else np.asarray(prices, dtype=np.float64)
     if prices.shape != (K,):
         raise ValueError(f"prices must have shape ({K},) (one per constraint); got {prices.shape}")
-    cat_p, tail_p, mod_p = _exposure_terms(space, prices, tbl)
-    # module index of (c, r) — a (C, R) table, -1 where the category has fewer modules
-    mod_of = np.full((C, R), -1, dtype=np.int64)
-    for c, mods_c in enumerate(space.modules_of):
-        mod_of[c, :len(mods_c)] = mods_c
-
     lead = default_leads(space, tbl) if lead_categories is None else np.asarray(lead_categories, dtype=np.int64)
     if explore is not None:
         explore = np.asarray(explore, dtype=np.int64)
@@ -541,17 +577,22 @@ def build_candidates(space: LayoutSpace, tbl: BlockTable, prices: np.ndarray | N
     price_on = np.array([1.0, 0.0] + [1.0] * lead.shape[1])
     forced = np.concatenate([np.full((U, 2), -1), lead], axis=1)  # (U, n_var)
 
-    if U == 1:  # one request: the compiled kernel, equal to the numpy steps below
+    ka = space.kernel_args
+    if U == 1 and ka.R == R:  # one request: the compiled kernel, equal to the numpy steps below
         from . import _kernels
 
-        f8, i8 = np.float64, np.int64
+        f8 = np.float64
         out = _kernels.candidates_one(
-            _arg(tbl.mean_score[0], f8), _arg(tbl.n_shown[0], f8), _arg(tbl.n_tail[0], f8),
-            _arg(space.category_value, f8), _arg(space.n_blocks, i8), mod_of, _arg(cat_p, f8), float(tail_p),
-            _arg(mod_p, f8), _arg(space.position_weights, f8), _arg(forced[0], i8), price_on,
-            _arg(space.kind, i8), _arg(space.target, i8), _arg(space.position_weights / space.position_weights.sum(), f8))
+            _arg(tbl.mean_score[0], f8), _arg(tbl.n_shown[0], f8), _arg(tbl.n_tail[0], f8), ka.category_value,
+            ka.n_blocks, ka.mod_of, _arg(prices, f8), ka.weight_sum, ka.n_items, ka.n_modules, ka.position_weights,
+            _arg(forced[0], np.int64), price_on, ka.kind, ka.target, ka.slot_share)
         cats, blks, mods, tilt, value, exposure, mask = (a[None] for a in out)
     else:
+        cat_p, tail_p, mod_p = _exposure_terms(space, prices, tbl)
+        # module index of (c, r) — a (C, R) table, -1 where the category has fewer modules
+        mod_of = np.full((C, R), -1, dtype=np.int64)
+        for c, mods_c in enumerate(space.modules_of):
+            mod_of[c, :len(mods_c)] = mods_c
         cats, blks, mods, tilt, value, exposure, mask = _candidates_numpy(
             space, tbl, cat_p, tail_p, mod_p, mod_of, forced, price_on)
     if V > max_candidates:
