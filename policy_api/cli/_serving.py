@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import subprocess
@@ -73,6 +74,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         threading.Thread(target=watch, name="homepage-parent-watch", daemon=True).start()
     loop = BackgroundLoop(db_engine())
+    gc.freeze()  # the imports' objects: out of every full collection (see serving._gunicorn's workers)
     print("homepage worker: running the loop (standby while another process holds its lease)", flush=True)
     loop.run(stop)
     if loop.training:  # a ranker still training when told to stop: its work is dropped, not published

@@ -27,6 +27,7 @@ from sqlalchemy.engine import Engine
 
 from .. import registry
 from ..log import decisions, decode_candidates, iter_decisions, json_loads, plans, reading, to_epoch
+from ._gcpause import no_collections
 
 __all__ = ["ExposureSeries", "OpsAggregate"]
 
@@ -120,11 +121,12 @@ class OpsAggregate:
         """Read what arrived since the last tick into the buckets; returns the rows read."""
         now = time.time() if now is None else now
         with reading(self.db) as conn:
-            if self._hi is None:
+            if self._hi is None:  # the whole window, once: its rows' objects must not set off collections
                 since = datetime.fromtimestamp(now - self.max_window_s, tz=UTC)
                 n = 0
-                for chunk in iter_decisions(conn, since, None, _COLUMNS, chunk_size=2000):
-                    n += self._add(chunk, now)
+                with no_collections():
+                    for chunk in iter_decisions(conn, since, None, _COLUMNS, chunk_size=2000):
+                        n += self._add(chunk, now)
                 self._hi = max(self._seen.values(), default=now - self.max_window_s)
             else:
                 lo = datetime.fromtimestamp(self._hi - self.overlap_s, tz=UTC)

@@ -14,6 +14,7 @@ error shape, as does every error gunicorn itself would render as HTML.
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 import os
@@ -462,6 +463,14 @@ def _worker_exit(server: Any, worker: Any) -> None:
         rt.close()
 
 
+def _post_worker_init(worker: Any) -> None:
+    # the worker's app is loaded (imports, engine state, model): those ~200,000 objects live as long as
+    # the worker and hold no garbage cycles worth looking for, yet every full collection scanned them
+    # all, 90-190 ms during which the worker's requests waited (a few times a minute while the loop
+    # publishes). Frozen, they are left out of every collection; what is allocated later is not.
+    gc.freeze()
+
+
 def _child_exit(server: Any, worker: Any) -> None:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
@@ -512,6 +521,7 @@ def run_gunicorn(host: str, port: int, workers: int, threads: int = 1) -> int:
         "graceful_timeout": 10,
         "accesslog": None,
         "worker_exit": _worker_exit,
+        "post_worker_init": _post_worker_init,
         "child_exit": _child_exit,
         "loglevel": "warning",
     }).run()

@@ -37,6 +37,7 @@ from ..log import LogWriter, existing_event_ids, make_engine
 from ..loop import lease_info
 from ..registry import Versions
 from ..settings import Settings
+from ._gcpause import no_collections
 
 __all__ = ["Runtime", "live_signals_of"]
 
@@ -118,10 +119,12 @@ class Runtime:
             # the catalog's signature, read when the state may be loaded anew (a new config or model)
             catalog = catalog_signature(self.db) if full or st is None or changed or newest != held else self._catalog
             if full or st is None:
-                state = load_state(self.db)
+                with no_collections(freeze=True):  # a state lives until the next load
+                    state = load_state(self.db)
             elif changed - {"bandit"} or catalog != self._catalog:
                 # a new ranker (or catalog): the scorer and what hangs on it; the catalog kept if current
-                state = load_state(self.db, catalog=st.catalog if catalog == self._catalog else None)
+                with no_collections(freeze=True):  # a state lives until the next load
+                    state = load_state(self.db, catalog=st.catalog if catalog == self._catalog else None)
             else:
                 # only the prices moved (the loop paces every second) or a new bandit (every few seconds
                 # of learning): swapped into the state as it is, no catalog or ranker reload; a full
