@@ -350,7 +350,7 @@ def showable(space: LayoutSpace, rank_scores: np.ndarray, pool_category: np.ndar
         from . import _kernels
 
         cat = _arg(pool_category, np.int64)
-        if 0 <= cat.min() and cat.max() < C:
+        if cat.shape == rs.shape and np.shape(pool_is_tail) == rs.shape and 0 <= cat.min() and cat.max() < C:
             return _kernels.showable_one(_arg(rs, np.float64), cat, _arg(pool_is_tail, np.bool_), need, 2 * C)
     return _showable_numpy(rs, pool_category, pool_is_tail, need, 2 * C)
 
@@ -565,6 +565,8 @@ def build_candidates(space: LayoutSpace, tbl: BlockTable, prices: np.ndarray | N
     if prices.shape != (K,):
         raise ValueError(f"prices must have shape ({K},) (one per constraint); got {prices.shape}")
     lead = default_leads(space, tbl) if lead_categories is None else np.asarray(lead_categories, dtype=np.int64)
+    if lead.ndim != 2 or lead.shape[0] != U or (lead.size and (lead.max() >= C or lead.min() < -1)):
+        raise ValueError(f"lead_categories must have shape ({U}, N) with categories in [-1, {C}); got {lead!r}")
     if explore is not None:
         explore = np.asarray(explore, dtype=np.int64)
         if explore.shape != (U,) or explore.max(initial=-1) >= C or explore.min(initial=-1) < -1:

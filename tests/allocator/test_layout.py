@@ -466,3 +466,15 @@ def test_the_compiled_showable_sub_pool_equals_numpys(seed):
     assert got.dtype == want.dtype and np.array_equal(got, want)
     if seed % 3 != 1:
         assert got.size < cat.size  # something was left out, so the thresholds were exercised
+
+
+def test_out_of_range_leads_and_mismatched_pools_are_refused():
+    # the one-request kernels index without bounds checks: what would index out of range is refused first
+    _, space, scores, rank, cat, is_tail, tail = _request_case(3, P=40)
+    tbl = block_table(space, scores[None], cat, is_tail, tail, rank_scores=rank[None])
+    C = space.category_value.size
+    for bad in (np.array([[C]]), np.array([[-2]]), np.array([0, 1])):
+        with pytest.raises(ValueError, match="lead_categories must have shape"):
+            build_candidates(space, tbl, None, bad)
+    with pytest.raises(ValueError):  # numpy's own shape error: the kernel is not reached
+        showable(space, rank, cat[:-1], is_tail)
