@@ -666,6 +666,9 @@ def _unpersonalised() -> sa.ColumnElement[bool]:
 
 #: decisions per query of :func:`unpersonalised_since`'s walk (and its ids bound per IN list)
 _WALK = _IN_CHUNK
+#: the most unpersonalised decisions the walk goes back through: a log whose client reports little or
+#: no feedback would otherwise be read whole at every look
+_WALK_MAX = 100_000
 
 
 def unpersonalised_since(bind: Bind, n: int, since: datetime | None = None) -> datetime | None:
@@ -676,11 +679,13 @@ def unpersonalised_since(bind: Bind, n: int, since: datetime | None = None) -> d
     The walk goes back through the decisions, newest first, a few hundred at a time, counting each
     one's feedback through the feedback's request-id index; it reads the decisions of the window and
     the feedback of its unpersonalised ones, never the feedback of the personal pages in between
-    (most of the log, once most users have a live state).
+    (most of the log, once most users have a live state). It goes back through at most
+    :data:`_WALK_MAX` unpersonalised decisions: when they hold fewer than ``n`` events, the window
+    starts at the oldest of them.
     """
     if n < 1:
         raise ValueError(f"n must be an int >= 1; got {n!r}")
-    total = 0
+    total = walked = 0
     after: tuple[Any, Any] | None = None
     with reading(bind) as conn:
         while True:
@@ -701,7 +706,8 @@ def unpersonalised_since(bind: Bind, n: int, since: datetime | None = None) -> d
             counts: dict[str, int] = {str(r[0]): int(r[1]) for r in conn.execute(mine.group_by(feedback.c.request_id))}
             for rid, ts in rows:
                 total += counts.get(rid, 0)
-                if total >= n:
+                walked += 1
+                if total >= n or walked >= _WALK_MAX:
                     return ts if since is None or ts > since else since
             after = (rows[-1][0], rows[-1][1])
 

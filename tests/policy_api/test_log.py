@@ -1217,7 +1217,7 @@ def test_new_sqlite_file_gets_large_pages_and_an_old_one_keeps_its_own(tmp_path)
         eng.dispose()
 
 
-@pytest.mark.parametrize("walk", [None, 7])
+@pytest.mark.parametrize("walk", [None, 7, "capped"])
 def test_unpersonalised_window_and_item_engagement_equal_a_brute_force(engine, walk, monkeypatch):
     """``unpersonalised_since`` and ``item_engagement(..., unpersonalised=True)`` against the same figures
     computed here row by row: the newest decisions served without a personal live state (no ``live``
@@ -1226,7 +1226,12 @@ def test_unpersonalised_window_and_item_engagement_equal_a_brute_force(engine, w
     left out."""
     from policy_api.log import _rows, item_engagement, unpersonalised_since
 
-    if walk is not None:  # pages of 7 decisions: the walk's keyset (ties at one instant included) is used
+    cap = None
+    if walk == "capped":  # at most 40 unpersonalised decisions back, in pages of 9
+        cap = 40
+        monkeypatch.setattr(_rows, "_WALK", 9)
+        monkeypatch.setattr(_rows, "_WALK_MAX", cap)
+    elif walk is not None:  # pages of 7 decisions: the walk's keyset (ties at one instant included) is used
         monkeypatch.setattr(_rows, "_WALK", walk)
     rng = np.random.default_rng(8)
     lives = [None, "hit", "hit", "hit", "cold", "timeout"]
@@ -1257,9 +1262,9 @@ def test_unpersonalised_window_and_item_engagement_equal_a_brute_force(engine, w
                                 and (since is None or e["ts"] >= since)] for r in mine}
         cut, total = since, 0
         if n is not None:
-            for r in mine:
+            for k, r in enumerate(mine, start=1):
                 total += len(of[r["request_id"]])
-                if total >= n:
+                if total >= n or k == cap:
                     cut = r["ts"] if since is None or r["ts"] > since else since
                     break
         agg: dict[str, list[float]] = {}
