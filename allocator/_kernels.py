@@ -102,6 +102,22 @@ def block_table_one(value_scores: np.ndarray, scores: np.ndarray, cat: np.ndarra
         first[c] = acc
         acc += c_count[c]
     big = P * K + 1
+    # each category's items by score, its head items and its tail items by their group rank: a level's
+    # order within a category is the merge of the last two by their keys (numpy sorts the keys instead)
+    by_cat = np.empty(P, np.int64)
+    head = np.empty(P, np.int64)
+    tail_l = np.empty(P, np.int64)
+    h_start = np.zeros(C + 1, np.int64)
+    t_start = np.zeros(C + 1, np.int64)
+    for c in range(C):
+        h_start[c + 1] = h_start[c] + g_count[2 * c]
+        t_start[c + 1] = t_start[c] + g_count[2 * c + 1]
+    for p in range(P):
+        by_cat[first[cat[p]] + crank[p]] = p
+        if is_tail[p]:
+            tail_l[t_start[cat[p]] + grank[p]] = p
+        else:
+            head[h_start[cat[p]] + grank[p]] = p
     order = np.empty((B, P), np.int64)
     rank = np.empty((B, P), np.int64)
     cat_sorted = np.empty((B, P), np.int64)
@@ -109,35 +125,52 @@ def block_table_one(value_scores: np.ndarray, scores: np.ndarray, cat: np.ndarra
     w_sum = np.zeros((B, C, R))
     s_sum = np.zeros((B, C, R))
     n_tail = np.zeros((B, C, R))
-    key = np.empty(P, np.int64)
-    key2 = np.empty(P, np.int64)
+    for c in range(C):
+        for j in range(first[c], first[c] + c_count[c]):
+            cat_sorted[:, j] = c
+            rank[:, j] = j - first[c]
     for b in range(B):
         quota = min(max(np.floor(levels[b] * K + 0.5), 0.0), float(K))
         q = int(quota)
         head_n = max(K - q, 1)
         tail_n = max(q, 1)
-        for p in range(P):
-            if q == 0:
-                k = crank[p]
-            elif is_tail[p]:
-                k = (grank[p] // tail_n) * K + (K - q) + grank[p] % tail_n if q > 0 else big + grank[p]
-            else:
-                k = (grank[p] // head_n) * K + grank[p] % head_n if q < K else big + grank[p]
-            key[p] = cat[p] * (big + P + 1) + k
-        ob = np.argsort(key)  # distinct keys
-        for j in range(P):
-            c = cat[ob[j]]
-            cat_sorted[b, j] = c
-            rank[b, j] = j - first[c]
-        if q > 0:  # inside each block, best first by score
-            for j in range(P):
-                key2[j] = (cat_sorted[b, j] * (P + 1) + rank[b, j] // K) * P + srank[ob[j]]
-            perm = np.argsort(key2)
-            for j in range(P):
-                order[b, j] = ob[perm[j]]
-        else:
-            for j in range(P):
-                order[b, j] = ob[j]
+        for c in range(C):
+            if q == 0:  # the plain order by score
+                for j in range(first[c], first[c] + c_count[c]):
+                    order[b, j] = by_cat[j]
+                continue
+            i, hi = h_start[c], h_start[c + 1]
+            t, ti = t_start[c], t_start[c + 1]
+            j = first[c]
+            while i < hi or t < ti:
+                if i < hi and t < ti:
+                    g = i - h_start[c]
+                    kh = (g // head_n) * K + g % head_n if q < K else big + g
+                    g = t - t_start[c]
+                    kt = (g // tail_n) * K + (K - q) + g % tail_n
+                    take_head = kh < kt
+                else:
+                    take_head = i < hi
+                if take_head:
+                    order[b, j] = head[i]
+                    i += 1
+                else:
+                    order[b, j] = tail_l[t]
+                    t += 1
+                j += 1
+            # inside each block, best first by score (a block holds at most K items: insertion sort)
+            lo = first[c]
+            end = first[c] + c_count[c]
+            while lo < end:
+                stop = min(lo + K, end)
+                for x in range(lo + 1, stop):
+                    v = order[b, x]
+                    y = x - 1
+                    while y >= lo and srank[order[b, y]] > srank[v]:
+                        order[b, y + 1] = order[b, y]
+                        y -= 1
+                    order[b, y + 1] = v
+                lo = stop
         for j in range(P):
             blk = rank[b, j] // K
             if blk < R:
