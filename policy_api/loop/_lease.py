@@ -1,9 +1,9 @@
 """A lease in the database, so that exactly one loop runs per database and another waits as standby.
 
 The holder takes and renews the lease from a heartbeat thread of its own (:meth:`Lease.keep`), so that
-a long step of the loop never lets it lapse; a lease not renewed for ``ttl_s`` expires and the next process that tries
-takes it over (failover). Taking and renewing are one conditional UPDATE each, so two processes racing
-for an expired lease cannot both win. The holder counts itself active only while its own clock says the
+a long step of the loop never lets it lapse; a lease not renewed for ``ttl_s`` expires and the next
+process that tries takes it over (failover). Taking and renewing are one conditional UPDATE each, so two
+processes racing for an expired lease cannot both win. The holder counts itself active only while its own clock says the
 last successful renewal is younger than ``ttl_s`` (:attr:`Lease.fresh`): a holder cut off from the
 database stops acting before a standby can take over.
 """
