@@ -504,7 +504,7 @@ def train_ranker(db: Engine, config: ConfigRecord, *, model: str = "residual", i
 
 
 #: the debiasing dial's settings: the popularity coefficients' multiplier (PDA-style exponent)
-POP_EXPONENTS: tuple[float, ...] = (0.0, 0.5, 0.75, 1.0, 1.25)
+POP_EXPONENTS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.25)
 
 
 def _train_residual(db: Engine, config: ConfigRecord, catalog: Catalog, *, force: bool,
