@@ -45,14 +45,16 @@ def test_one_lease_holder_and_failover(db):
     assert a.acquire()
 
 
-def _config(tmp_path, world) -> str:
-    return world.default_config_toml() + "\n[loop]\nlease_ttl_s = 1.0\nlearn_every_s = 3600\ntrain_every_s = 3600\n"
+def _config(tmp_path, world, ttl_s: float = 1.0) -> str:
+    return world.default_config_toml() + f"\n[loop]\nlease_ttl_s = {ttl_s}\nlearn_every_s = 3600\ntrain_every_s = 3600\n"
 
 
 def test_two_loops_one_active_then_failover(db, tmp_path):
     world = make_world(n_users=30, n_items=200, seed=0)
     world.to_catalog_csv(tmp_path / "items.csv")
-    body = _config(tmp_path, world)
+    # both loops share this process's interpreter here (in a deployment each has its own): the second
+    # one's start must not starve the first one's heartbeat past the TTL on a loaded test host
+    body = _config(tmp_path, world, ttl_s=4.0)
     registry.activate_config(db, body, author="test")
     upsert_items(db, read_catalog_csv(tmp_path / "items.csv").rows())
     stops = [threading.Event(), threading.Event()]
