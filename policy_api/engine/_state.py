@@ -22,7 +22,7 @@ from .. import registry
 from ..errors import InvalidInput, NotReady
 from ..live._state import Forget
 from ..live._transfer import ShiftMap
-from ..log import IMPORT_POLICY, Catalog, decisions, items, load_items, reading
+from ..log import Catalog, items, load_items, reading, serving_began
 from ..registry import ConfigRecord, ModelRecord, PlanRecord
 from ._engine import (
     EngineState,
@@ -130,23 +130,10 @@ def load_state(db: Engine, config: ConfigRecord | None = None, *, catalog: Catal
 
 
 def serving_since(db: Engine) -> float | None:
-    """When serving made its first logged decision (epoch seconds); None before any.
-
-    Imported history (``policy = "import"``, ``homepage import``) is not serving: its rows carry the
-    interactions' own times, often years before the catalog was loaded. Read as a loose scan of the
-    ``(policy, ts)`` index: one seek for each distinct policy and one for its first decision, however
-    many rows the log holds."""
-    first: list[Any] = []
-    p: sa.BindParameter[str] = sa.bindparam("p", type_=sa.String())
-    next_policy = sa.select(sa.func.min(decisions.c.policy)).where(decisions.c.policy > p)
-    first_of = sa.select(sa.func.min(decisions.c.ts)).where(decisions.c.policy == p)
-    with reading(db) as conn:
-        policy: str | None = ""
-        while (policy := conn.execute(next_policy, {"p": policy}).scalar()) is not None:
-            if policy != IMPORT_POLICY:
-                first.append(conn.execute(first_of, {"p": policy}).scalar())
-    got = [t for t in first if t is not None]
-    return min(got).timestamp() if got else None
+    """When serving made its first logged decision (epoch seconds); None before any
+    (:func:`~policy_api.log.serving_began`: imported history is not serving)."""
+    began = serving_began(db)
+    return None if began is None else began.timestamp()
 
 
 def with_fresh_items(state: EngineState, since: float | None) -> EngineState:

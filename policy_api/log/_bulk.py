@@ -31,6 +31,7 @@ from ._rows import (
     _iter_columns,
     _to_column,
     iter_decisions,
+    serving_began,
 )
 from ._schema import Bind, UTCDateTime, decisions, feedback, reading
 
@@ -232,6 +233,9 @@ def read_decision_log(db: Engine, config: HomepageConfig, since: datetime | None
         does not hold one entry per candidate.
     """
     names, cand_type = _candidate_type(fields, with_modules)
+    served, since = _serving_since(db, since)
+    if not served:
+        return _empty(config)
     parts = []
     with db.connect() as conn:
         for cols in iter_decisions(conn, since, until, _COLS, raw_json=True, chunk_size=20_000):
@@ -241,6 +245,16 @@ def read_decision_log(db: Engine, config: HomepageConfig, since: datetime | None
     table = pa.concat_tables([t for _, t in parts])
     cols = {k: np.concatenate([np.asarray(c[k]) for c, _ in parts]) for k in _SCALARS}
     return _build(cols, table, config, config_version, names, with_modules)
+
+
+def _serving_since(db: Engine, since: datetime | None) -> tuple[bool, datetime | None]:
+    """(whether the log holds a serving decision, ``since`` raised to when serving began): the readers
+    of serving decisions skip the imported history before it with one index seek
+    (:func:`~policy_api.log.serving_began`) instead of reading and parsing every imported row."""
+    began = serving_began(db)
+    if began is None:
+        return False, since
+    return True, began if since is None or began > since else since
 
 
 def _decision_chunks(db: Engine, config: HomepageConfig, since: datetime | None, until: datetime | None,
@@ -418,14 +432,15 @@ def read_log_rewards(db: Engine, config: HomepageConfig, since: datetime | None 
     Python: SQLite and Arrow's parser release the interpreter). :func:`iter_log_rewards` does the
     same one chunk at a time."""
     with ThreadPoolExecutor(1, thread_name_prefix="reward-join") as pool:
-        rows = pool.submit(_reward_rows, db, config, since, until, None)
+        rows = pool.submit(_reward_rows, db, config, since, until, None, _serving_since(db, since)[1])
         dlog = read_decision_log(db, config, since, until, config_version, with_modules=with_modules, fields=fields)
         return dlog, rows.result().rewards(dlog, config.learning.default_reward)
 
 
 def _reward_rows(db: Engine, config: HomepageConfig, since: datetime | None, until: datetime | None,
-                 window_s: float | None) -> _RewardRows:
-    """The reward join's queries (see :func:`read_rewards`); the decisions are only needed after."""
+                 window_s: float | None, decisions_since: datetime | None = None) -> _RewardRows:
+    """The reward join's queries (see :func:`read_rewards`); the decisions are only needed after.
+    ``decisions_since`` (default ``since``) bounds the decisions alone (the events keep ``since``)."""
     window = config.learning.reward_window_s if window_s is None else window_s
     params: dict[str, Any] = {"window_us": int(round(window * 1e6))}
     units, values = _units_and_values(config)
@@ -436,8 +451,12 @@ def _reward_rows(db: Engine, config: HomepageConfig, since: datetime | None, unt
     where, fb_where = [], []
     if since is not None:
         params["since"] = since
-        where.append("d0.ts >= :since")
         fb_where.append("f.ts >= :since")
+    if decisions_since is None and since is not None:
+        where.append("d0.ts >= :since")
+    elif decisions_since is not None:
+        params["dsince"] = decisions_since
+        where.append("d0.ts >= :dsince")
     if until is not None:
         params["until"] = until
         where.append("d0.ts < :until")
@@ -461,13 +480,13 @@ def _reward_rows(db: Engine, config: HomepageConfig, since: datetime | None, unt
         seen_sql = (f"{d}SELECT g.request_id FROM (SELECT f.request_id, MIN(f.ts) AS first FROM feedback f "
                     f"WHERE f.type = 'impression'{fb_filter} GROUP BY f.request_id) g "
                     f"JOIN d ON d.request_id = g.request_id WHERE g.first <= d.cutoff")
-        binds: list[sa.BindParameter[Any]] = [sa.bindparam(k, type_=UTCDateTime()) for k in ("since", "until")
+        binds: list[sa.BindParameter[Any]] = [sa.bindparam(k, type_=UTCDateTime()) for k in ("since", "until", "dsince")
                                               if k in params]
         if dialect == "postgresql":
             params["window"] = timedelta(microseconds=params.pop("window_us"))
             binds.append(sa.bindparam("window", type_=sa.Interval()))
         rows = conn.execute(sa.text(behaviour_sql).bindparams(*binds), params).all()
-        seen_params = {k: v for k, v in params.items() if k in ("since", "until", "window", "window_us")}
+        seen_params = {k: v for k, v in params.items() if k in ("since", "until", "dsince", "window", "window_us")}
         seen = np.asarray(conn.execute(sa.text(seen_sql).bindparams(*binds), seen_params).scalars().all(), dtype=str)
         total_sql = " AND ".join(["SELECT COUNT(*) FROM feedback f WHERE f.type <> 'impression'", *fb_where])
         since_only = {k: v for k, v in params.items() if k == "since"}
@@ -564,7 +583,10 @@ def iter_log_rewards(db: Engine, config: HomepageConfig, since: datetime | None 
         raise ValueError(f"chunk_size must be an integer in [1, 20000]; got {chunk_size!r}")
     names, cand_type = _candidate_type(fields, False)
     default = config.learning.default_reward
-    chunks = _decision_chunks(db, config, since, until, config_version, names, cand_type, chunk_size)
+    served, decisions_since = _serving_since(db, since)
+    if not served:
+        return
+    chunks = _decision_chunks(db, config, decisions_since, until, config_version, names, cand_type, chunk_size)
     ready: queue.Queue[Any] = queue.Queue(maxsize=READ_AHEAD)
     stop = threading.Event()
     with ThreadPoolExecutor(1, thread_name_prefix="reward-join") as joiner:

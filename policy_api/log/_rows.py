@@ -24,7 +24,18 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from ._schema import Bind, UTCDateTime, _json_default, begin, decisions, feedback, items, reading, utcnow
+from ._schema import (
+    IMPORT_POLICY,
+    Bind,
+    UTCDateTime,
+    _json_default,
+    begin,
+    decisions,
+    feedback,
+    items,
+    reading,
+    utcnow,
+)
 
 __all__ = [
     "DECISION_COLUMNS",
@@ -44,6 +55,7 @@ __all__ = [
     "load_items",
     "read_decisions",
     "read_feedback",
+    "serving_began",
     "unpersonalised_since",
     "upsert_items",
     "write_decisions",
@@ -364,6 +376,28 @@ def existing_event_ids(bind: Bind, ids: Iterable[str]) -> set[str]:
             res = conn.execute(sa.select(feedback.c.event_id).where(feedback.c.event_id.in_(chunk)))
             found.update(res.scalars())
     return found
+
+
+def serving_began(bind: Bind) -> datetime | None:
+    """When serving made its first logged decision; None before any.
+
+    Imported history (``policy = "import"``, ``homepage import``) is not serving: its rows carry the
+    interactions' own times, often years before the catalog was loaded, and no candidates. Read as a
+    loose scan of the ``(policy, ts)`` index: one seek for each distinct policy and one for its first
+    decision, however many rows the log holds. Every decision logged before this time is an import,
+    so the readers of serving decisions start here (a learner on a log of millions of imported
+    interactions reads none of them)."""
+    first: list[Any] = []
+    p: sa.BindParameter[str] = sa.bindparam("p", type_=sa.String())
+    next_policy = sa.select(sa.func.min(decisions.c.policy)).where(decisions.c.policy > p)
+    first_of = sa.select(sa.func.min(decisions.c.ts)).where(decisions.c.policy == p)
+    with reading(bind) as conn:
+        policy: str | None = ""
+        while (policy := conn.execute(next_policy, {"p": policy}).scalar()) is not None:
+            if policy != IMPORT_POLICY:
+                first.append(conn.execute(first_of, {"p": policy}).scalar())
+    got = [t for t in first if t is not None]
+    return min(got) if got else None
 
 
 def _time_column(conn: Connection, col: sa.Column[Any]) -> sa.ColumnElement[Any]:

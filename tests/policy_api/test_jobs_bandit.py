@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 
 from allocator import parse_config_text
 from bandits import VWLayoutBandit, budget_pmf, parse_dsjson_line
@@ -854,3 +855,46 @@ def test_reader_parses_only_the_fields_asked_for(log):
     with pytest.raises(ValueError, match=r"fields must be a collection of .*; got 'value'"):
         read_decision_log(log.db, log.cfg, fields="value")
     assert CANDIDATE_FIELDS == ("categories", "tilt", "value", "score", "exposure", "engagement", "tail")
+
+
+def test_an_imported_history_before_serving_is_never_read(log, tmp_path):
+    """A history imported with `homepage import` (years of interactions before serving began) is the
+    rankers' data, not the bandit's: the learner and the readers of serving decisions start where
+    serving began. The imported rows are made unreadable to show that none is parsed (on a log of
+    millions of them the loop's first learn read and parsed every one, for minutes, and no other
+    step ran meanwhile), and the model is byte for byte the one learned without them."""
+    from policy_api.jobs import import_file
+    from policy_api.log import read_decision_log, read_log_rewards, serving_began
+
+    _, plain = copy_db(log, tmp_path)
+    (tmp_path / "imported").mkdir()
+    _, db = copy_db(log, tmp_path / "imported")
+    world, rng = log.world, np.random.default_rng(5)
+    n = 3000
+    users = world.user_ids[rng.integers(0, world.n_users, n)]
+    items = world.item_ids[rng.integers(0, world.n_items, n)]
+    kinds = rng.choice(["play", "skip", "favorite"], n)
+    start = T0 - 400 * 86400.0  # a year before serving began
+    lines = [f"{u},{i},{e},{start + 3600.0 * k}" for k, (u, i, e) in enumerate(zip(users, items, kinds, strict=True))]
+    (tmp_path / "history.csv").write_text("user_id,item_id,event,timestamp\n" + "\n".join(lines) + "\n")
+    got = import_file(db, tmp_path / "history.csv")
+    assert got.decisions == n
+    # serving began at the first logged decision that is not an import (a brute force over the rows)
+    first = min(r["ts"] for r in log.rows)
+    assert serving_began(db) == first and serving_began(plain) == first
+    with db.begin() as conn:
+        bad = conn.execute(sa.text("UPDATE decisions SET candidates = 'not json {', versions = '[', pmf = '{' "
+                                   "WHERE policy = 'import'")).rowcount
+    assert bad == n
+    until = datetime.fromtimestamp(T0 + STEP_S * N_MAIN + WINDOW_S, tz=UTC)
+    out, ref = learn(db, until=until, chunk_size=500), learn(plain, until=until, chunk_size=500)
+    assert out is not None and ref is not None and out.decisions == ref.decisions == len(log.serving)
+    assert out.mean_reward == ref.mean_reward and out.late_events == ref.late_events
+    assert registry.model(db, "bandit").artifact == registry.model(plain, "bandit").artifact
+    a, b = read_decision_log(db, log.cfg), read_decision_log(plain, log.cfg)
+    np.testing.assert_array_equal(a.request_id, b.request_id)
+    (da, ra), (dp, rp) = read_log_rewards(db, log.cfg), read_log_rewards(plain, log.cfg)
+    np.testing.assert_array_equal(da.request_id, dp.request_id)
+    np.testing.assert_array_equal(ra.reward, rp.reward)
+    db.dispose()
+    plain.dispose()
