@@ -28,6 +28,7 @@ from ..log import (
     read_decision_log,
     read_feedback,
     read_log_rewards,
+    serving_began,
 )
 
 __all__ = ["LearnResult", "catalog_categories", "learn", "load_log", "log_features", "new_bandit"]
@@ -54,10 +55,13 @@ def load_log(db: Engine, config: HomepageConfig, since: datetime | None, until: 
     if sql_join:
         return read_log_rewards(db, config, since, until, config_version, with_modules=with_modules)
     dlog = read_decision_log(db, config, since, until, config_version, with_modules=with_modules)
+    # an imported history's events (before serving began) belong to no serving decision: not read
+    began = serving_began(db)
+    fb_since = since if began is None or (since is not None and since >= began) else began
     # impressions carry no units: fetch behaviour events only, and which decisions saw any event
-    fb = read_feedback(db, since=since, columns=["request_id", "item_id", "type", "ts"],
+    fb = read_feedback(db, since=fb_since, columns=["request_id", "item_id", "type", "ts"],
                        exclude_types=("impression",))
-    seen = feedback_first_seen(db, since=since)
+    seen = feedback_first_seen(db, since=fb_since)
     ids, cats = catalog_categories(db)
     return dlog, join_rewards(dlog, fb, config, ids, cats, first_seen=seen)
 

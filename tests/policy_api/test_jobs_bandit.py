@@ -896,5 +896,14 @@ def test_an_imported_history_before_serving_is_never_read(log, tmp_path):
     (da, ra), (dp, rp) = read_log_rewards(db, log.cfg), read_log_rewards(plain, log.cfg)
     np.testing.assert_array_equal(da.request_id, dp.request_id)
     np.testing.assert_array_equal(ra.reward, rp.reward)
+    # replay's reference join: the imported events are not the serving decisions' orphans either
+    for sql_join in (False, True):
+        (da, ra), (dp, rp) = (load_log(d, log.cfg, None, None, sql_join=sql_join) for d in (db, plain))
+        np.testing.assert_array_equal(da.request_id, dp.request_id)
+        np.testing.assert_array_equal(ra.reward, rp.reward)
+        np.testing.assert_array_equal(ra.has_feedback, rp.has_feedback)
+        assert (ra.n_events, ra.n_late) == (rp.n_events, rp.n_late)
+        if not sql_join:
+            assert ra.n_orphan == rp.n_orphan
     db.dispose()
     plain.dispose()
