@@ -262,6 +262,7 @@ class BackgroundLoop:
     _forget: Forget | None = None  # the last population shift detected (carried by every plan after it)
     _shift_map: ShiftMap | None = None  # what users' tastes before it say now (refitted with each plan)
     _shift_feedback: int = 0  # the newest feedback id when it was detected
+    _map_fit: dict[str, Any] | None = None  # what the last fit of the shift map found (shown in status())
     _young: bool = True  # the plan in force carries no item's own rate yet (see YOUNG_CALIBRATE_S)
     _config_since: float = 0.0  # time.monotonic() when the loop took up the config
     _feedback_at_config: int = 0  # the newest feedback id then
@@ -317,7 +318,18 @@ class BackgroundLoop:
                 "config_version": None if self._config is None else self._config.version,
                 "updated": datetime.now(tz=UTC).isoformat(),
                 "pacer": None if self._pacing is None else self._pacer_status(),
+                "shift": self._shift_status(),
                 "steps": {k: asdict(v) for k, v in self.steps.items()}}
+
+    def _shift_status(self) -> dict[str, Any] | None:
+        """The last population shift the loop acts on (None: none), and its map's last fit: when, on how
+        many users' states, and per category the users its row was fitted on (a row needs
+        ``MIN_USERS`` of ``policy_api.live._transfer``; below that the category's new fans get the
+        population's rate)."""
+        f = self._forget
+        if f is None:
+            return None
+        return {"since": datetime.fromtimestamp(f.epoch, tz=UTC).isoformat(), "keep": f.keep, "map": self._map_fit}
 
     def _pacer_status(self) -> dict[str, Any]:
         assert self._pacing is not None and self._config is not None
@@ -554,11 +566,15 @@ class BackgroundLoop:
                 .order_by(sa.func.max(decisions.c.ts).desc()).limit(_SHIFT_MAP_USERS)).scalars()]
         names = self._config.config.category_names
         rows = []
-        for st in self._store.read(users, deadline_s=5.0):  # the loop's read: not under a request's deadline
+        states = self._store.read(users, deadline_s=5.0)  # the loop's read: not under a request's deadline
+        for st in states:
             if st is None or st.epoch < f.epoch or not st.before_impressions:
                 continue
             rows.append([[d.get(c, 0.0) for c in names] for d in (st.before_engagement, st.before_impressions,
                                                                  st.category_engagement, st.category_impressions)])
+        self._map_fit = {"at": datetime.now(tz=UTC).isoformat(), "users_served": len(users),
+                         "states_read": sum(st is not None for st in states), "users_both_sides": len(rows),
+                         "users_per_category": None}
         if not rows:
             return None
         a = np.asarray(rows, dtype=np.float64)  # (n, 4, C)
@@ -569,6 +585,7 @@ class BackgroundLoop:
         g = float(u.sum() / i.sum()) if i.sum() > 0 else 0.0
         before_rate = (u + LIVE_PRIOR_IMPRESSIONS * g) / (i + LIVE_PRIOR_IMPRESSIONS)
         m = fit_shift_map(a[:, 0], a[:, 1], eng, imp, before_rate, k=LIVE_PRIOR_IMPRESSIONS)
+        self._map_fit["users_per_category"] = dict(zip(names, np.asarray(m.users).tolist(), strict=True))
         return m if np.isfinite(m.intercept).any() else None
 
     def _detect_shift(self, now: datetime | None = None) -> tuple[str, str]:
@@ -612,6 +629,7 @@ class BackgroundLoop:
             return "ok", f"{len(got)} pages judged, {len(self._shift.outcomes)} in the windows: no shift"
         self._forget = Forget(shift.at, keep)
         self._shift_map = None
+        self._map_fit = None
         self._shift_feedback = jobs.feedback_seen(self.db)
         self._store.forget = self._forget
         self._shift.reset()

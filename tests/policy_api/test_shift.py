@@ -389,6 +389,12 @@ def test_the_loop_finds_a_shift_forgets_and_serving_takes_the_map(tmp_path):
     st = load_state(db)
     assert st.forget is not None and st.shift_map is not None and np.isfinite(st.shift_map.intercept).all()
     assert (np.argmax(st.shift_map.coef, axis=1) == perm).all()
+    # the loop's status (what /readyz and /ops show) names the shift and what the map was fitted on
+    shown = loop.status()["shift"]
+    assert datetime.fromisoformat(shown["since"]).timestamp() == pytest.approx(forget["epoch"], abs=1e-6)
+    assert shown["keep"] == 0.0
+    assert shown["map"]["users_per_category"] == dict(zip(names, forget["map"]["users"], strict=True))
+    assert shown["map"]["users_both_sides"] >= max(forget["map"]["users"]) and shown["map"]["states_read"] >= len(moved)
     # the pacer's plans carry the shift and the last map as they are (a plan published by hand in
     # between, without them, would otherwise make the workers forget the shift)
     carried = loop._forget_field(refit=False)["forget"]
