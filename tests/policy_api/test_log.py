@@ -1203,6 +1203,71 @@ def test_sql_reward_join_equals_the_reference_join(engine, seed):
     assert whole.reward[i_in] == 0.0 and whole.reward[i_late] == cfg.learning.default_reward
 
 
+def test_readers_of_serving_decisions_skip_an_imported_history(engine):
+    """On both backends: decisions imported before serving began (``policy = "import"``, made
+    unreadable as serving rows: an object where the pmf's list belongs) are read by none of the readers
+    of serving decisions, and their events are not the serving decisions' orphans: each reader gives
+    what it gave before the import. ``serving_began`` is the first serving decision's time (a brute
+    force over the rows)."""
+    from allocator import parse_config_text
+    from policy_api.log import (
+        feedback_first_seen,
+        iter_log_rewards,
+        join_rewards,
+        read_decision_log,
+        read_log_rewards,
+        serving_began,
+    )
+    from simulator import make_world
+
+    rng = np.random.default_rng(3)
+    world = make_world(n_users=10, n_items=80, seed=3)
+    cfg = parse_config_text(world.default_config_toml())
+    S, K = cfg.slots, len(cfg.constraints)
+    names = np.array([world.categories[c] for c in world.item_category], dtype=object)
+    upsert_items(engine, [{"item_id": str(i), "category": str(c), "popularity": 1.0}
+                          for i, c in zip(world.item_ids.tolist(), names.tolist(), strict=True)])
+    assert serving_began(engine) is None
+    rows, fb = [], []
+    for k in range(40):
+        mods = [cfg.modules[int(j)] for j in rng.integers(0, len(cfg.modules), S)]
+        cand = {"modules": [m.id for m in mods], "categories": [m.category for m in mods], "tilt": 0.0,
+                "value": 1.0, "exposure": [0.1] * K, "score": 1.0, "engagement": [0.5] * S, "tail": 0.0}
+        rows.append({**decision_row(k, rng, n_cand=1), "candidates": [cand], "pmf": [1.0], "chosen": 0,
+                     "propensity": 1.0, "ts": T0 + timedelta(seconds=10 * k)})
+        fb += [{"event_id": f"e{k}-{j}", "request_id": rows[-1]["request_id"], "slot": 0,
+                "item_id": str(rng.choice(world.item_ids)), "type": str(rng.choice(["play", "skip", "impression"])),
+                "ts": rows[-1]["ts"] + timedelta(seconds=float(rng.exponential(60.0)))} for j in range(3)]
+    insert_decisions(engine, rows)
+    insert_feedback(engine, fb)
+
+    def reads():
+        dlog = read_decision_log(engine, cfg)
+        ref_fb = read_feedback(engine, since=serving_began(engine), columns=["request_id", "item_id", "type", "ts"],
+                               exclude_types=("impression",))
+        ref = join_rewards(dlog, ref_fb, cfg, world.item_ids, names,
+                           first_seen=feedback_first_seen(engine, since=serving_began(engine)))
+        both_log, both = read_log_rewards(engine, cfg)
+        chunks = list(iter_log_rewards(engine, cfg, chunk_size=7))
+        return (dlog.request_id.tolist(), both_log.request_id.tolist(), both.reward.tolist(), ref.reward.tolist(),
+                (ref.n_events, ref.n_late, ref.n_orphan), [d.request_id.tolist() for d, _ in chunks],
+                [r.reward.tolist() for _, r in chunks])
+
+    before = reads()
+    assert before[0] == [r["request_id"] for r in rows] and before[2] == before[3]
+    imported = [{**decision_row(1000 + k, rng, n_cand=1), "request_id": f"import:{k:04d}", "policy": "import",
+                 "candidates": [], "pmf": {"not": "a list"}, "chosen": 0, "propensity": 1.0, "layout": [],
+                 "ts": T0 - timedelta(days=400) + timedelta(hours=k)} for k in range(60)]
+    insert_decisions(engine, imported)
+    insert_feedback(engine, [{"event_id": f"import-{k}", "request_id": f"import:{k:04d}", "slot": 0,
+                              "item_id": str(world.item_ids[k % 80]), "type": "play",
+                              "ts": T0 - timedelta(days=400) + timedelta(hours=k)} for k in range(60)])
+    with engine.connect() as conn:  # the brute force: the earliest decision that is not an import
+        got = conn.execute(sa.select(decisions.c.policy, decisions.c.ts)).all()
+    assert serving_began(engine) == min(ts for policy, ts in got if policy != "import") == rows[0]["ts"]
+    assert reads() == before
+
+
 def test_new_sqlite_file_gets_large_pages_and_an_old_one_keeps_its_own(tmp_path):
     import sqlite3
 
