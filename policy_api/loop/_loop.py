@@ -88,6 +88,12 @@ CALIBRATE_S = 10.0
 #: the loop took up the config: a client that reports no impressions would have the loop read the
 #: catalog and the feedback every 2 s for ever (0.35 s a look on a 40,000-item catalog)
 YOUNG_UNMEASURED_S = 120.0
+#: until the plan in force carries a calibration at all, and for no longer than ``FIRST_CALIBRATE_FOR_S``
+#: after the loop took up the config, it looks every ``FIRST_CALIBRATE_S``: a fresh engine's first
+#: calibration starts the planner's solves that bring its first item rates, and a busy server serves ~200
+#: requests a second (at most ~20 looks per config, whatever the catalog's size or the client's events)
+FIRST_CALIBRATE_S = 0.5
+FIRST_CALIBRATE_FOR_S = 10.0
 #: the most users (those seen last since the shift) whose states the shift map is fitted on
 _SHIFT_MAP_USERS = 5000
 
@@ -263,6 +269,7 @@ class BackgroundLoop:
     _shift_map: ShiftMap | None = None  # what users' tastes before it say now (refitted with each plan)
     _shift_feedback: int = 0  # the newest feedback id when it was detected
     _map_fit: dict[str, Any] | None = None  # what the last fit of the shift map found (shown in status())
+    _calibrated: bool = False  # the plan in force carries a calibration (see FIRST_CALIBRATE_S)
     _young: bool = True  # the plan in force carries no item's own rate yet (see YOUNG_CALIBRATE_S)
     _config_since: float = 0.0  # time.monotonic() when the loop took up the config
     _feedback_at_config: int = 0  # the newest feedback id then
@@ -498,6 +505,7 @@ class BackgroundLoop:
         plan = registry.latest_plan(self.db, self._config.version)
         if plan is None:
             return "idle", ""
+        self._calibrated = bool((plan.solver or {}).get("calibration"))
         if self._settling():
             self._next["plan"] = 0.0
             return "ok", "after a population shift: recalibrating and refitting the shift map"
@@ -527,6 +535,9 @@ class BackgroundLoop:
 
     def _next_calibrate_s(self) -> float:
         """Seconds until the calibrate step looks again (see :data:`YOUNG_CALIBRATE_S`)."""
+        if (self._young and not self._calibrated
+                and time.monotonic() - self._config_since < FIRST_CALIBRATE_FOR_S):
+            return FIRST_CALIBRATE_S
         return _SHIFT_REFIT_S if self._settling() else YOUNG_CALIBRATE_S if self._young else CALIBRATE_S
 
     # ---- population shift ------------------------------------------------------------------------

@@ -285,7 +285,8 @@ def test_the_loop_plans_again_as_the_items_evidence_grows(db, tmp_path):
     outcome, detail = loop._calibrate()
     assert outcome == "ok" and f"{step} feedback events since the plan's item rates" in detail, detail
     # while the plan in force carries no item's own rate the loop looks again every YOUNG_CALIBRATE_S
-    # (its first item rates are what a young engine gains most from); once it does, every CALIBRATE_S
+    # (its first item rates are what a young engine gains most from); once it does, every CALIBRATE_S.
+    # The plan carries a calibration: not the first looks' FIRST_CALIBRATE_S, though the config is new
     assert first.solver["calibration"] and not any("items" in v for v in first.solver["calibration"].values())
     assert loop._young and loop._next_calibrate_s() == YOUNG_CALIBRATE_S
     # ... until the config's first item_events feedback events have come without item rates
@@ -313,11 +314,17 @@ def test_the_loop_plans_again_as_the_items_evidence_grows(db, tmp_path):
 
 
 def test_a_loop_with_nothing_to_calibrate_on_stops_looking_often(db, tmp_path):
-    """Without impressions there is nothing to calibrate on: the loop looks every YOUNG_CALIBRATE_S for
-    YOUNG_UNMEASURED_S after taking up the config (a young engine's first impressions come within
-    seconds), then every CALIBRATE_S."""
+    """Without impressions there is nothing to calibrate on: the loop looks every FIRST_CALIBRATE_S for
+    FIRST_CALIBRATE_FOR_S after taking up the config, every YOUNG_CALIBRATE_S until YOUNG_UNMEASURED_S
+    (a young engine's first impressions come within seconds), then every CALIBRATE_S."""
     from policy_api import jobs
-    from policy_api.loop._loop import CALIBRATE_S, YOUNG_CALIBRATE_S, YOUNG_UNMEASURED_S
+    from policy_api.loop._loop import (
+        CALIBRATE_S,
+        FIRST_CALIBRATE_FOR_S,
+        FIRST_CALIBRATE_S,
+        YOUNG_CALIBRATE_S,
+        YOUNG_UNMEASURED_S,
+    )
 
     world = make_world(n_users=30, n_items=200, seed=0)
     world.to_catalog_csv(tmp_path / "items.csv")
@@ -329,6 +336,9 @@ def test_a_loop_with_nothing_to_calibrate_on_stops_looking_often(db, tmp_path):
     loop = BackgroundLoop(db, holder="t")
     loop._on_config(registry.active_config(db))
     jobs.plan(db, users=20)
+    assert FIRST_CALIBRATE_S < YOUNG_CALIBRATE_S < CALIBRATE_S
+    assert loop._calibrate()[0] == "idle" and loop._next_calibrate_s() == FIRST_CALIBRATE_S
+    loop._config_since -= FIRST_CALIBRATE_FOR_S  # ten seconds on: the first looks are over
     assert loop._calibrate()[0] == "idle" and loop._next_calibrate_s() == YOUNG_CALIBRATE_S
     loop._config_since -= YOUNG_UNMEASURED_S  # two minutes on, still no impression
     assert loop._calibrate()[0] == "idle" and loop._next_calibrate_s() == CALIBRATE_S
