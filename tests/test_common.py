@@ -765,11 +765,12 @@ def world_catalog(world: Any) -> Any:
 
 
 def world_database(path: Any, world: Any, catalog: Any) -> Any:
-    """A migrated SQLite log at ``path`` holding a world's catalog and its default config, active."""
+    """A migrated log at ``path`` (a SQLite file, or a database URL such as the ``database_url``
+    fixture's) holding a world's catalog and its default config, active."""
     from policy_api import registry
     from policy_api.log import make_engine, upgrade, upsert_items
 
-    url = f"sqlite:///{path}"
+    url = str(path) if "://" in str(path) else f"sqlite:///{path}"
     upgrade(url)
     eng = make_engine(url)
     upsert_items(eng, catalog.rows())

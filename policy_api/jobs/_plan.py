@@ -14,10 +14,13 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from allocator import (
+    BlockTable,
     Candidates,
     DualPacer,
     HomepageConfig,
@@ -66,6 +69,7 @@ from ..log import (
     load_items,
     read_decisions,
     read_feedback,
+    to_epoch,
     upsert_items,
 )
 from ..registry import ConfigRecord
@@ -140,14 +144,24 @@ def sample_users(db: Engine, *, since: datetime | None = None, n: int = 2000, se
     return uniq.astype(object), counts / counts.sum()
 
 
-def user_candidates(state: EngineState, user_ids: np.ndarray, seed: int = 0) -> Candidates:
-    """Candidate layouts of many users, as serving builds them.
+def user_candidates(state: EngineState, user_ids: np.ndarray, seed: int = 0, *,
+                    blocks: tuple[BlockTable, np.ndarray | None] | None = None) -> Candidates:
+    """Candidate layouts of many users, as serving builds them at ``state.prices``.
 
     Every user gets a candidate pool of their own (each category's head plus a seeded draw from its
     rest, as every request does): with one pool shared by all users, a non-personal scorer makes every
     user's candidates identical and the plan's prices sit exactly where all of them tie, which serving
-    would round to the same corner for everyone.
+    would round to the same corner for everyone. ``blocks`` (:func:`user_blocks` of the same state,
+    users and seed) skips building what does not depend on the prices again.
     """
+    tbl, lead = blocks if blocks is not None else user_blocks(state, user_ids, seed)
+    return build_candidates(state.space, tbl, state.prices, lead_categories=lead)
+
+
+def user_blocks(state: EngineState, user_ids: np.ndarray, seed: int = 0) -> tuple[BlockTable, np.ndarray | None]:
+    """The block table of many users' pools and their leading categories: the part of
+    :func:`user_candidates` that the prices do not change (pools, scores, blocks), built once per plan
+    and reused at every price its rounds try."""
     eng = DecisionEngine(state)
     rng = np.random.default_rng(seed)
     U = int(user_ids.size)
@@ -171,8 +185,7 @@ def user_candidates(state: EngineState, user_ids: np.ndarray, seed: int = 0) -> 
     rows = [p for p in prefs if p is not None]  # a scorer gives them for every user or for none
     if rows:
         lead = np.argsort(-np.stack(rows), axis=1, kind="stable")[:, : min(rows[0].size, 4)]
-    tbl = block_table(state.space, scores, cat, state.is_tail[pools], state.tail[pools], rank_scores=rank)
-    return build_candidates(state.space, tbl, state.prices, lead_categories=lead)
+    return block_table(state.space, scores, cat, state.is_tail[pools], state.tail[pools], rank_scores=rank), lead
 
 
 def _result(config: HomepageConfig, version: int | None, p: Plan | ShardedPlan, users: int, candidates: int,
@@ -220,7 +233,8 @@ def _solve(state: EngineState, config: HomepageConfig, version: int | None, user
     solves on the union of the candidate sets so far, builds the candidates serving would at the
     round's prices, and measures there how far serving's shares miss the bounds (``served_miss`` in
     the plan's record); the plan is the round that misses least, of ``PLAN_ROUNDS``."""
-    cand = user_candidates(state, users, seed=seed)
+    blocks = user_blocks(state, users, seed=seed)
+    cand = user_candidates(state, users, seed=seed, blocks=blocks)
     lo, hi = config.bounds()
     t = config.exploration.temperature
     names = config.constraint_names
@@ -237,7 +251,7 @@ def _solve(state: EngineState, config: HomepageConfig, version: int | None, user
             # the candidates of these prices cannot meet the bounds (a floor on a category that no
             # priced-greedy layout shows): add those serving builds at prices that push toward each
             # bound, and solve once more; infeasible then, the config is
-            cand, steered = steered_candidates(state, config, users, cand, seed), True
+            cand, steered = steered_candidates(state, config, users, cand, seed, blocks=blocks), True
             try:
                 p = _solve_on(engine, cand, weight, lo, hi, names, method, workers)
             except InfeasiblePlan as e2:
@@ -257,7 +271,8 @@ def _solve(state: EngineState, config: HomepageConfig, version: int | None, user
             p = replace(p, prices=soft, shares=shares, objective=value)
         if not config.constraints:
             return _result(config, version, p, int(users.size), int(cand.mask.sum()), extra=extra)
-        served = user_candidates(replace(state, prices=np.asarray(p.prices, dtype=np.float64)), users, seed=seed)
+        served = user_candidates(replace(state, prices=np.asarray(p.prices, dtype=np.float64)), users, seed=seed,
+                                 blocks=blocks)
         miss = served_miss(served, p.prices, lo, hi, t, weight, state)
         if best is None or miss < best[0]:
             best = (miss, p, {**extra, "served_miss": miss, "rounds": r + 1}, int(cand.mask.sum()))
@@ -271,7 +286,7 @@ def _solve(state: EngineState, config: HomepageConfig, version: int | None, user
 
 
 def steered_candidates(state: EngineState, config: HomepageConfig, users: np.ndarray, cand: Candidates,
-                       seed: int = 0) -> Candidates:
+                       seed: int = 0, *, blocks: tuple[BlockTable, np.ndarray | None] | None = None) -> Candidates:
     """``cand`` and the candidates serving builds at prices that push toward each bound: for each
     constraint alone, then all together, a price of ten times the largest candidate value (positive
     toward a floor, negative toward a cap). The layouts that meet a floor on a category that no
@@ -283,7 +298,8 @@ def steered_candidates(state: EngineState, config: HomepageConfig, users: np.nda
     directions = [np.eye(push.size)[k] * push for k in np.flatnonzero(push)] + [push]
     out = cand
     for d in directions:
-        out = candidate_union(out, user_candidates(replace(state, prices=scale * d), users, seed=seed))
+        out = candidate_union(out, user_candidates(replace(state, prices=scale * d), users, seed=seed,
+                                                    blocks=blocks))
     return out
 
 
@@ -553,44 +569,67 @@ class ItemRates:
         return out
 
 
+def _codes(values: list[Any] | tuple[Any, ...]) -> tuple[np.ndarray, list[Any]]:
+    """(int codes, distinct values) of a column of strings, by Arrow's hash dictionary (codes in order
+    of first appearance; None gets the code of the value ``None`` appended last)."""
+    enc = pc.dictionary_encode(pa.array(values, pa.string()))
+    uniq = enc.dictionary.to_pylist()
+    codes = enc.indices.fill_null(len(uniq)).to_numpy(zero_copy_only=False).astype(np.int64)
+    return codes, [*uniq, None]
+
+
 def _window_events(db: Engine, config: HomepageConfig, catalog: Catalog, start: datetime | None, *,
                    times: bool = True) -> dict[str, np.ndarray] | None:
     """The feedback events since ``start`` joined to their decisions, as int codes: ``user``,
     ``request``, ``item`` (catalog row, -1 = not in the catalog), ``ts`` (s), ``units`` (the event
     type's weight; impressions 0), ``impression`` (bool) and ``weight`` (the examined impressions one
     impression in its slot counts as, ``HomepageConfig.impression_weights``; 1 without a slot). None
-    when there are none. One query. ``times=False`` leaves ``ts`` out (its conversion is the one step per row that is not vectorised)."""
+    when there are none. One query, its rows taken from the driver's cursor as plain tuples (a
+    SQLAlchemy row object per event cost as much as the query), each string column encoded by Arrow's
+    hash dictionary and the times parsed by numpy in one call. ``times=False`` leaves ``ts`` out."""
     from ..log import decisions, feedback, reading
+    from ..log._rows import _time_column
 
-    cols = [decisions.c.user_id, feedback.c.request_id, feedback.c.item_id, feedback.c.type, feedback.c.slot]
-    if times:  # the timestamps' conversion is the costly part of the read: only when asked for
-        cols.append(feedback.c.ts)
-    q = sa.select(*cols).select_from(feedback.join(decisions, decisions.c.request_id == feedback.c.request_id))
-    if start is not None:
-        q = q.where(feedback.c.ts >= start)
     with reading(db) as conn:
-        rows = conn.execute(q).all()
+        cols: list[sa.ColumnElement[Any]] = [decisions.c.user_id, feedback.c.request_id, feedback.c.item_id,
+                                             feedback.c.type, feedback.c.slot]
+        if times:  # the UTC wall clock as the driver returns it, parsed below in one call
+            cols.append(_time_column(conn, feedback.c.ts))
+        q = sa.select(*cols).select_from(feedback.join(decisions, decisions.c.request_id == feedback.c.request_id))
+        if start is not None:
+            q = q.where(feedback.c.ts >= start)
+        result = conn.execute(q)
+        try:
+            rows = result.cursor.fetchall()
+        finally:
+            result.close()
     if not rows:
         return None
     user_s, req_s, item_s, kind_s, slot_s, *rest = zip(*rows, strict=True)
-    _, user = np.unique(np.array(user_s, dtype=object).astype(str), return_inverse=True)
-    _, request = np.unique(np.array(req_s, dtype=object).astype(str), return_inverse=True)
+    del rows
+    user, _ = _codes(user_s)
+    request, _ = _codes(req_s)
+    at, ids = _codes(item_s)
     index = catalog.index_of()
-    ids, at = np.unique(np.array(item_s, dtype=object).astype(str), return_inverse=True)
-    item = np.array([index.get(i, -1) for i in ids.tolist()], dtype=np.int64)[at]  # per distinct item
-    kinds, kind = np.unique(np.array(kind_s, dtype=object).astype(str), return_inverse=True)
-    kind_units = np.array([float(config.events.get(k, 0.0)) for k in kinds.tolist()])
-    impression = kinds[kind] == "impression"
-    ts = np.fromiter((t.timestamp() for t in rest[0]), dtype=np.float64, count=len(rows)) if times else None
+    item = np.array([-1 if i is None else index.get(i, -1) for i in ids], dtype=np.int64)[at]  # per distinct item
+    kind, kinds = _codes(kind_s)
+    kind_units = np.array([0.0 if k is None else float(config.events.get(k, 0.0)) for k in kinds])
+    impression = np.array([k == "impression" for k in kinds])[kind]
     slot = np.nan_to_num(np.array(slot_s, dtype=np.float64), nan=-1.0).astype(np.int64)  # None: no slot
     pw = config.impression_weights()
     in_range = (slot >= 0) & (slot < pw.size)
     weight = np.where(in_range, pw[np.clip(slot, 0, pw.size - 1)], 1.0)
     out = {"user": user, "request": request, "item": item,
            "units": np.where(impression, 0.0, kind_units[kind]), "impression": impression, "weight": weight}
-    if ts is not None:
-        out["ts"] = ts
+    if times:
+        out["ts"] = to_epoch(np.array(rest[0], dtype="datetime64[us]"))
     return out
+
+
+def _since(ev: dict[str, np.ndarray], start: float) -> dict[str, np.ndarray]:
+    """The events of a :func:`_window_events` read (with ``ts``) at or after ``start`` (epoch s)."""
+    keep = ev["ts"] >= start
+    return {k: v[keep] for k, v in ev.items()}
 
 
 def item_engagement_rates(db: Engine, config: HomepageConfig, since: datetime | None = None, *,
@@ -600,12 +639,13 @@ def item_engagement_rates(db: Engine, config: HomepageConfig, since: datetime | 
     from ..log._rows import recent_since
 
     catalog = catalog if catalog is not None else load_catalog(db)
-    item_cat = catalog.category_index(config.category_names)
     ev = _window_events(db, config, catalog, recent_since(db, config.loop.item_events, since), times=False)
-    if ev is None:
-        return None
+    return None if ev is None else _item_rates_of(ev, config, catalog)
+
+
+def _item_rates_of(ev: dict[str, np.ndarray], config: HomepageConfig, catalog: Catalog) -> ItemRates:
     return item_rates(ev["user"], ev["request"], ev["item"], ev["units"], ev["impression"],
-                      np.log1p(catalog.popularity), item_cat)
+                      np.log1p(catalog.popularity), catalog.category_index(config.category_names))
 
 
 def repeat_engagement(db: Engine, config: HomepageConfig, since: datetime | None = None, *,
@@ -615,16 +655,17 @@ def repeat_engagement(db: Engine, config: HomepageConfig, since: datetime | None
     from ..log._rows import recent_since
 
     catalog = catalog if catalog is not None else load_catalog(db)
+    return _repeat_of(_window_events(db, config, catalog, recent_since(db, config.loop.calibration_events, since)),
+                      config, catalog)
+
+
+def _repeat_of(ev: dict[str, np.ndarray] | None, config: HomepageConfig, catalog: Catalog) -> np.ndarray:
     names = config.category_names
-    item_cat = catalog.category_index(names)
-    is_tail, _ = catalog_long_tail(catalog, config)
-    start = recent_since(db, config.loop.calibration_events, since)
-    ev = _window_events(db, config, catalog, start)
-    C = len(names)
     if ev is None:
-        return np.zeros((C, 3))
+        return np.zeros((len(names), 3))
+    is_tail, _ = catalog_long_tail(catalog, config)
     return repeat_rates(ev["user"], ev["request"], ev["item"], ev["ts"], ev["units"], ev["impression"], ev["weight"],
-                        item_cat, is_tail, C)
+                        catalog.category_index(names), is_tail, len(names))
 
 
 def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray], np.ndarray] | None = None, *,
@@ -671,14 +712,28 @@ def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray
     is_tail, _ = catalog_long_tail(catalog, config)
     index = catalog.index_of()
     C = len(names)
+    from ..log._rows import recent_since
 
+    rep: np.ndarray | None = None  # the repeat lift, when measured on the items' read
     item_block: dict[str, dict[str, Any]] = {}
     if scorer is not None and config.loop.item_events > 0:
         # each item's own rate (engine.item_lift_of), on a longer window than the groups': an item needs
         # tens of impressions of its own; the groups are then calibrated on the lifted scores. Not cut
         # at a population shift: the lifts move items within their category's head (they average 1
         # over it), and what moved at once is the categories' level, which the groups measure anew
-        got = None if items is not None else item_engagement_rates(db, config, start, catalog=catalog)
+        got = None
+        if items is None:
+            # one read serves the item rates and the repeat lift below: the repeat window (the last
+            # calibration_events since ``since``) lies inside the items' (the last item_events since the
+            # start of the calibration window) when it holds no more events, and is then sliced from it
+            inside = repeat and config.loop.calibration_events <= config.loop.item_events
+            window = _window_events(db, config, catalog, recent_since(db, config.loop.item_events, start),
+                                    times=inside)
+            if inside:
+                cut = recent_since(db, config.loop.calibration_events, since)
+                rep = _repeat_of(None if window is None else _since(window, -np.inf if cut is None else cut.timestamp()),
+                                 config, catalog)
+            got = None if window is None else _item_rates_of(window, config, catalog)
         if items is not None:  # measured before (a plan's): reused as they are
             item_block = {c: v for c, v in items.items() if c in names}
         elif got is not None and got.items.size:
@@ -765,7 +820,8 @@ def calibration(db: Engine, config: HomepageConfig, scorer: Callable[[np.ndarray
         for k, c in enumerate(names):
             out[c]["predicted"] = [float(p[2 * k]), float(p[2 * k + 1])]
     if repeat:
-        rep = repeat_engagement(db, config, since, catalog=catalog)
+        if rep is None:
+            rep = repeat_engagement(db, config, since, catalog=catalog)
         for k, c in enumerate(names):
             out[c]["repeat"] = [float(x) for x in rep[k]]
     for c, v in item_block.items():

@@ -315,6 +315,28 @@ def test_candidate_union_holds_each_layout_once(db):
         np.testing.assert_array_equal(getattr(u, f)[:, : a.value.shape[1]], getattr(a, f))
 
 
+def test_a_plans_blocks_built_once_give_the_candidates_built_afresh_at_every_price(db):
+    """The planner builds its users' block table once and the candidates at each round's prices from
+    it: at every price, the same candidates as building everything again."""
+    from dataclasses import replace
+
+    from policy_api.jobs._plan import user_blocks, user_candidates
+
+    eng, world, cfg, cat, *_ = db
+    st = build_state(cfg, cat, prices=np.zeros(len(cfg.constraints)))
+    users = np.array([f"u{i}" for i in range(30)], dtype=object)
+    blocks = user_blocks(st, users, seed=3)
+    distinct = set()
+    for prices in ([0.0, 0.0], [2.0, 3.0], [40.0, 0.0], [0.0, -5.0]):
+        at = replace(st, prices=np.array(prices)[: len(cfg.constraints)])
+        a = user_candidates(at, users, seed=3, blocks=blocks)
+        b = user_candidates(at, users, seed=3)
+        for f in ("value", "exposure", "modules", "tilt", "mask"):
+            np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+        distinct.add(a.modules[a.mask].tobytes())
+    assert len(distinct) > 1  # the prices moved the candidates
+
+
 def served_shares(eng, n: int = 300) -> tuple[np.ndarray, EngineState]:
     """The mean exposure (K,) of the layouts the engine loaded from ``eng`` serves ``n`` new users, and
     that state."""

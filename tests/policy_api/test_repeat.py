@@ -143,9 +143,11 @@ def test_serving_lifts_the_users_recent_positives_and_brings_back_a_liked_tail_i
     np.testing.assert_allclose(got0, base, rtol=1e-12)
 
 
-def test_the_plan_carries_the_repeat_lift_measured_on_the_log(tmp_path, world_state):
+def test_the_plan_carries_the_repeat_lift_measured_on_the_log(database_url, world_state):
+    """On both backends: the repeat lift the plan measured (its window sliced from the read of the
+    items' longer window) and the one read on its own equal a loop over the rows as written."""
     world, cfg, cat, _ = world_state
-    eng = world_database(tmp_path / "h.db", world, cat)
+    eng = world_database(database_url, world, cat)
     state = build_state(cfg, cat)
     engine = DecisionEngine(state)
     rng = np.random.default_rng(5)
@@ -189,3 +191,21 @@ def test_the_plan_carries_the_repeat_lift_measured_on_the_log(tmp_path, world_st
     served = load_state(eng)
     assert served.repeat_lift is not None
     np.testing.assert_allclose(served.repeat_lift, repeat_lift(cal, cfg.category_names))
+    # a calibration window of the newest 40 % of the events: its start falls inside the items' read,
+    # and the slice of that read must hold exactly the events at or after it
+    n = int(0.4 * len(rows))
+    cut = sorted((x["ts"] for x in rows), reverse=True)[n - 1]
+    registry.activate_config(eng, world.default_config_toml() + f"\n[loop]\ncalibration_events = {n}\n", author="test")
+    recent = [x for x in rows if x["ts"] >= cut]
+    assert len(rows) > len(recent) >= n
+    want = _brute([users[x["request_id"]] for x in recent], [int(x["request_id"][1:]) for x in recent],
+                  [index[x["item_id"]] for x in recent], [x["ts"].timestamp() for x in recent],
+                  [0.0 if x["type"] == "impression" else cfg.events[x["type"]] for x in recent],
+                  [x["type"] == "impression" for x in recent], [float(pw[x["slot"]]) for x in recent],
+                  cat.category_index(cfg.category_names), is_tail, len(cfg.category_names))
+    assert want[:, 2].sum() > 10
+    active = registry.require_active_config(eng)
+    jobs.plan(eng, users=20)
+    cal = registry.latest_plan(eng, active.version).solver["calibration"]
+    np.testing.assert_allclose([cal[c]["repeat"] for c in cfg.category_names], want, rtol=1e-9)
+    np.testing.assert_allclose(jobs.repeat_engagement(eng, active.config), want, rtol=1e-9)
